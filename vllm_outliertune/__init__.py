@@ -1,0 +1,11 @@
+"""vLLM plugin for OutlierTune checkpoints (static per-channel activation quantization, W8A8 / W6A6)."""
+
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    """Entry point of the `vllm.general_plugins` group: registers the "outliertune" quantization method.
+    Idempotent (vLLM calls it in every process it starts)."""
+    from vllm_outliertune.config import register_with_vllm
+
+    register_with_vllm()
