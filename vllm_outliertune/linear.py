@@ -1,0 +1,159 @@
+"""The vLLM LinearMethod for OutlierTune layers: parameters that go through vLLM's (tensor-parallel) weight loaders,
+load-time validation against vllm_outliertune.format, and `apply` through the `outliertune::quantized_linear` op."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    RowParallelLinear,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    ModelWeightParameter,
+    RowvLLMParameter,
+)
+
+from vllm_outliertune import format as fmt
+from vllm_outliertune import ops  # noqa: F401  (registers torch.ops.outliertune.quantized_linear)
+
+if TYPE_CHECKING:
+    from vllm_outliertune.config import OutlierTuneConfig
+
+_QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+class ReplicatedInputVector(BasevLLMParameter):
+    """A per-input-channel vector of a column-parallel layer: every rank holds all of it, and the shards of a merged
+    layer (q/k/v, gate/up) share one input, so each shard must carry the same vector."""
+
+    def _load_shared(self, loaded_weight: torch.Tensor, **_) -> None:
+        if getattr(self, "loaded_once", False):
+            if not torch.equal(self.data, loaded_weight.to(self.data.device)):
+                raise fmt.FormatError(
+                    f"{self.checkpoint_name}: the shards of this merged layer share one input and must carry "
+                    f"identical per-input-channel vectors, but they differ; re-run `outliertune quantize`")
+            return
+        self._assert_and_load(loaded_weight)
+        self.loaded_once = True
+
+    load_merged_column_weight = _load_shared
+    load_qkv_weight = _load_shared
+    load_column_parallel_weight = _load_shared
+
+
+@register_weight_loader_v2_supported_method
+class OutlierTuneLinearMethod(LinearMethodBase):
+    """y = weight_scale * (q @ weight.T) + output_bias (+ bias); q = clamp(round(x * input_inv_scale - input_shift))."""
+
+    def __init__(self, quant_config: "OutlierTuneConfig", prefix: str, shard_names: list[str]):
+        self.spec = quant_config.spec
+        self.prefix = prefix
+        self.shard_names = shard_names
+
+    def _shard_name(self, shard_id) -> str:
+        """The checkpoint module a loaded tensor came from, for error messages."""
+        index = self._shard_index(shard_id)
+        return self.shard_names[index] if isinstance(index, int) and index < len(self.shard_names) else self.prefix
+
+    def _checked_loader(self, suffix: str, dtype: torch.dtype, weight_loader: Callable) -> Callable:
+        """Wrap vLLM's loader: refuse a wrong dtype (vLLM would silently cast it), turn shape asserts into errors
+        that name the tensor, and record which shards arrived (vLLM does not report missing tensors of quantized
+        models)."""
+
+        def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id=None) -> None:
+            name = f"{self._shard_name(loaded_shard_id)}.{suffix}"
+            param.checkpoint_name = name
+            if loaded_weight.dtype != dtype:
+                raise fmt.FormatError(f"checkpoint tensor {name} is {loaded_weight.dtype}, expected {dtype}; "
+                                      f"re-run `outliertune quantize`")
+            try:
+                if loaded_shard_id is None:
+                    weight_loader(param, loaded_weight)
+                else:
+                    weight_loader(param, loaded_weight, loaded_shard_id)
+            except AssertionError as exc:
+                raise fmt.FormatError(
+                    f"checkpoint tensor {name} has shape {list(loaded_weight.shape)}, which does not fit the model's "
+                    f"layer {self.prefix} (parameter shard {list(param.shape)}); the checkpoint was made for another "
+                    f"model config or is damaged: re-run `outliertune quantize`") from exc
+            param.loaded_shards.add(loaded_shard_id)
+
+        return load
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        weight_loader = extra_weight_attrs["weight_loader"]
+        out_features = sum(output_partition_sizes)
+        layer.logical_widths = output_partition_sizes
+        row_parallel = isinstance(layer, RowParallelLinear)
+
+        def add(suffix: str, param_class, shape, fill: float | None = None, **dims) -> None:
+            spec_dtype = next(spec.dtype for spec in fmt.LINEAR_TENSORS if spec.suffix == suffix)
+            data = torch.empty(shape, dtype=spec_dtype) if fill is None else torch.full(shape, fill, dtype=spec_dtype)
+            param = param_class(data=data, weight_loader=self._checked_loader(suffix, spec_dtype, weight_loader),
+                                **dims)
+            param.loaded_shards = set()
+            layer.register_parameter(suffix, param)
+
+        add("weight", ModelWeightParameter, (out_features, input_size_per_partition), input_dim=1, output_dim=0)
+        add("weight_scale", ChannelQuantScaleParameter, (out_features,), output_dim=0)
+        add("output_bias", ChannelQuantScaleParameter, (out_features,), output_dim=0)
+        # Optional per-input-channel vectors start neutral; ones the checkpoint does not have are dropped after loading.
+        input_vector = (RowvLLMParameter, {"input_dim": 0}) if row_parallel else (ReplicatedInputVector, {})
+        add("input_inv_scale", input_vector[0], (input_size_per_partition,), fill=1.0, **input_vector[1])
+        add("input_shift", input_vector[0], (input_size_per_partition,), fill=0.0, **input_vector[1])
+        layer.num_output_shards = len(output_partition_sizes)
+
+    @staticmethod
+    def _shard_index(shard_id) -> int:
+        return 0 if shard_id is None else _QKV_SHARD_INDEX.get(shard_id, shard_id)
+
+    def _check_loaded(self, layer: torch.nn.Module) -> None:
+        """Every required tensor of every shard arrived; optional vectors arrived for all shards or none."""
+        expected = 1 if isinstance(layer, RowParallelLinear) else layer.num_output_shards
+        for spec in fmt.LINEAR_TENSORS:
+            arrived = {self._shard_index(shard_id) for shard_id in getattr(layer, spec.suffix).loaded_shards}
+            if len(arrived) == expected or (not spec.required and not arrived):
+                continue
+            missing = [name for index, name in enumerate(self.shard_names[:expected]) if index not in arrived]
+            raise fmt.FormatError(
+                f"checkpoint is missing tensor(s) {', '.join(f'{name}.{spec.suffix}' for name in missing)} "
+                f"({spec.meaning}); re-run `outliertune quantize`")
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self._check_loaded(layer)
+        tensors = {spec.suffix: getattr(layer, spec.suffix).data for spec in fmt.LINEAR_TENSORS
+                   if getattr(layer, spec.suffix).loaded_shards}
+        fmt.validate_linear(self.prefix, tensors, layer.weight.shape[0], layer.weight.shape[1], self.spec,
+                            source="checkpoint (as loaded by vLLM)")
+        output_bias = layer.output_bias.data
+        bias = getattr(layer, "bias", None)
+        if bias is not None and not layer.skip_bias_add:
+            # One epilogue vector: the model's own bias joins output_bias.
+            output_bias = output_bias + bias.data.float()
+            layer.bias = None
+        if isinstance(layer, RowParallelLinear) and layer.tp_rank > 0:
+            # Row-parallel partial sums are all-reduced: the full additive term is added on rank 0 only.
+            output_bias = torch.zeros_like(output_bias)
+        # Plain tensors from here on: the loaders are no longer needed and custom ops take tensors.
+        layer.weight = torch.nn.Parameter(layer.weight.data.contiguous(), requires_grad=False)
+        layer.weight_scale = torch.nn.Parameter(layer.weight_scale.data, requires_grad=False)
+        layer.output_bias = torch.nn.Parameter(output_bias, requires_grad=False)
+        for suffix in ("input_inv_scale", "input_shift"):
+            param = getattr(layer, suffix)
+            setattr(layer, suffix,
+                    torch.nn.Parameter(param.data, requires_grad=False) if param.loaded_shards else None)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x_2d = x.reshape(-1, x.shape[-1])
+        out = torch.ops.outliertune.quantized_linear(
+            x_2d, layer.weight, layer.weight_scale, layer.output_bias, layer.input_inv_scale, layer.input_shift,
+            self.spec.activation_bits)
+        if bias is not None:  # only when the bias could not be merged (skip_bias_add layers never pass one)
+            out = out + bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
