@@ -1,0 +1,83 @@
+"""Tile configurations as data: tile_configs.json next to this file, written by `python -m
+vllm_outliertune.kernels.tune`.
+
+Layout (gemlite / vLLM style): {"devices": {DEVICE: {KERNEL: {SHAPE: {M_BUCKET: CONFIG}}}}} where
+- DEVICE is torch.cuda.get_device_name() (e.g. "NVIDIA H100 80GB HBM3"), else "sm{major}{minor}", else "default";
+- KERNEL is "int8_gemm" or "fused_quant_gemm";
+- SHAPE is "N=<n>,K=<k>" for tuned shapes, else "default";
+- M_BUCKET is a power of two as a string; a call with M rows uses the smallest bucket >= M (else the largest);
+- CONFIG holds the block sizes and launch options, e.g. {"BLOCK_M": 128, ..., "num_warps": 8, "num_stages": 4}.
+The first level that has the kernel wins, so a device entry may list only tuned shapes and fall back to "default".
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TABLE_PATH = Path(__file__).with_name("tile_configs.json")
+KERNELS = ("int8_gemm", "fused_quant_gemm")
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: str = str(TABLE_PATH)) -> dict[str, Any]:
+    with open(path) as f:
+        table = json.load(f)
+    if "devices" not in table or "default" not in table["devices"]:
+        raise ValueError(f"{path}: tile table needs a 'devices' mapping with a 'default' entry; "
+                         "regenerate it with `python -m vllm_outliertune.kernels.tune`")
+    return table
+
+
+def shape_key(n: int, k: int) -> str:
+    return f"N={n},K={k}"
+
+
+def m_bucket(m: int, buckets: list[int]) -> int:
+    """Smallest bucket >= m, else the largest."""
+    fitting = [b for b in buckets if b >= m]
+    return min(fitting) if fitting else max(buckets)
+
+
+def device_keys(device: torch.device | None) -> list[str]:
+    """Most to least specific table keys for `device` (CPU / interpreter: only "default")."""
+    if device is None or device.type != "cuda":
+        return ["default"]
+    major, minor = torch.cuda.get_device_capability(device)
+    return [torch.cuda.get_device_name(device), f"sm{major}{minor}", "default"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _per_m(kernel: str, keys: tuple[str, ...], n: int, k: int) -> dict[str, Any]:
+    devices = load_table()["devices"]
+    for key in keys:
+        per_shape = devices.get(key, {}).get(kernel)
+        if not per_shape:
+            continue
+        per_m = per_shape.get(shape_key(n, k)) or per_shape.get("default")
+        if per_m:
+            return per_m
+    raise KeyError(f"{TABLE_PATH}: no '{kernel}' configuration for devices {list(keys)}; "
+                   "add a 'default' entry or re-run `python -m vllm_outliertune.kernels.tune`")
+
+
+def _keys(device: torch.device | None) -> tuple[str, ...]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        device = None  # interpreter: the portable default tiles
+    return tuple(device_keys(device))
+
+
+def get_config(kernel: str, m: int, n: int, k: int, device: torch.device | None) -> dict[str, Any]:
+    """The tile configuration for `kernel` at this problem size on `device` (a fresh dict: callers may edit)."""
+    per_m = _per_m(kernel, _keys(device), n, k)
+    return dict(per_m[str(m_bucket(m, [int(b) for b in per_m]))])
+
+
+def covers(kernel: str, m: int, n: int, k: int, device: torch.device | None) -> bool:
+    """Whether the table lists `kernel` for M rows (a bucket >= m): the fused kernel is used only where listed."""
+    return any(int(b) >= m for b in _per_m(kernel, _keys(device), n, k))

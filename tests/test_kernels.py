@@ -1,0 +1,154 @@
+"""Kernel tests. CPU CI runs every Triton kernel under TRITON_INTERPRET=1 in ONE subprocess (triton.jit reads the
+variable when the kernels are decorated at import, so it cannot be switched on inside a pytest process that may
+already have imported them); the subprocess is this file run as a script and prints one JSON line per case.
+GPU tests (pytest.mark.gpu) run the compiled kernels on real sizes and skip without CUDA."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SMALL_M, SMALL_K, SMALL_N = (1, 3, 17), (48, 200), (24, 136)
+ACT_BITS = (8, 6, 4)
+
+
+def interpreter_cases() -> list[tuple[int, int, int]]:
+    return list(itertools.product(SMALL_M, SMALL_K, SMALL_N))
+
+
+def make_problem(m: int, k: int, n: int, bits: int, seed: int, device: str = "cpu", dtype=torch.bfloat16,
+                 with_vectors: bool = True, with_bias: bool = True) -> dict:
+    """Random inputs (never zeros): activations with channel outliers, exact .5 ties, int8 weights."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * (1 + 30 * (torch.rand(k, generator=g) > 0.9))
+    x[:, : k // 8] = torch.randint(-140, 140, (m, k // 8), generator=g) + 0.5  # ties: round half to even
+    inv_scale = torch.rand(k, generator=g) + 0.5 if with_vectors else None
+    shift = torch.randint(-4, 5, (k,), generator=g).float() if with_vectors else None
+    if with_vectors:
+        inv_scale[: k // 8] = 1.0  # keep the ties exact
+    qmax = (1 << (bits - 1)) - 1
+    problem = dict(x=x.to(dtype), inv_scale=inv_scale, shift=shift,
+                   w_q=torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
+                   w_scale=torch.rand(n, generator=g) * 0.01 + 1e-4,
+                   bias=torch.randn(n, generator=g) if with_bias else None, bits=bits, qmax=qmax)
+    return {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in problem.items()}
+
+
+def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[str]:
+    """Every kernel against the torch reference on one shape; returns the failures (empty when all pass)."""
+    from vllm_outliertune.kernels import torch_ref
+    from vllm_outliertune.kernels.fused_quant_gemm import fused_quant_gemm
+    from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation, quantized_linear
+
+    bits = ACT_BITS[seed % len(ACT_BITS)]
+    p = make_problem(m, k, n, bits, seed, device, with_vectors=seed % 4 != 3, with_bias=seed % 2 == 0)
+    failures = []
+
+    def expect_equal(name, got, want):
+        if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
+            diff = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else "shape"
+            failures.append(f"{name} M={m} K={k} N={n} bits={bits}: {got.dtype} {list(got.shape)} vs reference "
+                            f"{want.dtype} {list(want.shape)}, max |diff| {diff}")
+
+    x, w_q, w_scale, bias = p["x"], p["w_q"], p["w_scale"], p["bias"]
+    q_ref = torch_ref.quantize_activation_ref(x, p["inv_scale"], p["shift"], bits)
+    expect_equal("quantize_activation", quantize_activation(x, p["inv_scale"], p["shift"], bits), q_ref)
+    expect_equal("int8_gemm int32", int8_gemm(q_ref, w_q, None, None, torch.int32),
+                 torch_ref.int_mm_exact(q_ref, w_q))
+    for out_dtype in (torch.bfloat16, torch.float16):
+        y_ref = torch_ref.int8_gemm_ref(q_ref, w_q, w_scale, bias, out_dtype)
+        expect_equal(f"int8_gemm {out_dtype}", int8_gemm(q_ref, w_q, w_scale, bias, out_dtype), y_ref)
+    y_ref = torch_ref.int8_gemm_ref(q_ref, w_q, w_scale, bias, torch.bfloat16)
+    for split_k in (1, 3):
+        config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k}
+        got = fused_quant_gemm(x, w_q, w_scale, bias, p["inv_scale"], p["shift"], bits, torch.bfloat16, config)
+        expect_equal(f"fused_quant_gemm split_k={split_k}", got, y_ref)
+    expect_equal("quantized_linear", quantized_linear(x.view(1, m, k), w_q, w_scale, bias, p["inv_scale"],
+                                                      p["shift"], bits, torch.bfloat16), y_ref.view(1, m, n))
+    return failures
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, list[str]]:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return {line["case"]: line["failures"] for line in map(json.loads, proc.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("m,k,n", interpreter_cases())
+def test_kernels_match_reference_in_interpreter(interpreter_results, m, k, n):
+    failures = interpreter_results[f"{m},{k},{n}"]
+    assert not failures, "\n".join(failures)
+
+
+def test_cpu_ops_fall_back_to_reference_and_register_fakes():
+    """Without the interpreter, CPU tensors take the exact torch path; opcheck validates schema + fake impls."""
+    from vllm_outliertune.kernels import torch_ref
+    from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation, quantized_linear
+
+    p = make_problem(5, 72, 40, 8, seed=1)
+    q = torch_ref.quantize_activation_ref(p["x"], p["inv_scale"], p["shift"], 8)
+    y = quantized_linear(p["x"], p["w_q"], p["w_scale"], p["bias"], p["inv_scale"], p["shift"], 8, torch.bfloat16)
+    assert torch.equal(y, torch_ref.int8_gemm_ref(q, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16))
+    torch.library.opcheck(quantize_activation, (p["x"], p["inv_scale"], None, 6))
+    torch.library.opcheck(int8_gemm, (q, p["w_q"], p["w_scale"], None, torch.float16))
+    torch.library.opcheck(quantized_linear, (p["x"].view(1, 5, 72), p["w_q"], p["w_scale"], p["bias"], None,
+                                             p["shift"], 8, torch.bfloat16))
+
+
+def test_bad_arguments_are_named():
+    from vllm_outliertune.kernels.int8_gemm import check_gemm_args
+
+    a = torch.zeros(2, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="w_q"):
+        check_gemm_args(True, a, torch.zeros(8, 4, dtype=torch.int8).t(), None, None, torch.int32)
+    with pytest.raises(ValueError, match="w_scale"):
+        check_gemm_args(True, a, torch.zeros(4, 8, dtype=torch.int8), torch.ones(3), None, torch.bfloat16)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 6144), (7, 14336, 4096), (16, 4096, 28672), (33, 4096, 4096),
+                                   (300, 4096, 6144), (1024, 14336, 4096), (4097, 4096, 1000), (8192, 4096, 4096),
+                                   (3, 200, 136), (17, 48, 24)])
+def test_gpu_kernels_match_reference(m, k, n):
+    failures = check_case(m, k, n, seed=m + k + n, device="cuda")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_split_k_is_deterministic_and_graph_capturable():
+    from vllm_outliertune.kernels.fused_quant_gemm import fused_quant_gemm
+    from vllm_outliertune.kernels.linear import quantized_linear
+
+    p = make_problem(4, 14336, 4096, 8, seed=3, device="cuda")
+    args = (p["x"], p["w_q"], p["w_scale"], p["bias"], p["inv_scale"], p["shift"], 8, torch.bfloat16)
+    config = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 8, "num_warps": 4, "num_stages": 3}
+    first = fused_quant_gemm(*args, config)
+    for _ in range(20):
+        assert torch.equal(fused_quant_gemm(*args, config), first)
+    eager = quantized_linear(*args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = quantized_linear(*args)
+    graph.replay()
+    assert torch.equal(captured, eager)
+    compiled = torch.compile(lambda x: quantized_linear(x, *args[1:]), fullgraph=True)
+    assert torch.equal(compiled(p["x"]), eager)
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest, or with TRITON_INTERPRET=1"
+    for seed, (m, k, n) in enumerate(interpreter_cases()):
+        print(json.dumps({"case": f"{m},{k},{n}", "failures": check_case(m, k, n, seed)}), flush=True)
