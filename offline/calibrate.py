@@ -1,0 +1,142 @@
+"""Layer-by-layer calibration: per-input-channel statistics of every decoder linear's input.
+
+Only one decoder layer is on the compute device at a time, with the hidden states of all calibration windows (kept
+on the CPU between layers), so device memory is about one layer plus the activations of one batch. Each layer is
+run on the outputs of the unquantized previous layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from vllm_outliertune.offline.model_io import DOWN_PROJ, GATE_UP, O_PROJ, QKV, decoder_layers
+
+# One statistics record per distinct linear input (q/k/v share one, gate/up share one).
+INPUT_OF = {QKV[0]: "qkv", O_PROJ: "o", GATE_UP[0]: "gate_up", DOWN_PROJ: "down"}
+
+
+@dataclasses.dataclass
+class InputStats:
+    """Per-channel statistics of one linear input over all calibration tokens, plus a token sample for searches."""
+
+    min: torch.Tensor          # [K] float32
+    max: torch.Tensor          # [K]
+    sum_sq: torch.Tensor       # [K] float64
+    count: int
+    sample: torch.Tensor       # [T, K] float32, a fixed random subset of tokens
+
+    @property
+    def rms(self) -> torch.Tensor:
+        return (self.sum_sq / max(self.count, 1)).sqrt().float()
+
+
+class _Accumulator:
+    def __init__(self, name: str, keep_per_batch: int, generator: torch.Generator):
+        self.name, self.keep_per_batch, self.generator = name, keep_per_batch, generator
+        self.min = self.max = self.sum_sq = None
+        self.count = 0
+        self.samples: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"calibration produced NaN/Inf activations at the input of {self.name}; the "
+                                     f"model overflows in this dtype on the calibration text (try --dtype float32)")
+        lo, hi, sq = x.amin(0), x.amax(0), x.double().pow(2).sum(0)
+        if self.min is None:
+            self.min, self.max, self.sum_sq = lo, hi, sq
+        else:
+            self.min, self.max, self.sum_sq = torch.minimum(self.min, lo), torch.maximum(self.max, hi), self.sum_sq + sq
+        self.count += x.shape[0]
+        pick = torch.randperm(x.shape[0], generator=self.generator)[:self.keep_per_batch].to(x.device)
+        self.samples.append(x[pick].cpu())
+
+    def result(self) -> InputStats:
+        return InputStats(self.min.cpu(), self.max.cpu(), self.sum_sq.cpu(), self.count, torch.cat(self.samples))
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def _capture_layer0_inputs(model, windows: torch.Tensor, batch_size: int, device: torch.device):
+    """Hidden states entering decoder layer 0 (CPU, float32) and the keyword arguments each batch gave it."""
+    layers = decoder_layers(model)
+    first = layers[0]
+    hidden, kwargs_per_batch = [], []
+
+    class Catcher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention_type = getattr(first, "attention_type", "full_attention")
+
+        def forward(self, hidden_states, *args, **kwargs):
+            hidden.append(hidden_states.float().cpu())
+            kwargs_per_batch.append(kwargs)
+            raise _StopForward
+
+    layers[0] = Catcher()
+    try:
+        model.model.embed_tokens.to(device, torch.float32)
+        model.model.rotary_emb.to(device, torch.float32)
+        for start in range(0, windows.shape[0], batch_size):
+            try:
+                model.model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        layers[0] = first
+        model.model.embed_tokens.to("cpu", model.dtype)
+        model.model.rotary_emb.to("cpu")
+    return hidden, kwargs_per_batch
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def calibrate_layers(model, windows: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 8,
+                     sample_tokens: int = 2048, seed: int = 0, progress: bool = True,
+                     ) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
+    """For each decoder layer: (index, the layer in float32 on ``device``, {"qkv"|"o"|"gate_up"|"down": stats}).
+
+    The caller may modify the yielded layer (folding): the next layer's inputs were computed before the yield. After
+    the caller resumes, the layer goes back to the CPU in the model's dtype."""
+    device = torch.device(device)
+    dtype = model.dtype
+    hidden, kwargs_per_batch = _capture_layer0_inputs(model, windows, batch_size, device)
+    batches = len(hidden)
+    keep_per_batch = max(1, -(-sample_tokens // batches))
+    layers = decoder_layers(model)
+    for index in tqdm(range(len(layers)), desc="calibrating layers", disable=not progress):
+        layer = layers[index].to(device, torch.float32)
+        generator = torch.Generator().manual_seed(seed + index)
+        accumulators = {short: _Accumulator(f"model.layers.{index}.{name}", keep_per_batch, generator)
+                        for name, short in INPUT_OF.items()}
+        hooks = [layer.get_submodule(name).register_forward_pre_hook(
+                     lambda _module, args, acc=accumulators[short]: acc.add(args[0]))
+                 for name, short in INPUT_OF.items()]
+        try:
+            for batch in range(batches):
+                out = layer(hidden[batch].to(device), **_to_device(kwargs_per_batch[batch], device))
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                if not torch.isfinite(out).all():
+                    raise FloatingPointError(f"calibration produced NaN/Inf at the output of model.layers.{index}")
+                hidden[batch] = out.float().cpu()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        yield index, layer, {short: acc.result() for short, acc in accumulators.items()}
+        layers[index] = layer.to("cpu", dtype)

@@ -1,0 +1,111 @@
+"""Write an OutlierTune checkpoint directory atomically: everything goes to a temporary directory next to OUT_DIR,
+which replaces OUT_DIR only once complete (an interrupted or failed write leaves the previous OUT_DIR, or nothing)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from vllm_outliertune.format import QuantizationConfig
+from vllm_outliertune.offline.model_io import UserError
+
+# Files copied from the source model: tokenizer, chat template, generation defaults.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def check_output_dir(out_dir: Path, model_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an OUT_DIR that would destroy the source or existing data."""
+    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    if out_dir.resolve() == model_dir.resolve():
+        raise UserError(f"OUT_DIR {out_dir} is the model directory; choose a different output directory")
+    if model_dir.resolve().is_relative_to(out_dir.resolve()):
+        raise UserError(f"OUT_DIR {out_dir} contains the model directory {model_dir}; choose another output directory")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise UserError(f"OUT_DIR {out_dir} exists and is not a directory; choose another path")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise UserError(f"OUT_DIR {out_dir} already exists and is not empty; pass --overwrite to replace it, or "
+                            f"choose another directory")
+    if not out_dir.parent.exists():
+        raise UserError(f"the parent directory of OUT_DIR {out_dir} does not exist; create it first")
+
+
+def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
+def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
+    """safetensors file(s) in ``directory``; sharded with an index when larger than ``max_shard_bytes``."""
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(dict(shards[0]), str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for number, shard in enumerate(shards, 1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(dict(shard), str(directory / name), metadata={"format": "pt"})
+        names.append(name)
+        weight_map.update({tensor: name for tensor in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                   indent=2, sort_keys=True))
+    return names
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out_dir``; on success it replaces ``out_dir`` (the old one is
+    removed only after the new one is in place), on any exception it is deleted."""
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "previous")
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_checkpoint(out_dir: Path, model_dir: Path, hf_config: dict, quant_config: QuantizationConfig,
+                     tensors: Mapping[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                     extra_files: Mapping[str, str] | None = None) -> Path:
+    """Write weights, config.json (+ quantization_config), the tokenizer files of ``model_dir`` and ``extra_files``
+    ({name: text}) into ``out_dir`` atomically."""
+    out_dir = Path(out_dir)
+    config = dict(hf_config, quantization_config=quant_config.to_dict())
+    with atomic_directory(out_dir) as tmp:
+        write_weights(tmp, tensors, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in TOKENIZER_FILES:
+            if (Path(model_dir) / name).is_file():
+                shutil.copyfile(Path(model_dir) / name, tmp / name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return out_dir

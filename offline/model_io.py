@@ -1,0 +1,101 @@
+"""Open a Hugging Face model directory for quantization, with a clear error for every way it can be wrong, and the
+decoder-layer structure the offline tool works on (Llama family: Llama, Mistral, Qwen2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vllm_outliertune import format as fmt
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# The quantized linears of one decoder layer, as HF module names relative to the layer.
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+O_PROJ = "self_attn.o_proj"
+DOWN_PROJ = "mlp.down_proj"
+LAYER_LINEARS = QKV + (O_PROJ,) + GATE_UP + (DOWN_PROJ,)
+
+
+class UserError(Exception):
+    """A problem with what the user gave us; the message names the file/argument and what to do."""
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json of ``model_dir``, checked to be a plain (not yet quantized) supported causal LM."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model directory {model_dir} does not exist (or is not a directory); pass the directory "
+                        f"of a Hugging Face model (config.json + safetensors), e.g. from `outliertune fetch smollm2`")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{model_dir} is not a Hugging Face model directory: {config_path} is missing")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{config_path} is not valid JSON ({exc}); restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} must hold a JSON object; restore the model's config.json")
+    if not any(model_dir.glob(pattern) for pattern in WEIGHT_PATTERNS):
+        raise UserError(f"{model_dir} has config.json but no weight files (*.safetensors); download the weights too")
+    return config
+
+
+def check_quantizable(config: dict, model_dir: Path, trust_remote_code: bool) -> None:
+    where = Path(model_dir) / "config.json"
+    quant = config.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise UserError(f"{where} says the model is already quantized (quant_method {method!r}); "
+                        f"pass the original fp16/bf16/fp32 model directory")
+    if config.get("auto_map") and not trust_remote_code:
+        raise UserError(f"{where} needs custom code from the model directory (auto_map); it is not run unless you "
+                        f"pass --trust-remote-code (only do so if you trust its source)")
+    architectures = config.get("architectures") or []
+    if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
+        raise UserError(f"{where}: architecture {architectures or '(none given)'} is not supported; supported: "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def load_model(model_dir: Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+    """(model, config dict) on the CPU in the checkpoint's dtype (or ``dtype``), eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(model_dir)
+    check_quantizable(config, model_dir, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto",
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load the model in {model_dir}: {exc}") from None
+    return model.eval(), config
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load a tokenizer from {model_dir} ({exc}); the model directory needs its "
+                        f"tokenizer files (tokenizer.json / tokenizer_config.json)") from None
+
+
+def is_outliertune_checkpoint(config: dict) -> bool:
+    quant = config.get("quantization_config")
+    return isinstance(quant, dict) and quant.get("quant_method") == fmt.QUANT_METHOD
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return model.model.layers
+
+
+def attention_groups(config) -> tuple[int, int, int]:
+    """(num_heads, num_kv_heads, head_dim) of a transformers config object."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim

@@ -1,0 +1,128 @@
+"""`outliertune quantize`: calibrate, plan, fold and quantize a model layer by layer, then write the checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vllm_outliertune.format import SUPPORTED_BITS, QuantizationConfig, validate_linear
+from vllm_outliertune.offline import symmetrize
+from vllm_outliertune.offline.calibrate import InputStats, calibrate_layers
+from vllm_outliertune.offline.checkpoint import DEFAULT_SHARD_BYTES, check_output_dir, write_checkpoint
+from vllm_outliertune.offline.fold import fold_layer
+from vllm_outliertune.offline.model_io import (
+    DOWN_PROJ, GATE_UP, LAYER_LINEARS, O_PROJ, QKV, UserError, attention_groups, load_model, load_tokenizer)
+from vllm_outliertune.offline.symmetrize import ChannelPlan
+from vllm_outliertune.offline.text import read_text, token_windows
+from vllm_outliertune.offline.weights import checkpoint_tensors
+
+GROUP_LINEARS = {"qkv": QKV, "o": (O_PROJ,), "gate_up": GATE_UP, "down": (DOWN_PROJ,)}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    w_bits: int = 8
+    a_bits: int = 8
+    samples: int = 128
+    seq_len: int = 512
+    method: str = "outliertune"
+    device: str = "cpu"
+    batch_size: int = 8
+    seed: int = 0
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class GroupInput:
+    """What a plan rule sees for one shared linear input: calibration stats and the group's stacked weights."""
+
+    stats: InputStats
+    weight: torch.Tensor  # [sum of N, K] float32, original (unfolded) weights of the linears sharing this input
+
+
+PlanRule = Callable[[GroupInput, QuantizeOptions], ChannelPlan]
+
+
+def _outliertune(group: GroupInput, options: QuantizeOptions) -> ChannelPlan:
+    return symmetrize.per_channel(group.stats, options.a_bits, shift=True)
+
+
+def _per_tensor(group: GroupInput, options: QuantizeOptions) -> ChannelPlan:
+    return symmetrize.per_tensor(group.stats, options.a_bits)
+
+
+def _smoothquant(group: GroupInput, options: QuantizeOptions) -> ChannelPlan:
+    return symmetrize.smoothquant(group.stats, group.weight.abs().amax(0), options.a_bits)
+
+
+METHODS: dict[str, PlanRule] = {"outliertune": _outliertune, "per-tensor": _per_tensor, "smoothquant": _smoothquant}
+
+
+def check_options(options: QuantizeOptions) -> None:
+    if (options.w_bits, options.a_bits) not in SUPPORTED_BITS:
+        raise UserError(f"--w-bits {options.w_bits} --a-bits {options.a_bits} is not supported; supported pairs "
+                        f"(w, a): {list(SUPPORTED_BITS)}")
+    if options.method not in METHODS:
+        raise UserError(f"--method {options.method!r} is unknown; choose one of {sorted(METHODS)}")
+    if options.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {options.samples}")
+    if options.device != "cpu" and not options.device.startswith("cuda"):
+        raise UserError(f"--device {options.device!r}: use cpu or cuda[:N]")
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {options.device}: CUDA is not available in this torch; use --device cpu")
+
+
+def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_config,
+               options: QuantizeOptions) -> dict[str, ChannelPlan]:
+    heads, kv_heads, head_dim = attention_groups(model_config)
+    stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], heads // kv_heads, head_dim))
+    rule = METHODS[options.method]
+    plans = {}
+    for group, names in GROUP_LINEARS.items():
+        weight = torch.cat([layer.get_submodule(name).weight.float() for name in names])
+        plans[group] = rule(GroupInput(stats[group], weight), options)
+    return plans
+
+
+def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions) -> dict[str, torch.Tensor]:
+    """Quantize an in-memory HF model (modified in place: norms and rows folded) -> checkpoint tensors by name."""
+    heads, kv_heads, head_dim = attention_groups(model.config)
+    model_dtype = model.dtype
+    tensors: dict[str, torch.Tensor] = {}
+    for index, layer, stats in calibrate_layers(model, windows, options.device, options.batch_size, seed=options.seed,
+                                                progress=options.progress):
+        plans = plan_layer(layer, stats, model.config, options)
+        folded = fold_layer(layer, plans, heads // kv_heads, head_dim)
+        for name, linear in folded.items():
+            prefix = f"model.layers.{index}.{name}"
+            out_features, in_features = linear.weight.shape
+            parts = checkpoint_tensors(linear, options.w_bits, model_dtype)
+            validate_linear(prefix, parts, out_features, in_features,
+                            QuantizationConfig(options.w_bits, options.a_bits), source="quantize")
+            tensors.update({f"{prefix}.{suffix}": tensor for suffix, tensor in parts.items()})
+    quantized = {f"model.layers.{i}.{name}" for i in range(len(model.model.layers)) for name in LAYER_LINEARS}
+    for name, tensor in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in quantized or (name == "lm_head.weight" and model.config.tie_word_embeddings):
+            continue
+        tensors[name] = tensor.detach().cpu().clone().contiguous()
+    return tensors
+
+
+def quantize(model_dir: Path, out_dir: Path, calib_path: Path, options: QuantizeOptions = QuantizeOptions(),
+             overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+    """The whole `outliertune quantize` command. Nothing is written to ``out_dir`` unless everything succeeds."""
+    check_options(options)
+    check_output_dir(out_dir, model_dir, overwrite)
+    model, hf_config = load_model(Path(model_dir), trust_remote_code)
+    tokenizer = load_tokenizer(model_dir)
+    windows = token_windows(tokenizer, read_text(calib_path, "--calib"), options.seq_len, options.samples,
+                            source=f"--calib {calib_path}")
+    tensors = quantize_loaded(model, windows, options)
+    quant_config = QuantizationConfig(weight_bits=options.w_bits, activation_bits=options.a_bits,
+                                      ignore=("lm_head",), method=options.method)
+    return write_checkpoint(out_dir, model_dir, hf_config, quant_config, tensors, options.max_shard_bytes)

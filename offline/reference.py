@@ -1,0 +1,94 @@
+"""Torch reference of a quantized OutlierTune checkpoint: the Hugging Face model with each quantized linear replaced
+by integer math from vllm_outliertune.kernels.torch_ref (the same formula as the vLLM path; no vLLM needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from vllm_outliertune.format import LINEAR_TENSOR_SUFFIXES, QuantizationConfig, validate_linear
+from vllm_outliertune.kernels.torch_ref import int8_gemm_ref, quantize_activation_ref
+from vllm_outliertune.offline.model_io import UserError, is_outliertune_checkpoint
+
+
+class ReferenceQuantLinear(torch.nn.Module):
+    """q = clamp(round(x * input_inv_scale - input_shift)); y = weight_scale * (q @ weight.T) + output_bias (+ bias)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], activation_bits: int):
+        super().__init__()
+        self.activation_bits = activation_bits
+        epilogue = tensors["output_bias"].float()
+        if "bias" in tensors:  # one epilogue vector, as in the vLLM path
+            epilogue = epilogue + tensors["bias"].float()
+        buffers = {"weight": tensors["weight"], "weight_scale": tensors["weight_scale"], "epilogue_bias": epilogue,
+                   "input_inv_scale": tensors.get("input_inv_scale"), "input_shift": tensors.get("input_shift")}
+        for name, tensor in buffers.items():  # not persistent: they are loaded here, not through load_state_dict
+            self.register_buffer(name, tensor, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        q = quantize_activation_ref(x2d, self.input_inv_scale, self.input_shift, self.activation_bits)
+        y = int8_gemm_ref(q, self.weight, self.weight_scale, self.epilogue_bias, x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def load_checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{model_dir} has no *.safetensors files; re-run `outliertune quantize`")
+    tensors = {}
+    for path in files:
+        try:
+            tensors.update(load_file(str(path)))
+        except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+            raise UserError(f"{path} cannot be read ({exc}); the file is damaged, re-run `outliertune quantize`") \
+                from None
+    return tensors
+
+
+def load_reference_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The quantized model of an OutlierTune checkpoint as a torch module (HF structure, integer linears)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    raw_config = json.loads((model_dir / "config.json").read_text())
+    if not is_outliertune_checkpoint(raw_config):
+        raise UserError(f"{model_dir}/config.json has no outliertune quantization_config; not an OutlierTune "
+                        f"checkpoint (use the plain model with the fp engine, or run `outliertune quantize`)")
+    quant = QuantizationConfig.from_dict(raw_config["quantization_config"], f"{model_dir}/config.json")
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config.quantization_config = None
+    del hf_config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    tensors = load_checkpoint_tensors(model_dir)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    plain = {}
+    for name, tensor in tensors.items():
+        module, _, suffix = name.rpartition(".")
+        if suffix in LINEAR_TENSOR_SUFFIXES + ("bias",) and f"{module}.weight_scale" in tensors:
+            by_module.setdefault(module, {})[suffix] = tensor
+        else:
+            plain[name] = tensor
+    for module_name, parts in by_module.items():
+        linear = model.get_submodule(module_name)
+        validate_linear(module_name, parts, linear.out_features, linear.in_features, quant, source=str(model_dir))
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, ReferenceQuantLinear(parts, quant.activation_bits))
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in plain.items()}, strict=False,
+                                                assign=True)
+    if unexpected:
+        raise UserError(f"{model_dir}: unexpected tensors {sorted(unexpected)[:5]}; re-run `outliertune quantize`")
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [name for name in missing if name != "lm_head.weight"]
+    if missing:
+        raise UserError(f"{model_dir}: tensors missing from the checkpoint: {sorted(missing)[:5]}; "
+                        f"re-run `outliertune quantize`")
+    # Non-persistent buffers (rotary inv_freq) were created on the meta device: rebuild them.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_config)
+    return model.to(device).eval()

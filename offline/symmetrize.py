@@ -1,0 +1,106 @@
+"""Per-channel activation quantization plans: how each input channel of a linear is shifted and scaled.
+
+A plan for an input of K channels describes
+
+    x_folded = x / fold                                  (folded upstream: RMSNorm gamma, v_proj rows, up_proj rows)
+    q = clamp(round(x_folded * inv_scale - shift))       (inv_scale / shift as stored in the checkpoint, or None)
+
+so a channel's quantization step is s = fold / inv_scale, and the linear's weight columns become W * diag(s).
+Shifts are integers (in quantized units), which keeps exact zero representable: x = 0 maps to q = -shift exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vllm_outliertune.format import qrange
+from vllm_outliertune.offline.calibrate import InputStats
+
+# Channels whose step would be below this fraction of the layer's largest step get this floor instead: keeps
+# gamma / s and the folded rows finite in fp16 and the weight columns of dead channels harmless.
+_MIN_STEP_FRACTION = 2.0 ** -12
+
+
+@dataclasses.dataclass
+class ChannelPlan:
+    fold: torch.Tensor                 # [K] float32, divides the input upstream (ones when nothing is folded)
+    inv_scale: torch.Tensor | None     # [K] float32 stored as input_inv_scale, or None (all ones)
+    shift: torch.Tensor | None         # [K] float32 integer-valued, quantized units, or None
+
+    @property
+    def step(self) -> torch.Tensor:
+        return self.fold if self.inv_scale is None else self.fold / self.inv_scale
+
+    def fake_quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """x -> dequantized x, in the input's original units (for searches and tests)."""
+        qmin, qmax = qrange(bits)
+        step = self.step.to(x.device)
+        shift = 0.0 if self.shift is None else self.shift.to(x.device)
+        return (torch.round(x / step - shift).clamp(qmin, qmax) + shift) * step
+
+
+def _floored(step: torch.Tensor) -> torch.Tensor:
+    top = float(step.max()) if step.numel() else 0.0
+    if not top > 0:  # every channel is exactly zero: any step works
+        return torch.ones_like(step)
+    return step.clamp(min=top * _MIN_STEP_FRACTION)
+
+
+def ranges(stats: InputStats, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel [lo, hi] containing 0, shrunk by ``clip`` (1.0 = the full calibration range)."""
+    return stats.min.clamp(max=0) * clip, stats.max.clamp(min=0) * clip
+
+
+def integer_shift(lo: torch.Tensor, hi: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Integer shift that centres [lo, hi] / step in the quantized range."""
+    return torch.round((lo + hi) / (2 * step))
+
+
+def per_channel(stats: InputStats, bits: int, shift: bool = True, clip: float = 1.0) -> ChannelPlan:
+    """Each channel gets its own step, folded upstream; with ``shift`` the range is centred by an integer shift so
+    the full 2^bits levels cover [lo, hi] (one level spare for the rounding of the shift)."""
+    lo, hi = ranges(stats, clip)
+    qmin, qmax = qrange(bits)
+    if shift:
+        step = _floored((hi - lo) / (qmax - qmin - 1))
+        return ChannelPlan(step, None, integer_shift(lo, hi, step))
+    step = _floored(torch.maximum(-lo / -qmin, hi / qmax))
+    return ChannelPlan(step, None, None)
+
+
+def per_tensor(stats: InputStats, bits: int) -> ChannelPlan:
+    """Static per-tensor absmax, no shift: every entry of input_inv_scale is equal."""
+    _, qmax = qrange(bits)
+    absmax = float(torch.maximum(-stats.min, stats.max).max())
+    step = absmax / qmax if absmax > 0 else 1.0
+    return ChannelPlan(torch.ones_like(stats.min), torch.full_like(stats.min, 1.0 / step), None)
+
+
+def smoothquant(stats: InputStats, weight_col_absmax: torch.Tensor, bits: int, alpha: float = 0.5) -> ChannelPlan:
+    """SmoothQuant: migrate difficulty with m = a^alpha / w^(1-alpha) folded upstream, then static per-tensor absmax
+    of x / m (no shift)."""
+    act = torch.maximum(-stats.min, stats.max).clamp(min=1e-5)
+    weight = weight_col_absmax.float().clamp(min=1e-5)
+    migration = (act.pow(alpha) / weight.pow(1 - alpha)).clamp(min=1e-5)
+    _, qmax = qrange(bits)
+    absmax = float((act / migration).max())
+    step = absmax / qmax if absmax > 0 else 1.0
+    return ChannelPlan(migration, torch.full_like(migration, 1.0 / step), None)
+
+
+def share_within_groups(stats: InputStats, group_size: int, head_dim: int) -> InputStats:
+    """Stats of o_proj's input made identical across the q-heads that share one kv head (GQA): o_proj's scale and
+    shift fold into v_proj rows, and one v row serves ``group_size`` q-heads."""
+    if group_size == 1:
+        return stats
+
+    def reduce(t: torch.Tensor, op) -> torch.Tensor:
+        grouped = t.view(-1, group_size, head_dim)  # [kv_heads, group, head_dim]
+        return op(grouped, dim=1, keepdim=True).expand_as(grouped).reshape(t.shape).clone()
+
+    return InputStats(min=reduce(stats.min, lambda t, **kw: t.amin(**kw)),
+                      max=reduce(stats.max, lambda t, **kw: t.amax(**kw)),
+                      sum_sq=reduce(stats.sum_sq, lambda t, **kw: t.amax(**kw)),
+                      count=stats.count, sample=stats.sample)
