@@ -15,7 +15,7 @@ SUPPORTED_ACT_BITS = (4, 6, 8)
 FLOAT_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Adding and subtracting 1.5 * 2^23 rounds a float32 |v| < 2^22 to an integer, half to even (the hardware's
 # default rounding); libdevice.rint would do the same but the Triton interpreter (CPU CI) lacks it.
-_ROUND_MAGIC = 12582912.0
+_ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit

@@ -59,8 +59,9 @@ def _per_m(kernel: str, keys: tuple[str, ...], n: int, k: int) -> dict[str, Any]
         per_shape = devices.get(key, {}).get(kernel)
         if not per_shape:
             continue
-        per_m = per_shape.get(shape_key(n, k)) or per_shape.get("default")
-        if per_m:
+        # A tuned shape may list no buckets at all (e.g. the fused kernel never wins there): that is an answer.
+        per_m = per_shape[shape_key(n, k)] if shape_key(n, k) in per_shape else per_shape.get("default")
+        if per_m is not None:
             return per_m
     raise KeyError(f"{TABLE_PATH}: no '{kernel}' configuration for devices {list(keys)}; "
                    "add a 'default' entry or re-run `python -m vllm_outliertune.kernels.tune`")

@@ -2,7 +2,8 @@
 
 Each program quantizes its [BLOCK_M, BLOCK_K] slice of the float activations on the fly (same math as
 act_quant.quantize_tile) and multiplies it with int8 weight tiles. At small M the weights dominate the bytes, so
-the kernel must keep the whole GPU streaming weights: when M x N gives too few tiles, the K loop is split across
+the kernel must keep the whole GPU streaming weights: BLOCK_M < 16 (M of a few rows) replaces the tensor-core dot
+by a multiply-reduce, and when M x N gives too few tiles, the K loop is split across
 SPLIT_K programs. Their int32 partial sums meet in a zeroed workspace through integer atomics (exact, so the
 result does not depend on arrival order); the last program to arrive for a tile, seen through a per-tile
 counter, reads the sum back and runs the epilogue."""
@@ -49,7 +50,10 @@ def _fused_quant_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, inv_sca
             w = tl.load(w_ptrs, mask=mask_k[:, None], other=0)  # zero weights cancel the padded codes
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         a = quantize_tile(x, inv_scale_ptr, shift_ptr, offs_k, mask_k, QMIN, QMAX, HAS_INV_SCALE, HAS_SHIFT)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        if BLOCK_M >= 16:
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        else:  # below the tensor cores' 16 rows: a broadcast multiply-reduce streams the weights with less work
+            acc += tl.sum(a.to(tl.int32)[:, :, None] * w.to(tl.int32)[None, :, :], axis=1)
         offs_k += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K

@@ -65,10 +65,10 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
         y_ref = torch_ref.int8_gemm_ref(q_ref, w_q, w_scale, bias, out_dtype)
         expect_equal(f"int8_gemm {out_dtype}", int8_gemm(q_ref, w_q, w_scale, bias, out_dtype), y_ref)
     y_ref = torch_ref.int8_gemm_ref(q_ref, w_q, w_scale, bias, torch.bfloat16)
-    for split_k in (1, 3):
-        config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k}
+    for block_m, split_k in ((16, 1), (16, 3), (2, 2)):
+        config = {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k}
         got = fused_quant_gemm(x, w_q, w_scale, bias, p["inv_scale"], p["shift"], bits, torch.bfloat16, config)
-        expect_equal(f"fused_quant_gemm split_k={split_k}", got, y_ref)
+        expect_equal(f"fused_quant_gemm block_m={block_m} split_k={split_k}", got, y_ref)
     expect_equal("quantized_linear", quantized_linear(x.view(1, m, k), w_q, w_scale, bias, p["inv_scale"],
                                                       p["shift"], bits, torch.bfloat16), y_ref.view(1, m, n))
     return failures
