@@ -1,5 +1,6 @@
 """Benchmark the OutlierTune linear against cuBLAS bf16, torch._int_mm and (when vLLM's GPU build is installed)
-CUTLASS cutlass_scaled_mm on the Llama-3-8B linear shapes. One run, cold L2 (do_bench flushes it), medians.
+CUTLASS cutlass_scaled_mm on the Llama-3-8B linear shapes. One run, cold L2 (do_bench flushes it), medians; every
+column but "ours eager" replays a CUDA graph (as vLLM runs decode), so Python launch overhead stays out.
 
     python bench/bench_gemm.py [--m 1,16,64,256,1024,4096,8192] [--markdown out.md]
 
@@ -33,24 +34,39 @@ except Exception:  # noqa: BLE001 - any import failure means "not available here
     vllm_ops = None
 
 
+def graph_time_us(fn) -> float:
+    """Time of fn captured in a CUDA graph (as vLLM runs decode), so host launch overhead stays out."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_us(graph.replay)
+
+
 def bench_one(m: int, n: int, k: int) -> dict[str, float | None]:
     p = make_inputs(m, n, k)
     a_q = quantize_activation(p["x"], p["inv_scale"], p["shift"], 8)
     w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+
+    def ours():
+        return quantized_linear(p["x"], p["w_q"], p["w_scale"], p["bias"], p["inv_scale"], p["shift"], 8,
+                                torch.bfloat16)
+
     times = {
-        "ours": time_us(lambda: quantized_linear(p["x"], p["w_q"], p["w_scale"], p["bias"], p["inv_scale"],
-                                                 p["shift"], 8, torch.bfloat16)),
-        "gemm": time_us(lambda: int8_gemm(a_q, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16)),
-        "bf16": time_us(lambda: F.linear(p["x"], w_bf16)),
+        "ours": graph_time_us(ours),
+        "ours_eager": time_us(ours),
+        "gemm": graph_time_us(lambda: int8_gemm(a_q, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16)),
+        "bf16": graph_time_us(lambda: F.linear(p["x"], w_bf16)),
         # torch._int_mm needs M > 16 on CUDA
-        "int_mm": time_us(lambda: torch._int_mm(a_q, p["w_q"].t())) if m > 16 else None,
+        "int_mm": graph_time_us(lambda: torch._int_mm(a_q, p["w_q"].t())) if m > 16 else None,
         "cutlass": None,
     }
     if vllm_ops is not None:
         a_scale = torch.ones(m, 1, device="cuda")
         b_t = p["w_q"].t()  # column-major [K, N], the layout cutlass_scaled_mm takes
-        times["cutlass"] = time_us(lambda: vllm_ops.cutlass_scaled_mm(a_q, b_t, a_scale, p["w_scale"].view(n, 1),
-                                                                      torch.bfloat16, p["bias"].bfloat16()))
+        bias = p["bias"].bfloat16()
+        times["cutlass"] = graph_time_us(lambda: vllm_ops.cutlass_scaled_mm(a_q, b_t, a_scale, p["w_scale"].view(n, 1),
+                                                                            torch.bfloat16, bias))
     return times
 
 
@@ -64,7 +80,7 @@ def main() -> None:
     parser.add_argument("--markdown", help="also write the table as markdown here")
     args = parser.parse_args()
     ms = [int(v) for v in args.m.split(",")]
-    header = ("| shape | M | ours µs | gemm µs | bf16 µs | int_mm µs | cutlass µs | ours TOPS | roof % | "
+    header = ("| shape | M | ours µs | ours eager µs | gemm µs | bf16 µs | int_mm µs | cutlass µs | ours TOPS | roof % | "
               "bf16/ours | int_mm/ours | int_mm/gemm | cutlass/ours |")
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
@@ -84,7 +100,7 @@ def main() -> None:
             def ratio(key, base="ours"):
                 return None if t[key] is None else t[key] / t[base]
 
-            line = (f"| {SHAPE_NAMES[(n, k)]} {k}→{n} | {m} | {t['ours']:.1f} | {t['gemm']:.1f} | {t['bf16']:.1f} | "
+            line = (f"| {SHAPE_NAMES[(n, k)]} {k}→{n} | {m} | {t['ours']:.1f} | {t['ours_eager']:.1f} | {t['gemm']:.1f} | {t['bf16']:.1f} | "
                     f"{fmt(t['int_mm'], '.1f')} | {fmt(t['cutlass'], '.1f')} | {tops:.0f} | {roof} | "
                     f"{ratio('bf16'):.2f} | {fmt(ratio('int_mm'), '.2f')} | {fmt(ratio('int_mm', 'gemm'), '.2f')} | "
                     f"{fmt(ratio('cutlass'), '.2f')} |")

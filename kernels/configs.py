@@ -44,12 +44,17 @@ def m_bucket(m: int, buckets: list[int]) -> int:
     return min(fitting) if fitting else max(buckets)
 
 
-def device_keys(device: torch.device | None) -> list[str]:
+def device_keys(device: torch.device | None) -> tuple[str, ...]:
     """Most to least specific table keys for `device` (CPU / interpreter: only "default")."""
     if device is None or device.type != "cuda":
-        return ["default"]
-    major, minor = torch.cuda.get_device_capability(device)
-    return [torch.cuda.get_device_name(device), f"sm{major}{minor}", "default"]
+        return ("default",)
+    return _cuda_device_keys(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_keys(index: int) -> tuple[str, ...]:  # cached: the driver queries cost µs on every call
+    major, minor = torch.cuda.get_device_capability(index)
+    return (torch.cuda.get_device_name(index), f"sm{major}{minor}", "default")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -70,7 +75,7 @@ def _per_m(kernel: str, keys: tuple[str, ...], n: int, k: int) -> dict[str, Any]
 def _keys(device: torch.device | None) -> tuple[str, ...]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         device = None  # interpreter: the portable default tiles
-    return tuple(device_keys(device))
+    return device_keys(device)
 
 
 def get_config(kernel: str, m: int, n: int, k: int, device: torch.device | None) -> dict[str, Any]:

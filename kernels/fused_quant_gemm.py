@@ -10,6 +10,8 @@ counter, reads the sum back and runs the epilogue."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -71,12 +73,14 @@ def _fused_quant_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, inv_sca
             epilogue_store(total, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _auto_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     """Enough K splits for ~2 programs per SM, keeping at least 4 K blocks per program."""
-    if device.type != "cuda":
-        return 1
-    programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(programs_wanted, tiles), k_blocks // 4))
+    return max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles), k_blocks // 4))
 
 
 def fused_quant_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
