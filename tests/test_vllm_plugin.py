@@ -211,3 +211,24 @@ def test_openai_server(tiny_llama, engines, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_damaged_checkpoint_fails_before_engine_start(tiny_llama, tmp_path):
+    """vLLM start-up on a damaged checkpoint fails in the calling process with our error naming the tensor,
+    not deep inside a worker."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from vllm import LLM
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_llama["w8a8"], damaged)
+    path = damaged / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.0.mlp.down_proj.weight_scale"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    started = time.monotonic()
+    # vLLM wraps config-time errors in pydantic's ValidationError (a ValueError), keeping our message.
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj\.weight_scale is missing"):
+        LLM(model=str(damaged), **VLLM_TEST_ENGINE)
+    assert time.monotonic() - started < 60

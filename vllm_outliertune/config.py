@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +41,12 @@ class OutlierTuneConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "OutlierTuneConfig":
         return cls(fmt.QuantizationConfig.from_dict(config))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
+        """vLLM calls this in the front-end process before any engine starts: check a local checkpoint's files and
+        tensors here, so a damaged checkpoint fails fast with an error that names the file and tensor."""
+        if Path(model_name).is_dir():
+            fmt.validate_checkpoint_dir(Path(model_name), self.spec)
 
     def _shard_names(self, prefix: str) -> list[str]:
         """Checkpoint module names behind a vLLM layer: qkv_proj -> q_proj, k_proj, v_proj (packed_modules_mapping)."""

@@ -16,6 +16,8 @@ norms, lm_head, ignored layers) is stored as in a Hugging Face checkpoint, in th
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -128,17 +130,98 @@ def validate_linear(prefix: str, tensors: Mapping[str, torch.Tensor], out_featur
         if tuple(tensor.shape) != expected or tensor.dtype != spec.dtype:
             raise FormatError(f"{source}: tensor {name} is {tensor.dtype} {list(tensor.shape)}, expected "
                               f"{spec.dtype} {list(expected)}; {redo}")
+    check_linear_values(prefix, tensors, config, source)
+
+
+def check_linear_values(prefix: str, tensors: Mapping[str, torch.Tensor], config: QuantizationConfig,
+                        source: str = "checkpoint") -> None:
+    """Value checks on whichever of a linear's tensors are given: finite vectors, positive scales, weight values
+    inside the signed range of weight_bits."""
+    redo = "re-run `outliertune quantize` to rewrite the checkpoint"
+    for suffix, tensor in tensors.items():
         if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
-            raise FormatError(f"{source}: tensor {name} holds NaN or Inf; {redo}")
-    scale = tensors["weight_scale"]
-    if not (scale > 0).all():
-        raise FormatError(f"{source}: tensor {prefix}.weight_scale has zero or negative entries; {redo}")
+            raise FormatError(f"{source}: tensor {prefix}.{suffix} holds NaN or Inf; {redo}")
+    for suffix in ("weight_scale", "input_inv_scale"):
+        if suffix in tensors and not (tensors[suffix] > 0).all():
+            raise FormatError(f"{source}: tensor {prefix}.{suffix} has zero or negative entries; {redo}")
+    weight = tensors.get("weight")
     qmax = weight_qmax(config.weight_bits)
-    weight = tensors["weight"]
-    if weight.numel() and int(weight.abs().max()) > qmax:
+    if weight is not None and weight.numel() and int(weight.abs().max()) > qmax:
         raise FormatError(f"{source}: tensor {prefix}.weight has values outside ±{qmax} "
                           f"(weight_bits={config.weight_bits}); {redo}")
-    inv_scale = tensors.get("input_inv_scale")
-    if inv_scale is not None and not (inv_scale > 0).all():
-        raise FormatError(f"{source}: tensor {prefix}.input_inv_scale has zero or negative entries; {redo}")
 
+_SAFETENSORS_DTYPES = {"I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool}
+
+
+def read_safetensors_layout(path: Path) -> dict[str, tuple[torch.dtype | str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} from a safetensors file's header alone (no tensor data is read); raises
+    FormatError if the header is unreadable or the file is shorter than the header promises (a truncated copy)."""
+    size = path.stat().st_size
+    redo = "copy the checkpoint again or re-run `outliertune quantize`"
+    with path.open("rb") as file:
+        length_bytes = file.read(8)
+        header_length = int.from_bytes(length_bytes, "little") if len(length_bytes) == 8 else -1
+        if header_length < 0 or header_length > size - 8:
+            raise FormatError(f"{path}: not a complete safetensors file (no readable header); {redo}")
+        try:
+            header = json.loads(file.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{path}: corrupt safetensors header ({exc}); {redo}") from exc
+    header.pop("__metadata__", None)
+    data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if 8 + header_length + data_end > size:
+        raise FormatError(f"{path}: file is truncated ({size} bytes, its header describes "
+                          f"{8 + header_length + data_end}); {redo}")
+    return {name: (_SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]), tuple(entry["shape"]))
+            for name, entry in header.items()}
+
+
+def validate_checkpoint_dir(model_dir: Path, config: QuantizationConfig) -> int:
+    """Check an OutlierTune checkpoint directory before any weight is loaded: every safetensors file complete,
+    every quantized linear's tensors present with the right dtype and shapes, small vectors finite and scales
+    positive. Returns the number of quantized linears. Weight value ranges are checked after loading."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FormatError(f"{model_dir}: no *.safetensors files; OutlierTune checkpoints are safetensors only "
+                          f"(re-run `outliertune quantize`)")
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.exists():
+        missing_files = sorted({file for file in json.loads(index_path.read_text())["weight_map"].values()
+                                if not (model_dir / file).exists()})
+        if missing_files:
+            raise FormatError(f"{index_path}: lists {missing_files}, which are not in {model_dir}; copy the whole "
+                              f"checkpoint directory")
+    layout, file_of = {}, {}
+    for path in files:
+        for name, entry in read_safetensors_layout(path).items():
+            layout[name], file_of[name] = entry, path
+    prefixes = sorted({name.rsplit(".", 1)[0] for name in layout
+                       if name.endswith(".weight_scale") or (name.endswith(".weight") and layout[name][0] == torch.int8)})
+    for prefix in prefixes:
+        weight = layout.get(f"{prefix}.weight")
+        if weight is None or len(weight[1]) != 2:
+            raise FormatError(f"{model_dir}: tensor {prefix}.weight (int8 [out, in]) is missing or not 2-D; "
+                              f"re-run `outliertune quantize`")
+        out_features, in_features = weight[1]
+        vectors = {}
+        for spec in LINEAR_TENSORS:
+            name = f"{prefix}.{spec.suffix}"
+            if name not in layout:
+                if spec.required:
+                    raise FormatError(f"{model_dir}: tensor {name} is missing ({spec.meaning}); "
+                                      f"re-run `outliertune quantize`")
+                continue
+            dtype, shape = layout[name]
+            expected = spec.shape(out_features, in_features)
+            if dtype != spec.dtype or shape != expected:
+                raise FormatError(f"{file_of[name]}: tensor {name} is {dtype} {list(shape)}, expected {spec.dtype} "
+                                  f"{list(expected)}; re-run `outliertune quantize`")
+            if spec.dim != "out,in":
+                with safe_open(str(file_of[name]), framework="pt") as file:
+                    vectors[spec.suffix] = file.get_tensor(name)
+        check_linear_values(prefix, vectors, config, source=str(model_dir))
+    return len(prefixes)
