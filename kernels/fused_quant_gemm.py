@@ -19,7 +19,7 @@ import triton.language as tl
 from vllm_outliertune.format import qrange
 from vllm_outliertune.kernels.act_quant import FLOAT_INPUT_DTYPES, check_activation_args, quantize_tile
 from vllm_outliertune.kernels.configs import get_config
-from vllm_outliertune.kernels.int8_gemm import check_gemm_args, epilogue_store, launch_options
+from vllm_outliertune.kernels.int8_gemm import check_gemm_args, epilogue_store, launch_options, prepare_output
 
 
 @triton.jit
@@ -92,15 +92,10 @@ def fused_quant_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
     check_gemm_args(x.dtype in FLOAT_INPUT_DTYPES, x, w_q, w_scale, bias, out_dtype)
     if w_scale is None or out_dtype == torch.int32:
         raise ValueError("fused_quant_gemm needs w_scale and a float out_dtype")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    n = w_q.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    if m == 0 or n == 0:
+    x, out, done = prepare_output(x, w_q, bias, out_dtype)
+    if done:
         return out
-    if k == 0:
-        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+    (m, k), n = x.shape, w_q.shape[0]
     config = config or get_config("fused_quant_gemm", m, n, k, x.device)
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)

@@ -5,6 +5,7 @@ exact torch reference otherwise."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -63,7 +64,7 @@ def quantized_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
     larger M quantizes once, then runs the int8 GEMM."""
     k = x.shape[-1]
     n = w_q.shape[0]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)
     m = x2.shape[0]
     if not _runs_triton(x):
         out = torch_ref.int8_gemm_ref(torch_ref.quantize_activation_ref(x2, inv_scale, shift, act_bits), w_q,
