@@ -79,6 +79,9 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     removed only after the new one is in place), on any exception it is deleted."""
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
     try:
         yield tmp
         old = None

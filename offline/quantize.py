@@ -79,12 +79,14 @@ def check_options(options: QuantizeOptions) -> None:
 def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_config,
                options: QuantizeOptions) -> dict[str, ChannelPlan]:
     heads, kv_heads, head_dim = attention_groups(model_config)
-    stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], heads // kv_heads, head_dim))
+    group_size = heads // kv_heads
+    stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], group_size, head_dim))
     rule = METHODS[options.method]
     plans = {}
     for group, names in GROUP_LINEARS.items():
-        weight = torch.cat([layer.get_submodule(name).weight.float() for name in names])
+        weight = torch.cat([layer.get_submodule(name).weight.detach().float() for name in names])
         plans[group] = rule(GroupInput(stats[group], weight), options)
+    plans["o"] = symmetrize.share_fold_within_groups(plans["o"], group_size, head_dim)
     return plans
 
 

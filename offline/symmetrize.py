@@ -41,6 +41,17 @@ class ChannelPlan:
         return (torch.round(x / step - shift).clamp(qmin, qmax) + shift) * step
 
 
+def share_fold_within_groups(plan: ChannelPlan, group_size: int, head_dim: int) -> ChannelPlan:
+    """o_proj's plan with one fold per v row: the largest fold of the q-heads sharing a kv head (dividing by more
+    only shrinks x / fold, so a stored per-tensor inv_scale still covers the range). Shifts come from shared stats
+    already."""
+    if group_size == 1:
+        return plan
+    grouped = plan.fold.view(-1, group_size, head_dim)
+    fold = grouped.amax(dim=1, keepdim=True).expand_as(grouped).reshape(plan.fold.shape).clone()
+    return dataclasses.replace(plan, fold=fold)
+
+
 def _floored(step: torch.Tensor) -> torch.Tensor:
     top = float(step.max()) if step.numel() else 0.0
     if not top > 0:  # every channel is exactly zero: any step works
@@ -82,7 +93,7 @@ def smoothquant(stats: InputStats, weight_col_absmax: torch.Tensor, bits: int, a
     """SmoothQuant: migrate difficulty with m = a^alpha / w^(1-alpha) folded upstream, then static per-tensor absmax
     of x / m (no shift)."""
     act = torch.maximum(-stats.min, stats.max).clamp(min=1e-5)
-    weight = weight_col_absmax.float().clamp(min=1e-5)
+    weight = weight_col_absmax.detach().float().clamp(min=1e-5)
     migration = (act.pow(alpha) / weight.pow(1 - alpha)).clamp(min=1e-5)
     _, qmax = qrange(bits)
     absmax = float((act / migration).max())

@@ -1,0 +1,49 @@
+"""Perplexity with torch: the fp model (Hugging Face) or our integer reference of a quantized checkpoint, on the
+same fixed token windows (text.token_windows) that `--engine vllm` scores through vLLM."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vllm_outliertune.offline.model_io import UserError, is_outliertune_checkpoint, read_config
+
+
+def load_torch_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Our reference model for an OutlierTune checkpoint, else the Hugging Face model, in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_outliertune.offline.reference import load_reference_model
+
+    config = read_config(model_dir)
+    if is_outliertune_checkpoint(config):
+        return load_reference_model(model_dir, dtype=dtype, device=device)
+    if config.get("quantization_config") is not None:
+        raise UserError(f"{model_dir}/config.json: quantization {config['quantization_config'].get('quant_method')!r}"
+                        f" is not supported by --engine torch; use --engine vllm")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+@torch.no_grad()
+def torch_window_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
+                     ) -> tuple[float, int]:
+    """Sum of -log p(token | previous tokens of its window) over every window position but the first, and the
+    count of such tokens (the same quantity as vllm_outliertune.evaluate.vllm_window_nll)."""
+    device = next(iter(model.buffers()), next(model.parameters())).device
+    nll, count = 0.0, 0
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc="scoring windows", disable=not progress):
+        batch = windows[start:start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch[:, 1:, None]).squeeze(-1)
+        if not torch.isfinite(logprobs).all():
+            raise FloatingPointError("the model produced non-finite log-probabilities")
+        nll -= float(logprobs.double().sum())
+        count += logprobs.numel()
+    return nll, count
+
+
+def perplexity(nll: float, tokens: int) -> float:
+    return math.exp(nll / tokens)

@@ -1,0 +1,115 @@
+"""`outliertune` console script: quantize a model, fetch the demo assets, evaluate perplexity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vllm_outliertune.format import FormatError
+
+DEFAULT_EVAL_WINDOWS = 40  # 40 windows of 512 tokens: about 20k tokens
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
+
+    options = QuantizeOptions(w_bits=args.w_bits, a_bits=args.a_bits, samples=args.samples, seq_len=args.seq_len,
+                              method=args.method, device=args.device, batch_size=args.batch_size, seed=args.seed)
+    out = quantize(Path(args.model_dir), Path(args.out_dir), Path(args.calib), options, overwrite=args.overwrite,
+                   trust_remote_code=args.trust_remote_code)
+    print(f"wrote {out} ({args.method}, W{args.w_bits}A{args.a_bits})")
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    from vllm_outliertune.offline import assets
+
+    fetcher = {"smollm2": assets.fetch_smollm2, "brown": assets.fetch_brown}[args.asset]
+    print(f"wrote {fetcher(Path(args.dir), overwrite=args.overwrite)}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from vllm_outliertune.offline.model_io import load_tokenizer, read_config
+    from vllm_outliertune.offline.perplexity import perplexity
+    from vllm_outliertune.offline.text import read_text, token_windows
+
+    model_dir = Path(args.model_dir)
+    read_config(model_dir)
+    windows = token_windows(load_tokenizer(model_dir), read_text(Path(args.text)), args.seq_len, args.max_windows,
+                            source=f"--text {args.text}")
+    if args.engine == "vllm":
+        from vllm_outliertune.evaluate import vllm_window_nll
+
+        nll, tokens = vllm_window_nll(str(model_dir), windows.tolist())
+    else:
+        from vllm_outliertune.offline.perplexity import load_torch_model, torch_window_nll
+
+        model = load_torch_model(model_dir, device=args.device)
+        nll, tokens = torch_window_nll(model, windows, args.batch_size, progress=not args.json)
+    result = {"perplexity": perplexity(nll, tokens), "tokens": tokens, "engine": args.engine}
+    print(json.dumps(result) if args.json else
+          f"perplexity {result['perplexity']:.4f} over {tokens} tokens ({args.engine} engine)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm_outliertune.offline.quantize import METHODS
+
+    parser = argparse.ArgumentParser(prog="outliertune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    quant = commands.add_parser("quantize", help="calibrate and quantize a Hugging Face model directory")
+    quant.add_argument("model_dir", metavar="MODEL_DIR")
+    quant.add_argument("out_dir", metavar="OUT_DIR")
+    quant.add_argument("--calib", required=True, metavar="TEXT_FILE", help="UTF-8 calibration text")
+    quant.add_argument("--w-bits", type=int, default=8)
+    quant.add_argument("--a-bits", type=int, default=8)
+    quant.add_argument("--samples", type=int, default=128, help="calibration windows")
+    quant.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    quant.add_argument("--method", default="outliertune", choices=sorted(METHODS))
+    quant.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where layers are calibrated")
+    quant.add_argument("--batch-size", type=int, default=8, help="windows per calibration forward")
+    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    quant.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from MODEL_DIR")
+    quant.set_defaults(run=_quantize)
+
+    fetch = commands.add_parser("fetch", help="download a demo asset (sha256-pinned, cached)")
+    fetch.add_argument("asset", choices=("smollm2", "brown"))
+    fetch.add_argument("dir", metavar="DIR")
+    fetch.add_argument("--overwrite", action="store_true")
+    fetch.set_defaults(run=_fetch)
+
+    ev = commands.add_parser("eval", help="perplexity of a model (fp or OutlierTune checkpoint) over a text")
+    ev.add_argument("model_dir", metavar="MODEL_DIR")
+    ev.add_argument("--text", required=True, metavar="FILE")
+    ev.add_argument("--engine", choices=("vllm", "torch"), default="vllm")
+    ev.add_argument("--seq-len", type=int, default=512)
+    ev.add_argument("--max-windows", type=int, default=DEFAULT_EVAL_WINDOWS)
+    ev.add_argument("--device", default="cpu", help="torch engine only")
+    ev.add_argument("--batch-size", type=int, default=4, help="torch engine only")
+    ev.add_argument("--json", action="store_true", help='print {"perplexity", "tokens", "engine"} as JSON')
+    ev.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vllm_outliertune.offline.model_io import UserError
+
+    try:
+        args.run(args)
+    except (UserError, FormatError) as exc:
+        print(f"outliertune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"outliertune {args.command}: numerical error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"outliertune {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
