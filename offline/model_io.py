@@ -11,7 +11,8 @@ import torch
 from vllm_outliertune import format as fmt
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# Weights are read from safetensors only: pickle files (.bin/.pt/.pth) can run code when loaded.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 # The quantized linears of one decoder layer, as HF module names relative to the layer.
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
@@ -39,7 +40,12 @@ def read_config(model_dir: Path) -> dict:
         raise UserError(f"{config_path} is not valid JSON ({exc}); restore the model's config.json") from None
     if not isinstance(config, dict):
         raise UserError(f"{config_path} must hold a JSON object; restore the model's config.json")
-    if not any(model_dir.glob(pattern) for pattern in WEIGHT_PATTERNS):
+    if not any(model_dir.glob("*.safetensors")):
+        pickles = sorted(path.name for pattern in PICKLE_PATTERNS for path in model_dir.glob(pattern))
+        if pickles:
+            raise UserError(f"{model_dir} has weights only as pickle files ({', '.join(pickles[:3])}); outliertune "
+                            f"reads safetensors only (loading a pickle can run code). If you trust the file, convert "
+                            f"it once with transformers: from_pretrained(...).save_pretrained(NEW_DIR)")
         raise UserError(f"{model_dir} has config.json but no weight files (*.safetensors); download the weights too")
     return config
 
@@ -67,7 +73,7 @@ def load_model(model_dir: Path, trust_remote_code: bool = False, dtype: torch.dt
     config = read_config(model_dir)
     check_quantizable(config, model_dir, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto",
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto", use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load the model in {model_dir}: {exc}") from None

@@ -24,7 +24,7 @@ def load_torch_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype = 
     if config.get("quantization_config") is not None:
         raise UserError(f"{model_dir}/config.json: quantization {config['quantization_config'].get('quant_method')!r}"
                         f" is not supported by --engine torch; use --engine vllm")
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).to(device).eval()
 
 
 @torch.no_grad()
