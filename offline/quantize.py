@@ -13,6 +13,8 @@ from vllm_outliertune.offline import symmetrize
 from vllm_outliertune.offline.calibrate import InputStats, calibrate_layers
 from vllm_outliertune.offline.checkpoint import DEFAULT_SHARD_BYTES, check_output_dir, write_checkpoint
 from vllm_outliertune.offline.fold import fold_layer
+from vllm_outliertune.offline.report import PLOTTED_GROUPS, plotted_layers, range_record, write_report
+from vllm_outliertune.offline.search import SIMPLE, SearchGrid, output_error, search_plan
 from vllm_outliertune.offline.model_io import (
     DOWN_PROJ, GATE_UP, LAYER_LINEARS, O_PROJ, QKV, UserError, attention_groups, load_model, load_tokenizer)
 from vllm_outliertune.offline.symmetrize import ChannelPlan
@@ -42,24 +44,35 @@ class GroupInput:
 
     stats: InputStats
     weight: torch.Tensor  # [sum of N, K] float32, original (unfolded) weights of the linears sharing this input
+    share: Callable[[torch.Tensor], torch.Tensor]  # makes per-channel steps equal where folding needs it (GQA)
 
 
-PlanRule = Callable[[GroupInput, QuantizeOptions], ChannelPlan]
+PlanRule = Callable[[GroupInput, QuantizeOptions], tuple[ChannelPlan, dict]]  # (plan, what was chosen)
 
 
-def _outliertune(group: GroupInput, options: QuantizeOptions) -> ChannelPlan:
-    return symmetrize.per_channel(group.stats, options.a_bits, shift=True)
+def _outliertune(group: GroupInput, options: QuantizeOptions) -> tuple[ChannelPlan, dict]:
+    result = search_plan(group.stats, group.weight, options.w_bits, options.a_bits, share=group.share)
+    return result.plan, dict(result.choice, simple_rule_error=result.simple_error)
 
 
-def _per_tensor(group: GroupInput, options: QuantizeOptions) -> ChannelPlan:
-    return symmetrize.per_tensor(group.stats, options.a_bits)
+def _per_channel(group: GroupInput, options: QuantizeOptions) -> tuple[ChannelPlan, dict]:
+    return symmetrize.balanced(group.stats, group.weight, options.a_bits, **SIMPLE, share=group.share), dict(SIMPLE)
 
 
-def _smoothquant(group: GroupInput, options: QuantizeOptions) -> ChannelPlan:
-    return symmetrize.smoothquant(group.stats, group.weight.abs().amax(0), options.a_bits)
+def _per_tensor(group: GroupInput, options: QuantizeOptions) -> tuple[ChannelPlan, dict]:
+    return symmetrize.per_tensor(group.stats, options.a_bits), {}
 
 
-METHODS: dict[str, PlanRule] = {"outliertune": _outliertune, "per-tensor": _per_tensor, "smoothquant": _smoothquant}
+def _smoothquant(group: GroupInput, options: QuantizeOptions) -> tuple[ChannelPlan, dict]:
+    alpha = 0.5
+    plan = symmetrize.smoothquant(group.stats, group.weight.abs().amax(0), options.a_bits, alpha, share=group.share)
+    return plan, {"alpha": alpha}
+
+
+# outliertune: searched per layer (the default); per-channel: its simple rule without search (per-channel steps,
+# full range, integer shift); per-tensor and smoothquant: baselines with static per-tensor activation scales.
+METHODS: dict[str, PlanRule] = {"outliertune": _outliertune, "per-channel": _per_channel,
+                                "per-tensor": _per_tensor, "smoothquant": _smoothquant}
 
 
 def check_options(options: QuantizeOptions) -> None:
@@ -77,27 +90,46 @@ def check_options(options: QuantizeOptions) -> None:
 
 
 def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_config,
-               options: QuantizeOptions) -> dict[str, ChannelPlan]:
+               options: QuantizeOptions) -> tuple[dict[str, ChannelPlan], dict[str, dict]]:
+    """The plan of each input group of ``layer`` by ``options.method``, and per group what was chosen plus the
+    relative output error of its quantized linears on the calibration sample."""
     heads, kv_heads, head_dim = attention_groups(model_config)
     group_size = heads // kv_heads
     stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], group_size, head_dim))
     rule = METHODS[options.method]
-    plans = {}
+    plans, info = {}, {}
     for group, names in GROUP_LINEARS.items():
         weight = torch.cat([layer.get_submodule(name).weight.detach().float() for name in names])
-        plans[group] = rule(GroupInput(stats[group], weight), options)
-    plans["o"] = symmetrize.share_fold_within_groups(plans["o"], group_size, head_dim)
-    return plans
+        share = (lambda step: symmetrize.group_max(step, group_size, head_dim)) if group == "o" else (lambda s: s)
+        plans[group], info[group] = rule(GroupInput(stats[group], weight, share), options)
+        sample = stats[group].sample[:SearchGrid.tokens].to(weight.device)
+        info[group]["error"] = output_error(sample, weight, plans[group], options.w_bits, options.a_bits)
+    return plans, info
 
 
-def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions) -> dict[str, torch.Tensor]:
+@dataclasses.dataclass
+class QuantizeRecord:
+    """What the report shows: per layer the chosen parameters and errors, ranges of a few layers."""
+
+    layers: list[dict] = dataclasses.field(default_factory=list)
+    ranges: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+
+def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
+                    record: QuantizeRecord | None = None) -> dict[str, torch.Tensor]:
     """Quantize an in-memory HF model (modified in place: norms and rows folded) -> checkpoint tensors by name."""
     heads, kv_heads, head_dim = attention_groups(model.config)
     model_dtype = model.dtype
     tensors: dict[str, torch.Tensor] = {}
+    shown = plotted_layers(len(model.model.layers))
     for index, layer, stats in calibrate_layers(model, windows, options.device, options.batch_size, seed=options.seed,
                                                 progress=options.progress):
-        plans = plan_layer(layer, stats, model.config, options)
+        plans, info = plan_layer(layer, stats, model.config, options)
+        if record is not None:
+            record.layers.append({"groups": info})
+            if index in shown:
+                record.ranges.update({f"layer{index}_{group}": range_record(stats[group], plans[group])
+                                      for group in PLOTTED_GROUPS})
         folded = fold_layer(layer, plans, heads // kv_heads, head_dim)
         for name, linear in folded.items():
             prefix = f"model.layers.{index}.{name}"
@@ -116,7 +148,7 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions) -> d
 
 
 def quantize(model_dir: Path, out_dir: Path, calib_path: Path, options: QuantizeOptions = QuantizeOptions(),
-             overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+             overwrite: bool = False, trust_remote_code: bool = False, report_dir: Path | None = None) -> Path:
     """The whole `outliertune quantize` command. Nothing is written to ``out_dir`` unless everything succeeds."""
     check_options(options)
     check_output_dir(out_dir, model_dir, overwrite)
@@ -124,7 +156,14 @@ def quantize(model_dir: Path, out_dir: Path, calib_path: Path, options: Quantize
     tokenizer = load_tokenizer(model_dir)
     windows = token_windows(tokenizer, read_text(calib_path, "--calib"), options.seq_len, options.samples,
                             source=f"--calib {calib_path}")
-    tensors = quantize_loaded(model, windows, options)
+    record = QuantizeRecord()
+    tensors = quantize_loaded(model, windows, options, record)
     quant_config = QuantizationConfig(weight_bits=options.w_bits, activation_bits=options.a_bits,
                                       ignore=("lm_head",), method=options.method)
-    return write_checkpoint(out_dir, model_dir, hf_config, quant_config, tensors, options.max_shard_bytes)
+    out = write_checkpoint(out_dir, model_dir, hf_config, quant_config, tensors, options.max_shard_bytes)
+    if report_dir is not None:
+        summary = {"model": str(model_dir), "checkpoint": str(out), "calibration": f"{calib_path}: "
+                   f"{windows.shape[0]} windows x {windows.shape[1]} tokens", "method": options.method,
+                   "bits": f"W{options.w_bits}A{options.a_bits}"}
+        write_report(report_dir, summary, record.layers, record.ranges)
+    return out

@@ -12,6 +12,7 @@ Shifts are integers (in quantized units), which keeps exact zero representable: 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -41,15 +42,14 @@ class ChannelPlan:
         return (torch.round(x / step - shift).clamp(qmin, qmax) + shift) * step
 
 
-def share_fold_within_groups(plan: ChannelPlan, group_size: int, head_dim: int) -> ChannelPlan:
-    """o_proj's plan with one fold per v row: the largest fold of the q-heads sharing a kv head (dividing by more
-    only shrinks x / fold, so a stored per-tensor inv_scale still covers the range). Shifts come from shared stats
-    already."""
-    if group_size == 1:
-        return plan
-    grouped = plan.fold.view(-1, group_size, head_dim)
-    fold = grouped.amax(dim=1, keepdim=True).expand_as(grouped).reshape(plan.fold.shape).clone()
-    return dataclasses.replace(plan, fold=fold)
+def group_max(vector: torch.Tensor, group_size: int, head_dim: int) -> torch.Tensor:
+    """Each entry replaced by the largest of its position across the q-heads that share one kv head (GQA)."""
+    grouped = vector.view(-1, group_size, head_dim)
+    return grouped.amax(dim=1, keepdim=True).expand_as(grouped).reshape(vector.shape).clone()
+
+
+def _same(step: torch.Tensor) -> torch.Tensor:
+    return step
 
 
 def _floored(step: torch.Tensor) -> torch.Tensor:
@@ -81,6 +81,28 @@ def per_channel(stats: InputStats, bits: int, shift: bool = True, clip: float = 
     return ChannelPlan(step, None, None)
 
 
+def balanced(stats: InputStats, weight: torch.Tensor, bits: int, alpha: float, strength: float, clip: float,
+             shift: bool, share: Callable[[torch.Tensor], torch.Tensor] = _same) -> ChannelPlan:
+    """Per-channel steps balanced between activations and the folded weight columns:
+
+        s_j = max(floor_j, strength * m * rms(x_j)^alpha / |W_:,j|^(1-alpha))
+
+    floor_j is the step that fits the (clipped) channel range in the integer range (so ``strength`` 0 is
+    ``per_channel``); raising a channel's step above it shrinks its activation in integer units, which lowers the
+    error of the per-row weight quantization, at the cost of activation resolution. m = median of floor_j / g_j puts
+    ``strength`` on a scale comparable between layers. ``share`` makes steps equal where they must be (o_proj
+    under GQA: symmetrize.group_max); it can only raise a step, so nothing starts clipping."""
+    floor = per_channel(stats, bits, shift=shift, clip=clip).step
+    column = weight.detach().float().norm(dim=0).clamp(min=1e-8)
+    target = stats.rms.clamp(min=1e-8).pow(alpha) / column.pow(1 - alpha)
+    step = torch.maximum(floor, strength * float((floor / target).median()) * target)
+    step = share(_floored(step))
+    if not shift:
+        return ChannelPlan(step, None, None)
+    lo, hi = ranges(stats, clip)
+    return ChannelPlan(step, None, integer_shift(lo, hi, step))
+
+
 def per_tensor(stats: InputStats, bits: int) -> ChannelPlan:
     """Static per-tensor absmax, no shift: every entry of input_inv_scale is equal."""
     _, qmax = qrange(bits)
@@ -89,12 +111,13 @@ def per_tensor(stats: InputStats, bits: int) -> ChannelPlan:
     return ChannelPlan(torch.ones_like(stats.min), torch.full_like(stats.min, 1.0 / step), None)
 
 
-def smoothquant(stats: InputStats, weight_col_absmax: torch.Tensor, bits: int, alpha: float = 0.5) -> ChannelPlan:
+def smoothquant(stats: InputStats, weight_col_absmax: torch.Tensor, bits: int, alpha: float = 0.5,
+                share: Callable[[torch.Tensor], torch.Tensor] = _same) -> ChannelPlan:
     """SmoothQuant: migrate difficulty with m = a^alpha / w^(1-alpha) folded upstream, then static per-tensor absmax
     of x / m (no shift)."""
     act = torch.maximum(-stats.min, stats.max).clamp(min=1e-5)
     weight = weight_col_absmax.detach().float().clamp(min=1e-5)
-    migration = (act.pow(alpha) / weight.pow(1 - alpha)).clamp(min=1e-5)
+    migration = share((act.pow(alpha) / weight.pow(1 - alpha)).clamp(min=1e-5))
     _, qmax = qrange(bits)
     absmax = float((act / migration).max())
     step = absmax / qmax if absmax > 0 else 1.0

@@ -1,0 +1,74 @@
+"""Per-layer search of the activation plan (OutlierTune, in the spirit of OS+): for each group of linears sharing
+an input, try balanced plans over a grid of migration strength, exponent, clipping ratio and shift-or-not, and keep
+the one with the smallest output error of the quantized linears on the calibration token sample. The simple rule
+(per-channel steps, full range, integer shift) is one of the candidates, so the result is never worse than it on
+that sample."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Callable
+
+import torch
+
+from vllm_outliertune.format import qrange
+from vllm_outliertune.offline.calibrate import InputStats
+from vllm_outliertune.offline.symmetrize import ChannelPlan, balanced
+from vllm_outliertune.offline.weights import dequantize_weight, quantize_weight
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchGrid:
+    strengths: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
+    alphas: tuple[float, ...] = (0.5,)
+    clips: tuple[float, ...] = (1.0, 0.9, 0.75)
+    shifts: tuple[bool, ...] = (True, False)
+    tokens: int = 256  # calibration tokens the error is measured on (the search's cost is linear in it)
+
+
+SIMPLE = dict(alpha=0.5, strength=0.0, clip=1.0, shift=True)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    plan: ChannelPlan
+    choice: dict          # the chosen grid point
+    error: float          # relative output error of the chosen plan
+    simple_error: float   # ... and of the simple rule (strength 0, clip 1, shift)
+
+
+def output_error(sample: torch.Tensor, weight: torch.Tensor, plan: ChannelPlan, w_bits: int, a_bits: int,
+                 reference: torch.Tensor | None = None) -> float:
+    """||X W^T - dequant(q) dequant(W s)^T||^2 / ||X W^T||^2, with exactly the checkpoint's arithmetic."""
+    reference = sample @ weight.t() if reference is None else reference
+    step = plan.step.to(sample)
+    shift = torch.zeros_like(step) if plan.shift is None else plan.shift.to(sample)
+    qmin, qmax = qrange(a_bits)
+    q_plus_shift = torch.round(sample / step - shift).clamp_(qmin, qmax) + shift
+    w_q, w_scale = quantize_weight(weight * step, w_bits)
+    approx = q_plus_shift @ dequantize_weight(w_q, w_scale).t()
+    return float((approx - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30))
+
+
+def search_plan(stats: InputStats, weight: torch.Tensor, w_bits: int, a_bits: int, grid: SearchGrid = SearchGrid(),
+                share: Callable[[torch.Tensor], torch.Tensor] = lambda step: step) -> SearchResult:
+    weight = weight.detach().float()
+    sample = stats.sample[:grid.tokens].to(weight.device, torch.float32)
+    reference = sample @ weight.t()
+    best = None
+    simple_error = None
+    for alpha, strength, clip, shift in itertools.product(grid.alphas, grid.strengths, grid.clips, grid.shifts):
+        plan = balanced(stats, weight, a_bits, alpha=alpha, strength=strength, clip=clip, shift=shift, share=share)
+        error = output_error(sample, weight, plan, w_bits, a_bits, reference)
+        choice = dict(alpha=alpha, strength=strength, clip=clip, shift=shift)
+        if choice == SIMPLE:
+            simple_error = error
+        if best is None or error < best[0]:
+            best = (error, plan, choice)
+    if simple_error is None:
+        plan = balanced(stats, weight, a_bits, **SIMPLE, share=share)
+        simple_error = output_error(sample, weight, plan, w_bits, a_bits, reference)
+        if simple_error <= best[0]:
+            best = (simple_error, plan, dict(SIMPLE))
+    return SearchResult(best[1], best[2], best[0], simple_error)
