@@ -8,6 +8,8 @@ run on the outputs of the unquantized previous layer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -140,3 +142,42 @@ def calibrate_layers(model, windows: torch.Tensor, device: str | torch.device = 
                 hook.remove()
         yield index, layer, {short: acc.result() for short, acc in accumulators.items()}
         layers[index] = layer.to("cpu", dtype)
+
+
+def _fingerprint(model, windows: torch.Tensor, settings: tuple) -> str:
+    """Identifies a calibration: model config and weights (a checksum per tensor), token windows, settings."""
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    digest.update(windows.numpy().tobytes())
+    digest.update(repr(settings).encode())
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.state_dict().values()])
+    digest.update(sums.numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_calibrate_layers(model, windows: torch.Tensor, cache_dir: Path | None, device: str | torch.device = "cpu",
+                            batch_size: int = 8, sample_tokens: int = 2048, seed: int = 0, progress: bool = True,
+                            ) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
+    """calibrate_layers, with the statistics kept in ``cache_dir`` (safe torch.load, tensors only) so quantizing
+    the same model on the same text again (another method or bit width) skips the forward passes."""
+    if cache_dir is None:
+        yield from calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress)
+        return
+    path = Path(cache_dir) / f"calib-{_fingerprint(model, windows, (sample_tokens, seed))}.pt"
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        dtype = model.dtype
+        layers = decoder_layers(model)
+        for index in range(len(layers)):
+            layer = layers[index].to(device, torch.float32)
+            yield index, layer, {short: InputStats(**fields) for short, fields in cached[index].items()}
+            layers[index] = layer.to("cpu", dtype)
+        return
+    collected = []
+    for index, layer, stats in calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress):
+        collected.append({short: dataclasses.asdict(value) for short, value in stats.items()})
+        yield index, layer, stats
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(collected, tmp)
+    tmp.replace(path)

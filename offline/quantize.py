@@ -10,7 +10,7 @@ import torch
 
 from vllm_outliertune.format import SUPPORTED_BITS, QuantizationConfig, validate_linear
 from vllm_outliertune.offline import symmetrize
-from vllm_outliertune.offline.calibrate import InputStats, calibrate_layers
+from vllm_outliertune.offline.calibrate import InputStats, cached_calibrate_layers
 from vllm_outliertune.offline.checkpoint import DEFAULT_SHARD_BYTES, check_output_dir, write_checkpoint
 from vllm_outliertune.offline.fold import fold_layer
 from vllm_outliertune.offline.report import PLOTTED_GROUPS, plotted_layers, range_record, write_report
@@ -36,6 +36,7 @@ class QuantizeOptions:
     seed: int = 0
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     progress: bool = True
+    calib_cache: Path | None = None  # directory keeping calibration statistics for reuse
 
 
 @dataclasses.dataclass
@@ -122,8 +123,9 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
     model_dtype = model.dtype
     tensors: dict[str, torch.Tensor] = {}
     shown = plotted_layers(len(model.model.layers))
-    for index, layer, stats in calibrate_layers(model, windows, options.device, options.batch_size, seed=options.seed,
-                                                progress=options.progress):
+    for index, layer, stats in cached_calibrate_layers(model, windows, options.calib_cache, options.device,
+                                                       options.batch_size, SearchGrid.tokens, options.seed,
+                                                       options.progress):
         plans, info = plan_layer(layer, stats, model.config, options)
         if record is not None:
             record.layers.append({"groups": info})

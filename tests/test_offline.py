@@ -198,7 +198,7 @@ def test_ctrl_c_during_calibration(random_llama, tmp_path, calib_text, monkeypat
         raise KeyboardInterrupt
         yield  # a generator, like calibrate_layers
 
-    monkeypatch.setattr(quantize_mod, "calibrate_layers", interrupted)
+    monkeypatch.setattr(quantize_mod, "cached_calibrate_layers", interrupted)
     code = cli_main(["quantize", str(random_llama), str(tmp_path / "out"), "--calib", str(calib_text)])
     assert code == 130 and "interrupted" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -278,3 +278,15 @@ def test_cli_eval_torch_json(tiny_llama, calib_text, capsys):
     assert results["fp32"]["engine"] == "torch"
     # Quantization costs little on the trained tiny model (measured ratio about 1.00-1.01).
     assert 0.97 < results["w8a8"]["perplexity"] / results["fp32"]["perplexity"] < 1.05
+
+
+def test_calibration_cache_gives_the_same_checkpoint(random_llama, tmp_path, calib_text):
+    options = QuantizeOptions(calib_cache=tmp_path / "cache", **FAST)
+    first = quantize(random_llama, tmp_path / "a", calib_text, options)
+    assert len(list((tmp_path / "cache").glob("calib-*.pt"))) == 1
+    second = quantize(random_llama, tmp_path / "b", calib_text, options)
+    uncached = quantize(random_llama, tmp_path / "c", calib_text, QuantizeOptions(**FAST))
+    expected = load_file(str(uncached / "model.safetensors"))
+    for out in (first, second):
+        actual = load_file(str(out / "model.safetensors"))
+        assert actual.keys() == expected.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)

@@ -16,7 +16,8 @@ def _quantize(args: argparse.Namespace) -> None:
     from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
 
     options = QuantizeOptions(w_bits=args.w_bits, a_bits=args.a_bits, samples=args.samples, seq_len=args.seq_len,
-                              method=args.method, device=args.device, batch_size=args.batch_size, seed=args.seed)
+                              method=args.method, device=args.device, batch_size=args.batch_size, seed=args.seed,
+                              calib_cache=args.calib_cache and Path(args.calib_cache))
     out = quantize(Path(args.model_dir), Path(args.out_dir), Path(args.calib), options, overwrite=args.overwrite,
                    trust_remote_code=args.trust_remote_code, report_dir=args.report and Path(args.report))
     print(f"wrote {out} ({args.method}, W{args.w_bits}A{args.a_bits})" + (f"; report in {args.report}" if args.report else ""))
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where layers are calibrated")
     quant.add_argument("--batch-size", type=int, default=8, help="windows per calibration forward")
     quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--calib-cache", metavar="DIR", help="keep calibration statistics in DIR and reuse them "
+                       "when the same model and text are quantized again (another --method or bits)")
     quant.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     quant.add_argument("--report", metavar="DIR", help="write report.json, report.md and PNG plots into DIR")
     quant.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from MODEL_DIR")
