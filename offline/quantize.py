@@ -19,9 +19,10 @@ from vllm_outliertune.offline.model_io import (
     DOWN_PROJ, GATE_UP, LAYER_LINEARS, O_PROJ, QKV, UserError, attention_groups, load_model, load_tokenizer)
 from vllm_outliertune.offline.symmetrize import ChannelPlan
 from vllm_outliertune.offline.text import read_text, token_windows
-from vllm_outliertune.offline.weights import checkpoint_tensors
+from vllm_outliertune.offline.weights import best_row_clip, checkpoint_tensors
 
 GROUP_LINEARS = {"qkv": QKV, "o": (O_PROJ,), "gate_up": GATE_UP, "down": (DOWN_PROJ,)}
+GROUP_OF = {name: group for group, names in GROUP_LINEARS.items() for name in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,12 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
         for name, linear in folded.items():
             prefix = f"model.layers.{index}.{name}"
             out_features, in_features = linear.weight.shape
-            parts = checkpoint_tensors(linear, options.w_bits, model_dtype)
+            clip = 1.0
+            if options.method == "outliertune":  # weight clipping by measured error is part of the method
+                group = GROUP_OF[name]
+                power = (stats[group].rms.to(linear.weight) / plans[group].step.to(linear.weight)).pow(2)
+                clip = best_row_clip(linear.weight, options.w_bits, power)
+            parts = checkpoint_tensors(linear, options.w_bits, model_dtype, clip)
             validate_linear(prefix, parts, out_features, in_features,
                             QuantizationConfig(options.w_bits, options.a_bits), source="quantize")
             tensors.update({f"{prefix}.{suffix}": tensor for suffix, tensor in parts.items()})

@@ -8,9 +8,10 @@ from vllm_outliertune.format import weight_qmax
 from vllm_outliertune.offline.fold import FoldedLinear
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (int8 [N, K] in ±weight_qmax(bits), float32 scale [N]); ``clip`` < 1 shrinks each row's
-    range (values beyond it saturate). All-zero rows get scale 1."""
+def quantize_weight(weight: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (int8 [N, K] in ±weight_qmax(bits), float32 scale [N]); ``clip`` (a number or one per row)
+    < 1 shrinks a row's range (values beyond it saturate). All-zero rows get scale 1."""
     qmax = weight_qmax(bits)
     absmax = weight.float().abs().amax(dim=1) * clip
     scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
@@ -18,12 +19,33 @@ def quantize_weight(weight: torch.Tensor, bits: int, clip: float = 1.0) -> tuple
     return q, scale
 
 
+ROW_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def best_row_clip(weight: torch.Tensor, bits: int, input_power: torch.Tensor,
+                  candidates: tuple[float, ...] = ROW_CLIPS) -> torch.Tensor:
+    """Per output row, the clip ratio that minimises that row's output error from weight rounding,
+    sum_k (W - dequant(quant(W)))_nk^2 * E[x_k^2] (``input_power``: the mean square of each input channel as the
+    GEMM sees it), over ``candidates``. Returns [N] float32."""
+    weight = weight.float()
+    best_error = best_clip = None
+    for clip in candidates:
+        q, scale = quantize_weight(weight, bits, clip)
+        error = (weight - dequantize_weight(q, scale)).pow(2) @ input_power.to(weight)
+        if best_error is None:
+            best_error, best_clip = error, torch.full_like(error, clip)
+        else:
+            better = error < best_error
+            best_error, best_clip = torch.where(better, error, best_error), torch.where(better, clip, best_clip)
+    return best_clip
+
+
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
-def checkpoint_tensors(folded: FoldedLinear, bits: int, model_dtype: torch.dtype, clip: float = 1.0,
-                       ) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(folded: FoldedLinear, bits: int, model_dtype: torch.dtype,
+                       clip: float | torch.Tensor = 1.0) -> dict[str, torch.Tensor]:
     """{suffix: tensor} of format v1 for one linear (CPU). output_bias uses the *quantized* weight, so the shift
     correction matches what the integer GEMM computes."""
     q, scale = quantize_weight(folded.weight, bits, clip)
