@@ -81,19 +81,26 @@ def _make8b(workdir: Path) -> None:
     def rand(*shape):
         return (0.02 * torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)).cpu()
 
+    weight_map = {}
+
+    def save_shard(tensors, name):
+        save_file(tensors, bf16_dir / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+
     started = time.time()
-    save_file({"model.embed_tokens.weight": rand(LLAMA3_8B["vocab_size"], h), "model.norm.weight":
+    save_shard({"model.embed_tokens.weight": rand(LLAMA3_8B["vocab_size"], h), "model.norm.weight":
                torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rand(LLAMA3_8B["vocab_size"], h)},
-              bf16_dir / "model-embed.safetensors")
+               "model-embed.safetensors")
     for i in range(LLAMA3_8B["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        save_file({p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+        save_shard({p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
                    p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
                    p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
                    p + "mlp.down_proj.weight": rand(h, inter),
                    p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
                    p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)},
-                  bf16_dir / f"model-layer{i:02d}.safetensors")
+                   f"model-layer{i:02d}.safetensors")
+    (bf16_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     print(f"random bf16 checkpoint written in {time.time() - started:.0f} s")
     calib = tiny_models.write_tiny_text(workdir / "calib.txt", repeat=8)
     started = time.time()
@@ -135,12 +142,13 @@ def _row(model_dir: str, label: str, quantization: str | None, dummy: bool) -> N
     print("ROW " + json.dumps(row), flush=True)
 
 
-def _table(workdir: Path) -> None:
-    rows = [("bf16", str(workdir / "llama3-8b-bf16"), None, True),
-            ("outliertune W8A8", str(workdir / "llama3-8b-w8a8"), None, False),
-            ("vLLM fp8 (dynamic)", str(workdir / "llama3-8b-bf16"), "fp8", True)]
-    results = []
-    for label, model_dir, quantization, dummy in rows:
+def _table(workdir: Path, only: str = "bf16,w8a8,fp8") -> None:
+    rows = {"bf16": ("bf16", str(workdir / "llama3-8b-bf16"), None, True),
+            "w8a8": ("outliertune W8A8", str(workdir / "llama3-8b-w8a8"), None, False),
+            "fp8": ("vLLM fp8 (dynamic)", str(workdir / "llama3-8b-bf16"), "fp8", True)}
+    results = [json.loads(line) for line in (workdir / "rows.jsonl").read_text().splitlines()] \
+        if (workdir / "rows.jsonl").exists() else []
+    for label, model_dir, quantization, dummy in (rows[key] for key in only.split(",")):
         command = [sys.executable, __file__, "row", model_dir, "--label", label] + (
             ["--quantization", quantization] if quantization else []) + (["--dummy"] if dummy else [])
         started = time.time()
@@ -158,6 +166,8 @@ def _table(workdir: Path) -> None:
         row["KV tokens"] = kv_tokens.group(1) if kv_tokens else None
         row["wall s"] = round(time.time() - started)
         results.append(row)
+        with (workdir / "rows.jsonl").open("a") as file:  # rows of earlier calls join the table
+            file.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     if not results:
         return
@@ -179,13 +189,17 @@ def main() -> None:
     parser.add_argument("--label", default="")
     parser.add_argument("--quantization")
     parser.add_argument("--dummy", action="store_true")
+    parser.add_argument("--rows", default="bf16,w8a8,fp8", help="table: which rows to run now")
     args = parser.parse_args()
     if args.step == "row":
         _row(args.path, args.label, args.quantization, args.dummy)
         return
     workdir = Path(args.path)
     workdir.mkdir(parents=True, exist_ok=True)
-    {"tiny": _tiny, "make8b": _make8b, "table": _table}[args.step](workdir)
+    if args.step == "table":
+        _table(workdir, args.rows)
+    else:
+        {"tiny": _tiny, "make8b": _make8b}[args.step](workdir)
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes that re-import this file

@@ -93,7 +93,8 @@ def balanced(stats: InputStats, weight: torch.Tensor, bits: int, alpha: float, s
     ``strength`` on a scale comparable between layers. ``share`` makes steps equal where they must be (o_proj
     under GQA: symmetrize.group_max); it can only raise a step, so nothing starts clipping."""
     floor = per_channel(stats, bits, shift=shift, clip=clip).step
-    column = weight.detach().float().norm(dim=0).clamp(min=1e-8)
+    # Plans live where the statistics are (the CPU); the weight may be on the calibration device.
+    column = weight.detach().float().norm(dim=0).clamp(min=1e-8).to(floor.device)
     target = stats.rms.clamp(min=1e-8).pow(alpha) / column.pow(1 - alpha)
     step = torch.maximum(floor, strength * float((floor / target).median()) * target)
     step = share(_floored(step))
@@ -116,7 +117,7 @@ def smoothquant(stats: InputStats, weight_col_absmax: torch.Tensor, bits: int, a
     """SmoothQuant: migrate difficulty with m = a^alpha / w^(1-alpha) folded upstream, then static per-tensor absmax
     of x / m (no shift)."""
     act = torch.maximum(-stats.min, stats.max).clamp(min=1e-5)
-    weight = weight_col_absmax.detach().float().clamp(min=1e-5)
+    weight = weight_col_absmax.detach().float().clamp(min=1e-5).to(stats.max.device)
     migration = share((act.pow(alpha) / weight.pow(1 - alpha)).clamp(min=1e-5))
     _, qmax = qrange(bits)
     absmax = float((act / migration).max())
