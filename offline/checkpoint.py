@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from vllm_outliertune.format import QuantizationConfig
@@ -25,8 +26,14 @@ DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def check_output_dir(out_dir: Path, model_dir: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an OUT_DIR that would destroy the source or existing data."""
+class WriteError(UserError, OSError):
+    """Writing OUT_DIR failed (disk full, permissions); the message says what was kept. Still an OSError for
+    callers that handle I/O errors."""
+
+
+def check_output_dir(out_dir: Path, model_dir: Path, overwrite: bool, make_parents: bool = False) -> None:
+    """Refuse, before any work, an OUT_DIR that would destroy the source or existing data. With ``make_parents``
+    missing parent directories are created (mkdir -p), otherwise they must exist."""
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise UserError(f"OUT_DIR {out_dir} is the model directory; choose a different output directory")
@@ -38,6 +45,11 @@ def check_output_dir(out_dir: Path, model_dir: Path, overwrite: bool) -> None:
         if any(out_dir.iterdir()) and not overwrite:
             raise UserError(f"OUT_DIR {out_dir} already exists and is not empty; pass --overwrite to replace it, or "
                             f"choose another directory")
+    if make_parents:
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the parent directory of {out_dir} ({exc}); choose another path") from None
     if not out_dir.parent.exists():
         raise UserError(f"the parent directory of OUT_DIR {out_dir} does not exist; create it first")
 
@@ -76,24 +88,46 @@ def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], max_shar
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out_dir``; on success it replaces ``out_dir`` (the old one is
-    removed only after the new one is in place), on any exception it is deleted."""
+    removed only after the new one is in place), on any exception it is deleted and ``out_dir`` is as before. A
+    failed write (disk full, permissions) becomes a UserError naming ``out_dir``."""
     out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
+    existed = out_dir.exists()
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
         yield tmp
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "previous")
+        _swap_in(tmp, out_dir)
+    except (OSError, SafetensorError) as exc:
+        kept = "its previous content is unchanged" if existed else "nothing was written"
+        raise WriteError(f"could not write {out_dir} ({exc}); {kept}. Free disk space or fix permissions, then "
+                         f"run again") from exc
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``. An existing ``out_dir`` is first moved aside, and moved back if the rename
+    fails; it is deleted only once the new directory is in place."""
+    if not out_dir.exists():
         os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    try:
+        os.replace(out_dir, old / "previous")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        old.rmdir()
         raise
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old / "previous", out_dir)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_checkpoint(out_dir: Path, model_dir: Path, hf_config: dict, quant_config: QuantizationConfig,
