@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests import tiny_models
 from tests.tiny_models import train_tiny_model

@@ -6,25 +6,18 @@ same greedy text for the same prompt all through. CPU, 127.0.0.1 only, bounded i
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
+from tests.servers import healthy, openai_server
+
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
-requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.vllm
 
-HOST = "127.0.0.1"
-START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 120
 BURST_TIMEOUT_S = 240
 MAX_TOKENS = 8
@@ -33,50 +26,6 @@ PROMPTS = ["The old lighthouse keeper", "In the town the market", "Science begin
 QUESTIONS = ["Where is the lighthouse?", "What did the farmers bring?", "Why is the sky blue?"]
 ROUNDS = 11  # each round: every prompt as completion and streamed completion, every question as chat and stream
 INVALID_KINDS = ("negative_max_tokens", "unknown_model", "chat_negative_max_tokens", "prompt_too_long")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def openai_server(checkpoint: Path, log_path: Path):
-    """`python -m vllm.entrypoints.openai.api_server` on ``checkpoint`` at 127.0.0.1; yields its base URL once
-    /health answers; terminated on exit."""
-    port = _free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
-               "--quantization", "outliertune", "--host", HOST, "--port", str(port), "--enforce-eager",
-               "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.2",
-               "--no-enable-prefix-caching", "--seed", "0"]
-    with log_path.open("w") as log:  # a file, not a pipe: an unread pipe fills up and stalls the server
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "auto"})
-        base = f"http://{HOST}:{port}"
-        try:
-            started = time.monotonic()
-            while not _healthy(base):
-                assert server.poll() is None, \
-                    f"server exited with {server.returncode}:\n{log_path.read_text()[-4000:]}"
-                assert time.monotonic() - started < START_TIMEOUT_S, f"server not healthy after {START_TIMEOUT_S} s"
-                time.sleep(1)
-            print(f"\nserver healthy after {time.monotonic() - started:.0f} s")
-            yield base, server
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-
-
-def _healthy(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/health", timeout=2).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 # ---------------------------------------------------------------- one request of each kind
@@ -217,7 +166,7 @@ def test_server_under_concurrent_load(tiny_llama, tmp_path):
               f"max {max(latencies):.2f} s")
 
         # Still healthy and still answering the same greedy text after the burst.
-        assert server.poll() is None and _healthy(base)
+        assert server.poll() is None and healthy(base)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
         after = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0,
                                           extra_body={"ignore_eos": True})

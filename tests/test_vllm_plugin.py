@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from tests.conftest import VLLM_TEST_ENGINE
+from tests.servers import openai_server
 from tests.tiny_models import TINY_TEXT
 
 vllm = pytest.importorskip("vllm")
@@ -157,44 +154,17 @@ def test_tensor_parallel_matches_single(tiny_llama, engines, monkeypatch):
     assert diff <= LOGPROB_TOLERANCE
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_openai_server(tiny_llama, engines, tmp_path):
     """`python -m vllm.entrypoints.openai.api_server --quantization outliertune` answers completions and chat."""
     import openai
-    import requests
+    from vllm import SamplingParams
 
     checkpoint = str(tiny_llama["w8a8"])
-    port = _free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
-               "--quantization", "outliertune", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-               "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.2",
-               "--no-enable-prefix-caching"]
-    log_path = tmp_path / "server.log"
-    log = log_path.open("w")  # a file, not a pipe: an unread pipe fills up and stalls the server
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "auto"})
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, f"server exited with {server.returncode}:\n{log_path.read_text()[-4000:]}"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "server not healthy after 300 s"
-            time.sleep(1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    with openai_server(tiny_llama["w8a8"], tmp_path / "server.log") as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         completion = client.completions.create(model=checkpoint, prompt=PROMPTS[0], max_tokens=GREEDY_TOKENS,
                                                temperature=0.0)
         # The server runs the same checkpoint: its greedy text equals the offline engine's.
-        from vllm import SamplingParams
-
         offline = engines(tiny_llama["w8a8"]).generate(
             [PROMPTS[0]], SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0), use_tqdm=False)
         assert completion.choices[0].text == offline[0].outputs[0].text
@@ -204,13 +174,6 @@ def test_openai_server(tiny_llama, engines, tmp_path):
         assert chat.choices[0].message.role == "assistant"
         assert chat.choices[0].message.content
         assert chat.usage.completion_tokens > 0
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def test_damaged_checkpoint_fails_before_engine_start(tiny_llama, tmp_path):
