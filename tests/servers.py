@@ -30,7 +30,7 @@ def openai_server(checkpoint: Path, log_path: Path):
     port = _free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
                "--quantization", "outliertune", "--host", HOST, "--port", str(port), "--enforce-eager",
-               "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.2",
+               "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.05",
                "--no-enable-prefix-caching", "--seed", "0"]
     with log_path.open("w") as log:  # a file, not a pipe: an unread pipe fills up and stalls the server
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
