@@ -71,6 +71,7 @@ def _capture_layer0_inputs(model, windows: torch.Tensor, batch_size: int, device
     """Hidden states entering decoder layer 0 (CPU, float32) and the keyword arguments each batch gave it."""
     layers = decoder_layers(model)
     first = layers[0]
+    dtype = model.dtype  # read before embed_tokens (the first parameter, which model.dtype reports) changes dtype
     hidden, kwargs_per_batch = [], []
 
     class Catcher(torch.nn.Module):
@@ -94,7 +95,7 @@ def _capture_layer0_inputs(model, windows: torch.Tensor, batch_size: int, device
                 pass
     finally:
         layers[0] = first
-        model.model.embed_tokens.to("cpu", model.dtype)
+        model.model.embed_tokens.to("cpu", dtype)
         model.model.rotary_emb.to("cpu")
     return hidden, kwargs_per_batch
 

@@ -92,7 +92,8 @@ def test_reference_w8a8_sqnr(arch, request):
 
 @pytest.fixture(scope="module")
 def random_llama(tmp_path_factory) -> Path:
-    return tiny_models.save_tiny_model(tmp_path_factory.mktemp("random") / "llama", "llama")
+    """fp16 on disk, like real checkpoints (calibration itself runs in fp32)."""
+    return tiny_models.save_tiny_model(tmp_path_factory.mktemp("random") / "llama", "llama", dtype=torch.float16)
 
 
 @pytest.mark.parametrize("method", ["outliertune", "per-tensor", "smoothquant"])
@@ -106,6 +107,7 @@ def test_checkpoint_contract(random_llama, tmp_path, calib_text, method):
     assert quant.is_ignored("lm_head")
     tensors = load_checkpoint_tensors(out)
     assert "lm_head.weight" not in tensors  # tied embeddings stay tied
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float16  # unquantized tensors keep the model dtype
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
     shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
