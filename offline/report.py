@@ -79,7 +79,7 @@ def write_report(report_dir: Path, summary: dict, layers: list[dict], ranges: di
     for name, record in ranges.items():
         _plot_ranges(report_dir / f"ranges_{name}.png", name, record)
     groups = list(layers[0]["groups"])
-    lines = [f"# OutlierTune quantization report", "",
+    lines = ["# OutlierTune quantization report", "",
              *(f"- {key}: {value}" for key, value in summary.items()), "",
              "Relative output error of each input group's quantized linears on the calibration sample "
              "(chosen plan; simple per-channel rule in brackets where the search ran).", "",
