@@ -5,15 +5,16 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
+export VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}  # vLLM logs to stdout; keep the demo readable
 DATA=${OUTLIERTUNE_DEMO_DIR:-$HOME/.cache/vllm-outliertune/demo}
 mkdir -p "$DATA"
 [ -f "$DATA/smollm2/config.json" ] || outliertune fetch smollm2 "$DATA/smollm2"
 [ -f "$DATA/brown/test.txt" ] || outliertune fetch brown "$DATA/brown"
 [ -f "$DATA/smollm2-w8a8/config.json" ] || \
   outliertune quantize "$DATA/smollm2" "$DATA/smollm2-w8a8" --calib "$DATA/brown/calib.txt" --w-bits 8 --a-bits 8
-python examples/generate.py "$DATA/smollm2-w8a8" 2>/dev/null
-fp16=$(outliertune eval "$DATA/smollm2" --text "$DATA/brown/test.txt" --engine vllm --json 2>/dev/null | tail -n 1)
-w8a8=$(outliertune eval "$DATA/smollm2-w8a8" --text "$DATA/brown/test.txt" --engine vllm --json 2>/dev/null | tail -n 1)
+python examples/generate.py "$DATA/smollm2-w8a8"
+fp16=$(outliertune eval "$DATA/smollm2" --text "$DATA/brown/test.txt" --engine vllm --json | tail -n 1)
+w8a8=$(outliertune eval "$DATA/smollm2-w8a8" --text "$DATA/brown/test.txt" --engine vllm --json | tail -n 1)
 python - "$fp16" "$w8a8" <<'PY'
 import json, sys
 fp16, w8a8 = (json.loads(arg) for arg in sys.argv[1:])
