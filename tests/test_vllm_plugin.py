@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import VLLM_TEST_ENGINE
 from tests.servers import openai_server
+from vllm_outliertune.evaluate import window_logprobs
 from tests.tiny_models import TINY_TEXT
 
 vllm = pytest.importorskip("vllm")
@@ -44,13 +45,7 @@ def _vllm_greedy(llm, token_prompts):
 
 
 def _vllm_prompt_logprobs(llm, windows):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
-    return [torch.tensor([entry[token].logprob for token, entry in zip(window[1:], output.prompt_logprobs[1:])])
-            for window, output in zip(windows, outputs)]
+    return [torch.tensor(logprobs) for logprobs in window_logprobs(llm, windows)]
 
 
 @torch.no_grad()

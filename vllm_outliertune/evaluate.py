@@ -21,27 +21,24 @@ def vllm_window_nll(model_dir: str, windows: Sequence[Sequence[int]], **engine_k
         engine_kwargs.setdefault("enforce_eager", True)
     engine_kwargs.setdefault("max_model_len", longest + 1)
     engine_kwargs.setdefault("enable_prefix_caching", False)  # every prompt logprob must be computed, not cached
-    llm = LLM(model=model_dir, **engine_kwargs)
-    try:
-        return window_nll_from_llm(llm, windows)
-    finally:
-        del llm
+    logprobs = window_logprobs(LLM(model=model_dir, **engine_kwargs), windows)
+    return -sum(sum(window) for window in logprobs), sum(len(window) for window in logprobs)
 
 
-def window_nll_from_llm(llm, windows: Sequence[Sequence[int]]) -> tuple[float, int]:
-    """As vllm_window_nll, on an engine the caller owns (tests share one)."""
+def window_logprobs(llm, windows: Sequence[Sequence[int]]) -> list[list[float]]:
+    """log p(token | previous tokens of its window) for every window position but the first, from vLLM prompt
+    logprobs on an engine the caller owns (the tests compare these per token with our torch reference)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=list(window)) for window in windows], params,
                            use_tqdm=False)
-    nll, count = 0.0, 0
+    results = []
     for window, output in zip(windows, outputs):
-        for token, candidates in zip(window[1:], output.prompt_logprobs[1:]):
-            logprob = candidates[token].logprob
-            if not math.isfinite(logprob):
-                raise FloatingPointError(f"vLLM returned a non-finite prompt logprob ({logprob}) for token {token}")
-            nll -= logprob
-            count += 1
-    return nll, count
+        logprobs = [candidates[token].logprob for token, candidates in zip(window[1:], output.prompt_logprobs[1:])]
+        bad = [value for value in logprobs if not math.isfinite(value)]
+        if bad:
+            raise FloatingPointError(f"vLLM returned a non-finite prompt logprob ({bad[0]})")
+        results.append(logprobs)
+    return results
