@@ -11,6 +11,22 @@ from tqdm.auto import tqdm
 
 from vllm_outliertune.offline.model_io import UserError, is_outliertune_checkpoint, read_config
 
+# dtypes both engines accept (`outliertune eval --dtype`); "auto" is the checkpoint's own.
+EVAL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def eval_dtype(config: dict, requested: str, model_dir: Path) -> str:
+    """The dtype name both engines run in: ``requested``, or for "auto" the one config.json names (dtype, or
+    torch_dtype in older files; float32 when it names none, as transformers assumes). Resolved here rather than by
+    each engine because vLLM's own "auto" turns a float32 model into bfloat16 on the CPU."""
+    if requested != "auto":
+        return requested
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if not isinstance(name, str) or name not in EVAL_DTYPES:
+        raise UserError(f"{model_dir}/config.json names dtype {name!r}, which eval does not run; pass --dtype "
+                        f"with one of {', '.join(EVAL_DTYPES)}")
+    return name
+
 
 def load_torch_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Our reference model for an OutlierTune checkpoint, else the Hugging Face model, in ``dtype``."""

@@ -32,28 +32,29 @@ def _fetch(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from vllm_outliertune.offline.model_io import load_tokenizer, read_config
-    from vllm_outliertune.offline.perplexity import perplexity
+    from vllm_outliertune.offline.perplexity import EVAL_DTYPES, eval_dtype, perplexity
     from vllm_outliertune.offline.text import read_text, token_windows
 
     model_dir = Path(args.model_dir)
-    read_config(model_dir)
+    dtype = eval_dtype(read_config(model_dir), args.dtype, model_dir)
     windows = token_windows(load_tokenizer(model_dir), read_text(Path(args.text)), args.seq_len, args.max_windows,
                             source=f"--text {args.text}")
     if args.engine == "vllm":
         from vllm_outliertune.evaluate import vllm_window_nll
 
-        nll, tokens = vllm_window_nll(str(model_dir), windows.tolist())
+        nll, tokens = vllm_window_nll(str(model_dir), windows.tolist(), dtype=dtype)
     else:
         from vllm_outliertune.offline.perplexity import load_torch_model, torch_window_nll
 
-        model = load_torch_model(model_dir, device=args.device)
+        model = load_torch_model(model_dir, device=args.device, dtype=EVAL_DTYPES[dtype])
         nll, tokens = torch_window_nll(model, windows, args.batch_size, progress=not args.json)
-    result = {"perplexity": perplexity(nll, tokens), "tokens": tokens, "engine": args.engine}
+    result = {"perplexity": perplexity(nll, tokens), "tokens": tokens, "engine": args.engine, "dtype": dtype}
     print(json.dumps(result) if args.json else
-          f"perplexity {result['perplexity']:.4f} over {tokens} tokens ({args.engine} engine)")
+          f"perplexity {result['perplexity']:.4f} over {tokens} tokens ({args.engine} engine, {dtype})")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_outliertune.offline.perplexity import EVAL_DTYPES
     from vllm_outliertune.offline.quantize import METHODS
 
     parser = argparse.ArgumentParser(prog="outliertune", description=__doc__)
@@ -90,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--engine", choices=("vllm", "torch"), default="vllm")
     ev.add_argument("--seq-len", type=int, default=512)
     ev.add_argument("--max-windows", type=int, default=DEFAULT_EVAL_WINDOWS)
+    ev.add_argument("--dtype", choices=("auto", *EVAL_DTYPES), default="auto",
+                    help="dtype of both engines; auto: the one config.json names (default)")
     ev.add_argument("--device", default="cpu", help="torch engine only")
     ev.add_argument("--batch-size", type=int, default=4, help="torch engine only")
-    ev.add_argument("--json", action="store_true", help='print {"perplexity", "tokens", "engine"} as JSON')
+    ev.add_argument("--json", action="store_true", help='print {"perplexity", "tokens", "engine", "dtype"} as JSON')
     ev.set_defaults(run=_eval)
     return parser
 
