@@ -80,11 +80,13 @@ def load_model(model_dir: Path, trust_remote_code: bool = False, dtype: torch.dt
     return model.eval(), config
 
 
-def load_tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    """The tokenizer of ``model_dir``; its custom code (tokenizer_config.json auto_map) runs only when trusted,
+    otherwise transformers falls back to the built-in class the files name."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load a tokenizer from {model_dir} ({exc}); the model directory needs its "
                         f"tokenizer files (tokenizer.json / tokenizer_config.json)") from None

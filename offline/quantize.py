@@ -161,7 +161,7 @@ def quantize(model_dir: Path, out_dir: Path, calib_path: Path, options: Quantize
     check_options(options)
     check_output_dir(out_dir, model_dir, overwrite)
     model, hf_config = load_model(Path(model_dir), trust_remote_code)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
     windows = token_windows(tokenizer, read_text(calib_path, "--calib"), options.seq_len, options.samples,
                             source=f"--calib {calib_path}")
     record = QuantizeRecord()

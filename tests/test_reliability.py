@@ -177,6 +177,31 @@ def test_remote_code_is_not_run_without_flag(tmp_path, model_dir, calib, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def _with_custom_tokenizer(source: Path, target: Path, marker: Path) -> Path:
+    """A copy of ``source`` whose tokenizer_config.json names a custom tokenizer class (auto_map); importing its
+    code writes ``marker``."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizerFast"]}
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    (target / "tokenization_custom.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class CustomTokenizerFast(PreTrainedTokenizerFast):\n    pass\n")
+    return target
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_trust_remote_code_reaches_the_tokenizer(tmp_path, model_dir, calib, capsys, trusted):
+    """--trust-remote-code applies to the tokenizer as well as the model: its custom class is loaded with the flag
+    and never run without it (transformers then falls back to the built-in class the files name)."""
+    marker = tmp_path / "tokenizer-code-ran"
+    source = _with_custom_tokenizer(model_dir, tmp_path / "custom-tokenizer", marker)
+    code, err = quantize_cli(capsys, source, tmp_path / "out", calib, *(["--trust-remote-code"] if trusted else []))
+    assert code == 0, err
+    assert marker.exists() == trusted
+
+
 @pytest.mark.parametrize("method", ["outliertune", "gptq"])
 def test_already_quantized_model(tmp_path, quantized_dir, calib, capsys, method):
     """Feeding a checkpoint back in (ours, or another method's) is refused with the method named."""
