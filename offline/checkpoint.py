@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -24,6 +27,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
 INDEX_FILE = "model.safetensors.index.json"
+
+log = logging.getLogger(__name__)
 
 
 class WriteError(UserError, OSError):
@@ -85,16 +90,57 @@ def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor], max_shar
     return names
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+
+
+def temp_dir_prefix(out_dir: Path, pid: int | None = None) -> str:
+    """Name prefix of the writer's temporary directory beside ``out_dir``: host and pid of the writing process, so
+    that a later run can tell a dead writer's leftovers (kill -9, power loss) from a running writer's."""
+    return f".{Path(out_dir).name}.tmp-{_host()}-{os.getpid() if pid is None else pid}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> None:
+    """Delete the temporary directories beside ``out_dir`` whose writer died without cleaning up: only those made
+    on this host (pids of other hosts or containers mean nothing here) by a process that no longer exists."""
+    out_dir = Path(out_dir)
+    pattern = re.compile(re.escape(f".{out_dir.name}.tmp-{_host()}-") + r"(?P<pid>\d{1,9})-[a-z0-9_]+")
+    for path in out_dir.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if not match or path.is_symlink() or not path.is_dir() or _process_alive(int(match["pid"])):
+            continue
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            log.warning("could not remove %s, left by an interrupted write of %s (%s); delete it by hand", path,
+                        out_dir, exc)
+            continue
+        log.warning("removed %s, left by an interrupted write of %s (process %s no longer exists)", path, out_dir,
+                    match["pid"])
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out_dir``; on success it replaces ``out_dir`` (the old one is
     removed only after the new one is in place), on any exception it is deleted and ``out_dir`` is as before. A
-    failed write (disk full, permissions) becomes a UserError naming ``out_dir``."""
+    failed write (disk full, permissions) becomes a UserError naming ``out_dir``. Temporary directories of earlier
+    writers that were killed (nothing could delete them then) are removed first."""
     out_dir = Path(out_dir)
     existed = out_dir.exists()
     tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        remove_stale_temp_dirs(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_dir_prefix(out_dir), dir=out_dir.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory

@@ -453,6 +453,46 @@ def test_real_write_limit_in_subprocess(tmp_path, model_dir, calib, previous_out
     assert_no_leftovers(tmp_path, {"out"})
 
 
+def _killed_writer(out: Path) -> Path:
+    """Run a writer of ``out`` in a subprocess that is killed with SIGKILL half-way through writing; returns the
+    temporary directory it leaves behind."""
+    script = (
+        "import os, signal\n"
+        "from pathlib import Path\n"
+        "from vllm_outliertune.offline.checkpoint import atomic_directory\n"
+        f"with atomic_directory(Path({str(out)!r})) as tmp:\n"
+        "    (tmp / 'model.safetensors').write_bytes(b'partial shard')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == -9, result.stderr[-3000:]
+    (leftover,) = [path for path in out.parent.iterdir() if path.name.startswith(f".{out.name}.tmp-")]
+    return leftover
+
+
+def test_temp_dir_of_killed_writer_is_removed(tmp_path, model_dir, calib, capsys, caplog):
+    """kill -9 during a write leaves its temporary directory; the next quantize into the same OUT_DIR removes it
+    and says so in one line. Temporary directories it cannot prove dead (a live process, another host, the old
+    naming without a pid) are kept."""
+    out = tmp_path / "out"
+    stale = _killed_writer(out)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        kept = [tmp_path / f"{checkpoint_mod.temp_dir_prefix(out, pid=sleeper.pid)}live0001",
+                tmp_path / f".out.tmp-otherhost-{sleeper.pid + 1}-host0001", tmp_path / ".out.tmp-legacy01"]
+        for path in kept:
+            path.mkdir()
+        with caplog.at_level("WARNING", logger=checkpoint_mod.__name__):
+            code, err = quantize_cli(capsys, model_dir, out, calib)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert code == 0, err
+    assert_no_leftovers(tmp_path, {"out", *(path.name for path in kept)})
+    (message,) = [record.getMessage() for record in caplog.records if record.name == checkpoint_mod.__name__]
+    assert message.startswith(f"removed {stale}, left by an interrupted write of {out}"), message
+
+
 def test_ctrl_c_while_writing_keeps_previous(tmp_path, model_dir, calib, capsys, monkeypatch, previous_out):
     real_save = checkpoint_mod.save_file
 
