@@ -3,7 +3,7 @@ vllm_outliertune.kernels.tune`.
 
 Layout (gemlite / vLLM style): {"devices": {DEVICE: {KERNEL: {SHAPE: {M_BUCKET: CONFIG}}}}} where
 - DEVICE is torch.cuda.get_device_name() (e.g. "NVIDIA H100 80GB HBM3"), else "sm{major}{minor}", else "default";
-- KERNEL is "int8_gemm" or "fused_quant_gemm";
+- KERNEL is "int8_gemm" or "splitk_gemm";
 - SHAPE is "N=<n>,K=<k>" for tuned shapes, else "default";
 - M_BUCKET is a power of two as a string; a call with M rows uses the smallest bucket >= M (else the largest);
 - CONFIG holds the block sizes and launch options, e.g. {"BLOCK_M": 128, ..., "num_warps": 8, "num_stages": 4}.
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 TABLE_PATH = Path(__file__).with_name("tile_configs.json")
-KERNELS = ("int8_gemm", "fused_quant_gemm")
+KERNELS = ("int8_gemm", "splitk_gemm")
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +64,7 @@ def _per_m(kernel: str, keys: tuple[str, ...], n: int, k: int) -> dict[str, Any]
         per_shape = devices.get(key, {}).get(kernel)
         if not per_shape:
             continue
-        # A tuned shape may list no buckets at all (e.g. the fused kernel never wins there): that is an answer.
+        # A tuned shape may list no buckets at all (e.g. the split-K kernel never wins there): that is an answer.
         per_m = per_shape[shape_key(n, k)] if shape_key(n, k) in per_shape else per_shape.get("default")
         if per_m is not None:
             return per_m
@@ -85,5 +85,5 @@ def get_config(kernel: str, m: int, n: int, k: int, device: torch.device | None)
 
 
 def covers(kernel: str, m: int, n: int, k: int, device: torch.device | None) -> bool:
-    """Whether the table lists `kernel` for M rows (a bucket >= m): the fused kernel is used only where listed."""
+    """Whether the table lists `kernel` for M rows (a bucket >= m): the split-K kernel is used only where listed."""
     return any(int(b) >= m for b in _per_m(kernel, _keys(device), n, k))

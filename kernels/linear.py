@@ -1,20 +1,19 @@
-"""The entry point the plugin calls: quantized_linear, plus int8_gemm and quantize_activation, registered as torch
-custom ops (namespace "outliertune_kernels") with fake implementations so torch.compile and CUDA graphs capture
-them. Importable without CUDA; on CPU tensors the ops run the Triton kernels under TRITON_INTERPRET=1 and the
-exact torch reference otherwise."""
+"""The entry points the plugin calls: quantized_linear (float activations in), int8_gemm (int8 codes in) and
+quantize_activation, registered as torch custom ops (namespace "outliertune_kernels") with fake implementations
+so torch.compile and CUDA graphs capture them. Importable without Triton: CUDA tensors (and CPU tensors under
+TRITON_INTERPRET=1) run the Triton kernels, everything else the exact torch reference."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from types import SimpleNamespace
 
 import torch
 
 from vllm_outliertune.kernels import torch_ref
-from vllm_outliertune.kernels.act_quant import quantize_activation as _quantize_activation_triton
 from vllm_outliertune.kernels.configs import covers
-from vllm_outliertune.kernels.fused_quant_gemm import fused_quant_gemm
-from vllm_outliertune.kernels.int8_gemm import int8_gemm as _int8_gemm_triton
 
 # Read once, like triton.jit does when it decorates the kernels at import.
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -24,12 +23,26 @@ def _runs_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (_TRITON_INTERPRET and t.device.type == "cpu")
 
 
+@functools.cache
+def _triton() -> SimpleNamespace:
+    """The Triton kernels, imported on first use so that CPU-only installs without Triton keep the torch path."""
+    from vllm_outliertune.kernels.act_quant import quantize_activation
+    from vllm_outliertune.kernels.int8_gemm import int8_gemm
+    from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
+    return SimpleNamespace(quantize_activation=quantize_activation, int8_gemm=int8_gemm, splitk_gemm=splitk_gemm)
+
+
+def _small_m(m: int, n: int, k: int, device: torch.device) -> bool:
+    """Whether the tile table routes M rows of this shape to the split-K small-M kernel."""
+    return covers("splitk_gemm", m, n, k, device)
+
+
 @torch.library.custom_op("outliertune_kernels::quantize_activation", mutates_args=())
 def quantize_activation(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
                         bits: int) -> torch.Tensor:
     """x float [M, K] -> int8 [M, K]: clamp(round(x * inv_scale - shift)) in the signed range of `bits`."""
     if _runs_triton(x):
-        return _quantize_activation_triton(x, inv_scale, shift, bits)
+        return _triton().quantize_activation(x, inv_scale, shift, bits)
     return torch_ref.quantize_activation_ref(x, inv_scale, shift, bits)
 
 
@@ -42,12 +55,16 @@ def _(x, inv_scale, shift, bits):
 def int8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
               out_dtype: torch.dtype) -> torch.Tensor:
     """a_q int8 [M, K] @ w_q int8 [N, K]^T (int32) * w_scale[n] (+ bias[n]) -> out_dtype [M, N]; with
-    out_dtype=torch.int32 and w_scale=None, the raw int32 accumulator."""
-    if _runs_triton(a_q):
-        return _int8_gemm_triton(a_q, w_q, w_scale, bias, out_dtype)
-    if w_scale is None:
-        return torch_ref.int_mm_exact(a_q, w_q)
-    return torch_ref.int8_gemm_ref(a_q, w_q, w_scale, bias, out_dtype)
+    out_dtype=torch.int32 and w_scale=None, the raw int32 accumulator. Small M (where the tile table lists the
+    split-K kernel) streams the weights with split-K, larger M runs the tiled GEMM."""
+    if not _runs_triton(a_q):
+        if w_scale is None:
+            return torch_ref.int_mm_exact(a_q, w_q)
+        return torch_ref.int8_gemm_ref(a_q, w_q, w_scale, bias, out_dtype)
+    (m, k), n = a_q.shape, w_q.shape[0]
+    if w_scale is not None and out_dtype != torch.int32 and _small_m(m, n, k, a_q.device):
+        return _triton().splitk_gemm(a_q, w_q, w_scale, bias, None, None, 8, out_dtype)
+    return _triton().int8_gemm(a_q, w_q, w_scale, bias, out_dtype)
 
 
 @int8_gemm.register_fake
@@ -60,8 +77,7 @@ def quantized_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
                      inv_scale: torch.Tensor | None, shift: torch.Tensor | None, act_bits: int,
                      out_dtype: torch.dtype) -> torch.Tensor:
     """y = w_scale * (quantize(x) @ w_q^T) + bias for x float [..., K], w_q int8 [N, K] -> out_dtype [..., N].
-    Small M (where the tile table lists the fused kernel) runs quantization inside the GEMM in one launch;
-    larger M quantizes once, then runs the int8 GEMM."""
+    Small M quantizes inside the split-K kernel (one launch); larger M quantizes once, then runs the int8 GEMM."""
     k = x.shape[-1]
     n = w_q.shape[0]
     x2 = x.reshape(math.prod(x.shape[:-1]), k)
@@ -69,10 +85,11 @@ def quantized_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
     if not _runs_triton(x):
         out = torch_ref.int8_gemm_ref(torch_ref.quantize_activation_ref(x2, inv_scale, shift, act_bits), w_q,
                                       w_scale, bias, out_dtype)
-    elif covers("fused_quant_gemm", m, n, k, x.device):
-        out = fused_quant_gemm(x2, w_q, w_scale, bias, inv_scale, shift, act_bits, out_dtype)
+    elif _small_m(m, n, k, x.device):
+        out = _triton().splitk_gemm(x2, w_q, w_scale, bias, inv_scale, shift, act_bits, out_dtype)
     else:
-        out = _int8_gemm_triton(_quantize_activation_triton(x2, inv_scale, shift, act_bits), w_q, w_scale, bias,
+        kernels = _triton()
+        out = kernels.int8_gemm(kernels.quantize_activation(x2, inv_scale, shift, act_bits), w_q, w_scale, bias,
                                 out_dtype)
     return out.view(*x.shape[:-1], n)
 

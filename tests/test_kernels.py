@@ -43,7 +43,7 @@ def make_problem(m: int, k: int, n: int, bits: int, seed: int, device: str = "cp
 def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[str]:
     """Every kernel against the torch reference on one shape; returns the failures (empty when all pass)."""
     from vllm_outliertune.kernels import torch_ref
-    from vllm_outliertune.kernels.fused_quant_gemm import fused_quant_gemm
+    from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
     from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation, quantized_linear
 
     bits = ACT_BITS[seed % len(ACT_BITS)]
@@ -65,10 +65,20 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
         y_ref = torch_ref.int8_gemm_ref(q_ref, w_q, w_scale, bias, out_dtype)
         expect_equal(f"int8_gemm {out_dtype}", int8_gemm(q_ref, w_q, w_scale, bias, out_dtype), y_ref)
     y_ref = torch_ref.int8_gemm_ref(q_ref, w_q, w_scale, bias, torch.bfloat16)
-    for block_m, split_k in ((16, 1), (16, 3), (2, 2)):
-        config = {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k}
-        got = fused_quant_gemm(x, w_q, w_scale, bias, p["inv_scale"], p["shift"], bits, torch.bfloat16, config)
-        expect_equal(f"fused_quant_gemm block_m={block_m} split_k={split_k}", got, y_ref)
+    for block_m, split_k, variant in ((16, 1, None), (16, 3, None), (2, 2, None), (1, 1, "ACC_K"), (4, 3, "ACC_K"),
+                                      (1, 2, "PACKED"), (2, 1, "PACKED")):
+        config = {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k, variant: 1}
+        name = f"splitk_gemm block_m={block_m} split_k={split_k} {variant or ''}"
+        # Float input (quantized in the prologue; PACKED does not apply) and int8 codes.
+        got = splitk_gemm(x, w_q, w_scale, bias, p["inv_scale"], p["shift"], bits, torch.bfloat16, config)
+        expect_equal(f"{name} float x", got, y_ref)
+        expect_equal(f"{name} int8 x", splitk_gemm(q_ref, w_q, w_scale, bias, None, None, 8, torch.bfloat16, config),
+                     y_ref)
+        # K - 1 columns at an odd byte offset: no 32-bit words, PACKED falls back to byte loads.
+        q_odd, w_odd = q_ref[:, 1:], w_q[:, 1:]
+        expect_equal(f"{name} int8 x, odd K", splitk_gemm(q_odd, w_odd, w_scale, bias, None, None, 8,
+                                                           torch.bfloat16, config),
+                     torch_ref.int8_gemm_ref(q_odd, w_odd, w_scale, bias, torch.bfloat16))
     expect_equal("quantized_linear", quantized_linear(x.view(1, m, k), w_q, w_scale, bias, p["inv_scale"],
                                                       p["shift"], bits, torch.bfloat16), y_ref.view(1, m, n))
     return failures
@@ -129,15 +139,15 @@ def test_gpu_kernels_match_reference(m, k, n):
 @pytest.mark.gpu
 @gpu
 def test_gpu_split_k_is_deterministic_and_graph_capturable():
-    from vllm_outliertune.kernels.fused_quant_gemm import fused_quant_gemm
+    from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
     from vllm_outliertune.kernels.linear import quantized_linear
 
     p = make_problem(4, 14336, 4096, 8, seed=3, device="cuda")
     args = (p["x"], p["w_q"], p["w_scale"], p["bias"], p["inv_scale"], p["shift"], 8, torch.bfloat16)
     config = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 8, "num_warps": 4, "num_stages": 3}
-    first = fused_quant_gemm(*args, config)
+    first = splitk_gemm(*args, config)
     for _ in range(20):
-        assert torch.equal(fused_quant_gemm(*args, config), first)
+        assert torch.equal(splitk_gemm(*args, config), first)
     eager = quantized_linear(*args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

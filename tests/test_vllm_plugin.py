@@ -92,6 +92,54 @@ def test_entry_point_registered():
     assert "vllm_outliertune:register" in {ep.value for ep in entry_points if ep.name == "outliertune"}
 
 
+def test_traced_apply_matches_eager():
+    """vLLM's default mode traces apply(): the quantization becomes plain torch ops (for inductor to fuse into the
+    RMSNorm / SiLU-mul kernel that produced x) followed by the int8 GEMM op. Compiled with inductor on CPU, it
+    must give what the eager custom op gives, an RMSNorm in front as in a decoder layer."""
+    from types import SimpleNamespace
+
+    from vllm_outliertune import format as fmt
+    from vllm_outliertune.config import OutlierTuneConfig
+    from vllm_outliertune.kernels import torch_ref
+    from vllm_outliertune.linear import OutlierTuneLinearMethod
+
+    g = torch.Generator().manual_seed(0)
+    k, n = 72, 40
+    layer = SimpleNamespace(weight=torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
+                            weight_scale=torch.rand(n, generator=g) * 0.01 + 1e-4, output_bias=torch.randn(n, generator=g),
+                            input_inv_scale=None, input_shift=torch.randint(-4, 5, (k,), generator=g).float())
+    method = OutlierTuneLinearMethod(OutlierTuneConfig(fmt.QuantizationConfig()), "model.layers.0.mlp.gate_up_proj",
+                                     ["gate_proj", "up_proj"])
+    gamma = torch.rand(k, generator=g) * 40
+
+    def norm_then_linear(x):
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gamma
+        return method.apply(layer, normed)
+
+    traced_ops = []
+
+    def recording_inductor(graph_module, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+        traced_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return compile_fx(graph_module, example_inputs)
+
+    x = torch.randn(2, 3, k, generator=g)
+    compiled = torch.compile(norm_then_linear, backend=recording_inductor, fullgraph=True)(x)
+    assert [op for op in traced_ops if "outliertune" in op] == ["outliertune_kernels.int8_gemm.default"], traced_ops
+    assert any("round" in op for op in traced_ops), traced_ops
+    eager = norm_then_linear(x)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gamma
+    codes = torch_ref.quantize_activation_ref(normed.reshape(-1, k), None, layer.input_shift, 8)
+    reference = torch_ref.int8_gemm_ref(codes, layer.weight, layer.weight_scale, layer.output_bias, torch.float32)
+    assert eager.shape == compiled.shape == (2, 3, n)
+    assert torch.equal(eager.reshape(-1, n), reference)
+    # Inductor may reorder the norm's float math, which can move a code lying at a rounding tie by one step:
+    # allow two such moves per output (each changes it by at most 127 * weight_scale), nothing more.
+    diff = (compiled - eager).abs().reshape(-1, n)
+    assert (diff <= 2 * 127 * layer.weight_scale + 1e-5).all(), diff.max()
+    assert (diff == 0).float().mean() > 0.9
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_vllm_matches_torch_reference(arch, request, engines):
     """Auto-detected checkpoint (no quantization= argument): same greedy tokens and close prompt logprobs."""

@@ -1,5 +1,5 @@
 """The vLLM LinearMethod for OutlierTune layers: parameters that go through vLLM's (tensor-parallel) weight loaders,
-load-time validation against vllm_outliertune.format, and `apply` through the `outliertune::quantized_linear` op."""
+load-time validation against vllm_outliertune.format, and `apply` through the custom ops of kernels/linear.py."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_outliertune import format as fmt
-from vllm_outliertune import ops  # noqa: F401  (registers torch.ops.outliertune.quantized_linear)
+from vllm_outliertune.kernels import linear as kernel_ops
+from vllm_outliertune.kernels.torch_ref import quantize_activation_ref
 
 if TYPE_CHECKING:
     from vllm_outliertune.config import OutlierTuneConfig
@@ -151,9 +152,16 @@ class OutlierTuneLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])
-        out = torch.ops.outliertune.quantized_linear(
-            x_2d, layer.weight, layer.weight_scale, layer.output_bias, layer.input_inv_scale, layer.input_shift,
-            self.spec.activation_bits)
+        if torch.compiler.is_compiling():
+            # Traced (vLLM's default mode): the quantization as plain torch ops, which inductor fuses into the
+            # kernel that produced x (RMSNorm + residual add, SiLU-mul), so that kernel writes int8 codes
+            # instead of bf16 activations and only the int8 GEMM remains here.
+            codes = quantize_activation_ref(x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits)
+            out = kernel_ops.int8_gemm(codes, layer.weight, layer.weight_scale, layer.output_bias, x.dtype)
+        else:
+            out = kernel_ops.quantized_linear(x_2d, layer.weight, layer.weight_scale, layer.output_bias,
+                                              layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
+                                              x.dtype)
         if bias is not None:  # only when the bias could not be merged (skip_bias_add layers never pass one)
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -1,0 +1,170 @@
+"""Small-M (decode) GEMM: split-K, optional activation quantization in the prologue, packed int8 dot products.
+
+At small M the weights dominate the bytes, so the kernel must keep the whole GPU streaming weights:
+- x is int8 (already quantized, e.g. by the norm that produced it) or float (quantized here, per tile, with the
+  same math as act_quant.quantize_tile: one launch instead of two);
+- BLOCK_M >= 16 uses the tensor cores; below that a multiply-accumulate on CUDA cores, which with ACC_K keeps a
+  [BLOCK_M, BLOCK_K, BLOCK_N] accumulator and reduces over K once after the loop (not a cross-thread reduction per
+  K step), and with PACKED (int8 x only) reads four int8 values per 32-bit word and multiplies them with one dp4a;
+- when M x N gives too few tiles, the K loop is split across SPLIT_K programs. Their int32 partial sums meet in a
+  zeroed workspace through integer atomics (exact, so the result does not depend on arrival order); the last
+  program to arrive for a tile, seen through a per-tile counter, reads the sum back and runs the epilogue."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_outliertune.format import qrange
+from vllm_outliertune.kernels.act_quant import FLOAT_INPUT_DTYPES, check_activation_args, quantize_tile
+from vllm_outliertune.kernels.configs import get_config
+from vllm_outliertune.kernels.int8_gemm import check_gemm_args, epilogue_store, launch_options, prepare_output
+
+# The interpreter (CPU CI) runs no PTX: there the packed dot product is computed byte by byte (same result).
+_DP4A_ASM = os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@triton.jit
+def dot4_accumulate(w4, x4, acc, USE_ASM: tl.constexpr):
+    """acc + sum over the 4 bytes of int8 products of two int32 words (dp4a.s32.s32), elementwise."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [w4, x4, acc],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        # (v << 24 - 8j) >> 24 sign-extends byte j (>> is arithmetic on int32).
+        for j in tl.static_range(4):
+            acc += ((w4 << (24 - 8 * j)) >> 24) * ((x4 << (24 - 8 * j)) >> 24)
+        return acc
+
+
+@triton.jit
+def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, inv_scale_ptr, shift_ptr, ws_ptr, count_ptr,
+                        M, N, K, stride_xm, stride_wn, stride_om, K_PER_SPLIT,
+                        QUANTIZE: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                        HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, ACC_K: tl.constexpr, PACKED: tl.constexpr,
+                        DP4A_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    # With PACKED, x and w are int32 views (4 int8 per word) and K, K_PER_SPLIT, BLOCK_K, strides count words.
+    pid_mn = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid_mn // num_pid_n
+    pid_n = pid_mn % num_pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    rows_w = tl.where(offs_n < N, offs_n, 0)
+    k_start = pid_k * K_PER_SPLIT
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+
+    if ACC_K or PACKED:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for _ in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
+        mask_k = offs_k < K
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=mask_k[:, None], other=0)  # zero weights cancel the padded codes
+        if QUANTIZE:
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            a = quantize_tile(x, inv_scale_ptr, shift_ptr, offs_k, mask_k, QMIN, QMAX, HAS_INV_SCALE, HAS_SHIFT)
+        else:
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
+        if PACKED:
+            acc3 = dot4_accumulate(w[None, :, :], a[:, :, None], acc3, DP4A_ASM)
+        elif ACC_K:
+            acc3 += a.to(tl.int32)[:, :, None] * w.to(tl.int32)[None, :, :]
+        elif BLOCK_M >= 16:
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        else:
+            acc += tl.sum(a.to(tl.int32)[:, :, None] * w.to(tl.int32)[None, :, :], axis=1)
+        offs_k += BLOCK_K
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if ACC_K or PACKED:
+        acc = tl.sum(acc3, axis=1)
+
+    if SPLIT_K == 1:
+        epilogue_store(acc, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
+    else:
+        mask = mask_m[:, None] & (offs_n < N)[None, :]
+        ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sum is in before this program counts itself in
+        arrived = tl.atomic_add(count_ptr + pid_mn, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")  # read at L2, past stale L1 lines
+            epilogue_store(total, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _auto_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
+    """Enough K splits for ~2 programs per SM, keeping at least 4 K blocks per program."""
+    return max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles), k_blocks // 4))
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor | None:
+    """An int8 [R, K] tensor as int32 [R, K/4] (4 codes per word, same memory), or None where the layout forbids."""
+    if t.shape[1] % 4 or t.stride(1) != 1 or (t.shape[0] > 1 and t.stride(0) % 4) or t.data_ptr() % 4:
+        return None
+    return t.view(torch.int32)
+
+
+def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int,
+                out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (+ bias[n]) -> out_dtype [M, N], one launch (plus a workspace
+    memset when split-K is used). Float x is quantized in the prologue with inv_scale / shift / bits; int8 x is
+    used as it is (then inv_scale and shift must be None). `config` overrides the tile table (SPLIT_K 0 =
+    automatic; PACKED applies to int8 x with K % 4 == 0 only)."""
+    quantize = x.dtype != torch.int8
+    if quantize:
+        check_activation_args(x, inv_scale, shift, bits)
+    elif inv_scale is not None or shift is not None:
+        raise ValueError("splitk_gemm: x is already int8 codes; pass inv_scale=None and shift=None")
+    check_gemm_args(x.dtype in FLOAT_INPUT_DTYPES + (torch.int8,), x, w_q, w_scale, bias, out_dtype)
+    if w_scale is None or out_dtype == torch.int32:
+        raise ValueError("splitk_gemm needs w_scale and a float out_dtype")
+    x, out, done = prepare_output(x, w_q, bias, out_dtype)
+    if done:
+        return out
+    (m, k), n = x.shape, w_q.shape[0]
+    config = config or get_config("splitk_gemm", m, n, k, x.device)
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    x_words = w_words = None
+    if config.get("PACKED") and not quantize and block_k % 4 == 0:
+        x_words, w_words = _as_words(x), _as_words(w_q)
+    packed = x_words is not None and w_words is not None
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_blocks = triton.cdiv(k, block_k)
+    split_k = config.get("SPLIT_K", 1) or _auto_split_k(tiles, k_blocks, x.device)
+    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)  # the number of programs that really get K blocks
+    if split_k > 1:
+        workspace = torch.zeros(m * n + tiles, dtype=torch.int32, device=x.device)
+        partial_sums, counters = workspace[:m * n], workspace[m * n:]
+    else:
+        partial_sums = counters = None
+    qmin, qmax = qrange(bits)
+    word = 4 if packed else 1
+    _splitk_gemm_kernel[(tiles, split_k)](
+        x_words if packed else x, w_words if packed else w_q, out, w_scale, bias, inv_scale, shift, partial_sums,
+        counters, m, n, k // word, x.stride(0) // word, w_q.stride(0) // word, out.stride(0), k_per_split // word,
+        QUANTIZE=quantize, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None,
+        HAS_SHIFT=shift is not None, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, SPLIT_K=split_k,
+        ACC_K=bool(config.get("ACC_K")) and block_m < 16, PACKED=packed, DP4A_ASM=_DP4A_ASM, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k // word, **launch_options(config), enable_fp_fusion=False)
+    return out
