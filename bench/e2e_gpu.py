@@ -3,6 +3,8 @@
     python bench/e2e_gpu.py tiny WORKDIR        # tiny Llama: vLLM (compiled, graphs) vs our torch reference
     python bench/e2e_gpu.py make8b WORKDIR      # random Llama-3-8B-shaped bf16 checkpoint + our W8A8 of it (GPU)
     python bench/e2e_gpu.py table WORKDIR       # throughput rows bf16 / outliertune W8A8 / vLLM fp8, one table
+    python bench/e2e_gpu.py profile WORKDIR     # torch-profiler breakdown of W8A8 decode steps by kernel kind
+    python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
 
 Each engine runs in its own process (GPU memory is freed between rows); its log is parsed for weight memory and
 KV-cache size. Timings are offline LLM.generate over random token prompts with ignore_eos, output tokens per second.
@@ -11,8 +13,11 @@ KV-cache size. Timings are offline LLM.generate over random token prompts with i
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -182,9 +187,138 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8") -> None:
             f"{c} {row[c] / base[c]:.2f}x" for c in columns if "tok/s" in c and base.get(c)))
 
 
+# Kernel kinds of a decode step, by the kernel names the profiler reports (first match wins). Inductor names its
+# fused kernels after the ops they contain: "round" marks one that writes our int8 codes.
+KERNEL_KINDS = (
+    ("our int8 GEMMs", ("_int8_gemm_kernel", "_splitk_gemm_kernel")),
+    ("our activation quant (standalone)", ("_quantize_activation_kernel",)),
+    ("RMSNorm + quant (fused by inductor)", ("round.*(mean|rsqrt|rms_norm)", "(mean|rsqrt|rms_norm).*round")),
+    ("SiLU-mul + quant (fused by inductor)", ("round.*(silu|sigmoid)", "(silu|sigmoid).*round")),
+    ("activation quant (inductor, standalone)", ("round",)),
+    ("attention", ("flash", "fmha", "attn", "attention")),
+    ("cuBLAS / other GEMM (lm_head)", ("gemm", "cutlass", "nvjet", "xmma", "sm90")),
+    ("everything else", ("",)),
+)
+
+
+def _kernel_times(trace_path: Path) -> dict[str, float]:
+    """Total µs per kernel name in a chrome trace written by torch.profiler."""
+    totals: dict[str, float] = {}
+    for event in json.loads(trace_path.read_text())["traceEvents"]:
+        if event.get("cat") == "kernel":
+            totals[event["name"]] = totals.get(event["name"], 0.0) + event.get("dur", 0.0)
+    return totals
+
+
+def _kind(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    return next(kind for kind, patterns in KERNEL_KINDS if any(re.search(p, name) for p in patterns))
+
+
+def _profile(workdir: Path) -> None:
+    """Profile W8A8 generation at 1 and 64 sequences: (prefill + 65 tokens) minus (prefill + 1 token) per kernel
+    name = 64 decode steps; print the share of each kernel kind."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, where the profiler looks
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=str(workdir / "llama3-8b-w8a8"), skip_tokenizer_init=True, max_model_len=4096,
+              gpu_memory_utilization=0.9, max_num_seqs=256, enable_prefix_caching=False)
+    gen = torch.Generator().manual_seed(0)
+    decode_steps = 64
+    for batch in (1, 64):
+        prompts = [TokensPrompt(prompt_token_ids=torch.randint(0, 128000, (INPUT_LEN,), generator=gen).tolist())
+                   for _ in range(batch)]
+        per_run = {}
+        for max_tokens in (1, decode_steps + 1):
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            llm.generate(prompts, params, use_tqdm=False)  # warm-up of this shape
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                llm.generate(prompts, params, use_tqdm=False)
+                torch.cuda.synchronize()
+            trace = workdir / f"trace-{batch}-{max_tokens}.json"
+            prof.export_chrome_trace(str(trace))
+            per_run[max_tokens] = _kernel_times(trace)
+        decode = {name: per_run[decode_steps + 1].get(name, 0.0) - per_run[1].get(name, 0.0)
+                  for name in per_run[decode_steps + 1]}
+        by_kind: dict[str, float] = {}
+        for name, us in decode.items():
+            by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + us
+        total = sum(by_kind.values())
+        print(f"\ndecode, {batch} sequence(s): {total / decode_steps:.0f} µs of kernels per step")
+        print("| kernel kind | µs per step | share |\n|---|---|---|")
+        for kind, _ in KERNEL_KINDS:
+            if kind in by_kind:
+                print(f"| {kind} | {by_kind[kind] / decode_steps:.1f} | {100 * by_kind[kind] / total:.1f} % |")
+        top = sorted(decode.items(), key=lambda item: -item[1])[:12]
+        print("top kernels: " + "; ".join(f"{name[:70]} {us / decode_steps:.1f} µs" for name, us in top),
+              flush=True)
+
+
+def _serve(workdir: Path) -> None:
+    """`vllm serve` (compiled + CUDA graphs) on the tiny W8A8 checkpoint made by the tiny step, then the openai
+    client: a completion, a chat, a stream and 256 concurrent completions."""
+    import openai
+    import requests
+
+    checkpoint = str(workdir / "tiny-w8a8")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = ["vllm", "serve", checkpoint, "--quantization", "outliertune", "--host", "127.0.0.1", "--port",
+               str(port), "--max-model-len", "512", "--gpu-memory-utilization", "0.3"]
+    log_path = workdir / "serve.log"
+    started = time.monotonic()
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"vllm serve exited with {server.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() - started > 400:
+                raise SystemExit(f"vllm serve not healthy after 400 s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        print(f"vllm serve healthy after {time.monotonic() - started:.0f} s", flush=True)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        completion = client.completions.create(model=checkpoint, prompt="The old lighthouse keeper", max_tokens=16,
+                                               temperature=0.0)
+        print(f"completion: {completion.choices[0].text!r}")
+        chat = client.chat.completions.create(model=checkpoint, max_tokens=16, temperature=0.0,
+                                              messages=[{"role": "user", "content": "Tell me about the river."}])
+        print(f"chat: {chat.choices[0].message.content!r}")
+        pieces = [chunk.choices[0].text for chunk in client.completions.create(
+            model=checkpoint, prompt="The old lighthouse keeper", max_tokens=16, temperature=0.0, stream=True)]
+        same = "".join(pieces) == completion.choices[0].text
+        print(f"stream: {len(pieces)} chunks, same text as the completion: {same}")
+
+        def one(i: int) -> str:
+            return client.completions.create(model=checkpoint, prompt=f"Request {i}: the market", max_tokens=32,
+                                             temperature=0.0).choices[0].text
+
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            texts = list(pool.map(one, range(256)))
+        print(json.dumps({"concurrent_requests": len(texts), "answered": sum(bool(t) for t in texts),
+                          "wall_s": round(time.monotonic() - t0, 2),
+                          "healthy_after": requests.get(f"{base}/health", timeout=5).status_code == 200}))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["tiny", "make8b", "table", "row"])
+    parser.add_argument("step", choices=["tiny", "make8b", "table", "row", "profile", "serve"])
     parser.add_argument("path")
     parser.add_argument("--label", default="")
     parser.add_argument("--quantization")
@@ -199,7 +333,7 @@ def main() -> None:
     if args.step == "table":
         _table(workdir, args.rows)
     else:
-        {"tiny": _tiny, "make8b": _make8b}[args.step](workdir)
+        {"tiny": _tiny, "make8b": _make8b, "profile": _profile, "serve": _serve}[args.step](workdir)
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes that re-import this file
