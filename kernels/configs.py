@@ -3,7 +3,7 @@ vllm_outliertune.kernels.tune`.
 
 Layout (gemlite / vLLM style): {"devices": {DEVICE: {KERNEL: {SHAPE: {M_BUCKET: CONFIG}}}}} where
 - DEVICE is torch.cuda.get_device_name() (e.g. "NVIDIA H100 80GB HBM3"), else "sm{major}{minor}", else "default";
-- KERNEL is "int8_gemm" or "splitk_gemm";
+- KERNEL is "int8_gemm", "splitk_gemm" (small M) or "int8_gemm_tma" (large M, Hopper);
 - SHAPE is "N=<n>,K=<k>" for tuned shapes, else "default";
 - M_BUCKET is a power of two as a string; a call with M rows uses the smallest bucket >= M (else the largest);
 - CONFIG holds the block sizes and launch options, e.g. {"BLOCK_M": 128, ..., "num_warps": 8, "num_stages": 4}.
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 TABLE_PATH = Path(__file__).with_name("tile_configs.json")
-KERNELS = ("int8_gemm", "splitk_gemm")
+KERNELS = ("int8_gemm", "splitk_gemm", "int8_gemm_tma")
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,6 +84,16 @@ def get_config(kernel: str, m: int, n: int, k: int, device: torch.device | None)
     return dict(per_m[str(m_bucket(m, [int(b) for b in per_m]))])
 
 
-def covers(kernel: str, m: int, n: int, k: int, device: torch.device | None) -> bool:
-    """Whether the table lists `kernel` for M rows (a bucket >= m): the split-K kernel is used only where listed."""
-    return any(int(b) >= m for b in _per_m(kernel, _keys(device), n, k))
+def listed_m_range(kernel: str, n: int, k: int, device: torch.device | None) -> tuple[int, int] | None:
+    """The smallest and largest M bucket the table lists for `kernel` at this shape (None: none, or no entry).
+    The dispatch uses the split-K kernel up to the largest bucket and the TMA GEMM from the smallest one."""
+    return _m_range(kernel, _keys(device), n, k)
+
+
+@functools.lru_cache(maxsize=4096)
+def _m_range(kernel: str, keys: tuple[str, ...], n: int, k: int) -> tuple[int, int] | None:
+    try:
+        buckets = [int(b) for b in _per_m(kernel, keys, n, k)]
+    except KeyError:
+        return None
+    return (min(buckets), max(buckets)) if buckets else None

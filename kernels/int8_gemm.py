@@ -6,6 +6,8 @@ weight tiles in L2."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -106,6 +108,12 @@ def check_gemm_args(a_dtype_ok: bool, a: torch.Tensor, w_q: torch.Tensor, w_scal
     for name, t in (("w_q", w_q), ("w_scale", w_scale), ("bias", bias)):
         if t is not None and t.device != a.device:
             raise ValueError(f"{name} is on {t.device} but the activation is on {a.device}")
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (1 elsewhere, e.g. the interpreter): sizes split-K and persistent grids."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def launch_options(config: dict) -> dict:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from vllm_outliertune.kernels import torch_ref
-from vllm_outliertune.kernels.configs import covers
+from vllm_outliertune.kernels.configs import listed_m_range
 
 # Read once, like triton.jit does when it decorates the kernels at import.
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -28,13 +28,29 @@ def _triton() -> SimpleNamespace:
     """The Triton kernels, imported on first use so that CPU-only installs without Triton keep the torch path."""
     from vllm_outliertune.kernels.act_quant import quantize_activation
     from vllm_outliertune.kernels.int8_gemm import int8_gemm
+    from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma, supports_tma
     from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
-    return SimpleNamespace(quantize_activation=quantize_activation, int8_gemm=int8_gemm, splitk_gemm=splitk_gemm)
+    return SimpleNamespace(quantize_activation=quantize_activation, int8_gemm=int8_gemm, splitk_gemm=splitk_gemm,
+                           int8_gemm_tma=int8_gemm_tma, supports_tma=supports_tma)
 
 
 def _small_m(m: int, n: int, k: int, device: torch.device) -> bool:
     """Whether the tile table routes M rows of this shape to the split-K small-M kernel."""
-    return covers("splitk_gemm", m, n, k, device)
+    listed = listed_m_range("splitk_gemm", n, k, device)
+    return listed is not None and m <= listed[1]
+
+
+def _scaled_gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """int8 codes in, scaled float out, on the Triton kernel the tile table picks for this M."""
+    (m, k), n = a_q.shape, w_q.shape[0]
+    kernels = _triton()
+    if _small_m(m, n, k, a_q.device):
+        return kernels.splitk_gemm(a_q, w_q, w_scale, bias, None, None, 8, out_dtype)
+    listed = listed_m_range("int8_gemm_tma", n, k, a_q.device)
+    if listed is not None and m >= listed[0] and kernels.supports_tma(a_q, w_q):
+        return kernels.int8_gemm_tma(a_q, w_q, w_scale, bias, out_dtype)
+    return kernels.int8_gemm(a_q, w_q, w_scale, bias, out_dtype)
 
 
 @torch.library.custom_op("outliertune_kernels::quantize_activation", mutates_args=())
@@ -56,15 +72,15 @@ def int8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None
               out_dtype: torch.dtype) -> torch.Tensor:
     """a_q int8 [M, K] @ w_q int8 [N, K]^T (int32) * w_scale[n] (+ bias[n]) -> out_dtype [M, N]; with
     out_dtype=torch.int32 and w_scale=None, the raw int32 accumulator. Small M (where the tile table lists the
-    split-K kernel) streams the weights with split-K, larger M runs the tiled GEMM."""
+    split-K kernel) streams the weights with split-K, large M on Hopper runs the persistent TMA GEMM where the table
+    lists it, the rest the tiled GEMM."""
     if not _runs_triton(a_q):
         if w_scale is None:
             return torch_ref.int_mm_exact(a_q, w_q)
         return torch_ref.int8_gemm_ref(a_q, w_q, w_scale, bias, out_dtype)
-    (m, k), n = a_q.shape, w_q.shape[0]
-    if w_scale is not None and out_dtype != torch.int32 and _small_m(m, n, k, a_q.device):
-        return _triton().splitk_gemm(a_q, w_q, w_scale, bias, None, None, 8, out_dtype)
-    return _triton().int8_gemm(a_q, w_q, w_scale, bias, out_dtype)
+    if w_scale is None or out_dtype == torch.int32:
+        return _triton().int8_gemm(a_q, w_q, w_scale, bias, out_dtype)
+    return _scaled_gemm(a_q, w_q, w_scale, bias, out_dtype)
 
 
 @int8_gemm.register_fake
@@ -88,9 +104,8 @@ def quantized_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
     elif _small_m(m, n, k, x.device):
         out = _triton().splitk_gemm(x2, w_q, w_scale, bias, inv_scale, shift, act_bits, out_dtype)
     else:
-        kernels = _triton()
-        out = kernels.int8_gemm(kernels.quantize_activation(x2, inv_scale, shift, act_bits), w_q, w_scale, bias,
-                                out_dtype)
+        out = _scaled_gemm(_triton().quantize_activation(x2, inv_scale, shift, act_bits), w_q, w_scale, bias,
+                           out_dtype)
     return out.view(*x.shape[:-1], n)
 
 

@@ -12,7 +12,6 @@ At small M the weights dominate the bytes, so the kernel must keep the whole GPU
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -22,7 +21,8 @@ import triton.language as tl
 from vllm_outliertune.format import qrange
 from vllm_outliertune.kernels.act_quant import FLOAT_INPUT_DTYPES, check_activation_args, quantize_tile
 from vllm_outliertune.kernels.configs import get_config
-from vllm_outliertune.kernels.int8_gemm import check_gemm_args, epilogue_store, launch_options, prepare_output
+from vllm_outliertune.kernels.int8_gemm import (check_gemm_args, epilogue_store, launch_options, multiprocessors,
+                                                prepare_output)
 
 # The interpreter (CPU CI) runs no PTX: there the packed dot product is computed byte by byte (same result).
 _DP4A_ASM = os.environ.get("TRITON_INTERPRET") != "1"
@@ -106,14 +106,9 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, inv_scale_pt
             epilogue_store(total, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def _auto_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     """Enough K splits for ~2 programs per SM, keeping at least 4 K blocks per program."""
-    return max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles), k_blocks // 4))
+    return max(1, min(triton.cdiv(2 * multiprocessors(device), tiles), k_blocks // 4))
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor | None:

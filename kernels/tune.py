@@ -1,16 +1,16 @@
 """Re-tune the tile table on this GPU and rewrite kernels/tile_configs.json (or --out).
 
-    python -m vllm_outliertune.kernels.tune                      # Llama-3-8B shapes, all M buckets
+    python -m vllm_outliertune.kernels.tune                      # Llama-3-8B shapes, all kernels, all M buckets
     python -m vllm_outliertune.kernels.tune --shapes 6144x4096 --out /tmp/table.json
+    python -m vllm_outliertune.kernels.tune --only splitk_gemm   # one kernel, against the table's int8_gemm tiles
 
-    python -m vllm_outliertune.kernels.tune --only splitk_gemm   # re-tune the small-M kernel, keep the GEMM tiles
-
-For every shape (N x K) and M bucket it times each candidate tile of the tiled int8_gemm and of the split-K small-M
-kernel, both on int8 activation codes (what the compiled plugin runs: the quantization is fused into the producing
-norm / activation), cold L2 (triton's do_bench flushes it), median of repeats. It keeps the fastest of each, lists
-the split-K kernel for a bucket only while it beats int8_gemm (linear.py dispatches on that), and adds a per-device
-"default" for untuned shapes: the candidate with the best geometric-mean time over the tuned shapes. Entries for
-other devices are kept."""
+For every shape (N x K) and M bucket it times each candidate tile of the tiled int8_gemm, of the split-K small-M
+kernel and (Hopper) of the persistent TMA GEMM, all on int8 activation codes (what the compiled plugin runs: the
+quantization is fused into the producing norm / activation), cold L2 (triton's do_bench flushes it), median of
+repeats. It keeps the fastest of each and lists the split-K kernel for the buckets from M=1 up, the TMA GEMM for
+the buckets from the largest M down, while they beat int8_gemm (linear.py dispatches on that). A per-device
+"default" serves untuned shapes: the candidate with the best geometric-mean time over the tuned shapes. Entries
+for other devices are kept."""
 
 from __future__ import annotations
 
@@ -25,13 +25,16 @@ import torch
 import triton
 
 from vllm_outliertune.kernels.act_quant import quantize_activation
-from vllm_outliertune.kernels.configs import TABLE_PATH, shape_key
+from vllm_outliertune.kernels.configs import TABLE_PATH, get_config, shape_key
 from vllm_outliertune.kernels.int8_gemm import int8_gemm
+from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma, supports_tma
 from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
 
 LLAMA3_8B_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  # (N, K): qkv, o, gate_up, down
 GEMM_M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 SPLITK_M_BUCKETS = (1, 4, 16, 32, 64)
+TMA_M_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+TUNED_KERNELS = ("int8_gemm", "splitk_gemm", "int8_gemm_tma")
 
 
 def _gemm(bm, bn, bk, warps, stages, group=8):
@@ -43,10 +46,16 @@ def gemm_candidates(m: int) -> list[dict]:
         return [_gemm(*c) for c in ((16, 32, 256, 4, 5), (16, 64, 256, 4, 4), (16, 64, 512, 4, 3),
                                     (16, 128, 256, 4, 4), (32, 64, 256, 4, 4), (32, 128, 256, 4, 4),
                                     (64, 64, 256, 4, 4), (64, 128, 128, 4, 4), (64, 128, 256, 4, 3),
-                                    (64, 256, 128, 4, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 4)) if c[0] <= max(16, m)]
+                                    (64, 256, 128, 4, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 4))
+                if c[0] <= max(16, m)]
     return [_gemm(*c) for c in ((64, 128, 128, 4, 4), (64, 256, 128, 4, 3), (128, 128, 128, 4, 4),
                                 (128, 128, 128, 8, 4), (128, 128, 64, 4, 5), (128, 256, 64, 8, 4),
                                 (128, 256, 128, 8, 3), (256, 128, 64, 8, 4), (256, 128, 128, 8, 3))]
+
+
+def tma_candidates(m: int) -> list[dict]:
+    return [_gemm(*c) for c in ((128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 256, 64, 8, 4),
+                                (128, 256, 128, 8, 3), (256, 128, 128, 8, 3))]
 
 
 def splitk_candidates(m: int) -> list[dict]:
@@ -86,17 +95,23 @@ def _best(timings: list[tuple[float, dict]]) -> tuple[float, dict]:
     return min(timings, key=lambda t: t[0])
 
 
-def tune_shape(n: int, k: int, m_buckets: list[int], log) -> dict[str, dict[int, list[tuple[float, dict]]]]:
-    """All timings of one shape: {"int8_gemm": {M: [(µs, config)]}, "splitk_gemm": {...}}."""
-    results = {"int8_gemm": {}, "splitk_gemm": {}}
+def tune_shape(n: int, k: int, m_buckets: list[int], kernels: tuple[str, ...], log) -> dict[str, dict]:
+    """All timings of one shape: {kernel: {M: [(µs, config)]}}. int8_gemm, the baseline of the other two, is timed
+    with the table's own tile when it is not being tuned."""
+    results = {kernel: {} for kernel in TUNED_KERNELS}
     for m in m_buckets:
         p = make_inputs(m, n, k)
         a_q = quantize_activation(p["x"], p["inv_scale"], p["shift"], 8)
+        args = (a_q, p["w_q"], p["w_scale"], p["bias"])
         for kernel, candidates, run in (
-                ("int8_gemm", gemm_candidates(m),
-                 lambda c: int8_gemm(a_q, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, c)),
-                ("splitk_gemm", splitk_candidates(m) if m in SPLITK_M_BUCKETS else [],
-                 lambda c: splitk_gemm(a_q, p["w_q"], p["w_scale"], p["bias"], None, None, 8, torch.bfloat16, c))):
+                ("int8_gemm", gemm_candidates(m) if "int8_gemm" in kernels else
+                 [get_config("int8_gemm", m, n, k, a_q.device)],
+                 lambda c: int8_gemm(*args, torch.bfloat16, c)),
+                ("splitk_gemm", splitk_candidates(m) if "splitk_gemm" in kernels and m in SPLITK_M_BUCKETS else [],
+                 lambda c: splitk_gemm(*args, None, None, 8, torch.bfloat16, c)),
+                ("int8_gemm_tma", tma_candidates(m) if "int8_gemm_tma" in kernels and m in TMA_M_BUCKETS
+                 and supports_tma(a_q, p["w_q"]) else [],
+                 lambda c: int8_gemm_tma(*args, torch.bfloat16, c))):
             timings = []
             for config in candidates:
                 try:
@@ -106,19 +121,27 @@ def tune_shape(n: int, k: int, m_buckets: list[int], log) -> dict[str, dict[int,
             if timings:
                 results[kernel][m] = timings
                 best = _best(timings)
-                log(f"{kernel:12s} N={n:5d} K={k:5d} M={m:5d} best {best[0]:9.1f} us {best[1]}")
+                log(f"{kernel:13s} N={n:5d} K={k:5d} M={m:5d} best {best[0]:9.1f} us {best[1]}")
     return results
 
 
-def table_entries(results: dict) -> dict[str, dict[str, dict]]:
-    """Best configs of one shape, the split-K kernel listed only for the buckets (from M=1 up) where it wins."""
-    entries = {"int8_gemm": {str(m): _best(t)[1] for m, t in results["int8_gemm"].items()}, "splitk_gemm": {}}
-    for m in SPLITK_M_BUCKETS:
-        splitk = results["splitk_gemm"].get(m)
-        if not splitk or _best(splitk)[0] >= _best(results["int8_gemm"][m])[0]:
+def _winning_run(results: dict, kernel: str, buckets) -> dict[str, dict]:
+    """Best configs of `kernel` for the buckets, in the given order, while it beats int8_gemm."""
+    entries = {}
+    for m in buckets:
+        timings = results[kernel].get(m)
+        if not timings or _best(timings)[0] >= _best(results["int8_gemm"][m])[0]:
             break
-        entries["splitk_gemm"][str(m)] = _best(splitk)[1]
+        entries[str(m)] = _best(timings)[1]
     return entries
+
+
+def table_entries(results: dict) -> dict[str, dict[str, dict]]:
+    """Best configs of one shape: int8_gemm everywhere it was tuned, split-K from M=1 up and TMA from the largest M
+    down while each wins (the dispatch compares M with the smallest / largest listed bucket)."""
+    return {"int8_gemm": {str(m): _best(t)[1] for m, t in results["int8_gemm"].items()},
+            "splitk_gemm": _winning_run(results, "splitk_gemm", SPLITK_M_BUCKETS),
+            "int8_gemm_tma": _winning_run(results, "int8_gemm_tma", sorted(TMA_M_BUCKETS, reverse=True))}
 
 
 def default_entries(all_results: list[dict], kernel: str) -> dict[str, dict]:
@@ -152,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in LLAMA3_8B_SHAPES),
                         help="comma-separated NxK weight shapes (out x in features)")
-    parser.add_argument("--only", choices=("splitk_gemm",),
-                        help="re-tune only the small-M kernel (its buckets), keeping this device's int8_gemm tiles")
+    parser.add_argument("--only", choices=TUNED_KERNELS,
+                        help="re-tune one kernel (its M buckets), timed against this device's int8_gemm tiles")
     parser.add_argument("--out", type=Path, default=TABLE_PATH, help="table to rewrite (default: the packaged one)")
     parser.add_argument("--log", type=Path, help="also write the log here")
     args = parser.parse_args(argv)
@@ -167,19 +190,21 @@ def main(argv: list[str] | None = None) -> None:
             print(line, file=log_file, flush=True)
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    m_buckets = sorted(SPLITK_M_BUCKETS if args.only else set(GEMM_M_BUCKETS) | set(SPLITK_M_BUCKETS))
-    all_results, per_kernel = [], {"int8_gemm": {}, "splitk_gemm": {}}
+    kernels = (args.only,) if args.only else TUNED_KERNELS
+    m_buckets = sorted(set().union(*({"int8_gemm": GEMM_M_BUCKETS, "splitk_gemm": SPLITK_M_BUCKETS,
+                                      "int8_gemm_tma": TMA_M_BUCKETS}[kernel] for kernel in kernels)))
+    all_results, per_kernel = [], {kernel: {} for kernel in kernels}
     for n, k in shapes:
-        results = tune_shape(n, k, m_buckets, log)
+        results = tune_shape(n, k, m_buckets, kernels, log)
         all_results.append(results)
         for kernel, per_m in table_entries(results).items():
-            per_kernel[kernel][shape_key(n, k)] = per_m
-    per_kernel["int8_gemm"]["default"] = default_entries(all_results, "int8_gemm")
-    per_kernel["splitk_gemm"]["default"] = {
-        m: c for m, c in default_entries(all_results, "splitk_gemm").items()
-        if all(m in per_kernel["splitk_gemm"].get(shape_key(n, k), {}) for n, k in shapes)}
-    if args.only:
-        per_kernel = {args.only: per_kernel[args.only]}
+            if kernel in kernels:
+                per_kernel[kernel][shape_key(n, k)] = per_m
+    for kernel in kernels:
+        # int8_gemm serves every M; the others only the buckets where they won on every tuned shape.
+        per_kernel[kernel]["default"] = {
+            m: c for m, c in default_entries(all_results, kernel).items()
+            if kernel == "int8_gemm" or all(m in per_kernel[kernel].get(shape_key(n, k), {}) for n, k in shapes)}
     device_key = torch.cuda.get_device_name()
     write_table(args.out, device_key, per_kernel)
     log(f"wrote {args.out} for {device_key!r}: " + ", ".join(

@@ -43,8 +43,9 @@ def make_problem(m: int, k: int, n: int, bits: int, seed: int, device: str = "cp
 def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[str]:
     """Every kernel against the torch reference on one shape; returns the failures (empty when all pass)."""
     from vllm_outliertune.kernels import torch_ref
-    from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
+    from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma
     from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation, quantized_linear
+    from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
 
     bits = ACT_BITS[seed % len(ACT_BITS)]
     p = make_problem(m, k, n, bits, seed, device, with_vectors=seed % 4 != 3, with_bias=seed % 2 == 0)
@@ -65,6 +66,9 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
         y_ref = torch_ref.int8_gemm_ref(q_ref, w_q, w_scale, bias, out_dtype)
         expect_equal(f"int8_gemm {out_dtype}", int8_gemm(q_ref, w_q, w_scale, bias, out_dtype), y_ref)
     y_ref = torch_ref.int8_gemm_ref(q_ref, w_q, w_scale, bias, torch.bfloat16)
+    if k % 16 == 0:  # TMA needs 16-byte aligned rows
+        tma_config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+        expect_equal("int8_gemm_tma", int8_gemm_tma(q_ref, w_q, w_scale, bias, torch.bfloat16, tma_config), y_ref)
     for block_m, split_k, variant in ((16, 1, None), (16, 3, None), (2, 2, None), (1, 1, "ACC_K"), (4, 3, "ACC_K"),
                                       (1, 2, "PACKED"), (2, 1, "PACKED")):
         config = {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k, variant: 1}
