@@ -17,7 +17,6 @@ import concurrent.futures
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -262,30 +261,14 @@ def _serve(workdir: Path) -> None:
     import openai
     import requests
 
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # after the installed package
+    from tests.servers import HOST, free_port, serving
+
     checkpoint = str(workdir / "tiny-w8a8")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = ["vllm", "serve", checkpoint, "--quantization", "outliertune", "--host", "127.0.0.1", "--port",
-               str(port), "--max-model-len", "512", "--gpu-memory-utilization", "0.3"]
-    log_path = workdir / "serve.log"
-    started = time.monotonic()
-    with log_path.open("w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"vllm serve exited with {server.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() - started > 400:
-                raise SystemExit(f"vllm serve not healthy after 400 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        print(f"vllm serve healthy after {time.monotonic() - started:.0f} s", flush=True)
+    port = free_port()
+    command = ["vllm", "serve", checkpoint, "--quantization", "outliertune", "--host", HOST, "--port", str(port),
+               "--max-model-len", "512", "--gpu-memory-utilization", "0.3"]
+    with serving(command, port, workdir / "serve.log", timeout_s=400) as (base, _):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         completion = client.completions.create(model=checkpoint, prompt="The old lighthouse keeper", max_tokens=16,
                                                temperature=0.0)
@@ -308,12 +291,6 @@ def _serve(workdir: Path) -> None:
         print(json.dumps({"concurrent_requests": len(texts), "answered": sum(bool(t) for t in texts),
                           "wall_s": round(time.monotonic() - t0, 2),
                           "healthy_after": requests.get(f"{base}/health", timeout=5).status_code == 200}))
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def main() -> None:

@@ -85,8 +85,11 @@ def _int8_gemm_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, M, N, K, strid
 
 
 def check_gemm_args(a_dtype_ok: bool, a: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None,
-                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> None:
-    """Raise ValueError naming the argument when GEMM inputs are malformed (shared with the fused kernel)."""
+                    bias: torch.Tensor | None, out_dtype: torch.dtype, scaled_only: str | None = None) -> None:
+    """Raise ValueError naming the argument when GEMM inputs are malformed (shared by the three GEMM kernels;
+    `scaled_only` names a kernel that has no raw int32 output)."""
+    if scaled_only and (w_scale is None or out_dtype == torch.int32):
+        raise ValueError(f"{scaled_only} needs w_scale and a float out_dtype")
     if not a_dtype_ok:
         raise ValueError(f"activation has dtype {a.dtype}, which this kernel does not take")
     if a.dim() != 2 or w_q.dim() != 2 or a.shape[1] != w_q.shape[1]:

@@ -47,9 +47,7 @@ def supports_tma(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
 def int8_gemm_tma(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                   out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """Same contract as int8_gemm.int8_gemm with a scale (float out); the caller checks supports_tma first."""
-    check_gemm_args(a_q.dtype == torch.int8, a_q, w_q, w_scale, bias, out_dtype)
-    if w_scale is None or out_dtype == torch.int32:
-        raise ValueError("int8_gemm_tma needs w_scale and a float out_dtype")
+    check_gemm_args(a_q.dtype == torch.int8, a_q, w_q, w_scale, bias, out_dtype, scaled_only="int8_gemm_tma")
     a_q, out, done = prepare_output(a_q, w_q, bias, out_dtype)
     if done:
         return out

@@ -130,9 +130,8 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
         check_activation_args(x, inv_scale, shift, bits)
     elif inv_scale is not None or shift is not None:
         raise ValueError("splitk_gemm: x is already int8 codes; pass inv_scale=None and shift=None")
-    check_gemm_args(x.dtype in FLOAT_INPUT_DTYPES + (torch.int8,), x, w_q, w_scale, bias, out_dtype)
-    if w_scale is None or out_dtype == torch.int32:
-        raise ValueError("splitk_gemm needs w_scale and a float out_dtype")
+    check_gemm_args(x.dtype in FLOAT_INPUT_DTYPES + (torch.int8,), x, w_q, w_scale, bias, out_dtype,
+                    scaled_only="splitk_gemm")
     x, out, done = prepare_output(x, w_q, bias, out_dtype)
     if done:
         return out
