@@ -162,6 +162,33 @@ def test_gpu_split_k_is_deterministic_and_graph_capturable():
     assert torch.equal(compiled(p["x"]), eager)
 
 
+@pytest.mark.gpu
+@gpu
+def test_gpu_tma_gemm_replays_from_a_cuda_graph():
+    """The persistent TMA GEMM builds host-side tensor descriptors at launch: captured in a CUDA graph (as vLLM runs
+    decode batches up to its capture size), a replay must read the new contents of the captured input buffer."""
+    from vllm_outliertune.kernels import torch_ref
+    from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma, supports_tma
+
+    m, k, n = 256, 4096, 28672
+    p = make_problem(m, k, n, 8, seed=5, device="cuda")
+    first = torch_ref.quantize_activation_ref(p["x"], p["inv_scale"], p["shift"], 8)
+    second = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+    if not supports_tma(first, p["w_q"]):
+        pytest.skip("needs a Hopper GPU")
+    config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    codes = first.clone()
+    int8_gemm_tma(codes, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, config)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = int8_gemm_tma(codes, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, config)
+    for values in (first, second):
+        codes.copy_(values)
+        graph.replay()
+        assert torch.equal(captured, torch_ref.int8_gemm_ref(values, p["w_q"], p["w_scale"], p["bias"],
+                                                             torch.bfloat16))
+
+
 if __name__ == "__main__":  # the interpreter subprocess
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest, or with TRITON_INTERPRET=1"
     for seed, (m, k, n) in enumerate(interpreter_cases()):
