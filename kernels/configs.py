@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 TABLE_PATH = Path(__file__).with_name("tile_configs.json")
-KERNELS = ("int8_gemm", "splitk_gemm", "int8_gemm_tma")
+KERNELS = ("int8_gemm", "splitk_gemm", "int8_gemm_tma")  # the table's kernel keys (tune.py tunes these)
 
 
 @functools.lru_cache(maxsize=None)

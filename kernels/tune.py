@@ -25,7 +25,7 @@ import torch
 import triton
 
 from vllm_outliertune.kernels.act_quant import quantize_activation
-from vllm_outliertune.kernels.configs import TABLE_PATH, get_config, shape_key
+from vllm_outliertune.kernels.configs import KERNELS, TABLE_PATH, get_config, shape_key
 from vllm_outliertune.kernels.int8_gemm import int8_gemm
 from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma, supports_tma
 from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
@@ -34,7 +34,6 @@ LLAMA3_8B_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  #
 GEMM_M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 SPLITK_M_BUCKETS = (1, 4, 16, 32, 64)
 TMA_M_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
-TUNED_KERNELS = ("int8_gemm", "splitk_gemm", "int8_gemm_tma")
 
 
 def _gemm(bm, bn, bk, warps, stages, group=8):
@@ -98,7 +97,7 @@ def _best(timings: list[tuple[float, dict]]) -> tuple[float, dict]:
 def tune_shape(n: int, k: int, m_buckets: list[int], kernels: tuple[str, ...], log) -> dict[str, dict]:
     """All timings of one shape: {kernel: {M: [(µs, config)]}}. int8_gemm, the baseline of the other two, is timed
     with the table's own tile when it is not being tuned."""
-    results = {kernel: {} for kernel in TUNED_KERNELS}
+    results = {kernel: {} for kernel in KERNELS}
     for m in m_buckets:
         p = make_inputs(m, n, k)
         a_q = quantize_activation(p["x"], p["inv_scale"], p["shift"], 8)
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in LLAMA3_8B_SHAPES),
                         help="comma-separated NxK weight shapes (out x in features)")
-    parser.add_argument("--only", choices=TUNED_KERNELS,
+    parser.add_argument("--only", choices=KERNELS,
                         help="re-tune one kernel (its M buckets), timed against this device's int8_gemm tiles")
     parser.add_argument("--out", type=Path, default=TABLE_PATH, help="table to rewrite (default: the packaged one)")
     parser.add_argument("--log", type=Path, help="also write the log here")
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             print(line, file=log_file, flush=True)
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    kernels = (args.only,) if args.only else TUNED_KERNELS
+    kernels = (args.only,) if args.only else KERNELS
     m_buckets = sorted(set().union(*({"int8_gemm": GEMM_M_BUCKETS, "splitk_gemm": SPLITK_M_BUCKETS,
                                       "int8_gemm_tma": TMA_M_BUCKETS}[kernel] for kernel in kernels)))
     all_results, per_kernel = [], {kernel: {} for kernel in kernels}
