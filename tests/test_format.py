@@ -112,3 +112,26 @@ def test_weight_values_outside_bits():
     fmt.validate_linear("layer", tensors, 4, 8, fmt.QuantizationConfig(weight_bits=8, activation_bits=8))
     with pytest.raises(fmt.FormatError, match=r"layer\.weight has values outside ±31"):
         fmt.validate_linear("layer", tensors, 4, 8, fmt.QuantizationConfig(weight_bits=6, activation_bits=6))
+
+
+@pytest.mark.parametrize("damage", ["missing", "dtype", "shape"])
+def test_header_and_tensor_checks_agree(checkpoint, damage):
+    """The same layout check serves validate_checkpoint_dir (safetensors headers) and validate_linear (loaded
+    tensors): the same damage gives the same message, naming the shard file where the tensor is in one."""
+    def edit(tensors):
+        name = f"{LINEAR}.output_bias"
+        tensors[name] = {"missing": None, "dtype": tensors[name].half(), "shape": tensors[name][:-1].clone()}[damage]
+        if tensors[name] is None:
+            del tensors[name]
+
+    _edit_tensors(checkpoint, edit)
+    path = _weights_file(checkpoint)
+    tensors = {name.rsplit(".", 1)[1]: tensor for name, tensor in load_file(path).items()
+               if name.startswith(f"{LINEAR}.")}
+    out_features, in_features = tensors["weight"].shape
+    with pytest.raises(fmt.FormatError) as from_tensors:
+        fmt.validate_linear(LINEAR, tensors, out_features, in_features, fmt.QuantizationConfig(), source="SOURCE")
+    with pytest.raises(fmt.FormatError) as from_header:
+        _validate(checkpoint)
+    where = str(checkpoint) if damage == "missing" else str(path)
+    assert str(from_header.value) == str(from_tensors.value).replace("SOURCE", where, 1)

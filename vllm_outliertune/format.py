@@ -69,6 +69,9 @@ class FormatError(ValueError):
     """A checkpoint does not follow the OutlierTune format; the message names the file/tensor and the fix."""
 
 
+_REDO = "re-run `outliertune quantize` to rewrite the checkpoint"
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizationConfig:
     """The ``quantization_config`` block of config.json."""
@@ -118,37 +121,46 @@ def validate_linear(prefix: str, tensors: Mapping[str, torch.Tensor], out_featur
                     config: QuantizationConfig, source: str = "checkpoint") -> None:
     """Check one quantized linear's tensors (keys are suffixes) against the spec; raise FormatError naming the
     tensor, what was expected and what to do."""
-    redo = "re-run `outliertune quantize` to rewrite the checkpoint"
+    layout = {suffix: (tensor.dtype, tuple(tensor.shape)) for suffix, tensor in tensors.items()}
+    check_linear_layout(prefix, layout, out_features, in_features, source)
+    check_linear_values(prefix, tensors, config, source)
+
+
+def check_linear_layout(prefix: str, layout: Mapping[str, tuple[torch.dtype | str, tuple[int, ...]]],
+                        out_features: int, in_features: int, source: str,
+                        file_of: Mapping[str, Path] | None = None) -> None:
+    """Presence, dtype and shape of one quantized linear's tensors, given as {suffix: (dtype, shape)} (from tensors
+    or from a safetensors header), against LINEAR_TENSORS. Errors name ``source``, or for a tensor present with the
+    wrong layout the file ``file_of`` gives for its suffix."""
     for spec in LINEAR_TENSORS:
         name = f"{prefix}.{spec.suffix}"
-        tensor = tensors.get(spec.suffix)
-        if tensor is None:
+        if spec.suffix not in layout:
             if spec.required:
-                raise FormatError(f"{source}: tensor {name} is missing ({spec.meaning}); {redo}")
+                raise FormatError(f"{source}: tensor {name} is missing ({spec.meaning}); {_REDO}")
             continue
+        dtype, shape = layout[spec.suffix]
         expected = spec.shape(out_features, in_features)
-        if tuple(tensor.shape) != expected or tensor.dtype != spec.dtype:
-            raise FormatError(f"{source}: tensor {name} is {tensor.dtype} {list(tensor.shape)}, expected "
-                              f"{spec.dtype} {list(expected)}; {redo}")
-    check_linear_values(prefix, tensors, config, source)
+        if tuple(shape) != expected or dtype != spec.dtype:
+            where = (file_of or {}).get(spec.suffix, source)
+            raise FormatError(f"{where}: tensor {name} is {dtype} {list(shape)}, expected {spec.dtype} "
+                              f"{list(expected)}; {_REDO}")
 
 
 def check_linear_values(prefix: str, tensors: Mapping[str, torch.Tensor], config: QuantizationConfig,
                         source: str = "checkpoint") -> None:
     """Value checks on whichever of a linear's tensors are given: finite vectors, positive scales, weight values
     inside the signed range of weight_bits."""
-    redo = "re-run `outliertune quantize` to rewrite the checkpoint"
     for suffix, tensor in tensors.items():
         if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
-            raise FormatError(f"{source}: tensor {prefix}.{suffix} holds NaN or Inf; {redo}")
+            raise FormatError(f"{source}: tensor {prefix}.{suffix} holds NaN or Inf; {_REDO}")
     for suffix in ("weight_scale", "input_inv_scale"):
         if suffix in tensors and not (tensors[suffix] > 0).all():
-            raise FormatError(f"{source}: tensor {prefix}.{suffix} has zero or negative entries; {redo}")
+            raise FormatError(f"{source}: tensor {prefix}.{suffix} has zero or negative entries; {_REDO}")
     weight = tensors.get("weight")
     qmax = weight_qmax(config.weight_bits)
     if weight is not None and weight.numel() and int(weight.abs().max()) > qmax:
         raise FormatError(f"{source}: tensor {prefix}.weight has values outside ±{qmax} "
-                          f"(weight_bits={config.weight_bits}); {redo}")
+                          f"(weight_bits={config.weight_bits}); {_REDO}")
 
 _SAFETENSORS_DTYPES = {"I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F16": torch.float16,
                        "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool}
@@ -206,22 +218,13 @@ def validate_checkpoint_dir(model_dir: Path, config: QuantizationConfig) -> int:
         if weight is None or len(weight[1]) != 2:
             raise FormatError(f"{model_dir}: tensor {prefix}.weight (int8 [out, in]) is missing or not 2-D; "
                               f"re-run `outliertune quantize`")
-        out_features, in_features = weight[1]
-        vectors = {}
+        names = {suffix: f"{prefix}.{suffix}" for suffix in LINEAR_TENSOR_SUFFIXES if f"{prefix}.{suffix}" in layout}
+        check_linear_layout(prefix, {suffix: layout[name] for suffix, name in names.items()}, *weight[1],
+                            source=str(model_dir), file_of={suffix: file_of[name] for suffix, name in names.items()})
+        vectors = {}  # the small tensors are value-checked now, the [N, K] weights after loading
         for spec in LINEAR_TENSORS:
-            name = f"{prefix}.{spec.suffix}"
-            if name not in layout:
-                if spec.required:
-                    raise FormatError(f"{model_dir}: tensor {name} is missing ({spec.meaning}); "
-                                      f"re-run `outliertune quantize`")
-                continue
-            dtype, shape = layout[name]
-            expected = spec.shape(out_features, in_features)
-            if dtype != spec.dtype or shape != expected:
-                raise FormatError(f"{file_of[name]}: tensor {name} is {dtype} {list(shape)}, expected {spec.dtype} "
-                                  f"{list(expected)}; re-run `outliertune quantize`")
-            if spec.dim != "out,in":
-                with safe_open(str(file_of[name]), framework="pt") as file:
-                    vectors[spec.suffix] = file.get_tensor(name)
+            if spec.suffix in names and spec.dim != "out,in":
+                with safe_open(str(file_of[names[spec.suffix]]), framework="pt") as file:
+                    vectors[spec.suffix] = file.get_tensor(names[spec.suffix])
         check_linear_values(prefix, vectors, config, source=str(model_dir))
     return len(prefixes)
