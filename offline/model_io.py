@@ -19,10 +19,23 @@ GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 O_PROJ = "self_attn.o_proj"
 DOWN_PROJ = "mlp.down_proj"
 LAYER_LINEARS = QKV + (O_PROJ,) + GATE_UP + (DOWN_PROJ,)
+# Where transformers looks for `auto_map`: classes to import from the model directory's own *.py files.
+AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
 
 
 class UserError(Exception):
     """A problem with what the user gave us; the message names the file/argument and what to do."""
+
+
+def read_json_object(path: Path) -> dict:
+    """A model directory's JSON file that must hold an object (config.json, tokenizer_config.json)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); restore the model's {path.name}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object; restore the model's {path.name}")
+    return data
 
 
 def read_config(model_dir: Path) -> dict:
@@ -34,12 +47,7 @@ def read_config(model_dir: Path) -> dict:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"{model_dir} is not a Hugging Face model directory: {config_path} is missing")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{config_path} is not valid JSON ({exc}); restore the model's config.json") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path} must hold a JSON object; restore the model's config.json")
+    config = read_json_object(config_path)
     if not any(model_dir.glob("*.safetensors")):
         pickles = sorted(path.name for pattern in PICKLE_PATTERNS for path in model_dir.glob(pattern))
         if pickles:
@@ -50,6 +58,28 @@ def read_config(model_dir: Path) -> dict:
     return config
 
 
+def read_auto_maps(model_dir: Path, files: tuple[str, ...] = AUTO_MAP_FILES) -> dict[str, dict]:
+    """{file name: its auto_map} for each of ``files`` in ``model_dir`` that names custom code."""
+    auto_maps = {}
+    for name in files:
+        path = Path(model_dir) / name
+        auto_map = read_json_object(path).get("auto_map") if path.is_file() else None
+        if auto_map and not isinstance(auto_map, dict):
+            raise UserError(f"{path}: auto_map must be an object ({{\"AutoClass\": \"module.Class\"}}), got "
+                            f"{auto_map!r}; restore the model's {name}")
+        if auto_map:
+            auto_maps[name] = auto_map
+    return auto_maps
+
+
+def check_remote_code(model_dir: Path, trust_remote_code: bool, files: tuple[str, ...] = AUTO_MAP_FILES) -> None:
+    """Refuse a model directory whose ``files`` name custom code (auto_map) unless --trust-remote-code was given."""
+    untrusted = [] if trust_remote_code else list(read_auto_maps(model_dir, files))
+    if untrusted:
+        raise UserError(f"{Path(model_dir) / untrusted[0]} needs custom code from the model directory (auto_map); it is not "
+                        f"run unless you pass --trust-remote-code (only do so if you trust its source)")
+
+
 def check_quantizable(config: dict, model_dir: Path, trust_remote_code: bool) -> None:
     where = Path(model_dir) / "config.json"
     quant = config.get("quantization_config")
@@ -57,9 +87,9 @@ def check_quantizable(config: dict, model_dir: Path, trust_remote_code: bool) ->
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
         raise UserError(f"{where} says the model is already quantized (quant_method {method!r}); "
                         f"pass the original fp16/bf16/fp32 model directory")
-    if config.get("auto_map") and not trust_remote_code:
-        raise UserError(f"{where} needs custom code from the model directory (auto_map); it is not run unless you "
-                        f"pass --trust-remote-code (only do so if you trust its source)")
+    # Only the model's custom code is refused here: a custom tokenizer class is loaded only when trusted, otherwise
+    # transformers falls back to the built-in class its files name.
+    check_remote_code(model_dir, trust_remote_code, files=("config.json",))
     architectures = config.get("architectures") or []
     if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
         raise UserError(f"{where}: architecture {architectures or '(none given)'} is not supported; supported: "

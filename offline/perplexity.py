@@ -28,19 +28,23 @@ def eval_dtype(config: dict, requested: str, model_dir: Path) -> str:
     return name
 
 
-def load_torch_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Our reference model for an OutlierTune checkpoint, else the Hugging Face model, in ``dtype``."""
+def load_torch_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                     trust_remote_code: bool = False):
+    """Our reference model for an OutlierTune checkpoint, else the Hugging Face model, in ``dtype``; the model
+    directory's custom code (auto_map) runs only with ``trust_remote_code``."""
     from transformers import AutoModelForCausalLM
 
     from vllm_outliertune.offline.reference import load_reference_model
 
     config = read_config(model_dir)
     if is_outliertune_checkpoint(config):
-        return load_reference_model(model_dir, dtype=dtype, device=device)
+        return load_reference_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if config.get("quantization_config") is not None:
         raise UserError(f"{model_dir}/config.json: quantization {config['quantization_config'].get('quant_method')!r}"
                         f" is not supported by --engine torch; use --engine vllm")
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
 
 
 @torch.no_grad()

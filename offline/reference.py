@@ -50,8 +50,10 @@ def load_checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_reference_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """The quantized model of an OutlierTune checkpoint as a torch module (HF structure, integer linears)."""
+def load_reference_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                         trust_remote_code: bool = False):
+    """The quantized model of an OutlierTune checkpoint as a torch module (HF structure, integer linears); the
+    checkpoint's custom model code (auto_map) runs only with ``trust_remote_code``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -60,11 +62,11 @@ def load_reference_model(model_dir: Path, dtype: torch.dtype = torch.float32, de
         raise UserError(f"{model_dir}/config.json has no outliertune quantization_config; not an OutlierTune "
                         f"checkpoint (use the plain model with the fp engine, or run `outliertune quantize`)")
     quant = QuantizationConfig.from_dict(raw_config["quantization_config"], f"{model_dir}/config.json")
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     hf_config.quantization_config = None
     del hf_config.quantization_config
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     tensors = load_checkpoint_tensors(model_dir)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     plain = {}

@@ -202,6 +202,54 @@ def test_trust_remote_code_reaches_the_tokenizer(tmp_path, model_dir, calib, cap
     assert marker.exists() == trusted
 
 
+# ---------------------------------------------------------------- eval and custom code
+
+
+def eval_cli(capsys, model: Path, text: Path, *extra: str) -> tuple[int, str]:
+    code = cli_main(["eval", str(model), "--text", str(text), "--seq-len", "64", "--max-windows", "2", *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_eval_refuses_custom_code_without_flag(tmp_path, model_dir, calib, capsys, where):
+    """eval runs no code of the model directory unless --trust-remote-code: a custom model or tokenizer class is
+    refused (never silently replaced by a built-in class), the file and the flag named, before any engine starts."""
+    marker = tmp_path / "code-ran"
+    source = _with_custom_tokenizer(model_dir, tmp_path / "custom", marker) if where == "tokenizer_config.json" else \
+        copy_with_config(model_dir, tmp_path / "custom", auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    code, err = eval_cli(capsys, source, calib)
+    assert code == EXIT_USER_ERROR
+    assert_clean_error(err, str(source / where), "auto_map", "--trust-remote-code", command="eval")
+    assert not marker.exists()
+
+
+class _EngineStarted(Exception):
+    pass
+
+
+def test_eval_trust_remote_code_reaches_both_engines(tmp_path, model_dir, calib, capsys, monkeypatch):
+    """With --trust-remote-code the torch engine loads the custom tokenizer class, and vllm.LLM gets
+    trust_remote_code=True (it loads model and tokenizer itself); without the flag it gets False."""
+    import vllm
+
+    marker = tmp_path / "tokenizer-code-ran"
+    source = _with_custom_tokenizer(model_dir, tmp_path / "custom-tokenizer", marker)
+    code, err = eval_cli(capsys, source, calib, "--engine", "torch", "--trust-remote-code")
+    assert code == 0 and marker.exists(), err
+
+    engines = []
+
+    def llm(**kwargs):
+        engines.append(kwargs)
+        raise _EngineStarted  # what follows needs a real engine; the arguments are what this test is about
+
+    monkeypatch.setattr(vllm, "LLM", llm)
+    for model, flag in ((model_dir, []), (source, ["--trust-remote-code"])):
+        with pytest.raises(_EngineStarted):
+            eval_cli(capsys, model, calib, "--engine", "vllm", *flag)
+    assert [engine["trust_remote_code"] for engine in engines] == [False, True]
+
+
 @pytest.mark.parametrize("method", ["outliertune", "gptq"])
 def test_already_quantized_model(tmp_path, quantized_dir, calib, capsys, method):
     """Feeding a checkpoint back in (ours, or another method's) is refused with the method named."""

@@ -31,22 +31,26 @@ def _fetch(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from vllm_outliertune.offline.model_io import load_tokenizer, read_config
+    from vllm_outliertune.offline.model_io import check_remote_code, load_tokenizer, read_config
     from vllm_outliertune.offline.perplexity import EVAL_DTYPES, eval_dtype, perplexity
     from vllm_outliertune.offline.text import read_text, token_windows
 
     model_dir = Path(args.model_dir)
     dtype = eval_dtype(read_config(model_dir), args.dtype, model_dir)
-    windows = token_windows(load_tokenizer(model_dir), read_text(Path(args.text)), args.seq_len, args.max_windows,
+    check_remote_code(model_dir, args.trust_remote_code)  # refused, not silently replaced by built-in classes
+    tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
+    windows = token_windows(tokenizer, read_text(Path(args.text)), args.seq_len, args.max_windows,
                             source=f"--text {args.text}")
     if args.engine == "vllm":
         from vllm_outliertune.evaluate import vllm_window_nll
 
-        nll, tokens = vllm_window_nll(str(model_dir), windows.tolist(), dtype=dtype)
+        nll, tokens = vllm_window_nll(str(model_dir), windows.tolist(), dtype=dtype,
+                                      trust_remote_code=args.trust_remote_code)
     else:
         from vllm_outliertune.offline.perplexity import load_torch_model, torch_window_nll
 
-        model = load_torch_model(model_dir, device=args.device, dtype=EVAL_DTYPES[dtype])
+        model = load_torch_model(model_dir, device=args.device, dtype=EVAL_DTYPES[dtype],
+                                 trust_remote_code=args.trust_remote_code)
         nll, tokens = torch_window_nll(model, windows, args.batch_size, progress=not args.json)
     result = {"perplexity": perplexity(nll, tokens), "tokens": tokens, "engine": args.engine, "dtype": dtype}
     print(json.dumps(result) if args.json else
@@ -96,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="torch engine only")
     ev.add_argument("--batch-size", type=int, default=4, help="torch engine only")
     ev.add_argument("--json", action="store_true", help='print {"perplexity", "tokens", "engine", "dtype"} as JSON')
+    ev.add_argument("--trust-remote-code", action="store_true",
+                    help="allow custom model/tokenizer code from MODEL_DIR (auto_map), in both engines")
     ev.set_defaults(run=_eval)
     return parser
 
