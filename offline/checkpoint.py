@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from vllm_outliertune.format import QuantizationConfig
-from vllm_outliertune.offline.model_io import UserError
+from vllm_outliertune.offline.model_io import UserError, read_auto_maps
 
 # Files copied from the source model: tokenizer, chat template, generation defaults.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -176,17 +176,49 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _class_references(auto_map: Mapping[str, object]) -> list[str]:
+    """The "module.Class" strings of an auto_map: a value is one reference, or for tokenizers a [slow, fast] pair
+    in which either may be null."""
+    references = []
+    for value in auto_map.values():
+        references.extend(value if isinstance(value, (list, tuple)) else [value])
+    return [reference for reference in references if isinstance(reference, str)]
+
+
+def custom_code_files(model_dir: Path) -> list[str]:
+    """The module files of ``model_dir`` that its config.json / tokenizer_config.json auto_map entries name: the
+    copies of those files in a checkpoint still name them, so they must come along. A reference to another
+    repository ("org/repo--module.Class") is left out: transformers loads that code from there, not from here."""
+    model_dir = Path(model_dir)
+    files = set()
+    for source, auto_map in read_auto_maps(model_dir).items():
+        for reference in _class_references(auto_map):
+            repo, _, local = reference.rpartition("--")
+            module = local.rpartition(".")[0]
+            if repo:
+                log.warning("%s auto_map: %r names code of the repository %s, not of %s; not copied (transformers "
+                            "fetches it from that repository)", model_dir / source, reference, repo, model_dir)
+            elif not module.isidentifier() or not (model_dir / f"{module}.py").is_file():
+                # transformers wants "module.Class" with module.py beside the config: nothing valid to copy.
+                log.warning("%s auto_map: %r does not name a module file of %s; not copied", model_dir / source,
+                            reference, model_dir)
+            else:
+                files.add(f"{module}.py")
+    return sorted(files)
+
+
 def write_checkpoint(out_dir: Path, model_dir: Path, hf_config: dict, quant_config: QuantizationConfig,
                      tensors: Mapping[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                      extra_files: Mapping[str, str] | None = None) -> Path:
-    """Write weights, config.json (+ quantization_config), the tokenizer files of ``model_dir`` and ``extra_files``
-    ({name: text}) into ``out_dir`` atomically."""
+    """Write weights, config.json (+ quantization_config), the tokenizer files of ``model_dir``, the custom code
+    files its auto_map entries name, and ``extra_files`` ({name: text}) into ``out_dir`` atomically."""
     out_dir = Path(out_dir)
     config = dict(hf_config, quantization_config=quant_config.to_dict())
+    copied = TOKENIZER_FILES + tuple(custom_code_files(model_dir))
     with atomic_directory(out_dir) as tmp:
         write_weights(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in TOKENIZER_FILES:
+        for name in copied:
             if (Path(model_dir) / name).is_file():
                 shutil.copyfile(Path(model_dir) / name, tmp / name)
         for name, text in (extra_files or {}).items():

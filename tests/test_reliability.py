@@ -202,6 +202,47 @@ def test_trust_remote_code_reaches_the_tokenizer(tmp_path, model_dir, calib, cap
     assert marker.exists() == trusted
 
 
+def _with_custom_model_code(source: Path, target: Path, marker: Path) -> Path:
+    """A copy of ``source`` with a custom tokenizer and model class (auto_map of tokenizer_config.json and
+    config.json), a reference to another repository's code, and a *.py file that nothing names."""
+    _with_custom_tokenizer(source, target, marker)
+    config = json.loads((target / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+                          "AutoModel": "other-org/other-model--modeling_other.OtherModel"}
+    (target / "config.json").write_text(json.dumps(config))
+    (target / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\nclass CustomForCausalLM(LlamaForCausalLM):\n    pass\n")
+    (target / "unrelated_script.py").write_text("raise SystemExit('not part of the model')\n")
+    return target
+
+
+@pytest.fixture
+def _keep_auto_model_registry(monkeypatch):
+    """Loading remote model code registers its class for LlamaConfig process-wide; keep that inside the test."""
+    from transformers import AutoModelForCausalLM
+
+    mapping = AutoModelForCausalLM._model_mapping
+    monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
+
+
+def test_custom_code_files_come_along(tmp_path, model_dir, calib, capsys, caplog, _keep_auto_model_registry):
+    """The checkpoint's config.json / tokenizer_config.json still name the model's custom code (auto_map), so the
+    module files they name are written with them (only those: no other *.py file, no code of another repository,
+    which transformers fetches from there, and a log line says so); the checkpoint then loads with its classes."""
+    from transformers import AutoTokenizer
+
+    source = _with_custom_model_code(model_dir, tmp_path / "custom-code", tmp_path / "code-ran")
+    out = tmp_path / "out"
+    code, err = quantize_cli(capsys, source, out, calib, "--trust-remote-code")
+    assert code == 0, err
+    assert sorted(path.name for path in out.glob("*.py")) == ["modeling_custom.py", "tokenization_custom.py"]
+    assert "other-org/other-model--modeling_other.OtherModel" in caplog.text and "not copied" in caplog.text
+    assert type(AutoTokenizer.from_pretrained(out, trust_remote_code=True)).__name__ == "CustomTokenizerFast"
+    code = cli_main(["eval", str(out), "--text", str(calib), "--engine", "torch", "--seq-len", "64",
+                     "--max-windows", "2", "--trust-remote-code"])
+    assert code == 0, capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- eval and custom code
 
 
