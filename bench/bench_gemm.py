@@ -6,11 +6,11 @@ column replays a CUDA graph (as vLLM runs decode), so Python launch overhead sta
 
 Columns: ours = the int8_gemm op on int8 activation codes with the scale + bias epilogue, bf16 out (what the
 compiled plugin runs: inductor fuses the quantization into the norm / activation that produces the input; small M
-goes to the split-K kernel); ours+quant = the quantized_linear op, bf16 activations in (the eager path: quantization
-in the split-K prologue at small M, else a separate quantization pass); bf16 = torch.nn.functional.linear on bf16
-weights (cuBLAS); int_mm and cutlass also start from int8 activations (int_mm: no epilogue, int32 out). TOPS counts
-2*M*N*K; at M <= 64 the "roof" column is the share of HBM bandwidth (3.35 TB/s) reached on the bytes moved
-(weights + activations + out), else the share of the H100's dense int8 peak (1979 TOPS)."""
+goes to the split-K kernel, large M on Hopper to the TMA GEMM); ours+quant = the quantized_linear op, bf16
+activations in (the eager path: a quantization pass, then the same GEMM dispatch); bf16 =
+torch.nn.functional.linear on bf16 weights (cuBLAS); int_mm and cutlass also start from int8 activations (int_mm: no
+epilogue, int32 out). TOPS counts 2*M*N*K; at M <= 64 the "roof" column is the share of HBM bandwidth (3.35 TB/s)
+reached on the bytes moved (weights + activations + out), else the share of the H100's dense int8 peak (1979 TOPS)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 At small M the weights dominate the bytes, so the kernel must keep the whole GPU streaming weights:
 - x is int8 (already quantized, e.g. by the norm that produced it) or float (quantized here, per tile, with the
-  same math as act_quant.quantize_tile: one launch instead of two);
+  same math as act_quant.quantize_tile: one launch instead of two; the tile table is tuned on int8 codes, with
+  which the float variant measured slower, so linear.py quantizes first and this variant waits for its own tiles);
 - BLOCK_M >= 16 uses the tensor cores; below that a multiply-accumulate on CUDA cores, which with ACC_K keeps a
   [BLOCK_M, BLOCK_K, BLOCK_N] accumulator and reduces over K once after the loop (not a cross-thread reduction per
   K step), and with PACKED (int8 x only) reads four int8 values per 32-bit word and multiplies them with one dp4a;
