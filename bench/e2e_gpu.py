@@ -189,7 +189,7 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8") -> None:
 # Kernel kinds of a decode step, by the kernel names the profiler reports (first match wins). Inductor names its
 # fused kernels after the ops they contain: "round" marks one that writes our int8 codes.
 KERNEL_KINDS = (
-    ("our int8 GEMMs", ("_int8_gemm_kernel", "_splitk_gemm_kernel")),
+    ("our int8 GEMMs", ("_int8_gemm_kernel", "_int8_gemm_tma_kernel", "_splitk_gemm_kernel")),
     ("our activation quant (standalone)", ("_quantize_activation_kernel",)),
     ("RMSNorm + quant (fused by inductor)", ("round.*(mean|rsqrt|rms_norm)", "(mean|rsqrt|rms_norm).*round")),
     ("SiLU-mul + quant (fused by inductor)", ("round.*(silu|sigmoid)", "(silu|sigmoid).*round")),
