@@ -124,31 +124,32 @@ def launch_options(config: dict) -> dict:
     return {key: value for key, value in config.items() if key in ("num_warps", "num_stages")}
 
 
-def prepare_output(a: torch.Tensor, w_q: torch.Tensor, bias: torch.Tensor | None,
-                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The activation with contiguous K, the output [M, N], and whether the output is already final (an empty
-    problem: no rows/columns, or K = 0 where the result is just the bias)."""
+def start_gemm(kernel: str, a_dtype_ok: bool, a: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None,
+               bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict | None,
+               scaled_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    """What every GEMM entry point does before its launch: check the arguments, make K contiguous, allocate the
+    output [M, N] and pick the tile (`config`, else the table's for `kernel`). Returns (a, out, config), config None
+    when out is already final (an empty problem: no rows/columns, or K = 0 where the result is just the bias)."""
+    check_gemm_args(a_dtype_ok, a, w_q, w_scale, bias, out_dtype, kernel if scaled_only else None)
     a = a if a.stride(1) == 1 else a.contiguous()
     (m, k), n = a.shape, w_q.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
-        return a, out, True
+        return a, out, None
     if k == 0:
         out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
-        return a, out, True
-    return a, out, False
+        return a, out, None
+    return a, out, config or get_config(kernel, m, n, k, a.device)
 
 
 def int8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
               out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """a_q int8 [M, K] @ w_q int8 [N, K]^T in int32, then * w_scale[n] (+ bias[n]) -> out_dtype [M, N].
     out_dtype=torch.int32 with w_scale=None returns the raw accumulator. `config` overrides the tile table."""
-    check_gemm_args(a_q.dtype == torch.int8, a_q, w_q, w_scale, bias, out_dtype)
-    a_q, out, done = prepare_output(a_q, w_q, bias, out_dtype)
-    if done:
+    a_q, out, config = start_gemm("int8_gemm", a_q.dtype == torch.int8, a_q, w_q, w_scale, bias, out_dtype, config)
+    if config is None:
         return out
     (m, k), n = a_q.shape, w_q.shape[0]
-    config = config or get_config("int8_gemm", m, n, k, a_q.device)
     blocks = {key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
     grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
     _int8_gemm_kernel[grid](

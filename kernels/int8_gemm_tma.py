@@ -10,9 +10,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from vllm_outliertune.kernels.configs import get_config
-from vllm_outliertune.kernels.int8_gemm import (check_gemm_args, epilogue_store, launch_options, multiprocessors,
-                                                prepare_output)
+from vllm_outliertune.kernels.int8_gemm import epilogue_store, launch_options, multiprocessors, start_gemm
 
 
 @triton.jit
@@ -47,12 +45,11 @@ def supports_tma(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
 def int8_gemm_tma(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                   out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """Same contract as int8_gemm.int8_gemm with a scale (float out); the caller checks supports_tma first."""
-    check_gemm_args(a_q.dtype == torch.int8, a_q, w_q, w_scale, bias, out_dtype, scaled_only="int8_gemm_tma")
-    a_q, out, done = prepare_output(a_q, w_q, bias, out_dtype)
-    if done:
+    a_q, out, config = start_gemm("int8_gemm_tma", a_q.dtype == torch.int8, a_q, w_q, w_scale, bias, out_dtype,
+                                  config, scaled_only=True)
+    if config is None:
         return out
     (m, k), n = a_q.shape, w_q.shape[0]
-    config = config or get_config("int8_gemm_tma", m, n, k, a_q.device)
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     programs = min(multiprocessors(a_q.device), triton.cdiv(m, bm) * triton.cdiv(n, bn))
     _int8_gemm_tma_kernel[(programs,)](

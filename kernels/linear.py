@@ -40,11 +40,25 @@ def _small_m(m: int, n: int, k: int, device: torch.device) -> bool:
     return listed is not None and m <= listed[1]
 
 
-def _scaled_gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    """int8 codes in, scaled float out, on the Triton kernel the tile table picks for this M."""
-    (m, k), n = a_q.shape, w_q.shape[0]
+def _quantize(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
+              bits: int) -> torch.Tensor:
+    if _runs_triton(x):
+        return _triton().quantize_activation(x, inv_scale, shift, bits)
+    return torch_ref.quantize_activation_ref(x, inv_scale, shift, bits)
+
+
+def _gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
+          out_dtype: torch.dtype) -> torch.Tensor:
+    """int8 codes in; scaled float out on the Triton kernel the tile table picks for this M, or the raw int32
+    accumulator (w_scale None); the exact torch reference where Triton does not run."""
+    if not _runs_triton(a_q):
+        if w_scale is None:
+            return torch_ref.int_mm_exact(a_q, w_q)
+        return torch_ref.int8_gemm_ref(a_q, w_q, w_scale, bias, out_dtype)
     kernels = _triton()
+    if w_scale is None or out_dtype == torch.int32:
+        return kernels.int8_gemm(a_q, w_q, w_scale, bias, out_dtype)
+    (m, k), n = a_q.shape, w_q.shape[0]
     if _small_m(m, n, k, a_q.device):
         return kernels.splitk_gemm(a_q, w_q, w_scale, bias, None, None, 8, out_dtype)
     listed = listed_m_range("int8_gemm_tma", n, k, a_q.device)
@@ -57,9 +71,7 @@ def _scaled_gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bi
 def quantize_activation(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
                         bits: int) -> torch.Tensor:
     """x float [M, K] -> int8 [M, K]: clamp(round(x * inv_scale - shift)) in the signed range of `bits`."""
-    if _runs_triton(x):
-        return _triton().quantize_activation(x, inv_scale, shift, bits)
-    return torch_ref.quantize_activation_ref(x, inv_scale, shift, bits)
+    return _quantize(x, inv_scale, shift, bits)
 
 
 @quantize_activation.register_fake
@@ -74,13 +86,7 @@ def int8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None
     out_dtype=torch.int32 and w_scale=None, the raw int32 accumulator. Small M (where the tile table lists the
     split-K kernel) streams the weights with split-K, large M on Hopper runs the persistent TMA GEMM where the table
     lists it, the rest the tiled GEMM."""
-    if not _runs_triton(a_q):
-        if w_scale is None:
-            return torch_ref.int_mm_exact(a_q, w_q)
-        return torch_ref.int8_gemm_ref(a_q, w_q, w_scale, bias, out_dtype)
-    if w_scale is None or out_dtype == torch.int32:
-        return _triton().int8_gemm(a_q, w_q, w_scale, bias, out_dtype)
-    return _scaled_gemm(a_q, w_q, w_scale, bias, out_dtype)
+    return _gemm(a_q, w_q, w_scale, bias, out_dtype)
 
 
 @int8_gemm.register_fake
@@ -96,16 +102,9 @@ def quantized_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
     eager path (the compiled plugin fuses the quantization upstream and calls int8_gemm). One quantization pass, then
     the GEMM the table picks: the split-K tiles are tuned on int8 codes, and with them quantizing inside the split-K
     prologue measured slower at M = 1 (qkv 39.2 µs vs 18.6 µs for the GEMM on codes, H100)."""
-    k = x.shape[-1]
-    n = w_q.shape[0]
-    x2 = x.reshape(math.prod(x.shape[:-1]), k)
-    if _runs_triton(x):
-        out = _scaled_gemm(_triton().quantize_activation(x2, inv_scale, shift, act_bits), w_q, w_scale, bias,
-                           out_dtype)
-    else:
-        out = torch_ref.int8_gemm_ref(torch_ref.quantize_activation_ref(x2, inv_scale, shift, act_bits), w_q,
-                                      w_scale, bias, out_dtype)
-    return out.view(*x.shape[:-1], n)
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    out = _gemm(_quantize(x2, inv_scale, shift, act_bits), w_q, w_scale, bias, out_dtype)
+    return out.view(*x.shape[:-1], w_q.shape[0])
 
 
 @quantized_linear.register_fake

@@ -21,9 +21,7 @@ import triton.language as tl
 
 from vllm_outliertune.format import qrange
 from vllm_outliertune.kernels.act_quant import FLOAT_INPUT_DTYPES, check_activation_args, quantize_tile
-from vllm_outliertune.kernels.configs import get_config
-from vllm_outliertune.kernels.int8_gemm import (check_gemm_args, epilogue_store, launch_options, multiprocessors,
-                                                prepare_output)
+from vllm_outliertune.kernels.int8_gemm import epilogue_store, launch_options, multiprocessors, start_gemm
 
 # The interpreter (CPU CI) runs no PTX: there the packed dot product is computed byte by byte (same result).
 _DP4A_ASM = os.environ.get("TRITON_INTERPRET") != "1"
@@ -131,13 +129,11 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
         check_activation_args(x, inv_scale, shift, bits)
     elif inv_scale is not None or shift is not None:
         raise ValueError("splitk_gemm: x is already int8 codes; pass inv_scale=None and shift=None")
-    check_gemm_args(x.dtype in FLOAT_INPUT_DTYPES + (torch.int8,), x, w_q, w_scale, bias, out_dtype,
-                    scaled_only="splitk_gemm")
-    x, out, done = prepare_output(x, w_q, bias, out_dtype)
-    if done:
+    x, out, config = start_gemm("splitk_gemm", x.dtype in FLOAT_INPUT_DTYPES + (torch.int8,), x, w_q, w_scale, bias,
+                                out_dtype, config, scaled_only=True)
+    if config is None:
         return out
     (m, k), n = x.shape, w_q.shape[0]
-    config = config or get_config("splitk_gemm", m, n, k, x.device)
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     x_words = w_words = None
     if config.get("PACKED") and not quantize and block_k % 4 == 0:
