@@ -49,60 +49,63 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, inv_scale_pt
                         DP4A_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     # With PACKED, x and w are int32 views (4 int8 per word) and K, K_PER_SPLIT, BLOCK_K, strides count words.
-    pid_mn = tl.program_id(0)
+    # One program per (M, N) tile, or (PROGRAMS_PER_SM in the config) a persistent grid that walks the tiles.
     pid_k = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid_mn // num_pid_n
-    pid_n = pid_mn % num_pid_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    rows_w = tl.where(offs_n < N, offs_n, 0)
-    k_start = pid_k * K_PER_SPLIT
-    offs_k = k_start + tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    for pid_mn in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * num_pid_n, tl.num_programs(0)):
+        pid_m = pid_mn // num_pid_n
+        pid_n = pid_mn % num_pid_n
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        rows_w = tl.where(offs_n < N, offs_n, 0)
+        k_start = pid_k * K_PER_SPLIT
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
 
-    if ACC_K or PACKED:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for _ in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
-        mask_k = offs_k < K
-        if EVEN_K:
-            w = tl.load(w_ptrs)
+        if ACC_K or PACKED:
+            acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
         else:
-            w = tl.load(w_ptrs, mask=mask_k[:, None], other=0)  # zero weights cancel the padded codes
-        if QUANTIZE:
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            a = quantize_tile(x, inv_scale_ptr, shift_ptr, offs_k, mask_k, QMIN, QMAX, HAS_INV_SCALE, HAS_SHIFT)
-        else:
-            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
-        if PACKED:
-            acc3 = dot4_accumulate(w[None, :, :], a[:, :, None], acc3, DP4A_ASM)
-        elif ACC_K:
-            acc3 += a.to(tl.int32)[:, :, None] * w.to(tl.int32)[None, :, :]
-        elif BLOCK_M >= 16:
-            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-        else:
-            acc += tl.sum(a.to(tl.int32)[:, :, None] * w.to(tl.int32)[None, :, :], axis=1)
-        offs_k += BLOCK_K
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    if ACC_K or PACKED:
-        acc = tl.sum(acc3, axis=1)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for _ in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
+            mask_k = offs_k < K
+            # Weights are read once: evict them first, keep the activations (re-read by every tile) in L2.
+            if EVEN_K:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:  # zero weights cancel the padded codes
+                w = tl.load(w_ptrs, mask=mask_k[:, None], other=0, eviction_policy="evict_first")
+            if QUANTIZE:
+                x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                a = quantize_tile(x, inv_scale_ptr, shift_ptr, offs_k, mask_k, QMIN, QMAX, HAS_INV_SCALE, HAS_SHIFT)
+            else:
+                a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
+            if PACKED:
+                acc3 = dot4_accumulate(w[None, :, :], a[:, :, None], acc3, DP4A_ASM)
+            elif ACC_K:
+                acc3 += a.to(tl.int32)[:, :, None] * w.to(tl.int32)[None, :, :]
+            elif BLOCK_M >= 16:
+                acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+            else:
+                acc += tl.sum(a.to(tl.int32)[:, :, None] * w.to(tl.int32)[None, :, :], axis=1)
+            offs_k += BLOCK_K
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if ACC_K or PACKED:
+            acc = tl.sum(acc3, axis=1)
 
-    if SPLIT_K == 1:
-        epilogue_store(acc, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
-    else:
-        mask = mask_m[:, None] & (offs_n < N)[None, :]
-        ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial sum is in before this program counts itself in
-        arrived = tl.atomic_add(count_ptr + pid_mn, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")  # read at L2, past stale L1 lines
-            epilogue_store(total, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
+        if SPLIT_K == 1:
+            epilogue_store(acc, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
+        else:
+            mask = mask_m[:, None] & (offs_n < N)[None, :]
+            ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+            tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial sum is in before this program counts itself in
+            arrived = tl.atomic_add(count_ptr + pid_mn, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")  # read at L2, past stale L1 lines
+                epilogue_store(total, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True,
+                               HAS_BIAS)
 
 
 def _auto_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
@@ -123,7 +126,8 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (+ bias[n]) -> out_dtype [M, N], one launch (plus a workspace
     memset when split-K is used). Float x is quantized in the prologue with inv_scale / shift / bits; int8 x is
     used as it is (then inv_scale and shift must be None). `config` overrides the tile table (SPLIT_K 0 =
-    automatic; PACKED applies to int8 x with K % 4 == 0 only)."""
+    automatic; PACKED applies to int8 x with K % 4 == 0 only; PROGRAMS_PER_SM > 0 launches that many programs per
+    SM, each walking several tiles, instead of one program per tile)."""
     quantize = x.dtype != torch.int8
     if quantize:
         check_activation_args(x, inv_scale, shift, bits)
@@ -151,7 +155,8 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
         partial_sums = counters = None
     qmin, qmax = qrange(bits)
     word = 4 if packed else 1
-    _splitk_gemm_kernel[(tiles, split_k)](
+    programs = min(tiles, config.get("PROGRAMS_PER_SM", 0) * multiprocessors(x.device)) or tiles
+    _splitk_gemm_kernel[(programs, split_k)](
         x_words if packed else x, w_words if packed else w_q, out, w_scale, bias, inv_scale, shift, partial_sums,
         counters, m, n, k // word, x.stride(0) // word, w_q.stride(0) // word, out.stride(0), k_per_split // word,
         QUANTIZE=quantize, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None,

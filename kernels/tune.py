@@ -3,6 +3,7 @@
     python -m vllm_outliertune.kernels.tune                      # Llama-3-8B shapes, all kernels, all M buckets
     python -m vllm_outliertune.kernels.tune --shapes 6144x4096 --out /tmp/table.json
     python -m vllm_outliertune.kernels.tune --only splitk_gemm   # one kernel, against the table's int8_gemm tiles
+    python -m vllm_outliertune.kernels.tune --only splitk_gemm --buckets 1,4   # only these M buckets
 
 For every shape (N x K) and M bucket it times each candidate tile of the tiled int8_gemm, of the split-K small-M
 kernel and (Hopper) of the persistent TMA GEMM, all on int8 activation codes (what the compiled plugin runs: the
@@ -53,8 +54,12 @@ def gemm_candidates(m: int) -> list[dict]:
 
 
 def tma_candidates(m: int) -> list[dict]:
-    return [_gemm(*c) for c in ((128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 256, 64, 8, 4),
-                                (128, 256, 128, 8, 3), (256, 128, 128, 8, 3))]
+    """Tiles whose operand stages fit in shared memory; the smaller ones also with warp specialisation."""
+    tiles = ((128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 128, 128, 8, 5), (128, 128, 256, 8, 3),
+             (128, 256, 64, 8, 4), (128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3),
+             (256, 128, 128, 8, 4))
+    specialized = ((128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 256, 64, 8, 4), (128, 256, 128, 8, 3))
+    return [_gemm(*c) for c in tiles] + [{**_gemm(*c), "WARP_SPECIALIZE": 1} for c in specialized]
 
 
 def splitk_candidates(m: int) -> list[dict]:
@@ -71,9 +76,19 @@ def splitk_candidates(m: int) -> list[dict]:
                       if bm * bn * bk <= 8192]
             tiles += [(bn, bk, {"PACKED": 1}) for bn, bk in ((16, 512), (32, 256), (32, 512), (64, 256), (64, 512),
                                                              (128, 256)) if bm * bn * bk <= 32768]
-        candidates += [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, **variant, "num_warps": 4,
-                        "num_stages": 3 if bk * (bn + bm) > 48 * 1024 else 4}
-                       for bn, bk, variant in tiles for split in (1, 2, 4, 8)]
+            # A few rows by (nearly) all of K per program: every load of a program in flight at once (at most
+            # 128 accumulator words per thread).
+            tiles += [(bn, bk, {"PACKED": 1, "num_warps": warps}) for bn, bk in (
+                (2, 4096), (4, 4096), (8, 2048), (8, 4096), (16, 1024), (16, 2048), (16, 4096), (32, 1024))
+                for warps in (4, 8, 16) if bm * bn * bk <= 128 * 128 * warps]
+            # Persistent grids: a few programs per SM walk the tiles.
+            tiles += [(bn, bk, {"PACKED": 1, "PROGRAMS_PER_SM": per_sm, "num_warps": warps})
+                      for bn, bk, warps in ((16, 512, 4), (32, 512, 4), (8, 2048, 8), (8, 4096, 8))
+                      for per_sm in (2, 4, 8) if bm * bn * bk <= 128 * 128 * warps]
+        candidates += [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4,
+                        "num_stages": 3 if bk * (bn + bm) > 48 * 1024 else 4, **variant}
+                       for bn, bk, variant in tiles for split in (1, 2, 4, 8)
+                       if split == 1 or ("PROGRAMS_PER_SM" not in variant and split <= 2 * 1024 // min(bk, 1024))]
     return candidates
 
 
@@ -119,17 +134,21 @@ def tune_shape(n: int, k: int, m_buckets: list[int], kernels: tuple[str, ...], l
                     log(f"skip {kernel} N={n} K={k} M={m} {config}: {type(error).__name__}: {error}"[:300])
             if timings:
                 results[kernel][m] = timings
-                best = _best(timings)
-                log(f"{kernel:13s} N={n:5d} K={k:5d} M={m:5d} best {best[0]:9.1f} us {best[1]}")
+                ranked = sorted(timings, key=lambda t: t[0])
+                runners_up = ", ".join(f"{t:.1f}" for t, _ in ranked[1:4])
+                log(f"{kernel:13s} N={n:5d} K={k:5d} M={m:5d} best {ranked[0][0]:9.1f} us {ranked[0][1]} "
+                    f"(next: {runners_up})")
     return results
 
 
 def _winning_run(results: dict, kernel: str, buckets) -> dict[str, dict]:
-    """Best configs of `kernel` for the buckets, in the given order, while it beats int8_gemm."""
+    """Best configs of `kernel` for the tuned buckets, in the given order, while it beats int8_gemm."""
     entries = {}
     for m in buckets:
         timings = results[kernel].get(m)
-        if not timings or _best(timings)[0] >= _best(results["int8_gemm"][m])[0]:
+        if not timings:
+            continue
+        if _best(timings)[0] >= _best(results["int8_gemm"][m])[0]:
             break
         entries[str(m)] = _best(timings)[1]
     return entries
@@ -159,6 +178,18 @@ def default_entries(all_results: list[dict], kernel: str) -> dict[str, dict]:
     return defaults
 
 
+def keep_untuned_buckets(path: Path, device_key: str, kernel: str, entries: dict[str, dict],
+                         tuned: list[int]) -> dict[str, dict]:
+    """This device's existing entries of `kernel` in the table at `path`, with the tuned buckets replaced by
+    `entries` (per shape; a tuned bucket the kernel lost is dropped)."""
+    old = json.loads(path.read_text())["devices"].get(device_key, {}).get(kernel, {}) if path.exists() else {}
+    merged = {}
+    for shape in old.keys() | entries.keys():
+        per_m = {m: c for m, c in old.get(shape, {}).items() if int(m) not in tuned} | entries.get(shape, {})
+        merged[shape] = dict(sorted(per_m.items(), key=lambda item: int(item[0])))
+    return merged
+
+
 def write_table(path: Path, device_key: str, per_kernel: dict) -> None:
     """Replace this device's entries for the kernels in per_kernel (others and other devices are kept)."""
     table = json.loads(path.read_text()) if path.exists() else {"version": 1, "devices": {}}
@@ -176,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated NxK weight shapes (out x in features)")
     parser.add_argument("--only", choices=KERNELS,
                         help="re-tune one kernel (its M buckets), timed against this device's int8_gemm tiles")
+    parser.add_argument("--buckets", help="comma-separated M buckets to re-tune (with --only); this device's "
+                        "entries for the other buckets are kept")
     parser.add_argument("--out", type=Path, default=TABLE_PATH, help="table to rewrite (default: the packaged one)")
     parser.add_argument("--log", type=Path, help="also write the log here")
     args = parser.parse_args(argv)
@@ -190,8 +223,14 @@ def main(argv: list[str] | None = None) -> None:
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     kernels = (args.only,) if args.only else KERNELS
-    m_buckets = sorted(set().union(*({"int8_gemm": GEMM_M_BUCKETS, "splitk_gemm": SPLITK_M_BUCKETS,
-                                      "int8_gemm_tma": TMA_M_BUCKETS}[kernel] for kernel in kernels)))
+    kernel_buckets = {"int8_gemm": GEMM_M_BUCKETS, "splitk_gemm": SPLITK_M_BUCKETS, "int8_gemm_tma": TMA_M_BUCKETS}
+    m_buckets = sorted(set().union(*(kernel_buckets[kernel] for kernel in kernels)))
+    if args.buckets:
+        chosen = sorted({int(b) for b in args.buckets.split(",")})
+        if not args.only or not set(chosen) <= set(kernel_buckets[args.only]):
+            raise SystemExit(f"tune: --buckets needs --only KERNEL and buckets from that kernel's list "
+                             f"({kernel_buckets[args.only] if args.only else kernel_buckets})")
+        m_buckets = chosen
     all_results, per_kernel = [], {kernel: {} for kernel in kernels}
     for n, k in shapes:
         results = tune_shape(n, k, m_buckets, kernels, log)
@@ -205,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
             m: c for m, c in default_entries(all_results, kernel).items()
             if kernel == "int8_gemm" or all(m in per_kernel[kernel].get(shape_key(n, k), {}) for n, k in shapes)}
     device_key = torch.cuda.get_device_name()
+    if args.buckets:
+        per_kernel = {kernel: keep_untuned_buckets(args.out, device_key, kernel, entries, m_buckets)
+                      for kernel, entries in per_kernel.items()}
     write_table(args.out, device_key, per_kernel)
     log(f"wrote {args.out} for {device_key!r}: " + ", ".join(
         f"{sum(len(v) for v in entries.values())} {kernel} entries" for kernel, entries in per_kernel.items()))

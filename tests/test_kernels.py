@@ -67,12 +67,17 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
         expect_equal(f"int8_gemm {out_dtype}", int8_gemm(q_ref, w_q, w_scale, bias, out_dtype), y_ref)
     y_ref = torch_ref.int8_gemm_ref(q_ref, w_q, w_scale, bias, torch.bfloat16)
     if k % 16 == 0:  # TMA needs 16-byte aligned rows
-        tma_config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
-        expect_equal("int8_gemm_tma", int8_gemm_tma(q_ref, w_q, w_scale, bias, torch.bfloat16, tma_config), y_ref)
-    for block_m, split_k, variant in ((16, 1, None), (16, 3, None), (2, 2, None), (1, 1, "ACC_K"), (4, 3, "ACC_K"),
-                                      (1, 2, "PACKED"), (2, 1, "PACKED")):
-        config = {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k, variant: 1}
-        name = f"splitk_gemm block_m={block_m} split_k={split_k} {variant or ''}"
+        for warp_specialize in (0, 1):
+            tma_config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "WARP_SPECIALIZE": warp_specialize}
+            expect_equal(f"int8_gemm_tma warp_specialize={warp_specialize}",
+                         int8_gemm_tma(q_ref, w_q, w_scale, bias, torch.bfloat16, tma_config), y_ref)
+    # PROGRAMS_PER_SM: a persistent grid (the interpreter counts one SM, so one or two programs walk all tiles).
+    for block_m, split_k, variant in ((16, 1, {}), (16, 3, {}), (2, 2, {}), (1, 1, {"ACC_K": 1}),
+                                      (4, 3, {"ACC_K": 1}), (1, 2, {"PACKED": 1}), (2, 1, {"PACKED": 1}),
+                                      (1, 1, {"PACKED": 1, "PROGRAMS_PER_SM": 1}),
+                                      (16, 2, {"PROGRAMS_PER_SM": 2})):
+        config = {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k, **variant}
+        name = f"splitk_gemm block_m={block_m} split_k={split_k} {variant}"
         # Float input (quantized in the prologue; PACKED does not apply) and int8 codes.
         got = splitk_gemm(x, w_q, w_scale, bias, p["inv_scale"], p["shift"], bits, torch.bfloat16, config)
         expect_equal(f"{name} float x", got, y_ref)
