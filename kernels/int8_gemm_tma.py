@@ -16,15 +16,12 @@ from vllm_outliertune.kernels.int8_gemm import epilogue_store, launch_options, m
 @triton.jit
 def _int8_gemm_tma_kernel(a_desc, w_desc, out_ptr, scale_ptr, bias_ptr, M, N, K, stride_om,
                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                          WARP_SPECIALIZE: tl.constexpr):
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     pids_per_group = GROUP_M * num_pid_n
-    # Warp specialisation (loads and MMAs in separate warps) takes the tile loop unflattened on Hopper.
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=not WARP_SPECIALIZE,
-                         warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         first_m = (tile // pids_per_group) * GROUP_M
         group_rows = min(num_pid_m - first_m, GROUP_M)
         pid_m = first_m + (tile % pids_per_group) % group_rows
@@ -58,6 +55,5 @@ def int8_gemm_tma(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, b
     _int8_gemm_tma_kernel[(programs,)](
         TensorDescriptor.from_tensor(a_q, [bm, bk]), TensorDescriptor.from_tensor(w_q, [bn, bk]), out, w_scale, bias,
         m, n, k, out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        GROUP_M=config["GROUP_M"], NUM_PROGRAMS=programs, WARP_SPECIALIZE=bool(config.get("WARP_SPECIALIZE")),
-        **launch_options(config), enable_fp_fusion=False)
+        GROUP_M=config["GROUP_M"], NUM_PROGRAMS=programs, **launch_options(config), enable_fp_fusion=False)
     return out
