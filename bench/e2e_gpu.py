@@ -180,10 +180,11 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8") -> None:
     for row in results:
         print(f"| {row['label']} | " + " | ".join(
             f"{row.get(c):.1f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns) + " |")
-    base = results[0]
-    for row in results[1:]:
-        print(f"{row['label']} / bf16: " + ", ".join(
-            f"{c} {row[c] / base[c]:.2f}x" for c in columns if "tok/s" in c and base.get(c)))
+    base = next((row for row in results if row["label"] == "bf16"), None)
+    for row in results if base else []:
+        if row is not base:
+            print(f"{row['label']} / bf16: " + ", ".join(
+                f"{c} {row[c] / base[c]:.2f}x" for c in columns if "tok/s" in c and base.get(c)))
 
 
 # Kernel kinds of a decode step, by the kernel names the profiler reports (first match wins). Inductor names its

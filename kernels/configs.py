@@ -72,28 +72,31 @@ def _per_m(kernel: str, keys: tuple[str, ...], n: int, k: int) -> dict[str, Any]
                    "add a 'default' entry or re-run `python -m vllm_outliertune.kernels.tune`")
 
 
-def _keys(device: torch.device | None) -> tuple[str, ...]:
+def table_keys(device: torch.device | None) -> tuple[str, ...]:
+    """The table keys to look `device` up by (the interpreter uses the portable default tiles)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        device = None  # interpreter: the portable default tiles
+        device = None
     return device_keys(device)
 
 
-def get_config(kernel: str, m: int, n: int, k: int, device: torch.device | None) -> dict[str, Any]:
-    """The tile configuration for `kernel` at this problem size on `device` (a fresh dict: callers may edit)."""
-    per_m = _per_m(kernel, _keys(device), n, k)
+def get_config(kernel: str, m: int, n: int, k: int, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The tile configuration for `kernel` at this problem size for the device `keys` (table_keys) name; a fresh
+    dict: callers may edit it."""
+    per_m = _per_m(kernel, keys, n, k)
     return dict(per_m[str(m_bucket(m, [int(b) for b in per_m]))])
 
 
-def listed_m_range(kernel: str, n: int, k: int, device: torch.device | None) -> tuple[int, int] | None:
-    """The smallest and largest M bucket the table lists for `kernel` at this shape (None: none, or no entry).
-    The dispatch uses the split-K kernel up to the largest bucket and the TMA GEMM from the smallest one."""
-    return _m_range(kernel, _keys(device), n, k)
+def listed_buckets(kernel: str, n: int, k: int, keys: tuple[str, ...]) -> list[int]:
+    """The M buckets the table lists for `kernel` at this shape (none where it has no entry)."""
+    try:
+        return [int(b) for b in _per_m(kernel, keys, n, k)]
+    except KeyError:
+        return []
 
 
 @functools.lru_cache(maxsize=4096)
-def _m_range(kernel: str, keys: tuple[str, ...], n: int, k: int) -> tuple[int, int] | None:
-    try:
-        buckets = [int(b) for b in _per_m(kernel, keys, n, k)]
-    except KeyError:
-        return None
+def listed_m_range(kernel: str, n: int, k: int, keys: tuple[str, ...]) -> tuple[int, int] | None:
+    """The smallest and largest M bucket the table lists for `kernel` at this shape (None: none, or no entry).
+    The dispatch uses the split-K kernel up to the largest bucket and the TMA GEMM from the smallest one."""
+    buckets = listed_buckets(kernel, n, k, keys)
     return (min(buckets), max(buckets)) if buckets else None

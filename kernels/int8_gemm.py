@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_outliertune.kernels.configs import get_config
+from vllm_outliertune.kernels.configs import get_config, table_keys
 
 OUT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
               torch.int32: tl.int32}
@@ -139,7 +139,7 @@ def start_gemm(kernel: str, a_dtype_ok: bool, a: torch.Tensor, w_q: torch.Tensor
     if k == 0:
         out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
         return a, out, None
-    return a, out, config or get_config(kernel, m, n, k, a.device)
+    return a, out, config or get_config(kernel, m, n, k, table_keys(a.device))
 
 
 def int8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,

@@ -9,11 +9,12 @@ import functools
 import math
 import os
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
 from vllm_outliertune.kernels import torch_ref
-from vllm_outliertune.kernels.configs import listed_m_range
+from vllm_outliertune.kernels.configs import KERNELS, get_config, listed_buckets, listed_m_range, table_keys
 
 # Read once, like triton.jit does when it decorates the kernels at import.
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,10 +35,16 @@ def _triton() -> SimpleNamespace:
                            int8_gemm_tma=int8_gemm_tma, supports_tma=supports_tma)
 
 
-def _small_m(m: int, n: int, k: int, device: torch.device) -> bool:
-    """Whether the tile table routes M rows of this shape to the split-K small-M kernel."""
-    listed = listed_m_range("splitk_gemm", n, k, device)
-    return listed is not None and m <= listed[1]
+def _pick_kernel(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: Callable[[], bool]) -> str:
+    """The kernel the tile table routes M rows of this shape to: split-K up to its largest listed bucket, the
+    TMA GEMM from its smallest listed bucket (where the operands allow TMA), else the tiled GEMM."""
+    small = listed_m_range("splitk_gemm", n, k, keys)
+    if small is not None and m <= small[1]:
+        return "splitk_gemm"
+    large = listed_m_range("int8_gemm_tma", n, k, keys)
+    if large is not None and m >= large[0] and tma_ok():
+        return "int8_gemm_tma"
+    return "int8_gemm"
 
 
 def _quantize(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
@@ -59,12 +66,48 @@ def _gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bi
     if w_scale is None or out_dtype == torch.int32:
         return kernels.int8_gemm(a_q, w_q, w_scale, bias, out_dtype)
     (m, k), n = a_q.shape, w_q.shape[0]
-    if _small_m(m, n, k, a_q.device):
+    kernel = _pick_kernel(m, n, k, table_keys(a_q.device), lambda: kernels.supports_tma(a_q, w_q))
+    if kernel == "splitk_gemm":
         return kernels.splitk_gemm(a_q, w_q, w_scale, bias, None, None, 8, out_dtype)
-    listed = listed_m_range("int8_gemm_tma", n, k, a_q.device)
-    if listed is not None and m >= listed[0] and kernels.supports_tma(a_q, w_q):
-        return kernels.int8_gemm_tma(a_q, w_q, w_scale, bias, out_dtype)
-    return kernels.int8_gemm(a_q, w_q, w_scale, bias, out_dtype)
+    return getattr(kernels, kernel)(a_q, w_q, w_scale, bias, out_dtype)
+
+
+def compile_variant(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: bool) -> tuple:
+    """What decides which compiled Triton kernel a GEMM of M rows runs: the kernel, its tile, and how Triton
+    specialises the integer M (divisible by 16, or equal to 1)."""
+    kernel = _pick_kernel(m, n, k, keys, lambda: tma_ok)
+    config = get_config(kernel, m, n, k, keys)
+    return kernel, tuple(sorted(config.items())), m % 16 == 0, m == 1
+
+
+def warmup_rows(n: int, k: int, keys: tuple[str, ...], tma_ok: bool, max_m: int) -> list[int]:
+    """Row counts that, run once each, compile every kernel variant (compile_variant) that M = 1 .. max_m can
+    reach: the variants change only at the table's bucket edges, so the rows next to each edge cover them."""
+    edges = {1, max_m}
+    for kernel in KERNELS:
+        edges |= {int(bucket) for bucket in listed_buckets(kernel, n, k, keys)}
+    rows: dict[tuple, int] = {}
+    for edge in sorted(edges):
+        for m in (edge - 1, edge, edge + 1, edge + 16, edge + 17):
+            if 1 <= m <= max_m:
+                rows.setdefault(compile_variant(m, n, k, keys, tma_ok), m)
+    return sorted(rows.values())
+
+
+def warm_up(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+            max_m: int) -> int:
+    """Run the GEMM once at each of warmup_rows() so Triton compiles (or loads from its cache) every variant a
+    batch of up to max_m rows can hit now, at load, instead of stalling the first requests of each size.
+    Returns the number of GEMMs run (0 off CUDA)."""
+    if not w_q.is_cuda:
+        return 0
+    (n, k), keys = w_q.shape, table_keys(w_q.device)
+    probe = torch.empty((1, k), dtype=torch.int8, device=w_q.device)
+    rows = warmup_rows(n, k, keys, _triton().supports_tma(probe, w_q), max_m)
+    for m in rows:
+        codes = torch.ones((m, k), dtype=torch.int8, device=w_q.device)
+        _gemm(codes, w_q, w_scale, bias, out_dtype)
+    return len(rows)
 
 
 @torch.library.custom_op("outliertune_kernels::quantize_activation", mutates_args=())

@@ -26,7 +26,7 @@ import torch
 import triton
 
 from vllm_outliertune.kernels.act_quant import quantize_activation
-from vllm_outliertune.kernels.configs import KERNELS, TABLE_PATH, get_config, shape_key
+from vllm_outliertune.kernels.configs import KERNELS, TABLE_PATH, get_config, shape_key, table_keys
 from vllm_outliertune.kernels.int8_gemm import int8_gemm
 from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma, supports_tma
 from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
@@ -118,7 +118,7 @@ def tune_shape(n: int, k: int, m_buckets: list[int], kernels: tuple[str, ...], l
         args = (a_q, p["w_q"], p["w_scale"], p["bias"])
         for kernel, candidates, run in (
                 ("int8_gemm", gemm_candidates(m) if "int8_gemm" in kernels else
-                 [get_config("int8_gemm", m, n, k, a_q.device)],
+                 [get_config("int8_gemm", m, n, k, table_keys(a_q.device))],
                  lambda c: int8_gemm(*args, torch.bfloat16, c)),
                 ("splitk_gemm", splitk_candidates(m) if "splitk_gemm" in kernels and m in SPLITK_M_BUCKETS else [],
                  lambda c: splitk_gemm(*args, None, None, 8, torch.bfloat16, c)),

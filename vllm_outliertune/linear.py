@@ -3,9 +3,12 @@ load-time validation against vllm_outliertune.format, and `apply` through the cu
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.linear import (
     LinearMethodBase,
     RowParallelLinear,
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from vllm_outliertune.config import OutlierTuneConfig
 
 _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
+logger = logging.getLogger("vllm.outliertune")  # under vLLM's logger, so its handler prints our lines
+# (weight shape, output dtype, device) whose GEMM kernels were compiled at load: once per process and shape.
+_WARMED_UP: set[tuple] = set()
 
 
 class ReplicatedInputVector(BasevLLMParameter):
@@ -109,6 +115,8 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         add("input_inv_scale", input_vector[0], (input_size_per_partition,), fill=1.0, **input_vector[1])
         add("input_shift", input_vector[0], (input_size_per_partition,), fill=0.0, **input_vector[1])
         layer.num_output_shards = len(output_partition_sizes)
+        # The most rows one forward pass can send through this layer: the GEMMs are compiled up to it at load.
+        layer.max_rows = get_current_vllm_config().scheduler_config.max_num_batched_tokens
 
     @staticmethod
     def _shard_index(shard_id) -> int:
@@ -149,6 +157,21 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             param = getattr(layer, suffix)
             setattr(layer, suffix,
                     torch.nn.Parameter(param.data, requires_grad=False) if param.loaded_shards else None)
+        self._warm_up(layer)
+
+    @staticmethod
+    def _warm_up(layer: torch.nn.Module) -> None:
+        """Compile the Triton GEMMs this layer's shape can hit now rather than during the first requests, where a
+        JIT compile stalls the whole batch (CUDA-graph capture covers only the decode sizes)."""
+        key = (tuple(layer.weight.shape), layer.params_dtype, layer.weight.device)
+        if not layer.weight.is_cuda or key in _WARMED_UP:
+            return
+        _WARMED_UP.add(key)
+        started = time.perf_counter()
+        count = kernel_ops.warm_up(layer.weight, layer.weight_scale, layer.output_bias, layer.params_dtype,
+                                   layer.max_rows)
+        logger.info("outliertune: %d GEMM variants of weight %s ready for up to %d rows in %.1f s", count,
+                    list(layer.weight.shape), layer.max_rows, time.perf_counter() - started)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])
