@@ -130,6 +130,38 @@ def test_bad_arguments_are_named():
         check_gemm_args(True, a, torch.zeros(4, 8, dtype=torch.int8), torch.ones(3), None, torch.bfloat16)
 
 
+H100_KEYS = ("NVIDIA H100 80GB HBM3", "sm90", "default")
+LLAMA3_8B_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+
+
+@pytest.mark.parametrize("keys", [H100_KEYS, ("default",)], ids=["h100-table", "default-table"])
+@pytest.mark.parametrize("tma_ok", [True, False])
+def test_warmup_rows_reach_every_compiled_variant(keys, tma_ok):
+    """The rows warmed up at load must hit every (kernel, tile, M specialisation) that any batch of 1 .. max_m rows
+    can reach, or a request of that size would still wait for a JIT compile."""
+    from vllm_outliertune.kernels.linear import compile_variant, warm_up, warmup_rows
+
+    for (n, k), max_m in itertools.product(LLAMA3_8B_SHAPES + ((136, 200),), (16384, 300)):
+        rows = warmup_rows(n, k, keys, tma_ok, max_m)
+        reachable = {compile_variant(m, n, k, keys, tma_ok) for m in range(1, max_m + 1)}
+        assert {compile_variant(m, n, k, keys, tma_ok) for m in rows} == reachable, (n, k, max_m)
+        assert len(rows) == len(reachable) and max(rows) <= max_m
+    p = make_problem(1, 48, 24, 8, seed=0)
+    assert warm_up(p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, 64) == 0  # nothing to compile off CUDA
+
+
+def test_tuner_replaces_only_the_tuned_buckets(tmp_path):
+    from vllm_outliertune.kernels.tune import keep_untuned_buckets, write_table
+
+    path = tmp_path / "table.json"
+    write_table(path, "GPU", {"splitk_gemm": {"N=8,K=8": {"1": {"old": 1}, "4": {"old": 4}, "16": {"old": 16}},
+                                              "N=9,K=9": {"1": {"old": 1}}}})
+    tuned = {"N=8,K=8": {"4": {"new": 4}}, "N=9,K=9": {}}  # N=9: the kernel lost bucket 1 this time
+    merged = keep_untuned_buckets(path, "GPU", "splitk_gemm", tuned, [1, 4])
+    assert merged == {"N=8,K=8": {"4": {"new": 4}, "16": {"old": 16}}, "N=9,K=9": {}}
+    assert keep_untuned_buckets(tmp_path / "absent.json", "GPU", "splitk_gemm", tuned, [4]) == tuned
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
