@@ -105,6 +105,19 @@ def assert_no_leftovers(parent: Path, expected: set[str]) -> None:
     assert {p.name for p in parent.iterdir()} == expected
 
 
+def overwrite_fails_cleanly(tmp_path: Path, capsys, model: Path, calib: Path, out: Path, previous_out: Path,
+                            message: str) -> int:
+    """`quantize --overwrite` into `out` must fail naming `message`, leave the previous OUT_DIR byte-identical and
+    nothing else behind. Returns the exit code."""
+    before = tree_digest(previous_out)
+    code, err = quantize_cli(capsys, model, out, calib, "--overwrite")
+    assert code != 0
+    assert_clean_error(err, message)
+    assert tree_digest(previous_out) == before
+    assert_no_leftovers(tmp_path, {"out"})
+    return code
+
+
 def copy_with_config(source: Path, target: Path, **changes) -> Path:
     shutil.copytree(source, target)
     config = json.loads((target / "config.json").read_text())
@@ -590,12 +603,8 @@ def test_ctrl_c_while_writing_keeps_previous(tmp_path, model_dir, calib, capsys,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint_mod, "save_file", interrupted)
-    before = tree_digest(previous_out)
-    code, err = quantize_cli(capsys, model_dir, previous_out, calib, "--overwrite")
+    code = overwrite_fails_cleanly(tmp_path, capsys, model_dir, calib, previous_out, previous_out, "interrupted")
     assert code == EXIT_INTERRUPTED
-    assert_clean_error(err, "interrupted")
-    assert tree_digest(previous_out) == before
-    assert_no_leftovers(tmp_path, {"out"})
 
 
 def test_failed_final_rename_restores_previous(tmp_path, model_dir, calib, capsys, monkeypatch, previous_out):
@@ -609,12 +618,7 @@ def test_failed_final_rename_restores_previous(tmp_path, model_dir, calib, capsy
         real_replace(src, dst)
 
     monkeypatch.setattr(checkpoint_mod.os, "replace", replace)
-    before = tree_digest(previous_out)
-    code, err = quantize_cli(capsys, model_dir, previous_out, calib, "--overwrite")
-    assert code != 0
-    assert_clean_error(err, "Input/output error")
-    assert tree_digest(previous_out) == before
-    assert_no_leftovers(tmp_path, {"out"})
+    overwrite_fails_cleanly(tmp_path, capsys, model_dir, calib, previous_out, previous_out, "Input/output error")
 
 
 # ---------------------------------------------------------------- Ctrl-C during calibration
@@ -633,12 +637,8 @@ def test_ctrl_c_during_calibration(tmp_path, model_dir, calib, capsys, monkeypat
 
     monkeypatch.setattr(calibrate_mod._Accumulator, "add", add)
     out = previous_out if existing else tmp_path / "fresh"
-    before = tree_digest(previous_out)
-    code, err = quantize_cli(capsys, model_dir, out, calib, "--overwrite")
+    code = overwrite_fails_cleanly(tmp_path, capsys, model_dir, calib, out, previous_out, "interrupted")
     assert code == EXIT_INTERRUPTED
-    assert_clean_error(err, "interrupted")
-    assert tree_digest(previous_out) == before
-    assert_no_leftovers(tmp_path, {"out"})
 
 
 # ---------------------------------------------------------------- fetch
