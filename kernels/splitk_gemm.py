@@ -7,6 +7,8 @@ At small M the weights dominate the bytes, so the kernel must keep the whole GPU
 - BLOCK_M >= 16 uses the tensor cores; below that a multiply-accumulate on CUDA cores, which with ACC_K keeps a
   [BLOCK_M, BLOCK_K, BLOCK_N] accumulator and reduces over K once after the loop (not a cross-thread reduction per
   K step), and with PACKED (int8 x only) reads four int8 values per 32-bit word and multiplies them with one dp4a;
+- tiles of a few weight rows by (nearly) all of K put every load of a program in flight at once (the H100 winners at
+  M = 1); with PROGRAMS_PER_SM a persistent grid walks the tiles instead of one program per tile;
 - when M x N gives too few tiles, the K loop is split across SPLIT_K programs. Their int32 partial sums meet in a
   zeroed workspace through integer atomics (exact, so the result does not depend on arrival order); the last
   program to arrive for a tile, seen through a per-tile counter, reads the sum back and runs the epilogue."""
