@@ -104,9 +104,9 @@ def warm_up(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
     (n, k), keys = w_q.shape, table_keys(w_q.device)
     probe = torch.empty((1, k), dtype=torch.int8, device=w_q.device)
     rows = warmup_rows(n, k, keys, _triton().supports_tma(probe, w_q), max_m)
+    codes = torch.ones((max(rows), k), dtype=torch.int8, device=w_q.device)  # leading rows: contiguous views
     for m in rows:
-        codes = torch.ones((m, k), dtype=torch.int8, device=w_q.device)
-        _gemm(codes, w_q, w_scale, bias, out_dtype)
+        _gemm(codes[:m], w_q, w_scale, bias, out_dtype)
     return len(rows)
 
 

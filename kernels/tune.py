@@ -87,6 +87,7 @@ def splitk_candidates(m: int) -> list[dict]:
         candidates += [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4,
                         "num_stages": 3 if bk * (bn + bm) > 48 * 1024 else 4, **variant}
                        for bn, bk, variant in tiles for split in (1, 2, 4, 8)
+                       # split K at most 8 ways at BLOCK_K 256, 4 at 512, 2 from 1024 up; persistent grids not at all
                        if split == 1 or ("PROGRAMS_PER_SM" not in variant and split <= 2 * 1024 // min(bk, 1024))]
     return candidates
 

@@ -164,14 +164,15 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         """Compile the Triton GEMMs this layer's shape can hit now rather than during the first requests, where a
         JIT compile stalls the whole batch (CUDA-graph capture covers only the decode sizes)."""
         key = (tuple(layer.weight.shape), layer.params_dtype, layer.weight.device)
-        if not layer.weight.is_cuda or key in _WARMED_UP:
+        if key in _WARMED_UP:
             return
         _WARMED_UP.add(key)
         started = time.perf_counter()
         count = kernel_ops.warm_up(layer.weight, layer.weight_scale, layer.output_bias, layer.params_dtype,
                                    layer.max_rows)
-        logger.info("outliertune: %d GEMM variants of weight %s ready for up to %d rows in %.1f s", count,
-                    list(layer.weight.shape), layer.max_rows, time.perf_counter() - started)
+        if count:  # 0 where nothing is compiled (CPU)
+            logger.info("outliertune: %d GEMM variants of weight %s ready for up to %d rows in %.1f s", count,
+                        list(layer.weight.shape), layer.max_rows, time.perf_counter() - started)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])
