@@ -2,7 +2,7 @@
 
     python bench/e2e_gpu.py tiny WORKDIR        # tiny Llama: vLLM (compiled, graphs) vs our torch reference
     python bench/e2e_gpu.py make8b WORKDIR      # random Llama-3-8B-shaped bf16 checkpoint + our W8A8 of it (GPU)
-    python bench/e2e_gpu.py table WORKDIR       # throughput rows bf16 / outliertune W8A8 / vLLM fp8, one table
+    python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w8a8-kv8,fp8-kv8]   # throughput rows, one table
     python bench/e2e_gpu.py profile WORKDIR     # torch-profiler breakdown of W8A8 decode steps by kernel kind
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
 
@@ -113,7 +113,7 @@ def _make8b(workdir: Path) -> None:
     print(f"quantized on the GPU in {time.time() - started:.0f} s")
 
 
-def _row(model_dir: str, label: str, quantization: str | None, dummy: bool) -> None:
+def _row(model_dir: str, label: str, quantization: str | None, dummy: bool, kv_cache_dtype: str | None) -> None:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -122,6 +122,8 @@ def _row(model_dir: str, label: str, quantization: str | None, dummy: bool) -> N
                   max_num_seqs=256, enable_prefix_caching=False)
     if quantization:
         kwargs["quantization"] = quantization
+    if kv_cache_dtype:
+        kwargs["kv_cache_dtype"] = kv_cache_dtype
     if dummy:
         kwargs["load_format"] = "dummy"
     llm = LLM(**kwargs)
@@ -147,18 +149,22 @@ def _row(model_dir: str, label: str, quantization: str | None, dummy: bool) -> N
 
 
 def _table(workdir: Path, only: str = "bf16,w8a8,fp8") -> None:
-    rows = {"bf16": ("bf16", str(workdir / "llama3-8b-bf16"), None, True),
-            "w8a8": ("outliertune W8A8", str(workdir / "llama3-8b-w8a8"), None, False),
-            "fp8": ("vLLM fp8 (dynamic)", str(workdir / "llama3-8b-bf16"), "fp8", True)}
+    rows = {"bf16": ("bf16", str(workdir / "llama3-8b-bf16"), None, True, None),
+            "w8a8": ("outliertune W8A8", str(workdir / "llama3-8b-w8a8"), None, False, None),
+            "fp8": ("vLLM fp8 (dynamic)", str(workdir / "llama3-8b-bf16"), "fp8", True, None),
+            "w8a8-kv8": ("outliertune W8A8 + fp8 KV", str(workdir / "llama3-8b-w8a8"), None, False, "fp8"),
+            "fp8-kv8": ("vLLM fp8 (dynamic) + fp8 KV", str(workdir / "llama3-8b-bf16"), "fp8", True, "fp8")}
     results = [json.loads(line) for line in (workdir / "rows.jsonl").read_text().splitlines()] \
         if (workdir / "rows.jsonl").exists() else []
-    for label, model_dir, quantization, dummy in (rows[key] for key in only.split(",")):
+    for label, model_dir, quantization, dummy, kv_cache_dtype in (rows[key] for key in only.split(",")):
         command = [sys.executable, __file__, "row", model_dir, "--label", label] + (
-            ["--quantization", quantization] if quantization else []) + (["--dummy"] if dummy else [])
+            ["--quantization", quantization] if quantization else []) + (["--dummy"] if dummy else []) + (
+            ["--kv-cache-dtype", kv_cache_dtype] if kv_cache_dtype else [])
         started = time.time()
         proc = subprocess.run(command, capture_output=True, text=True)
         log = proc.stdout + proc.stderr
-        (workdir / f"log-{label.split()[0]}.txt").write_text(log)
+        log_name = re.sub(r"\W+", "-", label)
+        (workdir / f"log-{log_name}.txt").write_text(log)
         match = re.search(r"^ROW (.*)$", log, re.M)
         if proc.returncode or not match:
             print(f"{label}: failed (rc {proc.returncode})\n{log[-3000:]}")
@@ -301,10 +307,11 @@ def main() -> None:
     parser.add_argument("--label", default="")
     parser.add_argument("--quantization")
     parser.add_argument("--dummy", action="store_true")
+    parser.add_argument("--kv-cache-dtype", help="row: vLLM's kv_cache_dtype (e.g. fp8)")
     parser.add_argument("--rows", default="bf16,w8a8,fp8", help="table: which rows to run now")
     args = parser.parse_args()
     if args.step == "row":
-        _row(args.path, args.label, args.quantization, args.dummy)
+        _row(args.path, args.label, args.quantization, args.dummy, args.kv_cache_dtype)
         return
     workdir = Path(args.path)
     workdir.mkdir(parents=True, exist_ok=True)

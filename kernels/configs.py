@@ -1,13 +1,21 @@
-"""Tile configurations as data: tile_configs.json next to this file, written by `python -m
-vllm_outliertune.kernels.tune`.
+"""Tile configurations as data: the tile_configs.json shipped next to this file, and a user table written by
+`outliertune tune` that is preferred over it.
 
-Layout (gemlite / vLLM style): {"devices": {DEVICE: {KERNEL: {SHAPE: {M_BUCKET: CONFIG}}}}} where
-- DEVICE is torch.cuda.get_device_name() (e.g. "NVIDIA H100 80GB HBM3"), else "sm{major}{minor}", else "default";
-- KERNEL is "int8_gemm", "splitk_gemm" (small M) or "int8_gemm_tma" (large M, Hopper);
-- SHAPE is "N=<n>,K=<k>" for tuned shapes, else "default";
+Layout (gemlite / vLLM style): {"devices": {DEVICE: {KERNEL: {SHAPE: {M_BUCKET: CONFIG}}}}, "families": {DEVICE:
+FAMILY}} where
+- DEVICE is torch.cuda.get_device_name() (e.g. "NVIDIA H200"), a chip family "sm{major}{minor}", or "default";
+- FAMILY ("families") is the chip family a named device belongs to (e.g. "sm90" for H100 / H200 / H800 / GH200);
+- KERNEL is "int8_gemm", "splitk_gemm" (small M), "int8_gemm_tma" (large M, Hopper) or an external backend such as
+  "cutlass_scaled_mm" (kernels/linear.py dispatches to it only where it is registered);
+- SHAPE is "N=<n>,K=<k>" for tuned shapes (per tensor-parallel rank), else "default": tiles that were tuned over a
+  spread of shapes and serve shapes no entry lists;
 - M_BUCKET is a power of two as a string; a call with M rows uses the smallest bucket >= M (else the largest);
 - CONFIG holds the block sizes and launch options, e.g. {"BLOCK_M": 128, ..., "num_warps": 8, "num_stages": 4}.
-The first level that has the kernel wins, so a device entry may list only tuned shapes and fall back to "default".
+
+Lookup of a shape: the first of this device's name, the other devices of its chip family, the family key and
+"default" that tuned the shape serves all its kernels; where none did, the first of them with shape-generic
+("default") entries. The user table (environment variable OUTLIERTUNE_TILE_CONFIGS, else
+~/.cache/vllm-outliertune/tile_configs.json) replaces the shipped table's entries shape by shape.
 """
 
 from __future__ import annotations
@@ -21,17 +29,50 @@ from typing import Any
 import torch
 
 TABLE_PATH = Path(__file__).with_name("tile_configs.json")
-KERNELS = ("int8_gemm", "splitk_gemm", "int8_gemm_tma")  # the table's kernel keys (tune.py tunes these)
+USER_TABLE_ENV = "OUTLIERTUNE_TILE_CONFIGS"
+USER_TABLE_PATH = Path.home() / ".cache" / "vllm-outliertune" / "tile_configs.json"
+KERNELS = ("int8_gemm", "splitk_gemm", "int8_gemm_tma")  # the Triton kernels of the table (tune.py tunes these)
+EXTERNAL_KERNELS = ("cutlass_scaled_mm",)  # GEMMs of other libraries the table may pick (linear.py registers them)
+
+
+def user_table_path() -> Path:
+    """Where `outliertune tune` writes by default and the plugin looks for a user table."""
+    return Path(os.environ.get(USER_TABLE_ENV) or USER_TABLE_PATH).expanduser()
 
 
 @functools.lru_cache(maxsize=None)
 def load_table(path: str = str(TABLE_PATH)) -> dict[str, Any]:
     with open(path) as f:
         table = json.load(f)
-    if "devices" not in table or "default" not in table["devices"]:
-        raise ValueError(f"{path}: tile table needs a 'devices' mapping with a 'default' entry; "
-                         "regenerate it with `python -m vllm_outliertune.kernels.tune`")
+    if not isinstance(table.get("devices"), dict):
+        raise ValueError(f"{path}: tile table needs a 'devices' mapping; regenerate it with `outliertune tune`")
     return table
+
+
+def merge_tables(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with every (device, kernel, shape) entry that `override` lists replaced by the override's."""
+    devices = {device: {kernel: dict(per_shape) for kernel, per_shape in kernels.items()}
+               for device, kernels in base["devices"].items()}
+    for device, kernels in override["devices"].items():
+        for kernel, per_shape in kernels.items():
+            devices.setdefault(device, {}).setdefault(kernel, {}).update(per_shape)
+    return {**base, "devices": devices, "families": base.get("families", {}) | override.get("families", {})}
+
+
+@functools.lru_cache(maxsize=None)
+def effective_table() -> dict[str, Any]:
+    """The shipped table, with the user table's entries (if that file exists) in front."""
+    shipped = load_table()
+    if "default" not in shipped["devices"]:
+        raise ValueError(f"{TABLE_PATH}: the shipped tile table needs a 'default' device entry")
+    user = user_table_path()
+    return merge_tables(shipped, load_table(str(user))) if user.is_file() else shipped
+
+
+def clear_caches() -> None:
+    """Forget the loaded tables and lookups (after the user table or its environment variable changed)."""
+    for cached in (load_table, effective_table, lookup_order, _per_m, listed_m_range):
+        cached.cache_clear()
 
 
 def shape_key(n: int, k: int) -> str:
@@ -45,7 +86,7 @@ def m_bucket(m: int, buckets: list[int]) -> int:
 
 
 def device_keys(device: torch.device | None) -> tuple[str, ...]:
-    """Most to least specific table keys for `device` (CPU / interpreter: only "default")."""
+    """(device name, chip family, "default") for a CUDA device; CPU / interpreter: only "default"."""
     if device is None or device.type != "cuda":
         return ("default",)
     return _cuda_device_keys(device.index if device.index is not None else torch.cuda.current_device())
@@ -57,19 +98,44 @@ def _cuda_device_keys(index: int) -> tuple[str, ...]:  # cached: the driver quer
     return (torch.cuda.get_device_name(index), f"sm{major}{minor}", "default")
 
 
+@functools.lru_cache(maxsize=None)
+def lookup_order(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The table's device keys to search, most specific first: the device name, the other named devices of its
+    family (as the table's "families" records them), the family key, "default"."""
+    families = effective_table().get("families", {})
+    siblings = tuple(device for device, family in families.items() if family in keys and device not in keys)
+    return (*keys[:1], *siblings, *keys[1:])
+
+
+def find_entry(kernel: str, keys: tuple[str, ...], n: int, k: int) -> tuple[str, str] | None:
+    """(device key, shape key) of the entry that serves `kernel` at this shape, or None. The first device (in
+    lookup_order) that lists the shape serves all its kernels, so one GPU's measurements decide the whole dispatch;
+    where no device lists it, the first one with shape-generic ("default") entries does. A kernel that device does
+    not list is not used there, except int8_gemm, which serves every shape: it falls back to the next level."""
+    devices = effective_table()["devices"]
+    order = lookup_order(keys)
+    for shape in (shape_key(n, k), "default"):
+        owner = next((device for device in order
+                      if any(shape in per_shape for per_shape in devices.get(device, {}).values())), None)
+        if owner is None:
+            continue
+        if shape in devices[owner].get(kernel, {}):
+            return owner, shape
+        if kernel != "int8_gemm":
+            return None
+    return next(((device, "default") for device in order if "default" in devices.get(device, {}).get(kernel, {})),
+                None)
+
+
 @functools.lru_cache(maxsize=4096)
 def _per_m(kernel: str, keys: tuple[str, ...], n: int, k: int) -> dict[str, Any]:
-    devices = load_table()["devices"]
-    for key in keys:
-        per_shape = devices.get(key, {}).get(kernel)
-        if not per_shape:
-            continue
-        # A tuned shape may list no buckets at all (e.g. the split-K kernel never wins there): that is an answer.
-        per_m = per_shape[shape_key(n, k)] if shape_key(n, k) in per_shape else per_shape.get("default")
-        if per_m is not None:
-            return per_m
-    raise KeyError(f"{TABLE_PATH}: no '{kernel}' configuration for devices {list(keys)}; "
-                   "add a 'default' entry or re-run `python -m vllm_outliertune.kernels.tune`")
+    entry = find_entry(kernel, keys, n, k)
+    if entry is None:
+        raise KeyError(f"no '{kernel}' tile configuration for devices {list(keys)} in {TABLE_PATH} or "
+                       f"{user_table_path()}; add a 'default' entry or run `outliertune tune`")
+    # A tuned shape may list no buckets at all (e.g. the split-K kernel never wins there): that is an answer.
+    device, shape = entry
+    return effective_table()["devices"][device][kernel][shape]
 
 
 def table_keys(device: torch.device | None) -> tuple[str, ...]:
@@ -97,6 +163,18 @@ def listed_buckets(kernel: str, n: int, k: int, keys: tuple[str, ...]) -> list[i
 @functools.lru_cache(maxsize=4096)
 def listed_m_range(kernel: str, n: int, k: int, keys: tuple[str, ...]) -> tuple[int, int] | None:
     """The smallest and largest M bucket the table lists for `kernel` at this shape (None: none, or no entry).
-    The dispatch uses the split-K kernel up to the largest bucket and the TMA GEMM from the smallest one."""
+    The dispatch uses the split-K kernel up to the largest bucket and the large-M kernels from the smallest one."""
     buckets = listed_buckets(kernel, n, k, keys)
     return (min(buckets), max(buckets)) if buckets else None
+
+
+def tile_source(n: int, k: int, keys: tuple[str, ...]) -> str | None:
+    """None where this device's own entry lists the shape (tuned here), else where its tiles come from, e.g.
+    "NVIDIA H100 80GB HBM3 (same chip family)" or "the generic sm90 tiles of NVIDIA H200"."""
+    entry = find_entry("int8_gemm", keys, n, k)
+    if entry is None:
+        return "no entry"
+    device, shape = entry
+    if shape == "default":
+        return f"the shape-generic tiles of {device!r}"
+    return None if device == keys[0] else f"tiles tuned on {device!r}"

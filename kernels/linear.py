@@ -9,12 +9,19 @@ import functools
 import math
 import os
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from vllm_outliertune.kernels import torch_ref
-from vllm_outliertune.kernels.configs import KERNELS, get_config, listed_buckets, listed_m_range, table_keys
+from vllm_outliertune.kernels.configs import (
+    EXTERNAL_KERNELS,
+    KERNELS,
+    get_config,
+    listed_buckets,
+    listed_m_range,
+    table_keys,
+)
 
 # Read once, like triton.jit does when it decorates the kernels at import.
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -35,12 +42,40 @@ def _triton() -> SimpleNamespace:
                            int8_gemm_tma=int8_gemm_tma, supports_tma=supports_tma)
 
 
-def _pick_kernel(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: Callable[[], bool]) -> str:
-    """The kernel the tile table routes M rows of this shape to: split-K up to its largest listed bucket, the
-    TMA GEMM from its smallest listed bucket (where the operands allow TMA), else the tiled GEMM."""
+class ExternalGemm(NamedTuple):
+    """A GEMM of another library with our contract: run(a_q, w_q, w_scale, bias, out_dtype) -> out [M, N];
+    supports(a_q, w_q, out_dtype) says whether it takes these operands."""
+    run: Callable[..., torch.Tensor]
+    supports: Callable[[torch.Tensor, torch.Tensor, torch.dtype], bool]
+
+
+_EXTERNAL_GEMMS: dict[str, ExternalGemm] = {}
+
+
+def register_external_gemm(name: str, gemm: ExternalGemm) -> None:
+    """Make `name` (one of configs.EXTERNAL_KERNELS) a backend the dispatch runs where the tile table lists it (the
+    vLLM glue registers vLLM's CUTLASS GEMM; kernels/ itself imports no vLLM)."""
+    if name not in EXTERNAL_KERNELS:
+        raise ValueError(f"unknown external GEMM {name!r}; the table knows {EXTERNAL_KERNELS}")
+    _EXTERNAL_GEMMS[name] = gemm
+
+
+def external_gemms() -> dict[str, ExternalGemm]:
+    return dict(_EXTERNAL_GEMMS)
+
+
+def _pick_kernel(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: Callable[[], bool],
+                 external_ok: Callable[[str], bool] = lambda name: False) -> str:
+    """The kernel the tile table routes M rows of this shape to: split-K up to its largest listed bucket, an
+    external GEMM (registered, taking these operands) or the TMA GEMM (where the operands allow TMA) from its
+    smallest listed bucket, else the tiled GEMM."""
     small = listed_m_range("splitk_gemm", n, k, keys)
     if small is not None and m <= small[1]:
         return "splitk_gemm"
+    for name in EXTERNAL_KERNELS:
+        large = listed_m_range(name, n, k, keys) if name in _EXTERNAL_GEMMS else None
+        if large is not None and m >= large[0] and external_ok(name):
+            return name
     large = listed_m_range("int8_gemm_tma", n, k, keys)
     if large is not None and m >= large[0] and tma_ok():
         return "int8_gemm_tma"
@@ -66,16 +101,20 @@ def _gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bi
     if w_scale is None or out_dtype == torch.int32:
         return kernels.int8_gemm(a_q, w_q, w_scale, bias, out_dtype)
     (m, k), n = a_q.shape, w_q.shape[0]
-    kernel = _pick_kernel(m, n, k, table_keys(a_q.device), lambda: kernels.supports_tma(a_q, w_q))
+    kernel = _pick_kernel(m, n, k, table_keys(a_q.device), lambda: kernels.supports_tma(a_q, w_q),
+                          lambda name: _EXTERNAL_GEMMS[name].supports(a_q, w_q, out_dtype))
     if kernel == "splitk_gemm":
         return kernels.splitk_gemm(a_q, w_q, w_scale, bias, None, None, 8, out_dtype)
+    if kernel in _EXTERNAL_GEMMS:
+        return _EXTERNAL_GEMMS[kernel].run(a_q, w_q, w_scale, bias, out_dtype)
     return getattr(kernels, kernel)(a_q, w_q, w_scale, bias, out_dtype)
 
 
 def compile_variant(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: bool) -> tuple:
     """What decides which compiled Triton kernel a GEMM of M rows runs: the kernel, its tile, and how Triton
-    specialises the integer M (divisible by 16, or equal to 1)."""
-    kernel = _pick_kernel(m, n, k, keys, lambda: tma_ok)
+    specialises the integer M (divisible by 16, or equal to 1). (Registered external GEMMs count as taking the
+    operands: warming them up once is harmless.)"""
+    kernel = _pick_kernel(m, n, k, keys, lambda: tma_ok, lambda name: True)
     config = get_config(kernel, m, n, k, keys)
     return kernel, tuple(sorted(config.items())), m % 16 == 0, m == 1
 
@@ -84,7 +123,7 @@ def warmup_rows(n: int, k: int, keys: tuple[str, ...], tma_ok: bool, max_m: int)
     """Row counts that, run once each, compile every kernel variant (compile_variant) that M = 1 .. max_m can
     reach: the variants change only at the table's bucket edges, so the rows next to each edge cover them."""
     edges = {1, max_m}
-    for kernel in KERNELS:
+    for kernel in KERNELS + EXTERNAL_KERNELS:
         edges |= {int(bucket) for bucket in listed_buckets(kernel, n, k, keys)}
     rows: dict[tuple, int] = {}
     for edge in sorted(edges):

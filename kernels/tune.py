@@ -1,40 +1,51 @@
-"""Re-tune the tile table on this GPU and rewrite kernels/tile_configs.json (or --out).
+"""Tune the GEMM tiles for this GPU and write them into a tile table (`outliertune tune` calls run_tune).
 
-    python -m vllm_outliertune.kernels.tune                      # Llama-3-8B shapes, all kernels, all M buckets
+    python -m vllm_outliertune.kernels.tune --model MODEL_DIR --tp 1,2   # that model's per-rank shapes
     python -m vllm_outliertune.kernels.tune --shapes 6144x4096 --out /tmp/table.json
-    python -m vllm_outliertune.kernels.tune --only splitk_gemm   # one kernel, against the table's int8_gemm tiles
-    python -m vllm_outliertune.kernels.tune --only splitk_gemm --buckets 1,4   # only these M buckets
+    python -m vllm_outliertune.kernels.tune --only splitk_gemm --buckets 1,4   # one kernel, some M buckets
 
-For every shape (N x K) and M bucket it times each candidate tile of the tiled int8_gemm, of the split-K small-M
-kernel and (Hopper) of the persistent TMA GEMM, all on int8 activation codes (what the compiled plugin runs: the
-quantization is fused into the producing norm / activation), cold L2 (triton's do_bench flushes it), median of
-repeats. It keeps the fastest of each and lists the split-K kernel for the buckets from M=1 up, the TMA GEMM for
-the buckets from the largest M down, while they beat int8_gemm (linear.py dispatches on that). A per-device
-"default" serves untuned shapes: the candidate with the best geometric-mean time over the tuned shapes. Entries
-for other devices are kept."""
+For every shape (N x K) and M bucket it times the candidate tiles of the tiled int8_gemm, of the split-K small-M
+kernel, (Hopper) of the persistent TMA GEMM and of every registered external GEMM (vLLM's CUTLASS
+`cutlass_scaled_mm` when `outliertune tune` runs where vLLM's CUDA build is installed), all on int8 activation codes
+(what the compiled plugin runs), cold L2 (triton's do_bench flushes it), median of repeats. The table then lists
+int8_gemm at every bucket, the split-K kernel for the buckets from M=1 up while it beats int8_gemm, and the large-M
+kernels (TMA, external) for the buckets from the largest M down while each beats the Triton GEMMs (linear.py
+dispatches on that). A per-device "default" shape entry serves untuned shapes: the same choice made on each
+candidate's geometric-mean time over the shapes tuned with the full search.
+
+Every timing goes to a state file (JSON lines) as soon as it is measured: a second run with the same state skips
+what is there, so an interrupted tune resumes. `--search quick` times only the tiles the table already lists for
+this chip family at that bucket plus the best of the full searches in the state (minutes for a model); `full`
+times every candidate (the default where the table has nothing for this GPU)."""
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
+import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
-import triton
 
-from vllm_outliertune.kernels.act_quant import quantize_activation
-from vllm_outliertune.kernels.configs import KERNELS, TABLE_PATH, get_config, shape_key, table_keys
-from vllm_outliertune.kernels.int8_gemm import int8_gemm
-from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma, supports_tma
-from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
+from vllm_outliertune.kernels import configs, linear
+from vllm_outliertune.kernels.configs import EXTERNAL_KERNELS, KERNELS, get_config, shape_key, table_keys
 
 LLAMA3_8B_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  # (N, K): qkv, o, gate_up, down
 GEMM_M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 SPLITK_M_BUCKETS = (1, 4, 16, 32, 64)
 TMA_M_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+EXTERNAL_M_BUCKETS = (64, 128) + TMA_M_BUCKETS
+KERNEL_BUCKETS = {"int8_gemm": (1, 4) + GEMM_M_BUCKETS, "splitk_gemm": SPLITK_M_BUCKETS, "int8_gemm_tma": TMA_M_BUCKETS,
+                  **{name: EXTERNAL_M_BUCKETS for name in EXTERNAL_KERNELS}}
+QUICK_TOP = 3  # quick search: the best few of the full searches in the state, besides the table's tiles
 
 
 def _gemm(bm, bn, bk, warps, stages, group=8):
@@ -64,6 +75,8 @@ def tma_candidates(m: int) -> list[dict]:
 def splitk_candidates(m: int) -> list[dict]:
     """Tensor-core tiles (BLOCK_M >= 16) and, for a few rows, CUDA-core tiles (BLOCK_M = M rounded up): plain
     multiply-reduce, with the K accumulator (ACC_K) and with packed dp4a words (PACKED)."""
+    import triton
+
     candidates = []
     for bm in sorted({max(16, triton.next_power_of_2(m)), triton.next_power_of_2(m)}):
         if bm >= 16:
@@ -92,9 +105,17 @@ def splitk_candidates(m: int) -> list[dict]:
     return candidates
 
 
-def time_us(fn) -> float:
+def full_candidates(kernel: str, m: int) -> list[dict]:
+    if kernel in EXTERNAL_KERNELS:
+        return [{}]  # a library GEMM picks its own tiles
+    return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
+
+
+def time_us(fn, rep_ms: float = 25.0) -> float:
     """Median time of fn() in µs with a cold L2 (do_bench flushes it before each call)."""
-    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=max(1.0, rep_ms / 5), rep=rep_ms, return_mode="median") * 1e3
 
 
 def make_inputs(m: int, n: int, k: int, device: str = "cuda") -> dict:
@@ -105,77 +126,164 @@ def make_inputs(m: int, n: int, k: int, device: str = "cuda") -> dict:
                 w_scale=torch.rand(n, device=device) * 0.01, bias=torch.randn(n, device=device))
 
 
+def gemm_args(m: int, n: int, k: int) -> tuple:
+    """(int8 codes, int8 weights, scale, bias) of one random linear on the GPU."""
+    from vllm_outliertune.kernels.act_quant import quantize_activation
+
+    p = make_inputs(m, n, k)
+    return quantize_activation(p["x"], p["inv_scale"], p["shift"], 8), p["w_q"], p["w_scale"], p["bias"]
+
+
+def runner(kernel: str, args: tuple) -> Callable[[dict], torch.Tensor]:
+    """config -> one launch of `kernel` on args (gemm_args), bf16 out."""
+    from vllm_outliertune.kernels.int8_gemm import int8_gemm
+    from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma
+    from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
+
+    if kernel == "int8_gemm":
+        return lambda c: int8_gemm(*args, torch.bfloat16, c)
+    if kernel == "splitk_gemm":
+        return lambda c: splitk_gemm(*args, None, None, 8, torch.bfloat16, c)
+    if kernel == "int8_gemm_tma":
+        return lambda c: int8_gemm_tma(*args, torch.bfloat16, c)
+    backend = linear.external_gemms()[kernel]
+    return lambda c: backend.run(*args, torch.bfloat16)
+
+
+def kernel_applies(kernel: str, args: tuple) -> bool:
+    """Whether `kernel` can run these operands on this GPU (TMA: Hopper and aligned rows; externals: registered
+    and supported)."""
+    from vllm_outliertune.kernels.int8_gemm_tma import supports_tma
+
+    if kernel == "int8_gemm_tma":
+        return supports_tma(args[0], args[1])
+    if kernel in EXTERNAL_KERNELS:
+        backend = linear.external_gemms().get(kernel)
+        return backend is not None and backend.supports(args[0], args[1], torch.bfloat16)
+    return True
+
+
+# ---- state: every timing, one JSON line each -------------------------------------------------------------------
+
+@dataclass
+class TuneState:
+    """Timings per (device, kernel, N, K, M): {key: {"search": "full" | "quick" | "table", "timings": [[µs, config]]}}."""
+    path: Path | None
+    records: dict[tuple, dict] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path | None) -> "TuneState":
+        state = cls(path)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None and path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    state.records[(r["device"], r["kernel"], r["n"], r["k"], r["m"])] = r
+        return state
+
+    def has(self, key: tuple, search: str) -> bool:
+        record = self.records.get(key)
+        return record is not None and (record["search"] in (search, "full") or search == "table")
+
+    def add(self, key: tuple, search: str, timings: list[tuple[float, dict]]) -> None:
+        device, kernel, n, k, m = key
+        record = {"device": device, "kernel": kernel, "n": n, "k": k, "m": m, "search": search,
+                  "timings": [[round(t, 3), c] for t, c in sorted(timings, key=lambda t: t[0])]}
+        self.records[key] = record
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def results(self, device: str, n: int, k: int) -> dict[str, dict[int, list[tuple[float, dict]]]]:
+        """{kernel: {M: [(µs, config)]}} of one shape on `device` (kernels / buckets not timed are absent)."""
+        out: dict[str, dict] = {}
+        for (dev, kernel, rn, rk, m), record in sorted(self.records.items(), key=lambda item: item[0][4]):
+            if (dev, rn, rk) == (device, n, k) and record["timings"]:
+                out.setdefault(kernel, {})[m] = [(t, c) for t, c in record["timings"]]
+        return out
+
+    def shapes(self, device: str, search: str | None = None) -> list[tuple[int, int]]:
+        found = {(n, k) for (dev, _, n, k, _), r in self.records.items()
+                 if dev == device and (search is None or r["search"] == search)}
+        return sorted(found)
+
+
+# ---- choosing winners -----------------------------------------------------------------------------------------
+
 def _best(timings: list[tuple[float, dict]]) -> tuple[float, dict]:
     return min(timings, key=lambda t: t[0])
 
 
-def tune_shape(n: int, k: int, m_buckets: list[int], kernels: tuple[str, ...], log) -> dict[str, dict]:
-    """All timings of one shape: {kernel: {M: [(µs, config)]}}. int8_gemm, the baseline of the other two, is timed
-    with the table's own tile when it is not being tuned."""
-    results = {kernel: {} for kernel in KERNELS}
-    for m in m_buckets:
-        p = make_inputs(m, n, k)
-        a_q = quantize_activation(p["x"], p["inv_scale"], p["shift"], 8)
-        args = (a_q, p["w_q"], p["w_scale"], p["bias"])
-        for kernel, candidates, run in (
-                ("int8_gemm", gemm_candidates(m) if "int8_gemm" in kernels else
-                 [get_config("int8_gemm", m, n, k, table_keys(a_q.device))],
-                 lambda c: int8_gemm(*args, torch.bfloat16, c)),
-                ("splitk_gemm", splitk_candidates(m) if "splitk_gemm" in kernels and m in SPLITK_M_BUCKETS else [],
-                 lambda c: splitk_gemm(*args, None, None, 8, torch.bfloat16, c)),
-                ("int8_gemm_tma", tma_candidates(m) if "int8_gemm_tma" in kernels and m in TMA_M_BUCKETS
-                 and supports_tma(a_q, p["w_q"]) else [],
-                 lambda c: int8_gemm_tma(*args, torch.bfloat16, c))):
-            timings = []
-            for config in candidates:
-                try:
-                    timings.append((time_us(lambda: run(config)), config))
-                except Exception as error:  # e.g. out of shared memory or registers: skip this tile
-                    log(f"skip {kernel} N={n} K={k} M={m} {config}: {type(error).__name__}: {error}"[:300])
-            if timings:
-                results[kernel][m] = timings
-                ranked = sorted(timings, key=lambda t: t[0])
-                runners_up = ", ".join(f"{t:.1f}" for t, _ in ranked[1:4])
-                log(f"{kernel:13s} N={n:5d} K={k:5d} M={m:5d} best {ranked[0][0]:9.1f} us {ranked[0][1]} "
-                    f"(next: {runners_up})")
-    return results
-
-
-def _winning_run(results: dict, kernel: str, buckets) -> dict[str, dict]:
-    """Best configs of `kernel` for the tuned buckets, in the given order, while it beats int8_gemm."""
+def _winning_run(results: dict, kernel: str, buckets, rivals: tuple[str, ...]) -> dict[str, dict]:
+    """Best configs of `kernel` for the tuned buckets, in the given order, while it beats every rival's best."""
     entries = {}
     for m in buckets:
-        timings = results[kernel].get(m)
+        timings = results.get(kernel, {}).get(m)
         if not timings:
             continue
-        if _best(timings)[0] >= _best(results["int8_gemm"][m])[0]:
+        rival = min((_best(results[r][m])[0] for r in rivals if results.get(r, {}).get(m)), default=math.inf)
+        if _best(timings)[0] >= rival:
             break
         entries[str(m)] = _best(timings)[1]
     return entries
 
 
 def table_entries(results: dict) -> dict[str, dict[str, dict]]:
-    """Best configs of one shape: int8_gemm everywhere it was tuned, split-K from M=1 up and TMA from the largest M
-    down while each wins (the dispatch compares M with the smallest / largest listed bucket)."""
-    return {"int8_gemm": {str(m): _best(t)[1] for m, t in results["int8_gemm"].items()},
-            "splitk_gemm": _winning_run(results, "splitk_gemm", SPLITK_M_BUCKETS),
-            "int8_gemm_tma": _winning_run(results, "int8_gemm_tma", sorted(TMA_M_BUCKETS, reverse=True))}
+    """Best configs of one shape: int8_gemm everywhere it was tuned, split-K from M=1 up, TMA from the largest M
+    down while it beats int8_gemm, external GEMMs from the largest M down while they beat both Triton GEMMs (the
+    dispatch compares M with the smallest / largest listed bucket). Kernels that were not timed are left out."""
+    descending = sorted(set(TMA_M_BUCKETS) | set(EXTERNAL_M_BUCKETS), reverse=True)
+    entries = {"int8_gemm": {str(m): _best(t)[1] for m, t in results.get("int8_gemm", {}).items()}}
+    if "splitk_gemm" in results:
+        entries["splitk_gemm"] = _winning_run(results, "splitk_gemm", SPLITK_M_BUCKETS, ("int8_gemm",))
+    if "int8_gemm_tma" in results:
+        entries["int8_gemm_tma"] = _winning_run(results, "int8_gemm_tma", descending, ("int8_gemm",))
+    for name in EXTERNAL_KERNELS:
+        if name in results:
+            entries[name] = _winning_run(results, name, descending, ("int8_gemm", "int8_gemm_tma"))
+    return entries
 
 
-def default_entries(all_results: list[dict], kernel: str) -> dict[str, dict]:
-    """Per M bucket, the config with the best geometric-mean time over all tuned shapes that timed it."""
-    defaults = {}
-    for m in sorted({m for r in all_results for m in r[kernel]}):
-        log_sums: dict[str, list] = {}
-        for r in all_results:
-            for t, config in r[kernel].get(m, []):
-                entry = log_sums.setdefault(json.dumps(config, sort_keys=True), [0.0, 0])
-                entry[0] += math.log(t)
-                entry[1] += 1
-        full = [(s, key) for key, (s, count) in log_sums.items() if count == len(all_results)]
-        if full:
-            defaults[str(m)] = json.loads(min(full)[1])
-    return defaults
+def ranked_config(spread: list[dict], kernel: str, m: int, rank: int = 0) -> dict | None:
+    """The config with the rank-th best geometric-mean time at bucket m over the shapes' results in `spread`
+    (only configs timed on every one of them)."""
+    ordered = sorted(spread_results(spread).get(kernel, {}).get(m, []), key=lambda t: t[0])
+    return ordered[rank][1] if rank < len(ordered) else None
+
+
+def spread_results(spread: list[dict]) -> dict[str, dict[int, list[tuple[float, dict]]]]:
+    """The results of several shapes as one: per kernel and bucket, each config timed on every shape with its
+    geometric-mean time over them."""
+    combined: dict[str, dict] = {}
+    for kernel in sorted({kernel for r in spread for kernel in r}):
+        for m in sorted({m for r in spread for m in r.get(kernel, {})}):
+            log_sums: dict[str, list] = {}
+            for r in spread:
+                for t, config in r.get(kernel, {}).get(m, []):
+                    entry = log_sums.setdefault(json.dumps(config, sort_keys=True), [0.0, 0])
+                    entry[0] += math.log(t)
+                    entry[1] += 1
+            timings = [(math.exp(total / count), json.loads(key)) for key, (total, count) in log_sums.items()
+                       if count == len(spread)]
+            if timings:
+                combined.setdefault(kernel, {})[m] = timings
+    return combined
+
+
+def device_entries(state: TuneState, device: str) -> dict[str, dict[str, dict]]:
+    """{kernel: {shape key: {bucket: config}}} for every shape of `device` in the state, plus the "default" shape
+    entry: the same choice (table_entries) made on the geometric-mean times over the shapes searched in full."""
+    per_kernel: dict[str, dict] = {}
+    for n, k in state.shapes(device):
+        for kernel, per_m in table_entries(state.results(device, n, k)).items():
+            per_kernel.setdefault(kernel, {})[shape_key(n, k)] = per_m
+    spread = [state.results(device, n, k) for n, k in state.shapes(device, "full")]
+    if spread:
+        for kernel, per_m in table_entries(spread_results(spread)).items():
+            per_kernel.setdefault(kernel, {})["default"] = per_m
+    return per_kernel
 
 
 def keep_untuned_buckets(path: Path, device_key: str, kernel: str, entries: dict[str, dict],
@@ -190,10 +298,16 @@ def keep_untuned_buckets(path: Path, device_key: str, kernel: str, entries: dict
     return merged
 
 
-def write_table(path: Path, device_key: str, per_kernel: dict) -> None:
-    """Replace this device's entries for the kernels in per_kernel (others and other devices are kept)."""
+def write_table(path: Path, device_key: str, per_kernel: dict, family: str | None = None) -> None:
+    """Replace this device's entries for the (kernel, shape) pairs in per_kernel; other shapes, kernels and devices
+    are kept. Written to a temporary file, then renamed."""
     table = json.loads(path.read_text()) if path.exists() else {"version": 1, "devices": {}}
-    table["devices"].setdefault(device_key, {}).update(per_kernel)
+    device = table["devices"].setdefault(device_key, {})
+    for kernel, per_shape in per_kernel.items():
+        device.setdefault(kernel, {}).update(per_shape)
+    if family:
+        table.setdefault("families", {})[device_key] = family
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(table, f, indent=1)
@@ -201,55 +315,247 @@ def write_table(path: Path, device_key: str, per_kernel: dict) -> None:
     os.replace(tmp, path)
 
 
+# ---- candidates and timing ------------------------------------------------------------------------------------
+
+def quick_candidates(kernel: str, m: int, n: int, k: int, keys: tuple[str, ...], state: TuneState,
+                     device: str) -> list[dict]:
+    """The tiles the table lists for this chip family at bucket m (any shape), this shape's current tile, and the
+    best few of the full searches in the state; the full list where that leaves nothing to choose from."""
+    if kernel in EXTERNAL_KERNELS:
+        return [{}]
+    seen: dict[str, dict] = {}
+    devices = configs.effective_table()["devices"]
+    for key in configs.lookup_order(keys)[:-1]:  # not the portable "default" tiles
+        for per_m in devices.get(key, {}).get(kernel, {}).values():
+            if str(m) in per_m:
+                seen.setdefault(json.dumps(per_m[str(m)], sort_keys=True), per_m[str(m)])
+    spread = [state.results(device, sn, sk) for sn, sk in state.shapes(device, "full")]
+    for rank in range(QUICK_TOP if spread else 0):  # the best few by geometric mean over the full searches
+        config = ranked_config(spread, kernel, m, rank)
+        if config is not None:
+            seen.setdefault(json.dumps(config, sort_keys=True), config)
+    return list(seen.values()) if len(seen) >= 2 else full_candidates(kernel, m)
+
+
+_WORKER_ARGS: dict[tuple, tuple] = {}
+
+
+def _compile_job(job: tuple) -> str | None:
+    """Pool worker: run one (kernel, m, n, k, config) once so Triton compiles it into its on-disk cache."""
+    kernel, m, n, k, config = job
+    try:
+        if (m, n, k) not in _WORKER_ARGS:
+            _WORKER_ARGS.clear()
+            _WORKER_ARGS[(m, n, k)] = gemm_args(m, n, k)
+        runner(kernel, _WORKER_ARGS[(m, n, k)])(config)
+        torch.cuda.synchronize()
+    except Exception as error:  # noqa: BLE001 - reported by the timing pass, which skips the tile
+        return f"{type(error).__name__}: {error}"[:200]
+    return None
+
+
+def precompile(pool: concurrent.futures.Executor | None, jobs: list[tuple], workers: int, log) -> bool:
+    """Compile the Triton tiles of `jobs` in the pool's processes (one compile takes ~1 s of CPU; the timing loop
+    would run them one after the other). External kernels need no compile. False when the pool broke (a worker
+    died): the timing loop then compiles what is left itself."""
+    jobs = sorted((j for j in jobs if j[0] in KERNELS), key=lambda j: (j[1], j[0]))
+    if pool is None or len(jobs) < 2:
+        return True
+    try:
+        list(pool.map(_compile_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    except concurrent.futures.process.BrokenProcessPool as error:
+        log(f"tune: parallel compile stopped ({error}); compiling in the timing loop instead")
+        return False
+    return True
+
+
+def warm_gpu(seconds: float = 0.3) -> None:
+    """Keep the GPU busy for a moment before timing: while the tiles compile it idles and lowers its clocks, and the
+    first timings after that came out up to 4x slow on the H200 (small-M buckets of the first shapes after a long
+    compile), which made the tuner pick the wrong kernel there."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(8):
+            a @ a
+        torch.cuda.synchronize()
+
+
+@dataclass
+class TuneOptions:
+    shapes: list[tuple[int, int]]
+    kernels: tuple[str, ...] = KERNELS + EXTERNAL_KERNELS
+    buckets: list[int] | None = None  # None: every bucket of each kernel
+    search: str = "auto"  # full | quick | auto (quick where the table has tiles of this chip family, else full)
+    out: Path = field(default_factory=configs.user_table_path)
+    state: Path | None = None  # default: OUT with ".state.jsonl" appended
+    rep_ms: float = 25.0
+    workers: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))
+
+
+def _tasks(options: TuneOptions) -> list[tuple[int, int, int, str]]:
+    tasks = []
+    for n, k in options.shapes:
+        for m in sorted(set().union(*(KERNEL_BUCKETS[kernel] for kernel in options.kernels))):
+            if options.buckets is not None and m not in options.buckets:
+                continue
+            for kernel in KERNELS + EXTERNAL_KERNELS:
+                if m in KERNEL_BUCKETS[kernel] and (kernel in options.kernels or kernel == "int8_gemm"):
+                    tasks.append((n, k, m, kernel))
+    return tasks
+
+
+def run_tune(options: TuneOptions, log: Callable[[str], None] = print) -> Path:
+    """Time every (shape, M bucket, kernel) of `options` not yet in the state file and write the table."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("needs a CUDA GPU: tiles are tuned on, and the table is keyed by, the GPU it runs on")
+    from tqdm import tqdm
+
+    device_key, family, _ = table_keys(torch.device("cuda"))
+    keys = (device_key, family, "default")
+    state = TuneState.load(options.state or options.out.with_name(options.out.name + ".state.jsonl"))
+    search = options.search
+    if search == "auto":  # quick where the table holds tiles of this GPU or its chip family
+        known = set(configs.lookup_order(keys)) & set(configs.effective_table()["devices"]) - {"default"}
+        search = "quick" if known else "full"
+    registered = linear.external_gemms()
+    options.kernels = tuple(kernel for kernel in options.kernels if kernel in KERNELS or kernel in registered)
+    tasks = _tasks(options)
+    log(f"tune: {len(options.shapes)} shapes, {len(tasks)} (shape, M, kernel) timings on {device_key!r} "
+        f"({search} search; {', '.join(options.kernels)}; state {state.path}; table {options.out})")
+    started = time.time()
+    bar = tqdm(total=len(tasks), unit="timing", mininterval=5, file=sys.stderr)
+    pool = (concurrent.futures.ProcessPoolExecutor(options.workers, mp_context=multiprocessing.get_context("spawn"))
+            if options.workers > 1 else None)
+    try:
+        for n, k in options.shapes:
+            _tune_shape(n, k, [t for t in tasks if t[:2] == (n, k)], options, search, keys, state,
+                        pool if options.workers > 1 else None, bar)
+            _write(options, state, device_key, family)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
+    log(f"tune: wrote {options.out} for {device_key!r} in {time.time() - started:.0f} s")
+    return options.out
+
+
+def _tune_shape(n: int, k: int, shape_tasks: list[tuple], options: TuneOptions, search: str, keys: tuple[str, ...],
+                state: TuneState, pool, bar) -> None:
+    """Time the tasks of one shape that the state does not hold yet (compiling their tiles in the pool first)."""
+    device_key = keys[0]
+    plans = []
+    for _, _, m, kernel in shape_tasks:
+        key = (device_key, kernel, n, k, m)
+        task_search = search if kernel in options.kernels else "table"
+        if state.has(key, task_search):
+            bar.update(1)
+            continue
+        candidates = ([get_config(kernel, m, n, k, keys)] if task_search == "table" else
+                      full_candidates(kernel, m) if task_search == "full" else
+                      quick_candidates(kernel, m, n, k, keys, state, device_key))
+        plans.append((key, task_search, candidates))
+    if not precompile(pool, [(key[1], key[4], n, k, c) for key, _, cands in plans for c in cands], options.workers,
+                      bar.write):
+        pool.shutdown(cancel_futures=True)
+        options.workers = 0
+    if plans:
+        warm_gpu()
+    args_m = None
+    for key, task_search, candidates in plans:
+        _, kernel, _, _, m = key
+        if args_m != m:
+            args, args_m = gemm_args(m, n, k), m
+        bar.update(1)
+        if not kernel_applies(kernel, args):
+            continue  # e.g. TMA off Hopper: nothing to record, the dispatch never picks it here
+        timings = []
+        run = runner(kernel, args)
+        for config in candidates:
+            try:
+                timings.append((time_us(lambda: run(config), options.rep_ms), config))
+            except Exception as error:  # e.g. out of shared memory or registers: skip this tile
+                bar.write(f"skip {kernel} N={n} K={k} M={m} {config}: {type(error).__name__}: {error}"[:300])
+        state.add(key, task_search, timings)
+        if timings:
+            ranked = sorted(timings, key=lambda t: t[0])
+            bar.write(f"{kernel:17s} N={n:5d} K={k:5d} M={m:5d} best {ranked[0][0]:9.1f} us {ranked[0][1]} "
+                      f"(next: {', '.join(f'{t:.1f}' for t, _ in ranked[1:4])})")
+
+
+def _write(options: TuneOptions, state: TuneState, device_key: str, family: str) -> None:
+    per_kernel = device_entries(state, device_key)
+    if options.buckets is not None:
+        per_kernel = {kernel: keep_untuned_buckets(options.out, device_key, kernel, entries, options.buckets)
+                      for kernel, entries in per_kernel.items()}
+    write_table(options.out, device_key, per_kernel, family)
+    configs.clear_caches()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The tuning options shared by `outliertune tune` and `python -m vllm_outliertune.kernels.tune`."""
+    parser.add_argument("--tp", default="1", help="comma-separated tensor-parallel sizes whose per-rank shapes to "
+                        "tune (with MODEL_DIR), e.g. 1,2,4,8")
+    parser.add_argument("--shapes", help="comma-separated NxK weight shapes (out x in features) instead of, or "
+                        "besides, a model's")
+    parser.add_argument("--out", type=Path, default=None, help=f"table to write (default: ${configs.USER_TABLE_ENV} "
+                        f"or {configs.USER_TABLE_PATH}, which the plugin prefers over the shipped table)")
+    parser.add_argument("--state", type=Path, help="timings file to resume from (default: OUT.state.jsonl)")
+    parser.add_argument("--search", choices=("auto", "quick", "full"), default="auto",
+                        help="quick: the tiles the table knows for this chip family plus the best of earlier full "
+                        "searches; full: every candidate (auto: quick where the table knows this chip family)")
+    parser.add_argument("--only", choices=KERNELS + EXTERNAL_KERNELS, help="tune one kernel, timed against the "
+                        "table's int8_gemm tiles")
+    parser.add_argument("--buckets", help="comma-separated M buckets to tune; this device's entries for the "
+                        "other buckets are kept")
+    parser.add_argument("--rep-ms", type=float, default=25.0, help="timing repeats per candidate, in ms")
+    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes compiling Triton tiles in parallel")
+
+
+def options_from_args(args: argparse.Namespace, model_dir: Path | None, log: Callable[[str], None]) -> TuneOptions:
+    """TuneOptions from add_arguments' options (ShapeError on a bad model / shape list)."""
+    from vllm_outliertune.kernels.shapes import ShapeError, model_shapes, parse_shapes
+
+    shapes: list[tuple[int, int]] = []
+    if model_dir is not None:
+        try:
+            tp_sizes = [int(v) for v in args.tp.split(",")]
+        except ValueError:
+            raise ShapeError(f"--tp {args.tp!r}: expected comma-separated integers, e.g. 1,2,4,8")
+        per_tp, notes = model_shapes(model_dir, tp_sizes)
+        for note in notes:
+            log(f"tune: {note}")
+        for tp, tp_shapes in per_tp.items():
+            log(f"tune: TP {tp}: " + ", ".join(f"{n}x{k}" for n, k in tp_shapes))
+            shapes += tp_shapes
+    if args.shapes:
+        shapes += parse_shapes(args.shapes)
+    if not shapes:
+        raise ShapeError("nothing to tune: give MODEL_DIR (a directory with config.json) or --shapes NxK,...")
+    buckets = None
+    if args.buckets:
+        try:
+            buckets = sorted({int(b) for b in args.buckets.split(",")})
+        except ValueError:
+            raise ShapeError(f"--buckets {args.buckets!r}: expected comma-separated integers")
+    kernels = (args.only,) if args.only else KERNELS + EXTERNAL_KERNELS
+    return TuneOptions(shapes=list(dict.fromkeys(shapes)), kernels=kernels, buckets=buckets, search=args.search,
+                       out=args.out or configs.user_table_path(), state=args.state, rep_ms=args.rep_ms,
+                       workers=args.jobs)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in LLAMA3_8B_SHAPES),
-                        help="comma-separated NxK weight shapes (out x in features)")
-    parser.add_argument("--only", choices=KERNELS,
-                        help="re-tune one kernel (its M buckets), timed against this device's int8_gemm tiles")
-    parser.add_argument("--buckets", help="comma-separated M buckets to re-tune (with --only); this device's "
-                        "entries for the other buckets are kept")
-    parser.add_argument("--out", type=Path, default=TABLE_PATH, help="table to rewrite (default: the packaged one)")
-    parser.add_argument("--log", type=Path, help="also write the log here")
+    parser.add_argument("--model", type=Path, help="model directory (config.json; weights not needed)")
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("tune: needs a CUDA GPU (the table is keyed by the GPU it was tuned on)")
-    log_file = open(args.log, "w") if args.log else None
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        if log_file:
-            print(line, file=log_file, flush=True)
-
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    kernels = (args.only,) if args.only else KERNELS
-    kernel_buckets = {"int8_gemm": GEMM_M_BUCKETS, "splitk_gemm": SPLITK_M_BUCKETS, "int8_gemm_tma": TMA_M_BUCKETS}
-    m_buckets = sorted(set().union(*(kernel_buckets[kernel] for kernel in kernels)))
-    if args.buckets:
-        chosen = sorted({int(b) for b in args.buckets.split(",")})
-        if not args.only or not set(chosen) <= set(kernel_buckets[args.only]):
-            raise SystemExit(f"tune: --buckets needs --only KERNEL and buckets from that kernel's list "
-                             f"({kernel_buckets[args.only] if args.only else kernel_buckets})")
-        m_buckets = chosen
-    all_results, per_kernel = [], {kernel: {} for kernel in kernels}
-    for n, k in shapes:
-        results = tune_shape(n, k, m_buckets, kernels, log)
-        all_results.append(results)
-        for kernel, per_m in table_entries(results).items():
-            if kernel in kernels:
-                per_kernel[kernel][shape_key(n, k)] = per_m
-    for kernel in kernels:
-        # int8_gemm serves every M; the others only the buckets where they won on every tuned shape.
-        per_kernel[kernel]["default"] = {
-            m: c for m, c in default_entries(all_results, kernel).items()
-            if kernel == "int8_gemm" or all(m in per_kernel[kernel].get(shape_key(n, k), {}) for n, k in shapes)}
-    device_key = torch.cuda.get_device_name()
-    if args.buckets:
-        per_kernel = {kernel: keep_untuned_buckets(args.out, device_key, kernel, entries, m_buckets)
-                      for kernel, entries in per_kernel.items()}
-    write_table(args.out, device_key, per_kernel)
-    log(f"wrote {args.out} for {device_key!r}: " + ", ".join(
-        f"{sum(len(v) for v in entries.values())} {kernel} entries" for kernel, entries in per_kernel.items()))
+    if args.model is None and not args.shapes:
+        args.shapes = ",".join(f"{n}x{k}" for n, k in LLAMA3_8B_SHAPES)
+    try:
+        run_tune(options_from_args(args, args.model, print))
+    except (RuntimeError, ValueError) as error:
+        raise SystemExit(f"tune: {error}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`outliertune` console script: quantize a model, fetch the demo assets, evaluate perplexity."""
+"""`outliertune` console script: quantize a model, fetch the demo assets, evaluate perplexity, tune GEMM tiles."""
 
 from __future__ import annotations
 
@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--trust-remote-code", action="store_true",
                     help="allow custom model/tokenizer code from MODEL_DIR (auto_map), in both engines")
     ev.set_defaults(run=_eval)
+
+    from vllm_outliertune.tuning import add_parser as add_tune_parser
+
+    add_tune_parser(commands)
     return parser
 
 

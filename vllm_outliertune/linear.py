@@ -22,6 +22,7 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_outliertune import format as fmt
+from vllm_outliertune.kernels import configs
 from vllm_outliertune.kernels import linear as kernel_ops
 from vllm_outliertune.kernels.torch_ref import quantize_activation_ref
 
@@ -32,6 +33,29 @@ _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 logger = logging.getLogger("vllm.outliertune")  # under vLLM's logger, so its handler prints our lines
 # (weight shape, output dtype, device) whose GEMM kernels were compiled at load: once per process and shape.
 _WARMED_UP: set[tuple] = set()
+# Per-rank weight shapes created since the last load finished, and (model, TP size) for the tuning hint.
+_NEW_SHAPES: dict[tuple[int, int], None] = {}
+_TUNE_HINT: list[tuple[str, int]] = []
+
+
+def report_untuned_shapes(device: torch.device) -> str | None:
+    """One log line naming the weight shapes created since the last call whose tiles were not tuned on this GPU
+    (they run with tiles of another GPU of the chip family, or the shape-generic ones), and the command that tunes
+    them. Called when the first layer finishes loading: every layer was created by then. Returns the line."""
+    shapes = list(_NEW_SHAPES)
+    _NEW_SHAPES.clear()
+    if device.type != "cuda":
+        return None
+    keys = configs.table_keys(device)
+    fallbacks = [(shape, source) for shape in shapes if (source := configs.tile_source(*shape, keys))]
+    if not fallbacks:
+        return None
+    model, tp = _TUNE_HINT[-1] if _TUNE_HINT else ("MODEL_DIR", 1)
+    line = (f"outliertune: no GEMM tiles tuned on {keys[0]} for weight shapes "
+            + ", ".join(f"[{n}, {k}] ({source})" for (n, k), source in fallbacks)
+            + f"; tune them on this GPU (minutes) with `outliertune tune {model} --tp {tp}`")
+    logger.warning(line)
+    return line
 
 
 class ReplicatedInputVector(BasevLLMParameter):
@@ -116,7 +140,11 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         add("input_shift", input_vector[0], (input_size_per_partition,), fill=0.0, **input_vector[1])
         layer.num_output_shards = len(output_partition_sizes)
         # The most rows one forward pass can send through this layer: the GEMMs are compiled up to it at load.
-        layer.max_rows = get_current_vllm_config().scheduler_config.max_num_batched_tokens
+        vllm_config = get_current_vllm_config()
+        layer.max_rows = vllm_config.scheduler_config.max_num_batched_tokens
+        _NEW_SHAPES[(out_features, input_size_per_partition)] = None
+        _TUNE_HINT[:] = [(getattr(vllm_config.model_config, "model", "MODEL_DIR"),
+                          vllm_config.parallel_config.tensor_parallel_size)]
 
     @staticmethod
     def _shard_index(shard_id) -> int:
@@ -157,6 +185,8 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             param = getattr(layer, suffix)
             setattr(layer, suffix,
                     torch.nn.Parameter(param.data, requires_grad=False) if param.loaded_shards else None)
+        if _NEW_SHAPES:
+            report_untuned_shapes(layer.weight.device)
         self._warm_up(layer)
 
     @staticmethod

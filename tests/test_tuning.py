@@ -1,0 +1,282 @@
+"""Tile lookup order (device name, chip family, shape-generic default; user table over the shipped one), the
+tuner's bookkeeping (state file, winners, generic default, quick candidates), per-rank model shapes, the external
+GEMM dispatch and `outliertune tune` without CUDA. All CPU: the tuner's timing loop itself needs a GPU."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_outliertune.kernels import configs, linear, tune
+from vllm_outliertune.kernels.shapes import ShapeError, linear_shapes, model_shapes, parse_shapes
+
+H100 = "NVIDIA H100 80GB HBM3"
+H200 = "NVIDIA H200"
+H100_KEYS = (H100, "sm90", "default")
+H200_KEYS = (H200, "sm90", "default")
+H800_KEYS = ("NVIDIA H800", "sm90", "default")  # a GPU of the family that no shipped entry names
+L40S_KEYS = ("NVIDIA L40S", "sm89", "default")
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
+
+
+def tile(bm: int) -> dict:
+    return {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+
+
+@pytest.fixture
+def user_table(tmp_path, monkeypatch):
+    """Point the plugin at a user table in tmp_path (absent until written); caches cleared around the test."""
+    path = tmp_path / "user" / "tile_configs.json"
+    monkeypatch.setenv(configs.USER_TABLE_ENV, str(path))
+    configs.clear_caches()
+    yield path
+    configs.clear_caches()
+
+
+def source_device(kernel, keys, n, k):
+    return configs.find_entry(kernel, keys, n, k)
+
+
+def test_lookup_order_device_then_family_then_generic(user_table):
+    families = configs.load_table()["families"]
+    assert families[H100] == "sm90" and families[H200] == "sm90"
+    # No entry for the H800: a shape that a GPU of its family tuned comes from the first one that did...
+    assert configs.lookup_order(H800_KEYS) == ("NVIDIA H800", H100, H200, "sm90", "default")
+    assert source_device("int8_gemm", H800_KEYS, 6144, 4096) == (H100, "N=6144,K=4096")
+    assert source_device("int8_gemm", H800_KEYS, 3072, 4096) == (H200, "N=3072,K=4096")  # tuned on the H200 only
+    assert configs.tile_source(6144, 4096, H800_KEYS) == f"tiles tuned on {H100!r}"
+    # ...an untuned shape takes the family's shape-generic tiles, another chip family the portable default.
+    assert source_device("int8_gemm", H800_KEYS, 5008, 4000) == (H100, "default")
+    assert configs.tile_source(5008, 4000, H800_KEYS) == f"the shape-generic tiles of {H100!r}"
+    assert source_device("int8_gemm", L40S_KEYS, 6144, 4096) == ("default", "default")
+    assert configs.tile_source(3072, 4096, H200_KEYS) is None and configs.tile_source(6144, 4096, H100_KEYS) is None
+
+    tune.write_table(user_table, "NVIDIA H800", {"int8_gemm": {"N=4112,K=4096": {"16": tile(16)},
+                                                               "default": {"16": tile(32)}}}, "sm90")
+    configs.clear_caches()
+    assert configs.lookup_order(H800_KEYS) == ("NVIDIA H800", H100, H200, "sm90", "default")
+    assert configs.get_config("int8_gemm", 5, 4112, 4096, H800_KEYS) == tile(16)  # own tuned shape
+    assert source_device("int8_gemm", H800_KEYS, 6144, 4096) == (H100, "N=6144,K=4096")  # exact shape first
+    assert configs.get_config("int8_gemm", 5, 5008, 4000, H800_KEYS) == tile(32)  # own generic tiles
+    assert configs.tile_source(4112, 4096, H800_KEYS) is None
+    # the H800 tuned this shape: none of its kernels come from another GPU's entries (no TMA listed here)
+    assert source_device("int8_gemm_tma", H800_KEYS, 4112, 4096) is None
+    # The H100 now sees the H800's tuned shape as a family sibling's.
+    assert source_device("int8_gemm", H100_KEYS, 4112, 4096) == ("NVIDIA H800", "N=4112,K=4096")
+
+
+def test_user_table_replaces_shipped_entries_shape_by_shape(user_table):
+    before = configs.get_config("int8_gemm", 4096, 4096, 4096, (H100, "sm90", "default"))
+    tune.write_table(user_table, H100, {"int8_gemm": {"N=6144,K=4096": {"4096": tile(64)}}})
+    configs.clear_caches()
+    keys = (H100, "sm90", "default")
+    assert configs.get_config("int8_gemm", 4096, 6144, 4096, keys) == tile(64)
+    assert configs.get_config("int8_gemm", 4096, 4096, 4096, keys) == before  # other shapes: shipped
+    assert configs.load_table()["devices"][H100]["int8_gemm"]["N=6144,K=4096"] != {"4096": tile(64)}  # untouched
+
+
+def test_external_gemm_dispatch_only_where_registered_and_listed(user_table, monkeypatch):
+    tune.write_table(user_table, "NVIDIA H800", {"int8_gemm": {"default": {"16": tile(16)}},
+                                                 "cutlass_scaled_mm": {"N=4112,K=4096": {"1024": {}, "2048": {}}}})
+    configs.clear_caches()
+    yes = lambda *_: True  # noqa: E731
+    assert linear._pick_kernel(4096, 4112, 4096, H800_KEYS, yes, yes) == "int8_gemm"  # not registered
+    monkeypatch.setitem(linear._EXTERNAL_GEMMS, "cutlass_scaled_mm", linear.ExternalGemm(None, yes))
+    assert linear._pick_kernel(4096, 4112, 4096, H800_KEYS, yes, yes) == "cutlass_scaled_mm"
+    assert linear._pick_kernel(1000, 4112, 4096, H800_KEYS, yes, yes) == "int8_gemm"  # below its smallest bucket
+    assert linear._pick_kernel(4096, 4112, 4096, H800_KEYS, yes, lambda name: False) == "int8_gemm"  # unsupported
+    # a shape the H800 entry does not list: all its kernels from the H100 entry (same family), which has no CUTLASS
+    assert linear._pick_kernel(4096, 6144, 4096, H800_KEYS, yes, yes) == "int8_gemm_tma"
+    assert linear._pick_kernel(4096, 4112, 4096, L40S_KEYS, yes, yes) == "int8_gemm"  # listed for sm90 only
+    # an untuned shape on the H100: its own shape-generic entries (no CUTLASS), not the H200's generic CUTLASS listing
+    assert configs.find_entry("cutlass_scaled_mm", H200_KEYS, 5008, 4000) == (H200, "default")
+    assert configs.find_entry("cutlass_scaled_mm", H100_KEYS, 5008, 4000) is None
+    with pytest.raises(ValueError, match="unknown external GEMM"):
+        linear.register_external_gemm("cublas", linear.ExternalGemm(None, yes))
+
+
+def results(**per_kernel):
+    """{kernel: {m: [(µs, config)]}} from kernel=[(m, µs, tile_bm), ...]."""
+    out = {}
+    for kernel, rows in per_kernel.items():
+        for m, us, bm in rows:
+            out.setdefault(kernel, {}).setdefault(m, []).append((us, tile(bm)))
+    return out
+
+
+def test_table_entries_pick_winners_per_bucket():
+    r = results(int8_gemm=[(1, 10, 16), (1, 12, 32), (4, 10, 16), (16, 10, 16), (1024, 100, 64), (2048, 200, 64),
+                           (4096, 400, 64)],
+                splitk_gemm=[(1, 5, 1), (4, 11, 4), (16, 5, 16)],  # wins at 1, loses at 4: 16 is not listed
+                int8_gemm_tma=[(1024, 90, 128), (2048, 190, 128), (4096, 300, 128)],
+                cutlass_scaled_mm=[(1024, 95, 0), (2048, 150, 0), (4096, 250, 0)])
+    entries = tune.table_entries(r)
+    assert entries["int8_gemm"]["1"] == tile(16) and set(entries["int8_gemm"]) == {"1", "4", "16", "1024", "2048",
+                                                                                   "4096"}
+    assert list(entries["splitk_gemm"]) == ["1"]
+    assert list(entries["int8_gemm_tma"]) == ["4096", "2048", "1024"]
+    assert list(entries["cutlass_scaled_mm"]) == ["4096", "2048"]  # 95 µs at 1024 loses to TMA's 90
+    assert "cutlass_scaled_mm" not in tune.table_entries(results(int8_gemm=[(1, 10, 16)]))  # not timed: no entry
+
+
+def test_state_resumes_and_default_comes_from_full_searches(tmp_path):
+    path = tmp_path / "state.jsonl"
+    state = tune.TuneState.load(path)
+    for (n, k), fast in (((64, 64), 16), ((128, 64), 16), ((256, 64), 32)):
+        state.add(("GPU", "int8_gemm", n, k, 16), "full",
+                  [(1.0 if bm == fast else 2.0 + bm / 100, tile(bm)) for bm in (16, 32, 64)])
+    state.add(("GPU", "int8_gemm", 512, 64, 16), "quick", [(0.5, tile(64))])
+    again = tune.TuneState.load(path)
+    assert again.records == state.records
+    assert again.has(("GPU", "int8_gemm", 64, 64, 16), "quick")  # a full search serves a quick one
+    assert not again.has(("GPU", "int8_gemm", 512, 64, 16), "full")  # a quick one does not serve a full one
+    assert not again.has(("GPU", "int8_gemm", 64, 64, 32), "quick")
+    entries = tune.device_entries(again, "GPU")["int8_gemm"]
+    assert entries["N=512,K=64"] == {"16": tile(64)}
+    # geometric mean over the three full searches: 16 wins on two shapes, 32 on one
+    assert entries["default"] == {"16": tile(16)}
+    # a second kernel enters the default where its geometric mean beats the tiled GEMM's best, even if not on every
+    # shape: split-K at 2x faster on two shapes, 1.1x slower on the third
+    for (n, k), ratio in (((64, 64), 0.5), ((128, 64), 0.5), ((256, 64), 1.1)):
+        again.add(("GPU", "splitk_gemm", n, k, 16), "full", [(ratio, tile(1))])
+    entries = tune.device_entries(again, "GPU")["splitk_gemm"]
+    assert entries["default"] == {"16": tile(1)} and entries["N=256,K=64"] == {}
+    assert tune.ranked_config([again.results("GPU", 64, 64), again.results("GPU", 256, 64)], "int8_gemm", 16, 1) \
+        == tile(32)
+
+
+def test_quick_candidates_are_the_family_tiles_plus_the_spread_best(tmp_path, user_table):
+    state = tune.TuneState(None)
+    state.add(("NVIDIA H800", "int8_gemm", 64, 64, 16), "full", [(1.0, tile(16)), (2.0, tile(32))])
+    quick = tune.quick_candidates("int8_gemm", 16, 4112, 4096, H800_KEYS, state, "NVIDIA H800")
+    shipped = configs.load_table()["devices"]
+    family_tiles = [per_m["16"] for device in (H100, H200) for per_m in shipped[device]["int8_gemm"].values()
+                    if "16" in per_m]
+    expected = {json.dumps(c, sort_keys=True) for c in family_tiles + [tile(16), tile(32)]}
+    assert {json.dumps(c, sort_keys=True) for c in quick} == expected  # the family's tiles + the spread's
+    # nothing known about this chip family: the full list (the portable default tile alone is no choice)
+    assert tune.quick_candidates("splitk_gemm", 1, 8, 8, L40S_KEYS, tune.TuneState(None), "NVIDIA L40S") == \
+        tune.splitk_candidates(1)
+
+
+def test_tasks_time_int8_gemm_as_the_baseline_of_one_kernel():
+    options = tune.TuneOptions(shapes=[(64, 64)], kernels=("splitk_gemm",), buckets=[1, 4, 16])
+    assert tune._tasks(options) == [(64, 64, 1, "int8_gemm"), (64, 64, 1, "splitk_gemm"), (64, 64, 4, "int8_gemm"),
+                                    (64, 64, 4, "splitk_gemm"), (64, 64, 16, "int8_gemm"),
+                                    (64, 64, 16, "splitk_gemm")]
+    every = tune._tasks(tune.TuneOptions(shapes=[(64, 64)]))
+    assert {kernel for *_, kernel in every} == set(configs.KERNELS + configs.EXTERNAL_KERNELS)
+
+
+def test_per_rank_shapes_of_a_model(tmp_path):
+    assert list(linear_shapes(LLAMA3_8B, 1).values()) == [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+    # the TP=2 shapes the issue found in no table
+    assert list(linear_shapes(LLAMA3_8B, 2).values()) == [(3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168)]
+    # 8 KV heads on 16 ranks: one (replicated) KV head per rank; explicit head_dim wins over hidden / heads
+    assert linear_shapes({**LLAMA3_8B, "num_attention_heads": 32, "head_dim": 64}, 16)["qkv_proj"] == (256, 4096)
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA3_8B, "num_attention_heads": 28,
+                                                      "num_key_value_heads": 4}))
+    per_tp, notes = model_shapes(tmp_path, [1, 8])
+    assert list(per_tp) == [1] and "tensor-parallel size 8" in notes[0] and "28 attention heads" in notes[0]
+    with pytest.raises(ShapeError, match="tensor-parallel size 8"):
+        model_shapes(tmp_path, [8])
+    with pytest.raises(ShapeError, match="not found"):
+        model_shapes(tmp_path / "absent", [1])
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ShapeError, match="no 'intermediate_size'"):
+        model_shapes(tmp_path, [1])
+    assert parse_shapes("6144x4096, 4096X4096") == [(6144, 4096), (4096, 4096)]
+    for bad in ("6144", "0x4", "axb", ""):
+        with pytest.raises(ShapeError, match="NxK"):
+            parse_shapes(bad)
+
+
+def test_untuned_shapes_are_reported_once_in_one_line(user_table, monkeypatch, caplog):
+    from vllm_outliertune import linear as plugin_linear
+
+    monkeypatch.setattr(configs, "table_keys", lambda device: H800_KEYS)
+    tune.write_table(user_table, "NVIDIA H800", {"int8_gemm": {"N=4112,K=4096": {"16": tile(16)}}}, "sm90")
+    configs.clear_caches()
+    monkeypatch.setattr(plugin_linear, "_NEW_SHAPES", dict.fromkeys([(4112, 4096), (6144, 4096), (5008, 4000)]))
+    monkeypatch.setattr(plugin_linear, "_TUNE_HINT", [("/models/llama", 2)])
+    line = plugin_linear.report_untuned_shapes(SimpleNamespace(type="cuda"))
+    assert line == (f"outliertune: no GEMM tiles tuned on NVIDIA H800 for weight shapes [6144, 4096] (tiles tuned on "
+                    f"{H100!r}), [5008, 4000] (the shape-generic tiles of {H100!r}); tune them on this GPU "
+                    "(minutes) with `outliertune tune /models/llama --tp 2`")
+    assert plugin_linear.report_untuned_shapes(SimpleNamespace(type="cuda")) is None  # reported once
+    assert plugin_linear.report_untuned_shapes(torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no CUDA GPU")
+def test_tune_without_cuda_fails_with_one_clear_line(tmp_path, capsys):
+    from vllm_outliertune.cli import main as cli_main
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    assert cli_main(["tune", str(tmp_path), "--tp", "1,2", "--out", str(tmp_path / "t.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("outliertune tune: error: no CUDA GPU here"), err
+    assert not (tmp_path / "t.json").exists()
+    assert cli_main(["tune", str(tmp_path / "absent")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def random_linear(m: int, k: int, n: int, seed: int) -> tuple:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randint(-127, 128, (m, k), generator=g, device="cuda", dtype=torch.int8),
+            torch.randint(-127, 128, (n, k), generator=g, device="cuda", dtype=torch.int8),
+            torch.rand(n, generator=g, device="cuda") * 0.01 + 1e-4, torch.randn(n, generator=g, device="cuda"))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m,k,n", [(1024, 4096, 6144), (4096, 14336, 4096), (77, 4096, 1024), (8192, 2048, 4096)])
+def test_gpu_cutlass_backend_matches_reference(m, k, n, user_table, monkeypatch):
+    """vLLM's CUTLASS GEMM through our contract: against the exact int32 product with the fp32 epilogue it may
+    differ only by the bf16 rounding of its output and bias; the dispatch sends a listed (shape, M) there."""
+    from vllm_outliertune import cutlass
+    from vllm_outliertune.kernels import torch_ref
+
+    monkeypatch.setattr(linear, "_EXTERNAL_GEMMS", {})  # registered for this test only
+    if not cutlass.register():
+        pytest.skip("vLLM's CUDA build with cutlass_scaled_mm is not installed")
+    a_q, w_q, w_scale, bias = random_linear(m, k, n, seed=m + k)
+    reference = torch_ref.int8_gemm_ref(a_q, w_q, w_scale, bias, torch.float32)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    out.copy_(cutlass.cutlass_gemm(a_q, w_q, w_scale, bias, torch.bfloat16))
+    assert not out.isnan().any()
+    assert ((out.float() - reference).norm() / reference.norm()).item() < 3e-3
+    device_key, family, _ = configs.table_keys(a_q.device)
+    tune.write_table(user_table, device_key, {"cutlass_scaled_mm": {configs.shape_key(n, k): {"64": {}}}}, family)
+    configs.clear_caches()
+    assert linear._pick_kernel(m, n, k, configs.table_keys(a_q.device), lambda: True,
+                               lambda name: True) == "cutlass_scaled_mm"
+    assert torch.equal(linear.int8_gemm(a_q, w_q, w_scale, bias, torch.bfloat16), out)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_tune_writes_a_table_the_dispatch_uses_and_resumes(tmp_path, user_table):
+    from vllm_outliertune.kernels import torch_ref
+
+    options = tune.TuneOptions(shapes=[(256, 512)], buckets=[1, 16, 256], search="quick", out=user_table,
+                               rep_ms=2.0, workers=2)
+    tune.run_tune(options)
+    state_file = user_table.with_name(user_table.name + ".state.jsonl")
+    lines = state_file.read_text().splitlines()
+    device_key, family, _ = configs.table_keys(torch.device("cuda"))
+    table = json.loads(user_table.read_text())
+    assert table["families"][device_key] == family
+    assert set(table["devices"][device_key]["int8_gemm"]["N=256,K=512"]) == {"1", "16", "256"}
+    assert configs.tile_source(256, 512, configs.table_keys(torch.device("cuda"))) is None
+    tune.run_tune(options)  # resumed: everything is in the state already
+    assert state_file.read_text().splitlines() == lines
+    for m in (1, 16, 200):
+        a_q, w_q, w_scale, bias = random_linear(m, 512, 256, seed=m)
+        assert torch.equal(linear.int8_gemm(a_q, w_q, w_scale, bias, torch.bfloat16),
+                           torch_ref.int8_gemm_ref(a_q, w_q, w_scale, bias, torch.bfloat16))
