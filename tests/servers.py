@@ -27,10 +27,13 @@ def free_port() -> int:
 def openai_server(checkpoint: Path, log_path: Path):
     """`python -m vllm.entrypoints.openai.api_server` on ``checkpoint`` at 127.0.0.1 with the CPU test settings;
     yields (base URL, process) once /health answers; terminated on exit."""
+    from tests.conftest import VLLM_TEST_ENGINE
+
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
                "--quantization", "outliertune", "--host", HOST, "--port", str(port), "--enforce-eager",
-               "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.05",
+               "--dtype", "float32", "--max-model-len", str(VLLM_TEST_ENGINE["max_model_len"]),
+               "--kv-cache-memory-bytes", str(VLLM_TEST_ENGINE["kv_cache_memory_bytes"]),
                "--no-enable-prefix-caching", "--seed", "0"]
     with serving(command, port, log_path, START_TIMEOUT_S, {"VLLM_CPU_OMP_THREADS_BIND": "auto"}) as started:
         yield started

