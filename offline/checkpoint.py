@@ -59,6 +59,20 @@ def check_output_dir(out_dir: Path, model_dir: Path, overwrite: bool, make_paren
         raise UserError(f"the parent directory of OUT_DIR {out_dir} does not exist; create it first")
 
 
+def check_directory_option(path: Path, option: str) -> None:
+    """A directory the command creates or reuses after its long work (--report, --calib-cache): refused up front,
+    rather than after calibration, when it is a file or sits under one."""
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is" if existing == path else f"is under {existing}, which is"
+                raise UserError(f"{option} {path} {where} a file, not a directory; choose another path")
+            if not os.access(existing, os.W_OK):
+                raise UserError(f"{option} {path}: cannot write to {existing}; choose another path")
+            return
+
+
 def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards, current, size = [], {}, 0
     for name in sorted(tensors):

@@ -55,7 +55,30 @@ def read_config(model_dir: Path) -> dict:
                             f"reads safetensors only (loading a pickle can run code). If you trust the file, convert "
                             f"it once with transformers: from_pretrained(...).save_pretrained(NEW_DIR)")
         raise UserError(f"{model_dir} has config.json but no weight files (*.safetensors); download the weights too")
+    for path in sorted(model_dir.glob("*.safetensors")):  # an interrupted download fails here, not in transformers
+        fmt.read_safetensors_layout(path, redo="download or copy the model again")
     return config
+
+
+def check_device(device: str) -> None:
+    """--device: cpu, or a CUDA device this torch can use."""
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device {device!r}: use cpu or cuda[:N]")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available in this torch; use --device cpu")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise UserError(f"--device {device}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
+
+
+def check_seq_len(config: dict, seq_len: int, model_dir: Path, option: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's positions (transformers would index past its position table or
+    extrapolate RoPE silently; vLLM refuses with a traceback)."""
+    limit = (config.get("text_config") or config).get("max_position_embeddings")
+    if isinstance(limit, int) and seq_len > limit:
+        raise UserError(f"{option} {seq_len} is longer than {Path(model_dir) / 'config.json'} allows "
+                        f"(max_position_embeddings {limit}); use {option} {limit} or less")
 
 
 def read_auto_maps(model_dir: Path, files: tuple[str, ...] = AUTO_MAP_FILES) -> dict[str, dict]:

@@ -11,12 +11,14 @@ import torch
 from vllm_outliertune.format import SUPPORTED_BITS, QuantizationConfig, validate_linear
 from vllm_outliertune.offline import symmetrize
 from vllm_outliertune.offline.calibrate import InputStats, cached_calibrate_layers
-from vllm_outliertune.offline.checkpoint import DEFAULT_SHARD_BYTES, check_output_dir, write_checkpoint
+from vllm_outliertune.offline.checkpoint import (DEFAULT_SHARD_BYTES, check_directory_option, check_output_dir,
+                                                 write_checkpoint)
 from vllm_outliertune.offline.fold import fold_layer
 from vllm_outliertune.offline.report import PLOTTED_GROUPS, plotted_layers, range_record, write_report
 from vllm_outliertune.offline.search import SIMPLE, SearchGrid, output_error, search_plan
 from vllm_outliertune.offline.model_io import (
-    DOWN_PROJ, GATE_UP, LAYER_LINEARS, O_PROJ, QKV, UserError, attention_groups, load_model, load_tokenizer)
+    DOWN_PROJ, GATE_UP, LAYER_LINEARS, O_PROJ, QKV, UserError, attention_groups, check_device, check_seq_len, load_model,
+    load_tokenizer, read_config)
 from vllm_outliertune.offline.symmetrize import ChannelPlan
 from vllm_outliertune.offline.text import read_text, token_windows
 from vllm_outliertune.offline.weights import best_row_clip, checkpoint_tensors
@@ -83,12 +85,11 @@ def check_options(options: QuantizeOptions) -> None:
                         f"(w, a): {list(SUPPORTED_BITS)}")
     if options.method not in METHODS:
         raise UserError(f"--method {options.method!r} is unknown; choose one of {sorted(METHODS)}")
-    if options.samples < 1:
-        raise UserError(f"--samples must be at least 1, got {options.samples}")
-    if options.device != "cpu" and not options.device.startswith("cuda"):
-        raise UserError(f"--device {options.device!r}: use cpu or cuda[:N]")
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {options.device}: CUDA is not available in this torch; use --device cpu")
+    for option, value, least in (("--samples", options.samples, 1), ("--batch-size", options.batch_size, 1),
+                                 ("--seq-len", options.seq_len, 2)):
+        if value < least:
+            raise UserError(f"{option} must be at least {least}, got {value}")
+    check_device(options.device)
 
 
 def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_config,
@@ -160,6 +161,10 @@ def quantize(model_dir: Path, out_dir: Path, calib_path: Path, options: Quantize
     """The whole `outliertune quantize` command. Nothing is written to ``out_dir`` unless everything succeeds."""
     check_options(options)
     check_output_dir(out_dir, model_dir, overwrite)
+    for option, path in (("--report", report_dir), ("--calib-cache", options.calib_cache)):
+        if path is not None:
+            check_directory_option(path, option)
+    check_seq_len(read_config(Path(model_dir)), options.seq_len, model_dir)  # before the (slow) model load
     model, hf_config = load_model(Path(model_dir), trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     windows = token_windows(tokenizer, read_text(calib_path, "--calib"), options.seq_len, options.samples,

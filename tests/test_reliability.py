@@ -165,6 +165,75 @@ def test_config_without_weights(tmp_path, model_dir, calib, capsys):
     assert_clean_error(err, str(bad), "no weight files")
 
 
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_truncated_safetensors_in_model_dir(tmp_path, model_dir, calib, capsys, command):
+    """An interrupted download: one line naming the file, before anything is loaded or written."""
+    bad = tmp_path / "truncated"
+    shutil.copytree(model_dir, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    if command == "quantize":
+        code, err = quantize_cli(capsys, bad, tmp_path / "out", calib)
+    else:
+        code, err = cli_main(["eval", str(bad), "--text", str(calib), "--engine", "torch"]), capsys.readouterr().err
+    assert code == EXIT_USER_ERROR
+    assert_clean_error(err, str(weights), "truncated", "download or copy the model again", command=command)
+    assert_no_leftovers(tmp_path, {"truncated"})
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["quantize", "M", "OUT", "--calib", "C", "--batch-size", "0"], "--batch-size"),
+    (["quantize", "M", "OUT", "--calib", "C", "--samples", "-1"], "--samples"),
+    (["quantize", "M", "OUT", "--calib", "C", "--seq-len", "1"], "--seq-len"),
+    (["quantize", "M", "OUT", "--calib", "C", "--samples", "many"], "--samples"),
+    (["eval", "M", "--text", "T", "--max-windows", "0"], "--max-windows"),
+    (["eval", "M", "--text", "T", "--batch-size", "0"], "--batch-size"),
+    (["eval", "M", "--text", "T", "--seq-len", "0"], "--seq-len"),
+])
+def test_bad_numbers_name_the_option(capsys, argv, option):
+    """Counts below their minimum are refused by the argument parser: exit 2, one line naming the option."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_seq_len_beyond_the_model_positions(tmp_path, model_dir, calib, capsys, command):
+    limit = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+    too_long = ["--seq-len", str(limit + 1)]
+    if command == "quantize":
+        code, err = quantize_cli(capsys, model_dir, tmp_path / "out", calib, *too_long)
+    else:
+        code = cli_main(["eval", str(model_dir), "--text", str(calib), "--engine", "torch", *too_long])
+        err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR
+    assert_clean_error(err, f"--seq-len {limit + 1}", f"max_position_embeddings {limit}", command=command)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--report", "--calib-cache"])
+@pytest.mark.parametrize("under_a_file", [False, True])
+def test_directory_options_that_are_files(tmp_path, model_dir, calib, capsys, option, under_a_file):
+    """Refused before calibration, not after it (the report and the cache are written late)."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    path = blocker / "sub" if under_a_file else blocker
+    code, err = quantize_cli(capsys, model_dir, tmp_path / "out", calib, option, str(path))
+    assert code == EXIT_USER_ERROR
+    assert_clean_error(err, f"{option} {path}", "not a directory")
+    assert "calibrating" not in err  # no progress bar: nothing ran
+    assert_no_leftovers(tmp_path, {"file.txt"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_eval_torch_device_without_cuda(model_dir, calib, capsys):
+    code = cli_main(["eval", str(model_dir), "--text", str(calib), "--engine", "torch", "--device", "cuda"])
+    assert code == EXIT_USER_ERROR
+    assert_clean_error(capsys.readouterr().err, "--device cuda", "CUDA is not available", command="eval")
+
+
 def test_unsupported_architecture_names_the_supported_ones(tmp_path, model_dir, calib, capsys):
     bad = copy_with_config(model_dir, tmp_path / "gpt2", architectures=["GPT2LMHeadModel"], model_type="gpt2")
     code, err = quantize_cli(capsys, bad, tmp_path / "out", calib)

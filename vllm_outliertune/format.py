@@ -166,11 +166,12 @@ _SAFETENSORS_DTYPES = {"I8": torch.int8, "I32": torch.int32, "I64": torch.int64,
                        "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool}
 
 
-def read_safetensors_layout(path: Path) -> dict[str, tuple[torch.dtype | str, tuple[int, ...]]]:
+def read_safetensors_layout(path: Path, redo: str = "copy the checkpoint again or re-run `outliertune quantize`",
+                            ) -> dict[str, tuple[torch.dtype | str, tuple[int, ...]]]:
     """{tensor name: (dtype, shape)} from a safetensors file's header alone (no tensor data is read); raises
-    FormatError if the header is unreadable or the file is shorter than the header promises (a truncated copy)."""
+    FormatError, ending with ``redo``, if the header is unreadable or the file is shorter than the header promises
+    (a truncated copy)."""
     size = path.stat().st_size
-    redo = "copy the checkpoint again or re-run `outliertune quantize`"
     with path.open("rb") as file:
         length_bytes = file.read(8)
         header_length = int.from_bytes(length_bytes, "little") if len(length_bytes) == 8 else -1
