@@ -7,18 +7,17 @@ run on the outputs of the unquantized previous layer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from vllm_outliertune.offline.model_io import DOWN_PROJ, GATE_UP, O_PROJ, QKV, decoder_layers
-
-# One statistics record per distinct linear input (q/k/v share one, gate/up share one).
-INPUT_OF = {QKV[0]: "qkv", O_PROJ: "o", GATE_UP[0]: "gate_up", DOWN_PROJ: "down"}
+from vllm_outliertune.offline.architectures import architecture_of, decoder_layers
 
 
 @dataclasses.dataclass
@@ -66,37 +65,74 @@ class _StopForward(Exception):
     pass
 
 
+def _outside_layers(module: torch.nn.Module, layers: torch.nn.ModuleList) -> Iterator[torch.nn.Module]:
+    """The largest submodules of ``module`` that do not contain ``layers`` (embeddings, positions, rotary tables,
+    final norm): what a forward pass up to the first decoder layer may use."""
+    for child in module.children():
+        if child is layers:
+            continue
+        if any(sub is layers for sub in child.modules()):
+            yield from _outside_layers(child, layers)
+        else:
+            yield child
+
+
+@contextlib.contextmanager
+def _float32_on(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """``modules`` in float32 on ``device`` for the duration; afterwards on the CPU with every parameter and buffer
+    in its own previous dtype (rotary tables stay float32 in an fp16 model)."""
+    dtypes = [{name: t.dtype for name, t in itertools.chain(m.named_parameters(), m.named_buffers())}
+              for m in modules]
+    for module in modules:
+        module.to(device, torch.float32)
+    try:
+        yield
+    finally:
+        for module, saved in zip(modules, dtypes):
+            module.to("cpu")
+            for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+                if tensor.dtype != saved[name]:
+                    tensor.data = tensor.data.to(saved[name])
+
+
 @torch.no_grad()
-def _capture_layer0_inputs(model, windows: torch.Tensor, batch_size: int, device: torch.device):
-    """Hidden states entering decoder layer 0 (CPU, float32) and the keyword arguments each batch gave it."""
+def _capture_layer_inputs(model, windows: torch.Tensor, batch_size: int, device: torch.device):
+    """Hidden states entering decoder layer 0 (CPU, float32), and per batch the keyword arguments the model gave
+    each decoder layer (masks and position tables differ between sliding and full attention layers)."""
     layers = decoder_layers(model)
-    first = layers[0]
-    dtype = model.dtype  # read before embed_tokens (the first parameter, which model.dtype reports) changes dtype
+    originals = list(layers)
     hidden, kwargs_per_batch = [], []
 
-    class Catcher(torch.nn.Module):
-        def __init__(self):
+    class Recorder(torch.nn.Module):
+        """Stands in for decoder layer ``index``: records what it is given, passes the hidden states on."""
+
+        def __init__(self, index: int):
             super().__init__()
-            self.attention_type = getattr(first, "attention_type", "full_attention")
+            self.index = index
+            self.attention_type = getattr(originals[index], "attention_type", "full_attention")
 
         def forward(self, hidden_states, *args, **kwargs):
-            hidden.append(hidden_states.float().cpu())
-            kwargs_per_batch.append(kwargs)
-            raise _StopForward
+            if self.index == 0:
+                hidden.append(hidden_states.float().cpu())
+                kwargs_per_batch.append([])
+            kwargs_per_batch[-1].append(kwargs)
+            if self.index == len(originals) - 1:
+                raise _StopForward
+            return hidden_states
 
-    layers[0] = Catcher()
+    for index in range(len(layers)):
+        layers[index] = Recorder(index)
+    base = model.base_model  # the transformer without the LM head (runs embeddings, masks, positions)
     try:
-        model.model.embed_tokens.to(device, torch.float32)
-        model.model.rotary_emb.to(device, torch.float32)
-        for start in range(0, windows.shape[0], batch_size):
-            try:
-                model.model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
+        with _float32_on(list(_outside_layers(base, layers)), device):
+            for start in range(0, windows.shape[0], batch_size):
+                try:
+                    base(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
     finally:
-        layers[0] = first
-        model.model.embed_tokens.to("cpu", dtype)
-        model.model.rotary_emb.to("cpu")
+        for index, layer in enumerate(originals):
+            layers[index] = layer
     return hidden, kwargs_per_batch
 
 
@@ -120,24 +156,27 @@ def calibrate_layers(model, windows: torch.Tensor, device: str | torch.device = 
     the caller resumes, the layer goes back to the CPU in the model's dtype."""
     device = torch.device(device)
     dtype = model.dtype
-    hidden, kwargs_per_batch = _capture_layer0_inputs(model, windows, batch_size, device)
+    hidden, kwargs_per_batch = _capture_layer_inputs(model, windows, batch_size, device)
     batches = len(hidden)
     keep_per_batch = max(1, -(-sample_tokens // batches))
     layers = decoder_layers(model)
+    arch = architecture_of(model)
+    # One statistics record per distinct linear input (q/k/v share one, gate/up share one).
+    input_of = {names[0]: group for group, names in arch.groups.items()}
     for index in tqdm(range(len(layers)), desc="calibrating layers", disable=not progress):
         layer = layers[index].to(device, torch.float32)
         generator = torch.Generator().manual_seed(seed + index)
-        accumulators = {short: _Accumulator(f"model.layers.{index}.{name}", keep_per_batch, generator)
-                        for name, short in INPUT_OF.items()}
+        accumulators = {short: _Accumulator(f"{arch.layers}.{index}.{name}", keep_per_batch, generator)
+                        for name, short in input_of.items()}
         hooks = [layer.get_submodule(name).register_forward_pre_hook(
                      lambda _module, args, acc=accumulators[short]: acc.add(args[0]))
-                 for name, short in INPUT_OF.items()]
+                 for name, short in input_of.items()]
         try:
             for batch in range(batches):
-                out = layer(hidden[batch].to(device), **_to_device(kwargs_per_batch[batch], device))
+                out = layer(hidden[batch].to(device), **_to_device(kwargs_per_batch[batch][index], device))
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 if not torch.isfinite(out).all():
-                    raise FloatingPointError(f"calibration produced NaN/Inf at the output of model.layers.{index}")
+                    raise FloatingPointError(f"calibration produced NaN/Inf at the output of {arch.layers}.{index}")
                 hidden[batch] = out.float().cpu()
         finally:
             for hook in hooks:

@@ -1,12 +1,13 @@
 """Fold activation plans into a decoder layer, exactly (before any rounding).
 
-For each group of linears sharing an input, the plan's ``fold`` divides the input where the producer allows it:
-    q/k/v      input_layernorm gamma  /= fold            (shift stays: RMSNorm has no beta)
-    gate/up    post_attention_layernorm gamma /= fold    (shift stays)
-    o_proj     v_proj rows (and bias) /= fold, and the shift joins v_proj's output (softmax rows sum to 1, so the
+For each group of linears sharing an input, the plan's ``fold`` divides the input where the producer allows it
+(offline/architectures.py says where that is for each architecture):
+    q/k/v      attention norm /= fold                    (RMSNorm: shift stays; LayerNorm: beta takes the shift)
+    gate/up    MLP norm /= fold                          (likewise)
+    o_proj     v rows (and bias) /= fold, and the shift joins v_proj's output (softmax rows sum to 1, so the
                attention output moves by exactly -shift); with GQA one v row serves several q-heads, so their
                fold and shift must agree (symmetrize.share_within_groups)
-    down_proj  up_proj rows /= fold                      (shift stays: silu(gate) * up is not affine)
+    down_proj  up rows /= fold                           (shift stays: act(gate) * up and relu are not affine)
 and every weight column is multiplied by the channel's step s = fold / inv_scale. What remains per linear is a
 FoldedLinear: y = weight @ (x * inv_scale - input_shift) + weight @ correction_shift + row_bias + bias.
 """
@@ -17,7 +18,7 @@ import dataclasses
 
 import torch
 
-from vllm_outliertune.offline.model_io import DOWN_PROJ, GATE_UP, O_PROJ, QKV
+from vllm_outliertune.offline.architectures import Architecture, attention_groups
 from vllm_outliertune.offline.symmetrize import ChannelPlan
 
 
@@ -56,40 +57,62 @@ def _kv_vector(vector: torch.Tensor, group_size: int, head_dim: int, what: str) 
     return grouped[:, 0].reshape(-1)
 
 
+def _divide_rows(linear: torch.nn.Linear, rows: slice, fold: torch.Tensor) -> None:
+    linear.weight[rows].div_(fold.to(linear.weight)[:, None])
+    if linear.bias is not None:
+        linear.bias[rows].div_(fold.to(linear.bias))
+
+
+def _fold_into_norm(norm: torch.nn.Module, kind: str, plan: ChannelPlan) -> bool:
+    """Divide the norm's output by ``plan.fold``; a LayerNorm also takes the plan's shift into its bias. Returns
+    whether the shift was taken (then the linears reading this norm need no runtime shift)."""
+    fold = plan.fold.to(norm.weight)
+    if kind == "rms_one_plus":  # Gemma: x_hat * (1 + g)
+        norm.weight.copy_((1 + norm.weight) / fold - 1)
+        return False
+    norm.weight.div_(fold)
+    if kind != "layernorm":
+        return False
+    norm.bias.div_(fold)
+    if plan.shift is None:
+        return False
+    # round(y * inv_scale - shift) = round((y - shift / inv_scale) * inv_scale)
+    inv_scale = 1.0 if plan.inv_scale is None else plan.inv_scale.to(norm.bias)
+    norm.bias.sub_(plan.shift.to(norm.bias) / inv_scale)
+    return True
+
+
 @torch.no_grad()
-def fold_layer(layer: torch.nn.Module, plans: dict[str, ChannelPlan], group_size: int, head_dim: int,
+def fold_layer(layer: torch.nn.Module, plans: dict[str, ChannelPlan], arch: Architecture, config,
                ) -> dict[str, FoldedLinear]:
-    """Fold ``plans`` ({"qkv", "o", "gate_up", "down"}) into ``layer`` in place (norm gammas, v_proj and up_proj
-    rows) and return the FoldedLinear of each of its seven linears (names relative to the layer)."""
+    """Fold ``plans`` ({"qkv", "o", "gate_up", "down"}) into ``layer`` (of ``arch``, transformers ``config``) in
+    place (norms, v rows, up rows) and return the FoldedLinear of each of its linears (names relative to the
+    layer)."""
+    heads, kv_heads, head_dim = attention_groups(config)
+    group_size = heads // kv_heads
+    plan_of = {name: plans[group] for group, names in arch.groups.items() for name in names}
+    input_shift = {name: plan.shift for name, plan in plan_of.items()}
     row_bias: dict[str, torch.Tensor] = {}
-    input_shift = {name: plan.shift for names, plan in ((QKV, plans["qkv"]), (GATE_UP, plans["gate_up"]),
-                                                       ((DOWN_PROJ,), plans["down"])) for name in names}
 
-    # o_proj: fold into v_proj rows; its shift too, unless the plan keeps a stored inv_scale (applied after v_proj).
-    v_proj = layer.get_submodule(QKV[2])
+    # o_proj: fold into v rows; its shift too, unless the plan keeps a stored inv_scale (applied after v_proj).
     o_plan = plans["o"]
-    o_fold = _kv_vector(o_plan.fold, group_size, head_dim, "fold")
-    v_proj.weight.div_(o_fold.to(v_proj.weight)[:, None])
-    if v_proj.bias is not None:
-        v_proj.bias.div_(o_fold.to(v_proj.bias))
+    v_name, v_rows = arch.v_rows(layer, config)
+    v_linear = layer.get_submodule(v_name)
+    _divide_rows(v_linear, v_rows, _kv_vector(o_plan.fold, group_size, head_dim, "fold"))
     if o_plan.shift is not None and o_plan.inv_scale is None:
-        row_bias[QKV[2]] = -_kv_vector(o_plan.shift, group_size, head_dim, "shift")
-        input_shift[O_PROJ] = None
-    else:
-        input_shift[O_PROJ] = o_plan.shift
+        row_bias[v_name] = torch.zeros(v_linear.out_features, device=v_linear.weight.device)
+        row_bias[v_name][v_rows] = -_kv_vector(o_plan.shift, group_size, head_dim, "shift").to(row_bias[v_name])
+        input_shift[arch.o_proj] = None
 
-    # down_proj: fold into up_proj rows.
-    up_proj = layer.get_submodule(GATE_UP[1])
-    up_proj.weight.div_(plans["down"].fold.to(up_proj.weight)[:, None])
-    if up_proj.bias is not None:
-        up_proj.bias.div_(plans["down"].fold.to(up_proj.bias))
+    # down_proj: fold into up rows.
+    up_name, up_rows = arch.up_rows(layer, config)
+    _divide_rows(layer.get_submodule(up_name), up_rows, plans["down"].fold)
 
-    # q/k/v and gate/up: fold into the RMSNorm gammas.
-    layer.input_layernorm.weight.div_(plans["qkv"].fold.to(layer.input_layernorm.weight))
-    layer.post_attention_layernorm.weight.div_(plans["gate_up"].fold.to(layer.post_attention_layernorm.weight))
+    # q/k/v and gate/up: fold into the norms that produce their input.
+    for group, norm_name in (("qkv", arch.attn_norm), ("gate_up", arch.mlp_norm)):
+        if _fold_into_norm(layer.get_submodule(norm_name), arch.norm, plans[group]):
+            input_shift.update(dict.fromkeys(arch.groups[group]))
 
-    plan_of = {**{name: plans["qkv"] for name in QKV}, O_PROJ: o_plan,
-               **{name: plans["gate_up"] for name in GATE_UP}, DOWN_PROJ: plans["down"]}
     folded = {}
     for name, plan in plan_of.items():
         linear = layer.get_submodule(name)

@@ -1,24 +1,23 @@
-"""Open a Hugging Face model directory for quantization, with a clear error for every way it can be wrong, and the
-decoder-layer structure the offline tool works on (Llama family: Llama, Mistral, Qwen2)."""
+"""Open a Hugging Face model directory for quantization, with a clear error for every way it can be wrong (the
+decoder-layer structure of each supported architecture is in offline/architectures.py)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from vllm_outliertune import format as fmt
+from vllm_outliertune.offline.architectures import ARCHITECTURES, SUPPORTED_ARCHITECTURES
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Weights are read from safetensors only: pickle files (.bin/.pt/.pth) can run code when loaded.
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-# The quantized linears of one decoder layer, as HF module names relative to the layer.
-QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
-O_PROJ = "self_attn.o_proj"
-DOWN_PROJ = "mlp.down_proj"
-LAYER_LINEARS = QKV + (O_PROJ,) + GATE_UP + (DOWN_PROJ,)
+# What is fetched of a hub repository: configs, safetensors weights, tokenizer files, custom-code modules (run
+# only with --trust-remote-code); never pickle weights.
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 # Where transformers looks for `auto_map`: classes to import from the model directory's own *.py files.
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
 
@@ -36,6 +35,28 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object; restore the model's {path.name}")
     return data
+
+
+def resolve_model(model: str, revision: str | None = None) -> tuple[Path, dict | None]:
+    """A local model directory as given, or a hub id ORG/NAME resolved as transformers does (the Hugging Face
+    cache; downloads unless HF_HUB_OFFLINE=1): (snapshot directory, {"repo_id", "revision": commit hash}). The
+    architecture is checked from config.json before any weights are fetched."""
+    if Path(model).exists() or not _REPO_ID.fullmatch(model):
+        if revision is not None:
+            raise UserError(f"--revision applies to a Hugging Face hub id (ORG/NAME), not to the directory {model}")
+        return Path(model), None
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        config_path = Path(hf_hub_download(model, "config.json", revision=revision))
+        check_architecture(read_json_object(config_path), f"{model} config.json")
+        snapshot = Path(snapshot_download(model, revision=revision, allow_patterns=list(HUB_FILES)))
+    except (OSError, ValueError, EntryNotFoundError) as exc:
+        raise UserError(f"{model} is not a directory here, and as a Hugging Face hub id it could not be resolved "
+                        f"({type(exc).__name__}: {exc}); pass a model directory, or a hub id that is in the "
+                        f"Hugging Face cache (HF_HUB_OFFLINE=1) or can be downloaded") from None
+    return snapshot, {"repo_id": model, "revision": snapshot.name}  # snapshot directories are named by commit
 
 
 def read_config(model_dir: Path) -> dict:
@@ -113,10 +134,19 @@ def check_quantizable(config: dict, model_dir: Path, trust_remote_code: bool) ->
     # Only the model's custom code is refused here: a custom tokenizer class is loaded only when trusted, otherwise
     # transformers falls back to the built-in class its files name.
     check_remote_code(model_dir, trust_remote_code, files=("config.json",))
+    check_architecture(config, where)
+
+
+def check_architecture(config: dict, where: Path | str) -> None:
+    """One error naming the architecture and listing the supported ones, before anything is loaded."""
     architectures = config.get("architectures") or []
-    if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
-        raise UserError(f"{where}: architecture {architectures or '(none given)'} is not supported; supported: "
-                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    supported = [name for name in architectures if name in ARCHITECTURES]
+    if not supported:
+        raise UserError(f"{where}: architecture {', '.join(architectures) or '(none given)'} is not supported; "
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    reason = ARCHITECTURES[supported[0]].check(config)
+    if reason:
+        raise UserError(f"{where}: {supported[0]} with {reason}; this variant is not supported")
 
 
 def load_model(model_dir: Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
@@ -148,15 +178,3 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
 def is_outliertune_checkpoint(config: dict) -> bool:
     quant = config.get("quantization_config")
     return isinstance(quant, dict) and quant.get("quant_method") == fmt.QUANT_METHOD
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    return model.model.layers
-
-
-def attention_groups(config) -> tuple[int, int, int]:
-    """(num_heads, num_kv_heads, head_dim) of a transformers config object."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, kv_heads, head_dim

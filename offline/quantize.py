@@ -16,15 +16,12 @@ from vllm_outliertune.offline.checkpoint import (DEFAULT_SHARD_BYTES, check_dire
 from vllm_outliertune.offline.fold import fold_layer
 from vllm_outliertune.offline.report import PLOTTED_GROUPS, plotted_layers, range_record, write_report
 from vllm_outliertune.offline.search import SIMPLE, SearchGrid, output_error, search_plan
+from vllm_outliertune.offline.architectures import Architecture, architecture_of, attention_groups
 from vllm_outliertune.offline.model_io import (
-    DOWN_PROJ, GATE_UP, LAYER_LINEARS, O_PROJ, QKV, UserError, attention_groups, check_device, check_seq_len, load_model,
-    load_tokenizer, read_config)
+    UserError, check_device, check_seq_len, load_model, load_tokenizer, read_config, resolve_model)
 from vllm_outliertune.offline.symmetrize import ChannelPlan
 from vllm_outliertune.offline.text import read_text, token_windows
 from vllm_outliertune.offline.weights import best_row_clip, checkpoint_tensors
-
-GROUP_LINEARS = {"qkv": QKV, "o": (O_PROJ,), "gate_up": GATE_UP, "down": (DOWN_PROJ,)}
-GROUP_OF = {name: group for group, names in GROUP_LINEARS.items() for name in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +89,7 @@ def check_options(options: QuantizeOptions) -> None:
     check_device(options.device)
 
 
-def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_config,
+def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_config, arch: Architecture,
                options: QuantizeOptions) -> tuple[dict[str, ChannelPlan], dict[str, dict]]:
     """The plan of each input group of ``layer`` by ``options.method``, and per group what was chosen plus the
     relative output error of its quantized linears on the calibration sample."""
@@ -101,7 +98,7 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
     stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], group_size, head_dim))
     rule = METHODS[options.method]
     plans, info = {}, {}
-    for group, names in GROUP_LINEARS.items():
+    for group, names in arch.groups.items():
         weight = torch.cat([layer.get_submodule(name).weight.detach().float() for name in names])
         share = (lambda step: symmetrize.group_max(step, group_size, head_dim)) if group == "o" else (lambda s: s)
         plans[group], info[group] = rule(GroupInput(stats[group], weight, share), options)
@@ -121,33 +118,35 @@ class QuantizeRecord:
 def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
                     record: QuantizeRecord | None = None) -> dict[str, torch.Tensor]:
     """Quantize an in-memory HF model (modified in place: norms and rows folded) -> checkpoint tensors by name."""
-    heads, kv_heads, head_dim = attention_groups(model.config)
+    arch = architecture_of(model)
+    group_of = {name: group for group, names in arch.groups.items() for name in names}
+    num_layers = len(model.get_submodule(arch.layers))
     model_dtype = model.dtype
     tensors: dict[str, torch.Tensor] = {}
-    shown = plotted_layers(len(model.model.layers))
+    shown = plotted_layers(num_layers)
     for index, layer, stats in cached_calibrate_layers(model, windows, options.calib_cache, options.device,
                                                        options.batch_size, SearchGrid.tokens, options.seed,
                                                        options.progress):
-        plans, info = plan_layer(layer, stats, model.config, options)
+        plans, info = plan_layer(layer, stats, model.config, arch, options)
         if record is not None:
             record.layers.append({"groups": info})
             if index in shown:
                 record.ranges.update({f"layer{index}_{group}": range_record(stats[group], plans[group])
                                       for group in PLOTTED_GROUPS})
-        folded = fold_layer(layer, plans, heads // kv_heads, head_dim)
+        folded = fold_layer(layer, plans, arch, model.config)
         for name, linear in folded.items():
-            prefix = f"model.layers.{index}.{name}"
+            prefix = f"{arch.layers}.{index}.{name}"
             out_features, in_features = linear.weight.shape
             clip = 1.0
             if options.method == "outliertune":  # weight clipping by measured error is part of the method
-                group = GROUP_OF[name]
+                group = group_of[name]
                 power = (stats[group].rms.to(linear.weight) / plans[group].step.to(linear.weight)).pow(2)
                 clip = best_row_clip(linear.weight, options.w_bits, power)
             parts = checkpoint_tensors(linear, options.w_bits, model_dtype, clip)
             validate_linear(prefix, parts, out_features, in_features,
                             QuantizationConfig(options.w_bits, options.a_bits), source="quantize")
             tensors.update({f"{prefix}.{suffix}": tensor for suffix, tensor in parts.items()})
-    quantized = {f"model.layers.{i}.{name}" for i in range(len(model.model.layers)) for name in LAYER_LINEARS}
+    quantized = {f"{arch.layers}.{i}.{name}" for i in range(num_layers) for name in arch.linears}
     for name, tensor in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
         if module in quantized or (name == "lm_head.weight" and model.config.tie_word_embeddings):
@@ -156,10 +155,14 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
     return tensors
 
 
-def quantize(model_dir: Path, out_dir: Path, calib_path: Path, options: QuantizeOptions = QuantizeOptions(),
-             overwrite: bool = False, trust_remote_code: bool = False, report_dir: Path | None = None) -> Path:
-    """The whole `outliertune quantize` command. Nothing is written to ``out_dir`` unless everything succeeds."""
+def quantize(model: Path | str, out_dir: Path, calib_path: Path, options: QuantizeOptions = QuantizeOptions(),
+             overwrite: bool = False, trust_remote_code: bool = False, report_dir: Path | None = None,
+             revision: str | None = None) -> Path:
+    """The whole `outliertune quantize` command: ``model`` is a model directory or a hub id ORG/NAME (at
+    ``revision``). Nothing is written to ``out_dir`` unless everything succeeds."""
     check_options(options)
+    model_name = str(model)
+    model_dir, source = resolve_model(model_name, revision)
     check_output_dir(out_dir, model_dir, overwrite)
     for option, path in (("--report", report_dir), ("--calib-cache", options.calib_cache)):
         if path is not None:
@@ -172,10 +175,11 @@ def quantize(model_dir: Path, out_dir: Path, calib_path: Path, options: Quantize
     record = QuantizeRecord()
     tensors = quantize_loaded(model, windows, options, record)
     quant_config = QuantizationConfig(weight_bits=options.w_bits, activation_bits=options.a_bits,
-                                      ignore=("lm_head",), method=options.method)
+                                      ignore=("lm_head",), method=options.method, source=source)
     out = write_checkpoint(out_dir, model_dir, hf_config, quant_config, tensors, options.max_shard_bytes)
     if report_dir is not None:
-        summary = {"model": str(model_dir), "checkpoint": str(out), "calibration": f"{calib_path}: "
+        shown_model = model_name if source is None else f"{model_name} at {source['revision']}"
+        summary = {"model": shown_model, "checkpoint": str(out), "calibration": f"{calib_path}: "
                    f"{windows.shape[0]} windows x {windows.shape[1]} tokens", "method": options.method,
                    "bits": f"W{options.w_bits}A{options.a_bits}"}
         write_report(report_dir, summary, record.layers, record.ranges)

@@ -3,6 +3,7 @@ by integer math from vllm_outliertune.kernels.torch_ref (the same formula as the
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -91,6 +92,24 @@ def load_reference_model(model_dir: Path, dtype: torch.dtype = torch.float32, de
     if missing:
         raise UserError(f"{model_dir}: tensors missing from the checkpoint: {sorted(missing)[:5]}; "
                         f"re-run `outliertune quantize`")
-    # Non-persistent buffers (rotary inv_freq) were created on the meta device: rebuild them.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_config)
+    _initialize_unsaved_buffers(model)
     return model.to(device).eval()
+
+
+def _initialize_unsaved_buffers(model) -> None:
+    """Buffers that checkpoints do not hold (rotary tables, Gemma's embedding scale) were created on the meta
+    device: let transformers' own initialization compute them, with every loaded tensor marked as initialized so
+    that it stays untouched."""
+    unsaved = []
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, torch.empty_like(buffer, device="cpu"))
+            unsaved.append(name)
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        tensor._is_hf_initialized = name not in unsaved
+    model.initialize_weights()
+    still_meta = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+                  if tensor.is_meta]
+    if still_meta:
+        raise RuntimeError(f"tensors without values after loading the reference model: {still_meta[:5]}")

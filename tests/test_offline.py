@@ -19,7 +19,7 @@ from vllm_outliertune.cli import main as cli_main
 from vllm_outliertune.offline import checkpoint as checkpoint_mod
 from vllm_outliertune.offline.calibrate import InputStats, calibrate_layers
 from vllm_outliertune.offline.fold import fold_layer
-from vllm_outliertune.offline.model_io import GATE_UP, QKV, attention_groups
+from vllm_outliertune.offline.architectures import GATE_UP, QKV, architecture_of, attention_groups
 from vllm_outliertune.offline.quantize import QuantizeOptions, plan_layer, quantize
 from vllm_outliertune.offline.reference import load_checkpoint_tensors, load_reference_model
 from vllm_outliertune.offline.search import output_error, search_plan
@@ -46,28 +46,32 @@ class _Unrounded(torch.nn.Module):
         return self.folded.forward_unrounded(x).to(x.dtype)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", tiny_models.ARCHS)
 def test_folding_identity(arch):
-    """Folding (norm gammas, v_proj rows with GQA, up_proj rows, shifts into biases) changes nothing before
-    rounding: the folded fp32 model equals the original to 1e-5 relative."""
+    """Folding (norm gains and LayerNorm biases, v rows with GQA, up / fc1 rows, shifts into biases) changes
+    nothing before rounding: the folded fp32 model equals the original to 1e-5 relative."""
     model, tokenizer = tiny_models.build_tiny_model(arch)
     original = copy.deepcopy(model)
-    heads, kv_heads, head_dim = attention_groups(model.config)
-    assert heads // kv_heads == 2, "the test must exercise the GQA constraint"
+    structure = architecture_of(model)
+    heads, kv_heads, _ = attention_groups(model.config)
+    assert heads // kv_heads == (1 if arch == "opt" else 2), "the test must exercise the GQA constraint"
     windows = _windows(tokenizer)
     options = QuantizeOptions(method="per-channel", **FAST)
     folded_layers = []
     for _, layer, stats in calibrate_layers(model, windows, progress=False):
-        plans, _ = plan_layer(layer, stats, model.config, options)
+        plans, _ = plan_layer(layer, stats, model.config, structure, options)
         # The folds under test must be far from identity, shifts included (o_proj's goes into v_proj rows).
         assert all(float(plan.step.max() / plan.step.min()) > 4 for plan in plans.values())
         assert all(plan.shift is not None and plan.shift.abs().max() >= 1 for plan in plans.values())
-        folded_layers.append(fold_layer(layer, plans, heads // kv_heads, head_dim))
-    for layer, folded in zip(model.model.layers, folded_layers):
+        folded_layers.append(fold_layer(layer, plans, structure, model.config))
+    if arch == "opt":  # the LayerNorm biases took the q/k/v and fc1 shifts
+        assert all(folded_layers[0][name].input_shift is None for name in structure.qkv + structure.gate_up)
+        assert folded_layers[0]["fc2"].input_shift is not None
+    for layer, folded in zip(model.get_submodule(structure.layers), folded_layers):
         for name, linear in folded.items():
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent), child, _Unrounded(linear))
-    if arch == "qwen2":
+    if arch in ("qwen2", "opt"):
         assert folded_layers[0][QKV[2]].bias is not None
     inputs = torch.randint(0, len(tokenizer), (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

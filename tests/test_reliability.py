@@ -25,7 +25,7 @@ from vllm_outliertune.cli import main as cli_main
 from vllm_outliertune.offline import assets
 from vllm_outliertune.offline import calibrate as calibrate_mod
 from vllm_outliertune.offline import checkpoint as checkpoint_mod
-from vllm_outliertune.offline.model_io import SUPPORTED_ARCHITECTURES
+from vllm_outliertune.offline.architectures import SUPPORTED_ARCHITECTURES
 
 # per-channel: no plan search, the fastest method; what these tests check does not depend on the plan.
 FAST = ["--samples", "4", "--seq-len", "64", "--batch-size", "4", "--method", "per-channel"]
@@ -240,6 +240,73 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, model_dir, 
     assert code == EXIT_USER_ERROR
     assert_clean_error(err, "GPT2LMHeadModel", "not supported", *SUPPORTED_ARCHITECTURES)
     assert_no_leftovers(tmp_path, {"gpt2"})
+
+
+def test_unsupported_variant_is_refused_before_loading(tmp_path, model_dir, calib, capsys):
+    """A supported class whose config cannot be folded exactly (post-LayerNorm OPT) is refused by name."""
+    bad = copy_with_config(model_dir, tmp_path / "opt350m", architectures=["OPTForCausalLM"], model_type="opt",
+                           do_layer_norm_before=False)
+    code, err = quantize_cli(capsys, bad, tmp_path / "out", calib)
+    assert code == EXIT_USER_ERROR
+    assert_clean_error(err, "OPTForCausalLM", "do_layer_norm_before", "not supported")
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def populate_hub_cache(cache: Path, repo_id: str, model: Path, commit: str = HUB_COMMIT) -> Path:
+    """The layout huggingface_hub keeps under HF_HUB_CACHE (blobs by hash, snapshot links, refs/main), as a
+    download of ``model``'s files would leave it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in sorted(model.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_id_from_offline_cache(tmp_path, model_dir, calib):
+    """`outliertune quantize ORG/NAME OUT` with HF_HUB_OFFLINE=1 resolves the id in the Hugging Face cache (as
+    transformers does) and pins the commit it used in OUT's config.json."""
+    populate_hub_cache(tmp_path / "hub", "tiny-org/tiny-llama", model_dir)
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    command = [sys.executable, "-m", "vllm_outliertune.cli", "quantize", "tiny-org/tiny-llama", str(out),
+               "--calib", str(calib), *FAST]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["source"] == {"repo_id": "tiny-org/tiny-llama", "revision": HUB_COMMIT}
+    assert fmt.validate_checkpoint_dir(out, fmt.QuantizationConfig.from_dict(quant)) == 14
+    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.json").is_symlink()
+
+
+@pytest.mark.parametrize("case", ["not-cached", "unsupported", "revision-of-directory"])
+def test_hub_id_errors(tmp_path, model_dir, calib, capsys, monkeypatch, case):
+    """A hub id that is not in the offline cache, or whose config names an unsupported architecture (checked before
+    any weights would be fetched), and --revision with a directory: one clear message each."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    if case == "unsupported":
+        gpt2 = copy_with_config(model_dir, tmp_path / "gpt2", architectures=["GPT2LMHeadModel"], model_type="gpt2")
+        populate_hub_cache(tmp_path / "hub", "tiny-org/gpt2", gpt2)
+    model, extra = {"not-cached": ("tiny-org/missing", ()), "unsupported": ("tiny-org/gpt2", ()),
+                    "revision-of-directory": (str(model_dir), ("--revision", "main"))}[case]
+    code, err = quantize_cli(capsys, model, tmp_path / "out", calib, *extra)
+    assert code == EXIT_USER_ERROR
+    needles = {"not-cached": ("tiny-org/missing", "hub id", "HF_HUB_OFFLINE"),
+               "unsupported": ("tiny-org/gpt2", "GPT2LMHeadModel", "not supported", *SUPPORTED_ARCHITECTURES),
+               "revision-of-directory": ("--revision", str(model_dir))}[case]
+    assert_clean_error(err, *needles)
+    assert not (tmp_path / "out").exists()
 
 
 def test_remote_code_is_not_run_without_flag(tmp_path, model_dir, calib, capsys):

@@ -1,7 +1,8 @@
-"""Tiny random Llama / Qwen2 models with a self-made tokenizer, built offline and deterministically, for tests.
+"""Tiny random models of each supported architecture (ARCHS) with a self-made tokenizer, built offline and
+deterministically, for tests.
 
     from tests.tiny_models import save_tiny_model
-    model_dir = save_tiny_model(tmp_path / "llama", "llama")        # or "qwen2"; dtype=torch.float16 for fp16
+    model_dir = save_tiny_model(tmp_path / "llama", "llama")        # or "qwen2", "opt", ...; dtype=torch.float16
 
 The weights are random but shaped like a real model's in the way that matters here: a few RMSNorm gamma channels
 are scaled up (x20) and a few embedding channels carry an offset, so decoder-linear inputs have the structured,
@@ -14,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from vllm_outliertune.offline.architectures import architecture_of
 
 # Public-domain style English prose; also usable as calibration / perplexity text in tests (write_tiny_text).
 TINY_TEXT = """\
@@ -65,17 +68,38 @@ def build_tokenizer(vocab_size: int = 384):
                                    chat_template=CHAT_TEMPLATE, model_max_length=TINY_SHAPE["max_position_embeddings"])
 
 
-def _config(arch: str, vocab_size: int, tokenizer):
-    from transformers import LlamaConfig, Qwen2Config
+ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "opt")
+# Gemma's sliding-window layers (layer 0) see fewer tokens than the test windows hold, so the window matters.
+SLIDING_WINDOW = 48
 
-    common = dict(TINY_SHAPE, vocab_size=vocab_size, tie_word_embeddings=True, rms_norm_eps=1e-6,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+
+def _config(arch: str, vocab_size: int, tokenizer):
+    import transformers
+
+    tokens = dict(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, initializer_range=0.08)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    if arch == "qwen2":
-        return Qwen2Config(**common)  # Qwen2 has q/k/v biases
-    raise ValueError(f"unknown tiny architecture {arch!r}; use 'llama' or 'qwen2'")
+    if arch == "opt":  # no GQA; LayerNorm with bias, ReLU fc1/fc2, biases everywhere, learned positions
+        return transformers.OPTConfig(
+            **tokens, hidden_size=TINY_SHAPE["hidden_size"], word_embed_proj_dim=TINY_SHAPE["hidden_size"],
+            num_hidden_layers=TINY_SHAPE["num_hidden_layers"], num_attention_heads=TINY_SHAPE["num_attention_heads"],
+            ffn_dim=TINY_SHAPE["intermediate_size"], max_position_embeddings=TINY_SHAPE["max_position_embeddings"],
+            do_layer_norm_before=True, tie_word_embeddings=True, dropout=0.0, attention_dropout=0.0)
+    common = dict(TINY_SHAPE, **tokens, tie_word_embeddings=True, rms_norm_eps=1e-6, head_dim=32)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(**common),  # q/k/v biases
+        "qwen3": lambda: transformers.Qwen3Config(**common),  # q_norm / k_norm, no biases
+        "phi3": lambda: transformers.Phi3Config(**dict(common, tie_word_embeddings=False)),  # fused qkv / gate_up
+        "gemma2": lambda: transformers.Gemma2Config(  # (1 + g) norms, sandwich norms, soft-capping, GeGLU
+            **common, query_pre_attn_scalar=32, sliding_window=SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention"]),
+        "gemma3": lambda: transformers.Gemma3TextConfig(  # as Gemma 2, with q_norm / k_norm instead of capping
+            **common, query_pre_attn_scalar=32, sliding_window=SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention"]),
+    }
+    if arch not in configs:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use one of {ARCHS}")
+    return configs[arch]()
 
 
 @torch.no_grad()
@@ -90,24 +114,31 @@ def build_tiny_model(arch: str = "llama", seed: int = 0, tokenizer=None):
     config = _config(arch, vocab_size, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    structure = architecture_of(model)
+    # Gemma's norms scale by (1 + g): g = 0 is the neutral gain there.
+    neutral_gain = 0.0 if structure.norm == "rms_one_plus" else 1.0
     gen = torch.Generator().manual_seed(seed + 1)
     std = config.initializer_range
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
-            param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+            param.copy_(neutral_gain + 0.1 * torch.randn(param.shape, generator=gen))
         elif name.endswith(".bias"):
             param.copy_(0.5 * torch.randn(param.shape, generator=gen))
         else:
             param.copy_(std * torch.randn(param.shape, generator=gen))
     channels = list(OUTLIER_CHANNELS)
     # Outliers: a per-channel offset in the residual stream (asymmetric range) and large norm gains.
-    model.model.embed_tokens.weight[:, channels] += torch.tensor([0.3, -0.2, 0.25])
-    for layer in model.model.layers:
-        layer.input_layernorm.weight[channels] *= OUTLIER_GAIN
-        layer.post_attention_layernorm.weight[channels[:2]] *= OUTLIER_GAIN
+    model.get_input_embeddings().weight[:, channels] += torch.tensor([0.3, -0.2, 0.25])
+    for layer in model.get_submodule(structure.layers):
+        for norm, outliers in ((structure.attn_norm, channels), (structure.mlp_norm, channels[:2])):
+            gain = layer.get_submodule(norm).weight
+            gain[outliers] = (gain[outliers] + (1 - neutral_gain)) * OUTLIER_GAIN - (1 - neutral_gain)
         # A few intermediate channels (down_proj inputs) with large, one-sided activations.
-        layer.mlp.up_proj.weight[:4] *= 8.0
-        layer.mlp.gate_proj.weight[:4] += 0.05
+        up_name, up_rows = structure.up_rows(layer, config)
+        up = layer.get_submodule(up_name).weight[up_rows]
+        up[:4] *= 8.0
+        if up_name != structure.gate_up[0] or up_rows != slice(None):  # a GLU: its gate rows come first
+            layer.get_submodule(structure.gate_up[0]).weight[:4] += 0.05
     return model, tokenizer
 
 

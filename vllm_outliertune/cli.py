@@ -19,8 +19,9 @@ def _quantize(args: argparse.Namespace) -> None:
     options = QuantizeOptions(w_bits=args.w_bits, a_bits=args.a_bits, samples=args.samples, seq_len=args.seq_len,
                               method=args.method, device=args.device, batch_size=args.batch_size, seed=args.seed,
                               calib_cache=args.calib_cache and Path(args.calib_cache))
-    out = quantize(Path(args.model_dir), Path(args.out_dir), Path(args.calib), options, overwrite=args.overwrite,
-                   trust_remote_code=args.trust_remote_code, report_dir=args.report and Path(args.report))
+    out = quantize(args.model_dir, Path(args.out_dir), Path(args.calib), options, overwrite=args.overwrite,
+                   trust_remote_code=args.trust_remote_code, report_dir=args.report and Path(args.report),
+                   revision=args.revision)
     print(f"wrote {out} ({args.method}, W{args.w_bits}A{args.a_bits})" + (f"; report in {args.report}" if args.report else ""))
 
 
@@ -84,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outliertune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    quant = commands.add_parser("quantize", help="calibrate and quantize a Hugging Face model directory")
-    quant.add_argument("model_dir", metavar="MODEL_DIR")
+    quant = commands.add_parser("quantize", help="calibrate and quantize a Hugging Face model (directory or hub id)")
+    quant.add_argument("model_dir", metavar="MODEL", help="model directory, or hub id ORG/NAME (Hugging Face cache)")
+    quant.add_argument("--revision", help="hub id only: branch, tag or commit (default main); the commit used is "
+                       "recorded in OUT_DIR's config.json (quantization_config.source)")
     quant.add_argument("out_dir", metavar="OUT_DIR")
     quant.add_argument("--calib", required=True, metavar="TEXT_FILE", help="UTF-8 calibration text")
     quant.add_argument("--w-bits", type=int, default=8)

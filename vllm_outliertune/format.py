@@ -81,9 +81,11 @@ class QuantizationConfig:
     ignore: tuple[str, ...] = ("lm_head",)
     method: str = "outliertune"
     format_version: int = FORMAT_VERSION
+    # The hub model quantized, {"repo_id": "ORG/NAME", "revision": commit hash}; None for a local directory.
+    source: Mapping[str, str] | None = dataclasses.field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        config = {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
             "weight_bits": self.weight_bits,
@@ -91,6 +93,7 @@ class QuantizationConfig:
             "ignore": list(self.ignore),
             "method": self.method,
         }
+        return config if self.source is None else dict(config, source=dict(self.source))
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], source: str = "config.json") -> "QuantizationConfig":
@@ -109,8 +112,11 @@ class QuantizationConfig:
         ignore = config.get("ignore", [])
         if not isinstance(ignore, (list, tuple)) or not all(isinstance(name, str) for name in ignore):
             raise FormatError(f"{where}: `ignore` must be a list of module names, got {ignore!r}")
+        source = config.get("source")
+        if source is not None and not isinstance(source, dict):
+            raise FormatError(f"{where}: `source` must be an object {{\"repo_id\", \"revision\"}}, got {source!r}")
         return cls(weight_bits=bits[0], activation_bits=bits[1], ignore=tuple(ignore),
-                   method=str(config.get("method", "outliertune")), format_version=version)
+                   method=str(config.get("method", "outliertune")), format_version=version, source=source)
 
     def is_ignored(self, module_name: str) -> bool:
         """A module is ignored when its name equals, or ends with ``.``+, an entry of ``ignore``."""

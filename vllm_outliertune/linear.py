@@ -103,7 +103,11 @@ class OutlierTuneLinearMethod(LinearMethodBase):
                 raise fmt.FormatError(f"checkpoint tensor {name} is {loaded_weight.dtype}, expected {dtype}; "
                                       f"re-run `outliertune quantize`")
             try:
-                if loaded_shard_id is None:
+                if loaded_shard_id is None and isinstance(param, ReplicatedInputVector):
+                    # A linear fused in the checkpoint itself (Phi-3 qkv_proj / gate_up_proj): one input, one
+                    # vector (vLLM would try to split it along an output dimension it does not have).
+                    param._load_shared(loaded_weight)
+                elif loaded_shard_id is None:
                     weight_loader(param, loaded_weight)
                 else:
                     weight_loader(param, loaded_weight, loaded_shard_id)
@@ -154,7 +158,9 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         """Every required tensor of every shard arrived; optional vectors arrived for all shards or none."""
         expected = 1 if isinstance(layer, RowParallelLinear) else layer.num_output_shards
         for spec in fmt.LINEAR_TENSORS:
-            arrived = {self._shard_index(shard_id) for shard_id in getattr(layer, spec.suffix).loaded_shards}
+            shards = getattr(layer, spec.suffix).loaded_shards
+            # No shard id: the whole (possibly checkpoint-fused) layer arrived at once.
+            arrived = set(range(expected)) if None in shards else {self._shard_index(shard) for shard in shards}
             if len(arrived) == expected or (not spec.required and not arrived):
                 continue
             missing = [name for index, name in enumerate(self.shard_names[:expected]) if index not in arrived]
