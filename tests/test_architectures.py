@@ -10,11 +10,13 @@ import gc
 import pytest
 import torch
 
-from tests.conftest import VLLM_TEST_ENGINE, _trained_and_quantized
+from tests.conftest import TEST_SEQUENCES, VLLM_TEST_ENGINE, _trained_and_quantized
 from tests.test_offline import sqnr_db
 from tests.test_vllm_plugin import (
     LOGPROB_TOLERANCE, PROMPTS, _logprob_windows, _reference_greedy, _reference_prompt_logprobs, _token_prompts,
     _vllm_greedy, _vllm_prompt_logprobs)
+from vllm_outliertune.engine import kv_cache_bytes
+from vllm_outliertune.offline.model_io import read_json_object
 
 vllm = pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
@@ -28,7 +30,10 @@ def _engine_results(checkpoint, vllm_class, prompts, windows, **overrides):
     """Greedy tokens and prompt logprobs from one engine, shut down before returning."""
     from vllm import LLM
 
-    llm = LLM(model=str(checkpoint), **{**VLLM_TEST_ENGINE, **overrides})
+    # OPT has no GQA: twice the KV bytes per token of the tiny shape VLLM_TEST_ENGINE is sized for.
+    kv_bytes = kv_cache_bytes(read_json_object(checkpoint / "config.json"), torch.float32,
+                              VLLM_TEST_ENGINE["max_model_len"], TEST_SEQUENCES)
+    llm = LLM(model=str(checkpoint), **{**VLLM_TEST_ENGINE, "kv_cache_memory_bytes": kv_bytes, **overrides})
     try:
         model_config = llm.llm_engine.vllm_config.model_config
         assert model_config.quantization == "outliertune"

@@ -81,6 +81,28 @@ def test_folding_identity(arch):
     assert relative < 1e-5, f"folded model differs from the original by {relative:.2e} relative"
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "opt"])
+def test_calibration_sees_the_model_inputs(arch):
+    """Layer-by-layer calibration feeds each layer what the whole model's forward feeds it: per-layer masks and
+    position tables (Gemma's sliding-window layer 0 and full layer 1 differ), learned positions (OPT)."""
+    model, tokenizer = tiny_models.build_tiny_model(arch)
+    structure = architecture_of(model)
+    windows = _windows(tokenizer, count=4, seq_len=tiny_models.SLIDING_WINDOW * 2)
+    seen = {}
+    hooks = [model.get_submodule(f"{structure.layers}.{index}.{names[0]}").register_forward_pre_hook(
+                 lambda _module, args, key=(index, group): seen.__setitem__(key, args[0].reshape(-1, args[0].shape[-1])))
+             for index in range(model.config.num_hidden_layers) for group, names in structure.groups.items()]
+    with torch.no_grad():
+        model(windows)
+    for hook in hooks:
+        hook.remove()
+    for index, _, stats in calibrate_layers(model, windows, batch_size=4, progress=False):
+        for group, record in stats.items():
+            expected = seen[index, group]
+            torch.testing.assert_close(record.max, expected.amax(0), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(record.min, expected.amin(0), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_reference_w8a8_sqnr(arch, request):
     """Our integer reference of the W8A8 checkpoint vs the fp32 model (trained tiny models of conftest), on text
