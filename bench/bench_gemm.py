@@ -4,7 +4,7 @@ CUTLASS cutlass_scaled_mm on a model's per-rank linear shapes (default: Llama-3-
 stays out.
 
     python bench/bench_gemm.py [--model bench/configs/llama-3-8b.json --tp 2] [--m 1,16,64,256,1024,4096,8192]
-                               [--markdown out.md]
+                               [--markdown out.md] [--w4a8-group-size 128]
 
 Columns: ours = the int8_gemm op on int8 activation codes with the scale + bias epilogue, bf16 out (what the
 compiled plugin runs: inductor fuses the quantization into the norm / activation that produces the input; small M
@@ -14,7 +14,9 @@ activations in (the eager path: a quantization pass, then the same GEMM dispatch
 torch.nn.functional.linear on bf16 weights (cuBLAS); int_mm and cutlass also start from int8 activations (int_mm: no
 epilogue, int32 out). TOPS counts 2*M*N*K; at M <= 64 the "roof" column is the share of the GPU's datasheet HBM
 bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s) reached on the bytes moved (weights + activations + out), else the share
-of the dense int8 peak (1979 TOPS on both)."""
+of the dense int8 peak (1979 TOPS on both). With --w4a8-group-size G two more columns: w4a8 = the w4a8_gemm op (int8
+codes x packed 4-bit weights with integer group scales of G channels, the same epilogue; default tiles, not tuned
+yet) and ours/w4a8, its speed-up over the int8 GEMM."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from vllm_outliertune.kernels import linear
-from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation, quantized_linear
+from vllm_outliertune.format import group_count
+from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation, quantized_linear, w4a8_gemm
 from vllm_outliertune.kernels.shapes import linear_shapes, read_config
 from vllm_outliertune.kernels.tune import make_inputs, time_us
 
@@ -61,7 +64,15 @@ def triton_only():
         linear._EXTERNAL_GEMMS.update(saved)
 
 
-def bench_one(m: int, n: int, k: int) -> dict[str, float | None]:
+def packed_weight(n: int, k: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random packed 4-bit weight, group scales and zeros whose int8 levels stay in range."""
+    groups = group_count(k, group_size)
+    return (torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8),
+            torch.randint(1, 9, (n, groups), device="cuda", dtype=torch.uint8),
+            torch.randint(0, 16, (n, groups), device="cuda", dtype=torch.uint8))
+
+
+def bench_one(m: int, n: int, k: int, w4a8_group_size: int | None = None) -> dict[str, float | None]:
     p = make_inputs(m, n, k)
     a_q = quantize_activation(p["x"], p["inv_scale"], p["shift"], 8)
     w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -87,6 +98,10 @@ def bench_one(m: int, n: int, k: int) -> dict[str, float | None]:
         bias = p["bias"].bfloat16()
         times["cutlass"] = graph_time_us(lambda: vllm_ops.cutlass_scaled_mm(a_q, b_t, a_scale, p["w_scale"].view(n, 1),
                                                                             torch.bfloat16, bias))
+    if w4a8_group_size is not None:
+        packed = packed_weight(n, k, w4a8_group_size)
+        times["w4a8"] = graph_time_us(lambda: w4a8_gemm(a_q, *packed, w4a8_group_size, p["w_scale"], p["bias"],
+                                                        torch.bfloat16))
     return times
 
 
@@ -101,6 +116,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of those shapes")
     parser.add_argument("--m", default="1,16,64,256,1024,4096,8192")
     parser.add_argument("--markdown", help="also write the table as markdown here")
+    parser.add_argument("--w4a8-group-size", type=int, metavar="G",
+                        help="also time the W4A8 GEMM (packed 4-bit weights, groups of G channels; 0: per row)")
     args = parser.parse_args()
     ms = [int(v) for v in args.m.split(",")]
     from vllm_outliertune import cutlass
@@ -110,7 +127,8 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     hbm = next((rate for word, rate in HBM_BYTES_PER_S.items() if word in name), HBM_BYTES_PER_S["H100"])
     header = ("| shape | M | ours µs | triton µs | ours+quant µs | bf16 µs | int_mm µs | cutlass µs | ours TOPS | "
-              "roof % | bf16/ours | bf16/ours+quant | int_mm/ours | cutlass/ours | cutlass/triton |")
+              "roof % | bf16/ours | bf16/ours+quant | int_mm/ours | cutlass/ours | cutlass/triton |"
+              + (" w4a8 µs | ours/w4a8 |" if args.w4a8_group_size is not None else ""))
     lines = [f"{name}, torch {torch.__version__}, "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.model.stem} TP {args.tp}, "
              f"cutlass_scaled_mm {'available' if vllm_ops else 'n/a (no vLLM CUDA build)'}",
@@ -118,7 +136,7 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for layer, (n, k) in shapes.items():
         for m in ms:
-            t = bench_one(m, n, k)
+            t = bench_one(m, n, k, args.w4a8_group_size)
             tops = 2 * m * n * k / (t["ours"] * 1e-6) / 1e12
             if m <= MEMORY_BOUND_MAX_M:
                 moved = n * k + m * k + m * n * 2
@@ -134,6 +152,8 @@ def main() -> None:
                     f"{tops:.0f} | {roof} | {ratio('bf16'):.2f} | {ratio('bf16', 'ours_quant'):.2f} | "
                     f"{fmt(ratio('int_mm'), '.2f')} | {fmt(ratio('cutlass'), '.2f')} | "
                     f"{fmt(ratio('cutlass', 'triton'), '.2f')} |")
+            if args.w4a8_group_size is not None:
+                line += f" {t['w4a8']:.1f} | {t['ours'] / t['w4a8']:.2f} |"
             lines.append(line)
             print(line, flush=True)
     if args.markdown:

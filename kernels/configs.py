@@ -6,7 +6,8 @@ FAMILY}} where
 - DEVICE is torch.cuda.get_device_name() (e.g. "NVIDIA H200"), a chip family "sm{major}{minor}", or "default";
 - FAMILY ("families") is the chip family a named device belongs to (e.g. "sm90" for H100 / H200 / H800 / GH200);
 - KERNEL is "int8_gemm", "splitk_gemm" (small M), "int8_gemm_tma" (large M, Hopper) or an external backend such as
-  "cutlass_scaled_mm" (kernels/linear.py dispatches to it only where it is registered);
+  "cutlass_scaled_mm" (kernels/linear.py dispatches to it only where it is registered); for packed 4-bit weights
+  "w4a8_splitk" (small M) and "w4a8_gemm" (the rest), which tune.py does not tune yet (default tiles only);
 - SHAPE is "N=<n>,K=<k>" for tuned shapes (per tensor-parallel rank), else "default": tiles that were tuned over a
   spread of shapes and serve shapes no entry lists;
 - M_BUCKET is a power of two as a string; a call with M rows uses the smallest bucket >= M (else the largest);
@@ -33,6 +34,7 @@ USER_TABLE_ENV = "OUTLIERTUNE_TILE_CONFIGS"
 USER_TABLE_PATH = Path.home() / ".cache" / "vllm-outliertune" / "tile_configs.json"
 KERNELS = ("int8_gemm", "splitk_gemm", "int8_gemm_tma")  # the Triton kernels of the table (tune.py tunes these)
 EXTERNAL_KERNELS = ("cutlass_scaled_mm",)  # GEMMs of other libraries the table may pick (linear.py registers them)
+W4A8_KERNELS = ("w4a8_splitk", "w4a8_gemm")  # packed 4-bit weights (default tiles; not tuned yet)
 
 
 def user_table_path() -> Path:
@@ -111,7 +113,8 @@ def find_entry(kernel: str, keys: tuple[str, ...], n: int, k: int) -> tuple[str,
     """(device key, shape key) of the entry that serves `kernel` at this shape, or None. The first device (in
     lookup_order) that lists the shape serves all its kernels, so one GPU's measurements decide the whole dispatch;
     where no device lists it, the first one with shape-generic ("default") entries does. A kernel that device does
-    not list is not used there, except int8_gemm, which serves every shape: it falls back to the next level."""
+    not list is not used there, except int8_gemm and the W4A8 kernels (the only ones for packed weights), which
+    serve every shape: they fall back to the next level."""
     devices = effective_table()["devices"]
     order = lookup_order(keys)
     for shape in (shape_key(n, k), "default"):
@@ -121,7 +124,7 @@ def find_entry(kernel: str, keys: tuple[str, ...], n: int, k: int) -> tuple[str,
             continue
         if shape in devices[owner].get(kernel, {}):
             return owner, shape
-        if kernel != "int8_gemm":
+        if kernel not in ("int8_gemm", *W4A8_KERNELS):
             return None
     return next(((device, "default") for device in order if "default" in devices.get(device, {}).get(kernel, {})),
                 None)

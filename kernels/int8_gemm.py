@@ -47,24 +47,27 @@ def epilogue_store(acc, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stri
 
 
 @triton.jit
-def _int8_gemm_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, M, N, K, stride_am, stride_wn, stride_om,
-                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output rows and columns of program ``pid`` in grouped order (GROUP_M row-blocks walk the N tiles together,
+    reusing weight tiles from L2), and the operand rows to read: out-of-range rows/columns read row 0 instead of
+    being masked (their results are never stored)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row-blocks walk the N tiles together, reusing weight tiles from L2.
     pids_per_group = GROUP_M * num_pid_n
     first_m = (pid // pids_per_group) * GROUP_M
     group_rows = min(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % pids_per_group) % group_rows
     pid_n = (pid % pids_per_group) // group_rows
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Out-of-range rows/columns read row 0 instead of being masked (their results are never stored).
-    rows_a = tl.where(offs_m < M, offs_m, 0)
-    rows_w = tl.where(offs_n < N, offs_n, 0)
+    return offs_m, offs_n, tl.where(offs_m < M, offs_m, 0), tl.where(offs_n < N, offs_n, 0)
+
+
+@triton.jit
+def _int8_gemm_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, M, N, K, stride_am, stride_wn, stride_om,
+                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    offs_m, offs_n, rows_a, rows_w = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + offs_k[:, None]

@@ -1,5 +1,5 @@
-"""The entry points the plugin calls: quantized_linear (float activations in), int8_gemm (int8 codes in) and
-quantize_activation, registered as torch custom ops (namespace "outliertune_kernels") with fake implementations
+"""The entry points the plugin calls: quantized_linear (float activations in), int8_gemm (int8 codes in),
+their packed 4-bit weight versions w4a8_linear / w4a8_gemm, and quantize_activation, registered as torch custom ops (namespace "outliertune_kernels") with fake implementations
 so torch.compile and CUDA graphs capture them. Importable without Triton: CUDA tensors (and CPU tensors under
 TRITON_INTERPRET=1) run the Triton kernels, everything else the exact torch reference."""
 
@@ -17,6 +17,7 @@ from vllm_outliertune.kernels import torch_ref
 from vllm_outliertune.kernels.configs import (
     EXTERNAL_KERNELS,
     KERNELS,
+    W4A8_KERNELS,
     get_config,
     listed_buckets,
     listed_m_range,
@@ -38,8 +39,9 @@ def _triton() -> SimpleNamespace:
     from vllm_outliertune.kernels.int8_gemm import int8_gemm
     from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma, supports_tma
     from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
+    from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
     return SimpleNamespace(quantize_activation=quantize_activation, int8_gemm=int8_gemm, splitk_gemm=splitk_gemm,
-                           int8_gemm_tma=int8_gemm_tma, supports_tma=supports_tma)
+                           int8_gemm_tma=int8_gemm_tma, supports_tma=supports_tma, w4a8_gemm=w4a8_gemm)
 
 
 class ExternalGemm(NamedTuple):
@@ -108,6 +110,18 @@ def _gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bi
     if kernel in _EXTERNAL_GEMMS:
         return _EXTERNAL_GEMMS[kernel].run(a_q, w_q, w_scale, bias, out_dtype)
     return getattr(kernels, kernel)(a_q, w_q, w_scale, bias, out_dtype)
+
+
+def _w4a8(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+          group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """int8 codes x packed 4-bit weight: the split-K kernel up to the table's largest w4a8_splitk bucket, the
+    tiled one above; the exact torch reference where Triton does not run."""
+    if not _runs_triton(a_q):
+        return torch_ref.w4a8_gemm_ref(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype)
+    (m, k), n = a_q.shape, w_packed.shape[0]
+    small = listed_m_range(W4A8_KERNELS[0], n, k, table_keys(a_q.device))
+    kernel = W4A8_KERNELS[0] if small is not None and m <= small[1] else W4A8_KERNELS[1]
+    return _triton().w4a8_gemm(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype, kernel)
 
 
 def compile_variant(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: bool) -> tuple:
@@ -192,3 +206,33 @@ def quantized_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
 @quantized_linear.register_fake
 def _(x, w_q, w_scale, bias, inv_scale, shift, act_bits, out_dtype):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("outliertune_kernels::w4a8_gemm", mutates_args=())
+def w4a8_gemm(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+              group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """a_q int8 [M, K] @ levels^T (int32) * w_scale[n] (+ bias[n]) -> out_dtype [M, N], where levels = (code -
+    group_zero) * group_scale are the int8 weights a packed uint8 [N, ceil(K/2)] weight stands for
+    (vllm_outliertune.format.packed_levels)."""
+    return _w4a8(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype)
+
+
+@w4a8_gemm.register_fake
+def _(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype):
+    return a_q.new_empty((a_q.shape[0], w_packed.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("outliertune_kernels::w4a8_linear", mutates_args=())
+def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+                group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, inv_scale: torch.Tensor | None,
+                shift: torch.Tensor | None, act_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """quantized_linear with a packed 4-bit weight: one quantization pass, then w4a8_gemm's dispatch."""
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    out = _w4a8(_quantize(x2, inv_scale, shift, act_bits), w_packed, group_scale, group_zero, group_size, w_scale,
+                bias, out_dtype)
+    return out.view(*x.shape[:-1], w_packed.shape[0])
+
+
+@w4a8_linear.register_fake
+def _(x, w_packed, group_scale, group_zero, group_size, w_scale, bias, inv_scale, shift, act_bits, out_dtype):
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=out_dtype)

@@ -43,6 +43,24 @@ def dot4_accumulate(w4, x4, acc, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, tile, offs_m, offs_n, M, N, stride_om,
+                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The epilogue of one K split of output tile ``tile``: with SPLIT_K > 1 the int32 partial sums meet in the
+    zeroed workspace through atomics and the last split to arrive (per-tile counter) stores the scaled result."""
+    if SPLIT_K == 1:
+        epilogue_store(acc, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
+    else:
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sum is in before this program counts itself in
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")  # read at L2, past stale L1 lines
+            epilogue_store(total, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
+
+
+@triton.jit
 def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, inv_scale_ptr, shift_ptr, ws_ptr, count_ptr,
                         M, N, K, stride_xm, stride_wn, stride_om, K_PER_SPLIT,
                         QUANTIZE: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
@@ -96,23 +114,27 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, inv_scale_pt
         if ACC_K or PACKED:
             acc = tl.sum(acc3, axis=1)
 
-        if SPLIT_K == 1:
-            epilogue_store(acc, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
-        else:
-            mask = mask_m[:, None] & (offs_n < N)[None, :]
-            ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-            tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-            tl.debug_barrier()  # every thread's partial sum is in before this program counts itself in
-            arrived = tl.atomic_add(count_ptr + pid_mn, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")  # read at L2, past stale L1 lines
-                epilogue_store(total, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True,
-                               HAS_BIAS)
+        split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, pid_mn, offs_m, offs_n, M, N,
+                      stride_om, SPLIT_K, HAS_BIAS)
 
 
 def _auto_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     """Enough K splits for ~2 programs per SM, keeping at least 4 K blocks per program."""
     return max(1, min(triton.cdiv(2 * multiprocessors(device), tiles), k_blocks // 4))
+
+
+def split_k_plan(m: int, n: int, k: int, tiles: int, block_k: int, config: dict, device: torch.device):
+    """(split_k, K per split, workspace for the partial sums, per-tile counters) for split_k_store: SPLIT_K from
+    the config (0 = automatic), reduced to the number of splits that really get K blocks; no workspace without
+    a split."""
+    k_blocks = triton.cdiv(k, block_k)
+    split_k = config.get("SPLIT_K", 1) or _auto_split_k(tiles, k_blocks, device)
+    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    if split_k == 1:
+        return 1, k_per_split, None, None
+    workspace = torch.zeros(m * n + tiles, dtype=torch.int32, device=device)
+    return split_k, k_per_split, workspace[:m * n], workspace[m * n:]
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor | None:
@@ -146,15 +168,7 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
         x_words, w_words = _as_words(x), _as_words(w_q)
     packed = x_words is not None and w_words is not None
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_blocks = triton.cdiv(k, block_k)
-    split_k = config.get("SPLIT_K", 1) or _auto_split_k(tiles, k_blocks, x.device)
-    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)  # the number of programs that really get K blocks
-    if split_k > 1:
-        workspace = torch.zeros(m * n + tiles, dtype=torch.int32, device=x.device)
-        partial_sums, counters = workspace[:m * n], workspace[m * n:]
-    else:
-        partial_sums = counters = None
+    split_k, k_per_split, partial_sums, counters = split_k_plan(m, n, k, tiles, block_k, config, x.device)
     qmin, qmax = qrange(bits)
     word = 4 if packed else 1
     programs = min(tiles, config.get("PROGRAMS_PER_SM", 0) * multiprocessors(x.device)) or tiles

@@ -29,6 +29,7 @@ class InputStats:
     sum_sq: torch.Tensor       # [K] float64
     count: int
     sample: torch.Tensor       # [T, K] float32, a fixed random subset of tokens
+    gram: torch.Tensor | None = None  # [K, K] float32 sum of x x^T over all tokens (kept for GPTQ only)
 
     @property
     def rms(self) -> torch.Tensor:
@@ -36,9 +37,10 @@ class InputStats:
 
 
 class _Accumulator:
-    def __init__(self, name: str, keep_per_batch: int, generator: torch.Generator):
+    def __init__(self, name: str, keep_per_batch: int, generator: torch.Generator, gram: bool):
         self.name, self.keep_per_batch, self.generator = name, keep_per_batch, generator
         self.min = self.max = self.sum_sq = None
+        self.gram = 0 if gram else None
         self.count = 0
         self.samples: list[torch.Tensor] = []
 
@@ -54,11 +56,14 @@ class _Accumulator:
         else:
             self.min, self.max, self.sum_sq = torch.minimum(self.min, lo), torch.maximum(self.max, hi), self.sum_sq + sq
         self.count += x.shape[0]
+        if self.gram is not None:
+            self.gram = self.gram + (x.t() @ x).double().cpu()
         pick = torch.randperm(x.shape[0], generator=self.generator)[:self.keep_per_batch].to(x.device)
         self.samples.append(x[pick].cpu())
 
     def result(self) -> InputStats:
-        return InputStats(self.min.cpu(), self.max.cpu(), self.sum_sq.cpu(), self.count, torch.cat(self.samples))
+        gram = None if self.gram is None else self.gram.float()
+        return InputStats(self.min.cpu(), self.max.cpu(), self.sum_sq.cpu(), self.count, torch.cat(self.samples), gram)
 
 
 class _StopForward(Exception):
@@ -148,9 +153,10 @@ def _to_device(value, device):
 
 @torch.no_grad()
 def calibrate_layers(model, windows: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 8,
-                     sample_tokens: int = 2048, seed: int = 0, progress: bool = True,
+                     sample_tokens: int = 2048, seed: int = 0, progress: bool = True, gram: bool = False,
                      ) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
-    """For each decoder layer: (index, the layer in float32 on ``device``, {"qkv"|"o"|"gate_up"|"down": stats}).
+    """For each decoder layer: (index, the layer in float32 on ``device``, {"qkv"|"o"|"gate_up"|"down": stats});
+    with ``gram`` the stats include each input's Gram matrix (for GPTQ; K x K per input).
 
     The caller may modify the yielded layer (folding): the next layer's inputs were computed before the yield. After
     the caller resumes, the layer goes back to the CPU in the model's dtype."""
@@ -166,7 +172,7 @@ def calibrate_layers(model, windows: torch.Tensor, device: str | torch.device = 
     for index in tqdm(range(len(layers)), desc="calibrating layers", disable=not progress):
         layer = layers[index].to(device, torch.float32)
         generator = torch.Generator().manual_seed(seed + index)
-        accumulators = {short: _Accumulator(f"{arch.layers}.{index}.{name}", keep_per_batch, generator)
+        accumulators = {short: _Accumulator(f"{arch.layers}.{index}.{name}", keep_per_batch, generator, gram)
                         for name, short in input_of.items()}
         hooks = [layer.get_submodule(name).register_forward_pre_hook(
                      lambda _module, args, acc=accumulators[short]: acc.add(args[0]))
@@ -198,13 +204,16 @@ def _fingerprint(model, windows: torch.Tensor, settings: tuple) -> str:
 
 def cached_calibrate_layers(model, windows: torch.Tensor, cache_dir: Path | None, device: str | torch.device = "cpu",
                             batch_size: int = 8, sample_tokens: int = 2048, seed: int = 0, progress: bool = True,
-                            ) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
+                            gram: bool = False) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
     """calibrate_layers, with the statistics kept in ``cache_dir`` (safe torch.load, tensors only) so quantizing
     the same model on the same text again (another method or bit width) skips the forward passes."""
     if cache_dir is None:
-        yield from calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress)
+        yield from calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress, gram)
         return
-    path = Path(cache_dir) / f"calib-{_fingerprint(model, windows, (sample_tokens, seed))}.pt"
+    # Caches without Gram matrices keep their key; one with them also serves runs that do not need them.
+    keys = [(sample_tokens, seed, "gram")] + ([] if gram else [(sample_tokens, seed)])
+    paths = [Path(cache_dir) / f"calib-{_fingerprint(model, windows, key)}.pt" for key in keys]
+    path = next((path for path in paths if path.is_file()), paths[-1])
     if path.is_file():
         cached = torch.load(path, weights_only=True)
         dtype = model.dtype
@@ -215,7 +224,8 @@ def cached_calibrate_layers(model, windows: torch.Tensor, cache_dir: Path | None
             layers[index] = layer.to("cpu", dtype)
         return
     collected = []
-    for index, layer, stats in calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress):
+    for index, layer, stats in calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress,
+                                                gram):
         collected.append({short: dataclasses.asdict(value) for short, value in stats.items()})
         yield index, layer, stats
     Path(cache_dir).mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ from typing import Callable
 
 import torch
 
-from vllm_outliertune.format import SUPPORTED_BITS, QuantizationConfig, validate_linear
+from vllm_outliertune.format import (
+    DEFAULT_GROUP_SIZE, GROUP_SIZE_MULTIPLE, SUPPORTED_BITS, QuantizationConfig, validate_linear)
 from vllm_outliertune.offline import symmetrize
 from vllm_outliertune.offline.calibrate import InputStats, cached_calibrate_layers
 from vllm_outliertune.offline.checkpoint import (DEFAULT_SHARD_BYTES, check_directory_option, check_output_dir,
@@ -21,7 +22,8 @@ from vllm_outliertune.offline.model_io import (
     UserError, check_device, check_seq_len, load_model, load_tokenizer, read_config, resolve_model)
 from vllm_outliertune.offline.symmetrize import ChannelPlan
 from vllm_outliertune.offline.text import read_text, token_windows
-from vllm_outliertune.offline.weights import best_row_clip, checkpoint_tensors
+from vllm_outliertune.offline.weights import (
+    QuantizedWeight, WeightFormat, best_row_clip, checkpoint_tensors, input_hessian, quantize_gptq, quantize_rtn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,17 @@ class QuantizeOptions:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     progress: bool = True
     calib_cache: Path | None = None  # directory keeping calibration statistics for reuse
+    group_size: int = DEFAULT_GROUP_SIZE  # 4-bit weights: input channels per group scale (0: one per row)
+    weight_rounding: str = "rtn"  # "rtn" or "gptq"
+
+    @property
+    def quant_config(self) -> QuantizationConfig:
+        return QuantizationConfig(weight_bits=self.w_bits, activation_bits=self.a_bits, ignore=("lm_head",),
+                                  method=self.method, group_size=self.group_size)
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat.of(self.quant_config)
 
 
 @dataclasses.dataclass
@@ -52,7 +65,7 @@ PlanRule = Callable[[GroupInput, QuantizeOptions], tuple[ChannelPlan, dict]]  # 
 
 
 def _outliertune(group: GroupInput, options: QuantizeOptions) -> tuple[ChannelPlan, dict]:
-    result = search_plan(group.stats, group.weight, options.w_bits, options.a_bits, share=group.share)
+    result = search_plan(group.stats, group.weight, options.weight_format, options.a_bits, share=group.share)
     return result.plan, dict(result.choice, simple_rule_error=result.simple_error)
 
 
@@ -76,10 +89,18 @@ METHODS: dict[str, PlanRule] = {"outliertune": _outliertune, "per-channel": _per
                                 "per-tensor": _per_tensor, "smoothquant": _smoothquant}
 
 
+WEIGHT_ROUNDINGS = ("rtn", "gptq")
+
+
 def check_options(options: QuantizeOptions) -> None:
     if (options.w_bits, options.a_bits) not in SUPPORTED_BITS:
         raise UserError(f"--w-bits {options.w_bits} --a-bits {options.a_bits} is not supported; supported pairs "
                         f"(w, a): {list(SUPPORTED_BITS)}")
+    if options.group_size < 0 or options.group_size % GROUP_SIZE_MULTIPLE:
+        raise UserError(f"--group-size {options.group_size}: use 0 (one group per output row) or a positive "
+                        f"multiple of {GROUP_SIZE_MULTIPLE} (default {DEFAULT_GROUP_SIZE})")
+    if options.weight_rounding not in WEIGHT_ROUNDINGS:
+        raise UserError(f"--weight-rounding {options.weight_rounding!r} is unknown; choose one of {WEIGHT_ROUNDINGS}")
     if options.method not in METHODS:
         raise UserError(f"--method {options.method!r} is unknown; choose one of {sorted(METHODS)}")
     for option, value, least in (("--samples", options.samples, 1), ("--batch-size", options.batch_size, 1),
@@ -103,7 +124,7 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
         share = (lambda step: symmetrize.group_max(step, group_size, head_dim)) if group == "o" else (lambda s: s)
         plans[group], info[group] = rule(GroupInput(stats[group], weight, share), options)
         sample = stats[group].sample[:SearchGrid.tokens].to(weight.device)
-        info[group]["error"] = output_error(sample, weight, plans[group], options.w_bits, options.a_bits)
+        info[group]["error"] = output_error(sample, weight, plans[group], options.weight_format, options.a_bits)
     return plans, info
 
 
@@ -115,6 +136,20 @@ class QuantizeRecord:
     ranges: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
+def quantize_linear_weight(weight: torch.Tensor, stats: InputStats, step: torch.Tensor,
+                           options: QuantizeOptions) -> QuantizedWeight:
+    """Round one folded weight (W * diag(step)) in the checkpoint's format: per-row clipping chosen by measured
+    error (method outliertune, per-row formats), group scales weighted by the input power, then RTN or GPTQ."""
+    weight_format = options.weight_format
+    power = (stats.rms.to(weight) / step).pow(2)  # E[x^2] of the GEMM's input x / step
+    clip = 1.0
+    if options.method == "outliertune" and not weight_format.packed:
+        clip = best_row_clip(weight, options.w_bits, power)
+    if options.weight_rounding == "gptq":
+        return quantize_gptq(weight, input_hessian(stats.gram.to(weight.device), step), weight_format, clip)
+    return quantize_rtn(weight, weight_format, clip, power)
+
+
 def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
                     record: QuantizeRecord | None = None) -> dict[str, torch.Tensor]:
     """Quantize an in-memory HF model (modified in place: norms and rows folded) -> checkpoint tensors by name."""
@@ -124,9 +159,10 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
     model_dtype = model.dtype
     tensors: dict[str, torch.Tensor] = {}
     shown = plotted_layers(num_layers)
+    gptq = options.weight_rounding == "gptq"
     for index, layer, stats in cached_calibrate_layers(model, windows, options.calib_cache, options.device,
                                                        options.batch_size, SearchGrid.tokens, options.seed,
-                                                       options.progress):
+                                                       options.progress, gram=gptq):
         plans, info = plan_layer(layer, stats, model.config, arch, options)
         if record is not None:
             record.layers.append({"groups": info})
@@ -137,14 +173,14 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
         for name, linear in folded.items():
             prefix = f"{arch.layers}.{index}.{name}"
             out_features, in_features = linear.weight.shape
-            clip = 1.0
-            if options.method == "outliertune":  # weight clipping by measured error is part of the method
-                group = group_of[name]
-                power = (stats[group].rms.to(linear.weight) / plans[group].step.to(linear.weight)).pow(2)
-                clip = best_row_clip(linear.weight, options.w_bits, power)
-            parts = checkpoint_tensors(linear, options.w_bits, model_dtype, clip)
-            validate_linear(prefix, parts, out_features, in_features,
-                            QuantizationConfig(options.w_bits, options.a_bits), source="quantize")
+            if options.weight_format.packed and in_features % 2:
+                raise UserError(f"{prefix} has {in_features} input channels; packed 4-bit weights need an even "
+                                f"number: use --w-bits 8 or 6 for this model")
+            group = group_of[name]
+            step = plans[group].step.to(linear.weight)
+            quantized = quantize_linear_weight(linear.weight, stats[group], step, options)
+            parts = checkpoint_tensors(linear, quantized, model_dtype)
+            validate_linear(prefix, parts, out_features, in_features, options.quant_config, source="quantize")
             tensors.update({f"{prefix}.{suffix}": tensor for suffix, tensor in parts.items()})
     quantized = {f"{arch.layers}.{i}.{name}" for i in range(num_layers) for name in arch.linears}
     for name, tensor in model.state_dict().items():
@@ -174,13 +210,14 @@ def quantize(model: Path | str, out_dir: Path, calib_path: Path, options: Quanti
                             source=f"--calib {calib_path}")
     record = QuantizeRecord()
     tensors = quantize_loaded(model, windows, options, record)
-    quant_config = QuantizationConfig(weight_bits=options.w_bits, activation_bits=options.a_bits,
-                                      ignore=("lm_head",), method=options.method, source=source)
+    quant_config = dataclasses.replace(options.quant_config, source=source)
     out = write_checkpoint(out_dir, model_dir, hf_config, quant_config, tensors, options.max_shard_bytes)
     if report_dir is not None:
         shown_model = model_name if source is None else f"{model_name} at {source['revision']}"
         summary = {"model": shown_model, "checkpoint": str(out), "calibration": f"{calib_path}: "
                    f"{windows.shape[0]} windows x {windows.shape[1]} tokens", "method": options.method,
-                   "bits": f"W{options.w_bits}A{options.a_bits}"}
+                   "bits": f"W{options.w_bits}A{options.a_bits}", "weight_rounding": options.weight_rounding}
+        if options.weight_format.packed:
+            summary["group_size"] = options.group_size
         write_report(report_dir, summary, record.layers, record.ranges)
     return out

@@ -10,21 +10,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from vllm_outliertune.format import LINEAR_TENSOR_SUFFIXES, QuantizationConfig, validate_linear
+from vllm_outliertune.format import LINEAR_TENSOR_SUFFIXES, QuantizationConfig, packed_levels, validate_linear
 from vllm_outliertune.kernels.torch_ref import int8_gemm_ref, quantize_activation_ref
 from vllm_outliertune.offline.model_io import UserError, is_outliertune_checkpoint
 
 
 class ReferenceQuantLinear(torch.nn.Module):
-    """q = clamp(round(x * input_inv_scale - input_shift)); y = weight_scale * (q @ weight.T) + output_bias (+ bias)."""
+    """q = clamp(round(x * input_inv_scale - input_shift)); y = weight_scale * (q @ weight.T) + output_bias (+ bias),
+    with the int8 levels of a packed 4-bit weight in place of ``weight`` (unpacked once, here)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], activation_bits: int):
+    def __init__(self, tensors: dict[str, torch.Tensor], config: QuantizationConfig):
         super().__init__()
-        self.activation_bits = activation_bits
+        self.activation_bits = config.activation_bits
+        weight = tensors["weight"]
+        if config.packed:
+            weight = packed_levels(weight, tensors["weight_group_scale"], tensors["weight_group_zero"],
+                                   config.group_size).to(torch.int8)
         epilogue = tensors["output_bias"].float()
         if "bias" in tensors:  # one epilogue vector, as in the vLLM path
             epilogue = epilogue + tensors["bias"].float()
-        buffers = {"weight": tensors["weight"], "weight_scale": tensors["weight_scale"], "epilogue_bias": epilogue,
+        buffers = {"weight": weight, "weight_scale": tensors["weight_scale"], "epilogue_bias": epilogue,
                    "input_inv_scale": tensors.get("input_inv_scale"), "input_shift": tensors.get("input_shift")}
         for name, tensor in buffers.items():  # not persistent: they are loaded here, not through load_state_dict
             self.register_buffer(name, tensor, persistent=False)
@@ -81,7 +86,7 @@ def load_reference_model(model_dir: Path, dtype: torch.dtype = torch.float32, de
         linear = model.get_submodule(module_name)
         validate_linear(module_name, parts, linear.out_features, linear.in_features, quant, source=str(model_dir))
         parent, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), child, ReferenceQuantLinear(parts, quant.activation_bits))
+        setattr(model.get_submodule(parent), child, ReferenceQuantLinear(parts, quant))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in plain.items()}, strict=False,
                                                 assign=True)
     if unexpected:

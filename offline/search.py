@@ -15,7 +15,7 @@ import torch
 from vllm_outliertune.format import qrange
 from vllm_outliertune.offline.calibrate import InputStats
 from vllm_outliertune.offline.symmetrize import ChannelPlan, balanced
-from vllm_outliertune.offline.weights import dequantize_weight, quantize_weight
+from vllm_outliertune.offline.weights import WeightFormat, fake_quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,20 +38,22 @@ class SearchResult:
     simple_error: float   # ... and of the simple rule (strength 0, clip 1, shift)
 
 
-def output_error(sample: torch.Tensor, weight: torch.Tensor, plan: ChannelPlan, w_bits: int, a_bits: int,
-                 reference: torch.Tensor | None = None) -> float:
-    """||X W^T - dequant(q) dequant(W s)^T||^2 / ||X W^T||^2, with exactly the checkpoint's arithmetic."""
+def output_error(sample: torch.Tensor, weight: torch.Tensor, plan: ChannelPlan, weight_format: WeightFormat,
+                 a_bits: int, reference: torch.Tensor | None = None) -> float:
+    """||X W^T - dequant(q) dequant(W s)^T||^2 / ||X W^T||^2, with the checkpoint's arithmetic (weights rounded
+    to nearest)."""
     reference = sample @ weight.t() if reference is None else reference
     step = plan.step.to(sample)
     shift = torch.zeros_like(step) if plan.shift is None else plan.shift.to(sample)
     qmin, qmax = qrange(a_bits)
     q_plus_shift = torch.round(sample / step - shift).clamp_(qmin, qmax) + shift
-    w_q, w_scale = quantize_weight(weight * step, w_bits)
-    approx = q_plus_shift @ dequantize_weight(w_q, w_scale).t()
+    power = (sample / step).pow(2).mean(0)
+    approx = q_plus_shift @ fake_quantize(weight * step, weight_format, power).t()
     return float((approx - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30))
 
 
-def search_plan(stats: InputStats, weight: torch.Tensor, w_bits: int, a_bits: int, grid: SearchGrid = SearchGrid(),
+def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFormat, a_bits: int,
+                grid: SearchGrid = SearchGrid(),
                 share: Callable[[torch.Tensor], torch.Tensor] = lambda step: step) -> SearchResult:
     weight = weight.detach().float()
     sample = stats.sample[:grid.tokens].to(weight.device, torch.float32)
@@ -60,7 +62,7 @@ def search_plan(stats: InputStats, weight: torch.Tensor, w_bits: int, a_bits: in
     simple_error = None
     for alpha, strength, clip, shift in itertools.product(grid.alphas, grid.strengths, grid.clips, grid.shifts):
         plan = balanced(stats, weight, a_bits, alpha=alpha, strength=strength, clip=clip, shift=shift, share=share)
-        error = output_error(sample, weight, plan, w_bits, a_bits, reference)
+        error = output_error(sample, weight, plan, weight_format, a_bits, reference)
         choice = dict(alpha=alpha, strength=strength, clip=clip, shift=shift)
         if choice == SIMPLE:
             simple_error = error
@@ -68,7 +70,7 @@ def search_plan(stats: InputStats, weight: torch.Tensor, w_bits: int, a_bits: in
             best = (error, plan, choice)
     if simple_error is None:
         plan = balanced(stats, weight, a_bits, **SIMPLE, share=share)
-        simple_error = output_error(sample, weight, plan, w_bits, a_bits, reference)
+        simple_error = output_error(sample, weight, plan, weight_format, a_bits, reference)
         if simple_error <= best[0]:
             best = (simple_error, plan, dict(SIMPLE))
     return SearchResult(best[1], best[2], best[0], simple_error)

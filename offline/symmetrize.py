@@ -138,4 +138,4 @@ def share_within_groups(stats: InputStats, group_size: int, head_dim: int) -> In
     return InputStats(min=reduce(stats.min, lambda t, **kw: t.amin(**kw)),
                       max=reduce(stats.max, lambda t, **kw: t.amax(**kw)),
                       sum_sq=reduce(stats.sum_sq, lambda t, **kw: t.amax(**kw)),
-                      count=stats.count, sample=stats.sample)
+                      count=stats.count, sample=stats.sample, gram=stats.gram)

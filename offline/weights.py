@@ -1,10 +1,17 @@
-"""Weight quantization (per output row, symmetric) and the checkpoint tensors of one folded linear."""
+"""Weight quantization and the checkpoint tensors of one folded linear.
+
+Two weight formats (vllm_outliertune.format): per output row into int8 storage (8/6 bits; format 1's 4 bits), and
+packed 4-bit codes with integer group scales (format 2, `weight_bits` 4). Both can be rounded to nearest (RTN) or
+with GPTQ's error compensation (each column's rounding error is pushed onto the columns not yet rounded, through
+the inverse Hessian of the layer's calibration inputs)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from vllm_outliertune.format import weight_qmax
+from vllm_outliertune.format import PACKED_CODE_MAX, QuantizationConfig, group_count, pack_int4, weight_qmax
 from vllm_outliertune.offline.fold import FoldedLinear
 
 
@@ -12,11 +19,14 @@ def quantize_weight(weight: torch.Tensor, bits: int, clip: float | torch.Tensor 
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [N, K] -> (int8 [N, K] in ±weight_qmax(bits), float32 scale [N]); ``clip`` (a number or one per row)
     < 1 shrinks a row's range (values beyond it saturate). All-zero rows get scale 1."""
-    qmax = weight_qmax(bits)
-    absmax = weight.float().abs().amax(dim=1) * clip
-    scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
-    q = torch.round(weight.float() / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+    scale = row_scale(weight, bits, clip)
+    q = torch.round(weight.float() / scale[:, None]).clamp_(-weight_qmax(bits), weight_qmax(bits)).to(torch.int8)
     return q, scale
+
+
+def row_scale(weight: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
+    absmax = weight.float().abs().amax(dim=1) * clip
+    return torch.where(absmax > 0, absmax / weight_qmax(bits), torch.ones_like(absmax))
 
 
 ROW_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -44,17 +54,207 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
-def checkpoint_tensors(folded: FoldedLinear, bits: int, model_dtype: torch.dtype,
-                       clip: float | torch.Tensor = 1.0) -> dict[str, torch.Tensor]:
-    """{suffix: tensor} of format v1 for one linear (CPU). output_bias uses the *quantized* weight, so the shift
-    correction matches what the integer GEMM computes."""
-    q, scale = quantize_weight(folded.weight, bits, clip)
-    output_bias = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """How a linear's weight is stored: per output row in int8 (group_size None), or packed 4-bit codes with an
+    integer scale and zero point per group of group_size input channels (0: one group per row)."""
+
+    bits: int
+    group_size: int | None = None
+
+    @classmethod
+    def of(cls, config: QuantizationConfig) -> "WeightFormat":
+        return cls(config.weight_bits, config.group_size if config.packed else None)
+
+    @property
+    def packed(self) -> bool:
+        return self.group_size is not None
+
+    def block_size(self, in_features: int) -> int:
+        """Columns that share quantization parameters; GPTQ's blocks follow them."""
+        return in_features if self.group_size == 0 else (self.group_size or 128)
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    levels: torch.Tensor                    # int8 [N, K]: what the integer GEMM multiplies
+    scale: torch.Tensor                     # float32 [N]: weight ≈ levels * scale[:, None]
+    codes: torch.Tensor | None = None       # packed format: uint8 [N, K] codes 0..15
+    group_scale: torch.Tensor | None = None  # uint8 [N, groups]
+    group_zero: torch.Tensor | None = None   # uint8 [N, groups]
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_weight(self.levels, self.scale)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.codes is None:
+            return {"weight": self.levels, "weight_scale": self.scale}
+        return {"weight": pack_int4(self.codes), "weight_scale": self.scale, "weight_group_scale": self.group_scale,
+                "weight_group_zero": self.group_zero}
+
+
+class _RowQuantizer:
+    """Per-row symmetric rounding with fixed row scales."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, clip: float | torch.Tensor):
+        self.qmax = weight_qmax(bits)
+        self.scale = row_scale(weight, bits, clip)
+        self.levels = torch.zeros(weight.shape, dtype=torch.int8, device=weight.device)
+
+    def start_block(self, start: int, columns: torch.Tensor, power: torch.Tensor) -> None:
+        pass
+
+    def round(self, start: int, columns: torch.Tensor) -> torch.Tensor:
+        levels = torch.round(columns / self.scale[:, None]).clamp_(-self.qmax, self.qmax)
+        self.levels[:, start:start + columns.shape[1]] = levels.to(torch.int8)
+        return levels * self.scale[:, None]
+
+    def result(self) -> QuantizedWeight:
+        return QuantizedWeight(self.levels, self.scale)
+
+
+class _PackedQuantizer:
+    """Progressive 4-bit quantization (QServe-style). Each row has a float unit: absmax / 127 (an int8 grid), or with
+    group_size 0 its range / 15. Each group then gets an integer scale s and zero z, codes c = round(w / (unit * s)) + z
+    in 0..15, clamped so that every int8 level (c - z) * s stays in [-128, 127]. Codes are rounded from the float
+    weight directly (not from an intermediate int8 rounding)."""
+
+    # Group scale candidates relative to the smallest covering integer scale: 0 covers the range, -1 clips it.
+    SCALE_STEPS = (0, -1)
+
+    def __init__(self, weight: torch.Tensor, group_size: int):
+        n, k = weight.shape
+        self.group_size = group_size or k
+        if group_size == 0:
+            lo, hi = weight.amin(1).clamp(max=0), weight.amax(1).clamp(min=0)
+            unit = (hi - lo) / PACKED_CODE_MAX
+        else:
+            unit = weight.abs().amax(1) / 127
+        self.unit = torch.where(unit > 0, unit, torch.ones_like(unit)).float()
+        groups = group_count(k, group_size)
+        self.codes = torch.zeros((n, k), dtype=torch.uint8, device=weight.device)
+        self.group_scale = torch.ones((n, groups), dtype=torch.uint8, device=weight.device)
+        self.group_zero = torch.zeros((n, groups), dtype=torch.uint8, device=weight.device)
+
+    @staticmethod
+    def _codes(units: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        low = (zero - torch.floor(128 / scale)).clamp(min=0)
+        high = (zero + torch.floor(127 / scale)).clamp(max=PACKED_CODE_MAX)
+        return torch.minimum(torch.maximum(torch.round(units / scale) + zero, low), high)
+
+    def start_block(self, start: int, columns: torch.Tensor, power: torch.Tensor) -> None:
+        """Choose the integer scale and zero of the group starting at ``start`` from its (current) columns: among
+        SCALE_STEPS, the one with the least rounding error weighted by ``power`` (input mean squares)."""
+        if start % self.group_size:
+            return
+        units = columns / self.unit[:, None]
+        lo, hi = units.amin(1, keepdim=True).clamp(max=0), units.amax(1, keepdim=True).clamp(min=0)
+        covering = torch.ceil((hi - lo) / PACKED_CODE_MAX - 1e-3).clamp(min=1)
+        best = None
+        for step in self.SCALE_STEPS:
+            scale = (covering + step).clamp(min=1)
+            zero = torch.round(-lo / scale).clamp(0, PACKED_CODE_MAX)
+            error = ((self._codes(units, scale, zero) - zero) * scale - units).pow(2) @ power
+            if best is None:
+                best = (error, scale, zero)
+            else:
+                better = (error < best[0])[:, None]
+                best = (torch.minimum(error, best[0]), torch.where(better, scale, best[1]),
+                        torch.where(better, zero, best[2]))
+        group = start // self.group_size
+        self.group_scale[:, group] = best[1][:, 0].to(torch.uint8)
+        self.group_zero[:, group] = best[2][:, 0].to(torch.uint8)
+
+    def round(self, start: int, columns: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(start, start + columns.shape[1], device=columns.device) // self.group_size
+        scale, zero = self.group_scale[:, index].float(), self.group_zero[:, index].float()
+        codes = self._codes(columns / self.unit[:, None], scale, zero)
+        self.codes[:, start:start + columns.shape[1]] = codes.to(torch.uint8)
+        return (codes - zero) * scale * self.unit[:, None]
+
+    def result(self) -> QuantizedWeight:
+        index = torch.arange(self.codes.shape[1], device=self.codes.device) // self.group_size
+        levels = (self.codes.to(torch.int16) - self.group_zero[:, index].to(torch.int16)) \
+            * self.group_scale[:, index].to(torch.int16)
+        return QuantizedWeight(levels.to(torch.int8), self.unit, self.codes, self.group_scale, self.group_zero)
+
+
+def _quantizer(weight: torch.Tensor, weight_format: WeightFormat, clip: float | torch.Tensor):
+    if weight_format.packed:
+        return _PackedQuantizer(weight, weight_format.group_size)
+    return _RowQuantizer(weight, weight_format.bits, clip)
+
+
+def quantize_rtn(weight: torch.Tensor, weight_format: WeightFormat, clip: float | torch.Tensor = 1.0,
+                 input_power: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round to nearest. ``clip`` applies to per-row formats; ``input_power`` ([K], E[x_k^2] as the GEMM sees x)
+    weights the packed format's choice of group scales (uniform when None)."""
+    weight = weight.float()
+    power = torch.ones(weight.shape[1], device=weight.device) if input_power is None else input_power.to(weight)
+    quantizer = _quantizer(weight, weight_format, clip)
+    block = weight_format.block_size(weight.shape[1])
+    for start in range(0, weight.shape[1], block):
+        columns = weight[:, start:start + block]
+        quantizer.start_block(start, columns, power[start:start + block])
+        quantizer.round(start, columns)
+    return quantizer.result()
+
+
+GPTQ_DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's default)
+
+
+@torch.no_grad()
+def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, weight_format: WeightFormat,
+                  clip: float | torch.Tensor = 1.0, damping: float = GPTQ_DAMPING) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022): columns are rounded left to right and each one's error, divided by its
+    inverse-Hessian pivot, is subtracted from the remaining columns along the Cholesky factor of H^-1, which
+    minimises ||(W - Q) X^T||^2 for the layer inputs X with H = X^T X (``hessian`` [K, K], inputs as the GEMM sees
+    them). Group parameters are chosen when GPTQ reaches a group, from the updated weights; row scales (per-row
+    formats) before it starts, from ``clip``."""
+    weight = weight.float().clone()
+    k = weight.shape[1]
+    hessian = hessian.to(weight).clone()
+    dead = hessian.diagonal() == 0  # channels never active: their weights do not matter
+    hessian[dead, dead] = 1
+    weight[:, dead] = 0
+    hessian.diagonal().add_(damping * float(hessian.diagonal().mean()))
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    power = hessian.diagonal().clone()
+    quantizer = _quantizer(weight, weight_format, clip)
+    block = weight_format.block_size(k) if weight_format.packed else 128
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        columns = weight[:, start:end].clone()
+        errors = torch.zeros_like(columns)
+        factor = upper[start:end, start:end]
+        quantizer.start_block(start, columns, power[start:end])
+        for i in range(end - start):
+            rounded = quantizer.round(start + i, columns[:, i:i + 1])[:, 0]
+            error = (columns[:, i] - rounded) / factor[i, i]
+            columns[:, i:] -= error[:, None] * factor[i, i:][None, :]
+            errors[:, i] = error
+        weight[:, end:] -= errors @ upper[start:end, end:]
+    return quantizer.result()
+
+
+def input_hessian(gram: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """H = X'^T X' for the GEMM's input X' = X / step (the folded weight is W * diag(step)), from the Gram matrix
+    X^T X of the calibration inputs."""
+    inverse = 1.0 / step.double().to(gram.device)
+    return (gram.double() * inverse[:, None] * inverse[None, :]).float()
+
+
+def checkpoint_tensors(folded: FoldedLinear, quantized: QuantizedWeight,
+                       model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{suffix: tensor} of one linear (CPU). output_bias uses the *quantized* weight, so the shift correction
+    matches what the integer GEMM computes."""
+    n = quantized.levels.shape[0]
+    output_bias = torch.zeros(n, dtype=torch.float32, device=quantized.levels.device)
     if folded.correction_shift is not None:
-        output_bias += dequantize_weight(q, scale) @ folded.correction_shift
+        output_bias += quantized.dequantize() @ folded.correction_shift
     if folded.row_bias is not None:
         output_bias += folded.row_bias
-    tensors = {"weight": q, "weight_scale": scale, "output_bias": output_bias}
+    tensors = {**quantized.tensors(), "output_bias": output_bias}
     if folded.bias is not None:
         tensors["bias"] = folded.bias.to(model_dtype)
     if folded.inv_scale is not None:
@@ -62,3 +262,11 @@ def checkpoint_tensors(folded: FoldedLinear, bits: int, model_dtype: torch.dtype
     if folded.input_shift is not None and bool(folded.input_shift.any()):
         tensors["input_shift"] = folded.input_shift
     return {name: tensor.detach().cpu().clone().contiguous() for name, tensor in tensors.items()}
+
+
+def fake_quantize(weight: torch.Tensor, weight_format: WeightFormat,
+                  input_power: torch.Tensor | None = None) -> torch.Tensor:
+    """weight -> its RTN-quantized-and-dequantized copy (for searches and error measurements)."""
+    return quantize_rtn(weight, weight_format, input_power=input_power).dequantize()
+
+

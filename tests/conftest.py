@@ -56,3 +56,14 @@ def tiny_llama(tmp_path_factory, calib_text) -> dict[str, Path]:
 def tiny_qwen2(tmp_path_factory, calib_text) -> dict[str, Path]:
     """{"fp32": trained tiny Qwen2 (q/k/v biases), "w8a8": its OutlierTune W8A8 checkpoint}."""
     return _trained_and_quantized(tmp_path_factory, calib_text, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_w4a8(tiny_llama, calib_text) -> Path:
+    """The tiny Llama as W4A8 with packed weights: groups of 32 (so TP=2 shards hold whole groups), GPTQ rounding."""
+    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
+
+    out = tiny_llama["fp32"].parent / "w4a8"
+    options = QuantizeOptions(w_bits=4, a_bits=8, group_size=32, weight_rounding="gptq", samples=8, seq_len=128,
+                              progress=False)
+    return quantize(tiny_llama["fp32"], out, calib_text, options)

@@ -88,6 +88,53 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
                      torch_ref.int8_gemm_ref(q_odd, w_odd, w_scale, bias, torch.bfloat16))
     expect_equal("quantized_linear", quantized_linear(x.view(1, m, k), w_q, w_scale, bias, p["inv_scale"],
                                                       p["shift"], bits, torch.bfloat16), y_ref.view(1, m, n))
+    failures += check_w4a8_case(q_ref, n, w_scale, bias, seed)
+    return failures
+
+
+def make_packed_weight(n: int, k: int, group_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random packed 4-bit weight (every code, zero point and scale that keeps the levels inside int8)."""
+    from vllm_outliertune.format import group_count, pack_int4
+
+    g = torch.Generator().manual_seed(seed)
+    groups = group_count(k, group_size)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.randint(1, 9, (n, groups), generator=g, dtype=torch.uint8)  # |(code - zero) * scale| <= 120
+    zero = torch.randint(0, 16, (n, groups), generator=g, dtype=torch.uint8)
+    return pack_int4(codes), scale, zero
+
+
+# (kernel, group size, config): tiles inside one group and groups gathered per channel, split K, M < 16 and >= 16.
+W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3}),
+                 ("w4a8_splitk", 48, {"BLOCK_M": 4, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 0}),
+                 ("w4a8_gemm", 0, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}),
+                 ("w4a8_gemm", 16, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}))
+
+
+def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                    seed: int) -> list[str]:
+    """The W4A8 kernel (one variant per case, in turn, at K and at K - 1 channels: an odd K) and the w4a8_gemm op's
+    table dispatch against the torch reference, exactly."""
+    from vllm_outliertune.kernels import torch_ref
+    from vllm_outliertune.kernels.linear import w4a8_gemm as w4a8_op
+    from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
+
+    failures = []
+    kernel, group_size, config = W4A8_VARIANTS[seed % len(W4A8_VARIANTS)]
+    for a_q in (codes, codes[:, :-1]):
+        (m, k) = a_q.shape
+        packed = [t.to(a_q.device) for t in make_packed_weight(n, k, group_size, seed)]
+        want = torch_ref.w4a8_gemm_ref(a_q, *packed, group_size, w_scale, bias, torch.bfloat16)
+        got = w4a8_gemm(a_q, *packed, group_size, w_scale, bias, torch.bfloat16, kernel, config)
+        if not torch.equal(got, want):
+            failures.append(f"{kernel} group_size={group_size} {config} M={m} K={k} N={n}: max |diff| "
+                            f"{(got.float() - want.float()).abs().max().item()}")
+    if seed % 3:  # the table's dispatch on every third case
+        return failures
+    packed = [t.to(codes.device) for t in make_packed_weight(n, codes.shape[1], 32, seed)]
+    dispatched = w4a8_op(codes, *packed, 32, w_scale, bias, torch.float16)
+    if not torch.equal(dispatched, torch_ref.w4a8_gemm_ref(codes, *packed, 32, w_scale, bias, torch.float16)):
+        failures.append(f"w4a8_gemm op (table dispatch) M={codes.shape[0]} K={codes.shape[1]} N={n}")
     return failures
 
 
@@ -118,6 +165,23 @@ def test_cpu_ops_fall_back_to_reference_and_register_fakes():
     torch.library.opcheck(int8_gemm, (q, p["w_q"], p["w_scale"], None, torch.float16))
     torch.library.opcheck(quantized_linear, (p["x"].view(1, 5, 72), p["w_q"], p["w_scale"], p["bias"], None,
                                              p["shift"], 8, torch.bfloat16))
+
+
+def test_w4a8_ops_on_cpu_use_the_reference_and_register_fakes():
+    """Without the interpreter the W4A8 ops run the exact reference: the int8 GEMM on the unpacked levels."""
+    from vllm_outliertune.format import packed_levels
+    from vllm_outliertune.kernels import torch_ref
+    from vllm_outliertune.kernels.linear import w4a8_gemm, w4a8_linear
+
+    p = make_problem(3, 96, 40, 8, seed=2)
+    packed = make_packed_weight(40, 96, 32, seed=2)
+    levels = packed_levels(*packed, 32).to(torch.int8)
+    q = torch_ref.quantize_activation_ref(p["x"], p["inv_scale"], p["shift"], 8)
+    y = w4a8_linear(p["x"], *packed, 32, p["w_scale"], p["bias"], p["inv_scale"], p["shift"], 8, torch.bfloat16)
+    assert torch.equal(y, torch_ref.int8_gemm_ref(q, levels, p["w_scale"], p["bias"], torch.bfloat16))
+    torch.library.opcheck(w4a8_gemm, (q, *packed, 32, p["w_scale"], None, torch.float16))
+    torch.library.opcheck(w4a8_linear, (p["x"].view(1, 3, 96), *packed, 32, p["w_scale"],
+                                        p["bias"], None, p["shift"], 4, torch.bfloat16))
 
 
 def test_bad_arguments_are_named():

@@ -25,6 +25,7 @@ from vllm_outliertune.offline.reference import load_checkpoint_tensors, load_ref
 from vllm_outliertune.offline.search import output_error, search_plan
 from vllm_outliertune.offline.symmetrize import balanced, per_channel
 from vllm_outliertune.offline.text import token_windows
+from vllm_outliertune.offline.weights import WeightFormat
 
 FAST = dict(samples=8, seq_len=64, progress=False)
 
@@ -375,12 +376,12 @@ def test_search_no_worse_than_simple_rule(bits):
                "down": layer.mlp.down_proj.weight.detach()}
     improved = 0
     for group, weight in weights.items():
-        first = search_plan(stats[group], weight, bits, bits)
-        again = search_plan(stats[group], weight, bits, bits)
+        first = search_plan(stats[group], weight, WeightFormat(bits), bits)
+        again = search_plan(stats[group], weight, WeightFormat(bits), bits)
         assert torch.equal(first.plan.step, again.plan.step) and first.choice == again.choice
         assert torch.isfinite(first.plan.step).all() and (first.plan.step > 0).all()
         simple = balanced(stats[group], weight, bits, alpha=0.5, strength=0.0, clip=1.0, shift=True)
-        simple_error = output_error(stats[group].sample[:256], weight.float(), simple, bits, bits)
+        simple_error = output_error(stats[group].sample[:256], weight.float(), simple, WeightFormat(bits), bits)
         assert first.simple_error == pytest.approx(simple_error)
         assert first.error <= simple_error
         improved += first.error < 0.9 * simple_error

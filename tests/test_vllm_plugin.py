@@ -197,6 +197,42 @@ def test_tensor_parallel_matches_single(tiny_llama, engines, monkeypatch):
     assert diff <= LOGPROB_TOLERANCE
 
 
+def test_w4a8_tensor_parallel_matches_reference(tiny_llama_w4a8, engines, monkeypatch):
+    """Packed 4-bit weights through vLLM at tensor_parallel_size=2 (row-parallel o_proj / down_proj shard the packed
+    bytes and the group scales along K, whole groups per rank): the same greedy tokens as the torch reference and
+    close prompt logprobs. One engine covers both the W4A8 LinearMethod and its sharding."""
+    from transformers import AutoTokenizer
+
+    from vllm_outliertune.offline.reference import load_reference_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_w4a8)
+    prompts = _token_prompts(tokenizer, PROMPTS)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    sharded = engines(tiny_llama_w4a8, tensor_parallel_size=2)
+    reference = load_reference_model(tiny_llama_w4a8)
+    vllm_tokens = _vllm_greedy(sharded, prompts)
+    assert vllm_tokens == _reference_greedy(reference, prompts)
+    assert len({token for tokens in vllm_tokens for token in tokens}) > 8
+    windows = _logprob_windows(tokenizer, count=1)
+    diff = (_vllm_prompt_logprobs(sharded, windows)[0] - _reference_prompt_logprobs(reference, windows)[0]).abs()
+    print(f"\nW4A8 TP=2 vs reference max |prompt logprob difference|: {diff.max():.2e}")
+    assert diff.max() <= LOGPROB_TOLERANCE
+
+
+def test_packed_row_parallel_shards_must_hold_whole_groups():
+    """A tensor-parallel split of K that cuts a group is refused at layer creation, naming layer and fix."""
+    from vllm_outliertune import format as fmt
+    from vllm_outliertune.config import OutlierTuneConfig
+    from vllm_outliertune.linear import OutlierTuneLinearMethod
+
+    spec = fmt.QuantizationConfig(4, 8, group_size=128)
+    method = OutlierTuneLinearMethod(OutlierTuneConfig(spec), "model.layers.0.mlp.down_proj", ["down_proj"])
+    method._check_packed_partition(True, 256, 512)  # two groups per rank
+    method._check_packed_partition(False, 576, 576)  # column-parallel: K is not split, a short last group is fine
+    with pytest.raises(fmt.FormatError, match=r"down_proj: .* parts of 192, .* groups of 128 .*--group-size"):
+        method._check_packed_partition(True, 192, 576)
+
+
 def test_openai_server(tiny_llama, engines, tmp_path):
     """`python -m vllm.entrypoints.openai.api_server --quantization outliertune` answers completions and chat."""
     import openai

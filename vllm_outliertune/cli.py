@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from vllm_outliertune.format import FormatError
+from vllm_outliertune.format import DEFAULT_GROUP_SIZE, FormatError
 
 DEFAULT_EVAL_WINDOWS = 40  # 40 windows of 512 tokens: about 20k tokens
 
@@ -18,11 +18,14 @@ def _quantize(args: argparse.Namespace) -> None:
 
     options = QuantizeOptions(w_bits=args.w_bits, a_bits=args.a_bits, samples=args.samples, seq_len=args.seq_len,
                               method=args.method, device=args.device, batch_size=args.batch_size, seed=args.seed,
-                              calib_cache=args.calib_cache and Path(args.calib_cache))
+                              calib_cache=args.calib_cache and Path(args.calib_cache), group_size=args.group_size,
+                              weight_rounding=args.weight_rounding)
     out = quantize(args.model_dir, Path(args.out_dir), Path(args.calib), options, overwrite=args.overwrite,
                    trust_remote_code=args.trust_remote_code, report_dir=args.report and Path(args.report),
                    revision=args.revision)
-    print(f"wrote {out} ({args.method}, W{args.w_bits}A{args.a_bits})" + (f"; report in {args.report}" if args.report else ""))
+    groups = f", group size {args.group_size}" if options.weight_format.packed else ""
+    print(f"wrote {out} ({args.method}, W{args.w_bits}A{args.a_bits}{groups}, {args.weight_rounding} rounding)"
+          + (f"; report in {args.report}" if args.report else ""))
 
 
 def _fetch(args: argparse.Namespace) -> None:
@@ -80,7 +83,7 @@ def at_least(least: int):
 
 def build_parser() -> argparse.ArgumentParser:
     from vllm_outliertune.offline.perplexity import EVAL_DTYPES
-    from vllm_outliertune.offline.quantize import METHODS
+    from vllm_outliertune.offline.quantize import METHODS, WEIGHT_ROUNDINGS
 
     parser = argparse.ArgumentParser(prog="outliertune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calib", required=True, metavar="TEXT_FILE", help="UTF-8 calibration text")
     quant.add_argument("--w-bits", type=int, default=8)
     quant.add_argument("--a-bits", type=int, default=8)
+    quant.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                       help="4-bit weights: input channels per integer group scale (0: one group per output row)")
+    quant.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="rtn",
+                       help="rtn: round to nearest; gptq: GPTQ error compensation on the calibration inputs")
     quant.add_argument("--samples", type=at_least(1), default=128, help="calibration windows")
     quant.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
     quant.add_argument("--method", default="outliertune", choices=sorted(METHODS))

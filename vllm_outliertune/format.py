@@ -11,6 +11,15 @@ A quantized linear ``P`` (a Hugging Face module name such as ``model.layers.0.se
 ``input_inv_scale`` is absent where the activation scale was folded upstream (RMSNorm gamma, v_proj rows,
 up_proj rows); ``input_shift`` is absent where there is no shift. Everything else of the model (embeddings,
 norms, lm_head, ignored layers) is stored as in a Hugging Face checkpoint, in the model's dtype.
+
+Format 2 adds packed 4-bit weights (``weight_bits`` 4): two unsigned 4-bit codes per byte and, per group of
+``group_size`` input channels, a small integer scale and zero point, so that the int8 weight the GEMM multiplies is
+
+    P.weight (int8 levels)[n, k] = (code[n, k] - P.weight_group_zero[n, g]) * P.weight_group_scale[n, g],  g = k // group_size
+
+(QServe-style progressive quantization: the levels are an int8 quantization of the row with the float
+``weight_scale``; the groups refine it with integer scales, so the K loop stays in integer arithmetic). Other bit
+widths keep format 1's tensors; format 1 checkpoints (W4A8 as int4 values in int8 storage, one scale per row) load.
 """
 
 from __future__ import annotations
@@ -23,36 +32,59 @@ from typing import Any, Mapping
 import torch
 
 QUANT_METHOD = "outliertune"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
-# (weight_bits, activation_bits) pairs the kernels implement; int6/int4 values live in int8 storage.
-SUPPORTED_BITS = ((8, 8), (6, 6), (4, 8))
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# (weight_bits, activation_bits) pairs the kernels implement; int6/int4 activation codes live in int8 storage, and
+# so did format 1's int4 weights (format 2 packs them). W4A4 is an accuracy mode: the W4A8 kernels run its codes.
+SUPPORTED_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
+SUPPORTED_BITS_V1 = ((8, 8), (6, 6), (4, 8))
+DEFAULT_GROUP_SIZE = 128
+GROUP_SIZE_MULTIPLE = 16  # group sizes are 0 (one group per row) or a multiple of this (tile-aligned groups)
+PACKED_CODE_MAX = 15  # unsigned 4-bit codes
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     suffix: str
     dtype: torch.dtype
-    dim: str  # "out" ([N]), "in" ([K]) or "out,in" ([N, K])
+    dim: str  # "out" ([N]), "in" ([K]), "out,in" ([N, K]), "out,packed" ([N, K/2]) or "out,groups" ([N, groups])
     required: bool
     meaning: str
 
-    def shape(self, out_features: int, in_features: int) -> tuple[int, ...]:
-        return {"out": (out_features,), "in": (in_features,), "out,in": (out_features, in_features)}[self.dim]
+    def shape(self, out_features: int, in_features: int, groups: int = 1) -> tuple[int, ...]:
+        return {"out": (out_features,), "in": (in_features,), "out,in": (out_features, in_features),
+                "out,packed": (out_features, in_features // 2), "out,groups": (out_features, groups)}[self.dim]
 
 
-LINEAR_TENSORS = (
-    TensorSpec("weight", torch.int8, "out,in", True,
-               "W * diag(s) quantized per output row, values in the signed range of weight_bits"),
-    TensorSpec("weight_scale", torch.float32, "out", True, "per-output-row scale of `weight`"),
-    TensorSpec("output_bias", torch.float32, "out", True,
-               "additive epilogue term from folding: weight_scale*weight @ input_shift (+ -shift of folded rows)"),
+_OUTPUT_BIAS = TensorSpec("output_bias", torch.float32, "out", True,
+                          "additive epilogue term from folding: dequant(weight) @ input_shift (+ -shift of folded rows)")
+_INPUT_VECTORS = (
     TensorSpec("input_inv_scale", torch.float32, "in", False,
                "1/s per input channel, applied before rounding; absent when s is folded upstream"),
     TensorSpec("input_shift", torch.float32, "in", False,
                "shift per input channel in quantized units, subtracted before rounding; absent when zero"),
 )
-LINEAR_TENSOR_SUFFIXES = tuple(spec.suffix for spec in LINEAR_TENSORS)
+LINEAR_TENSORS = (
+    TensorSpec("weight", torch.int8, "out,in", True,
+               "W * diag(s) quantized per output row, values in the signed range of weight_bits"),
+    TensorSpec("weight_scale", torch.float32, "out", True, "per-output-row scale of `weight`"),
+    _OUTPUT_BIAS, *_INPUT_VECTORS,
+)
+PACKED_LINEAR_TENSORS = (
+    TensorSpec("weight", torch.uint8, "out,packed", True,
+               "W * diag(s) as unsigned 4-bit codes, two per byte: input channel 2j in the low nibble, 2j+1 high"),
+    TensorSpec("weight_scale", torch.float32, "out", True, "per-output-row float scale of the int8 levels"),
+    TensorSpec("weight_group_scale", torch.uint8, "out,groups", True,
+               "integer scale (>= 1) of each group of group_size input channels: level = (code - zero) * scale"),
+    TensorSpec("weight_group_zero", torch.uint8, "out,groups", True, "integer zero point (0..15) of each group"),
+    _OUTPUT_BIAS, *_INPUT_VECTORS,
+)
+LINEAR_TENSOR_SUFFIXES = tuple(dict.fromkeys(spec.suffix for spec in LINEAR_TENSORS + PACKED_LINEAR_TENSORS))
+
+
+def group_count(in_features: int, group_size: int) -> int:
+    """Groups of a row of ``in_features`` channels (the last one may be short); group_size 0: one per row."""
+    return 1 if group_size == 0 else -(-in_features // group_size)
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -83,6 +115,19 @@ class QuantizationConfig:
     format_version: int = FORMAT_VERSION
     # The hub model quantized, {"repo_id": "ORG/NAME", "revision": commit hash}; None for a local directory.
     source: Mapping[str, str] | None = dataclasses.field(default=None, compare=False)
+    group_size: int = DEFAULT_GROUP_SIZE  # packed weights only
+
+    @property
+    def packed(self) -> bool:
+        """4-bit weights packed two per byte with group scales (format 2); format 1 kept them in int8."""
+        return self.weight_bits == 4 and self.format_version >= 2
+
+    @property
+    def linear_tensors(self) -> tuple[TensorSpec, ...]:
+        return PACKED_LINEAR_TENSORS if self.packed else LINEAR_TENSORS
+
+    def groups(self, in_features: int) -> int:
+        return group_count(in_features, self.group_size) if self.packed else 1
 
     def to_dict(self) -> dict[str, Any]:
         config = {
@@ -93,6 +138,8 @@ class QuantizationConfig:
             "ignore": list(self.ignore),
             "method": self.method,
         }
+        if self.packed:
+            config["group_size"] = self.group_size
         return config if self.source is None else dict(config, source=dict(self.source))
 
     @classmethod
@@ -106,9 +153,16 @@ class QuantizationConfig:
                 f"{where}: format_version {version!r} is not supported by this vllm-outliertune "
                 f"(supports {list(SUPPORTED_FORMAT_VERSIONS)}); upgrade vllm-outliertune or re-run `outliertune quantize`")
         bits = (config.get("weight_bits"), config.get("activation_bits"))
-        if bits not in SUPPORTED_BITS:
-            raise FormatError(
-                f"{where}: weight_bits/activation_bits {bits} not supported; supported pairs: {list(SUPPORTED_BITS)}")
+        supported = SUPPORTED_BITS_V1 if version == 1 else SUPPORTED_BITS
+        if bits not in supported:
+            raise FormatError(f"{where}: weight_bits/activation_bits {bits} not supported in format_version "
+                              f"{version}; supported pairs: {list(supported)}")
+        group_size = config.get("group_size", DEFAULT_GROUP_SIZE)
+        if bits[0] == 4 and version >= 2:
+            group_size = config.get("group_size")
+            if not isinstance(group_size, int) or group_size < 0 or group_size % GROUP_SIZE_MULTIPLE:
+                raise FormatError(f"{where}: group_size {group_size!r} is invalid for packed 4-bit weights: 0 (one "
+                                  f"group per output row) or a positive multiple of {GROUP_SIZE_MULTIPLE}; {_REDO}")
         ignore = config.get("ignore", [])
         if not isinstance(ignore, (list, tuple)) or not all(isinstance(name, str) for name in ignore):
             raise FormatError(f"{where}: `ignore` must be a list of module names, got {ignore!r}")
@@ -116,7 +170,8 @@ class QuantizationConfig:
         if source is not None and not isinstance(source, dict):
             raise FormatError(f"{where}: `source` must be an object {{\"repo_id\", \"revision\"}}, got {source!r}")
         return cls(weight_bits=bits[0], activation_bits=bits[1], ignore=tuple(ignore),
-                   method=str(config.get("method", "outliertune")), format_version=version, source=source)
+                   method=str(config.get("method", "outliertune")), format_version=version, source=source,
+                   group_size=group_size)
 
     def is_ignored(self, module_name: str) -> bool:
         """A module is ignored when its name equals, or ends with ``.``+, an entry of ``ignore``."""
@@ -128,24 +183,27 @@ def validate_linear(prefix: str, tensors: Mapping[str, torch.Tensor], out_featur
     """Check one quantized linear's tensors (keys are suffixes) against the spec; raise FormatError naming the
     tensor, what was expected and what to do."""
     layout = {suffix: (tensor.dtype, tuple(tensor.shape)) for suffix, tensor in tensors.items()}
-    check_linear_layout(prefix, layout, out_features, in_features, source)
+    check_linear_layout(prefix, layout, out_features, in_features, config, source)
     check_linear_values(prefix, tensors, config, source)
 
 
 def check_linear_layout(prefix: str, layout: Mapping[str, tuple[torch.dtype | str, tuple[int, ...]]],
-                        out_features: int, in_features: int, source: str,
+                        out_features: int, in_features: int, config: QuantizationConfig, source: str,
                         file_of: Mapping[str, Path] | None = None) -> None:
     """Presence, dtype and shape of one quantized linear's tensors, given as {suffix: (dtype, shape)} (from tensors
-    or from a safetensors header), against LINEAR_TENSORS. Errors name ``source``, or for a tensor present with the
-    wrong layout the file ``file_of`` gives for its suffix."""
-    for spec in LINEAR_TENSORS:
+    or from a safetensors header), against the config's tensor list. Errors name ``source``, or for a tensor present
+    with the wrong layout the file ``file_of`` gives for its suffix."""
+    if config.packed and in_features % 2:
+        raise FormatError(f"{source}: {prefix} has {in_features} input channels; packed 4-bit weights need an even "
+                          f"number (two codes per byte)")
+    for spec in config.linear_tensors:
         name = f"{prefix}.{spec.suffix}"
         if spec.suffix not in layout:
             if spec.required:
                 raise FormatError(f"{source}: tensor {name} is missing ({spec.meaning}); {_REDO}")
             continue
         dtype, shape = layout[spec.suffix]
-        expected = spec.shape(out_features, in_features)
+        expected = spec.shape(out_features, in_features, config.groups(in_features))
         if tuple(shape) != expected or dtype != spec.dtype:
             where = (file_of or {}).get(spec.suffix, source)
             raise FormatError(f"{where}: tensor {name} is {dtype} {list(shape)}, expected {spec.dtype} "
@@ -155,20 +213,60 @@ def check_linear_layout(prefix: str, layout: Mapping[str, tuple[torch.dtype | st
 def check_linear_values(prefix: str, tensors: Mapping[str, torch.Tensor], config: QuantizationConfig,
                         source: str = "checkpoint") -> None:
     """Value checks on whichever of a linear's tensors are given: finite vectors, positive scales, weight values
-    inside the signed range of weight_bits."""
+    inside the signed range of weight_bits (packed: group scales >= 1, zero points <= 15, and every int8 level
+    (code - zero) * scale inside [-128, 127], which the integer K loop relies on)."""
     for suffix, tensor in tensors.items():
         if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
             raise FormatError(f"{source}: tensor {prefix}.{suffix} holds NaN or Inf; {_REDO}")
-    for suffix in ("weight_scale", "input_inv_scale"):
+    for suffix in ("weight_scale", "input_inv_scale", "weight_group_scale"):
         if suffix in tensors and not (tensors[suffix] > 0).all():
             raise FormatError(f"{source}: tensor {prefix}.{suffix} has zero or negative entries; {_REDO}")
+    zero = tensors.get("weight_group_zero")
+    if zero is not None and zero.numel() and int(zero.max()) > PACKED_CODE_MAX:
+        raise FormatError(f"{source}: tensor {prefix}.weight_group_zero has values above {PACKED_CODE_MAX}; {_REDO}")
     weight = tensors.get("weight")
+    if weight is None or not weight.numel():
+        return
+    if config.packed:
+        if zero is not None and "weight_group_scale" in tensors:
+            levels = packed_levels(weight, tensors["weight_group_scale"], zero, config.group_size)
+            low, high = int(levels.min()), int(levels.max())
+            if low < -128 or high > 127:
+                raise FormatError(f"{source}: tensors {prefix}.weight / weight_group_scale / weight_group_zero give "
+                                  f"int8 levels in [{low}, {high}], outside [-128, 127]; {_REDO}")
+        return
     qmax = weight_qmax(config.weight_bits)
-    if weight is not None and weight.numel() and int(weight.abs().max()) > qmax:
+    if int(weight.abs().max()) > qmax:
         raise FormatError(f"{source}: tensor {prefix}.weight has values outside ±{qmax} "
                           f"(weight_bits={config.weight_bits}); {_REDO}")
 
-_SAFETENSORS_DTYPES = {"I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F16": torch.float16,
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [N, K] -> uint8 [N, ceil(K/2)]: channel 2j in the low nibble of byte j, 2j+1 in the high
+    one (an odd K leaves the last high nibble 0)."""
+    if codes.shape[1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int | None = None) -> torch.Tensor:
+    """pack_int4's inverse: uint8 [N, P] -> uint8 codes [N, in_features] (default 2P)."""
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+    return codes[:, :in_features] if in_features is not None else codes
+
+
+def packed_levels(packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor, group_size: int,
+                  in_features: int | None = None) -> torch.Tensor:
+    """The int8 weight levels a packed weight stands for: (code - zero[g]) * scale[g], g = k // group_size,
+    as int16 [N, K] (not clamped, so that a validator can see overflow)."""
+    codes = unpack_int4(packed, in_features).to(torch.int16)
+    k = codes.shape[1]
+    size = k if group_size == 0 else group_size
+    index = torch.arange(k, device=packed.device) // size
+    return (codes - group_zero.to(torch.int16)[:, index]) * group_scale.to(torch.int16)[:, index]
+
+_SAFETENSORS_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "F16": torch.float16,
                        "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool}
 
 
@@ -218,19 +316,22 @@ def validate_checkpoint_dir(model_dir: Path, config: QuantizationConfig) -> int:
     for path in files:
         for name, entry in read_safetensors_layout(path).items():
             layout[name], file_of[name] = entry, path
-    prefixes = sorted({name.rsplit(".", 1)[0] for name in layout
-                       if name.endswith(".weight_scale") or (name.endswith(".weight") and layout[name][0] == torch.int8)})
+    weight_dtype = config.linear_tensors[0].dtype
+    prefixes = sorted({name.rsplit(".", 1)[0] for name in layout if name.endswith(".weight_scale")
+                       or (name.endswith(".weight") and layout[name][0] == weight_dtype)})
     for prefix in prefixes:
         weight = layout.get(f"{prefix}.weight")
         if weight is None or len(weight[1]) != 2:
-            raise FormatError(f"{model_dir}: tensor {prefix}.weight (int8 [out, in]) is missing or not 2-D; "
-                              f"re-run `outliertune quantize`")
+            raise FormatError(f"{model_dir}: tensor {prefix}.weight ({weight_dtype} [out, in]) is missing or not "
+                              f"2-D; re-run `outliertune quantize`")
+        out_features, in_features = weight[1][0], weight[1][1] * (2 if config.packed else 1)
         names = {suffix: f"{prefix}.{suffix}" for suffix in LINEAR_TENSOR_SUFFIXES if f"{prefix}.{suffix}" in layout}
-        check_linear_layout(prefix, {suffix: layout[name] for suffix, name in names.items()}, *weight[1],
-                            source=str(model_dir), file_of={suffix: file_of[name] for suffix, name in names.items()})
+        check_linear_layout(prefix, {suffix: layout[name] for suffix, name in names.items()}, out_features,
+                            in_features, config, source=str(model_dir),
+                            file_of={suffix: file_of[name] for suffix, name in names.items()})
         vectors = {}  # the small tensors are value-checked now, the [N, K] weights after loading
-        for spec in LINEAR_TENSORS:
-            if spec.suffix in names and spec.dim != "out,in":
+        for spec in config.linear_tensors:
+            if spec.suffix in names and spec.dim in ("out", "in"):
                 with safe_open(str(file_of[names[spec.suffix]]), framework="pt") as file:
                     vectors[spec.suffix] = file.get_tensor(names[spec.suffix])
         check_linear_values(prefix, vectors, config, source=str(model_dir))

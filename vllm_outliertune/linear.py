@@ -17,6 +17,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
     ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
     ModelWeightParameter,
     RowvLLMParameter,
 )
@@ -128,14 +129,25 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         row_parallel = isinstance(layer, RowParallelLinear)
 
         def add(suffix: str, param_class, shape, fill: float | None = None, **dims) -> None:
-            spec_dtype = next(spec.dtype for spec in fmt.LINEAR_TENSORS if spec.suffix == suffix)
+            spec_dtype = next(spec.dtype for spec in self.spec.linear_tensors if spec.suffix == suffix)
             data = torch.empty(shape, dtype=spec_dtype) if fill is None else torch.full(shape, fill, dtype=spec_dtype)
             param = param_class(data=data, weight_loader=self._checked_loader(suffix, spec_dtype, weight_loader),
                                 **dims)
             param.loaded_shards = set()
             layer.register_parameter(suffix, param)
 
-        add("weight", ModelWeightParameter, (out_features, input_size_per_partition), input_dim=1, output_dim=0)
+        if self.spec.packed:
+            self._check_packed_partition(row_parallel, input_size_per_partition, input_size)
+            add("weight", ModelWeightParameter, (out_features, input_size_per_partition // 2), input_dim=1,
+                output_dim=0)
+            groups = self.spec.groups(input_size_per_partition)
+            for suffix in ("weight_group_scale", "weight_group_zero"):
+                if self.spec.group_size == 0:  # one group per row: every K shard uses the whole row's
+                    add(suffix, ChannelQuantScaleParameter, (out_features, 1), output_dim=0)
+                else:
+                    add(suffix, GroupQuantScaleParameter, (out_features, groups), input_dim=1, output_dim=0)
+        else:
+            add("weight", ModelWeightParameter, (out_features, input_size_per_partition), input_dim=1, output_dim=0)
         add("weight_scale", ChannelQuantScaleParameter, (out_features,), output_dim=0)
         add("output_bias", ChannelQuantScaleParameter, (out_features,), output_dim=0)
         # Optional per-input-channel vectors start neutral; ones the checkpoint does not have are dropped after loading.
@@ -150,6 +162,17 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         _TUNE_HINT[:] = [(getattr(vllm_config.model_config, "model", "MODEL_DIR"),
                           vllm_config.parallel_config.tensor_parallel_size)]
 
+    def _check_packed_partition(self, row_parallel: bool, k_per_partition: int, k: int) -> None:
+        """Row-parallel layers split K across ranks: each rank's part must be whole bytes and whole groups."""
+        group_size = self.spec.group_size
+        if k_per_partition % 2 or (row_parallel and group_size and k_per_partition % group_size):
+            raise fmt.FormatError(
+                f"{self.prefix}: tensor parallelism splits its {k} input channels into parts of {k_per_partition}, "
+                f"which do not align to the checkpoint's groups of {group_size} (packed 4-bit weights, "
+                f"quantization_config.group_size); use a tensor-parallel size that divides {k} // {group_size} "
+                f"= {k // group_size if group_size else k}, or re-run `outliertune quantize` with a --group-size that "
+                f"divides {k_per_partition}")
+
     @staticmethod
     def _shard_index(shard_id) -> int:
         return 0 if shard_id is None else _QKV_SHARD_INDEX.get(shard_id, shard_id)
@@ -157,7 +180,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
     def _check_loaded(self, layer: torch.nn.Module) -> None:
         """Every required tensor of every shard arrived; optional vectors arrived for all shards or none."""
         expected = 1 if isinstance(layer, RowParallelLinear) else layer.num_output_shards
-        for spec in fmt.LINEAR_TENSORS:
+        for spec in self.spec.linear_tensors:
             shards = getattr(layer, spec.suffix).loaded_shards
             # No shard id: the whole (possibly checkpoint-fused) layer arrived at once.
             arrived = set(range(expected)) if None in shards else {self._shard_index(shard) for shard in shards}
@@ -170,9 +193,11 @@ class OutlierTuneLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self._check_loaded(layer)
-        tensors = {spec.suffix: getattr(layer, spec.suffix).data for spec in fmt.LINEAR_TENSORS
+        tensors = {spec.suffix: getattr(layer, spec.suffix).data for spec in self.spec.linear_tensors
                    if getattr(layer, spec.suffix).loaded_shards}
-        fmt.validate_linear(self.prefix, tensors, layer.weight.shape[0], layer.weight.shape[1], self.spec,
+        # In-features of this rank's part (a packed weight holds two per byte); one group per row stays one.
+        in_features = layer.weight.shape[1] * (2 if self.spec.packed else 1)
+        fmt.validate_linear(self.prefix, tensors, layer.weight.shape[0], in_features, self.spec,
                             source="checkpoint (as loaded by vLLM)")
         output_bias = layer.output_bias.data
         bias = getattr(layer, "bias", None)
@@ -191,6 +216,11 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             param = getattr(layer, suffix)
             setattr(layer, suffix,
                     torch.nn.Parameter(param.data, requires_grad=False) if param.loaded_shards else None)
+        if self.spec.packed:
+            for suffix in ("weight_group_scale", "weight_group_zero"):
+                setattr(layer, suffix, torch.nn.Parameter(getattr(layer, suffix).data.contiguous(),
+                                                          requires_grad=False))
+            return  # the W4A8 kernels compile on first use (their tiles are not tuned yet)
         if _NEW_SHAPES:
             report_untuned_shapes(layer.weight.device)
         self._warm_up(layer)
@@ -212,7 +242,9 @@ class OutlierTuneLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])
-        if torch.compiler.is_compiling():
+        if self.spec.packed:
+            out = self._apply_packed(layer, x_2d, x.dtype)
+        elif torch.compiler.is_compiling():
             # Traced (vLLM's default mode): the quantization as plain torch ops, which inductor fuses into the
             # kernel that produced x (RMSNorm + residual add, SiLU-mul), so that kernel writes int8 codes
             # instead of bf16 activations and only the int8 GEMM remains here.
@@ -225,3 +257,13 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         if bias is not None:  # only when the bias could not be merged (skip_bias_add layers never pass one)
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _apply_packed(self, layer: torch.nn.Module, x_2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """apply() for packed 4-bit weights: the same two modes with the W4A8 ops."""
+        packed = (layer.weight, layer.weight_group_scale, layer.weight_group_zero, self.spec.group_size,
+                  layer.weight_scale, layer.output_bias)
+        if torch.compiler.is_compiling():
+            codes = quantize_activation_ref(x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits)
+            return kernel_ops.w4a8_gemm(codes, *packed, out_dtype)
+        return kernel_ops.w4a8_linear(x_2d, *packed, layer.input_inv_scale, layer.input_shift,
+                                      self.spec.activation_bits, out_dtype)

@@ -1,0 +1,125 @@
+"""W4A8 GEMM: int8 activation codes x packed 4-bit weights with integer group scales, int32 accumulation, the
+per-output-channel scale + bias epilogue of the int8 GEMMs.
+
+w_packed uint8 [N, ceil(K/2)] holds two codes per byte (channel 2j low nibble, 2j+1 high); the int8 weight level is
+(code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_outliertune.format). The kernel widens the codes to
+those int8 levels in registers, so the K loop is integer only (no float dequantization) and the multiply is the
+same int8 x int8 -> int32 dot as in int8_gemm (tensor cores from BLOCK_M 16; below that CUDA-core multiply-adds).
+Even and odd channels are kept apart instead of interleaving the nibbles: acc += A_even @ W_low + A_odd @ W_high.
+When a tile lies inside one group (group_size a multiple of BLOCK_K) its group scale/zero are one vector per tile,
+else they are gathered per channel. One kernel serves decode and prefill: SPLIT_K > 1 splits the K loop across
+programs (small M: enough programs to stream the weights) and they meet through splitk_gemm.split_k_store."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_outliertune.kernels.int8_gemm import grouped_tile, launch_options, start_gemm
+from vllm_outliertune.kernels.splitk_gemm import split_k_plan, split_k_store
+
+
+@triton.jit
+def _levels(byte_tile, scale_ptr, zero_ptr, rows_w, group, stride_gn, GROUP_TILE: tl.constexpr):
+    """uint8 bytes [BLOCK_K/2, BLOCK_N] -> int8 levels of the low and high nibbles."""
+    nibbles = byte_tile.to(tl.int32)
+    if GROUP_TILE:  # group: a scalar (the tile's group)
+        scale = tl.load(scale_ptr + rows_w.to(tl.int64) * stride_gn + group).to(tl.int32)[None, :]
+        zero = tl.load(zero_ptr + rows_w.to(tl.int64) * stride_gn + group).to(tl.int32)[None, :]
+    else:  # group: [BLOCK_K/2] per byte (both nibbles of a byte share a group: group sizes are even)
+        offsets = rows_w[None, :].to(tl.int64) * stride_gn + group[:, None]
+        scale = tl.load(scale_ptr + offsets).to(tl.int32)
+        zero = tl.load(zero_ptr + offsets).to(tl.int32)
+    low = ((nibbles & 15) - zero) * scale
+    high = ((nibbles >> 4) - zero) * scale
+    return low.to(tl.int8), high.to(tl.int8)
+
+
+@triton.jit
+def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr,
+                      M, N, K, stride_am, stride_wn, stride_gn, stride_om, K_PER_SPLIT, GROUP_SIZE,
+                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m, offs_n, rows_a, rows_w = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    k_start = pid_k * K_PER_SPLIT
+    offs_j = k_start // 2 + tl.arange(0, HALF_K)  # byte index along a packed row
+    a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + 2 * offs_j[None, :]
+    w_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + offs_j[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
+        k_even = 2 * offs_j
+        # Channels past K read code 0, whose level need not be 0: the zeroed activations cancel them.
+        w = tl.load(w_ptrs, mask=(k_even < K)[:, None], other=0, eviction_policy="evict_first")
+        a_even = tl.load(a_ptrs, mask=(k_even < K)[None, :], other=0)
+        a_odd = tl.load(a_ptrs + 1, mask=(k_even + 1 < K)[None, :], other=0)
+        if GROUP_TILE:
+            group = (k_start + i * BLOCK_K) // GROUP_SIZE
+        else:
+            group = tl.minimum(k_even, K - 1) // GROUP_SIZE
+        low, high = _levels(w, gscale_ptr, gzero_ptr, rows_w, group, stride_gn, GROUP_TILE)
+        if BLOCK_M >= 16:
+            acc = tl.dot(a_even, low, acc, out_dtype=tl.int32)
+            acc = tl.dot(a_odd, high, acc, out_dtype=tl.int32)
+        else:
+            acc += tl.sum(a_even.to(tl.int32)[:, :, None] * low.to(tl.int32)[None, :, :], axis=1)
+            acc += tl.sum(a_odd.to(tl.int32)[:, :, None] * high.to(tl.int32)[None, :, :], axis=1)
+        offs_j += HALF_K
+        a_ptrs += BLOCK_K
+        w_ptrs += HALF_K
+    split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N, stride_om,
+                  SPLIT_K, HAS_BIAS)
+
+
+def check_packed_args(k: int, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+                      group_size: int) -> None:
+    """Raise ValueError naming the argument when the packed weight and its group tensors do not fit K."""
+    n = w_packed.shape[0]
+    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2 or w_packed.shape[1] != (k + 1) // 2 \
+            or w_packed.stride(1) != 1:
+        raise ValueError(f"w_packed is {w_packed.dtype} {list(w_packed.shape)}; expected uint8 [N, {(k + 1) // 2}] "
+                         f"(two 4-bit codes per byte for K = {k}) with contiguous rows")
+    if group_size < 0 or group_size % 2:
+        raise ValueError(f"group_size {group_size} must be 0 (one group per row) or a positive even number")
+    groups = 1 if group_size == 0 else -(-k // group_size)
+    for name, t in (("group_scale", group_scale), ("group_zero", group_zero)):
+        if t.dtype != torch.uint8 or tuple(t.shape) != (n, groups) or t.stride(1) != 1 or t.device != w_packed.device:
+            raise ValueError(f"{name} is {t.dtype} {list(t.shape)} on {t.device}; expected uint8 [{n}, {groups}] on "
+                             f"{w_packed.device}, contiguous")
+    if group_scale.stride(0) != group_zero.stride(0):
+        raise ValueError("group_scale and group_zero must have the same row stride")
+
+
+def w4a8_gemm(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+              group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+              kernel: str = "w4a8_gemm", config: dict | None = None) -> torch.Tensor:
+    """a_q int8 [M, K] @ levels(w_packed)^T in int32, * w_scale[n] (+ bias[n]) -> out_dtype [M, N]. ``kernel``
+    names the tile table entry ("w4a8_gemm": tiled, or "w4a8_splitk": small M, SPLIT_K 0 = automatic);
+    ``config`` overrides it."""
+    k = a_q.shape[1] if a_q.dim() == 2 else -1
+    check_packed_args(k, w_packed, group_scale, group_zero, group_size)
+    # start_gemm checks a_q, w_scale, bias and the output against an int8 [N, K] weight: a K-byte stand-in.
+    shape_probe = torch.empty(max(k, 1), dtype=torch.int8, device=w_packed.device).as_strided(
+        (w_packed.shape[0], max(k, 0)), (0, 1))
+    a_q, out, config = start_gemm(kernel, a_q.dtype == torch.int8, a_q, shape_probe, w_scale, bias, out_dtype,
+                                  config, scaled_only=True)
+    if config is None:
+        return out
+    (m, k), n = a_q.shape, w_packed.shape[0]
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    if block_k % 2:
+        raise ValueError(f"BLOCK_K {block_k} must be even (two channels per packed byte)")
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split_k, k_per_split, partial_sums, counters = split_k_plan(m, n, k, tiles, block_k, config, a_q.device)
+    group = group_size or block_k * triton.cdiv(k, block_k)  # 0: one group spans the row (and every tile)
+    _w4a8_gemm_kernel[(tiles, split_k)](
+        a_q, w_packed, group_scale, group_zero, out, w_scale, bias, partial_sums, counters,
+        m, n, k, a_q.stride(0), w_packed.stride(0), group_scale.stride(0), out.stride(0), k_per_split, group,
+        HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=group % block_k == 0, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1), **launch_options(config),
+        enable_fp_fusion=False)
+    return out
