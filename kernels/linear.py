@@ -1,5 +1,6 @@
 """The entry points the plugin calls: quantized_linear (float activations in), int8_gemm (int8 codes in),
-their packed 4-bit weight versions w4a8_linear / w4a8_gemm, and quantize_activation, registered as torch custom ops (namespace "outliertune_kernels") with fake implementations
+their packed 4-bit weight versions w4a8_linear / w4a8_gemm, and quantize_activation, registered as torch custom
+ops (namespace "outliertune_kernels") with fake implementations
 so torch.compile and CUDA graphs capture them. Importable without Triton: CUDA tensors (and CPU tensors under
 TRITON_INTERPRET=1) run the Triton kernels, everything else the exact torch reference."""
 
@@ -210,7 +211,8 @@ def _(x, w_q, w_scale, bias, inv_scale, shift, act_bits, out_dtype):
 
 @torch.library.custom_op("outliertune_kernels::w4a8_gemm", mutates_args=())
 def w4a8_gemm(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
-              group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+              group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> torch.Tensor:
     """a_q int8 [M, K] @ levels^T (int32) * w_scale[n] (+ bias[n]) -> out_dtype [M, N], where levels = (code -
     group_zero) * group_scale are the int8 weights a packed uint8 [N, ceil(K/2)] weight stands for
     (vllm_outliertune.format.packed_levels)."""

@@ -15,7 +15,7 @@ norms, lm_head, ignored layers) is stored as in a Hugging Face checkpoint, in th
 Format 2 adds packed 4-bit weights (``weight_bits`` 4): two unsigned 4-bit codes per byte and, per group of
 ``group_size`` input channels, a small integer scale and zero point, so that the int8 weight the GEMM multiplies is
 
-    P.weight (int8 levels)[n, k] = (code[n, k] - P.weight_group_zero[n, g]) * P.weight_group_scale[n, g],  g = k // group_size
+    level[n, k] = (code[n, k] - P.weight_group_zero[n, g]) * P.weight_group_scale[n, g],    g = k // group_size
 
 (QServe-style progressive quantization: the levels are an int8 quantization of the row with the float
 ``weight_scale``; the groups refine it with integer scales, so the K loop stays in integer arithmetic). Other bit
@@ -57,7 +57,8 @@ class TensorSpec:
 
 
 _OUTPUT_BIAS = TensorSpec("output_bias", torch.float32, "out", True,
-                          "additive epilogue term from folding: dequant(weight) @ input_shift (+ -shift of folded rows)")
+                          "additive epilogue term from folding: dequant(weight) @ input_shift "
+                          "(+ -shift of folded rows)")
 _INPUT_VECTORS = (
     TensorSpec("input_inv_scale", torch.float32, "in", False,
                "1/s per input channel, applied before rounding; absent when s is folded upstream"),
@@ -266,8 +267,8 @@ def packed_levels(packed: torch.Tensor, group_scale: torch.Tensor, group_zero: t
     index = torch.arange(k, device=packed.device) // size
     return (codes - group_zero.to(torch.int16)[:, index]) * group_scale.to(torch.int16)[:, index]
 
-_SAFETENSORS_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "F16": torch.float16,
-                       "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64,
+                       "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool}
 
 
 def read_safetensors_layout(path: Path, redo: str = "copy the checkpoint again or re-run `outliertune quantize`",
