@@ -145,3 +145,14 @@ def test_w4a8_checkpoint_contract_and_accuracy(tiny_llama, tiny_llama_w4a8):
     sqnr = {name: float(10 * torch.log10(reference.pow(2).sum() / error)) for name, error in errors.items()}
     print(f"\nlogit SQNR vs fp32: {sqnr}")
     assert sqnr["w4a8"] >= 13.0 and sqnr["w4a8"] < sqnr["w8a8"]
+
+
+@pytest.mark.parametrize("change, message", [(dict(group_size=24), "--group-size 24: use 0"),
+                                             (dict(weight_rounding="awq"), "--weight-rounding 'awq' is unknown"),
+                                             (dict(w_bits=4, a_bits=6), "--w-bits 4 --a-bits 6 is not supported")])
+def test_quantize_options_refused_with_the_flag_named(change, message):
+    from vllm_outliertune.offline.model_io import UserError
+    from vllm_outliertune.offline.quantize import QuantizeOptions, check_options
+
+    with pytest.raises(UserError, match=message):
+        check_options(QuantizeOptions(**change))
