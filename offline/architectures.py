@@ -92,11 +92,12 @@ SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def architecture_of(model) -> Architecture:
-    """The structure of an in-memory transformers causal LM (by its class)."""
-    name = type(model).__name__
-    if name not in ARCHITECTURES:
-        raise ValueError(f"{name} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return ARCHITECTURES[name]
+    """The structure of an in-memory transformers causal LM, by its class or the nearest supported class it derives
+    from (custom model code from a model directory usually subclasses a transformers model)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in ARCHITECTURES:
+            return ARCHITECTURES[cls.__name__]
+    raise ValueError(f"{type(model).__name__} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
