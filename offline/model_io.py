@@ -93,13 +93,15 @@ def check_device(device: str) -> None:
             raise UserError(f"--device {device}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
 
 
-def check_seq_len(config: dict, seq_len: int, model_dir: Path, option: str = "--seq-len") -> None:
-    """Refuse windows longer than the model's positions (transformers would index past its position table or
-    extrapolate RoPE silently; vLLM refuses with a traceback)."""
+def check_seq_len(config: dict, seq_len: int, model_dir: Path, option: str = "--seq-len", extra: int = 0) -> None:
+    """Refuse windows longer than the model's positions, less ``extra`` positions the engine needs after a window
+    (transformers would index past its position table or extrapolate RoPE silently; vLLM refuses with a
+    traceback)."""
     limit = (config.get("text_config") or config).get("max_position_embeddings")
-    if isinstance(limit, int) and seq_len > limit:
+    if isinstance(limit, int) and seq_len + extra > limit:
+        why = f", less {extra} for the token vLLM generates after each window" if extra else ""
         raise UserError(f"{option} {seq_len} is longer than {Path(model_dir) / 'config.json'} allows "
-                        f"(max_position_embeddings {limit}); use {option} {limit} or less")
+                        f"(max_position_embeddings {limit}{why}); use {option} {limit - extra} or less")
 
 
 def read_auto_maps(model_dir: Path, files: tuple[str, ...] = AUTO_MAP_FILES) -> dict[str, dict]:

@@ -213,6 +213,16 @@ def test_seq_len_beyond_the_model_positions(tmp_path, model_dir, calib, capsys, 
     assert not (tmp_path / "out").exists()
 
 
+def test_eval_vllm_needs_one_position_after_the_window(model_dir, calib, capsys):
+    """vLLM's max_model_len is the window plus the one token it generates: a window of all positions is refused
+    before the engine starts, naming the length that fits."""
+    limit = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+    code = cli_main(["eval", str(model_dir), "--text", str(calib), "--engine", "vllm", "--seq-len", str(limit)])
+    assert code == EXIT_USER_ERROR
+    assert_clean_error(capsys.readouterr().err, f"--seq-len {limit}", f"use --seq-len {limit - 1} or less",
+                       command="eval")
+
+
 @pytest.mark.parametrize("option", ["--report", "--calib-cache"])
 @pytest.mark.parametrize("under_a_file", [False, True])
 def test_directory_options_that_are_files(tmp_path, model_dir, calib, capsys, option, under_a_file):

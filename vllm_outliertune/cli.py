@@ -43,7 +43,7 @@ def _eval(args: argparse.Namespace) -> None:
     model_dir = Path(args.model_dir)
     config = read_config(model_dir)
     dtype = eval_dtype(config, args.dtype, model_dir)
-    check_seq_len(config, args.seq_len, model_dir)
+    check_seq_len(config, args.seq_len, model_dir, extra=1 if args.engine == "vllm" else 0)
     if args.engine == "torch":
         check_device(args.device)
     check_remote_code(model_dir, args.trust_remote_code)  # refused, not silently replaced by built-in classes
