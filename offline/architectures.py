@@ -24,6 +24,7 @@ import torch
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
+INPUT_GROUPS = ("qkv", "o", "gate_up", "down")  # linears sharing one input, in layer order
 RowsOf = Callable[[torch.nn.Module, object], tuple[str, slice]]  # (layer, HF config) -> (linear name, its rows)
 
 
@@ -60,7 +61,7 @@ class Architecture:
     @property
     def groups(self) -> dict[str, tuple[str, ...]]:
         """Linears per shared input, by the names calibration statistics and plans use."""
-        return {"qkv": self.qkv, "o": (self.o_proj,), "gate_up": self.gate_up, "down": (self.down_proj,)}
+        return dict(zip(INPUT_GROUPS, (self.qkv, (self.o_proj,), self.gate_up, (self.down_proj,))))
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -57,10 +57,10 @@ def _kv_vector(vector: torch.Tensor, group_size: int, head_dim: int, what: str) 
     return grouped[:, 0].reshape(-1)
 
 
-def _divide_rows(linear: torch.nn.Linear, rows: slice, fold: torch.Tensor) -> None:
-    linear.weight[rows].div_(fold.to(linear.weight)[:, None])
+def _divide_rows(linear: torch.nn.Linear, divisor: torch.Tensor) -> None:
+    linear.weight.div_(divisor.to(linear.weight)[:, None])
     if linear.bias is not None:
-        linear.bias[rows].div_(fold.to(linear.bias))
+        linear.bias.div_(divisor.to(linear.bias))
 
 
 def _fold_into_norm(norm: torch.nn.Module, kind: str, plan: ChannelPlan) -> bool:
@@ -82,6 +82,21 @@ def _fold_into_norm(norm: torch.nn.Module, kind: str, plan: ChannelPlan) -> bool
     return True
 
 
+def row_divisors(layer: torch.nn.Module, plans: dict[str, ChannelPlan], arch: Architecture, config,
+                 ) -> dict[str, torch.Tensor]:
+    """Per linear whose output rows take the fold of a later input (v rows: o_proj's, up rows: down_proj's), the
+    divisor [N] of each of its rows (ones for rows that take none)."""
+    heads, kv_heads, head_dim = attention_groups(config)
+    divisors = {}
+    for (name, rows), fold in ((arch.v_rows(layer, config), _kv_vector(plans["o"].fold, heads // kv_heads, head_dim,
+                                                                         "fold")),
+                               (arch.up_rows(layer, config), plans["down"].fold)):
+        linear = layer.get_submodule(name)
+        divisors[name] = torch.ones(linear.out_features, device=linear.weight.device)
+        divisors[name][rows] = fold.to(divisors[name])
+    return divisors
+
+
 @torch.no_grad()
 def fold_layer(layer: torch.nn.Module, plans: dict[str, ChannelPlan], arch: Architecture, config,
                ) -> dict[str, FoldedLinear]:
@@ -94,19 +109,17 @@ def fold_layer(layer: torch.nn.Module, plans: dict[str, ChannelPlan], arch: Arch
     input_shift = {name: plan.shift for name, plan in plan_of.items()}
     row_bias: dict[str, torch.Tensor] = {}
 
-    # o_proj: fold into v rows; its shift too, unless the plan keeps a stored inv_scale (applied after v_proj).
+    # o_proj's fold into v rows, down_proj's into up rows.
+    for name, divisor in row_divisors(layer, plans, arch, config).items():
+        _divide_rows(layer.get_submodule(name), divisor)
+    # o_proj's shift joins v_proj's output, unless the plan keeps a stored inv_scale (applied after v_proj).
     o_plan = plans["o"]
     v_name, v_rows = arch.v_rows(layer, config)
     v_linear = layer.get_submodule(v_name)
-    _divide_rows(v_linear, v_rows, _kv_vector(o_plan.fold, group_size, head_dim, "fold"))
     if o_plan.shift is not None and o_plan.inv_scale is None:
         row_bias[v_name] = torch.zeros(v_linear.out_features, device=v_linear.weight.device)
         row_bias[v_name][v_rows] = -_kv_vector(o_plan.shift, group_size, head_dim, "shift").to(row_bias[v_name])
         input_shift[arch.o_proj] = None
-
-    # down_proj: fold into up rows.
-    up_name, up_rows = arch.up_rows(layer, config)
-    _divide_rows(layer.get_submodule(up_name), up_rows, plans["down"].fold)
 
     # q/k/v and gate/up: fold into the norms that produce their input.
     for group, norm_name in (("qkv", arch.attn_norm), ("gate_up", arch.mlp_norm)):

@@ -14,10 +14,11 @@ from vllm_outliertune.offline import symmetrize
 from vllm_outliertune.offline.calibrate import InputStats, cached_calibrate_layers
 from vllm_outliertune.offline.checkpoint import (DEFAULT_SHARD_BYTES, check_directory_option, check_output_dir,
                                                  write_checkpoint)
-from vllm_outliertune.offline.fold import fold_layer
+from vllm_outliertune.offline.fakequant import dynamic_output_error
+from vllm_outliertune.offline.fold import FoldedLinear, fold_layer, row_divisors
 from vllm_outliertune.offline.report import PLOTTED_GROUPS, plotted_layers, range_record, write_report
 from vllm_outliertune.offline.search import SIMPLE, SearchGrid, output_error, search_plan
-from vllm_outliertune.offline.architectures import Architecture, architecture_of, attention_groups
+from vllm_outliertune.offline.architectures import INPUT_GROUPS, Architecture, architecture_of, attention_groups
 from vllm_outliertune.offline.model_io import (
     UserError, check_device, check_seq_len, load_model, load_tokenizer, read_config, resolve_model)
 from vllm_outliertune.offline.symmetrize import ChannelPlan
@@ -41,6 +42,7 @@ class QuantizeOptions:
     calib_cache: Path | None = None  # directory keeping calibration statistics for reuse
     group_size: int = DEFAULT_GROUP_SIZE  # 4-bit weights: input channels per group scale (0: one per row)
     weight_rounding: str = "rtn"  # "rtn" or "gptq"
+    keep_fp16: str = "none"  # input groups left unquantized: "none", "auto" or "LAYER.GROUP,..." (e.g. "1.down")
 
     @property
     def quant_config(self) -> QuantizationConfig:
@@ -90,6 +92,32 @@ METHODS: dict[str, PlanRule] = {"outliertune": _outliertune, "per-channel": _per
 
 
 WEIGHT_ROUNDINGS = ("rtn", "gptq")
+# --keep-fp16 auto keeps an input group unquantized where the plan's output error on the calibration sample is
+# more than AUTO_KEEP_FACTOR times that of dynamic per-token quantization (and above AUTO_KEEP_MIN).
+AUTO_KEEP_FACTOR = 4.0
+AUTO_KEEP_MIN = 1e-3
+
+
+def kept_groups(index: int, info: dict[str, dict], options: QuantizeOptions) -> set[str]:
+    """The input groups of layer ``index`` that stay in the model's dtype (quantization_config.ignore)."""
+    if options.keep_fp16 == "none":
+        return set()
+    if options.keep_fp16 == "auto":
+        return {group for group, values in info.items()
+                if values["error"] > AUTO_KEEP_FACTOR * values["dynamic_error"] and values["error"] > AUTO_KEEP_MIN}
+    return {group for layer, _, group in (item.partition(".") for item in options.keep_fp16.split(","))
+            if int(layer) == index}
+
+
+def keep_in_fp(plans: dict[str, ChannelPlan], kept: set[str]) -> dict[str, ChannelPlan]:
+    """Plans with the kept groups unscaled (nothing folded for them). o_proj's shift normally joins v_proj's
+    output; with q/k/v kept it stays a runtime input_shift of o_proj instead (v_proj may have no bias)."""
+    plans = {group: (ChannelPlan(torch.ones_like(plan.step), None, None) if group in kept else plan)
+             for group, plan in plans.items()}
+    o_plan = plans["o"]
+    if "qkv" in kept and "o" not in kept and o_plan.shift is not None and o_plan.inv_scale is None:
+        plans["o"] = ChannelPlan(o_plan.fold, torch.ones_like(o_plan.fold), o_plan.shift)
+    return plans
 
 
 def check_options(options: QuantizeOptions) -> None:
@@ -107,6 +135,12 @@ def check_options(options: QuantizeOptions) -> None:
                                  ("--seq-len", options.seq_len, 2)):
         if value < least:
             raise UserError(f"{option} must be at least {least}, got {value}")
+    items = [] if options.keep_fp16 in ("none", "auto") else options.keep_fp16.split(",")
+    for item in items:
+        layer, _, group = item.partition(".")
+        if not layer.isdigit() or group not in INPUT_GROUPS:
+            raise UserError(f"--keep-fp16 {options.keep_fp16!r}: {item!r} is not LAYER.GROUP with GROUP one of "
+                            f"{', '.join(INPUT_GROUPS)} (or pass none / auto)")
     check_device(options.device)
 
 
@@ -125,6 +159,7 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
         plans[group], info[group] = rule(GroupInput(stats[group], weight, share), options)
         sample = stats[group].sample[:SearchGrid.tokens].to(weight.device)
         info[group]["error"] = output_error(sample, weight, plans[group], options.weight_format, options.a_bits)
+        info[group]["dynamic_error"] = dynamic_output_error(sample, weight, options.weight_format, options.a_bits)
     return plans, info
 
 
@@ -134,6 +169,13 @@ class QuantizeRecord:
 
     layers: list[dict] = dataclasses.field(default_factory=list)
     ranges: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # For diagnosis (offline.diagnose): per layer the plan of each group and the calibrated per-channel (min, max)
+    # of each group's input; with ``weights`` a dict, per "index.name" the rounded folded weight and the divisor
+    # of its rows (offline.fold.row_divisors) where it has one.
+    plans: list[dict[str, ChannelPlan]] = dataclasses.field(default_factory=list)
+    calib_ranges: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = dataclasses.field(default_factory=list)
+    weights: dict[str, QuantizedWeight] | None = None
+    row_divisors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def quantize_linear_weight(weight: torch.Tensor, stats: InputStats, step: torch.Tensor,
@@ -164,21 +206,35 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
                                                        options.batch_size, SearchGrid.tokens, options.seed,
                                                        options.progress, gram=gptq):
         plans, info = plan_layer(layer, stats, model.config, arch, options)
+        kept = kept_groups(index, info, options)
+        plans = keep_in_fp(plans, kept)
+        for group in kept:
+            info[group]["kept_fp16"] = True
         if record is not None:
             record.layers.append({"groups": info})
+            record.plans.append(plans)
+            record.calib_ranges.append({group: (value.min, value.max) for group, value in stats.items()})
+            if record.weights is not None:
+                record.row_divisors.update({f"{index}.{name}": divisor for name, divisor
+                                            in row_divisors(layer, plans, arch, model.config).items()})
             if index in shown:
                 record.ranges.update({f"layer{index}_{group}": range_record(stats[group], plans[group])
                                       for group in PLOTTED_GROUPS})
         folded = fold_layer(layer, plans, arch, model.config)
         for name, linear in folded.items():
             prefix = f"{arch.layers}.{index}.{name}"
+            group = group_of[name]
+            if group in kept:
+                tensors.update(_unquantized_tensors(prefix, linear, model_dtype))
+                continue
             out_features, in_features = linear.weight.shape
             if options.weight_format.packed and in_features % 2:
                 raise UserError(f"{prefix} has {in_features} input channels; packed 4-bit weights need an even "
                                 f"number: use --w-bits 8 or 6 for this model")
-            group = group_of[name]
             step = plans[group].step.to(linear.weight)
             quantized = quantize_linear_weight(linear.weight, stats[group], step, options)
+            if record is not None and record.weights is not None:
+                record.weights[f"{index}.{name}"] = quantized
             parts = checkpoint_tensors(linear, quantized, model_dtype)
             validate_linear(prefix, parts, out_features, in_features, options.quant_config, source="quantize")
             tensors.update({f"{prefix}.{suffix}": tensor for suffix, tensor in parts.items()})
@@ -189,6 +245,25 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
             continue
         tensors[name] = tensor.detach().cpu().clone().contiguous()
     return tensors
+
+
+def _unquantized_tensors(prefix: str, linear: FoldedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A kept linear as in a Hugging Face checkpoint (its weight may carry a fold from the next group)."""
+    tensors = {f"{prefix}.weight": linear.weight.to(dtype)}
+    if linear.bias is not None:
+        tensors[f"{prefix}.bias"] = linear.bias.to(dtype)
+    assert linear.row_bias is None and linear.input_shift is None and linear.inv_scale is None, prefix
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"{name} overflows {dtype} after folding the next group's scale into it; keep "
+                                     f"the next group in fp16 too (--keep-fp16)")
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+
+
+def kept_modules(tensors: dict[str, torch.Tensor], arch: Architecture, num_layers: int) -> list[str]:
+    """The decoder linears written unquantized (no weight_scale)."""
+    return [f"{arch.layers}.{i}.{name}" for i in range(num_layers) for name in arch.linears
+            if f"{arch.layers}.{i}.{name}.weight_scale" not in tensors]
 
 
 def quantize(model: Path | str, out_dir: Path, calib_path: Path, options: QuantizeOptions = QuantizeOptions(),
@@ -210,13 +285,16 @@ def quantize(model: Path | str, out_dir: Path, calib_path: Path, options: Quanti
                             source=f"--calib {calib_path}")
     record = QuantizeRecord()
     tensors = quantize_loaded(model, windows, options, record)
-    quant_config = dataclasses.replace(options.quant_config, source=source)
+    arch = architecture_of(model)
+    kept = kept_modules(tensors, arch, len(model.get_submodule(arch.layers)))
+    quant_config = dataclasses.replace(options.quant_config, source=source, ignore=("lm_head", *kept))
     out = write_checkpoint(out_dir, model_dir, hf_config, quant_config, tensors, options.max_shard_bytes)
     if report_dir is not None:
         shown_model = model_name if source is None else f"{model_name} at {source['revision']}"
         summary = {"model": shown_model, "checkpoint": str(out), "calibration": f"{calib_path}: "
                    f"{windows.shape[0]} windows x {windows.shape[1]} tokens", "method": options.method,
-                   "bits": f"W{options.w_bits}A{options.a_bits}", "weight_rounding": options.weight_rounding}
+                   "bits": f"W{options.w_bits}A{options.a_bits}", "weight_rounding": options.weight_rounding,
+                   "kept in the model's dtype": ", ".join(kept) or "none"}
         if options.weight_format.packed:
             summary["group_size"] = options.group_size
         write_report(report_dir, summary, record.layers, record.ranges)

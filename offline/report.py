@@ -82,7 +82,8 @@ def write_report(report_dir: Path, summary: dict, layers: list[dict], ranges: di
     lines = ["# OutlierTune quantization report", "",
              *(f"- {key}: {value}" for key, value in summary.items()), "",
              "Relative output error of each input group's quantized linears on the calibration sample "
-             "(chosen plan; simple per-channel rule in brackets where the search ran).", "",
+             "(chosen plan; simple per-channel rule in brackets where the search ran; dynamic per-token "
+             "quantization of the same linears in parentheses; groups left unquantized by --keep-fp16 marked).", "",
              "| layer | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
     for index, layer in enumerate(layers):
         cells = []
@@ -92,6 +93,7 @@ def write_report(report_dir: Path, summary: dict, layers: list[dict], ranges: di
             if info.get("simple_rule_error") is not None:
                 cell += f" [{info['simple_rule_error']:.2e}] s={info['strength']} c={info['clip']} " \
                         f"{'shift' if info['shift'] else 'no shift'}"
+            cell += f" (dyn {info['dynamic_error']:.2e})" + (" **kept fp16**" if info.get("kept_fp16") else "")
             cells.append(cell)
         lines.append(f"| {index} | " + " | ".join(cells) + " |")
     lines += ["", "![per-layer error](layer_error.png)", "",

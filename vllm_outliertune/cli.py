@@ -13,19 +13,35 @@ from vllm_outliertune.format import DEFAULT_GROUP_SIZE, FormatError
 DEFAULT_EVAL_WINDOWS = 40  # 40 windows of 512 tokens: about 20k tokens
 
 
-def _quantize(args: argparse.Namespace) -> None:
-    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
+def _quantize_options(args: argparse.Namespace):
+    from vllm_outliertune.offline.quantize import QuantizeOptions
 
-    options = QuantizeOptions(w_bits=args.w_bits, a_bits=args.a_bits, samples=args.samples, seq_len=args.seq_len,
-                              method=args.method, device=args.device, batch_size=args.batch_size, seed=args.seed,
-                              calib_cache=args.calib_cache and Path(args.calib_cache), group_size=args.group_size,
-                              weight_rounding=args.weight_rounding)
+    return QuantizeOptions(w_bits=args.w_bits, a_bits=args.a_bits, samples=args.samples, seq_len=args.seq_len,
+                           method=args.method, device=args.device, batch_size=args.batch_size, seed=args.seed,
+                           calib_cache=args.calib_cache and Path(args.calib_cache), group_size=args.group_size,
+                           weight_rounding=args.weight_rounding, keep_fp16=args.keep_fp16)
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from vllm_outliertune.offline.quantize import quantize
+
+    options = _quantize_options(args)
     out = quantize(args.model_dir, Path(args.out_dir), Path(args.calib), options, overwrite=args.overwrite,
                    trust_remote_code=args.trust_remote_code, report_dir=args.report and Path(args.report),
                    revision=args.revision)
     groups = f", group size {args.group_size}" if options.weight_format.packed else ""
     print(f"wrote {out} ({args.method}, W{args.w_bits}A{args.a_bits}{groups}, {args.weight_rounding} rounding)"
           + (f"; report in {args.report}" if args.report else ""))
+
+
+def _diagnose(args: argparse.Namespace) -> None:
+    from vllm_outliertune.offline.diagnose import diagnose
+
+    result = diagnose(Path(args.model_dir), Path(args.calib), Path(args.text), _quantize_options(args),
+                      max_windows=args.max_windows, keep_top=args.keep_top, layers=args.layers)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["perplexity"], indent=1))
 
 
 def _fetch(args: argparse.Namespace) -> None:
@@ -35,8 +51,8 @@ def _fetch(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from vllm_outliertune.offline.model_io import (check_device, check_remote_code, check_seq_len, load_tokenizer,
-                                                   read_config)
+    from vllm_outliertune.offline.model_io import (UserError, check_device, check_remote_code, check_seq_len,
+                                                   is_outliertune_checkpoint, load_tokenizer, read_config)
     from vllm_outliertune.offline.perplexity import EVAL_DTYPES, eval_dtype, perplexity
     from vllm_outliertune.offline.text import read_text, token_windows
 
@@ -47,6 +63,11 @@ def _eval(args: argparse.Namespace) -> None:
     if args.engine == "torch":
         check_device(args.device)
     check_remote_code(model_dir, args.trust_remote_code)  # refused, not silently replaced by built-in classes
+    if args.fake_quant and args.engine != "torch":
+        raise UserError(f"--fake-quant {args.fake_quant} is a reference baseline of the torch engine; add "
+                        f"--engine torch")
+    if args.fake_quant and is_outliertune_checkpoint(config):
+        raise UserError(f"--fake-quant: {model_dir} is already an OutlierTune checkpoint; pass the fp model")
     tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
     windows = token_windows(tokenizer, read_text(Path(args.text)), args.seq_len, args.max_windows,
                             source=f"--text {args.text}")
@@ -61,8 +82,14 @@ def _eval(args: argparse.Namespace) -> None:
 
         model = load_torch_model(model_dir, device=args.device, dtype=EVAL_DTYPES[dtype],
                                  trust_remote_code=args.trust_remote_code)
+        if args.fake_quant:
+            from vllm_outliertune.offline.fakequant import dynamic_per_token, parse_mode
+
+            model = dynamic_per_token(model, *parse_mode(args.fake_quant))
         nll, tokens = torch_window_nll(model, windows, args.batch_size, progress=not args.json)
     result = {"perplexity": perplexity(nll, tokens), "tokens": tokens, "engine": args.engine, "dtype": dtype}
+    if args.fake_quant:
+        result["fake_quant"] = args.fake_quant
     print(json.dumps(result) if args.json else
           f"perplexity {result['perplexity']:.4f} over {tokens} tokens ({args.engine} engine, {dtype})")
 
@@ -80,9 +107,33 @@ def at_least(least: int):
     return parse
 
 
+def _add_plan_options(parser: argparse.ArgumentParser) -> None:
+    """Options of calibration and planning, shared by quantize and diagnose."""
+    from vllm_outliertune.offline.quantize import AUTO_KEEP_FACTOR, METHODS, WEIGHT_ROUNDINGS, QuantizeOptions
+
+    parser.add_argument("--w-bits", type=int, default=8)
+    parser.add_argument("--a-bits", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                        help="4-bit weights: input channels per integer group scale (0: one group per output row)")
+    parser.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="rtn",
+                        help="rtn: round to nearest; gptq: GPTQ error compensation on the calibration inputs")
+    parser.add_argument("--samples", type=at_least(1), default=128, help="calibration windows")
+    parser.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
+    parser.add_argument("--method", default="outliertune", choices=sorted(METHODS))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where layers are calibrated")
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="windows per calibration forward")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calib-cache", metavar="DIR", help="keep calibration statistics in DIR and reuse them "
+                        "when the same model and text are quantized again (another --method or bits)")
+    parser.add_argument("--keep-fp16", default=QuantizeOptions.keep_fp16, metavar="none|auto|LAYER.GROUP,...",
+                        help="input groups (qkv, o, gate_up, down) left unquantized, in the model's dtype: auto keeps "
+                             "those whose output error on the calibration sample is over "
+                             f"{AUTO_KEEP_FACTOR:g}x that of dynamic per-token quantization; the report lists them")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_outliertune.offline.fakequant import FAKE_QUANT_MODES
     from vllm_outliertune.offline.perplexity import EVAL_DTYPES
-    from vllm_outliertune.offline.quantize import METHODS, WEIGHT_ROUNDINGS
 
     parser = argparse.ArgumentParser(prog="outliertune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,24 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
                        "recorded in OUT_DIR's config.json (quantization_config.source)")
     quant.add_argument("out_dir", metavar="OUT_DIR")
     quant.add_argument("--calib", required=True, metavar="TEXT_FILE", help="UTF-8 calibration text")
-    quant.add_argument("--w-bits", type=int, default=8)
-    quant.add_argument("--a-bits", type=int, default=8)
-    quant.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
-                       help="4-bit weights: input channels per integer group scale (0: one group per output row)")
-    quant.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="rtn",
-                       help="rtn: round to nearest; gptq: GPTQ error compensation on the calibration inputs")
-    quant.add_argument("--samples", type=at_least(1), default=128, help="calibration windows")
-    quant.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
-    quant.add_argument("--method", default="outliertune", choices=sorted(METHODS))
-    quant.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where layers are calibrated")
-    quant.add_argument("--batch-size", type=at_least(1), default=8, help="windows per calibration forward")
-    quant.add_argument("--seed", type=int, default=0)
-    quant.add_argument("--calib-cache", metavar="DIR", help="keep calibration statistics in DIR and reuse them "
-                       "when the same model and text are quantized again (another --method or bits)")
+    _add_plan_options(quant)
     quant.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     quant.add_argument("--report", metavar="DIR", help="write report.json, report.md and PNG plots into DIR")
     quant.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from MODEL_DIR")
     quant.set_defaults(run=_quantize)
+
+    diag = commands.add_parser("diagnose", help="where a static plan loses accuracy: perplexity and KL with groups "
+                               "and layers quantized one at a time, clipping shares, massive-activation tokens")
+    diag.add_argument("model_dir", metavar="MODEL_DIR")
+    diag.add_argument("--calib", required=True, metavar="TEXT_FILE", help="UTF-8 calibration text")
+    diag.add_argument("--text", required=True, metavar="FILE", help="test text")
+    _add_plan_options(diag)
+    diag.add_argument("--max-windows", type=at_least(1), default=8, help="test windows")
+    diag.add_argument("--keep-top", type=at_least(0), default=4, help="(layer, group)s with the largest calibration "
+                      "error to try keeping in fp, one at a time")
+    diag.add_argument("--layers", type=at_least(1), metavar="N", help="calibrate and quantize only the first N "
+                      "decoder layers (the rest stay fp): a cheap look at the early layers")
+    diag.add_argument("--out", metavar="FILE", help="write the whole result as JSON to FILE")
+    diag.set_defaults(run=_diagnose)
 
     from vllm_outliertune.offline.assets import ASSETS
 
@@ -132,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of both engines; auto: the one config.json names (default)")
     ev.add_argument("--device", default="cpu", help="torch engine only")
     ev.add_argument("--batch-size", type=at_least(1), default=4, help="torch engine only")
+    ev.add_argument("--fake-quant", choices=FAKE_QUANT_MODES,
+                    help="torch engine, fp model only: the dynamic per-token baseline (every decoder linear's input "
+                         "quantized per token at run time, weights per output row; fake quant in floating point)")
     ev.add_argument("--json", action="store_true", help='print {"perplexity", "tokens", "engine", "dtype"} as JSON')
     ev.add_argument("--trust-remote-code", action="store_true",
                     help="allow custom model/tokenizer code from MODEL_DIR (auto_map), in both engines")
