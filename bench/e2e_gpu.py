@@ -1,8 +1,9 @@
 """End-to-end on a CUDA GPU with vLLM (default mode: torch.compile + CUDA graphs).
 
     python bench/e2e_gpu.py tiny WORKDIR        # tiny Llama: vLLM (compiled, graphs) vs our torch reference
-    python bench/e2e_gpu.py make8b WORKDIR      # random Llama-3-8B-shaped bf16 checkpoint + our W8A8 of it (GPU)
-    python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w8a8-kv8,fp8-kv8]   # throughput rows, one table
+    python bench/e2e_gpu.py make8b WORKDIR [--w4a8]   # random Llama-3-8B-shaped bf16 checkpoint + our W8A8 of it
+                                                      # (quantized on the GPU), with --w4a8 also W4A8 (group 128)
+    python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8] [--tp 2]   # throughput rows
     python bench/e2e_gpu.py profile WORKDIR     # torch-profiler breakdown of W8A8 decode steps by kernel kind
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -64,7 +66,7 @@ def _tiny(workdir: Path) -> None:
                       "compiled": llm.llm_engine.vllm_config.compilation_config.mode != 0}))
 
 
-def _make8b(workdir: Path) -> None:
+def _make8b(workdir: Path, w4a8: bool = False) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -108,18 +110,23 @@ def _make8b(workdir: Path) -> None:
     print(f"random bf16 checkpoint written in {time.time() - started:.0f} s")
     calib = tiny_models.write_tiny_text(workdir / "calib.txt", repeat=8)
     started = time.time()
-    quantize(bf16_dir, workdir / "llama3-8b-w8a8", calib,
-             QuantizeOptions(samples=8, seq_len=512, device="cuda", progress=False), overwrite=True)
+    options = QuantizeOptions(samples=8, seq_len=512, device="cuda", progress=False, calib_cache=workdir / "calib")
+    quantize(bf16_dir, workdir / "llama3-8b-w8a8", calib, options, overwrite=True)
     print(f"quantized on the GPU in {time.time() - started:.0f} s")
+    if w4a8:
+        started = time.time()
+        quantize(bf16_dir, workdir / "llama3-8b-w4a8", calib, dataclasses.replace(options, w_bits=4), overwrite=True)
+        print(f"W4A8 quantized on the GPU in {time.time() - started:.0f} s")
 
 
-def _row(model_dir: str, label: str, quantization: str | None, dummy: bool, kv_cache_dtype: str | None) -> None:
+def _row(model_dir: str, label: str, quantization: str | None, dummy: bool, kv_cache_dtype: str | None,
+         tp: int = 1) -> None:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     kwargs = dict(model=model_dir, skip_tokenizer_init=True, max_model_len=4096, gpu_memory_utilization=0.9,
-                  max_num_seqs=256, enable_prefix_caching=False)
+                  max_num_seqs=256, enable_prefix_caching=False, tensor_parallel_size=tp)
     if quantization:
         kwargs["quantization"] = quantization
     if kv_cache_dtype:
@@ -148,16 +155,18 @@ def _row(model_dir: str, label: str, quantization: str | None, dummy: bool, kv_c
     print("ROW " + json.dumps(row), flush=True)
 
 
-def _table(workdir: Path, only: str = "bf16,w8a8,fp8") -> None:
+def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
     rows = {"bf16": ("bf16", str(workdir / "llama3-8b-bf16"), None, True, None),
             "w8a8": ("outliertune W8A8", str(workdir / "llama3-8b-w8a8"), None, False, None),
+            "w4a8": ("outliertune W4A8 (g128)", str(workdir / "llama3-8b-w4a8"), None, False, None),
             "fp8": ("vLLM fp8 (dynamic)", str(workdir / "llama3-8b-bf16"), "fp8", True, None),
             "w8a8-kv8": ("outliertune W8A8 + fp8 KV", str(workdir / "llama3-8b-w8a8"), None, False, "fp8"),
             "fp8-kv8": ("vLLM fp8 (dynamic) + fp8 KV", str(workdir / "llama3-8b-bf16"), "fp8", True, "fp8")}
     results = [json.loads(line) for line in (workdir / "rows.jsonl").read_text().splitlines()] \
         if (workdir / "rows.jsonl").exists() else []
     for label, model_dir, quantization, dummy, kv_cache_dtype in (rows[key] for key in only.split(",")):
-        command = [sys.executable, __file__, "row", model_dir, "--label", label] + (
+        label += f" TP {tp}" if tp > 1 else ""
+        command = [sys.executable, __file__, "row", model_dir, "--label", label, "--tp", str(tp)] + (
             ["--quantization", quantization] if quantization else []) + (["--dummy"] if dummy else []) + (
             ["--kv-cache-dtype", kv_cache_dtype] if kv_cache_dtype else [])
         started = time.time()
@@ -186,11 +195,15 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8") -> None:
     for row in results:
         print(f"| {row['label']} | " + " | ".join(
             f"{row.get(c):.1f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns) + " |")
-    base = next((row for row in results if row["label"] == "bf16"), None)
-    for row in results if base else []:
-        if row is not base:
-            print(f"{row['label']} / bf16: " + ", ".join(
-                f"{c} {row[c] / base[c]:.2f}x" for c in columns if "tok/s" in c and base.get(c)))
+    def tp_of(label: str) -> str:
+        return label[label.find(" TP "):] if " TP " in label else ""
+
+    for base_label in ("bf16", "vLLM fp8 (dynamic)"):  # ratios against the baselines of the same TP size
+        for row in results:
+            base = next((b for b in results if b["label"] == base_label + tp_of(row["label"])), None)
+            if base is not None and row is not base:
+                print(f"{row['label']} / {base['label']}: " + ", ".join(
+                    f"{c} {row[c] / base[c]:.2f}x" for c in columns if "tok/s" in c and base.get(c)))
 
 
 # Kernel kinds of a decode step, by the kernel names the profiler reports (first match wins). Inductor names its
@@ -309,16 +322,20 @@ def main() -> None:
     parser.add_argument("--dummy", action="store_true")
     parser.add_argument("--kv-cache-dtype", help="row: vLLM's kv_cache_dtype (e.g. fp8)")
     parser.add_argument("--rows", default="bf16,w8a8,fp8", help="table: which rows to run now")
+    parser.add_argument("--tp", type=int, default=1, help="table / row: tensor-parallel size")
+    parser.add_argument("--w4a8", action="store_true", help="make8b: also write a W4A8 checkpoint")
     args = parser.parse_args()
     if args.step == "row":
-        _row(args.path, args.label, args.quantization, args.dummy, args.kv_cache_dtype)
+        _row(args.path, args.label, args.quantization, args.dummy, args.kv_cache_dtype, args.tp)
         return
     workdir = Path(args.path)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.step == "table":
-        _table(workdir, args.rows)
+        _table(workdir, args.rows, args.tp)
+    elif args.step == "make8b":
+        _make8b(workdir, args.w4a8)
     else:
-        {"tiny": _tiny, "make8b": _make8b, "profile": _profile, "serve": _serve}[args.step](workdir)
+        {"tiny": _tiny, "profile": _profile, "serve": _serve}[args.step](workdir)
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes that re-import this file

@@ -6,6 +6,8 @@
 #    qkv/o at TP 8, Qwen2.5-7B gate_up at TP 1, Qwen2.5-32B down at TP 1): their tiles and the shape-generic
 #    "default" entry (Qwen2.5-14B stays out of the spread: it is the check that an untuned shape keeps its speed).
 # 2. Quick search (the family's known tiles + the spread's best) for the other models' per-rank shapes.
+# 3. Copy the device's entries into the shipped table: python bench/ship_entries.py TABLE.state.jsonl "NVIDIA H200".
+# The H200 timings behind the shipped entries: bench/tune_state_h200.jsonl.gz (gunzip it to re-derive them).
 set -u
 TABLE=${1:-${OUTLIERTUNE_TILE_CONFIGS:-$HOME/.cache/vllm-outliertune/tile_configs.json}}
 REP=${REP_MS:-10}

@@ -21,6 +21,7 @@ Lookup of a shape: the first of this device's name, the other devices of its chi
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import os
@@ -35,6 +36,9 @@ USER_TABLE_PATH = Path.home() / ".cache" / "vllm-outliertune" / "tile_configs.js
 KERNELS = ("int8_gemm", "splitk_gemm", "int8_gemm_tma")  # the Triton kernels of the table (tune.py tunes these)
 EXTERNAL_KERNELS = ("cutlass_scaled_mm",)  # GEMMs of other libraries the table may pick (linear.py registers them)
 W4A8_KERNELS = ("w4a8_splitk", "w4a8_gemm")  # packed 4-bit weights (default tiles; not tuned yet)
+# Who runs a bucket that several kernels list (the tuner lists each bucket's winner only, plus int8_gemm everywhere
+# as the fallback; older tables list split-K from M = 1 up and TMA / CUTLASS from the largest M down).
+DISPATCH_ORDER = ("splitk_gemm", *EXTERNAL_KERNELS, "int8_gemm_tma")
 
 
 def user_table_path() -> Path:
@@ -73,7 +77,7 @@ def effective_table() -> dict[str, Any]:
 
 def clear_caches() -> None:
     """Forget the loaded tables and lookups (after the user table or its environment variable changed)."""
-    for cached in (load_table, effective_table, lookup_order, _per_m, listed_m_range):
+    for cached in (load_table, effective_table, lookup_order, _per_m, listed_m_range, kernels_by_bucket):
         cached.cache_clear()
 
 
@@ -169,6 +173,22 @@ def listed_m_range(kernel: str, n: int, k: int, keys: tuple[str, ...]) -> tuple[
     The dispatch uses the split-K kernel up to the largest bucket and the large-M kernels from the smallest one."""
     buckets = listed_buckets(kernel, n, k, keys)
     return (min(buckets), max(buckets)) if buckets else None
+
+
+@functools.lru_cache(maxsize=4096)
+def kernels_by_bucket(n: int, k: int, keys: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]:
+    """(every M bucket any kernel lists at this shape, ascending; for each, the kernels of DISPATCH_ORDER that list
+    it, in that order)."""
+    listed = {kernel: set(listed_buckets(kernel, n, k, keys)) for kernel in DISPATCH_ORDER}
+    buckets = tuple(sorted(set(listed_buckets("int8_gemm", n, k, keys)).union(*listed.values())))
+    return buckets, tuple(tuple(kernel for kernel in DISPATCH_ORDER if b in listed[kernel]) for b in buckets)
+
+
+def kernels_for(m: int, n: int, k: int, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The kernels the table chose for M rows of this shape, in dispatch order: those listing M's bucket, the
+    smallest bucket >= M that any kernel of the shape lists (else the largest). Empty: the tiled GEMM."""
+    buckets, owners = kernels_by_bucket(n, k, keys)
+    return owners[min(bisect.bisect_left(buckets, m), len(buckets) - 1)] if buckets else ()
 
 
 def tile_source(n: int, k: int, keys: tuple[str, ...]) -> str | None:

@@ -20,6 +20,7 @@ from vllm_outliertune.kernels.configs import (
     KERNELS,
     W4A8_KERNELS,
     get_config,
+    kernels_for,
     listed_buckets,
     listed_m_range,
     table_keys,
@@ -69,19 +70,13 @@ def external_gemms() -> dict[str, ExternalGemm]:
 
 def _pick_kernel(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: Callable[[], bool],
                  external_ok: Callable[[str], bool] = lambda name: False) -> str:
-    """The kernel the tile table routes M rows of this shape to: split-K up to its largest listed bucket, an
-    external GEMM (registered, taking these operands) or the TMA GEMM (where the operands allow TMA) from its
-    smallest listed bucket, else the tiled GEMM."""
-    small = listed_m_range("splitk_gemm", n, k, keys)
-    if small is not None and m <= small[1]:
-        return "splitk_gemm"
-    for name in EXTERNAL_KERNELS:
-        large = listed_m_range(name, n, k, keys) if name in _EXTERNAL_GEMMS else None
-        if large is not None and m >= large[0] and external_ok(name):
-            return name
-    large = listed_m_range("int8_gemm_tma", n, k, keys)
-    if large is not None and m >= large[0] and tma_ok():
-        return "int8_gemm_tma"
+    """The kernel the tile table routes M rows of this shape to: the first one the table lists at M's bucket
+    (configs.kernels_for) that runs here (an external GEMM: registered and taking these operands; TMA: where the
+    operands allow it), else the tiled GEMM."""
+    for kernel in kernels_for(m, n, k, keys):
+        if (kernel == "splitk_gemm" or (kernel == "int8_gemm_tma" and tma_ok())
+                or (kernel in _EXTERNAL_GEMMS and external_ok(kernel))):
+            return kernel
     return "int8_gemm"
 
 

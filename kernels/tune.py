@@ -216,33 +216,17 @@ def _best(timings: list[tuple[float, dict]]) -> tuple[float, dict]:
     return min(timings, key=lambda t: t[0])
 
 
-def _winning_run(results: dict, kernel: str, buckets, rivals: tuple[str, ...]) -> dict[str, dict]:
-    """Best configs of `kernel` for the tuned buckets, in the given order, while it beats every rival's best."""
-    entries = {}
-    for m in buckets:
-        timings = results.get(kernel, {}).get(m)
-        if not timings:
-            continue
-        rival = min((_best(results[r][m])[0] for r in rivals if results.get(r, {}).get(m)), default=math.inf)
-        if _best(timings)[0] >= rival:
-            break
-        entries[str(m)] = _best(timings)[1]
-    return entries
-
-
 def table_entries(results: dict) -> dict[str, dict[str, dict]]:
-    """Best configs of one shape: int8_gemm everywhere it was tuned, split-K from M=1 up, TMA from the largest M
-    down while it beats int8_gemm, external GEMMs from the largest M down while they beat both Triton GEMMs (the
-    dispatch compares M with the smallest / largest listed bucket). Kernels that were not timed are left out."""
-    descending = sorted(set(TMA_M_BUCKETS) | set(EXTERNAL_M_BUCKETS), reverse=True)
+    """Best configs of one shape: int8_gemm at every bucket it was timed (the fallback where a bucket's winner cannot
+    run), every other kernel at the buckets where it is the fastest of all kernels timed there (the dispatch runs
+    the kernel that lists M's bucket). A kernel timed but never fastest gets an empty entry; one not timed, none."""
     entries = {"int8_gemm": {str(m): _best(t)[1] for m, t in results.get("int8_gemm", {}).items()}}
-    if "splitk_gemm" in results:
-        entries["splitk_gemm"] = _winning_run(results, "splitk_gemm", SPLITK_M_BUCKETS, ("int8_gemm",))
-    if "int8_gemm_tma" in results:
-        entries["int8_gemm_tma"] = _winning_run(results, "int8_gemm_tma", descending, ("int8_gemm",))
-    for name in EXTERNAL_KERNELS:
-        if name in results:
-            entries[name] = _winning_run(results, name, descending, ("int8_gemm", "int8_gemm_tma"))
+    entries |= {kernel: {} for kernel in results if kernel != "int8_gemm"}
+    for m in sorted({m for per_m in results.values() for m in per_m}):
+        best = {kernel: _best(per_m[m]) for kernel, per_m in results.items() if per_m.get(m)}
+        winner = min(best, key=lambda kernel: best[kernel][0])
+        if winner != "int8_gemm":
+            entries[winner][str(m)] = best[winner][1]
     return entries
 
 

@@ -85,8 +85,9 @@ def test_external_gemm_dispatch_only_where_registered_and_listed(user_table, mon
     yes = lambda *_: True  # noqa: E731
     assert linear._pick_kernel(4096, 4112, 4096, H800_KEYS, yes, yes) == "int8_gemm"  # not registered
     monkeypatch.setitem(linear._EXTERNAL_GEMMS, "cutlass_scaled_mm", linear.ExternalGemm(None, yes))
-    assert linear._pick_kernel(4096, 4112, 4096, H800_KEYS, yes, yes) == "cutlass_scaled_mm"
-    assert linear._pick_kernel(1000, 4112, 4096, H800_KEYS, yes, yes) == "int8_gemm"  # below its smallest bucket
+    assert linear._pick_kernel(4096, 4112, 4096, H800_KEYS, yes, yes) == "cutlass_scaled_mm"  # above: largest
+    assert linear._pick_kernel(17, 4112, 4096, H800_KEYS, yes, yes) == "cutlass_scaled_mm"  # in bucket 1024
+    assert linear._pick_kernel(16, 4112, 4096, H800_KEYS, yes, yes) == "int8_gemm"  # int8_gemm's bucket 16
     assert linear._pick_kernel(4096, 4112, 4096, H800_KEYS, yes, lambda name: False) == "int8_gemm"  # unsupported
     # a shape the H800 entry does not list: all its kernels from the H100 entry (same family), which has no CUTLASS
     assert linear._pick_kernel(4096, 6144, 4096, H800_KEYS, yes, yes) == "int8_gemm_tma"
@@ -107,18 +108,53 @@ def results(**per_kernel):
     return out
 
 
+def test_dispatch_runs_each_buckets_own_winner(user_table, monkeypatch):
+    """Every bucket runs the kernel the table lists there, also where the winners alternate with M."""
+    tune.write_table(user_table, "NVIDIA H800", {
+        "int8_gemm": {"N=4112,K=4096": {str(m): tile(64) for m in (1, 4, 16, 64, 256, 1024, 4096)}},
+        "splitk_gemm": {"N=4112,K=4096": {"1": tile(16), "16": tile(16)}},
+        "int8_gemm_tma": {"N=4112,K=4096": {"1024": tile(128)}},
+        "cutlass_scaled_mm": {"N=4112,K=4096": {"64": {}, "4096": {}}}})
+    configs.clear_caches()
+    monkeypatch.setitem(linear._EXTERNAL_GEMMS, "cutlass_scaled_mm", linear.ExternalGemm(None, lambda *_: True))
+    yes = lambda *_: True  # noqa: E731
+    picked = {m: linear._pick_kernel(m, 4112, 4096, H800_KEYS, yes, yes)
+              for m in (1, 2, 4, 5, 16, 17, 64, 65, 256, 257, 1024, 1025, 4096, 9999)}
+    assert picked == {1: "splitk_gemm", 2: "int8_gemm", 4: "int8_gemm", 5: "splitk_gemm", 16: "splitk_gemm",
+                      17: "cutlass_scaled_mm", 64: "cutlass_scaled_mm", 65: "int8_gemm", 256: "int8_gemm",
+                      257: "int8_gemm_tma", 1024: "int8_gemm_tma", 1025: "cutlass_scaled_mm",
+                      4096: "cutlass_scaled_mm", 9999: "cutlass_scaled_mm"}
+    # TMA not possible for these operands: its bucket falls back to the tiled GEMM's tiles for that bucket
+    assert linear._pick_kernel(1000, 4112, 4096, H800_KEYS, lambda: False, yes) == "int8_gemm"
+    assert configs.get_config("int8_gemm_tma", 1000, 4112, 4096, H800_KEYS) == tile(128)
+    assert configs.get_config("splitk_gemm", 9, 4112, 4096, H800_KEYS) == tile(16)
+
+
+def test_cutlass_bias_is_cast_once_per_bias():
+    from vllm_outliertune.cutlass import _bias_as
+
+    bias = torch.randn(48)
+    first = _bias_as(bias, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, bias.to(torch.bfloat16))
+    assert _bias_as(bias, torch.bfloat16) is first  # cached: no cast kernel on later calls
+    assert _bias_as(bias, torch.float16).dtype == torch.float16
+    bias.add_(1.0)  # changed in place (e.g. weights reloaded): cast again
+    assert torch.equal(_bias_as(bias, torch.bfloat16), bias.to(torch.bfloat16))
+
+
 def test_table_entries_pick_winners_per_bucket():
     r = results(int8_gemm=[(1, 10, 16), (1, 12, 32), (4, 10, 16), (16, 10, 16), (1024, 100, 64), (2048, 200, 64),
                            (4096, 400, 64)],
-                splitk_gemm=[(1, 5, 1), (4, 11, 4), (16, 5, 16)],  # wins at 1, loses at 4: 16 is not listed
+                splitk_gemm=[(1, 5, 1), (4, 11, 4), (16, 5, 16)],  # wins at 1 and 16, loses at 4
                 int8_gemm_tma=[(1024, 90, 128), (2048, 190, 128), (4096, 300, 128)],
                 cutlass_scaled_mm=[(1024, 95, 0), (2048, 150, 0), (4096, 250, 0)])
     entries = tune.table_entries(r)
     assert entries["int8_gemm"]["1"] == tile(16) and set(entries["int8_gemm"]) == {"1", "4", "16", "1024", "2048",
                                                                                    "4096"}
-    assert list(entries["splitk_gemm"]) == ["1"]
-    assert list(entries["int8_gemm_tma"]) == ["4096", "2048", "1024"]
-    assert list(entries["cutlass_scaled_mm"]) == ["4096", "2048"]  # 95 µs at 1024 loses to TMA's 90
+    assert list(entries["splitk_gemm"]) == ["1", "16"]  # wins at 1 and 16, loses at 4
+    assert list(entries["int8_gemm_tma"]) == ["1024"]
+    assert list(entries["cutlass_scaled_mm"]) == ["2048", "4096"]  # 95 µs at 1024 loses to TMA's 90
+    assert tune.table_entries(results(int8_gemm=[(1, 10, 16)], splitk_gemm=[(1, 11, 1)]))["splitk_gemm"] == {}
     assert "cutlass_scaled_mm" not in tune.table_entries(results(int8_gemm=[(1, 10, 16)]))  # not timed: no entry
 
 
@@ -252,7 +288,8 @@ def test_gpu_cutlass_backend_matches_reference(m, k, n, user_table, monkeypatch)
     assert not out.isnan().any()
     assert ((out.float() - reference).norm() / reference.norm()).item() < 3e-3
     device_key, family, _ = configs.table_keys(a_q.device)
-    tune.write_table(user_table, device_key, {"cutlass_scaled_mm": {configs.shape_key(n, k): {"64": {}}}}, family)
+    tune.write_table(user_table, device_key, {"cutlass_scaled_mm": {configs.shape_key(n, k): {
+        str(2 ** e): {} for e in range(6, 15)}}}, family)
     configs.clear_caches()
     assert linear._pick_kernel(m, n, k, configs.table_keys(a_q.device), lambda: True,
                                lambda name: True) == "cutlass_scaled_mm"
