@@ -4,7 +4,8 @@ per-output-channel scale + bias epilogue of the int8 GEMMs.
 w_packed uint8 [N, ceil(K/2)] holds two codes per byte (channel 2j low nibble, 2j+1 high); the int8 weight level is
 (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_outliertune.format). The kernel widens the codes to
 those int8 levels in registers, so the K loop is integer only (no float dequantization) and the multiply is the
-same int8 x int8 -> int32 dot as in int8_gemm (tensor cores from BLOCK_M 16; below that CUDA-core multiply-adds).
+same int8 x int8 -> int32 dot as in int8_gemm (tensor cores from BLOCK_M 16 and BLOCK_K 64; below that CUDA-core
+multiply-adds).
 Even and odd channels are kept apart instead of interleaving the nibbles: acc += A_even @ W_low + A_odd @ W_high.
 When a tile lies inside one group (group_size a multiple of BLOCK_K) its group scale/zero are one vector per tile,
 else they are gathered per channel. One kernel serves decode and prefill: SPLIT_K > 1 splits the K loop across
@@ -62,7 +63,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
         else:
             group = tl.minimum(k_even, K - 1) // GROUP_SIZE
         low, high = _levels(w, gscale_ptr, gzero_ptr, rows_w, group, stride_gn, GROUP_TILE)
-        if BLOCK_M >= 16:
+        if BLOCK_M >= 16 and HALF_K >= 32:  # int8 tensor-core dots take K >= 32
             acc = tl.dot(a_even, low, acc, out_dtype=tl.int32)
             acc = tl.dot(a_odd, high, acc, out_dtype=tl.int32)
         else:
