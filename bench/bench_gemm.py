@@ -32,7 +32,7 @@ from vllm_outliertune.kernels import linear
 from vllm_outliertune.format import group_count
 from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation, quantized_linear, w4a8_gemm
 from vllm_outliertune.kernels.shapes import linear_shapes, read_config
-from vllm_outliertune.kernels.tune import make_inputs, time_us
+from vllm_outliertune.kernels.tune import graph_time_us, make_inputs
 
 PEAK_INT8_TOPS = 1979.0
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet, by a word of the device name
@@ -42,15 +42,6 @@ try:  # only in vLLM's CUDA build
     from vllm import _custom_ops as vllm_ops
 except Exception:  # noqa: BLE001 - any import failure means "not available here"
     vllm_ops = None
-
-
-def graph_time_us(fn) -> float:
-    """Time of fn captured in a CUDA graph (as vLLM runs decode), so host launch overhead stays out."""
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_us(graph.replay)
 
 
 @contextlib.contextmanager
