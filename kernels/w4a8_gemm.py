@@ -4,9 +4,11 @@ per-output-channel scale + bias epilogue of the int8 GEMMs.
 w_packed uint8 [N, ceil(K/2)] holds two codes per byte (channel 2j low nibble, 2j+1 high); the int8 weight level is
 (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_outliertune.format). The kernel widens the codes to
 those int8 levels in registers, so the K loop is integer only (no float dequantization) and the multiply is the
-same int8 x int8 -> int32 dot as in int8_gemm (tensor cores from BLOCK_M 16 and BLOCK_K 64; below that CUDA-core
-multiply-adds).
-Even and odd channels are kept apart instead of interleaving the nibbles: acc += A_even @ W_low + A_odd @ W_high.
+same int8 x int8 -> int32 dot as in int8_gemm (tensor cores from BLOCK_M 16 and BLOCK_K 32; below that CUDA-core
+multiply-adds). The weight tile is read as [BLOCK_K, BLOCK_N] with each byte at the rows of both its channels and the
+nibble picked per row, so the activations load as one contiguous [BLOCK_M, BLOCK_K] tile and each K step is one dot
+(the first version split even / odd channels into two dots on stride-2 activation loads: 22-37x slower than the
+int8 GEMM at M = 4096 on the H200).
 When a tile lies inside one group (group_size a multiple of BLOCK_K) its group scale/zero are one vector per tile,
 else they are gathered per channel. One kernel serves decode and prefill: SPLIT_K > 1 splits the K loop across
 programs (small M: enough programs to stream the weights) and they meet through splitk_gemm.split_k_store."""
@@ -22,19 +24,18 @@ from vllm_outliertune.kernels.splitk_gemm import split_k_plan, split_k_store
 
 
 @triton.jit
-def _levels(byte_tile, scale_ptr, zero_ptr, rows_w, group, stride_gn, GROUP_TILE: tl.constexpr):
-    """uint8 bytes [BLOCK_K/2, BLOCK_N] -> int8 levels of the low and high nibbles."""
-    nibbles = byte_tile.to(tl.int32)
+def _levels(byte_tile, offs_k, scale_ptr, zero_ptr, rows_w, group, stride_gn, GROUP_TILE: tl.constexpr):
+    """uint8 bytes [BLOCK_K, BLOCK_N] (row k holds the byte of channel k: each byte twice) -> int8 levels of
+    channel k's nibble (low for even k, high for odd k)."""
+    codes = (byte_tile.to(tl.int32) >> ((offs_k % 2) * 4)[:, None]) & 15
     if GROUP_TILE:  # group: a scalar (the tile's group)
         scale = tl.load(scale_ptr + rows_w.to(tl.int64) * stride_gn + group).to(tl.int32)[None, :]
         zero = tl.load(zero_ptr + rows_w.to(tl.int64) * stride_gn + group).to(tl.int32)[None, :]
-    else:  # group: [BLOCK_K/2] per byte (both nibbles of a byte share a group: group sizes are even)
+    else:  # group: [BLOCK_K], one per channel
         offsets = rows_w[None, :].to(tl.int64) * stride_gn + group[:, None]
         scale = tl.load(scale_ptr + offsets).to(tl.int32)
         zero = tl.load(zero_ptr + offsets).to(tl.int32)
-    low = ((nibbles & 15) - zero) * scale
-    high = ((nibbles >> 4) - zero) * scale
-    return low.to(tl.int8), high.to(tl.int8)
+    return ((codes - zero) * scale).to(tl.int8)
 
 
 @triton.jit
@@ -45,33 +46,29 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m, offs_n, rows_a, rows_w = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    HALF_K: tl.constexpr = BLOCK_K // 2
     k_start = pid_k * K_PER_SPLIT
-    offs_j = k_start // 2 + tl.arange(0, HALF_K)  # byte index along a packed row
-    a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + 2 * offs_j[None, :]
-    w_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + offs_j[:, None]
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    # Channels 2j and 2j+1 read the same byte (one cache line: the weight bytes still stream once).
+    w_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + (offs_k // 2)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
-        k_even = 2 * offs_j
         # Channels past K read code 0, whose level need not be 0: the zeroed activations cancel them.
-        w = tl.load(w_ptrs, mask=(k_even < K)[:, None], other=0, eviction_policy="evict_first")
-        a_even = tl.load(a_ptrs, mask=(k_even < K)[None, :], other=0)
-        a_odd = tl.load(a_ptrs + 1, mask=(k_even + 1 < K)[None, :], other=0)
+        w = tl.load(w_ptrs, mask=(offs_k < K)[:, None], other=0, eviction_policy="evict_first")
+        a = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
         if GROUP_TILE:
             group = (k_start + i * BLOCK_K) // GROUP_SIZE
         else:
-            group = tl.minimum(k_even, K - 1) // GROUP_SIZE
-        low, high = _levels(w, gscale_ptr, gzero_ptr, rows_w, group, stride_gn, GROUP_TILE)
-        if BLOCK_M >= 16 and HALF_K >= 32:  # int8 tensor-core dots take K >= 32
-            acc = tl.dot(a_even, low, acc, out_dtype=tl.int32)
-            acc = tl.dot(a_odd, high, acc, out_dtype=tl.int32)
+            group = tl.minimum(offs_k, K - 1) // GROUP_SIZE
+        levels = _levels(w, offs_k, gscale_ptr, gzero_ptr, rows_w, group, stride_gn, GROUP_TILE)
+        if BLOCK_M >= 16 and BLOCK_K >= 32:  # int8 tensor-core dots take M >= 16 and K >= 32
+            acc = tl.dot(a, levels, acc, out_dtype=tl.int32)
         else:
-            acc += tl.sum(a_even.to(tl.int32)[:, :, None] * low.to(tl.int32)[None, :, :], axis=1)
-            acc += tl.sum(a_odd.to(tl.int32)[:, :, None] * high.to(tl.int32)[None, :, :], axis=1)
-        offs_j += HALF_K
+            acc += tl.sum(a.to(tl.int32)[:, :, None] * levels.to(tl.int32)[None, :, :], axis=1)
+        offs_k += BLOCK_K
         a_ptrs += BLOCK_K
-        w_ptrs += HALF_K
+        w_ptrs += BLOCK_K // 2
     split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N, stride_om,
                   SPLIT_K, HAS_BIAS)
 
