@@ -20,9 +20,10 @@ def main(state_path: str, device: str = "NVIDIA H200") -> None:
     family = configs.load_table().get("families", {}).get(device)
     tune.write_table(configs.TABLE_PATH, device, entries, family)
     for shape, per_m in sorted(entries["int8_gemm"].items()):
-        winners = {m: next((kernel for kernel in configs.DISPATCH_ORDER if m in entries.get(kernel, {}).get(shape, {})),
-                           "int8_gemm") for m in per_m}
-        print(f"{shape:18s} " + " ".join(f"{m}:{kernel.split('_')[0]}" for m, kernel in winners.items()))
+        owners = configs.owners_by_bucket({kernel: {int(m) for m in per_shape.get(shape, {})}
+                                           for kernel, per_shape in entries.items()})
+        print(f"{shape:18s} " + " ".join(f"{m}:{next(iter(configs.owners_at(owners, int(m))), 'int8_gemm')}"
+                                         for m in per_m))
     print(f"wrote {len(entries['int8_gemm'])} shapes of {device!r} into {configs.TABLE_PATH}")
 
 

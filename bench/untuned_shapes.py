@@ -12,22 +12,17 @@ import json
 import sys
 from pathlib import Path
 
-from vllm_outliertune.kernels.configs import EXTERNAL_KERNELS, m_bucket, shape_key
+from vllm_outliertune.kernels.configs import m_bucket, owners_at, owners_by_bucket, shape_key
 from vllm_outliertune.kernels.shapes import parse_shapes
 from vllm_outliertune.kernels.tune import TuneState
 
 
 def dispatched(entries: dict[str, dict], m: int) -> tuple[str, dict]:
-    """(kernel, config) that kernels/linear.py's dispatch runs for M rows under these entries."""
-    def listed(kernel):
-        return [int(b) for b in entries.get(kernel, {})]
-
-    if listed("splitk_gemm") and m <= max(listed("splitk_gemm")):
-        kernel = "splitk_gemm"
-    else:
-        kernel = next((name for name in (*EXTERNAL_KERNELS, "int8_gemm_tma")
-                       if listed(name) and m >= min(listed(name))), "int8_gemm")
-    return kernel, entries[kernel][str(m_bucket(m, listed(kernel)))]
+    """(kernel, config) that kernels/linear.py's dispatch runs for M rows under these entries (every kernel able
+    to run)."""
+    listed = {kernel: {int(b) for b in per_m} for kernel, per_m in entries.items()}
+    kernel = next(iter(owners_at(owners_by_bucket(listed), m)), "int8_gemm")
+    return kernel, entries[kernel][str(m_bucket(m, sorted(listed[kernel])))]
 
 
 def timed(results: dict, kernel: str, m: int, config: dict) -> float | None:

@@ -175,20 +175,30 @@ def listed_m_range(kernel: str, n: int, k: int, keys: tuple[str, ...]) -> tuple[
     return (min(buckets), max(buckets)) if buckets else None
 
 
+Owners = tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]
+
+
+def owners_by_bucket(listed: dict[str, set[int]]) -> Owners:
+    """(every bucket any kernel lists, ascending; for each, the kernels of DISPATCH_ORDER listing it, in order)."""
+    buckets = tuple(sorted(set().union(*listed.values())))
+    return buckets, tuple(tuple(kernel for kernel in DISPATCH_ORDER if b in listed.get(kernel, ())) for b in buckets)
+
+
+def owners_at(owners: Owners, m: int) -> tuple[str, ...]:
+    """The kernels listing M's bucket: the smallest listed bucket >= M, else the largest. Empty: the tiled GEMM."""
+    buckets, kernels = owners
+    return kernels[min(bisect.bisect_left(buckets, m), len(buckets) - 1)] if buckets else ()
+
+
 @functools.lru_cache(maxsize=4096)
-def kernels_by_bucket(n: int, k: int, keys: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]:
-    """(every M bucket any kernel lists at this shape, ascending; for each, the kernels of DISPATCH_ORDER that list
-    it, in that order)."""
-    listed = {kernel: set(listed_buckets(kernel, n, k, keys)) for kernel in DISPATCH_ORDER}
-    buckets = tuple(sorted(set(listed_buckets("int8_gemm", n, k, keys)).union(*listed.values())))
-    return buckets, tuple(tuple(kernel for kernel in DISPATCH_ORDER if b in listed[kernel]) for b in buckets)
+def kernels_by_bucket(n: int, k: int, keys: tuple[str, ...]) -> Owners:
+    return owners_by_bucket({kernel: set(listed_buckets(kernel, n, k, keys)) for kernel in ("int8_gemm",
+                                                                                             *DISPATCH_ORDER)})
 
 
 def kernels_for(m: int, n: int, k: int, keys: tuple[str, ...]) -> tuple[str, ...]:
-    """The kernels the table chose for M rows of this shape, in dispatch order: those listing M's bucket, the
-    smallest bucket >= M that any kernel of the shape lists (else the largest). Empty: the tiled GEMM."""
-    buckets, owners = kernels_by_bucket(n, k, keys)
-    return owners[min(bisect.bisect_left(buckets, m), len(buckets) - 1)] if buckets else ()
+    """The kernels the table chose for M rows of this shape, in dispatch order (owners_at)."""
+    return owners_at(kernels_by_bucket(n, k, keys), m)
 
 
 def tile_source(n: int, k: int, keys: tuple[str, ...]) -> str | None:
