@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from vllm_outliertune.kernels import linear
-from vllm_outliertune.format import group_count
 from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation, quantized_linear, w4a8_gemm
 from vllm_outliertune.kernels.shapes import linear_shapes, read_config
-from vllm_outliertune.kernels.tune import graph_time_us, make_inputs
+from vllm_outliertune.kernels.tune import graph_time_us, make_inputs, packed_weight
 
 PEAK_INT8_TOPS = 1979.0
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet, by a word of the device name
@@ -53,14 +52,6 @@ def triton_only():
         yield
     finally:
         linear._EXTERNAL_GEMMS.update(saved)
-
-
-def packed_weight(n: int, k: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random packed 4-bit weight, group scales and zeros whose int8 levels stay in range."""
-    groups = group_count(k, group_size)
-    return (torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8),
-            torch.randint(1, 9, (n, groups), device="cuda", dtype=torch.uint8),
-            torch.randint(0, 16, (n, groups), device="cuda", dtype=torch.uint8))
 
 
 def bench_one(m: int, n: int, k: int, w4a8_group_size: int | None = None) -> dict[str, float | None]:

@@ -7,7 +7,7 @@ FAMILY}} where
 - FAMILY ("families") is the chip family a named device belongs to (e.g. "sm90" for H100 / H200 / H800 / GH200);
 - KERNEL is "int8_gemm", "splitk_gemm" (small M), "int8_gemm_tma" (large M, Hopper) or an external backend such as
   "cutlass_scaled_mm" (kernels/linear.py dispatches to it only where it is registered); for packed 4-bit weights
-  "w4a8_splitk" (small M) and "w4a8_gemm" (the rest), which tune.py does not tune yet (default tiles only);
+  "w4a8_splitk" (small M) and "w4a8_gemm" (the rest; `outliertune tune --w4a8` tunes them);
 - SHAPE is "N=<n>,K=<k>" for tuned shapes (per tensor-parallel rank), else "default": tiles that were tuned over a
   spread of shapes and serve shapes no entry lists;
 - M_BUCKET is a power of two as a string; a call with M rows uses the smallest bucket >= M (else the largest);
@@ -35,10 +35,12 @@ USER_TABLE_ENV = "OUTLIERTUNE_TILE_CONFIGS"
 USER_TABLE_PATH = Path.home() / ".cache" / "vllm-outliertune" / "tile_configs.json"
 KERNELS = ("int8_gemm", "splitk_gemm", "int8_gemm_tma")  # the Triton kernels of the table (tune.py tunes these)
 EXTERNAL_KERNELS = ("cutlass_scaled_mm",)  # GEMMs of other libraries the table may pick (linear.py registers them)
-W4A8_KERNELS = ("w4a8_splitk", "w4a8_gemm")  # packed 4-bit weights (default tiles; not tuned yet)
-# Who runs a bucket that several kernels list (the tuner lists each bucket's winner only, plus int8_gemm everywhere
-# as the fallback; older tables list split-K from M = 1 up and TMA / CUTLASS from the largest M down).
-DISPATCH_ORDER = ("splitk_gemm", *EXTERNAL_KERNELS, "int8_gemm_tma")
+W4A8_KERNELS = ("w4a8_splitk", "w4a8_gemm")  # packed 4-bit weights (small M, the rest)
+# Per weight format, the fallback kernel (listed at every bucket, runs every shape) and who runs a bucket that
+# several other kernels list (the tuner lists each bucket's winner only, plus the fallback everywhere; older tables
+# list split-K from M = 1 up and TMA / CUTLASS from the largest M down).
+DISPATCH_ORDER = {"int8_gemm": ("splitk_gemm", *EXTERNAL_KERNELS, "int8_gemm_tma"),
+                  "w4a8_gemm": ("w4a8_splitk",)}
 
 
 def user_table_path() -> Path:
@@ -77,7 +79,7 @@ def effective_table() -> dict[str, Any]:
 
 def clear_caches() -> None:
     """Forget the loaded tables and lookups (after the user table or its environment variable changed)."""
-    for cached in (load_table, effective_table, lookup_order, _per_m, listed_m_range, kernels_by_bucket):
+    for cached in (load_table, effective_table, lookup_order, _per_m, kernels_by_bucket):
         cached.cache_clear()
 
 
@@ -167,38 +169,33 @@ def listed_buckets(kernel: str, n: int, k: int, keys: tuple[str, ...]) -> list[i
         return []
 
 
-@functools.lru_cache(maxsize=4096)
-def listed_m_range(kernel: str, n: int, k: int, keys: tuple[str, ...]) -> tuple[int, int] | None:
-    """The smallest and largest M bucket the table lists for `kernel` at this shape (None: none, or no entry).
-    The dispatch uses the split-K kernel up to the largest bucket and the large-M kernels from the smallest one."""
-    buckets = listed_buckets(kernel, n, k, keys)
-    return (min(buckets), max(buckets)) if buckets else None
-
-
 Owners = tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]
 
 
-def owners_by_bucket(listed: dict[str, set[int]]) -> Owners:
-    """(every bucket any kernel lists, ascending; for each, the kernels of DISPATCH_ORDER listing it, in order)."""
-    buckets = tuple(sorted(set().union(*listed.values())))
-    return buckets, tuple(tuple(kernel for kernel in DISPATCH_ORDER if b in listed.get(kernel, ())) for b in buckets)
+def owners_by_bucket(listed: dict[str, set[int]], fallback: str = "int8_gemm") -> Owners:
+    """(every bucket any kernel lists, ascending; for each, the kernels of DISPATCH_ORDER[fallback] listing it, in
+    that order)."""
+    order = DISPATCH_ORDER[fallback]
+    buckets = tuple(sorted(set().union(*(listed.get(kernel, set()) for kernel in (fallback, *order)))))
+    return buckets, tuple(tuple(kernel for kernel in order if b in listed.get(kernel, ())) for b in buckets)
 
 
 def owners_at(owners: Owners, m: int) -> tuple[str, ...]:
-    """The kernels listing M's bucket: the smallest listed bucket >= M, else the largest. Empty: the tiled GEMM."""
+    """The kernels listing M's bucket: the smallest listed bucket >= M, else the largest. Empty: the fallback."""
     buckets, kernels = owners
     return kernels[min(bisect.bisect_left(buckets, m), len(buckets) - 1)] if buckets else ()
 
 
 @functools.lru_cache(maxsize=4096)
-def kernels_by_bucket(n: int, k: int, keys: tuple[str, ...]) -> Owners:
-    return owners_by_bucket({kernel: set(listed_buckets(kernel, n, k, keys)) for kernel in ("int8_gemm",
-                                                                                             *DISPATCH_ORDER)})
+def kernels_by_bucket(n: int, k: int, keys: tuple[str, ...], fallback: str = "int8_gemm") -> Owners:
+    return owners_by_bucket({kernel: set(listed_buckets(kernel, n, k, keys))
+                             for kernel in (fallback, *DISPATCH_ORDER[fallback])}, fallback)
 
 
-def kernels_for(m: int, n: int, k: int, keys: tuple[str, ...]) -> tuple[str, ...]:
-    """The kernels the table chose for M rows of this shape, in dispatch order (owners_at)."""
-    return owners_at(kernels_by_bucket(n, k, keys), m)
+def kernels_for(m: int, n: int, k: int, keys: tuple[str, ...], fallback: str = "int8_gemm") -> tuple[str, ...]:
+    """The kernels the table chose for M rows of this shape and weight format (named by its fallback kernel), in
+    dispatch order (owners_at)."""
+    return owners_at(kernels_by_bucket(n, k, keys, fallback), m)
 
 
 def tile_source(n: int, k: int, keys: tuple[str, ...]) -> str | None:

@@ -18,11 +18,9 @@ from vllm_outliertune.kernels import torch_ref
 from vllm_outliertune.kernels.configs import (
     EXTERNAL_KERNELS,
     KERNELS,
-    W4A8_KERNELS,
     get_config,
     kernels_for,
     listed_buckets,
-    listed_m_range,
     table_keys,
 )
 
@@ -110,13 +108,12 @@ def _gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bi
 
 def _w4a8(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
           group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """int8 codes x packed 4-bit weight: the split-K kernel up to the table's largest w4a8_splitk bucket, the
-    tiled one above; the exact torch reference where Triton does not run."""
+    """int8 codes x packed 4-bit weight: the split-K kernel where the table lists w4a8_splitk at M's bucket, else the
+    tiled one; the exact torch reference where Triton does not run."""
     if not _runs_triton(a_q):
         return torch_ref.w4a8_gemm_ref(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype)
     (m, k), n = a_q.shape, w_packed.shape[0]
-    small = listed_m_range(W4A8_KERNELS[0], n, k, table_keys(a_q.device))
-    kernel = W4A8_KERNELS[0] if small is not None and m <= small[1] else W4A8_KERNELS[1]
+    kernel = next(iter(kernels_for(m, n, k, table_keys(a_q.device), "w4a8_gemm")), "w4a8_gemm")
     return _triton().w4a8_gemm(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype, kernel)
 
 

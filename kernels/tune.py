@@ -6,11 +6,13 @@
 
 For every shape (N x K) and M bucket it times the candidate tiles of the tiled int8_gemm, of the split-K small-M
 kernel, (Hopper) of the persistent TMA GEMM and of every registered external GEMM (vLLM's CUTLASS
-`cutlass_scaled_mm` when `outliertune tune` runs where vLLM's CUDA build is installed), all on int8 activation codes
-(what the compiled plugin runs), each replayed from a CUDA graph (as vLLM runs decode) with a cold L2 (triton's
-do_bench flushes it), median of repeats. The table then lists int8_gemm at every bucket (the fallback) and every
-other kernel at the buckets where it is the fastest of all (linear.py runs the kernel listed at M's bucket). A per-device "default" shape entry serves untuned shapes: the same choice made on each
-candidate's geometric-mean time over the shapes tuned with the full search.
+`cutlass_scaled_mm` when `outliertune tune` runs where vLLM's CUDA build is installed) and, with --w4a8, of the two
+W4A8 kernels (packed 4-bit weights, group size 128), all on int8 activation codes (what the compiled plugin runs),
+each replayed from a CUDA graph (as vLLM runs decode) with a cold L2 (triton's do_bench flushes it), median of
+repeats. The table then lists int8_gemm (w4a8_gemm for packed weights) at every bucket, the fallback, and every
+other kernel at the buckets where it is the fastest of its weight format's kernels (linear.py runs the kernel listed
+at M's bucket). A per-device "default" shape entry serves untuned shapes: the same choice made on each candidate's
+geometric-mean time over the shapes tuned with the full search.
 
 Every timing goes to a state file (JSON lines) as soon as it is measured: a second run with the same state skips
 what is there, so an interrupted tune resumes. `--search quick` times only the tiles the table already lists for
@@ -35,7 +37,8 @@ from typing import Callable
 import torch
 
 from vllm_outliertune.kernels import configs, linear
-from vllm_outliertune.kernels.configs import EXTERNAL_KERNELS, KERNELS, get_config, shape_key, table_keys
+from vllm_outliertune.kernels.configs import (DISPATCH_ORDER, EXTERNAL_KERNELS, KERNELS, W4A8_KERNELS, get_config,
+                                              shape_key, table_keys)
 
 LLAMA3_8B_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  # (N, K): qkv, o, gate_up, down
 GEMM_M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -43,7 +46,13 @@ SPLITK_M_BUCKETS = (1, 4, 16, 32, 64)
 TMA_M_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 EXTERNAL_M_BUCKETS = (64, 128) + TMA_M_BUCKETS
 KERNEL_BUCKETS = {"int8_gemm": (1, 4) + GEMM_M_BUCKETS, "splitk_gemm": SPLITK_M_BUCKETS, "int8_gemm_tma": TMA_M_BUCKETS,
-                  **{name: EXTERNAL_M_BUCKETS for name in EXTERNAL_KERNELS}}
+                  **{name: EXTERNAL_M_BUCKETS for name in EXTERNAL_KERNELS},
+                  "w4a8_splitk": SPLITK_M_BUCKETS, "w4a8_gemm": (1, 4) + GEMM_M_BUCKETS}
+TRITON_KERNELS = KERNELS + W4A8_KERNELS
+# Each kernel's fallback: the kernel of its weight format that the table lists at every bucket.
+FALLBACK = {kernel: fallback for fallback, order in DISPATCH_ORDER.items() for kernel in (fallback, *order)}
+W4A8_GROUP_SIZE = 128  # W4A8 tiles are tuned at `outliertune quantize`'s default group size
+W4A8_TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages"}
 QUICK_TOP = 3  # quick search: the best few of the full searches in the state, besides the table's tiles
 
 
@@ -107,6 +116,9 @@ def splitk_candidates(m: int) -> list[dict]:
 def full_candidates(kernel: str, m: int) -> list[dict]:
     if kernel in EXTERNAL_KERNELS:
         return [{}]  # a library GEMM picks its own tiles
+    if kernel in W4A8_KERNELS:  # the int8 kernels' tiles, without the split-K kernel's load variants
+        tiles = gemm_candidates(m) if kernel == "w4a8_gemm" else splitk_candidates(m)
+        return [config for config in tiles if set(config) <= W4A8_TILE_KEYS]
     return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
 
 
@@ -136,20 +148,35 @@ def make_inputs(m: int, n: int, k: int, device: str = "cuda") -> dict:
                 w_scale=torch.rand(n, device=device) * 0.01, bias=torch.randn(n, device=device))
 
 
-def gemm_args(m: int, n: int, k: int) -> tuple:
-    """(int8 codes, int8 weights, scale, bias) of one random linear on the GPU."""
+def packed_weight(n: int, k: int, group_size: int, device: str = "cuda") -> tuple[torch.Tensor, ...]:
+    """Random packed 4-bit weight [N, K/2] with group scales and zeros whose int8 levels stay in range."""
+    groups = -(-k // group_size) if group_size else 1
+    return (torch.randint(0, 256, (n, (k + 1) // 2), device=device, dtype=torch.uint8),
+            torch.randint(1, 9, (n, groups), device=device, dtype=torch.uint8),
+            torch.randint(0, 16, (n, groups), device=device, dtype=torch.uint8))
+
+
+def gemm_args(m: int, n: int, k: int, kernel: str = "int8_gemm") -> tuple:
+    """Operands of one random linear on the GPU for `kernel`: (int8 codes, int8 weights, scale, bias), for the W4A8
+    kernels (int8 codes, packed weight, group scales, group zeros, group size, scale, bias)."""
     from vllm_outliertune.kernels.act_quant import quantize_activation
 
     p = make_inputs(m, n, k)
-    return quantize_activation(p["x"], p["inv_scale"], p["shift"], 8), p["w_q"], p["w_scale"], p["bias"]
+    codes = quantize_activation(p["x"], p["inv_scale"], p["shift"], 8)
+    if kernel in W4A8_KERNELS:
+        return codes, *packed_weight(n, k, W4A8_GROUP_SIZE), W4A8_GROUP_SIZE, p["w_scale"], p["bias"]
+    return codes, p["w_q"], p["w_scale"], p["bias"]
 
 
 def runner(kernel: str, args: tuple) -> Callable[[dict], torch.Tensor]:
-    """config -> one launch of `kernel` on args (gemm_args), bf16 out."""
+    """config -> one launch of `kernel` on args (gemm_args for that kernel), bf16 out."""
     from vllm_outliertune.kernels.int8_gemm import int8_gemm
     from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma
     from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
+    from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
 
+    if kernel in W4A8_KERNELS:
+        return lambda c: w4a8_gemm(*args, torch.bfloat16, kernel, c)
     if kernel == "int8_gemm":
         return lambda c: int8_gemm(*args, torch.bfloat16, c)
     if kernel == "splitk_gemm":
@@ -227,16 +254,23 @@ def _best(timings: list[tuple[float, dict]]) -> tuple[float, dict]:
 
 
 def table_entries(results: dict) -> dict[str, dict[str, dict]]:
-    """Best configs of one shape: int8_gemm at every bucket it was timed (the fallback where a bucket's winner cannot
-    run), every other kernel at the buckets where it is the fastest of all kernels timed there (the dispatch runs
-    the kernel that lists M's bucket). A kernel timed but never fastest gets an empty entry; one not timed, none."""
-    entries = {"int8_gemm": {str(m): _best(t)[1] for m, t in results.get("int8_gemm", {}).items()}}
-    entries |= {kernel: {} for kernel in results if kernel != "int8_gemm"}
-    for m in sorted({m for per_m in results.values() for m in per_m}):
-        best = {kernel: _best(per_m[m]) for kernel, per_m in results.items() if per_m.get(m)}
-        winner = min(best, key=lambda kernel: best[kernel][0])
-        if winner != "int8_gemm":
-            entries[winner][str(m)] = best[winner][1]
+    """Best configs of one shape, per weight format: its fallback kernel (int8_gemm, w4a8_gemm) at every bucket it was
+    timed (where a bucket's winner cannot run), every other kernel of the format at the buckets where it is the
+    fastest of the format's kernels timed there (the dispatch runs the kernel that lists M's bucket). A kernel timed
+    but never fastest gets an empty entry; one not timed, none."""
+    entries: dict[str, dict[str, dict]] = {}
+    for fallback, order in DISPATCH_ORDER.items():
+        timed = {kernel: per_m for kernel, per_m in results.items() if kernel in order}
+        if fallback not in results and not timed:
+            continue
+        entries[fallback] = {str(m): _best(t)[1] for m, t in results.get(fallback, {}).items()}
+        entries |= {kernel: {} for kernel in timed}
+        timed[fallback] = results.get(fallback, {})
+        for m in sorted({m for per_m in timed.values() for m in per_m}):
+            best = {kernel: _best(per_m[m]) for kernel, per_m in timed.items() if per_m.get(m)}
+            winner = min(best, key=lambda kernel: best[kernel][0])
+            if winner != fallback:
+                entries[winner][str(m)] = best[winner][1]
     return entries
 
 
@@ -338,10 +372,11 @@ def _compile_job(job: tuple) -> str | None:
     """Pool worker: run one (kernel, m, n, k, config) once so Triton compiles it into its on-disk cache."""
     kernel, m, n, k, config = job
     try:
-        if (m, n, k) not in _WORKER_ARGS:
+        key = (m, n, k, FALLBACK[kernel])
+        if key not in _WORKER_ARGS:
             _WORKER_ARGS.clear()
-            _WORKER_ARGS[(m, n, k)] = gemm_args(m, n, k)
-        runner(kernel, _WORKER_ARGS[(m, n, k)])(config)
+            _WORKER_ARGS[key] = gemm_args(m, n, k, kernel)
+        runner(kernel, _WORKER_ARGS[key])(config)
         torch.cuda.synchronize()
     except Exception as error:  # noqa: BLE001 - reported by the timing pass, which skips the tile
         return f"{type(error).__name__}: {error}"[:200]
@@ -352,7 +387,7 @@ def precompile(pool: concurrent.futures.Executor | None, jobs: list[tuple], work
     """Compile the Triton tiles of `jobs` in the pool's processes (one compile takes ~1 s of CPU; the timing loop
     would run them one after the other). External kernels need no compile. False when the pool broke (a worker
     died): the timing loop then compiles what is left itself."""
-    jobs = sorted((j for j in jobs if j[0] in KERNELS), key=lambda j: (j[1], j[0]))
+    jobs = sorted((j for j in jobs if j[0] in TRITON_KERNELS), key=lambda j: (j[1], j[0]))
     if pool is None or len(jobs) < 2:
         return True
     try:
@@ -389,12 +424,13 @@ class TuneOptions:
 
 def _tasks(options: TuneOptions) -> list[tuple[int, int, int, str]]:
     tasks = []
+    fallbacks = {FALLBACK[kernel] for kernel in options.kernels}
     for n, k in options.shapes:
         for m in sorted(set().union(*(KERNEL_BUCKETS[kernel] for kernel in options.kernels))):
             if options.buckets is not None and m not in options.buckets:
                 continue
-            for kernel in KERNELS + EXTERNAL_KERNELS:
-                if m in KERNEL_BUCKETS[kernel] and (kernel in options.kernels or kernel == "int8_gemm"):
+            for kernel in KERNELS + EXTERNAL_KERNELS + W4A8_KERNELS:  # a tuned kernel is timed against its fallback
+                if m in KERNEL_BUCKETS[kernel] and (kernel in options.kernels or kernel in fallbacks):
                     tasks.append((n, k, m, kernel))
     return tasks
 
@@ -413,7 +449,7 @@ def run_tune(options: TuneOptions, log: Callable[[str], None] = print) -> Path:
         known = set(configs.lookup_order(keys)) & set(configs.effective_table()["devices"]) - {"default"}
         search = "quick" if known else "full"
     registered = linear.external_gemms()
-    options.kernels = tuple(kernel for kernel in options.kernels if kernel in KERNELS or kernel in registered)
+    options.kernels = tuple(kernel for kernel in options.kernels if kernel in TRITON_KERNELS or kernel in registered)
     tasks = _tasks(options)
     log(f"tune: {len(options.shapes)} shapes, {len(tasks)} (shape, M, kernel) timings on {device_key!r} "
         f"({search} search; {', '.join(options.kernels)}; state {state.path}; table {options.out})")
@@ -455,11 +491,11 @@ def _tune_shape(n: int, k: int, shape_tasks: list[tuple], options: TuneOptions, 
         options.workers = 0
     if plans:
         warm_gpu()
-    args_m = None
+    args_key = None
     for key, task_search, candidates in plans:
         _, kernel, _, _, m = key
-        if args_m != m:
-            args, args_m = gemm_args(m, n, k), m
+        if args_key != (m, FALLBACK[kernel]):
+            args, args_key = gemm_args(m, n, k, kernel), (m, FALLBACK[kernel])
         bar.update(1)
         if not kernel_applies(kernel, args):
             continue  # e.g. TMA off Hopper: nothing to record, the dispatch never picks it here
@@ -498,8 +534,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", choices=("auto", "quick", "full"), default="auto",
                         help="quick: the tiles the table knows for this chip family plus the best of earlier full "
                         "searches; full: every candidate (auto: quick where the table knows this chip family)")
-    parser.add_argument("--only", choices=KERNELS + EXTERNAL_KERNELS, help="tune one kernel, timed against the "
-                        "table's int8_gemm tiles")
+    parser.add_argument("--only", choices=KERNELS + EXTERNAL_KERNELS + W4A8_KERNELS, help="tune one kernel, timed "
+                        "against the table's tiles of its fallback (int8_gemm, or w4a8_gemm for packed weights)")
+    parser.add_argument("--w4a8", action="store_true", help="also tune the W4A8 kernels (packed 4-bit weights, "
+                        f"at group size {W4A8_GROUP_SIZE})")
     parser.add_argument("--buckets", help="comma-separated M buckets to tune; this device's entries for the "
                         "other buckets are kept")
     parser.add_argument("--rep-ms", type=float, default=25.0, help="timing repeats per candidate, in ms")
@@ -533,7 +571,7 @@ def options_from_args(args: argparse.Namespace, model_dir: Path | None, log: Cal
             buckets = sorted({int(b) for b in args.buckets.split(",")})
         except ValueError:
             raise ShapeError(f"--buckets {args.buckets!r}: expected comma-separated integers")
-    kernels = (args.only,) if args.only else KERNELS + EXTERNAL_KERNELS
+    kernels = (args.only,) if args.only else KERNELS + EXTERNAL_KERNELS + (W4A8_KERNELS if args.w4a8 else ())
     return TuneOptions(shapes=list(dict.fromkeys(shapes)), kernels=kernels, buckets=buckets, search=args.search,
                        out=args.out or configs.user_table_path(), state=args.state, rep_ms=args.rep_ms,
                        workers=args.jobs)

@@ -205,6 +205,33 @@ def test_tasks_time_int8_gemm_as_the_baseline_of_one_kernel():
                                     (64, 64, 16, "splitk_gemm")]
     every = tune._tasks(tune.TuneOptions(shapes=[(64, 64)]))
     assert {kernel for *_, kernel in every} == set(configs.KERNELS + configs.EXTERNAL_KERNELS)
+    # a W4A8 kernel is timed against the W4A8 fallback, not the int8 GEMM
+    w4 = tune._tasks(tune.TuneOptions(shapes=[(64, 64)], kernels=("w4a8_splitk",), buckets=[1, 256]))
+    assert w4 == [(64, 64, 1, "w4a8_splitk"), (64, 64, 1, "w4a8_gemm")]
+    for kernel in configs.W4A8_KERNELS:
+        for m in (1, 16, 4096):
+            tiles = tune.full_candidates(kernel, m)
+            assert tiles and all(set(c) <= tune.W4A8_TILE_KEYS and c["BLOCK_K"] % 2 == 0 for c in tiles)
+
+
+def test_w4a8_winners_and_dispatch_per_format(user_table):
+    """Each weight format's kernels compete among themselves; the W4A8 dispatch runs w4a8_splitk where it is listed
+    at M's bucket, else w4a8_gemm."""
+    r = results(int8_gemm=[(1, 5, 16), (16, 5, 16)], splitk_gemm=[(1, 4, 1)],
+                w4a8_gemm=[(1, 30, 16), (16, 20, 16), (64, 25, 64)], w4a8_splitk=[(1, 10, 1), (16, 21, 16),
+                                                                                 (64, 24, 16)])
+    entries = tune.table_entries(r)
+    assert list(entries["splitk_gemm"]) == ["1"] and set(entries["int8_gemm"]) == {"1", "16"}
+    assert list(entries["w4a8_splitk"]) == ["1", "64"] and set(entries["w4a8_gemm"]) == {"1", "16", "64"}
+    assert "w4a8_splitk" not in tune.table_entries(results(int8_gemm=[(1, 5, 16)]))
+    tune.write_table(user_table, "NVIDIA H800", {kernel: {"N=4112,K=4096": per_m} for kernel, per_m in entries.items()},
+                     "sm90")
+    configs.clear_caches()
+    picked = {m: next(iter(configs.kernels_for(m, 4112, 4096, H800_KEYS, "w4a8_gemm")), "w4a8_gemm")
+              for m in (1, 2, 16, 17, 64, 100)}
+    assert picked == {1: "w4a8_splitk", 2: "w4a8_gemm", 16: "w4a8_gemm", 17: "w4a8_splitk", 64: "w4a8_splitk",
+                      100: "w4a8_splitk"}
+    assert configs.kernels_for(1, 4112, 4096, H800_KEYS) == ("splitk_gemm",)  # the int8 table is its own
 
 
 def test_per_rank_shapes_of_a_model(tmp_path):
