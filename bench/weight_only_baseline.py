@@ -15,21 +15,23 @@ from pathlib import Path
 import torch
 
 from vllm_outliertune.offline.checkpoint import TOKENIZER_FILES, atomic_directory, check_output_dir
-from vllm_outliertune.offline.model_io import LAYER_LINEARS, load_model
+from vllm_outliertune.offline.architectures import architecture_of, decoder_layers
+from vllm_outliertune.offline.model_io import load_model
 
 
 def rtn_weight_only(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Asymmetric 4-bit RTN with float scale and zero point per group (0: per row), dequantized."""
-    n, k = weight.shape
-    size = group_size or k
-    if k % size:
-        raise ValueError(f"in_features {k} is not a multiple of --group-size {size}")
-    groups = weight.float().reshape(n, k // size, size)
-    lo, hi = groups.amin(-1, keepdim=True).clamp(max=0), groups.amax(-1, keepdim=True).clamp(min=0)
+    """Asymmetric 4-bit RTN with float scale and zero point per group (0: per row; the last group may be short, as
+    in the W4A8 checkpoints), dequantized."""
+    return torch.cat([_rtn_group(group) for group in weight.float().split(group_size or weight.shape[1], dim=1)],
+                     dim=1).to(weight.dtype)
+
+
+def _rtn_group(group: torch.Tensor) -> torch.Tensor:
+    lo, hi = group.amin(1, keepdim=True).clamp(max=0), group.amax(1, keepdim=True).clamp(min=0)
     scale = ((hi - lo) / 15).clamp(min=1e-12)
     zero = torch.round(-lo / scale)
-    codes = (torch.round(groups / scale) + zero).clamp(0, 15)
-    return ((codes - zero) * scale).reshape(n, k).to(weight.dtype)
+    codes = (torch.round(group / scale) + zero).clamp(0, 15)
+    return (codes - zero) * scale
 
 
 def main() -> None:
@@ -40,9 +42,10 @@ def main() -> None:
     args = parser.parse_args()
     check_output_dir(args.out_dir, args.model_dir, overwrite=False)
     model, _ = load_model(args.model_dir)
+    linears = architecture_of(model).linears
     with torch.no_grad():
-        for layer in model.model.layers:
-            for name in LAYER_LINEARS:
+        for layer in decoder_layers(model):
+            for name in linears:
                 linear = layer.get_submodule(name)
                 linear.weight.copy_(rtn_weight_only(linear.weight, args.group_size))
     with atomic_directory(args.out_dir) as tmp:
