@@ -24,8 +24,7 @@ from vllm_outliertune.offline.model_io import (
 from vllm_outliertune.offline.symmetrize import ChannelPlan
 from vllm_outliertune.offline.text import read_text, token_windows
 from vllm_outliertune.offline.weights import (
-    GPTQ_ACT_ORDER, QuantizedWeight, WeightFormat, best_row_clip, checkpoint_tensors, input_hessian, quantize_gptq,
-    quantize_rtn)
+    QuantizedWeight, WeightFormat, best_row_clip, checkpoint_tensors, input_hessian, quantize_gptq, quantize_rtn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,11 +185,10 @@ def quantize_linear_weight(weight: torch.Tensor, stats: InputStats, step: torch.
     weight_format = options.weight_format
     power = (stats.rms.to(weight) / step).pow(2)  # E[x^2] of the GEMM's input x / step
     clip = 1.0
-    if options.method == "outliertune":
-        clip = best_row_clip(weight, weight_format, power)
+    if options.method == "outliertune" and not weight_format.packed:
+        clip = best_row_clip(weight, options.w_bits, power)
     if options.weight_rounding == "gptq":
-        return quantize_gptq(weight, input_hessian(stats.gram.to(weight.device), step), weight_format, clip,
-                             act_order=GPTQ_ACT_ORDER)
+        return quantize_gptq(weight, input_hessian(stats.gram.to(weight.device), step), weight_format, clip)
     return quantize_rtn(weight, weight_format, clip, power)
 
 

@@ -32,17 +32,16 @@ def row_scale(weight: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0)
 ROW_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
-def best_row_clip(weight: torch.Tensor, weight_format: "WeightFormat", input_power: torch.Tensor,
+def best_row_clip(weight: torch.Tensor, bits: int, input_power: torch.Tensor,
                   candidates: tuple[float, ...] = ROW_CLIPS) -> torch.Tensor:
-    """Per output row, the clip ratio of its float scale (per-row formats: the row's absmax; packed: the int8 unit
-    under the group scales) that minimises that row's output error from weight rounding,
+    """Per output row, the clip ratio that minimises that row's output error from weight rounding,
     sum_k (W - dequant(quant(W)))_nk^2 * E[x_k^2] (``input_power``: the mean square of each input channel as the
     GEMM sees it), over ``candidates``. Returns [N] float32."""
     weight = weight.float()
-    input_power = input_power.to(weight)
     best_error = best_clip = None
     for clip in candidates:
-        error = (weight - quantize_rtn(weight, weight_format, clip, input_power).dequantize()).pow(2) @ input_power
+        q, scale = quantize_weight(weight, bits, clip)
+        error = (weight - dequantize_weight(q, scale)).pow(2) @ input_power.to(weight)
         if best_error is None:
             best_error, best_clip = error, torch.full_like(error, clip)
         else:
@@ -105,10 +104,9 @@ class _RowQuantizer:
     def start_block(self, start: int, columns: torch.Tensor, power: torch.Tensor) -> None:
         pass
 
-    def round(self, channels: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """Round ``columns`` (the weight's input channels ``channels``), record them, return their dequantization."""
+    def round(self, start: int, columns: torch.Tensor) -> torch.Tensor:
         levels = torch.round(columns / self.scale[:, None]).clamp_(-self.qmax, self.qmax)
-        self.levels[:, channels] = levels.to(torch.int8)
+        self.levels[:, start:start + columns.shape[1]] = levels.to(torch.int8)
         return levels * self.scale[:, None]
 
     def result(self) -> QuantizedWeight:
@@ -116,24 +114,22 @@ class _RowQuantizer:
 
 
 class _PackedQuantizer:
-    """Progressive 4-bit quantization (QServe-style). Each row has a float unit: clip * absmax / 127 (an int8 grid),
-    or with group_size 0 clip * range / 15. Each group then gets an integer scale s and zero z, codes
-    c = round(w / (unit * s)) + z in 0..15, clamped so that every int8 level (c - z) * s stays in [-128, 127]. Codes
-    are rounded from the float weight directly (not from an intermediate int8 rounding). A clip below 1 makes the
-    unit finer (integer group scales closer to each group's ideal step) at the cost of saturating the row's largest
-    weights."""
+    """Progressive 4-bit quantization (QServe-style). Each row has a float unit: absmax / 127 (an int8 grid), or with
+    group_size 0 its range / 15. Each group then gets an integer scale s and zero z, codes c = round(w / (unit * s)) + z
+    in 0..15, clamped so that every int8 level (c - z) * s stays in [-128, 127]. Codes are rounded from the float
+    weight directly (not from an intermediate int8 rounding)."""
 
     # Group scale candidates relative to the smallest covering integer scale: 0 covers the range, -1 clips it.
     SCALE_STEPS = (0, -1)
 
-    def __init__(self, weight: torch.Tensor, group_size: int, clip: float | torch.Tensor = 1.0):
+    def __init__(self, weight: torch.Tensor, group_size: int):
         n, k = weight.shape
         self.group_size = group_size or k
         if group_size == 0:
             lo, hi = weight.amin(1).clamp(max=0), weight.amax(1).clamp(min=0)
-            unit = (hi - lo) * clip / PACKED_CODE_MAX
+            unit = (hi - lo) / PACKED_CODE_MAX
         else:
-            unit = weight.abs().amax(1) * clip / 127
+            unit = weight.abs().amax(1) / 127
         self.unit = torch.where(unit > 0, unit, torch.ones_like(unit)).float()
         groups = group_count(k, group_size)
         self.codes = torch.zeros((n, k), dtype=torch.uint8, device=weight.device)
@@ -169,12 +165,11 @@ class _PackedQuantizer:
         self.group_scale[:, group] = best[1][:, 0].to(torch.uint8)
         self.group_zero[:, group] = best[2][:, 0].to(torch.uint8)
 
-    def round(self, channels: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """Round ``columns`` (the weight's input channels ``channels``), record them, return their dequantization."""
-        index = channels // self.group_size
+    def round(self, start: int, columns: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(start, start + columns.shape[1], device=columns.device) // self.group_size
         scale, zero = self.group_scale[:, index].float(), self.group_zero[:, index].float()
         codes = self._codes(columns / self.unit[:, None], scale, zero)
-        self.codes[:, channels] = codes.to(torch.uint8)
+        self.codes[:, start:start + columns.shape[1]] = codes.to(torch.uint8)
         return (codes - zero) * scale * self.unit[:, None]
 
     def result(self) -> QuantizedWeight:
@@ -186,13 +181,13 @@ class _PackedQuantizer:
 
 def _quantizer(weight: torch.Tensor, weight_format: WeightFormat, clip: float | torch.Tensor):
     if weight_format.packed:
-        return _PackedQuantizer(weight, weight_format.group_size, clip)
+        return _PackedQuantizer(weight, weight_format.group_size)
     return _RowQuantizer(weight, weight_format.bits, clip)
 
 
 def quantize_rtn(weight: torch.Tensor, weight_format: WeightFormat, clip: float | torch.Tensor = 1.0,
                  input_power: torch.Tensor | None = None) -> QuantizedWeight:
-    """Round to nearest. ``clip`` (a number or one per row) shrinks each row's float scale; ``input_power`` ([K], E[x_k^2] as the GEMM sees x)
+    """Round to nearest. ``clip`` applies to per-row formats; ``input_power`` ([K], E[x_k^2] as the GEMM sees x)
     weights the packed format's choice of group scales (uniform when None)."""
     weight = weight.float()
     power = torch.ones(weight.shape[1], device=weight.device) if input_power is None else input_power.to(weight)
@@ -201,26 +196,21 @@ def quantize_rtn(weight: torch.Tensor, weight_format: WeightFormat, clip: float 
     for start in range(0, weight.shape[1], block):
         columns = weight[:, start:start + block]
         quantizer.start_block(start, columns, power[start:start + block])
-        quantizer.round(torch.arange(start, start + columns.shape[1], device=weight.device), columns)
+        quantizer.round(start, columns)
     return quantizer.result()
 
 
 GPTQ_DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's default)
-GPTQ_ACT_ORDER = False
 
 
 @torch.no_grad()
 def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, weight_format: WeightFormat,
-                  clip: float | torch.Tensor = 1.0, damping: float = GPTQ_DAMPING,
-                  act_order: bool = False) -> QuantizedWeight:
-    """GPTQ (Frantar et al. 2022): columns are rounded one by one and each one's error, divided by its
+                  clip: float | torch.Tensor = 1.0, damping: float = GPTQ_DAMPING) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022): columns are rounded left to right and each one's error, divided by its
     inverse-Hessian pivot, is subtracted from the remaining columns along the Cholesky factor of H^-1, which
     minimises ||(W - Q) X^T||^2 for the layer inputs X with H = X^T X (``hessian`` [K, K], inputs as the GEMM sees
-    them). Left to right, group parameters are chosen when GPTQ reaches a group, from the updated weights. With
-    ``act_order`` the columns go in order of decreasing H diagonal (the most active inputs first, while the most
-    columns remain to absorb their error) and the group parameters are fixed from the original weights first
-    ("static groups": a group's columns are no longer contiguous in that order). Row scales before it starts,
-    from ``clip``."""
+    them). Group parameters are chosen when GPTQ reaches a group, from the updated weights; row scales (per-row
+    formats) before it starts, from ``clip``."""
     weight = weight.float().clone()
     k = weight.shape[1]
     hessian = hessian.to(weight).clone()
@@ -228,25 +218,18 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, weight_format: We
     hessian[dead, dead] = 1
     weight[:, dead] = 0
     hessian.diagonal().add_(damping * float(hessian.diagonal().mean()))
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
     power = hessian.diagonal().clone()
     quantizer = _quantizer(weight, weight_format, clip)
     block = weight_format.block_size(k) if weight_format.packed else 128
-    order = torch.arange(k, device=weight.device)
-    if act_order:
-        for start in range(0, k, block):
-            quantizer.start_block(start, weight[:, start:start + block], power[start:start + block])
-        order = torch.argsort(power, descending=True, stable=True)
-        weight, hessian = weight[:, order], hessian[order][:, order]
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
     for start in range(0, k, block):
         end = min(start + block, k)
         columns = weight[:, start:end].clone()
         errors = torch.zeros_like(columns)
         factor = upper[start:end, start:end]
-        if not act_order:
-            quantizer.start_block(start, columns, power[start:end])
+        quantizer.start_block(start, columns, power[start:end])
         for i in range(end - start):
-            rounded = quantizer.round(order[start + i:start + i + 1], columns[:, i:i + 1])[:, 0]
+            rounded = quantizer.round(start + i, columns[:, i:i + 1])[:, 0]
             error = (columns[:, i] - rounded) / factor[i, i]
             columns[:, i:] -= error[:, None] * factor[i, i:][None, :]
             errors[:, i] = error

@@ -389,12 +389,12 @@ def test_search_no_worse_than_simple_rule(bits):
 
 
 def test_row_clip_lowers_weighted_rounding_error():
-    from vllm_outliertune.offline.weights import WeightFormat, best_row_clip, dequantize_weight, quantize_weight
+    from vllm_outliertune.offline.weights import best_row_clip, dequantize_weight, quantize_weight
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(64, 1024, generator=generator)  # Gaussian rows: clipping the extremes pays at 6 bits
     power = torch.rand(1024, generator=generator) + 0.1
-    clip = best_row_clip(weight, WeightFormat(6), power)
+    clip = best_row_clip(weight, 6, power)
 
     def row_error(c):
         q, scale = quantize_weight(weight, 6, c)
