@@ -40,3 +40,19 @@ def test_kernel_times_sum_kernel_events(e2e_gpu, tmp_path):
         {"cat": "kernel", "name": "a", "dur": 2.0}, {"cat": "kernel", "name": "a", "dur": 3.0},
         {"cat": "cpu_op", "name": "a", "dur": 100.0}, {"cat": "kernel", "name": "b", "dur": 1.5}]}))
     assert e2e_gpu._kernel_times(trace) == {"a": 5.0, "b": 1.5}
+
+
+def test_weight_only_baseline_groups_with_a_short_last_group():
+    """The weight-only W4 RTN baseline of docs/accuracy.md: each group of a row (the last one shorter, as with
+    SmolLM2's K = 576 at group size 128) is on its own 16-level grid, within half a step of the weight."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("weight_only_baseline", BENCH / "weight_only_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    weight = torch.randn(4, 200, generator=torch.Generator().manual_seed(0))
+    rounded = module.rtn_weight_only(weight, 128)
+    for group, original in ((rounded[:, :128], weight[:, :128]), (rounded[:, 128:], weight[:, 128:])):
+        step = (original.amax(1) - original.amin(1)) / 15
+        assert all(len(row.unique()) <= 16 for row in group)
+        assert ((group - original).abs() <= step[:, None] * 0.5 + 1e-6).all()
