@@ -13,19 +13,27 @@ from vllm_outliertune.offline.model_io import UserError, is_outliertune_checkpoi
 
 # dtypes both engines accept (`outliertune eval --dtype`); "auto" is the checkpoint's own.
 EVAL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Model types whose residual stream outgrows float16 (Gemma 3 270M: absmax 97,762 in layer 13 on Brown text, inf
+# from layer 8 in float16); vLLM refuses float16 for the same types ("Numerical instability").
+FLOAT16_OVERFLOWS = ("gemma2", "gemma3", "gemma3_text", "glm4")
 
 
 def eval_dtype(config: dict, requested: str, model_dir: Path) -> str:
     """The dtype name both engines run in: ``requested``, or for "auto" the one config.json names (dtype, or
-    torch_dtype in older files; float32 when it names none, as transformers assumes). Resolved here rather than by
-    each engine because vLLM's own "auto" turns a float32 model into bfloat16 on the CPU."""
+    torch_dtype in older files; float32 when it names none, as transformers assumes), except bfloat16 for a model
+    type whose activations overflow float16. Resolved here rather than by each engine because vLLM's own "auto"
+    turns a float32 model into bfloat16 on the CPU."""
+    model_type = config.get("model_type")
     if requested != "auto":
+        if requested == "float16" and model_type in FLOAT16_OVERFLOWS:
+            raise UserError(f"--dtype float16: {model_dir}/config.json is model type {model_type!r}, whose "
+                            f"activations overflow float16 (vLLM refuses it too); use --dtype bfloat16 or float32")
         return requested
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     if not isinstance(name, str) or name not in EVAL_DTYPES:
         raise UserError(f"{model_dir}/config.json names dtype {name!r}, which eval does not run; pass --dtype "
                         f"with one of {', '.join(EVAL_DTYPES)}")
-    return name
+    return "bfloat16" if name == "float16" and model_type in FLOAT16_OVERFLOWS else name
 
 
 def load_torch_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,

@@ -336,6 +336,11 @@ def test_eval_dtype_auto_reads_config(tmp_path):
     assert eval_dtype({"dtype": "float16"}, "float32", tmp_path) == "float32"
     with pytest.raises(UserError, match="--dtype"):
         eval_dtype({"dtype": "float8_e4m3fn"}, "auto", tmp_path)
+    gemma = {"model_type": "gemma3_text", "dtype": "float16"}  # overflows float16: auto runs bfloat16
+    assert eval_dtype(gemma, "auto", tmp_path) == "bfloat16"
+    assert eval_dtype(gemma, "float32", tmp_path) == "float32"
+    with pytest.raises(UserError, match="gemma3_text.*--dtype bfloat16 or float32"):
+        eval_dtype(gemma, "float16", tmp_path)
 
 
 def test_cli_eval_vllm_matches_torch_in_model_dtype(tiny_llama, calib_text, capsys):

@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=at_least(2), default=512)
     ev.add_argument("--max-windows", type=at_least(1), default=DEFAULT_EVAL_WINDOWS)
     ev.add_argument("--dtype", choices=("auto", *EVAL_DTYPES), default="auto",
-                    help="dtype of both engines; auto: the one config.json names (default)")
+                    help="dtype of both engines; auto: the one config.json names (default), but bfloat16 "
+                    "for a float16 Gemma (its activations overflow float16)")
     ev.add_argument("--device", default="cpu", help="torch engine only")
     ev.add_argument("--batch-size", type=at_least(1), default=4, help="torch engine only")
     ev.add_argument("--fake-quant", choices=FAKE_QUANT_MODES,
