@@ -61,13 +61,14 @@ class GroupInput:
     stats: InputStats
     weight: torch.Tensor  # [sum of N, K] float32, original (unfolded) weights of the linears sharing this input
     share: Callable[[torch.Tensor], torch.Tensor]  # makes per-channel steps equal where folding needs it (GQA)
+    grid: SearchGrid = SearchGrid()  # what the search may choose (per architecture)
 
 
 PlanRule = Callable[[GroupInput, QuantizeOptions], tuple[ChannelPlan, dict]]  # (plan, what was chosen)
 
 
 def _outliertune(group: GroupInput, options: QuantizeOptions) -> tuple[ChannelPlan, dict]:
-    result = search_plan(group.stats, group.weight, options.weight_format, options.a_bits, share=group.share)
+    result = search_plan(group.stats, group.weight, options.weight_format, options.a_bits, group.grid, group.share)
     return result.plan, dict(result.choice, simple_rule_error=result.simple_error)
 
 
@@ -152,11 +153,12 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
     group_size = heads // kv_heads
     stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], group_size, head_dim))
     rule = METHODS[options.method]
+    grid = SearchGrid() if arch.activation_clips is None else SearchGrid(clips=arch.activation_clips)
     plans, info = {}, {}
     for group, names in arch.groups.items():
         weight = torch.cat([layer.get_submodule(name).weight.detach().float() for name in names])
         share = (lambda step: symmetrize.group_max(step, group_size, head_dim)) if group == "o" else (lambda s: s)
-        plans[group], info[group] = rule(GroupInput(stats[group], weight, share), options)
+        plans[group], info[group] = rule(GroupInput(stats[group], weight, share, grid), options)
         sample = stats[group].sample[:SearchGrid.tokens].to(weight.device)
         info[group]["error"] = output_error(sample, weight, plans[group], options.weight_format, options.a_bits)
         info[group]["dynamic_error"] = dynamic_output_error(sample, weight, options.weight_format, options.a_bits)

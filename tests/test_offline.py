@@ -393,6 +393,27 @@ def test_search_no_worse_than_simple_rule(bits):
     assert improved >= 2
 
 
+@pytest.mark.parametrize("bits", [8, 6])
+def test_gemma_plans_never_clip_activations(bits):
+    """Gemma's search keeps every channel's full calibration range (Architecture.activation_clips): its per-token
+    norms turn clipped values into full-size errors. The Llama search on the same statistics does clip."""
+    from vllm_outliertune.offline.architectures import ARCHITECTURES
+    from vllm_outliertune.format import qrange
+
+    model, tokenizer = tiny_models.build_tiny_model("gemma3")
+    _, layer, stats = next(iter(calibrate_layers(model, _windows(tokenizer), progress=False)))
+    options = QuantizeOptions(w_bits=bits, a_bits=bits)
+    plans, info = plan_layer(copy.deepcopy(layer), stats, model.config, ARCHITECTURES["Gemma3ForCausalLM"], options)
+    qmin, qmax = qrange(bits)
+    for group, plan in plans.items():
+        assert info[group]["clip"] == 1.0
+        shift = 0 if plan.shift is None else plan.shift
+        codes = [torch.round(getattr(stats[group], end) / plan.step - shift) for end in ("min", "max")]
+        assert all(((code >= qmin) & (code <= qmax)).all() for code in codes), group
+    _, llama_info = plan_layer(copy.deepcopy(layer), stats, model.config, ARCHITECTURES["LlamaForCausalLM"], options)
+    assert any(choice["clip"] < 1.0 for choice in llama_info.values())
+
+
 def test_row_clip_lowers_weighted_rounding_error():
     from vllm_outliertune.offline.weights import best_row_clip, dequantize_weight, quantize_weight
 
