@@ -60,3 +60,12 @@ def w4a8_gemm_ref(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.
     """int8_gemm_ref on the int8 levels a packed 4-bit weight stands for ((code - zero) * scale per group)."""
     levels = packed_levels(w_packed, group_scale, group_zero, group_size, a_q.shape[1]).to(torch.int8)
     return int8_gemm_ref(a_q, levels, w_scale, bias, out_dtype)
+
+
+def add_exact_channels(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None,
+                       weight: torch.Tensor | None) -> torch.Tensor:
+    """y + x[:, index] @ weight^T: the input channels a checkpoint keeps out of quantization (exact_index /
+    exact_weight), as a small floating-point side GEMM summed in float32 and cast to y's dtype."""
+    if index is None:
+        return y
+    return (y.float() + x[:, index].float() @ weight.float().t()).to(y.dtype)

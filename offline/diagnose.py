@@ -75,9 +75,40 @@ class _OutsideShare:
         return {"entries": self.outside / max(self.entries, 1), "mass": self.excess / max(self.mass, 1e-30)}
 
 
-def _add_all(shares: tuple[_OutsideShare, ...], x: torch.Tensor) -> None:
-    for share in shares:  # returns None: a forward pre-hook's return value would replace the input
+class _WidestChannel:
+    """The channel with the widest calibrated range of one linear input: how wide against the median channel, and
+    on the test text, for every token but each window's first (which carries the massive activations), the share
+    of its nonzero entries that the plan rounds to 0 and its step over their median magnitude."""
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, plan, a_bits: int):
+        width = hi.clamp(min=0) - lo.clamp(max=0)
+        self.channel = int(width.argmax())
+        self.width_ratio = float(width[self.channel] / width.median().clamp(min=1e-30))
+        self.plan, self.a_bits = plan, a_bits
+        self.values: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:  # x: [window, tokens, K]
+        self.values.append(x[..., 1:, self.channel].reshape(-1).float())
+
+    def result(self) -> dict:
+        values = torch.cat(self.values)
+        values = values[values != 0]
+        channel_plan = ChannelPlan(self.plan.fold[self.channel:self.channel + 1],
+                                   None if self.plan.inv_scale is None else
+                                   self.plan.inv_scale[self.channel:self.channel + 1],
+                                   None if self.plan.shift is None else self.plan.shift[self.channel:self.channel + 1])
+        exact = self.plan.exact is not None and self.channel in self.plan.exact.tolist()
+        rounded = values if exact else channel_plan.fake_quantize(values[:, None], self.a_bits)[:, 0]
+        return {"channel": self.channel, "range_over_median": self.width_ratio, "exact": exact,
+                "step_over_median_magnitude": float(channel_plan.step[0] / values.abs().median().clamp(min=1e-30))
+                if values.numel() else None,
+                "rounds_to_zero": float((rounded == 0).float().mean()) if values.numel() else None}
+
+
+def _add_all(shares: tuple, x: torch.Tensor) -> None:
+    for share in shares[:2]:  # returns None: a forward pre-hook's return value would replace the input
         share.add(x.reshape(-1, x.shape[-1]).float())
+    shares[2].add(x)
 
 
 @torch.no_grad()
@@ -91,9 +122,10 @@ def _activation_pass(model, windows: torch.Tensor, record: QuantizeRecord, a_bit
         for name, group in input_of.items() if index < len(record.plans) else ():
             calibrated = _OutsideShare(*record.calib_ranges[index][group])
             saturated = _OutsideShare(*_representable(record.plans[index][group], a_bits))
-            shares[(index, group)] = (calibrated, saturated)
+            widest = _WidestChannel(*record.calib_ranges[index][group], record.plans[index][group], a_bits)
+            shares[(index, group)] = (calibrated, saturated, widest)
             hooks.append(layer.get_submodule(name).register_forward_pre_hook(
-                lambda _m, args, pair=(calibrated, saturated): _add_all(pair, args[0])))
+                lambda _m, args, triple=shares[(index, group)]: _add_all(triple, args[0])))
         hooks.append(layer.register_forward_hook(
             lambda _m, _args, out, store=token_max[index]: store.append(
                 (out[0] if isinstance(out, (tuple, list)) else out)[0].float().abs().amax(-1))))
@@ -103,8 +135,15 @@ def _activation_pass(model, windows: torch.Tensor, record: QuantizeRecord, a_bit
     finally:
         for hook in hooks:
             hook.remove()
-    clipping = {f"{index}.{group}": {"outside_calibrated": pair[0].result(), "saturated": pair[1].result()}
-                for (index, group), pair in shares.items()}
+    clipping = {}
+    for (index, group), (calibrated, saturated, widest) in shares.items():
+        widest_result = widest.result()
+        quantized = record.weights.get(f"{index}.{arch.groups[group][0]}")  # None: kept in fp (--keep-fp16)
+        if quantized is not None:
+            widest_result["rows_with_their_max_there"] = float(
+                (quantized.levels.abs().argmax(1) == widest.channel).float().mean())
+        clipping[f"{index}.{group}"] = {"outside_calibrated": calibrated.result(), "saturated": saturated.result(),
+                                        "widest_channel": widest_result}
     maxima = torch.stack([torch.cat(per_layer) for per_layer in token_max])  # [layers, tokens]
     positions = torch.arange(windows.shape[1]).repeat(windows.shape[0])
     ids = windows.reshape(-1)
@@ -125,9 +164,10 @@ def _activation_pass(model, windows: torch.Tensor, record: QuantizeRecord, a_bit
 
 
 def diagnose(model_dir: Path, calib_path: Path, text_path: Path, options: QuantizeOptions, max_windows: int = 8,
-             keep_top: int = 4, layers: int | None = None) -> dict:
+             keep_top: int = 4, layers: int | None = None, per_group: bool = True) -> dict:
     """With ``layers``, only the first that many decoder layers are calibrated and quantized (the rest stay fp):
-    the cost of a look at the early layers, where massive activations arise."""
+    the cost of a look at the early layers, where massive activations arise. Without ``per_group``, no run quantizes
+    one group at a time."""
     check_options(options)
     tokenizer = load_tokenizer(model_dir)
     calib = token_windows(tokenizer, read_text(calib_path, "--calib"), options.seq_len, options.samples,
@@ -148,23 +188,24 @@ def diagnose(model_dir: Path, calib_path: Path, text_path: Path, options: Quanti
     emulated = {(index, name): StaticPlanLinear(linear, record.plans[index][group_of[name]],
                                                 record.weights[f"{index}.{name}"], options.a_bits,
                                                 record.row_divisors.get(f"{index}.{name}"))
-                for (index, name), linear in original.items() if index < len(record.plans)}
+                for (index, name), linear in original.items() if f"{index}.{name}" in record.weights}
 
-    def run(quantized) -> dict:
-        replace_linears(model, lambda index, name, _linear: (
-            emulated if index < len(record.plans) and quantized(index, group_of[name]) else original)[(index, name)])
+    def run(quantized) -> dict:  # groups kept in fp by --keep-fp16 have no emulation: they stay original
+        replace_linears(model, lambda index, name, linear: emulated.get((index, name), original[(index, name)])
+                        if quantized(index, group_of[name]) else original[(index, name)])
         return _score(model, test, fp_logprobs)[0]
 
     fp, fp_logprobs = _score(model, test, None)
     results = {"fp": fp, "all": run(lambda index, group: True)}
-    for group in arch.groups:
+    for group in arch.groups if per_group else ():
         results[f"only {group}"] = run(lambda index, g, group=group: g == group)
     ranked = sorted(((info["error"], index, group) for index, layer in enumerate(record.layers)
-                     for group, info in layer["groups"].items()), reverse=True)
+                     for group, info in layer["groups"].items() if "error" in info), reverse=True)
     for _, index, group in ranked[:keep_top]:
         results[f"all but {index}.{group}"] = run(lambda i, g, kept=(index, group): (i, g) != kept)
-    kept = {(index, group) for _, index, group in ranked[:2]}
-    results[f"all but {', '.join(f'{i}.{g}' for i, g in sorted(kept))}"] = run(lambda i, g: (i, g) not in kept)
+    if keep_top >= 2:
+        kept = {(index, group) for _, index, group in ranked[:2]}
+        results[f"all but {', '.join(f'{i}.{g}' for i, g in sorted(kept))}"] = run(lambda i, g: (i, g) not in kept)
     layers = [{group: dict(info, **clipping[f"{index}.{group}"]) for group, info in layer["groups"].items()}
               for index, layer in enumerate(record.layers)]
     return {"model": str(model_dir), "quantized_layers": len(record.plans), "calib": f"{calib_path}: {calib.shape[0]} x {calib.shape[1]}",

@@ -73,6 +73,8 @@ class StaticPlanLinear(torch.nn.Module):
         weight = quantized.dequantize().to(linear.weight.device) / plan.step.to(linear.weight.device)
         if row_divisor is not None:
             weight = weight * row_divisor.to(weight)[:, None]
+        if plan.exact is not None:  # computed in floating point, from the original columns
+            weight[:, plan.exact] = linear.weight.detach()[:, plan.exact].to(weight)
         self.register_buffer("weight", weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 

@@ -30,6 +30,7 @@ class FoldedLinear:
     inv_scale: torch.Tensor | None          # [K] stored input_inv_scale
     input_shift: torch.Tensor | None        # [K] shift applied in the activation-quant step
     correction_shift: torch.Tensor | None   # [K] total shift of the quantized input, compensated in output_bias
+    exact: torch.Tensor | None = None       # [k] input channels computed by a floating-point side GEMM
 
     def forward_unrounded(self, x: torch.Tensor) -> torch.Tensor:
         """The folded linear without any rounding (equals the original linear on the folded model's inputs)."""
@@ -137,5 +138,6 @@ def fold_layer(layer: torch.nn.Module, plans: dict[str, ChannelPlan], arch: Arch
             row_bias=row_bias[name].to(**to) if name in row_bias else None,
             inv_scale=None if plan.inv_scale is None else plan.inv_scale.to(**to),
             input_shift=None if input_shift[name] is None else input_shift[name].to(**to),
-            correction_shift=None if plan.shift is None else plan.shift.to(**to))
+            correction_shift=None if plan.shift is None else plan.shift.to(**to),
+            exact=plan.exact)
     return folded

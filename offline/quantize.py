@@ -43,11 +43,16 @@ class QuantizeOptions:
     group_size: int = DEFAULT_GROUP_SIZE  # 4-bit weights: input channels per group scale (0: one per row)
     weight_rounding: str = "rtn"  # "rtn" or "gptq"
     keep_fp16: str = "none"  # input groups left unquantized: "none", "auto" or "LAYER.GROUP,..." (e.g. "1.down")
+    # Per input group (not o_proj's), up to this many channels whose calibrated range is over outlier_factor times
+    # the median channel range bypass quantization (a floating-point side GEMM over those weight columns).
+    exact_channels: int = 0
+    outlier_factor: float = 16.0
+    act_clips: tuple[float, ...] | None = None  # activation range factors the search tries (None: the architecture's)
 
     @property
     def quant_config(self) -> QuantizationConfig:
         return QuantizationConfig(weight_bits=self.w_bits, activation_bits=self.a_bits, ignore=("lm_head",),
-                                  method=self.method, group_size=self.group_size)
+                                  method=self.method, group_size=self.group_size, exact_channels=self.exact_channels)
 
     @property
     def weight_format(self) -> WeightFormat:
@@ -62,18 +67,21 @@ class GroupInput:
     weight: torch.Tensor  # [sum of N, K] float32, original (unfolded) weights of the linears sharing this input
     share: Callable[[torch.Tensor], torch.Tensor]  # makes per-channel steps equal where folding needs it (GQA)
     grid: SearchGrid = SearchGrid()  # what the search may choose (per architecture)
+    exact: torch.Tensor | None = None  # channels left unquantized (symmetrize.outlier_channels)
 
 
 PlanRule = Callable[[GroupInput, QuantizeOptions], tuple[ChannelPlan, dict]]  # (plan, what was chosen)
 
 
 def _outliertune(group: GroupInput, options: QuantizeOptions) -> tuple[ChannelPlan, dict]:
-    result = search_plan(group.stats, group.weight, options.weight_format, options.a_bits, group.grid, group.share)
+    result = search_plan(group.stats, group.weight, options.weight_format, options.a_bits, group.grid, group.share,
+                         exact=group.exact)
     return result.plan, dict(result.choice, simple_rule_error=result.simple_error)
 
 
 def _per_channel(group: GroupInput, options: QuantizeOptions) -> tuple[ChannelPlan, dict]:
-    return symmetrize.balanced(group.stats, group.weight, options.a_bits, **SIMPLE, share=group.share), dict(SIMPLE)
+    plan = symmetrize.balanced(group.stats, group.weight, options.a_bits, **SIMPLE, share=group.share)
+    return symmetrize.with_exact(plan, group.exact), dict(SIMPLE)
 
 
 def _per_tensor(group: GroupInput, options: QuantizeOptions) -> tuple[ChannelPlan, dict]:
@@ -153,12 +161,17 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
     group_size = heads // kv_heads
     stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], group_size, head_dim))
     rule = METHODS[options.method]
-    grid = SearchGrid() if arch.activation_clips is None else SearchGrid(clips=arch.activation_clips)
+    clips = options.act_clips or arch.activation_clips
+    grid = SearchGrid() if clips is None else SearchGrid(clips=clips)
     plans, info = {}, {}
     for group, names in arch.groups.items():
         weight = torch.cat([layer.get_submodule(name).weight.detach().float() for name in names])
         share = (lambda step: symmetrize.group_max(step, group_size, head_dim)) if group == "o" else (lambda s: s)
-        plans[group], info[group] = rule(GroupInput(stats[group], weight, share, grid), options)
+        exact = None
+        if options.exact_channels and group != "o":  # o_proj's steps are shared across q-heads (GQA)
+            exact = symmetrize.outlier_channels(stats[group], options.exact_channels, options.outlier_factor)
+        plans[group], info[group] = rule(GroupInput(stats[group], weight, share, grid, exact), options)
+        info[group]["exact_channels"] = [] if plans[group].exact is None else plans[group].exact.tolist()
         sample = stats[group].sample[:SearchGrid.tokens].to(weight.device)
         info[group]["error"] = output_error(sample, weight, plans[group], options.weight_format, options.a_bits)
         info[group]["dynamic_error"] = dynamic_output_error(sample, weight, options.weight_format, options.a_bits)
@@ -180,17 +193,24 @@ class QuantizeRecord:
     row_divisors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
-def quantize_linear_weight(weight: torch.Tensor, stats: InputStats, step: torch.Tensor,
-                           options: QuantizeOptions) -> QuantizedWeight:
+def quantize_linear_weight(weight: torch.Tensor, stats: InputStats, step: torch.Tensor, options: QuantizeOptions,
+                           exact: torch.Tensor | None = None) -> QuantizedWeight:
     """Round one folded weight (W * diag(step)) in the checkpoint's format: per-row clipping chosen by measured
-    error (method outliertune, per-row formats), group scales weighted by the input power, then RTN or GPTQ."""
+    error (method outliertune, per-row formats), group scales weighted by the input power, then RTN or GPTQ. The
+    columns of ``exact`` channels are rounded as zeros (they are computed apart, in floating point)."""
     weight_format = options.weight_format
     power = (stats.rms.to(weight) / step).pow(2)  # E[x^2] of the GEMM's input x / step
+    if exact is not None:  # those columns go to the side GEMM: zero here, and no GPTQ error pushed onto them
+        weight = weight.index_fill(1, exact.to(weight.device), 0.0)
+        power = power.index_fill(0, exact.to(power.device), 0.0)
     clip = 1.0
     if options.method == "outliertune" and not weight_format.packed:
         clip = best_row_clip(weight, options.w_bits, power)
     if options.weight_rounding == "gptq":
-        return quantize_gptq(weight, input_hessian(stats.gram.to(weight.device), step), weight_format, clip)
+        hessian = input_hessian(stats.gram.to(weight.device), step)
+        if exact is not None:
+            hessian[exact, :] = hessian[:, exact] = 0
+        return quantize_gptq(weight, hessian, weight_format, clip)
     return quantize_rtn(weight, weight_format, clip, power)
 
 
@@ -234,10 +254,10 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
                 raise UserError(f"{prefix} has {in_features} input channels; packed 4-bit weights need an even "
                                 f"number: use --w-bits 8 or 6 for this model")
             step = plans[group].step.to(linear.weight)
-            quantized = quantize_linear_weight(linear.weight, stats[group], step, options)
+            quantized = quantize_linear_weight(linear.weight, stats[group], step, options, linear.exact)
             if record is not None and record.weights is not None:
                 record.weights[f"{index}.{name}"] = quantized
-            parts = checkpoint_tensors(linear, quantized, model_dtype)
+            parts = checkpoint_tensors(linear, quantized, model_dtype, options.exact_channels)
             validate_linear(prefix, parts, out_features, in_features, options.quant_config, source="quantize")
             tensors.update({f"{prefix}.{suffix}": tensor for suffix, tensor in parts.items()})
     quantized = {f"{arch.layers}.{i}.{name}" for i in range(num_layers) for name in arch.linears}

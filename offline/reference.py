@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from vllm_outliertune.format import LINEAR_TENSOR_SUFFIXES, QuantizationConfig, packed_levels, validate_linear
-from vllm_outliertune.kernels.torch_ref import int8_gemm_ref, quantize_activation_ref
+from vllm_outliertune.kernels.torch_ref import add_exact_channels, int8_gemm_ref, quantize_activation_ref
 from vllm_outliertune.offline.model_io import UserError, is_outliertune_checkpoint
 
 
@@ -30,7 +30,9 @@ class ReferenceQuantLinear(torch.nn.Module):
         if "bias" in tensors:  # one epilogue vector, as in the vLLM path
             epilogue = epilogue + tensors["bias"].float()
         buffers = {"weight": weight, "weight_scale": tensors["weight_scale"], "epilogue_bias": epilogue,
-                   "input_inv_scale": tensors.get("input_inv_scale"), "input_shift": tensors.get("input_shift")}
+                   "input_inv_scale": tensors.get("input_inv_scale"), "input_shift": tensors.get("input_shift"),
+                   "exact_index": None if "exact_index" not in tensors else tensors["exact_index"].long(),
+                   "exact_weight": tensors.get("exact_weight")}
         for name, tensor in buffers.items():  # not persistent: they are loaded here, not through load_state_dict
             self.register_buffer(name, tensor, persistent=False)
 
@@ -38,6 +40,7 @@ class ReferenceQuantLinear(torch.nn.Module):
         x2d = x.reshape(-1, x.shape[-1])
         q = quantize_activation_ref(x2d, self.input_inv_scale, self.input_shift, self.activation_bits)
         y = int8_gemm_ref(q, self.weight, self.weight_scale, self.epilogue_bias, x.dtype)
+        y = add_exact_channels(y, x2d, self.exact_index, self.exact_weight)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

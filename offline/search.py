@@ -12,9 +12,8 @@ from typing import Callable
 
 import torch
 
-from vllm_outliertune.format import qrange
 from vllm_outliertune.offline.calibrate import InputStats
-from vllm_outliertune.offline.symmetrize import ChannelPlan, balanced
+from vllm_outliertune.offline.symmetrize import ChannelPlan, balanced, with_exact
 from vllm_outliertune.offline.weights import WeightFormat, fake_quantize
 
 
@@ -44,24 +43,30 @@ def output_error(sample: torch.Tensor, weight: torch.Tensor, plan: ChannelPlan, 
     to nearest)."""
     reference = sample @ weight.t() if reference is None else reference
     step = plan.step.to(sample)
-    shift = torch.zeros_like(step) if plan.shift is None else plan.shift.to(sample)
-    qmin, qmax = qrange(a_bits)
-    q_plus_shift = torch.round(sample / step - shift).clamp_(qmin, qmax) + shift
     power = (sample / step).pow(2).mean(0)
-    approx = q_plus_shift @ fake_quantize(weight * step, weight_format, power).t()
+    folded = weight * step
+    if plan.exact is None:
+        rounded = fake_quantize(folded, weight_format, power)
+    else:  # exact channels: their columns leave the rounded weight (and its row scales) for the side GEMM
+        rounded = fake_quantize(folded.index_fill(1, plan.exact.to(folded.device), 0.0), weight_format, power)
+        rounded[:, plan.exact] = folded[:, plan.exact]
+    approx = plan.fake_quantize(sample, a_bits) / step @ rounded.t()
     return float((approx - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30))
 
 
 def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFormat, a_bits: int,
                 grid: SearchGrid = SearchGrid(),
-                share: Callable[[torch.Tensor], torch.Tensor] = lambda step: step) -> SearchResult:
+                share: Callable[[torch.Tensor], torch.Tensor] = lambda step: step,
+                exact: torch.Tensor | None = None) -> SearchResult:
+    """The grid's best plan, every candidate with channels ``exact`` left unquantized."""
     weight = weight.detach().float()
     sample = stats.sample[:grid.tokens].to(weight.device, torch.float32)
     reference = sample @ weight.t()
     best = None
     simple_error = None
     for alpha, strength, clip, shift in itertools.product(grid.alphas, grid.strengths, grid.clips, grid.shifts):
-        plan = balanced(stats, weight, a_bits, alpha=alpha, strength=strength, clip=clip, shift=shift, share=share)
+        plan = with_exact(balanced(stats, weight, a_bits, alpha=alpha, strength=strength, clip=clip, shift=shift,
+                                   share=share), exact)
         error = output_error(sample, weight, plan, weight_format, a_bits, reference)
         choice = dict(alpha=alpha, strength=strength, clip=clip, shift=shift)
         if choice == SIMPLE:
@@ -69,7 +74,7 @@ def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFo
         if best is None or error < best[0]:
             best = (error, plan, choice)
     if simple_error is None:
-        plan = balanced(stats, weight, a_bits, **SIMPLE, share=share)
+        plan = with_exact(balanced(stats, weight, a_bits, **SIMPLE, share=share), exact)
         simple_error = output_error(sample, weight, plan, weight_format, a_bits, reference)
         if simple_error <= best[0]:
             best = (simple_error, plan, dict(SIMPLE))

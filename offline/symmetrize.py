@@ -29,17 +29,44 @@ class ChannelPlan:
     fold: torch.Tensor                 # [K] float32, divides the input upstream (ones when nothing is folded)
     inv_scale: torch.Tensor | None     # [K] float32 stored as input_inv_scale, or None (all ones)
     shift: torch.Tensor | None         # [K] float32 integer-valued, quantized units, or None
+    # Channel indices that bypass quantization (step 1, shift 0, their weight columns in a floating-point side
+    # GEMM), or None.
+    exact: torch.Tensor | None = None
 
     @property
     def step(self) -> torch.Tensor:
         return self.fold if self.inv_scale is None else self.fold / self.inv_scale
 
     def fake_quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
-        """x -> dequantized x, in the input's original units (for searches and tests)."""
+        """x -> dequantized x, in the input's original units (for searches and tests); exact channels unchanged."""
         qmin, qmax = qrange(bits)
         step = self.step.to(x.device)
         shift = 0.0 if self.shift is None else self.shift.to(x.device)
-        return (torch.round(x / step - shift).clamp(qmin, qmax) + shift) * step
+        out = (torch.round(x / step - shift).clamp(qmin, qmax) + shift) * step
+        if self.exact is not None:
+            out[..., self.exact] = x[..., self.exact]
+        return out
+
+
+def outlier_channels(stats: InputStats, count: int, factor: float) -> torch.Tensor | None:
+    """Up to ``count`` channels whose calibrated range (max - min, including 0) is over ``factor`` times the median
+    channel range, widest first; None when there is none."""
+    lo, hi = ranges(stats)
+    width = hi - lo
+    order = width.argsort(descending=True)[:count]
+    chosen = order[width[order] > factor * float(width.median())]
+    return chosen.sort().values if chosen.numel() else None
+
+
+def with_exact(plan: ChannelPlan, exact: torch.Tensor | None) -> ChannelPlan:
+    """``plan`` with channels ``exact`` left unquantized: step 1 and shift 0 there (nothing folded for them)."""
+    if exact is None:
+        return plan
+    fold = plan.fold.clone()
+    fold[exact] = 1.0
+    inv_scale = None if plan.inv_scale is None else plan.inv_scale.clone().index_fill_(0, exact, 1.0)
+    shift = None if plan.shift is None else plan.shift.clone().index_fill_(0, exact, 0.0)
+    return ChannelPlan(fold, inv_scale, shift, exact)
 
 
 def group_max(vector: torch.Tensor, group_size: int, head_dim: int) -> torch.Tensor:

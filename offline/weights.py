@@ -244,10 +244,11 @@ def input_hessian(gram: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return (gram.double() * inverse[:, None] * inverse[None, :]).float()
 
 
-def checkpoint_tensors(folded: FoldedLinear, quantized: QuantizedWeight,
-                       model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(folded: FoldedLinear, quantized: QuantizedWeight, model_dtype: torch.dtype,
+                       exact_slots: int = 0) -> dict[str, torch.Tensor]:
     """{suffix: tensor} of one linear (CPU). output_bias uses the *quantized* weight, so the shift correction
-    matches what the integer GEMM computes."""
+    matches what the integer GEMM computes. With ``exact_slots`` (quantization_config.exact_channels), the folded
+    weight columns of ``folded.exact`` go to exact_weight (unused slots: channel 0, zero column)."""
     n = quantized.levels.shape[0]
     output_bias = torch.zeros(n, dtype=torch.float32, device=quantized.levels.device)
     if folded.correction_shift is not None:
@@ -261,6 +262,14 @@ def checkpoint_tensors(folded: FoldedLinear, quantized: QuantizedWeight,
         tensors["input_inv_scale"] = folded.inv_scale
     if folded.input_shift is not None and bool(folded.input_shift.any()):
         tensors["input_shift"] = folded.input_shift
+    if exact_slots:
+        exact = folded.exact if folded.exact is not None else torch.zeros(0, dtype=torch.long)
+        if exact.numel() > exact_slots:
+            raise ValueError(f"{exact.numel()} exact channels do not fit in {exact_slots} slots")
+        tensors["exact_index"] = torch.zeros(exact_slots, dtype=torch.int32)
+        tensors["exact_index"][:exact.numel()] = exact.to(torch.int32)
+        tensors["exact_weight"] = torch.zeros(n, exact_slots, dtype=torch.float32, device=folded.weight.device)
+        tensors["exact_weight"][:, :exact.numel()] = folded.weight[:, exact.to(folded.weight.device)]
     return {name: tensor.detach().cpu().clone().contiguous() for name, tensor in tensors.items()}
 
 

@@ -34,6 +34,11 @@ def calib_text(tmp_path_factory) -> Path:
     return tiny_models.write_tiny_text(tmp_path_factory.mktemp("text") / "calib.txt")
 
 
+# Tiny models have no massive activations: a low outlier factor makes this one's checkpoint carry exact channels
+# (column- and row-parallel), so that the vLLM tests of test_architectures.py run the side GEMM.
+EXACT_CHANNELS_OPTIONS = {"qwen3": dict(exact_channels=3, outlier_factor=2.0)}
+
+
 def _trained_and_quantized(tmp_path_factory, calib_text: Path, arch: str) -> dict[str, Path]:
     from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
 
@@ -41,7 +46,7 @@ def _trained_and_quantized(tmp_path_factory, calib_text: Path, arch: str) -> dic
     model, tokenizer = train_tiny_model(arch)
     model.save_pretrained(root / "fp32")
     tokenizer.save_pretrained(root / "fp32")
-    options = QuantizeOptions(samples=8, seq_len=128, progress=False)
+    options = QuantizeOptions(samples=8, seq_len=128, progress=False, **EXACT_CHANNELS_OPTIONS.get(arch, {}))
     quantize(root / "fp32", root / "w8a8", calib_text, options)
     return {"fp32": root / "fp32", "w8a8": root / "w8a8"}
 

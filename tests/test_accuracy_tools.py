@@ -13,8 +13,10 @@ from vllm_outliertune.offline.fakequant import StaticPlanLinear, per_token_fake_
 from vllm_outliertune.offline.fold import FoldedLinear
 from vllm_outliertune.offline.model_io import UserError
 from vllm_outliertune.offline.reference import ReferenceQuantLinear
-from vllm_outliertune.offline.symmetrize import ChannelPlan
-from vllm_outliertune.format import QuantizationConfig
+from vllm_outliertune.format import QuantizationConfig, validate_linear
+from vllm_outliertune.offline.calibrate import InputStats
+from vllm_outliertune.offline.search import search_plan
+from vllm_outliertune.offline.symmetrize import ChannelPlan, outlier_channels, with_exact
 from vllm_outliertune.offline.weights import WeightFormat, checkpoint_tensors, quantize_rtn
 
 
@@ -31,24 +33,96 @@ def test_per_token_fake_quantize():
 
 
 @pytest.mark.parametrize("bits", [8, 6])
-def test_static_plan_emulation_equals_checkpoint_arithmetic(bits):
-    """StaticPlanLinear on x gives what the checkpoint's integer linear gives on the folded input x / fold."""
+@pytest.mark.parametrize("exact", [None, [3, 50]])
+def test_static_plan_emulation_equals_checkpoint_arithmetic(bits, exact):
+    """StaticPlanLinear on x gives what the checkpoint's integer linear gives on the folded input x / fold, also
+    with exact channels (int8 columns zero, a floating-point side GEMM; 3 slots of which 2 used)."""
     generator = torch.Generator().manual_seed(1)
     in_features, out_features = 70, 24  # K not a multiple of 64
     linear = torch.nn.Linear(in_features, out_features, bias=True)
     x = torch.randn(9, in_features, generator=generator) * (torch.rand(in_features, generator=generator) * 5)
     x[:, 3] += 40.0  # a shifted outlier channel
+    x[0, 50] = 500.0  # a massive activation on the first token
     step = x.abs().amax(0) / 60 + 1e-3
     shift = torch.round(x.mean(0) / step)
-    plan = ChannelPlan(fold=step, inv_scale=None, shift=shift)
-    config = QuantizationConfig(bits, bits)
-    folded = FoldedLinear(weight=linear.weight.detach() * step, bias=linear.bias.detach().clone(), row_bias=None,
-                          inv_scale=None, input_shift=shift, correction_shift=shift)
-    quantized = quantize_rtn(folded.weight, WeightFormat.of(config), clip=torch.full((out_features,), 0.9))
+    plan = with_exact(ChannelPlan(fold=step, inv_scale=None, shift=shift), exact and torch.tensor(exact))
+    config = QuantizationConfig(bits, bits, exact_channels=3 if exact else 0)
+    folded = FoldedLinear(weight=linear.weight.detach() * plan.step, bias=linear.bias.detach().clone(),
+                          row_bias=None, inv_scale=None, input_shift=plan.shift, correction_shift=plan.shift,
+                          exact=plan.exact)
+    rounded = folded.weight if exact is None else folded.weight.index_fill(1, plan.exact, 0.0)
+    quantized = quantize_rtn(rounded, WeightFormat.of(config), clip=torch.full((out_features,), 0.9))
     emulated = StaticPlanLinear(linear, plan, quantized, bits)(x)
-    reference = ReferenceQuantLinear(checkpoint_tensors(folded, quantized, torch.float32), config)(x / step)
+    tensors = checkpoint_tensors(folded, quantized, torch.float32, config.exact_channels)
+    validate_linear("test", tensors, out_features, in_features, config)
+    reference = ReferenceQuantLinear(tensors, config)(x / plan.step)
     assert torch.allclose(emulated, reference, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(emulated, linear(x), rtol=1e-3, atol=1e-3)  # it does quantize
+    if exact:
+        assert tensors["exact_index"].tolist() == [3, 50, 0] and not tensors["exact_weight"][:, 2].any()
+        assert not tensors["weight"][:, exact].any()
+
+
+def test_outlier_channels_are_the_widest_beyond_the_factor():
+    generator = torch.Generator().manual_seed(2)
+    sample = torch.randn(64, 40, generator=generator)
+    sample[0, 7], sample[0, 30], sample[5, 12] = 900.0, -300.0, 9.0
+    stats = InputStats(sample.amin(0), sample.amax(0), sample.double().pow(2).sum(0), 64, sample)
+    assert outlier_channels(stats, 4, 16.0).tolist() == [7, 30]
+    assert outlier_channels(stats, 1, 16.0).tolist() == [7]
+    assert outlier_channels(stats, 4, 1000.0) is None
+    plan = with_exact(ChannelPlan(torch.full((40,), 0.5), None, torch.ones(40)), torch.tensor([7, 30]))
+    assert plan.step[[7, 30]].tolist() == [1.0, 1.0] and plan.shift[[7, 30]].tolist() == [0.0, 0.0]
+    assert torch.equal(plan.fake_quantize(sample, 8)[:, [7, 30]], sample[:, [7, 30]])
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_exact_channels_remove_the_massive_token_error(bits):
+    """A channel that is ~0 except for one massive token per window sets a static range that rounds everything
+    else in it to zero and dominates its weight rows' scales; left exact, the output error falls well below the
+    searched plan's."""
+    generator = torch.Generator().manual_seed(3)
+    tokens, k, n = 512, 96, 64
+    sample = torch.randn(tokens, k, generator=generator)
+    sample[:, 5] = torch.randn(tokens, generator=generator) * 0.5
+    sample[::128, 5] = 400.0  # the first token of each 128-token window
+    weight = torch.randn(n, k, generator=generator) * 0.05
+    stats = InputStats(sample.amin(0), sample.amax(0), sample.double().pow(2).sum(0), tokens, sample)
+    weight_format = WeightFormat.of(QuantizationConfig(bits, bits))
+    exact = outlier_channels(stats, 4, 16.0)
+    assert exact.tolist() == [5]
+    plain = search_plan(stats, weight, weight_format, bits)
+    with_side = search_plan(stats, weight, weight_format, bits, exact=exact)
+    assert with_side.plan.exact.tolist() == [5]
+    assert with_side.error < 0.5 * plain.error, (with_side.error, plain.error)
+
+
+def test_exact_channels_checkpoint(tiny_llama, tmp_path, calib_text):
+    """--exact-channels K writes K slots per quantized linear (quantization_config.exact_channels), the int8 columns
+    of the chosen channels zero; the reference model loads it and stays close to the fp model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_offline import sqnr_db
+    from tests.tiny_models import TINY_TEXT
+    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
+    from vllm_outliertune.offline.reference import load_checkpoint_tensors, load_reference_model
+    from vllm_outliertune.offline.text import token_windows
+
+    out = quantize(tiny_llama["fp32"], tmp_path / "exact", calib_text,
+                   QuantizeOptions(samples=8, seq_len=128, progress=False, exact_channels=2, outlier_factor=2.0))
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["exact_channels"] == 2
+    tensors = load_checkpoint_tensors(out)
+    used = 0
+    for name in (name[:-len(".exact_index")] for name in tensors if name.endswith(".exact_index")):
+        index, weight = tensors[f"{name}.exact_index"].long(), tensors[f"{name}.exact_weight"]
+        live = weight.abs().sum(0) > 0
+        used += int(live.sum())
+        assert not tensors[f"{name}.weight"][:, index[live]].any()
+    assert used > 0
+    fp = AutoModelForCausalLM.from_pretrained(tiny_llama["fp32"], dtype=torch.float32).eval()
+    windows = token_windows(AutoTokenizer.from_pretrained(tiny_llama["fp32"]), TINY_TEXT * 4, 96, 4)
+    with torch.no_grad():
+        assert sqnr_db(fp(windows).logits, load_reference_model(out)(windows).logits) >= 20.0
 
 
 def test_eval_fake_quant_dynamic(tiny_llama, calib_text, capsys):

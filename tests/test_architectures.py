@@ -10,7 +10,7 @@ import gc
 import pytest
 import torch
 
-from tests.conftest import TEST_SEQUENCES, VLLM_TEST_ENGINE, _trained_and_quantized
+from tests.conftest import EXACT_CHANNELS_OPTIONS, TEST_SEQUENCES, VLLM_TEST_ENGINE, _trained_and_quantized
 from tests.test_offline import sqnr_db
 from tests.test_vllm_plugin import (
     LOGPROB_TOLERANCE, PROMPTS, _logprob_windows, _reference_greedy, _reference_prompt_logprobs, _token_prompts,
@@ -49,12 +49,17 @@ def _engine_results(checkpoint, vllm_class, prompts, windows, **overrides):
 def test_architecture_in_vllm(arch, tmp_path_factory, calib_text, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_outliertune.offline.reference import load_reference_model
+    from vllm_outliertune.offline.reference import load_checkpoint_tensors, load_reference_model
 
     dirs = _trained_and_quantized(tmp_path_factory, calib_text, arch)
     tokenizer = AutoTokenizer.from_pretrained(dirs["w8a8"])
     prompts, windows = _token_prompts(tokenizer, PROMPTS), _logprob_windows(tokenizer)
     reference = load_reference_model(dirs["w8a8"])
+    if arch in EXACT_CHANNELS_OPTIONS:  # the side GEMM is really used, in column- and row-parallel layers
+        exact = {name: tensor for name, tensor in load_checkpoint_tensors(dirs["w8a8"]).items()
+                 if name.endswith(".exact_weight") and tensor.any()}
+        assert any("down_proj" in name for name in exact) and any("q_proj" in name or "up_proj" in name
+                                                                  for name in exact), sorted(exact)
 
     # The quantized reference is close to the fp32 model (the checkpoint is not just loadable, it is right).
     fp = AutoModelForCausalLM.from_pretrained(dirs["fp32"], dtype=torch.float32).eval()

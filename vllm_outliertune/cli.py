@@ -19,7 +19,9 @@ def _quantize_options(args: argparse.Namespace):
     return QuantizeOptions(w_bits=args.w_bits, a_bits=args.a_bits, samples=args.samples, seq_len=args.seq_len,
                            method=args.method, device=args.device, batch_size=args.batch_size, seed=args.seed,
                            calib_cache=args.calib_cache and Path(args.calib_cache), group_size=args.group_size,
-                           weight_rounding=args.weight_rounding, keep_fp16=args.keep_fp16)
+                           weight_rounding=args.weight_rounding, keep_fp16=args.keep_fp16,
+                           exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
+                           act_clips=args.act_clips)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -38,7 +40,8 @@ def _diagnose(args: argparse.Namespace) -> None:
     from vllm_outliertune.offline.diagnose import diagnose
 
     result = diagnose(Path(args.model_dir), Path(args.calib), Path(args.text), _quantize_options(args),
-                      max_windows=args.max_windows, keep_top=args.keep_top, layers=args.layers)
+                      max_windows=args.max_windows, keep_top=args.keep_top, layers=args.layers,
+                      per_group=not args.quick)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["perplexity"], indent=1))
@@ -107,6 +110,17 @@ def at_least(least: int):
     return parse
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated positive numbers."""
+    try:
+        values = tuple(float(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(value > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"every value must be positive, got {text!r}")
+    return values
+
+
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     """Options of calibration and planning, shared by quantize and diagnose."""
     from vllm_outliertune.offline.quantize import AUTO_KEEP_FACTOR, METHODS, WEIGHT_ROUNDINGS, QuantizeOptions
@@ -129,6 +143,15 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="input groups (qkv, o, gate_up, down) left unquantized, in the model's dtype: auto keeps "
                              "those whose output error on the calibration sample is over "
                              f"{AUTO_KEEP_FACTOR:g}x that of dynamic per-token quantization; the report lists them")
+    parser.add_argument("--exact-channels", type=at_least(0), default=QuantizeOptions.exact_channels, metavar="K",
+                        help="per linear input (not o_proj's), up to K channels whose calibrated range is over "
+                             "--outlier-factor times the median channel range stay unquantized: their weight columns "
+                             "go to a small floating-point side GEMM")
+    parser.add_argument("--outlier-factor", type=float, default=QuantizeOptions.outlier_factor,
+                        help="see --exact-channels")
+    parser.add_argument("--act-clips", type=_floats, default=QuantizeOptions.act_clips, metavar="C,C,...",
+                        help="method outliertune: activation range factors the per-layer search tries (below 1 "
+                             "clips the calibrated range); default: 1.0,0.9,0.75, for Gemma 1.0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "error to try keeping in fp, one at a time")
     diag.add_argument("--layers", type=at_least(1), metavar="N", help="calibrate and quantize only the first N "
                       "decoder layers (the rest stay fp): a cheap look at the early layers")
+    diag.add_argument("--quick", action="store_true", help="score only the fp and the fully quantized model (no "
+                      "group at a time; with --keep-top 0 nothing else)")
     diag.add_argument("--out", metavar="FILE", help="write the whole result as JSON to FILE")
     diag.set_defaults(run=_diagnose)
 

@@ -47,13 +47,16 @@ PACKED_CODE_MAX = 15  # unsigned 4-bit codes
 class TensorSpec:
     suffix: str
     dtype: torch.dtype
-    dim: str  # "out" ([N]), "in" ([K]), "out,in" ([N, K]), "out,packed" ([N, K/2]) or "out,groups" ([N, groups])
+    # "out" ([N]), "in" ([K]), "out,in" ([N, K]), "out,packed" ([N, K/2]), "out,groups" ([N, groups]), "exact"
+    # ([exact_channels]) or "out,exact" ([N, exact_channels])
+    dim: str
     required: bool
     meaning: str
 
-    def shape(self, out_features: int, in_features: int, groups: int = 1) -> tuple[int, ...]:
+    def shape(self, out_features: int, in_features: int, groups: int = 1, exact: int = 0) -> tuple[int, ...]:
         return {"out": (out_features,), "in": (in_features,), "out,in": (out_features, in_features),
-                "out,packed": (out_features, in_features // 2), "out,groups": (out_features, groups)}[self.dim]
+                "out,packed": (out_features, in_features // 2), "out,groups": (out_features, groups),
+                "exact": (exact,), "out,exact": (out_features, exact)}[self.dim]
 
 
 _OUTPUT_BIAS = TensorSpec("output_bias", torch.float32, "out", True,
@@ -80,7 +83,17 @@ PACKED_LINEAR_TENSORS = (
     TensorSpec("weight_group_zero", torch.uint8, "out,groups", True, "integer zero point (0..15) of each group"),
     _OUTPUT_BIAS, *_INPUT_VECTORS,
 )
-LINEAR_TENSOR_SUFFIXES = tuple(dict.fromkeys(spec.suffix for spec in LINEAR_TENSORS + PACKED_LINEAR_TENSORS))
+# quantization_config.exact_channels = k > 0: every quantized linear also computes k input channels in floating
+# point, y += x[:, exact_index] @ exact_weight.T (unused slots: index 0 with a zero weight column); the int8 weight
+# columns of those channels are zero.
+EXACT_TENSORS = (
+    TensorSpec("exact_index", torch.int32, "exact", True,
+               "input channels computed in floating point (their int8 weight columns are zero)"),
+    TensorSpec("exact_weight", torch.float32, "out,exact", True,
+               "the weight columns of exact_index, applied to those input channels unquantized"),
+)
+LINEAR_TENSOR_SUFFIXES = tuple(dict.fromkeys(spec.suffix for spec in LINEAR_TENSORS + PACKED_LINEAR_TENSORS
+                                             + EXACT_TENSORS))
 
 
 def group_count(in_features: int, group_size: int) -> int:
@@ -117,6 +130,7 @@ class QuantizationConfig:
     # The hub model quantized, {"repo_id": "ORG/NAME", "revision": commit hash}; None for a local directory.
     source: Mapping[str, str] | None = dataclasses.field(default=None, compare=False)
     group_size: int = DEFAULT_GROUP_SIZE  # packed weights only
+    exact_channels: int = 0  # input channel slots per linear computed in floating point (EXACT_TENSORS)
 
     @property
     def packed(self) -> bool:
@@ -125,7 +139,8 @@ class QuantizationConfig:
 
     @property
     def linear_tensors(self) -> tuple[TensorSpec, ...]:
-        return PACKED_LINEAR_TENSORS if self.packed else LINEAR_TENSORS
+        return (PACKED_LINEAR_TENSORS if self.packed else LINEAR_TENSORS) + (EXACT_TENSORS if self.exact_channels
+                                                                             else ())
 
     def groups(self, in_features: int) -> int:
         return group_count(in_features, self.group_size) if self.packed else 1
@@ -141,6 +156,8 @@ class QuantizationConfig:
         }
         if self.packed:
             config["group_size"] = self.group_size
+        if self.exact_channels:
+            config["exact_channels"] = self.exact_channels
         return config if self.source is None else dict(config, source=dict(self.source))
 
     @classmethod
@@ -164,6 +181,9 @@ class QuantizationConfig:
             if not isinstance(group_size, int) or group_size < 0 or group_size % GROUP_SIZE_MULTIPLE:
                 raise FormatError(f"{where}: group_size {group_size!r} is invalid for packed 4-bit weights: 0 (one "
                                   f"group per output row) or a positive multiple of {GROUP_SIZE_MULTIPLE}; {_REDO}")
+        exact_channels = config.get("exact_channels", 0)
+        if not isinstance(exact_channels, int) or exact_channels < 0:
+            raise FormatError(f"{where}: exact_channels {exact_channels!r} must be an integer >= 0; {_REDO}")
         ignore = config.get("ignore", [])
         if not isinstance(ignore, (list, tuple)) or not all(isinstance(name, str) for name in ignore):
             raise FormatError(f"{where}: `ignore` must be a list of module names, got {ignore!r}")
@@ -172,7 +192,7 @@ class QuantizationConfig:
             raise FormatError(f"{where}: `source` must be an object {{\"repo_id\", \"revision\"}}, got {source!r}")
         return cls(weight_bits=bits[0], activation_bits=bits[1], ignore=tuple(ignore),
                    method=str(config.get("method", "outliertune")), format_version=version, source=source,
-                   group_size=group_size)
+                   group_size=group_size, exact_channels=exact_channels)
 
     def is_ignored(self, module_name: str) -> bool:
         """A module is ignored when its name equals, or ends with ``.``+, an entry of ``ignore``."""
@@ -180,12 +200,23 @@ class QuantizationConfig:
 
 
 def validate_linear(prefix: str, tensors: Mapping[str, torch.Tensor], out_features: int, in_features: int,
-                    config: QuantizationConfig, source: str = "checkpoint") -> None:
+                    config: QuantizationConfig, source: str = "checkpoint", whole_in_features: int | None = None,
+                    ) -> None:
     """Check one quantized linear's tensors (keys are suffixes) against the spec; raise FormatError naming the
-    tensor, what was expected and what to do."""
+    tensor, what was expected and what to do. ``whole_in_features``: the input size before a tensor-parallel split
+    (exact_index names channels of the whole input); default ``in_features``."""
     layout = {suffix: (tensor.dtype, tuple(tensor.shape)) for suffix, tensor in tensors.items()}
     check_linear_layout(prefix, layout, out_features, in_features, config, source)
     check_linear_values(prefix, tensors, config, source)
+    check_exact_index(prefix, tensors, whole_in_features or in_features, source)
+
+
+def check_exact_index(prefix: str, tensors: Mapping[str, torch.Tensor], in_features: int, source: str) -> None:
+    """exact_index (when given) names input channels of a linear of ``in_features`` (all of them, before any
+    tensor-parallel split)."""
+    index = tensors.get("exact_index")
+    if index is not None and index.numel() and (int(index.min()) < 0 or int(index.max()) >= in_features):
+        raise FormatError(f"{source}: tensor {prefix}.exact_index has entries outside [0, {in_features}); {_REDO}")
 
 
 def check_linear_layout(prefix: str, layout: Mapping[str, tuple[torch.dtype | str, tuple[int, ...]]],
@@ -204,7 +235,7 @@ def check_linear_layout(prefix: str, layout: Mapping[str, tuple[torch.dtype | st
                 raise FormatError(f"{source}: tensor {name} is missing ({spec.meaning}); {_REDO}")
             continue
         dtype, shape = layout[spec.suffix]
-        expected = spec.shape(out_features, in_features, config.groups(in_features))
+        expected = spec.shape(out_features, in_features, config.groups(in_features), config.exact_channels)
         if tuple(shape) != expected or dtype != spec.dtype:
             where = (file_of or {}).get(spec.suffix, source)
             raise FormatError(f"{where}: tensor {name} is {dtype} {list(shape)}, expected {spec.dtype} "
@@ -332,8 +363,9 @@ def validate_checkpoint_dir(model_dir: Path, config: QuantizationConfig) -> int:
                             file_of={suffix: file_of[name] for suffix, name in names.items()})
         vectors = {}  # the small tensors are value-checked now, the [N, K] weights after loading
         for spec in config.linear_tensors:
-            if spec.suffix in names and spec.dim in ("out", "in"):
+            if spec.suffix in names and spec.dim in ("out", "in", "exact"):
                 with safe_open(str(file_of[names[spec.suffix]]), framework="pt") as file:
                     vectors[spec.suffix] = file.get_tensor(names[spec.suffix])
         check_linear_values(prefix, vectors, config, source=str(model_dir))
+        check_exact_index(prefix, vectors, in_features, source=str(model_dir))
     return len(prefixes)

@@ -25,7 +25,7 @@ from vllm.model_executor.parameter import (
 from vllm_outliertune import format as fmt
 from vllm_outliertune.kernels import configs
 from vllm_outliertune.kernels import linear as kernel_ops
-from vllm_outliertune.kernels.torch_ref import quantize_activation_ref
+from vllm_outliertune.kernels.torch_ref import add_exact_channels, quantize_activation_ref
 
 if TYPE_CHECKING:
     from vllm_outliertune.config import OutlierTuneConfig
@@ -154,6 +154,10 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         input_vector = (RowvLLMParameter, {"input_dim": 0}) if row_parallel else (ReplicatedInputVector, {})
         add("input_inv_scale", input_vector[0], (input_size_per_partition,), fill=1.0, **input_vector[1])
         add("input_shift", input_vector[0], (input_size_per_partition,), fill=0.0, **input_vector[1])
+        if self.spec.exact_channels:
+            # Channel indices of the whole input (every rank loads all of them; row-parallel ranks keep theirs).
+            add("exact_index", ReplicatedInputVector, (self.spec.exact_channels,))
+            add("exact_weight", ChannelQuantScaleParameter, (out_features, self.spec.exact_channels), output_dim=0)
         layer.num_output_shards = len(output_partition_sizes)
         # The most rows one forward pass can send through this layer: the GEMMs are compiled up to it at load.
         vllm_config = get_current_vllm_config()
@@ -198,7 +202,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         # In-features of this rank's part (a packed weight holds two per byte); one group per row stays one.
         in_features = layer.weight.shape[1] * (2 if self.spec.packed else 1)
         fmt.validate_linear(self.prefix, tensors, layer.weight.shape[0], in_features, self.spec,
-                            source="checkpoint (as loaded by vLLM)")
+                            source="checkpoint (as loaded by vLLM)", whole_in_features=layer.input_size)
         output_bias = layer.output_bias.data
         bias = getattr(layer, "bias", None)
         if bias is not None and not layer.skip_bias_add:
@@ -216,6 +220,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             param = getattr(layer, suffix)
             setattr(layer, suffix,
                     torch.nn.Parameter(param.data, requires_grad=False) if param.loaded_shards else None)
+        self._localize_exact_channels(layer)
         if self.spec.packed:
             for suffix in ("weight_group_scale", "weight_group_zero"):
                 setattr(layer, suffix, torch.nn.Parameter(getattr(layer, suffix).data.contiguous(),
@@ -224,6 +229,24 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         if _NEW_SHAPES:
             report_untuned_shapes(layer.weight.device)
         self._warm_up(layer)
+
+    def _localize_exact_channels(self, layer: torch.nn.Module) -> None:
+        """exact_index names channels of the whole input; a row-parallel rank sees its part of K only, so it keeps
+        the channels inside its part (as local indices) and zeroes the weight columns of the others (another rank
+        adds them; the partial sums are all-reduced)."""
+        if not self.spec.exact_channels:
+            layer.exact_index = layer.exact_weight = None
+            return
+        index = layer.exact_index.data.long()
+        weight = layer.exact_weight.data.clone()
+        if isinstance(layer, RowParallelLinear):
+            part = layer.input_size_per_partition
+            index = index - layer.tp_rank * part
+            outside = (index < 0) | (index >= part)
+            weight[:, outside] = 0
+            index[outside] = 0
+        layer.exact_index = torch.nn.Parameter(index, requires_grad=False)
+        layer.exact_weight = torch.nn.Parameter(weight, requires_grad=False)
 
     @staticmethod
     def _warm_up(layer: torch.nn.Module) -> None:
@@ -254,6 +277,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             out = kernel_ops.quantized_linear(x_2d, layer.weight, layer.weight_scale, layer.output_bias,
                                               layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
                                               x.dtype)
+        out = add_exact_channels(out, x_2d, layer.exact_index, layer.exact_weight)
         if bias is not None:  # only when the bias could not be merged (skip_bias_add layers never pass one)
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
