@@ -48,6 +48,9 @@ class QuantizeOptions:
     exact_channels: int = 0
     outlier_factor: float = 16.0
     act_clips: tuple[float, ...] | None = None  # activation range factors the search tries (None: the architecture's)
+    # Calibrated per-channel ranges are widened by this factor before planning: headroom for activations beyond
+    # what the calibration text produced (another domain), paid for in resolution.
+    range_margin: float = 1.0
 
     @property
     def quant_config(self) -> QuantizationConfig:
@@ -160,6 +163,9 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
     heads, kv_heads, head_dim = attention_groups(model_config)
     group_size = heads // kv_heads
     stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], group_size, head_dim))
+    if options.range_margin != 1.0:
+        stats = {group: dataclasses.replace(value, min=value.min * options.range_margin,
+                                            max=value.max * options.range_margin) for group, value in stats.items()}
     rule = METHODS[options.method]
     clips = options.act_clips or arch.activation_clips
     grid = SearchGrid() if clips is None else SearchGrid(clips=clips)

@@ -21,7 +21,7 @@ def _quantize_options(args: argparse.Namespace):
                            calib_cache=args.calib_cache and Path(args.calib_cache), group_size=args.group_size,
                            weight_rounding=args.weight_rounding, keep_fp16=args.keep_fp16,
                            exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
-                           act_clips=args.act_clips)
+                           act_clips=args.act_clips, range_margin=args.range_margin)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -149,6 +149,9 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                              "go to a small floating-point side GEMM")
     parser.add_argument("--outlier-factor", type=float, default=QuantizeOptions.outlier_factor,
                         help="see --exact-channels")
+    parser.add_argument("--range-margin", type=float, default=QuantizeOptions.range_margin, metavar="F",
+                        help="widen every calibrated activation range by F before planning (headroom for text unlike "
+                             "the calibration text)")
     parser.add_argument("--act-clips", type=_floats, default=QuantizeOptions.act_clips, metavar="C,C,...",
                         help="method outliertune: activation range factors the per-layer search tries (below 1 "
                              "clips the calibrated range); default: 1.0,0.9,0.75, for Gemma 1.0")
