@@ -229,6 +229,7 @@ def test_packed_row_parallel_shards_must_hold_whole_groups():
     method = OutlierTuneLinearMethod(OutlierTuneConfig(spec), "model.layers.0.mlp.down_proj", ["down_proj"])
     method._check_packed_partition(True, 256, 512)  # two groups per rank
     method._check_packed_partition(False, 576, 576)  # column-parallel: K is not split, a short last group is fine
+    method._check_packed_partition(True, 576, 576)  # row-parallel at TP=1: not split either
     with pytest.raises(fmt.FormatError, match=r"down_proj: .* parts of 192, .* groups of 128 .*--group-size"):
         method._check_packed_partition(True, 192, 576)
 

@@ -167,9 +167,11 @@ class OutlierTuneLinearMethod(LinearMethodBase):
                           vllm_config.parallel_config.tensor_parallel_size)]
 
     def _check_packed_partition(self, row_parallel: bool, k_per_partition: int, k: int) -> None:
-        """Row-parallel layers split K across ranks: each rank's part must be whole bytes and whole groups."""
+        """Row-parallel layers split K across ranks: each rank's part must be whole bytes and whole groups (unsplit,
+        K may end in a short group, e.g. SmolLM2's 576 at group size 128)."""
         group_size = self.spec.group_size
-        if k_per_partition % 2 or (row_parallel and group_size and k_per_partition % group_size):
+        split = row_parallel and k_per_partition != k
+        if k_per_partition % 2 or (split and group_size and k_per_partition % group_size):
             raise fmt.FormatError(
                 f"{self.prefix}: tensor parallelism splits its {k} input channels into parts of {k_per_partition}, "
                 f"which do not align to the checkpoint's groups of {group_size} (packed 4-bit weights, "
