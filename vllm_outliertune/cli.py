@@ -32,7 +32,7 @@ def _quantize(args: argparse.Namespace) -> None:
                    trust_remote_code=args.trust_remote_code, report_dir=args.report and Path(args.report),
                    revision=args.revision)
     groups = f", group size {args.group_size}" if options.weight_format.packed else ""
-    print(f"wrote {out} ({args.method}, W{args.w_bits}A{args.a_bits}{groups}, {args.weight_rounding} rounding)"
+    print(f"wrote {out} ({args.method}, W{args.w_bits}A{args.a_bits}{groups}, {options.rounding} rounding)"
           + (f"; report in {args.report}" if args.report else ""))
 
 
@@ -129,8 +129,9 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--a-bits", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                         help="4-bit weights: input channels per integer group scale (0: one group per output row)")
-    parser.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="rtn",
-                        help="rtn: round to nearest; gptq: GPTQ error compensation on the calibration inputs")
+    parser.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="auto",
+                        help="rtn: round to nearest; gptq: GPTQ error compensation on the calibration inputs; "
+                             "auto (default): gptq for 4-bit weights, rtn for 8 and 6 bits")
     parser.add_argument("--samples", type=at_least(1), default=128, help="calibration windows")
     parser.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
     parser.add_argument("--method", default="outliertune", choices=sorted(METHODS))
