@@ -107,7 +107,8 @@ def test_traced_apply_matches_eager():
     k, n = 72, 40
     layer = SimpleNamespace(weight=torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
                             weight_scale=torch.rand(n, generator=g) * 0.01 + 1e-4, output_bias=torch.randn(n, generator=g),
-                            input_inv_scale=None, input_shift=torch.randint(-4, 5, (k,), generator=g).float())
+                            input_inv_scale=None, input_shift=torch.randint(-4, 5, (k,), generator=g).float(),
+                            exact_index=None, exact_weight=None)
     method = OutlierTuneLinearMethod(OutlierTuneConfig(fmt.QuantizationConfig()), "model.layers.0.mlp.gate_up_proj",
                                      ["gate_proj", "up_proj"])
     gamma = torch.rand(k, generator=g) * 40
