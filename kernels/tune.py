@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from vllm_outliertune.format import group_count
 from vllm_outliertune.kernels import configs, linear
 from vllm_outliertune.kernels.configs import (DISPATCH_ORDER, EXTERNAL_KERNELS, KERNELS, W4A8_KERNELS, get_config,
                                               shape_key, table_keys)
@@ -150,7 +151,7 @@ def make_inputs(m: int, n: int, k: int, device: str = "cuda") -> dict:
 
 def packed_weight(n: int, k: int, group_size: int, device: str = "cuda") -> tuple[torch.Tensor, ...]:
     """Random packed 4-bit weight [N, K/2] with group scales and zeros whose int8 levels stay in range."""
-    groups = -(-k // group_size) if group_size else 1
+    groups = group_count(k, group_size)
     return (torch.randint(0, 256, (n, (k + 1) // 2), device=device, dtype=torch.uint8),
             torch.randint(1, 9, (n, groups), device=device, dtype=torch.uint8),
             torch.randint(0, 16, (n, groups), device=device, dtype=torch.uint8))

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_outliertune.format import group_count
 from vllm_outliertune.kernels.int8_gemm import grouped_tile, launch_options, start_gemm
 from vllm_outliertune.kernels.splitk_gemm import split_k_plan, split_k_store
 
@@ -83,7 +84,7 @@ def check_packed_args(k: int, w_packed: torch.Tensor, group_scale: torch.Tensor,
                          f"(two 4-bit codes per byte for K = {k}) with contiguous rows")
     if group_size < 0 or group_size % 2:
         raise ValueError(f"group_size {group_size} must be 0 (one group per row) or a positive even number")
-    groups = 1 if group_size == 0 else -(-k // group_size)
+    groups = group_count(k, group_size)
     for name, t in (("group_scale", group_scale), ("group_zero", group_zero)):
         if t.dtype != torch.uint8 or tuple(t.shape) != (n, groups) or t.stride(1) != 1 or t.device != w_packed.device:
             raise ValueError(f"{name} is {t.dtype} {list(t.shape)} on {t.device}; expected uint8 [{n}, {groups}] on "
