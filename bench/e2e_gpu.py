@@ -1,8 +1,9 @@
 """End-to-end on a CUDA GPU with vLLM (default mode: torch.compile + CUDA graphs).
 
     python bench/e2e_gpu.py tiny WORKDIR        # tiny Llama: vLLM (compiled, graphs) vs our torch reference
-    python bench/e2e_gpu.py make8b WORKDIR [--w4a8]   # random Llama-3-8B-shaped bf16 checkpoint + our W8A8 of it
-                                                      # (quantized on the GPU), with --w4a8 also W4A8 (group 128)
+    python bench/e2e_gpu.py make8b WORKDIR [--w4a8] [--synthetic]   # random Llama-3-8B-shaped bf16 checkpoint +
+                                   # our W8A8 of it (quantized on the GPU), with --w4a8 also W4A8 (group 128);
+                                   # --synthetic: the quantized checkpoints hold random values (no calibration)
     python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8] [--tp 2]   # throughput rows
     python bench/e2e_gpu.py profile WORKDIR     # torch-profiler breakdown of W8A8 decode steps by kernel kind
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
@@ -66,7 +67,7 @@ def _tiny(workdir: Path) -> None:
                       "compiled": llm.llm_engine.vllm_config.compilation_config.mode != 0}))
 
 
-def _make8b(workdir: Path, w4a8: bool = False) -> None:
+def _make8b(workdir: Path, w4a8: bool = False, synthetic: bool = False) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -81,11 +82,13 @@ def _make8b(workdir: Path, w4a8: bool = False) -> None:
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(bf16_dir)
     tiny_models.build_tokenizer().save_pretrained(bf16_dir)  # any tokenizer: ids < vocab; timings ignore values
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    h, inter, kv = LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"], 8 * 128
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+    h, inter = LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"]
+    kv = LLAMA3_8B["num_key_value_heads"] * h // LLAMA3_8B["num_attention_heads"]
 
     def rand(*shape):
-        return (0.02 * torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)).cpu()
+        return (0.02 * torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16)).cpu()
 
     weight_map = {}
 
@@ -109,14 +112,87 @@ def _make8b(workdir: Path, w4a8: bool = False) -> None:
     (bf16_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     print(f"random bf16 checkpoint written in {time.time() - started:.0f} s")
     calib = tiny_models.write_tiny_text(workdir / "calib.txt", repeat=8)
-    started = time.time()
-    options = QuantizeOptions(samples=8, seq_len=512, device="cuda", progress=False, calib_cache=workdir / "calib")
-    quantize(bf16_dir, workdir / "llama3-8b-w8a8", calib, options, overwrite=True)
-    print(f"quantized on the GPU in {time.time() - started:.0f} s")
-    if w4a8:
+    options = QuantizeOptions(samples=8, seq_len=512, device=device, progress=False, calib_cache=workdir / "calib")
+    for name, bits in (("w8a8", 8),) + ((("w4a8", 4),) if w4a8 else ()):
         started = time.time()
-        quantize(bf16_dir, workdir / "llama3-8b-w4a8", calib, dataclasses.replace(options, w_bits=4), overwrite=True)
-        print(f"W4A8 quantized on the GPU in {time.time() - started:.0f} s")
+        bits_options = dataclasses.replace(options, w_bits=bits)
+        if synthetic:
+            _synthetic_quantized(bf16_dir, workdir / f"llama3-8b-{name}", workdir / f"layout-{name}", bits_options)
+        else:
+            quantize(bf16_dir, workdir / f"llama3-8b-{name}", calib, bits_options, overwrite=True)
+        print(f"{name} {'written (synthetic)' if synthetic else 'quantized'} in {time.time() - started:.0f} s")
+
+
+def _synthetic_quantized(bf16_dir: Path, out_dir: Path, layout_dir: Path, options) -> None:
+    """A quantized checkpoint of bf16_dir's shapes holding random values but exactly the tensors (names, dtypes,
+    which optional input vectors) that `outliertune quantize` writes for this architecture: those of a small model
+    of the same config family, quantized for real first. GEMM and quantization kernels run the same work whatever
+    the values, and quantizing the 8B shape costs minutes of GPU time (W4A8 with GPTQ more)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # after the installed package
+    from tests import tiny_models
+    from vllm_outliertune.offline.checkpoint import write_checkpoint
+    from vllm_outliertune.offline.quantize import quantize
+
+    config = AutoConfig.from_pretrained(bf16_dir)
+    small = AutoConfig.from_pretrained(bf16_dir, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(small).save_pretrained(layout_dir / "bf16")
+    tiny_models.build_tokenizer(512).save_pretrained(layout_dir / "bf16")
+    calib = tiny_models.write_tiny_text(layout_dir / "calib.txt")
+    quantize(layout_dir / "bf16", layout_dir / "quantized", calib,
+             dataclasses.replace(options, samples=4, seq_len=64, calib_cache=None), overwrite=True)
+    layout = {}
+    for file in sorted((layout_dir / "quantized").glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            layout |= {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    bf16 = {}
+    for file in sorted(bf16_dir.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            bf16 |= {name: f.get_tensor(name) for name in f.keys()}
+    spec = options.quant_config
+    by_suffix = {t.suffix: t for t in spec.linear_tensors}
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for name in (n for n in layout if n.startswith("model.layers.0.")):
+            name = name.replace("model.layers.0.", f"model.layers.{layer}.", 1)
+            prefix, _, suffix = name.rpartition(".")
+            if f"{prefix}.weight" in bf16 and f"{prefix.replace(f'.{layer}.', '.0.', 1)}.weight_scale" in layout:
+                out_features, in_features = bf16[f"{prefix}.weight"].shape
+                shape = by_suffix[suffix].shape(out_features, in_features, spec.groups(in_features))
+                tensors[name] = _random_tensor(suffix, shape, spec, gen)
+            else:
+                tensors[name] = bf16[name]  # norms: as in the bf16 model
+    tensors |= {name: bf16[name] for name in layout if not name.startswith("model.layers.")}
+    missing = {n.replace("model.layers.0.", "", 1) for n in layout if n.startswith("model.layers.0.")} - {
+        n.split(".", 3)[3] for n in tensors if n.startswith("model.layers.")}
+    assert not missing, f"synthetic checkpoint lacks {missing}"
+    write_checkpoint(out_dir, bf16_dir, config.to_dict(), spec, tensors)
+
+
+def _random_tensor(suffix: str, shape: tuple[int, ...], spec, gen):
+    """Values inside what the loader accepts (format.check_linear_values) and small enough that 32 layers of them
+    stay finite."""
+    import torch
+    from vllm_outliertune import format as fmt
+
+    if suffix == "weight" and spec.packed:
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    if suffix == "weight":
+        qmax = fmt.weight_qmax(spec.weight_bits)
+        return torch.randint(-qmax, qmax + 1, shape, generator=gen, dtype=torch.int8)
+    if suffix == "weight_group_scale":  # |code - zero| <= 15, times at most 8: inside int8
+        return torch.randint(1, 9, shape, generator=gen, dtype=torch.uint8)
+    if suffix == "weight_group_zero":
+        return torch.randint(0, fmt.PACKED_CODE_MAX + 1, shape, generator=gen, dtype=torch.uint8)
+    if suffix in ("weight_scale", "input_inv_scale"):
+        return (torch.rand(shape, generator=gen) + 0.5) * (1e-5 if suffix == "weight_scale" else 1.0)
+    return 0.01 * torch.randn(shape, generator=gen)  # output_bias, input_shift
 
 
 def _row(model_dir: str, label: str, quantization: str | None, dummy: bool, kv_cache_dtype: str | None,
@@ -324,6 +400,8 @@ def main() -> None:
     parser.add_argument("--rows", default="bf16,w8a8,fp8", help="table: which rows to run now")
     parser.add_argument("--tp", type=int, default=1, help="table / row: tensor-parallel size")
     parser.add_argument("--w4a8", action="store_true", help="make8b: also write a W4A8 checkpoint")
+    parser.add_argument("--synthetic", action="store_true", help="make8b: quantized checkpoints of random values "
+                        "with the tensors a real quantize writes (seconds instead of minutes; for speed rows only)")
     args = parser.parse_args()
     if args.step == "row":
         _row(args.path, args.label, args.quantization, args.dummy, args.kv_cache_dtype, args.tp)
@@ -333,7 +411,7 @@ def main() -> None:
     if args.step == "table":
         _table(workdir, args.rows, args.tp)
     elif args.step == "make8b":
-        _make8b(workdir, args.w4a8)
+        _make8b(workdir, args.w4a8, args.synthetic)
     else:
         {"tiny": _tiny, "profile": _profile, "serve": _serve}[args.step](workdir)
 
