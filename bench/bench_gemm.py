@@ -15,8 +15,9 @@ torch.nn.functional.linear on bf16 weights (cuBLAS); int_mm and cutlass also sta
 epilogue, int32 out). TOPS counts 2*M*N*K; at M <= 64 the "roof" column is the share of the GPU's datasheet HBM
 bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s) reached on the bytes moved (weights + activations + out), else the share
 of the dense int8 peak (1979 TOPS on both). With --w4a8-group-size G two more columns: w4a8 = the w4a8_gemm op (int8
-codes x packed 4-bit weights with integer group scales of G channels, the same epilogue; default tiles, not tuned
-yet) and ours/w4a8, its speed-up over the int8 GEMM."""
+codes x packed 4-bit weights with integer group scales of G channels, the same epilogue; the table's tiles, the
+weight stored N-major as the plugin stores it on the GPU) and ours/w4a8, its speed-up over
+the int8 GEMM."""
 
 from __future__ import annotations
 

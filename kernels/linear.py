@@ -201,6 +201,14 @@ def _(x, w_q, w_scale, bias, inv_scale, shift, act_bits, out_dtype):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=out_dtype)
 
 
+def w4a8_weight_layout(w_packed: torch.Tensor) -> torch.Tensor:
+    """The packed weight as the W4A8 kernels read it fastest on a GPU: the same [N, K/2] tensor stored N-major, so
+    the bytes of one K position are contiguous across output channels and a tile's loads coalesce (gemlite stores
+    its packed weights so too). Stored row-major (the checkpoint's layout), tiles gather single bytes along K:
+    0.04-0.2x the int8 GEMM on the H200."""
+    return w_packed.t().contiguous().t()
+
+
 @torch.library.custom_op("outliertune_kernels::w4a8_gemm", mutates_args=())
 def w4a8_gemm(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
               group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None,

@@ -150,9 +150,10 @@ def make_inputs(m: int, n: int, k: int, device: str = "cuda") -> dict:
 
 
 def packed_weight(n: int, k: int, group_size: int, device: str = "cuda") -> tuple[torch.Tensor, ...]:
-    """Random packed 4-bit weight [N, K/2] with group scales and zeros whose int8 levels stay in range."""
+    """Random packed 4-bit weight [N, K/2] in the plugin's GPU layout, with group scales and zeros whose int8
+    levels stay in range."""
     groups = group_count(k, group_size)
-    return (torch.randint(0, 256, (n, (k + 1) // 2), device=device, dtype=torch.uint8),
+    return (linear.w4a8_weight_layout(torch.randint(0, 256, (n, (k + 1) // 2), device=device, dtype=torch.uint8)),
             torch.randint(1, 9, (n, groups), device=device, dtype=torch.uint8),
             torch.randint(0, 16, (n, groups), device=device, dtype=torch.uint8))
 

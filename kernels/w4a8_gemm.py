@@ -1,7 +1,8 @@
 """W4A8 GEMM: int8 activation codes x packed 4-bit weights with integer group scales, int32 accumulation, the
 per-output-channel scale + bias epilogue of the int8 GEMMs.
 
-w_packed uint8 [N, ceil(K/2)] holds two codes per byte (channel 2j low nibble, 2j+1 high); the int8 weight level is
+w_packed uint8 [N, ceil(K/2)] (rows or columns contiguous: the plugin stores it N-major on the GPU,
+linear.w4a8_weight_layout) holds two codes per byte (channel 2j low nibble, 2j+1 high); the int8 weight level is
 (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_outliertune.format). The kernel widens the codes to
 those int8 levels in registers, so the K loop is integer only (no float dequantization) and the multiply is the
 same int8 x int8 -> int32 dot as in int8_gemm (tensor cores from BLOCK_M 16 and BLOCK_K 32; below that CUDA-core
@@ -41,7 +42,7 @@ def _levels(byte_tile, offs_k, scale_ptr, zero_ptr, rows_w, group, stride_gn, GR
 
 @triton.jit
 def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr,
-                      M, N, K, stride_am, stride_wn, stride_gn, stride_om, K_PER_SPLIT, GROUP_SIZE,
+                      M, N, K, stride_am, stride_wn, stride_wk, stride_gn, stride_om, K_PER_SPLIT, GROUP_SIZE,
                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -50,8 +51,9 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
     k_start = pid_k * K_PER_SPLIT
     offs_k = k_start + tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    # Channels 2j and 2j+1 read the same byte (one cache line: the weight bytes still stream once).
-    w_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + (offs_k // 2)[:, None]
+    # Channels 2j and 2j+1 read the same byte (one cache line: the weight bytes still stream once). The loads
+    # coalesce along N where the bytes are stored N-major (stride_wn 1, as the plugin lays them out on the GPU).
+    w_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + (offs_k // 2)[:, None].to(tl.int64) * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
@@ -69,7 +71,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
             acc += tl.sum(a.to(tl.int32)[:, :, None] * levels.to(tl.int32)[None, :, :], axis=1)
         offs_k += BLOCK_K
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K // 2
+        w_ptrs += (BLOCK_K // 2) * stride_wk
     split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N, stride_om,
                   SPLIT_K, HAS_BIAS)
 
@@ -79,9 +81,9 @@ def check_packed_args(k: int, w_packed: torch.Tensor, group_scale: torch.Tensor,
     """Raise ValueError naming the argument when the packed weight and its group tensors do not fit K."""
     n = w_packed.shape[0]
     if w_packed.dtype != torch.uint8 or w_packed.dim() != 2 or w_packed.shape[1] != (k + 1) // 2 \
-            or w_packed.stride(1) != 1:
+            or 1 not in w_packed.stride():
         raise ValueError(f"w_packed is {w_packed.dtype} {list(w_packed.shape)}; expected uint8 [N, {(k + 1) // 2}] "
-                         f"(two 4-bit codes per byte for K = {k}) with contiguous rows")
+                         f"(two 4-bit codes per byte for K = {k}) with contiguous rows or columns")
     if group_size < 0 or group_size % 2:
         raise ValueError(f"group_size {group_size} must be 0 (one group per row) or a positive even number")
     groups = group_count(k, group_size)
@@ -117,7 +119,8 @@ def w4a8_gemm(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tens
     group = group_size or block_k * triton.cdiv(k, block_k)  # 0: one group spans the row (and every tile)
     _w4a8_gemm_kernel[(tiles, split_k)](
         a_q, w_packed, group_scale, group_zero, out, w_scale, bias, partial_sums, counters,
-        m, n, k, a_q.stride(0), w_packed.stride(0), group_scale.stride(0), out.stride(0), k_per_split, group,
+        m, n, k, a_q.stride(0), w_packed.stride(0), w_packed.stride(1), group_scale.stride(0), out.stride(0),
+        k_per_split, group,
         HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=group % block_k == 0, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1), **launch_options(config),
         enable_fp_fusion=False)

@@ -113,17 +113,20 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
                     seed: int) -> list[str]:
-    """The W4A8 kernel (one variant per case, in turn, at K and at K - 1 channels: an odd K) and the w4a8_gemm op's
+    """The W4A8 kernel (one variant per case, in turn, at K channels with the weight stored row-major as in the
+    checkpoint and at K - 1, an odd K, stored N-major as the plugin lays it out on a GPU) and the w4a8_gemm op's
     table dispatch against the torch reference, exactly."""
     from vllm_outliertune.kernels import torch_ref
     from vllm_outliertune.kernels.linear import w4a8_gemm as w4a8_op
+    from vllm_outliertune.kernels.linear import w4a8_weight_layout
     from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
 
     failures = []
     kernel, group_size, config = W4A8_VARIANTS[seed % len(W4A8_VARIANTS)]
-    for a_q in (codes, codes[:, :-1]):
+    for a_q, layout in ((codes, torch.Tensor.contiguous), (codes[:, :-1], w4a8_weight_layout)):
         (m, k) = a_q.shape
-        packed = [t.to(a_q.device) for t in make_packed_weight(n, k, group_size, seed)]
+        weight, *groups = make_packed_weight(n, k, group_size, seed)
+        packed = [layout(weight.to(a_q.device)), *(t.to(a_q.device) for t in groups)]
         want = torch_ref.w4a8_gemm_ref(a_q, *packed, group_size, w_scale, bias, torch.bfloat16)
         got = w4a8_gemm(a_q, *packed, group_size, w_scale, bias, torch.bfloat16, kernel, config)
         if not torch.equal(got, want):

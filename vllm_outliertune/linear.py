@@ -215,7 +215,10 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             # Row-parallel partial sums are all-reduced: the full additive term is added on rank 0 only.
             output_bias = torch.zeros_like(output_bias)
         # Plain tensors from here on: the loaders are no longer needed and custom ops take tensors.
-        layer.weight = torch.nn.Parameter(layer.weight.data.contiguous(), requires_grad=False)
+        weight = layer.weight.data.contiguous()
+        if self.spec.packed and weight.is_cuda:
+            weight = kernel_ops.w4a8_weight_layout(weight)
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(layer.weight_scale.data, requires_grad=False)
         layer.output_bias = torch.nn.Parameter(output_bias, requires_grad=False)
         for suffix in ("input_inv_scale", "input_shift"):
@@ -227,7 +230,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             for suffix in ("weight_group_scale", "weight_group_zero"):
                 setattr(layer, suffix, torch.nn.Parameter(getattr(layer, suffix).data.contiguous(),
                                                           requires_grad=False))
-            return  # the W4A8 kernels compile on first use (their tiles are not tuned yet)
+            return  # the W4A8 kernels compile on first use
         if _NEW_SHAPES:
             report_untuned_shapes(layer.weight.device)
         self._warm_up(layer)
