@@ -201,12 +201,11 @@ def _(x, w_q, w_scale, bias, inv_scale, shift, act_bits, out_dtype):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=out_dtype)
 
 
-def w4a8_weight_layout(w_packed: torch.Tensor) -> torch.Tensor:
-    """The packed weight as the W4A8 kernels read it fastest on a GPU: the same [N, K/2] tensor stored N-major, so
-    the bytes of one K position are contiguous across output channels and a tile's loads coalesce (gemlite stores
-    its packed weights so too). Stored row-major (the checkpoint's layout), tiles gather single bytes along K:
-    0.04-0.2x the int8 GEMM on the H200."""
-    return w_packed.t().contiguous().t()
+def w4a8_gpu_layout(packed_operand: torch.Tensor) -> torch.Tensor:
+    """A packed weight [N, K/2] or its group scales / zeros [N, groups] as the W4A8 kernels read them fastest on a
+    GPU: the same tensor stored N-major, so the bytes of one K position are contiguous across output channels and a
+    tile's loads vectorize (gemlite stores its packed weights so too). Row-major tiles gather single bytes along K."""
+    return packed_operand.t().contiguous().t()
 
 
 @torch.library.custom_op("outliertune_kernels::w4a8_gemm", mutates_args=())

@@ -153,9 +153,10 @@ def packed_weight(n: int, k: int, group_size: int, device: str = "cuda") -> tupl
     """Random packed 4-bit weight [N, K/2] in the plugin's GPU layout, with group scales and zeros whose int8
     levels stay in range."""
     groups = group_count(k, group_size)
-    return (linear.w4a8_weight_layout(torch.randint(0, 256, (n, (k + 1) // 2), device=device, dtype=torch.uint8)),
-            torch.randint(1, 9, (n, groups), device=device, dtype=torch.uint8),
-            torch.randint(0, 16, (n, groups), device=device, dtype=torch.uint8))
+    return tuple(linear.w4a8_gpu_layout(t) for t in (
+        torch.randint(0, 256, (n, (k + 1) // 2), device=device, dtype=torch.uint8),
+        torch.randint(1, 9, (n, groups), device=device, dtype=torch.uint8),
+        torch.randint(0, 16, (n, groups), device=device, dtype=torch.uint8)))
 
 
 def gemm_args(m: int, n: int, k: int, kernel: str = "int8_gemm") -> tuple:

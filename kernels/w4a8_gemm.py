@@ -2,7 +2,7 @@
 per-output-channel scale + bias epilogue of the int8 GEMMs.
 
 w_packed uint8 [N, ceil(K/2)] (rows or columns contiguous: the plugin stores it N-major on the GPU,
-linear.w4a8_weight_layout) holds two codes per byte (channel 2j low nibble, 2j+1 high); the int8 weight level is
+linear.w4a8_gpu_layout) holds two codes per byte (channel 2j low nibble, 2j+1 high); the int8 weight level is
 (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_outliertune.format). The kernel widens the codes to
 those int8 levels in registers, so the K loop is integer only (no float dequantization) and the multiply is the
 same int8 x int8 -> int32 dot as in int8_gemm (tensor cores from BLOCK_M 16 and BLOCK_K 32; below that CUDA-core
@@ -26,15 +26,16 @@ from vllm_outliertune.kernels.splitk_gemm import split_k_plan, split_k_store
 
 
 @triton.jit
-def _levels(byte_tile, offs_k, scale_ptr, zero_ptr, rows_w, group, stride_gn, GROUP_TILE: tl.constexpr):
+def _levels(byte_tile, offs_k, scale_ptr, zero_ptr, rows_w, group, stride_gn, stride_gk, GROUP_TILE: tl.constexpr):
     """uint8 bytes [BLOCK_K, BLOCK_N] (row k holds the byte of channel k: each byte twice) -> int8 levels of
     channel k's nibble (low for even k, high for odd k)."""
     codes = (byte_tile.to(tl.int32) >> ((offs_k % 2) * 4)[:, None]) & 15
     if GROUP_TILE:  # group: a scalar (the tile's group)
-        scale = tl.load(scale_ptr + rows_w.to(tl.int64) * stride_gn + group).to(tl.int32)[None, :]
-        zero = tl.load(zero_ptr + rows_w.to(tl.int64) * stride_gn + group).to(tl.int32)[None, :]
+        offsets = rows_w.to(tl.int64) * stride_gn + group * stride_gk
+        scale = tl.load(scale_ptr + offsets).to(tl.int32)[None, :]
+        zero = tl.load(zero_ptr + offsets).to(tl.int32)[None, :]
     else:  # group: [BLOCK_K], one per channel
-        offsets = rows_w[None, :].to(tl.int64) * stride_gn + group[:, None]
+        offsets = rows_w[None, :].to(tl.int64) * stride_gn + group[:, None].to(tl.int64) * stride_gk
         scale = tl.load(scale_ptr + offsets).to(tl.int32)
         zero = tl.load(zero_ptr + offsets).to(tl.int32)
     return ((codes - zero) * scale).to(tl.int8)
@@ -42,12 +43,15 @@ def _levels(byte_tile, offs_k, scale_ptr, zero_ptr, rows_w, group, stride_gn, GR
 
 @triton.jit
 def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr,
-                      M, N, K, stride_am, stride_wn, stride_wk, stride_gn, stride_om, K_PER_SPLIT, GROUP_SIZE,
-                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
+                      M, N, K, stride_am, stride_wn, stride_wk, stride_gn, stride_gk, stride_om, K_PER_SPLIT,
+                      GROUP_SIZE, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
+                      EVEN_N: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m, offs_n, rows_a, rows_w = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if EVEN_N:  # no tile reaches past N: say the columns are contiguous, so N-major loads vectorize (as gemlite)
+        rows_w = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
     k_start = pid_k * K_PER_SPLIT
     offs_k = k_start + tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_k[None, :]
@@ -64,7 +68,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
             group = (k_start + i * BLOCK_K) // GROUP_SIZE
         else:
             group = tl.minimum(offs_k, K - 1) // GROUP_SIZE
-        levels = _levels(w, offs_k, gscale_ptr, gzero_ptr, rows_w, group, stride_gn, GROUP_TILE)
+        levels = _levels(w, offs_k, gscale_ptr, gzero_ptr, rows_w, group, stride_gn, stride_gk, GROUP_TILE)
         if BLOCK_M >= 16 and BLOCK_K >= 32:  # int8 tensor-core dots take M >= 16 and K >= 32
             acc = tl.dot(a, levels, acc, out_dtype=tl.int32)
         else:
@@ -88,11 +92,12 @@ def check_packed_args(k: int, w_packed: torch.Tensor, group_scale: torch.Tensor,
         raise ValueError(f"group_size {group_size} must be 0 (one group per row) or a positive even number")
     groups = group_count(k, group_size)
     for name, t in (("group_scale", group_scale), ("group_zero", group_zero)):
-        if t.dtype != torch.uint8 or tuple(t.shape) != (n, groups) or t.stride(1) != 1 or t.device != w_packed.device:
+        if t.dtype != torch.uint8 or tuple(t.shape) != (n, groups) or 1 not in t.stride() \
+                or t.device != w_packed.device:
             raise ValueError(f"{name} is {t.dtype} {list(t.shape)} on {t.device}; expected uint8 [{n}, {groups}] on "
-                             f"{w_packed.device}, contiguous")
-    if group_scale.stride(0) != group_zero.stride(0):
-        raise ValueError("group_scale and group_zero must have the same row stride")
+                             f"{w_packed.device}, with contiguous rows or columns")
+    if group_scale.stride() != group_zero.stride():
+        raise ValueError("group_scale and group_zero must have the same strides")
 
 
 def w4a8_gemm(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
@@ -119,9 +124,10 @@ def w4a8_gemm(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tens
     group = group_size or block_k * triton.cdiv(k, block_k)  # 0: one group spans the row (and every tile)
     _w4a8_gemm_kernel[(tiles, split_k)](
         a_q, w_packed, group_scale, group_zero, out, w_scale, bias, partial_sums, counters,
-        m, n, k, a_q.stride(0), w_packed.stride(0), w_packed.stride(1), group_scale.stride(0), out.stride(0),
-        k_per_split, group,
-        HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=group % block_k == 0, BLOCK_M=block_m,
+        m, n, k, a_q.stride(0), w_packed.stride(0), w_packed.stride(1), group_scale.stride(0), group_scale.stride(1),
+        out.stride(0), k_per_split, group,
+        HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=group % block_k == 0, EVEN_N=n % block_n == 0,
+        BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1), **launch_options(config),
         enable_fp_fusion=False)
     return out

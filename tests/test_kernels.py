@@ -118,15 +118,14 @@ def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: to
     table dispatch against the torch reference, exactly."""
     from vllm_outliertune.kernels import torch_ref
     from vllm_outliertune.kernels.linear import w4a8_gemm as w4a8_op
-    from vllm_outliertune.kernels.linear import w4a8_weight_layout
+    from vllm_outliertune.kernels.linear import w4a8_gpu_layout
     from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
 
     failures = []
     kernel, group_size, config = W4A8_VARIANTS[seed % len(W4A8_VARIANTS)]
-    for a_q, layout in ((codes, torch.Tensor.contiguous), (codes[:, :-1], w4a8_weight_layout)):
+    for a_q, layout in ((codes, torch.Tensor.contiguous), (codes[:, :-1], w4a8_gpu_layout)):
         (m, k) = a_q.shape
-        weight, *groups = make_packed_weight(n, k, group_size, seed)
-        packed = [layout(weight.to(a_q.device)), *(t.to(a_q.device) for t in groups)]
+        packed = [layout(t.to(a_q.device)) for t in make_packed_weight(n, k, group_size, seed)]
         want = torch_ref.w4a8_gemm_ref(a_q, *packed, group_size, w_scale, bias, torch.bfloat16)
         got = w4a8_gemm(a_q, *packed, group_size, w_scale, bias, torch.bfloat16, kernel, config)
         if not torch.equal(got, want):

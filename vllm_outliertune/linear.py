@@ -215,10 +215,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             # Row-parallel partial sums are all-reduced: the full additive term is added on rank 0 only.
             output_bias = torch.zeros_like(output_bias)
         # Plain tensors from here on: the loaders are no longer needed and custom ops take tensors.
-        weight = layer.weight.data.contiguous()
-        if self.spec.packed and weight.is_cuda:
-            weight = kernel_ops.w4a8_weight_layout(weight)
-        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        layer.weight = torch.nn.Parameter(self._packed_layout(layer.weight.data), requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(layer.weight_scale.data, requires_grad=False)
         layer.output_bias = torch.nn.Parameter(output_bias, requires_grad=False)
         for suffix in ("input_inv_scale", "input_shift"):
@@ -228,12 +225,18 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         self._localize_exact_channels(layer)
         if self.spec.packed:
             for suffix in ("weight_group_scale", "weight_group_zero"):
-                setattr(layer, suffix, torch.nn.Parameter(getattr(layer, suffix).data.contiguous(),
+                setattr(layer, suffix, torch.nn.Parameter(self._packed_layout(getattr(layer, suffix).data),
                                                           requires_grad=False))
             return  # the W4A8 kernels compile on first use
         if _NEW_SHAPES:
             report_untuned_shapes(layer.weight.device)
         self._warm_up(layer)
+
+    def _packed_layout(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Weights as the kernels read them: packed 4-bit operands N-major on a GPU, everything else row-major."""
+        if self.spec.packed and tensor.is_cuda:
+            return kernel_ops.w4a8_gpu_layout(tensor)
+        return tensor.contiguous()
 
     def _localize_exact_channels(self, layer: torch.nn.Module) -> None:
         """exact_index names channels of the whole input; a row-parallel rank sees its part of K only, so it keeps
