@@ -190,6 +190,8 @@ def _random_tensor(suffix: str, shape: tuple[int, ...], spec, gen):
         return torch.randint(1, 9, shape, generator=gen, dtype=torch.uint8)
     if suffix == "weight_group_zero":
         return torch.randint(0, fmt.PACKED_CODE_MAX + 1, shape, generator=gen, dtype=torch.uint8)
+    if suffix.startswith("input_"):  # layers that share an input (q/k/v, gate/up) carry the same vectors
+        gen = torch.Generator().manual_seed(shape[0])
     if suffix in ("weight_scale", "input_inv_scale"):
         return (torch.rand(shape, generator=gen) + 0.5) * (1e-5 if suffix == "weight_scale" else 1.0)
     return 0.01 * torch.randn(shape, generator=gen)  # output_bias, input_shift
