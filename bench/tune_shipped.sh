@@ -7,7 +7,9 @@
 #    "default" entry (Qwen2.5-14B stays out of the spread: it is the check that an untuned shape keeps its speed).
 # 2. Quick search (the family's known tiles + the spread's best) for the other models' per-rank shapes.
 # 3. Copy the device's entries into the shipped table: python bench/ship_entries.py TABLE.state.jsonl "NVIDIA H200".
-# The H200 timings behind the shipped entries: bench/tune_state_h200.jsonl.gz (gunzip it to re-derive them).
+# The H200 timings behind the shipped entries: bench/tune_state_h200.jsonl.gz, and bench/tune_state_h200_graph.jsonl.gz
+# (Llama-3-8B TP 1 / 2 shapes re-timed as CUDA-graph replays, plus the W4A8 kernels at TP 1), which wins shape by shape:
+#   python bench/ship_entries.py tune_state_h200.jsonl --retimed tune_state_h200_graph.jsonl   (both gunzipped)
 set -u
 TABLE=${1:-${OUTLIERTUNE_TILE_CONFIGS:-$HOME/.cache/vllm-outliertune/tile_configs.json}}
 REP=${REP_MS:-10}
