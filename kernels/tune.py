@@ -53,7 +53,7 @@ TRITON_KERNELS = KERNELS + W4A8_KERNELS
 # Each kernel's fallback: the kernel of its weight format that the table lists at every bucket.
 FALLBACK = {kernel: fallback for fallback, order in DISPATCH_ORDER.items() for kernel in (fallback, *order)}
 W4A8_GROUP_SIZE = 128  # W4A8 tiles are tuned at `outliertune quantize`'s default group size
-W4A8_TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages"}
+W4A8_TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages", "FACTORED"}
 QUICK_TOP = 3  # quick search: the best few of the full searches in the state, besides the table's tiles
 
 
@@ -118,8 +118,10 @@ def full_candidates(kernel: str, m: int) -> list[dict]:
     if kernel in EXTERNAL_KERNELS:
         return [{}]  # a library GEMM picks its own tiles
     if kernel in W4A8_KERNELS:  # the int8 kernels' tiles, without the split-K kernel's load variants
-        tiles = gemm_candidates(m) if kernel == "w4a8_gemm" else splitk_candidates(m)
-        return [config for config in tiles if set(config) <= W4A8_TILE_KEYS]
+        tiles = [config for config in (gemm_candidates(m) if kernel == "w4a8_gemm" else splitk_candidates(m))
+                 if set(config) <= W4A8_TILE_KEYS]
+        # and each tile inside one group again with the FACTORED loop (bytes read once, group terms per output)
+        return tiles + [dict(config, FACTORED=1) for config in tiles if W4A8_GROUP_SIZE % config["BLOCK_K"] == 0]
     return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
 
 

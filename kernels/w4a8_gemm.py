@@ -11,7 +11,10 @@ nibble picked per row, so the activations load as one contiguous [BLOCK_M, BLOCK
 (the first version split even / odd channels into two dots on stride-2 activation loads: 22-37x slower than the
 int8 GEMM at M = 4096 on the H200).
 When a tile lies inside one group (group_size a multiple of BLOCK_K) its group scale/zero are one vector per tile,
-else they are gathered per channel. One kernel serves decode and prefill: SPLIT_K > 1 splits the K loop across
+else they are gathered per channel. Tiles with FACTORED (inside one group only) read each byte once, as
+[BLOCK_K / 2, BLOCK_N], split the activation tile into even / odd channels in registers, and apply the group terms per
+output: (sum a * code - zero * sum a) * scale, the same integer with two integer ops per weight instead of five (on
+the H200 the per-weight path reads a GEMV's weights at ~0.46 TB/s: bound by that work, not by memory). One kernel serves decode and prefill: SPLIT_K > 1 splits the K loop across
 programs (small M: enough programs to stream the weights) and they meet through splitk_gemm.split_k_store."""
 
 from __future__ import annotations
@@ -42,10 +45,28 @@ def _levels(byte_tile, offs_k, scale_ptr, zero_ptr, rows_w, group, stride_gn, st
 
 
 @triton.jit
+def _factored_group_sum(a, byte_tile, scale, zero, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k a[:, k] * level[k, :] over one tile inside one group, with each byte read once and the group's zero
+    point and scale applied per output instead of per weight: (sum_k a_k * code_k - zero * sum_k a_k) * scale, the
+    same integer. a: int8 [BLOCK_M, BLOCK_K]; byte_tile: uint8 [BLOCK_K // 2, BLOCK_N] (channels 2j low, 2j+1 high);
+    scale, zero: int32 [BLOCK_N]."""
+    a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+    low = (byte_tile & 15).to(tl.int8)
+    high = (byte_tile >> 4).to(tl.int8)
+    if BLOCK_M >= 16 and BLOCK_K >= 64:  # int8 tensor-core dots take M >= 16 and K >= 32 (here K is BLOCK_K / 2)
+        codes_sum = tl.dot(a_odd, high, tl.dot(a_even, low, out_dtype=tl.int32), out_dtype=tl.int32)
+    else:
+        codes_sum = (tl.sum(a_even.to(tl.int32)[:, :, None] * low.to(tl.int32)[None, :, :], axis=1)
+                     + tl.sum(a_odd.to(tl.int32)[:, :, None] * high.to(tl.int32)[None, :, :], axis=1))
+    a_sum = tl.sum(a.to(tl.int32), axis=1)
+    return (codes_sum - a_sum[:, None] * zero[None, :]) * scale[None, :]
+
+
+@triton.jit
 def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr,
                       M, N, K, stride_am, stride_wn, stride_wk, stride_gn, stride_gk, stride_om, K_PER_SPLIT,
                       GROUP_SIZE, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
-                      EVEN_N: tl.constexpr,
+                      EVEN_N: tl.constexpr, FACTORED: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -58,24 +79,36 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
     # Channels 2j and 2j+1 read the same byte (one cache line: the weight bytes still stream once). The loads
     # coalesce along N where the bytes are stored N-major (stride_wn 1, as the plugin lays them out on the GPU).
     w_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + (offs_k // 2)[:, None].to(tl.int64) * stride_wk
+    # FACTORED: each byte once ([BLOCK_K / 2, BLOCK_N], k_start is even), group terms per output (GROUP_TILE only).
+    offs_byte = k_start // 2 + tl.arange(0, BLOCK_K // 2)
+    byte_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + offs_byte[:, None].to(tl.int64) * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
-        # Channels past K read code 0, whose level need not be 0: the zeroed activations cancel them.
-        w = tl.load(w_ptrs, mask=(offs_k < K)[:, None], other=0, eviction_policy="evict_first")
         a = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
-        if GROUP_TILE:
-            group = (k_start + i * BLOCK_K) // GROUP_SIZE
+        if FACTORED:
+            group_offsets = rows_w.to(tl.int64) * stride_gn + ((k_start + i * BLOCK_K) // GROUP_SIZE) * stride_gk
+            byte_tile = tl.load(byte_ptrs, mask=(offs_byte < (K + 1) // 2)[:, None], other=0,
+                                eviction_policy="evict_first")
+            acc += _factored_group_sum(a, byte_tile, tl.load(gscale_ptr + group_offsets).to(tl.int32),
+                                       tl.load(gzero_ptr + group_offsets).to(tl.int32), BLOCK_M, BLOCK_K)
         else:
-            group = tl.minimum(offs_k, K - 1) // GROUP_SIZE
-        levels = _levels(w, offs_k, gscale_ptr, gzero_ptr, rows_w, group, stride_gn, stride_gk, GROUP_TILE)
-        if BLOCK_M >= 16 and BLOCK_K >= 32:  # int8 tensor-core dots take M >= 16 and K >= 32
-            acc = tl.dot(a, levels, acc, out_dtype=tl.int32)
-        else:
-            acc += tl.sum(a.to(tl.int32)[:, :, None] * levels.to(tl.int32)[None, :, :], axis=1)
+            # Channels past K read code 0, whose level need not be 0: the zeroed activations cancel them.
+            w = tl.load(w_ptrs, mask=(offs_k < K)[:, None], other=0, eviction_policy="evict_first")
+            if GROUP_TILE:
+                group = (k_start + i * BLOCK_K) // GROUP_SIZE
+            else:
+                group = tl.minimum(offs_k, K - 1) // GROUP_SIZE
+            levels = _levels(w, offs_k, gscale_ptr, gzero_ptr, rows_w, group, stride_gn, stride_gk, GROUP_TILE)
+            if BLOCK_M >= 16 and BLOCK_K >= 32:  # int8 tensor-core dots take M >= 16 and K >= 32
+                acc = tl.dot(a, levels, acc, out_dtype=tl.int32)
+            else:
+                acc += tl.sum(a.to(tl.int32)[:, :, None] * levels.to(tl.int32)[None, :, :], axis=1)
         offs_k += BLOCK_K
         a_ptrs += BLOCK_K
         w_ptrs += (BLOCK_K // 2) * stride_wk
+        offs_byte += BLOCK_K // 2
+        byte_ptrs += (BLOCK_K // 2) * stride_wk
     split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N, stride_om,
                   SPLIT_K, HAS_BIAS)
 
@@ -127,7 +160,7 @@ def w4a8_gemm(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tens
         m, n, k, a_q.stride(0), w_packed.stride(0), w_packed.stride(1), group_scale.stride(0), group_scale.stride(1),
         out.stride(0), k_per_split, group,
         HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=group % block_k == 0, EVEN_N=n % block_n == 0,
-        BLOCK_M=block_m,
+        FACTORED=bool(config.get("FACTORED")) and group % block_k == 0, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1), **launch_options(config),
         enable_fp_fusion=False)
     return out

@@ -104,11 +104,14 @@ def make_packed_weight(n: int, k: int, group_size: int, seed: int) -> tuple[torc
     return pack_int4(codes), scale, zero
 
 
-# (kernel, group size, config): tiles inside one group and groups gathered per channel, split K, M < 16 and >= 16.
+# (kernel, group size, config): tiles inside one group and groups gathered per channel, split K, M < 16 and >= 16,
+# and the FACTORED loop (bytes read once, group terms per output) with and without tensor-core dots.
 W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3}),
                  ("w4a8_splitk", 48, {"BLOCK_M": 4, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 0}),
                  ("w4a8_gemm", 0, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}),
-                 ("w4a8_gemm", 16, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}))
+                 ("w4a8_gemm", 16, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}),
+                 ("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3, "FACTORED": 1}),
+                 ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1}))
 
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
