@@ -56,3 +56,45 @@ def test_weight_only_baseline_groups_with_a_short_last_group():
         step = (original.amax(1) - original.amin(1)) / 15
         assert all(len(row.unique()) <= 16 for row in group)
         assert ((group - original).abs() <= step[:, None] * 0.5 + 1e-6).all()
+
+
+def test_synthetic_checkpoint_has_a_real_quantizes_tensors(e2e_gpu, tmp_path, monkeypatch):
+    """make8b --synthetic (the speed rows' W8A8 / W4A8 checkpoints): every tensor a real quantize of the architecture
+    writes, at the big model's shapes and dtypes, values the format accepts, and one set of input vectors per shared
+    input (vLLM's merged q/k/v and gate/up loaders refuse differing ones)."""
+    import torch
+    from safetensors import safe_open
+
+    from vllm_outliertune import format as fmt
+
+    monkeypatch.setitem(e2e_gpu.LLAMA3_8B, "hidden_size", 256)
+    monkeypatch.setitem(e2e_gpu.LLAMA3_8B, "intermediate_size", 384)
+    monkeypatch.setitem(e2e_gpu.LLAMA3_8B, "num_hidden_layers", 3)
+    monkeypatch.setitem(e2e_gpu.LLAMA3_8B, "vocab_size", 600)
+    e2e_gpu._make8b(tmp_path, w4a8=True, synthetic=True)
+
+    def tensors(directory):
+        found = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                found |= {name: f.get_tensor(name) for name in f.keys()}
+        return found
+
+    for name in ("w8a8", "w4a8"):
+        out_dir, layout_dir = tmp_path / f"llama3-8b-{name}", tmp_path / f"layout-{name}" / "quantized"
+        spec = fmt.QuantizationConfig.from_dict(json.loads((out_dir / "config.json").read_text())["quantization_config"])
+        fmt.validate_checkpoint_dir(out_dir, spec)
+        synthetic, layout = tensors(out_dir), tensors(layout_dir)
+        for layer in range(3):
+            names = {n.replace("model.layers.0.", f"model.layers.{layer}.") for n in layout if ".layers.0." in n}
+            assert names <= set(synthetic), names - set(synthetic)
+            assert all(synthetic[n].dtype == layout[n.replace(f".layers.{layer}.", ".layers.0.")].dtype for n in names)
+        assert synthetic["model.layers.1.mlp.gate_proj.weight_scale"].shape == (384,)
+        shared = 0
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            for suffix in ("input_shift", "input_inv_scale"):  # present where the quantize wrote them
+                vectors = [synthetic.get(f"model.layers.2.{module}.{suffix}") for module in group]
+                if vectors[0] is not None:
+                    assert all(torch.equal(vectors[0], v) for v in vectors[1:]), f"{group} {suffix}"
+                    shared += 1
+        assert shared, "no shared input vectors to compare"
