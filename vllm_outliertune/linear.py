@@ -223,7 +223,14 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             setattr(layer, suffix,
                     torch.nn.Parameter(param.data, requires_grad=False) if param.loaded_shards else None)
         self._localize_exact_channels(layer)
-        if self.spec.packed:
+        if self.spec.packed and not layer.weight.is_cuda:
+            # No W4A8 kernel off the GPU, and the reference would unpack the weight on every call: unpack it once
+            # (int8 levels, twice the packed bytes) and run the int8 path, which computes the same integers.
+            levels = fmt.packed_levels(layer.weight.data, layer.weight_group_scale.data, layer.weight_group_zero.data,
+                                       self.spec.group_size, layer.input_size_per_partition)
+            layer.weight = torch.nn.Parameter(levels.to(torch.int8), requires_grad=False)
+            layer.weight_group_scale = layer.weight_group_zero = None
+        elif self.spec.packed:
             for suffix in ("weight_group_scale", "weight_group_zero"):
                 setattr(layer, suffix, torch.nn.Parameter(self._packed_layout(getattr(layer, suffix).data),
                                                           requires_grad=False))
@@ -273,7 +280,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])
-        if self.spec.packed:
+        if layer.weight.dtype == torch.uint8:  # packed 4-bit (on a GPU; elsewhere unpacked at load)
             out = self._apply_packed(layer, x_2d, x.dtype)
         elif torch.compiler.is_compiling():
             # Traced (vLLM's default mode): the quantization as plain torch ops, which inductor fuses into the
