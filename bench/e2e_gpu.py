@@ -134,6 +134,7 @@ def _synthetic_quantized(bf16_dir: Path, out_dir: Path, layout_dir: Path, option
 
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # after the installed package
     from tests import tiny_models
+    from vllm_outliertune import format as fmt
     from vllm_outliertune.offline.checkpoint import write_checkpoint
     from vllm_outliertune.offline.quantize import quantize
 
@@ -155,17 +156,21 @@ def _synthetic_quantized(bf16_dir: Path, out_dir: Path, layout_dir: Path, option
         with safe_open(file, "pt") as f:
             bf16 |= {name: f.get_tensor(name) for name in f.keys()}
     spec = options.quant_config
-    by_suffix = {t.suffix: t for t in spec.linear_tensors}
+    packed_specs = {t.suffix: t for t in spec.linear_tensors}
+    int8_specs = {t.suffix: t for t in fmt.LINEAR_TENSORS + fmt.EXACT_TENSORS}  # int8 weights (also in 4-bit models)
     gen = torch.Generator().manual_seed(0)
     tensors = {}
     for layer in range(config.num_hidden_layers):
         for name in (n for n in layout if n.startswith("model.layers.0.")):
             name = name.replace("model.layers.0.", f"model.layers.{layer}.", 1)
             prefix, _, suffix = name.rpartition(".")
-            if f"{prefix}.weight" in bf16 and f"{prefix.replace(f'.{layer}.', '.0.', 1)}.weight_scale" in layout:
+            layout_prefix = prefix.replace(f".{layer}.", ".0.", 1)
+            if f"{prefix}.weight" in bf16 and f"{layout_prefix}.weight_scale" in layout:
                 out_features, in_features = bf16[f"{prefix}.weight"].shape
-                shape = by_suffix[suffix].shape(out_features, in_features, spec.groups(in_features))
-                tensors[name] = _random_tensor(suffix, shape, spec, gen)
+                packed = layout[f"{layout_prefix}.weight"] == "U8"
+                tensor_spec = (packed_specs if packed else int8_specs)[suffix]
+                shape = tensor_spec.shape(out_features, in_features, spec.groups(in_features) if packed else 1)
+                tensors[name] = _random_tensor(suffix, shape, spec, packed, gen)
             else:
                 tensors[name] = bf16[name]  # norms: as in the bf16 model
     tensors |= {name: bf16[name] for name in layout if not name.startswith("model.layers.")}
@@ -175,16 +180,16 @@ def _synthetic_quantized(bf16_dir: Path, out_dir: Path, layout_dir: Path, option
     write_checkpoint(out_dir, bf16_dir, config.to_dict(), spec, tensors)
 
 
-def _random_tensor(suffix: str, shape: tuple[int, ...], spec, gen):
+def _random_tensor(suffix: str, shape: tuple[int, ...], spec, packed: bool, gen):
     """Values inside what the loader accepts (format.check_linear_values) and small enough that 32 layers of them
     stay finite."""
     import torch
     from vllm_outliertune import format as fmt
 
-    if suffix == "weight" and spec.packed:
+    if suffix == "weight" and packed:
         return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
     if suffix == "weight":
-        qmax = fmt.weight_qmax(spec.weight_bits)
+        qmax = fmt.weight_qmax(spec.weight_bits if not spec.packed else 8)
         return torch.randint(-qmax, qmax + 1, shape, generator=gen, dtype=torch.int8)
     if suffix == "weight_group_scale":  # |code - zero| <= 15, times at most 8: inside int8
         return torch.randint(1, 9, shape, generator=gen, dtype=torch.uint8)
