@@ -12,10 +12,11 @@ nibble picked per row, so the activations load as one contiguous [BLOCK_M, BLOCK
 int8 GEMM at M = 4096 on the H200).
 When a tile lies inside one group (group_size a multiple of BLOCK_K) its group scale/zero are one vector per tile,
 else they are gathered per channel. Tiles with FACTORED (inside one group only) read each byte once, as
-[BLOCK_K / 2, BLOCK_N], split the activation tile into even / odd channels in registers, and apply the group terms per
-output: (sum a * code - zero * sum a) * scale, the same integer with two integer ops per weight instead of five (on
-the H200 the per-weight path reads a GEMV's weights at ~0.46 TB/s: bound by that work, not by memory). One kernel serves decode and prefill: SPLIT_K > 1 splits the K loop across
-programs (small M: enough programs to stream the weights) and they meet through splitk_gemm.split_k_store."""
+[BLOCK_K / 2, BLOCK_N], split the activation tile into even / odd channels in registers, and apply the group terms
+per output: (sum a * code - zero * sum a) * scale, the same integer with two integer ops per weight instead of five
+(on the H200 the per-weight path reads a GEMV's weights at ~0.46 TB/s: bound by that work, not by memory).
+One kernel serves decode and prefill: SPLIT_K > 1 splits the K loop across programs (small M: enough programs to
+stream the weights) and they meet through splitk_gemm.split_k_store."""
 
 from __future__ import annotations
 
