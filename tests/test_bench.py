@@ -82,7 +82,8 @@ def test_synthetic_checkpoint_has_a_real_quantizes_tensors(e2e_gpu, tmp_path, mo
 
     for name in ("w8a8", "w4a8"):
         out_dir, layout_dir = tmp_path / f"llama3-8b-{name}", tmp_path / f"layout-{name}" / "quantized"
-        spec = fmt.QuantizationConfig.from_dict(json.loads((out_dir / "config.json").read_text())["quantization_config"])
+        config = json.loads((out_dir / "config.json").read_text())
+        spec = fmt.QuantizationConfig.from_dict(config["quantization_config"])
         fmt.validate_checkpoint_dir(out_dir, spec)
         synthetic, layout = tensors(out_dir), tensors(layout_dir)
         for layer in range(3):
