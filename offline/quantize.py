@@ -43,6 +43,9 @@ class QuantizeOptions:
     group_size: int = DEFAULT_GROUP_SIZE  # 4-bit weights: input channels per group scale (0: one per row)
     weight_rounding: str = "auto"  # "rtn", "gptq" or "auto" (the one measured better for w_bits)
     keep_fp16: str = "none"  # input groups left unquantized: "none", "auto" or "LAYER.GROUP,..." (e.g. "1.down")
+    # Packed 4-bit weights: input groups whose linears keep int8 weights (W8A8 in the same checkpoint): "none",
+    # "auto" (AUTO_INT8_GROUPS) or "LAYER.GROUP,...".
+    int8_weights: str = "auto"
     # Per input group (not o_proj's), up to this many channels whose calibrated range is over outlier_factor times
     # the median channel range bypass quantization (a floating-point side GEMM over those weight columns).
     exact_channels: int = 0
@@ -65,6 +68,11 @@ class QuantizeOptions:
     @property
     def weight_format(self) -> WeightFormat:
         return WeightFormat.of(self.quant_config)
+
+    @property
+    def with_int8_weights(self) -> "QuantizeOptions":
+        """These options for a linear kept at int8 weights (per output row; --weight-rounding auto as at 8 bits)."""
+        return dataclasses.replace(self, w_bits=8, int8_weights="none")
 
 
 @dataclasses.dataclass
@@ -117,17 +125,36 @@ AUTO_ROUNDING = {4: "gptq", 6: "rtn", 8: "rtn"}
 # more than AUTO_KEEP_FACTOR times that of dynamic per-token quantization (and above AUTO_KEEP_MIN).
 AUTO_KEEP_FACTOR = 4.0
 AUTO_KEEP_MIN = 1e-3
+# --int8-weights auto (the default with packed 4-bit weights) keeps q/k/v at int8 weights in every layer: their
+# errors reach the attention logits, which the softmax amplifies. SmolLM2 W4A8 g128 GPTQ on Brown, 10 windows
+# (docs/accuracy.md): int8 weights for all q/k/v take back 3.0 of the 8.7 perplexity points that 4-bit weights
+# cost, with 16 % of the linear weights; down_proj 2.4 (25 %), gate/up 2.5 (50 %), o_proj 0.2 (9 %).
+AUTO_INT8_GROUPS = ("qkv",)
 
 
 def kept_groups(index: int, info: dict[str, dict], options: QuantizeOptions) -> set[str]:
     """The input groups of layer ``index`` that stay in the model's dtype (quantization_config.ignore)."""
-    if options.keep_fp16 == "none":
-        return set()
     if options.keep_fp16 == "auto":
         return {group for group, values in info.items()
                 if values["error"] > AUTO_KEEP_FACTOR * values["dynamic_error"] and values["error"] > AUTO_KEEP_MIN}
-    return {group for layer, _, group in (item.partition(".") for item in options.keep_fp16.split(","))
-            if int(layer) == index}
+    return _listed_groups(index, options.keep_fp16)
+
+
+def int8_weight_groups(index: int, info: dict[str, dict], options: QuantizeOptions) -> set[str]:
+    """The input groups of layer ``index`` whose linears keep int8 weights in a packed 4-bit checkpoint
+    (quantization_config.int8_weights)."""
+    if not options.weight_format.packed:
+        return set()
+    if options.int8_weights == "auto":
+        return set(AUTO_INT8_GROUPS) & set(info)
+    return _listed_groups(index, options.int8_weights)
+
+
+def _listed_groups(index: int, listing: str) -> set[str]:
+    """The groups of layer ``index`` in a "LAYER.GROUP,..." option ("none": none)."""
+    if listing == "none":
+        return set()
+    return {group for layer, _, group in (item.partition(".") for item in listing.split(",")) if int(layer) == index}
 
 
 def keep_in_fp(plans: dict[str, ChannelPlan], kept: set[str]) -> dict[str, ChannelPlan]:
@@ -156,12 +183,15 @@ def check_options(options: QuantizeOptions) -> None:
                                  ("--seq-len", options.seq_len, 2)):
         if value < least:
             raise UserError(f"{option} must be at least {least}, got {value}")
-    items = [] if options.keep_fp16 in ("none", "auto") else options.keep_fp16.split(",")
-    for item in items:
-        layer, _, group = item.partition(".")
-        if not layer.isdigit() or group not in INPUT_GROUPS:
-            raise UserError(f"--keep-fp16 {options.keep_fp16!r}: {item!r} is not LAYER.GROUP with GROUP one of "
-                            f"{', '.join(INPUT_GROUPS)} (or pass none / auto)")
+    for option, listing in (("--keep-fp16", options.keep_fp16), ("--int8-weights", options.int8_weights)):
+        for item in [] if listing in ("none", "auto") else listing.split(","):
+            layer, _, group = item.partition(".")
+            if not layer.isdigit() or group not in INPUT_GROUPS:
+                raise UserError(f"{option} {listing!r}: {item!r} is not LAYER.GROUP with GROUP one of "
+                                f"{', '.join(INPUT_GROUPS)} (or pass none / auto)")
+    if options.int8_weights not in ("none", "auto") and not options.weight_format.packed:
+        raise UserError(f"--int8-weights {options.int8_weights}: only packed 4-bit weights (--w-bits 4) have "
+                        f"linears to keep at int8; pass --int8-weights none")
     check_device(options.device)
 
 
@@ -247,6 +277,9 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
         plans = keep_in_fp(plans, kept)
         for group in kept:
             info[group]["kept_fp16"] = True
+        int8_groups = int8_weight_groups(index, info, options) - kept
+        for group in int8_groups:
+            info[group]["int8_weights"] = True
         if record is not None:
             record.layers.append({"groups": info})
             record.plans.append(plans)
@@ -269,11 +302,13 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
                 raise UserError(f"{prefix} has {in_features} input channels; packed 4-bit weights need an even "
                                 f"number: use --w-bits 8 or 6 for this model")
             step = plans[group].step.to(linear.weight)
-            quantized = quantize_linear_weight(linear.weight, stats[group], step, options, linear.exact)
+            linear_options = options.with_int8_weights if group in int8_groups else options
+            quantized = quantize_linear_weight(linear.weight, stats[group], step, linear_options, linear.exact)
             if record is not None and record.weights is not None:
                 record.weights[f"{index}.{name}"] = quantized
             parts = checkpoint_tensors(linear, quantized, model_dtype, options.exact_channels)
-            validate_linear(prefix, parts, out_features, in_features, options.quant_config, source="quantize")
+            validate_linear(prefix, parts, out_features, in_features, linear_options.quant_config,
+                            source="quantize")
             tensors.update({f"{prefix}.{suffix}": tensor for suffix, tensor in parts.items()})
     quantized = {f"{arch.layers}.{i}.{name}" for i in range(num_layers) for name in arch.linears}
     for name, tensor in model.state_dict().items():
@@ -303,6 +338,13 @@ def kept_modules(tensors: dict[str, torch.Tensor], arch: Architecture, num_layer
             if f"{arch.layers}.{i}.{name}.weight_scale" not in tensors]
 
 
+def int8_weight_modules(tensors: dict[str, torch.Tensor], arch: Architecture, num_layers: int) -> list[str]:
+    """The decoder linears of a packed checkpoint written with int8 weights."""
+    return [f"{arch.layers}.{i}.{name}" for i in range(num_layers) for name in arch.linears
+            if f"{arch.layers}.{i}.{name}.weight_scale" in tensors
+            and tensors[f"{arch.layers}.{i}.{name}.weight"].dtype == torch.int8]
+
+
 def quantize(model: Path | str, out_dir: Path, calib_path: Path, options: QuantizeOptions = QuantizeOptions(),
              overwrite: bool = False, trust_remote_code: bool = False, report_dir: Path | None = None,
              revision: str | None = None) -> Path:
@@ -323,8 +365,11 @@ def quantize(model: Path | str, out_dir: Path, calib_path: Path, options: Quanti
     record = QuantizeRecord()
     tensors = quantize_loaded(model, windows, options, record)
     arch = architecture_of(model)
-    kept = kept_modules(tensors, arch, len(model.get_submodule(arch.layers)))
-    quant_config = dataclasses.replace(options.quant_config, source=source, ignore=("lm_head", *kept))
+    num_layers = len(model.get_submodule(arch.layers))
+    kept = kept_modules(tensors, arch, num_layers)
+    int8_modules = int8_weight_modules(tensors, arch, num_layers) if options.weight_format.packed else []
+    quant_config = dataclasses.replace(options.quant_config, source=source, ignore=("lm_head", *kept),
+                                       int8_weights=tuple(int8_modules))
     out = write_checkpoint(out_dir, model_dir, hf_config, quant_config, tensors, options.max_shard_bytes)
     if report_dir is not None:
         shown_model = model_name if source is None else f"{model_name} at {source['revision']}"
@@ -332,6 +377,8 @@ def quantize(model: Path | str, out_dir: Path, calib_path: Path, options: Quanti
                    f"{windows.shape[0]} windows x {windows.shape[1]} tokens", "method": options.method,
                    "bits": f"W{options.w_bits}A{options.a_bits}", "weight_rounding": options.rounding,
                    "kept in the model's dtype": ", ".join(kept) or "none"}
+        if options.weight_format.packed:
+            summary["int8 weights"] = ", ".join(int8_modules) or "none"
         if options.weight_format.packed:
             summary["group_size"] = options.group_size
         write_report(report_dir, summary, record.layers, record.ranges)

@@ -87,9 +87,11 @@ def load_reference_model(model_dir: Path, dtype: torch.dtype = torch.float32, de
             plain[name] = tensor
     for module_name, parts in by_module.items():
         linear = model.get_submodule(module_name)
-        validate_linear(module_name, parts, linear.out_features, linear.in_features, quant, source=str(model_dir))
+        module_quant = quant.for_module(module_name)
+        validate_linear(module_name, parts, linear.out_features, linear.in_features, module_quant,
+                        source=str(model_dir))
         parent, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), child, ReferenceQuantLinear(parts, quant))
+        setattr(model.get_submodule(parent), child, ReferenceQuantLinear(parts, module_quant))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in plain.items()}, strict=False,
                                                 assign=True)
     if unexpected:

@@ -65,10 +65,11 @@ def tiny_qwen2(tmp_path_factory, calib_text) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_llama_w4a8(tiny_llama, calib_text) -> Path:
-    """The tiny Llama as W4A8 with packed weights: groups of 32 (so TP=2 shards hold whole groups), GPTQ rounding."""
+    """The tiny Llama as W4A8 with packed weights: groups of 32 (so TP=2 shards hold whole groups), GPTQ rounding;
+    layer 0's q/k/v (one fused vLLM layer) and layer 1's down_proj (row-parallel) keep int8 weights."""
     from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
 
     out = tiny_llama["fp32"].parent / "w4a8"
     options = QuantizeOptions(w_bits=4, a_bits=8, group_size=32, weight_rounding="gptq", samples=8, seq_len=128,
-                              progress=False)
+                              progress=False, int8_weights="0.qkv,1.down")
     return quantize(tiny_llama["fp32"], out, calib_text, options)

@@ -99,7 +99,6 @@ def test_traced_apply_matches_eager():
     from types import SimpleNamespace
 
     from vllm_outliertune import format as fmt
-    from vllm_outliertune.config import OutlierTuneConfig
     from vllm_outliertune.kernels import torch_ref
     from vllm_outliertune.linear import OutlierTuneLinearMethod
 
@@ -109,7 +108,7 @@ def test_traced_apply_matches_eager():
                             weight_scale=torch.rand(n, generator=g) * 0.01 + 1e-4, output_bias=torch.randn(n, generator=g),
                             input_inv_scale=None, input_shift=torch.randint(-4, 5, (k,), generator=g).float(),
                             exact_index=None, exact_weight=None)
-    method = OutlierTuneLinearMethod(OutlierTuneConfig(fmt.QuantizationConfig()), "model.layers.0.mlp.gate_up_proj",
+    method = OutlierTuneLinearMethod(fmt.QuantizationConfig(), "model.layers.0.mlp.gate_up_proj",
                                      ["gate_proj", "up_proj"])
     gamma = torch.rand(k, generator=g) * 40
 
@@ -220,14 +219,28 @@ def test_w4a8_tensor_parallel_matches_reference(tiny_llama_w4a8, engines, monkey
     assert diff.max() <= LOGPROB_TOLERANCE
 
 
+def test_int8_weights_must_cover_a_fused_layer():
+    """vLLM runs q/k/v as one layer: int8_weights listing only some of them is refused, naming the layer."""
+    from vllm_outliertune import format as fmt
+    from vllm_outliertune.config import OutlierTuneConfig
+
+    names = [f"model.layers.0.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj")]
+    config = OutlierTuneConfig(fmt.QuantizationConfig(4, 8, group_size=32, int8_weights=tuple(names)))
+    config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    assert config.module_spec("model.layers.0.self_attn.qkv_proj").weight_bits == 8
+    assert config.module_spec("model.layers.1.self_attn.qkv_proj").packed
+    config.spec = fmt.QuantizationConfig(4, 8, group_size=32, int8_weights=tuple(names[:1]))
+    with pytest.raises(fmt.FormatError, match=r"int8_weights lists only some of .*qkv_proj"):
+        config.module_spec("model.layers.0.self_attn.qkv_proj")
+
+
 def test_packed_row_parallel_shards_must_hold_whole_groups():
     """A tensor-parallel split of K that cuts a group is refused at layer creation, naming layer and fix."""
     from vllm_outliertune import format as fmt
-    from vllm_outliertune.config import OutlierTuneConfig
     from vllm_outliertune.linear import OutlierTuneLinearMethod
 
     spec = fmt.QuantizationConfig(4, 8, group_size=128)
-    method = OutlierTuneLinearMethod(OutlierTuneConfig(spec), "model.layers.0.mlp.down_proj", ["down_proj"])
+    method = OutlierTuneLinearMethod(spec, "model.layers.0.mlp.down_proj", ["down_proj"])
     method._check_packed_partition(True, 256, 512)  # two groups per rank
     method._check_packed_partition(False, 576, 576)  # column-parallel: K is not split, a short last group is fine
     method._check_packed_partition(True, 576, 576)  # row-parallel at TP=1: not split either

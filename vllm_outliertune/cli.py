@@ -20,6 +20,7 @@ def _quantize_options(args: argparse.Namespace):
                            method=args.method, device=args.device, batch_size=args.batch_size, seed=args.seed,
                            calib_cache=args.calib_cache and Path(args.calib_cache), group_size=args.group_size,
                            weight_rounding=args.weight_rounding, keep_fp16=args.keep_fp16,
+                           int8_weights=args.int8_weights,
                            exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
                            act_clips=args.act_clips, range_margin=args.range_margin)
 
@@ -144,6 +145,10 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="input groups (qkv, o, gate_up, down) left unquantized, in the model's dtype: auto keeps "
                              "those whose output error on the calibration sample is over "
                              f"{AUTO_KEEP_FACTOR:g}x that of dynamic per-token quantization; the report lists them")
+    parser.add_argument("--int8-weights", default=QuantizeOptions.int8_weights, metavar="none|auto|LAYER.GROUP,...",
+                        help="--w-bits 4: input groups whose linears keep int8 weights per output row (the W8A8 "
+                             "path, twice the bytes); auto (default): q/k/v of every layer, where 4 bits lose the "
+                             "most per byte")
     parser.add_argument("--exact-channels", type=at_least(0), default=QuantizeOptions.exact_channels, metavar="K",
                         help="per linear input (not o_proj's), up to K channels whose calibrated range is over "
                              "--outlier-factor times the median channel range stay unquantized: their weight columns "

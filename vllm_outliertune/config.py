@@ -71,7 +71,16 @@ class OutlierTuneConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         from vllm_outliertune.linear import OutlierTuneLinearMethod
 
-        return OutlierTuneLinearMethod(self, prefix, self._shard_names(prefix))
+        return OutlierTuneLinearMethod(self.module_spec(prefix), prefix, self._shard_names(prefix))
+
+    def module_spec(self, prefix: str) -> fmt.QuantizationConfig:
+        """The format of vLLM layer ``prefix``: that of its checkpoint modules, which must agree (int8_weights)."""
+        specs = {self.spec.for_module(name) for name in self._shard_names(prefix)}
+        if len(specs) > 1:
+            raise fmt.FormatError(
+                f"quantization_config.int8_weights lists only some of {self._shard_names(prefix)}, which vLLM runs "
+                f"as one layer ({prefix}); list all of them or none and re-run `outliertune quantize`")
+        return specs.pop()
 
 
 def register_with_vllm() -> None:

@@ -20,6 +20,8 @@ Format 2 adds packed 4-bit weights (``weight_bits`` 4): two unsigned 4-bit codes
 (QServe-style progressive quantization: the levels are an int8 quantization of the row with the float
 ``weight_scale``; the groups refine it with integer scales, so the K loop stays in integer arithmetic). Other bit
 widths keep format 1's tensors; format 1 checkpoints (W4A8 as int4 values in int8 storage, one scale per row) load.
+A packed checkpoint may list modules in ``int8_weights``: those keep format 1's int8 weight per output row (the
+same integer GEMM and epilogue, one byte per weight), where 4 bits lose the most.
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ class QuantizationConfig:
     source: Mapping[str, str] | None = dataclasses.field(default=None, compare=False)
     group_size: int = DEFAULT_GROUP_SIZE  # packed weights only
     exact_channels: int = 0  # input channel slots per linear computed in floating point (EXACT_TENSORS)
+    # Packed checkpoints: modules whose weights are int8 per output row (LINEAR_TENSORS) instead of packed.
+    int8_weights: tuple[str, ...] = ()
 
     @property
     def packed(self) -> bool:
@@ -145,6 +149,13 @@ class QuantizationConfig:
     def groups(self, in_features: int) -> int:
         return group_count(in_features, self.group_size) if self.packed else 1
 
+    def for_module(self, module_name: str) -> "QuantizationConfig":
+        """The config that describes module ``module_name``'s tensors: int8 weights (weight_bits 8, same
+        activations) for a module listed in ``int8_weights``, else this one."""
+        if not _listed(module_name, self.int8_weights):
+            return self
+        return dataclasses.replace(self, weight_bits=8, int8_weights=())
+
     def to_dict(self) -> dict[str, Any]:
         config = {
             "quant_method": QUANT_METHOD,
@@ -158,6 +169,8 @@ class QuantizationConfig:
             config["group_size"] = self.group_size
         if self.exact_channels:
             config["exact_channels"] = self.exact_channels
+        if self.int8_weights:
+            config["int8_weights"] = list(self.int8_weights)
         return config if self.source is None else dict(config, source=dict(self.source))
 
     @classmethod
@@ -187,16 +200,27 @@ class QuantizationConfig:
         ignore = config.get("ignore", [])
         if not isinstance(ignore, (list, tuple)) or not all(isinstance(name, str) for name in ignore):
             raise FormatError(f"{where}: `ignore` must be a list of module names, got {ignore!r}")
+        int8_weights = config.get("int8_weights", [])
+        if not isinstance(int8_weights, (list, tuple)) or not all(isinstance(name, str) for name in int8_weights):
+            raise FormatError(f"{where}: `int8_weights` must be a list of module names, got {int8_weights!r}")
+        if int8_weights and not (bits[0] == 4 and version >= 2):
+            raise FormatError(f"{where}: `int8_weights` is only valid with packed 4-bit weights (weight_bits 4, "
+                              f"format_version 2), got weight_bits {bits[0]}; {_REDO}")
         source = config.get("source")
         if source is not None and not isinstance(source, dict):
             raise FormatError(f"{where}: `source` must be an object {{\"repo_id\", \"revision\"}}, got {source!r}")
         return cls(weight_bits=bits[0], activation_bits=bits[1], ignore=tuple(ignore),
                    method=str(config.get("method", "outliertune")), format_version=version, source=source,
-                   group_size=group_size, exact_channels=exact_channels)
+                   group_size=group_size, exact_channels=exact_channels, int8_weights=tuple(int8_weights))
 
     def is_ignored(self, module_name: str) -> bool:
         """A module is ignored when its name equals, or ends with ``.``+, an entry of ``ignore``."""
-        return any(module_name == name or module_name.endswith("." + name) for name in self.ignore)
+        return _listed(module_name, self.ignore)
+
+
+def _listed(module_name: str, names: tuple[str, ...]) -> bool:
+    """``module_name`` equals, or ends with ``.``+, an entry of ``names``."""
+    return any(module_name == name or module_name.endswith("." + name) for name in names)
 
 
 def validate_linear(prefix: str, tensors: Mapping[str, torch.Tensor], out_features: int, in_features: int,
@@ -352,20 +376,22 @@ def validate_checkpoint_dir(model_dir: Path, config: QuantizationConfig) -> int:
     prefixes = sorted({name.rsplit(".", 1)[0] for name in layout if name.endswith(".weight_scale")
                        or (name.endswith(".weight") and layout[name][0] == weight_dtype)})
     for prefix in prefixes:
+        config_of_module = config.for_module(prefix)
+        weight_dtype = config_of_module.linear_tensors[0].dtype
         weight = layout.get(f"{prefix}.weight")
         if weight is None or len(weight[1]) != 2:
             raise FormatError(f"{model_dir}: tensor {prefix}.weight ({weight_dtype} [out, in]) is missing or not "
                               f"2-D; re-run `outliertune quantize`")
-        out_features, in_features = weight[1][0], weight[1][1] * (2 if config.packed else 1)
+        out_features, in_features = weight[1][0], weight[1][1] * (2 if config_of_module.packed else 1)
         names = {suffix: f"{prefix}.{suffix}" for suffix in LINEAR_TENSOR_SUFFIXES if f"{prefix}.{suffix}" in layout}
         check_linear_layout(prefix, {suffix: layout[name] for suffix, name in names.items()}, out_features,
-                            in_features, config, source=str(model_dir),
+                            in_features, config_of_module, source=str(model_dir),
                             file_of={suffix: file_of[name] for suffix, name in names.items()})
         vectors = {}  # the small tensors are value-checked now, the [N, K] weights after loading
-        for spec in config.linear_tensors:
+        for spec in config_of_module.linear_tensors:
             if spec.suffix in names and spec.dim in ("out", "in", "exact"):
                 with safe_open(str(file_of[names[spec.suffix]]), framework="pt") as file:
                     vectors[spec.suffix] = file.get_tensor(names[spec.suffix])
-        check_linear_values(prefix, vectors, config, source=str(model_dir))
+        check_linear_values(prefix, vectors, config_of_module, source=str(model_dir))
         check_exact_index(prefix, vectors, in_features, source=str(model_dir))
     return len(prefixes)

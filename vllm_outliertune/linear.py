@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from vllm.config import get_current_vllm_config
@@ -26,9 +26,6 @@ from vllm_outliertune import format as fmt
 from vllm_outliertune.kernels import configs
 from vllm_outliertune.kernels import linear as kernel_ops
 from vllm_outliertune.kernels.torch_ref import add_exact_channels, quantize_activation_ref
-
-if TYPE_CHECKING:
-    from vllm_outliertune.config import OutlierTuneConfig
 
 _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 logger = logging.getLogger("vllm.outliertune")  # under vLLM's logger, so its handler prints our lines
@@ -82,8 +79,8 @@ class ReplicatedInputVector(BasevLLMParameter):
 class OutlierTuneLinearMethod(LinearMethodBase):
     """y = weight_scale * (q @ weight.T) + output_bias (+ bias); q = clamp(round(x * input_inv_scale - input_shift))."""
 
-    def __init__(self, quant_config: "OutlierTuneConfig", prefix: str, shard_names: list[str]):
-        self.spec = quant_config.spec
+    def __init__(self, spec: fmt.QuantizationConfig, prefix: str, shard_names: list[str]):
+        self.spec = spec  # this layer's format (OutlierTuneConfig.module_spec)
         self.prefix = prefix
         self.shard_names = shard_names
 
