@@ -59,6 +59,9 @@ class Architecture:
     check: Callable[[dict], str | None] = lambda config: None  # config.json -> why it cannot be folded exactly
     # Activation clipping ratios the plan search may choose (offline/search.py SearchGrid.clips); None: the grid's.
     activation_clips: tuple[float, ...] | None = None
+    # Weight bits at which --weight-rounding auto picks GPTQ (offline/quantize.py resolves it); None: the default
+    # choice (quantize.AUTO_ROUNDING).
+    gptq_bits: tuple[int, ...] | None = None
 
     @property
     def groups(self) -> dict[str, tuple[str, ...]]:
@@ -86,8 +89,10 @@ LLAMA_LIKE = Architecture(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # so the few values a clip cuts off (from rare tokens, which the search's token sample lacks) become a full-size
 # error of that token. Gemma 3 270M W8A8, Brown test, fp32 reference, 2 windows: searched clips +7.7 % perplexity,
 # no clipping +3.5 % (40 windows through vLLM: docs/accuracy.md).
+# GPTQ at every width: Gemma passes the weight error on at full size too (the norms again); Gemma 3 270M W8A8,
+# Brown test, fp32 reference, 8 windows: RTN +4.8 %, GPTQ +3.2 % (GPTQ_FIGURES).
 GEMMA = Architecture(("Gemma2ForCausalLM", "Gemma3ForCausalLM"), mlp_norm="pre_feedforward_layernorm",
-                     norm="rms_one_plus", activation_clips=(1.0,))
+                     norm="rms_one_plus", activation_clips=(1.0,), gptq_bits=(4, 6, 8))
 PHI3 = Architecture(("Phi3ForCausalLM",), qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",),
                     v_rows=_fused_v_rows, up_rows=_fused_up_rows)
 OPT = Architecture(("OPTForCausalLM",), layers="model.decoder.layers", o_proj="self_attn.out_proj",

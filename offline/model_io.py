@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from vllm_outliertune import format as fmt
-from vllm_outliertune.offline.architectures import ARCHITECTURES, SUPPORTED_ARCHITECTURES
+from vllm_outliertune.offline.architectures import ARCHITECTURES, SUPPORTED_ARCHITECTURES, Architecture
 
 # Weights are read from safetensors only: pickle files (.bin/.pt/.pth) can run code when loaded.
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -139,8 +139,9 @@ def check_quantizable(config: dict, model_dir: Path, trust_remote_code: bool) ->
     check_architecture(config, where)
 
 
-def check_architecture(config: dict, where: Path | str) -> None:
-    """One error naming the architecture and listing the supported ones, before anything is loaded."""
+def check_architecture(config: dict, where: Path | str) -> Architecture:
+    """The config's supported architecture; else one error naming it and listing the supported ones, before
+    anything is loaded."""
     architectures = config.get("architectures") or []
     supported = [name for name in architectures if name in ARCHITECTURES]
     if not supported:
@@ -149,6 +150,7 @@ def check_architecture(config: dict, where: Path | str) -> None:
     reason = ARCHITECTURES[supported[0]].check(config)
     if reason:
         raise UserError(f"{where}: {supported[0]} with {reason}; this variant is not supported")
+    return ARCHITECTURES[supported[0]]
 
 
 def load_model(model_dir: Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None):

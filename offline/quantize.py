@@ -65,6 +65,12 @@ class QuantizeOptions:
         """The weight rounding used: --weight-rounding, with auto resolved by the weight bits."""
         return AUTO_ROUNDING[self.w_bits] if self.weight_rounding == "auto" else self.weight_rounding
 
+    def for_architecture(self, arch: Architecture) -> QuantizeOptions:
+        """These options with --weight-rounding auto resolved for ``arch`` where it has its own choice."""
+        if self.weight_rounding != "auto" or arch.gptq_bits is None:
+            return self
+        return dataclasses.replace(self, weight_rounding="gptq" if self.w_bits in arch.gptq_bits else "rtn")
+
     @property
     def weight_format(self) -> WeightFormat:
         return WeightFormat.of(self.quant_config)
@@ -263,6 +269,7 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
                     record: QuantizeRecord | None = None) -> dict[str, torch.Tensor]:
     """Quantize an in-memory HF model (modified in place: norms and rows folded) -> checkpoint tensors by name."""
     arch = architecture_of(model)
+    options = options.for_architecture(arch)
     group_of = {name: group for group, names in arch.groups.items() for name in names}
     num_layers = len(model.get_submodule(arch.layers))
     model_dtype = model.dtype
@@ -359,6 +366,7 @@ def quantize(model: Path | str, out_dir: Path, calib_path: Path, options: Quanti
             check_directory_option(path, option)
     check_seq_len(read_config(Path(model_dir)), options.seq_len, model_dir)  # before the (slow) model load
     model, hf_config = load_model(Path(model_dir), trust_remote_code)
+    options = options.for_architecture(architecture_of(model))
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     windows = token_windows(tokenizer, read_text(calib_path, "--calib"), options.seq_len, options.samples,
                             source=f"--calib {calib_path}")

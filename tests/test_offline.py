@@ -414,6 +414,23 @@ def test_gemma_plans_never_clip_activations(bits):
     assert any(choice["clip"] < 1.0 for choice in llama_info.values())
 
 
+def test_weight_rounding_auto_is_gptq_for_gemma(monkeypatch):
+    """--weight-rounding auto resolves by architecture: Gemma rounds with GPTQ at 8 bits too (its norms pass the
+    weight error on at full size), the Llama family keeps RTN there; an explicit choice stays."""
+    from vllm_outliertune.offline import quantize as quantize_mod
+    from vllm_outliertune.offline.architectures import ARCHITECTURES
+
+    gemma, llama = ARCHITECTURES["Gemma3ForCausalLM"], ARCHITECTURES["LlamaForCausalLM"]
+    assert QuantizeOptions().for_architecture(llama).rounding == "rtn"
+    assert QuantizeOptions(weight_rounding="rtn").for_architecture(gemma).rounding == "rtn"
+    rounded = []
+    gptq = quantize_mod.quantize_gptq
+    monkeypatch.setattr(quantize_mod, "quantize_gptq", lambda *args, **kw: rounded.append(1) or gptq(*args, **kw))
+    model, tokenizer = tiny_models.build_tiny_model("gemma3")
+    quantize_mod.quantize_loaded(model, _windows(tokenizer), QuantizeOptions(**FAST))
+    assert len(rounded) == len(gemma.linears) * model.config.num_hidden_layers
+
+
 def test_row_clip_lowers_weighted_rounding_error():
     from vllm_outliertune.offline.weights import best_row_clip, dequantize_weight, quantize_weight
 

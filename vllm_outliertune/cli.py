@@ -26,6 +26,7 @@ def _quantize_options(args: argparse.Namespace):
 
 
 def _quantize(args: argparse.Namespace) -> None:
+    from vllm_outliertune.offline.model_io import check_architecture, read_json_object
     from vllm_outliertune.offline.quantize import quantize
 
     options = _quantize_options(args)
@@ -33,7 +34,8 @@ def _quantize(args: argparse.Namespace) -> None:
                    trust_remote_code=args.trust_remote_code, report_dir=args.report and Path(args.report),
                    revision=args.revision)
     groups = f", group size {args.group_size}" if options.weight_format.packed else ""
-    print(f"wrote {out} ({args.method}, W{args.w_bits}A{args.a_bits}{groups}, {options.rounding} rounding)"
+    rounding = options.for_architecture(check_architecture(read_json_object(out / "config.json"), out)).rounding
+    print(f"wrote {out} ({args.method}, W{args.w_bits}A{args.a_bits}{groups}, {rounding} rounding)"
           + (f"; report in {args.report}" if args.report else ""))
 
 
@@ -132,7 +134,8 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="4-bit weights: input channels per integer group scale (0: one group per output row)")
     parser.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="auto",
                         help="rtn: round to nearest; gptq: GPTQ error compensation on the calibration inputs; "
-                             "auto (default): gptq for 4-bit weights, rtn for 8 and 6 bits")
+                             "auto (default): gptq for 4-bit weights, rtn for 8 and 6 bits (Gemma: gptq "
+                             "at every width)")
     parser.add_argument("--samples", type=at_least(1), default=128, help="calibration windows")
     parser.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
     parser.add_argument("--method", default="outliertune", choices=sorted(METHODS))
