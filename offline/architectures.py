@@ -90,7 +90,7 @@ LLAMA_LIKE = Architecture(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # error of that token. Gemma 3 270M W8A8, Brown test, fp32 reference, 2 windows: searched clips +7.7 % perplexity,
 # no clipping +3.5 % (40 windows through vLLM: docs/accuracy.md).
 # GPTQ at every width: Gemma passes the weight error on at full size too (the norms again); Gemma 3 270M W8A8,
-# Brown test, fp32 reference, 8 windows: RTN +4.8 %, GPTQ +3.2 % (GPTQ_FIGURES).
+# Brown test, fp32 reference, 8 windows: RTN +4.8 %, GPTQ +3.2 % (docs/accuracy.md).
 GEMMA = Architecture(("Gemma2ForCausalLM", "Gemma3ForCausalLM"), mlp_norm="pre_feedforward_layernorm",
                      norm="rms_one_plus", activation_clips=(1.0,), gptq_bits=(4, 6, 8))
 PHI3 = Architecture(("Phi3ForCausalLM",), qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",),
