@@ -135,7 +135,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="auto",
                         help="rtn: round to nearest; gptq: GPTQ error compensation on the calibration inputs; "
                              "auto (default): gptq for 4-bit weights, rtn for 8 and 6 bits (Gemma: gptq "
-                             "at every width)")
+                             "at 8 bits too)")
     parser.add_argument("--samples", type=at_least(1), default=128, help="calibration windows")
     parser.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
     parser.add_argument("--method", default="outliertune", choices=sorted(METHODS))
