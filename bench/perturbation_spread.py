@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--eps", type=float, default=1e-6, help="relative size of the perturbation")
-    parser.add_argument("--module", default="model.layers.0.self_attn.o_proj", help="the linear whose input is perturbed")
+    parser.add_argument("--module", default="model.layers.0.self_attn.o_proj",
+                        help="the linear whose input is perturbed")
     args = parser.parse_args()
 
     windows = token_windows(load_tokenizer(args.checkpoint), read_text(args.text), args.seq_len, args.windows)
