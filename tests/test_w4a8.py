@@ -179,11 +179,11 @@ def test_quantize_options_refused_with_the_flag_named(change, message):
         check_options(QuantizeOptions(**change))
 
 
-def test_weight_rounding_auto_picks_gptq_for_4_bit_weights():
+def test_weight_rounding_auto_picks_gptq_for_4_and_6_bit_weights():
     from vllm_outliertune.offline.quantize import QuantizeOptions
 
     assert QuantizeOptions(w_bits=4, a_bits=8).rounding == "gptq"
     assert QuantizeOptions(w_bits=4, a_bits=4).rounding == "gptq"
     assert QuantizeOptions(w_bits=8, a_bits=8).rounding == "rtn"
-    assert QuantizeOptions(w_bits=6, a_bits=6).rounding == "rtn"
+    assert QuantizeOptions(w_bits=6, a_bits=6).rounding == "gptq"
     assert QuantizeOptions(w_bits=4, a_bits=8, weight_rounding="rtn").rounding == "rtn"

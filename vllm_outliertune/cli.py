@@ -143,8 +143,8 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="4-bit weights: input channels per integer group scale (0: one group per output row)")
     parser.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="auto",
                         help="rtn: round to nearest; gptq: GPTQ error compensation on the calibration inputs; "
-                             "auto (default): gptq for 4-bit weights, rtn for 8 and 6 bits (Gemma: gptq "
-                             "at 8 bits too)")
+                             "auto (default): gptq for 4- and 6-bit weights, rtn for 8 bits (Gemma: gptq "
+                             "at 4 and 8 bits, rtn at 6)")
     parser.add_argument("--samples", type=at_least(1), default=128, help="calibration windows")
     parser.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per calibration window")
     parser.add_argument("--method", default="outliertune", choices=sorted(METHODS))
