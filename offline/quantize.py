@@ -126,7 +126,8 @@ METHODS: dict[str, PlanRule] = {"outliertune": _outliertune, "per-channel": _per
 WEIGHT_ROUNDINGS = ("auto", "rtn", "gptq")
 # --weight-rounding auto: GPTQ for 4- and 6-bit weights (SmolLM2 on Brown, 10 windows: W4A8 g128 +17.7 % over fp16
 # vs +33.3 % with RTN; W6A6 +15.5 % vs +21.1 %), RTN at 8 bits, where GPTQ gained little (W8A8: +1.6 % vs +2.1 %)
-# for its Gram matrices (K x K per linear input, kept in the calibration cache).
+# for its Gram matrices (K x K per linear input, kept in the calibration cache). Architecture.gptq_bits overrides
+# this per family (Gemma 3: GPTQ at 4 and 8 bits, RTN at 6).
 AUTO_ROUNDING = {4: "gptq", 6: "gptq", 8: "rtn"}
 # --keep-fp16 auto keeps an input group unquantized where the plan's output error on the calibration sample is
 # more than AUTO_KEEP_FACTOR times that of dynamic per-token quantization (and above AUTO_KEEP_MIN).
