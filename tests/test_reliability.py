@@ -776,10 +776,10 @@ def test_ctrl_c_during_calibration(tmp_path, model_dir, calib, capsys, monkeypat
     folded): exit 130 with a message, nothing written, the previous OUT_DIR untouched."""
     real_add = calibrate_mod._Accumulator.add
 
-    def add(self, x):
+    def add(self, x, *windows):
         if self.name.startswith("model.layers.1."):
             raise KeyboardInterrupt
-        real_add(self, x)
+        real_add(self, x, *windows)
 
     monkeypatch.setattr(calibrate_mod._Accumulator, "add", add)
     out = previous_out if existing else tmp_path / "fresh"
