@@ -30,14 +30,20 @@ from vllm_outliertune.kernels.splitk_gemm import split_k_plan, split_k_store
 
 
 @triton.jit
+def _tile_group(scale_ptr, zero_ptr, rows_w, group, stride_gn, stride_gk):
+    """int32 scale and zero point [BLOCK_N] of one group (a scalar) for the tile's output rows."""
+    offsets = rows_w.to(tl.int64) * stride_gn + group * stride_gk
+    return tl.load(scale_ptr + offsets).to(tl.int32), tl.load(zero_ptr + offsets).to(tl.int32)
+
+
+@triton.jit
 def _levels(byte_tile, offs_k, scale_ptr, zero_ptr, rows_w, group, stride_gn, stride_gk, GROUP_TILE: tl.constexpr):
     """uint8 bytes [BLOCK_K, BLOCK_N] (row k holds the byte of channel k: each byte twice) -> int8 levels of
     channel k's nibble (low for even k, high for odd k)."""
     codes = (byte_tile.to(tl.int32) >> ((offs_k % 2) * 4)[:, None]) & 15
     if GROUP_TILE:  # group: a scalar (the tile's group)
-        offsets = rows_w.to(tl.int64) * stride_gn + group * stride_gk
-        scale = tl.load(scale_ptr + offsets).to(tl.int32)[None, :]
-        zero = tl.load(zero_ptr + offsets).to(tl.int32)[None, :]
+        scale, zero = _tile_group(scale_ptr, zero_ptr, rows_w, group, stride_gn, stride_gk)
+        scale, zero = scale[None, :], zero[None, :]
     else:  # group: [BLOCK_K], one per channel
         offsets = rows_w[None, :].to(tl.int64) * stride_gn + group[:, None].to(tl.int64) * stride_gk
         scale = tl.load(scale_ptr + offsets).to(tl.int32)
@@ -88,11 +94,11 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
     for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
         a = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
         if FACTORED:
-            group_offsets = rows_w.to(tl.int64) * stride_gn + ((k_start + i * BLOCK_K) // GROUP_SIZE) * stride_gk
             byte_tile = tl.load(byte_ptrs, mask=(offs_byte < (K + 1) // 2)[:, None], other=0,
                                 eviction_policy="evict_first")
-            acc += _factored_group_sum(a, byte_tile, tl.load(gscale_ptr + group_offsets).to(tl.int32),
-                                       tl.load(gzero_ptr + group_offsets).to(tl.int32), BLOCK_M, BLOCK_K)
+            scale, zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, (k_start + i * BLOCK_K) // GROUP_SIZE,
+                                      stride_gn, stride_gk)
+            acc += _factored_group_sum(a, byte_tile, scale, zero, BLOCK_M, BLOCK_K)
         else:
             # Channels past K read code 0, whose level need not be 0: the zeroed activations cancel them.
             w = tl.load(w_ptrs, mask=(offs_k < K)[:, None], other=0, eviction_policy="evict_first")
