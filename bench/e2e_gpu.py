@@ -153,10 +153,22 @@ def _synthetic_quantized(bf16_dir: Path, out_dir: Path, layout_dir: Path, option
     for file in sorted((layout_dir / "quantized").glob("*.safetensors")):
         with safe_open(file, "pt") as f:
             layout |= {name: f.get_slice(name).get_dtype() for name in f.keys()}
-    bf16 = {}
+
+    def quantized_prefix(prefix: str) -> str | None:
+        """The layout's name for a quantized linear of the big model (layer 0's), None if it is not one."""
+        layer0 = re.sub(r"\.layers\.\d+\.", ".layers.0.", prefix, count=1)
+        return layer0 if f"{layer0}.weight_scale" in layout else None
+
+    # The big model's linear shapes, and its tensors only where the synthetic checkpoint keeps them (norms,
+    # embeddings): reading the 15 GB of linear weights would only give their shapes.
+    shapes, bf16 = {}, {}
     for file in sorted(bf16_dir.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
-            bf16 |= {name: f.get_tensor(name) for name in f.keys()}
+            for name in f.keys():
+                if quantized_prefix(name.rsplit(".", 1)[0]):
+                    shapes[name.rsplit(".", 1)[0]] = f.get_slice(name).get_shape()
+                else:
+                    bf16[name] = f.get_tensor(name)
     spec = options.quant_config
     packed_specs = {t.suffix: t for t in spec.linear_tensors}
     int8_specs = {t.suffix: t for t in fmt.LINEAR_TENSORS + fmt.EXACT_TENSORS}  # int8 weights (also in 4-bit models)
@@ -166,10 +178,9 @@ def _synthetic_quantized(bf16_dir: Path, out_dir: Path, layout_dir: Path, option
         for name in (n for n in layout if n.startswith("model.layers.0.")):
             name = name.replace("model.layers.0.", f"model.layers.{layer}.", 1)
             prefix, _, suffix = name.rpartition(".")
-            layout_prefix = prefix.replace(f".{layer}.", ".0.", 1)
-            if f"{prefix}.weight" in bf16 and f"{layout_prefix}.weight_scale" in layout:
-                out_features, in_features = bf16[f"{prefix}.weight"].shape
-                packed = layout[f"{layout_prefix}.weight"] == "U8"
+            if prefix in shapes:
+                out_features, in_features = shapes[prefix]
+                packed = layout[f"{quantized_prefix(prefix)}.weight"] == "U8"
                 tensor_spec = (packed_specs if packed else int8_specs)[suffix]
                 shape = tensor_spec.shape(out_features, in_features, spec.groups(in_features) if packed else 1)
                 tensors[name] = _random_tensor(suffix, shape, spec, packed, gen)
