@@ -7,7 +7,8 @@ FAMILY}} where
 - FAMILY ("families") is the chip family a named device belongs to (e.g. "sm90" for H100 / H200 / H800 / GH200);
 - KERNEL is "int8_gemm", "splitk_gemm" (small M), "int8_gemm_tma" (large M, Hopper) or an external backend such as
   "cutlass_scaled_mm" (kernels/linear.py dispatches to it only where it is registered); for packed 4-bit weights
-  "w4a8_splitk" (small M) and "w4a8_gemm" (the rest; `outliertune tune --w4a8` tunes them);
+  "w4a8_splitk" (small M), "w4a8_unpack" (large M: levels widened once, then the int8 GEMM's dispatch) and
+  "w4a8_gemm" (the rest; `outliertune tune --w4a8` tunes them);
 - SHAPE is "N=<n>,K=<k>" for tuned shapes (per tensor-parallel rank), else "default": tiles that were tuned over a
   spread of shapes and serve shapes no entry lists;
 - M_BUCKET is a power of two as a string; a call with M rows uses the smallest bucket >= M (else the largest);
@@ -35,12 +36,12 @@ USER_TABLE_ENV = "OUTLIERTUNE_TILE_CONFIGS"
 USER_TABLE_PATH = Path.home() / ".cache" / "vllm-outliertune" / "tile_configs.json"
 KERNELS = ("int8_gemm", "splitk_gemm", "int8_gemm_tma")  # the Triton kernels of the table (tune.py tunes these)
 EXTERNAL_KERNELS = ("cutlass_scaled_mm",)  # GEMMs of other libraries the table may pick (linear.py registers them)
-W4A8_KERNELS = ("w4a8_splitk", "w4a8_gemm")  # packed 4-bit weights (small M, the rest)
+W4A8_KERNELS = ("w4a8_splitk", "w4a8_gemm", "w4a8_unpack")  # packed 4-bit weights (small M, the rest, large M)
 # Per weight format, the fallback kernel (listed at every bucket, runs every shape) and who runs a bucket that
 # several other kernels list (the tuner lists each bucket's winner only, plus the fallback everywhere; older tables
 # list split-K from M = 1 up and TMA / CUTLASS from the largest M down).
 DISPATCH_ORDER = {"int8_gemm": ("splitk_gemm", *EXTERNAL_KERNELS, "int8_gemm_tma"),
-                  "w4a8_gemm": ("w4a8_splitk",)}
+                  "w4a8_gemm": ("w4a8_splitk", "w4a8_unpack")}
 
 
 def user_table_path() -> Path:

@@ -40,8 +40,10 @@ def _triton() -> SimpleNamespace:
     from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma, supports_tma
     from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
     from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
+    from vllm_outliertune.kernels.w4a8_unpack import unpack_levels
     return SimpleNamespace(quantize_activation=quantize_activation, int8_gemm=int8_gemm, splitk_gemm=splitk_gemm,
-                           int8_gemm_tma=int8_gemm_tma, supports_tma=supports_tma, w4a8_gemm=w4a8_gemm)
+                           int8_gemm_tma=int8_gemm_tma, supports_tma=supports_tma, w4a8_gemm=w4a8_gemm,
+                           unpack_levels=unpack_levels)
 
 
 class ExternalGemm(NamedTuple):
@@ -108,13 +110,20 @@ def _gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bi
 
 def _w4a8(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
           group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """int8 codes x packed 4-bit weight: the split-K kernel where the table lists w4a8_splitk at M's bucket, else the
-    tiled one; the exact torch reference where Triton does not run."""
+    """int8 codes x packed 4-bit weight: the split-K kernel where the table lists w4a8_splitk at M's bucket, the
+    int8 GEMM's dispatch on the widened levels where it lists w4a8_unpack, else the tiled one; the exact torch
+    reference where Triton does not run."""
     if not _runs_triton(a_q):
         return torch_ref.w4a8_gemm_ref(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype)
     (m, k), n = a_q.shape, w_packed.shape[0]
-    kernel = next(iter(kernels_for(m, n, k, table_keys(a_q.device), "w4a8_gemm")), "w4a8_gemm")
-    return _triton().w4a8_gemm(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype, kernel)
+    keys = table_keys(a_q.device)
+    kernel = next(iter(kernels_for(m, n, k, keys, "w4a8_gemm")), "w4a8_gemm")
+    kernels = _triton()
+    if kernel == "w4a8_unpack":
+        levels = kernels.unpack_levels(w_packed, group_scale, group_zero, group_size, k,
+                                       get_config(kernel, m, n, k, keys))
+        return _gemm(a_q, levels, w_scale, bias, out_dtype)
+    return kernels.w4a8_gemm(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype, kernel)
 
 
 def compile_variant(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: bool) -> tuple:

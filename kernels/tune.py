@@ -48,7 +48,8 @@ TMA_M_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 EXTERNAL_M_BUCKETS = (64, 128) + TMA_M_BUCKETS
 KERNEL_BUCKETS = {"int8_gemm": (1, 4) + GEMM_M_BUCKETS, "splitk_gemm": SPLITK_M_BUCKETS, "int8_gemm_tma": TMA_M_BUCKETS,
                   **{name: EXTERNAL_M_BUCKETS for name in EXTERNAL_KERNELS},
-                  "w4a8_splitk": SPLITK_M_BUCKETS, "w4a8_gemm": (1, 4) + GEMM_M_BUCKETS}
+                  "w4a8_splitk": SPLITK_M_BUCKETS, "w4a8_gemm": (1, 4) + GEMM_M_BUCKETS,
+                  "w4a8_unpack": EXTERNAL_M_BUCKETS}
 TRITON_KERNELS = KERNELS + W4A8_KERNELS
 # Each kernel's fallback: the kernel of its weight format that the table lists at every bucket.
 FALLBACK = {kernel: fallback for fallback, order in DISPATCH_ORDER.items() for kernel in (fallback, *order)}
@@ -114,12 +115,31 @@ def splitk_candidates(m: int) -> list[dict]:
     return candidates
 
 
+def w4a8_splitk_candidates(m: int) -> list[dict]:
+    """Small-M W4A8 tiles: tensor-core tiles (BLOCK_M 16) and CUDA-core tiles (BLOCK_M = M rounded up) over a wider
+    spread of N x K tiles, warps and K splits than the int8 split-K kernel's (its packed-word variants do not apply
+    to 4-bit weights)."""
+    import triton
+
+    candidates = []
+    for bm in sorted({max(16, triton.next_power_of_2(m)), triton.next_power_of_2(m)}):
+        for bn, bk in ((32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128), (128, 256), (256, 128)):
+            if bm < 16 and bm * bn * bk > 64 * 256:  # the CUDA-core product tile must fit in registers
+                continue
+            for warps in (4, 8) if bn >= 128 else (4,):
+                candidates += [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps,
+                                "num_stages": 3 if bk * (bn + bm) > 48 * 1024 else 4} for split in (1, 2, 4, 8, 16)]
+    return candidates
+
+
 def full_candidates(kernel: str, m: int) -> list[dict]:
     if kernel in EXTERNAL_KERNELS:
         return [{}]  # a library GEMM picks its own tiles
-    if kernel in W4A8_KERNELS:  # the int8 kernels' tiles, without the split-K kernel's load variants
-        tiles = [config for config in (gemm_candidates(m) if kernel == "w4a8_gemm" else splitk_candidates(m))
-                 if set(config) <= W4A8_TILE_KEYS]
+    if kernel == "w4a8_unpack":  # the widening pass's tiles (the int8 GEMM after it runs the int8 table's tiles)
+        return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps} for bn, bk, warps in (
+            (32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (128, 256, 8))]
+    if kernel in W4A8_KERNELS:
+        tiles = w4a8_splitk_candidates(m) if kernel == "w4a8_splitk" else gemm_candidates(m)
         # and each tile inside one group again with the FACTORED loop (bytes read once, group terms per output)
         return tiles + [dict(config, FACTORED=1) for config in tiles if W4A8_GROUP_SIZE % config["BLOCK_K"] == 0]
     return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
@@ -179,7 +199,12 @@ def runner(kernel: str, args: tuple) -> Callable[[dict], torch.Tensor]:
     from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma
     from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
     from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
+    from vllm_outliertune.kernels.w4a8_unpack import unpack_levels
 
+    if kernel == "w4a8_unpack":  # widen with tile c, then the int8 GEMM the table picks for these rows
+        w_packed, group_scale, group_zero, group_size = args[1:5]
+        return lambda c: linear.int8_gemm(args[0], unpack_levels(w_packed, group_scale, group_zero, group_size,
+                                                                  args[0].shape[1], c), *args[5:], torch.bfloat16)
     if kernel in W4A8_KERNELS:
         return lambda c: w4a8_gemm(*args, torch.bfloat16, kernel, c)
     if kernel == "int8_gemm":

@@ -122,7 +122,9 @@ def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: to
     from vllm_outliertune.kernels import torch_ref
     from vllm_outliertune.kernels.linear import w4a8_gemm as w4a8_op
     from vllm_outliertune.kernels.linear import w4a8_gpu_layout
+    from vllm_outliertune.format import packed_levels
     from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
+    from vllm_outliertune.kernels.w4a8_unpack import unpack_levels
 
     failures = []
     kernel, group_size, config = W4A8_VARIANTS[seed % len(W4A8_VARIANTS)]
@@ -134,6 +136,10 @@ def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: to
         if not torch.equal(got, want):
             failures.append(f"{kernel} group_size={group_size} {config} M={m} K={k} N={n}: max |diff| "
                             f"{(got.float() - want.float()).abs().max().item()}")
+        # w4a8_unpack: the widened levels (a tile that leaves partial tiles along N and K), then the int8 GEMM
+        levels = unpack_levels(*packed, group_size, k, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4})
+        if not torch.equal(levels, packed_levels(*packed, group_size, k).to(torch.int8)):
+            failures.append(f"unpack_levels group_size={group_size} K={k} N={n} strides {packed[0].stride()}")
     if seed % 3:  # the table's dispatch on every third case
         return failures
     packed = [t.to(codes.device) for t in make_packed_weight(n, codes.shape[1], 32, seed)]

@@ -209,9 +209,10 @@ def test_tasks_time_int8_gemm_as_the_baseline_of_one_kernel():
     w4 = tune._tasks(tune.TuneOptions(shapes=[(64, 64)], kernels=("w4a8_splitk",), buckets=[1, 256]))
     assert w4 == [(64, 64, 1, "w4a8_splitk"), (64, 64, 1, "w4a8_gemm")]
     for kernel in configs.W4A8_KERNELS:
+        keys = {"BLOCK_N", "BLOCK_K", "num_warps"} if kernel == "w4a8_unpack" else tune.W4A8_TILE_KEYS
         for m in (1, 16, 4096):
             tiles = tune.full_candidates(kernel, m)
-            assert tiles and all(set(c) <= tune.W4A8_TILE_KEYS and c["BLOCK_K"] % 2 == 0 for c in tiles)
+            assert tiles and all(set(c) <= keys and c["BLOCK_K"] % 2 == 0 for c in tiles)
 
 
 def test_w4a8_winners_and_dispatch_per_format(user_table):
@@ -231,6 +232,16 @@ def test_w4a8_winners_and_dispatch_per_format(user_table):
               for m in (1, 2, 16, 17, 64, 100)}
     assert picked == {1: "w4a8_splitk", 2: "w4a8_gemm", 16: "w4a8_gemm", 17: "w4a8_splitk", 64: "w4a8_splitk",
                       100: "w4a8_splitk"}
+    # from the bucket where widening to int8 levels first wins, the W4A8 dispatch runs it
+    r["w4a8_unpack"] = {256: [(40.0, {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4})]}
+    r["w4a8_gemm"][256] = [(90.0, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8))]
+    entries = tune.table_entries(r)
+    assert list(entries["w4a8_unpack"]) == ["256"]
+    tune.write_table(user_table, "NVIDIA H800", {kernel: {"N=4112,K=4096": per_m} for kernel, per_m in entries.items()},
+                     "sm90")
+    configs.clear_caches()
+    assert [next(iter(configs.kernels_for(m, 4112, 4096, H800_KEYS, "w4a8_gemm")), "w4a8_gemm")
+            for m in (1, 200, 4096)] == ["w4a8_splitk", "w4a8_unpack", "w4a8_unpack"]
     assert configs.kernels_for(1, 4112, 4096, H800_KEYS) == ("splitk_gemm",)  # the int8 table is its own
 
 
