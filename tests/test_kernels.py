@@ -89,6 +89,11 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     expect_equal("quantized_linear", quantized_linear(x.view(1, m, k), w_q, w_scale, bias, p["inv_scale"],
                                                       p["shift"], bits, torch.bfloat16), y_ref.view(1, m, n))
     failures += check_w4a8_case(q_ref, n, w_scale, bias, seed)
+    # Split-K launches share one workspace per device (no memset per call): each must leave it zeroed. (The cases
+    # run in one process, so a launch that did not would also break the cases after it.)
+    from vllm_outliertune.kernels.splitk_gemm import _WORKSPACES
+    if any(buffer.any() for buffer in _WORKSPACES.get(x.device, [])):
+        failures.append(f"split-K workspace not zero after the launches of M={m} K={k} N={n}")
     return failures
 
 
@@ -253,8 +258,9 @@ def test_gpu_kernels_match_reference(m, k, n):
 @pytest.mark.gpu
 @gpu
 def test_gpu_split_k_is_deterministic_and_graph_capturable():
-    from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
+    from vllm_outliertune.kernels import torch_ref
     from vllm_outliertune.kernels.linear import quantized_linear
+    from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
 
     p = make_problem(4, 14336, 4096, 8, seed=3, device="cuda")
     args = (p["x"], p["w_q"], p["w_scale"], p["bias"], p["inv_scale"], p["shift"], 8, torch.bfloat16)
@@ -266,8 +272,15 @@ def test_gpu_split_k_is_deterministic_and_graph_capturable():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = quantized_linear(*args)
-    graph.replay()
-    assert torch.equal(captured, eager)
+    # Replays reuse the shared split-K workspace, and so does a larger launch that grows it after the capture.
+    for rows in (4, 64, 4):
+        graph.replay()
+        assert torch.equal(captured, eager)
+        wide = make_problem(rows, 14336, 4096, 8, seed=rows, device="cuda")
+        wide_args = (wide["x"], *args[1:4], wide["inv_scale"], wide["shift"], 8, torch.bfloat16)
+        codes = torch_ref.quantize_activation_ref(wide["x"], wide["inv_scale"], wide["shift"], 8)
+        assert torch.equal(splitk_gemm(*wide_args, dict(config, BLOCK_M=64 if rows > 16 else 16)),
+                           torch_ref.int8_gemm_ref(codes, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16))
     compiled = torch.compile(lambda x: quantized_linear(x, *args[1:]), fullgraph=True)
     assert torch.equal(compiled(p["x"]), eager)
 
