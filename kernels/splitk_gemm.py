@@ -56,9 +56,7 @@ def split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, tile, of
         tl.debug_barrier()  # every thread's partial sum is in before this program counts itself in
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            # Read at L2 (past stale L1 lines) and leave the workspace and the counter zeroed for the next launch.
-            total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")
-            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed")
+            total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")  # read at L2, past stale L1 lines
             epilogue_store(total, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
 
 
@@ -125,27 +123,6 @@ def _auto_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * multiprocessors(device), tiles), k_blocks // 4))
 
 
-# Per device: zeroed int32 buffers for split-K partial sums and per-tile counters. Every split-K launch leaves the
-# entries it used at zero again (split_k_store), so one buffer serves all launches, which run one after another
-# on the device's compute stream (vLLM runs the linears of dense models on one stream), with no memset kernel per
-# GEMM (a fixed cost that decode pays in every linear of every layer).
-# A grown buffer never frees the smaller ones: CUDA graphs captured earlier keep using them.
-_WORKSPACES: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _zeroed_workspace(size: int, device: torch.device) -> torch.Tensor:
-    """A zeroed int32 workspace of at least `size` entries. Grown outside CUDA-graph capture only (memory taken
-    while capturing belongs to the graph's pool): a capture that needs more than the warm-up left gets its own
-    zeroed buffer, as every launch did before."""
-    buffers = _WORKSPACES.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < size:
-        fresh = torch.zeros(max(size, 2 * buffers[-1].numel() if buffers else 0), dtype=torch.int32, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return fresh
-        buffers.append(fresh)
-    return buffers[-1]
-
-
 def split_k_plan(m: int, n: int, k: int, tiles: int, block_k: int, config: dict, device: torch.device):
     """(split_k, K per split, workspace for the partial sums, per-tile counters) for split_k_store: SPLIT_K from
     the config (0 = automatic), reduced to the number of splits that really get K blocks; no workspace without
@@ -156,8 +133,8 @@ def split_k_plan(m: int, n: int, k: int, tiles: int, block_k: int, config: dict,
     split_k = triton.cdiv(k, k_per_split)
     if split_k == 1:
         return 1, k_per_split, None, None
-    workspace = _zeroed_workspace(m * n + tiles, device)
-    return split_k, k_per_split, workspace[:m * n], workspace[m * n:m * n + tiles]
+    workspace = torch.zeros(m * n + tiles, dtype=torch.int32, device=device)
+    return split_k, k_per_split, workspace[:m * n], workspace[m * n:]
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor | None:

@@ -89,11 +89,6 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     expect_equal("quantized_linear", quantized_linear(x.view(1, m, k), w_q, w_scale, bias, p["inv_scale"],
                                                       p["shift"], bits, torch.bfloat16), y_ref.view(1, m, n))
     failures += check_w4a8_case(q_ref, n, w_scale, bias, seed)
-    # Split-K launches share one workspace per device (no memset per call): each must leave it zeroed. (The cases
-    # run in one process, so a launch that did not would also break the cases after it.)
-    from vllm_outliertune.kernels.splitk_gemm import _WORKSPACES
-    if any(buffer.any() for buffer in _WORKSPACES.get(x.device, [])):
-        failures.append(f"split-K workspace not zero after the launches of M={m} K={k} N={n}")
     return failures
 
 
@@ -272,7 +267,7 @@ def test_gpu_split_k_is_deterministic_and_graph_capturable():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = quantized_linear(*args)
-    # Replays reuse the shared split-K workspace, and so does a larger launch that grows it after the capture.
+    # Replays, with other split-K launches (larger M) between them.
     for rows in (4, 64, 4):
         graph.replay()
         assert torch.equal(captured, eager)
