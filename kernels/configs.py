@@ -14,9 +14,9 @@ FAMILY}} where
 - M_BUCKET is a power of two as a string; a call with M rows uses the smallest bucket >= M (else the largest);
 - CONFIG holds the block sizes and launch options, e.g. {"BLOCK_M": 128, ..., "num_warps": 8, "num_stages": 4}.
 
-Lookup of a shape: the first of this device's name, the other devices of its chip family, the family key and
-"default" that tuned the shape serves all its kernels; where none did, the first of them with shape-generic
-("default") entries. The user table (environment variable OUTLIERTUNE_TILE_CONFIGS, else
+Lookup of a shape, per weight format (int8 kernels, W4A8 kernels): the first of this device's name, the other
+devices of its chip family, the family key and "default" that tuned the shape for that format serves all the
+format's kernels; where none did, the first of them with shape-generic ("default") entries. The user table (environment variable OUTLIERTUNE_TILE_CONFIGS, else
 ~/.cache/vllm-outliertune/tile_configs.json) replaces the shipped table's entries shape by shape.
 """
 
@@ -118,20 +118,22 @@ def lookup_order(keys: tuple[str, ...]) -> tuple[str, ...]:
 
 def find_entry(kernel: str, keys: tuple[str, ...], n: int, k: int) -> tuple[str, str] | None:
     """(device key, shape key) of the entry that serves `kernel` at this shape, or None. The first device (in
-    lookup_order) that lists the shape serves all its kernels, so one GPU's measurements decide the whole dispatch;
-    where no device lists it, the first one with shape-generic ("default") entries does. A kernel that device does
-    not list is not used there, except int8_gemm and the W4A8 kernels (the only ones for packed weights), which
-    serve every shape: they fall back to the next level."""
+    lookup_order) that lists the shape for a kernel of `kernel`'s weight format serves all that format's kernels,
+    so one GPU's measurements decide the format's whole dispatch; where no device lists it, the first one with
+    shape-generic ("default") entries does. A kernel that device does not list is not used there, except each
+    format's fallback (int8_gemm, w4a8_gemm), which serves every shape: it falls back to the next level."""
     devices = effective_table()["devices"]
     order = lookup_order(keys)
+    packed = kernel in W4A8_KERNELS
+    fallback, format_kernels = ("w4a8_gemm", W4A8_KERNELS) if packed else ("int8_gemm", KERNELS + EXTERNAL_KERNELS)
     for shape in (shape_key(n, k), "default"):
         owner = next((device for device in order
-                      if any(shape in per_shape for per_shape in devices.get(device, {}).values())), None)
+                      if any(shape in devices.get(device, {}).get(name, {}) for name in format_kernels)), None)
         if owner is None:
             continue
         if shape in devices[owner].get(kernel, {}):
             return owner, shape
-        if kernel not in ("int8_gemm", *W4A8_KERNELS):
+        if kernel != fallback:
             return None
     return next(((device, "default") for device in order if "default" in devices.get(device, {}).get(kernel, {})),
                 None)

@@ -18,6 +18,7 @@ from vllm_outliertune.kernels import torch_ref
 from vllm_outliertune.kernels.configs import (
     EXTERNAL_KERNELS,
     KERNELS,
+    W4A8_KERNELS,
     get_config,
     kernels_for,
     listed_buckets,
@@ -108,6 +109,11 @@ def _gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bi
     return getattr(kernels, kernel)(a_q, w_q, w_scale, bias, out_dtype)
 
 
+def _pick_w4a8_kernel(m: int, n: int, k: int, keys: tuple[str, ...]) -> str:
+    """The W4A8 kernel the tile table routes M rows of this shape to (every one of them runs everywhere)."""
+    return next(iter(kernels_for(m, n, k, keys, "w4a8_gemm")), "w4a8_gemm")
+
+
 def _w4a8(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
           group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """int8 codes x packed 4-bit weight: the split-K kernel where the table lists w4a8_splitk at M's bucket, the
@@ -117,7 +123,7 @@ def _w4a8(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, 
         return torch_ref.w4a8_gemm_ref(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype)
     (m, k), n = a_q.shape, w_packed.shape[0]
     keys = table_keys(a_q.device)
-    kernel = next(iter(kernels_for(m, n, k, keys, "w4a8_gemm")), "w4a8_gemm")
+    kernel = _pick_w4a8_kernel(m, n, k, keys)
     kernels = _triton()
     if kernel == "w4a8_unpack":
         levels = kernels.unpack_levels(w_packed, group_scale, group_zero, group_size, k,
@@ -126,42 +132,61 @@ def _w4a8(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, 
     return kernels.w4a8_gemm(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype, kernel)
 
 
-def compile_variant(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: bool) -> tuple:
+def compile_variant(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: bool, packed: bool = False) -> tuple:
     """What decides which compiled Triton kernel a GEMM of M rows runs: the kernel, its tile, and how Triton
-    specialises the integer M (divisible by 16, or equal to 1). (Registered external GEMMs count as taking the
-    operands: warming them up once is harmless.)"""
-    kernel = _pick_kernel(m, n, k, keys, lambda: tma_ok, lambda name: True)
-    config = get_config(kernel, m, n, k, keys)
-    return kernel, tuple(sorted(config.items())), m % 16 == 0, m == 1
+    specialises the integer M (divisible by 16, or equal to 1); for a packed 4-bit weight (``packed``) the W4A8
+    kernel's, and after w4a8_unpack also the int8 GEMM's of the widened levels. (Registered external GEMMs count as
+    taking the operands: warming them up once is harmless.)"""
+    if packed:
+        kernel = _pick_w4a8_kernel(m, n, k, keys)
+    else:
+        kernel = _pick_kernel(m, n, k, keys, lambda: tma_ok, lambda name: True)
+    variant = (kernel, tuple(sorted(get_config(kernel, m, n, k, keys).items())), m % 16 == 0, m == 1)
+    return variant + compile_variant(m, n, k, keys, tma_ok) if kernel == "w4a8_unpack" else variant
 
 
-def warmup_rows(n: int, k: int, keys: tuple[str, ...], tma_ok: bool, max_m: int) -> list[int]:
+def warmup_rows(n: int, k: int, keys: tuple[str, ...], tma_ok: bool, max_m: int, packed: bool = False) -> list[int]:
     """Row counts that, run once each, compile every kernel variant (compile_variant) that M = 1 .. max_m can
     reach: the variants change only at the table's bucket edges, so the rows next to each edge cover them."""
     edges = {1, max_m}
-    for kernel in KERNELS + EXTERNAL_KERNELS:
+    for kernel in KERNELS + EXTERNAL_KERNELS + (W4A8_KERNELS if packed else ()):
         edges |= {int(bucket) for bucket in listed_buckets(kernel, n, k, keys)}
     rows: dict[tuple, int] = {}
     for edge in sorted(edges):
         for m in (edge - 1, edge, edge + 1, edge + 16, edge + 17):
             if 1 <= m <= max_m:
-                rows.setdefault(compile_variant(m, n, k, keys, tma_ok), m)
+                rows.setdefault(compile_variant(m, n, k, keys, tma_ok, packed), m)
     return sorted(rows.values())
 
 
+class PackedGroups(NamedTuple):
+    """What a packed 4-bit weight needs besides its bytes (the w4a8_gemm op's arguments)."""
+    group_scale: torch.Tensor
+    group_zero: torch.Tensor
+    group_size: int
+    in_features: int
+
+
 def warm_up(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-            max_m: int) -> int:
+            max_m: int, packed: PackedGroups | None = None) -> int:
     """Run the GEMM once at each of warmup_rows() so Triton compiles (or loads from its cache) every variant a
-    batch of up to max_m rows can hit now, at load, instead of stalling the first requests of each size.
-    Returns the number of GEMMs run (0 off CUDA)."""
-    if not w_q.is_cuda:
+    batch of up to max_m rows can hit now, at load, instead of stalling the first requests of each size. With
+    ``packed``, w_q is a packed 4-bit weight and the W4A8 dispatch is warmed. Returns the number of GEMMs run (0
+    where Triton does not run)."""
+    if not _runs_triton(w_q):
         return 0
-    (n, k), keys = w_q.shape, table_keys(w_q.device)
+    n, k = w_q.shape[0], w_q.shape[1] if packed is None else packed.in_features
+    keys = table_keys(w_q.device)
     probe = torch.empty((1, k), dtype=torch.int8, device=w_q.device)
-    rows = warmup_rows(n, k, keys, _triton().supports_tma(probe, w_q), max_m)
+    # widened levels are a fresh row-major [N, K] tensor: aligned like the probe
+    tma_ok = _triton().supports_tma(probe, probe if packed else w_q)
+    rows = warmup_rows(n, k, keys, tma_ok, max_m, packed is not None)
     codes = torch.ones((max(rows), k), dtype=torch.int8, device=w_q.device)  # leading rows: contiguous views
     for m in rows:
-        _gemm(codes[:m], w_q, w_scale, bias, out_dtype)
+        if packed is None:
+            _gemm(codes[:m], w_q, w_scale, bias, out_dtype)
+        else:
+            _w4a8(codes[:m], w_q, packed.group_scale, packed.group_zero, packed.group_size, w_scale, bias, out_dtype)
     return len(rows)
 
 

@@ -54,7 +54,8 @@ TRITON_KERNELS = KERNELS + W4A8_KERNELS
 # Each kernel's fallback: the kernel of its weight format that the table lists at every bucket.
 FALLBACK = {kernel: fallback for fallback, order in DISPATCH_ORDER.items() for kernel in (fallback, *order)}
 W4A8_GROUP_SIZE = 128  # W4A8 tiles are tuned at `outliertune quantize`'s default group size
-W4A8_TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages", "FACTORED"}
+W4A8_TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages", "FACTORED",
+                  "ACC_K"}
 QUICK_TOP = 3  # quick search: the best few of the full searches in the state, besides the table's tiles
 
 
@@ -140,8 +141,12 @@ def full_candidates(kernel: str, m: int) -> list[dict]:
             (32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (128, 256, 8))]
     if kernel in W4A8_KERNELS:
         tiles = w4a8_splitk_candidates(m) if kernel == "w4a8_splitk" else gemm_candidates(m)
-        # and each tile inside one group again with the FACTORED loop (bytes read once, group terms per output)
-        return tiles + [dict(config, FACTORED=1) for config in tiles if W4A8_GROUP_SIZE % config["BLOCK_K"] == 0]
+        # and each tile inside one group again with the FACTORED loop (bytes read once, group terms per output),
+        # CUDA-core ones also with ACC_K where its [BLOCK_M, BLOCK_K / 2, BLOCK_N] accumulator fits (64 words a thread)
+        factored = [dict(config, FACTORED=1) for config in tiles if W4A8_GROUP_SIZE % config["BLOCK_K"] == 0]
+        return tiles + factored + [dict(config, ACC_K=1) for config in factored if config["BLOCK_M"] < 16 and
+                                   config["BLOCK_M"] * config["BLOCK_K"] // 2 * config["BLOCK_N"]
+                                   <= 64 * 32 * config["num_warps"]]
     return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
 
 

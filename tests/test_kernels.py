@@ -105,13 +105,17 @@ def make_packed_weight(n: int, k: int, group_size: int, seed: int) -> tuple[torc
 
 
 # (kernel, group size, config): tiles inside one group and groups gathered per channel, split K, M < 16 and >= 16,
-# and the FACTORED loop (bytes read once, group terms per output) with and without tensor-core dots.
+# and the FACTORED loop (bytes read once, group terms per output) with and without tensor-core dots, and with the
+# K accumulator (ACC_K).
 W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3}),
                  ("w4a8_splitk", 48, {"BLOCK_M": 4, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 0}),
                  ("w4a8_gemm", 0, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}),
                  ("w4a8_gemm", 16, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}),
                  ("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3, "FACTORED": 1}),
-                 ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1}))
+                 ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1}),
+                 ("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "FACTORED": 1,
+                                      "ACC_K": 1}),
+                 ("w4a8_splitk", 0, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "FACTORED": 1, "ACC_K": 1}))
 
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -140,6 +144,15 @@ def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: to
         levels = unpack_levels(*packed, group_size, k, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4})
         if not torch.equal(levels, packed_levels(*packed, group_size, k).to(torch.int8)):
             failures.append(f"unpack_levels group_size={group_size} K={k} N={n} strides {packed[0].stride()}")
+    if seed == 0:  # warming up a packed weight at load runs the W4A8 dispatch at every row count it lists
+        from vllm_outliertune.kernels.configs import table_keys
+        from vllm_outliertune.kernels.linear import PackedGroups, warm_up, warmup_rows
+
+        k = codes.shape[1]
+        packed = [t.to(codes.device) for t in make_packed_weight(n, k, 32, seed)]
+        ran = warm_up(packed[0], w_scale, bias, torch.bfloat16, 40, PackedGroups(packed[1], packed[2], 32, k))
+        if ran != len(warmup_rows(n, k, table_keys(codes.device), False, 40, packed=True)):
+            failures.append(f"warm_up of a packed weight ran {ran} GEMMs")
     if seed % 3:  # the table's dispatch on every third case
         return failures
     packed = [t.to(codes.device) for t in make_packed_weight(n, codes.shape[1], 32, seed)]
@@ -206,20 +219,22 @@ def test_bad_arguments_are_named():
 
 
 H100_KEYS = ("NVIDIA H100 80GB HBM3", "sm90", "default")
+H200_KEYS = ("NVIDIA H200", "sm90", "default")
 LLAMA3_8B_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 
 
-@pytest.mark.parametrize("keys", [H100_KEYS, ("default",)], ids=["h100-table", "default-table"])
+@pytest.mark.parametrize("keys", [H100_KEYS, H200_KEYS, ("default",)], ids=["h100-table", "h200-table", "default-table"])
 @pytest.mark.parametrize("tma_ok", [True, False])
 def test_warmup_rows_reach_every_compiled_variant(keys, tma_ok):
     """The rows warmed up at load must hit every (kernel, tile, M specialisation) that any batch of 1 .. max_m rows
-    can reach, or a request of that size would still wait for a JIT compile."""
+    can reach, or a request of that size would still wait for a JIT compile: int8 weights and packed 4-bit ones
+    (W4A8 kernels, and the int8 GEMM after w4a8_unpack)."""
     from vllm_outliertune.kernels.linear import compile_variant, warm_up, warmup_rows
 
-    for (n, k), max_m in itertools.product(LLAMA3_8B_SHAPES + ((136, 200),), (16384, 300)):
-        rows = warmup_rows(n, k, keys, tma_ok, max_m)
-        reachable = {compile_variant(m, n, k, keys, tma_ok) for m in range(1, max_m + 1)}
-        assert {compile_variant(m, n, k, keys, tma_ok) for m in rows} == reachable, (n, k, max_m)
+    for (n, k), max_m, packed in itertools.product(LLAMA3_8B_SHAPES + ((136, 200),), (16384, 300), (False, True)):
+        rows = warmup_rows(n, k, keys, tma_ok, max_m, packed)
+        reachable = {compile_variant(m, n, k, keys, tma_ok, packed) for m in range(1, max_m + 1)}
+        assert {compile_variant(m, n, k, keys, tma_ok, packed) for m in rows} == reachable, (n, k, max_m, packed)
         assert len(rows) == len(reachable) and max(rows) <= max_m
     p = make_problem(1, 48, 24, 8, seed=0)
     assert warm_up(p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, 64) == 0  # nothing to compile off CUDA

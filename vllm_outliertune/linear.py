@@ -231,7 +231,9 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             for suffix in ("weight_group_scale", "weight_group_zero"):
                 setattr(layer, suffix, torch.nn.Parameter(self._packed_layout(getattr(layer, suffix).data),
                                                           requires_grad=False))
-            return  # the W4A8 kernels compile on first use
+            self._warm_up(layer, kernel_ops.PackedGroups(layer.weight_group_scale, layer.weight_group_zero,
+                                                         self.spec.group_size, layer.input_size_per_partition))
+            return
         if _NEW_SHAPES:
             report_untuned_shapes(layer.weight.device)
         self._warm_up(layer)
@@ -261,16 +263,18 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         layer.exact_weight = torch.nn.Parameter(weight, requires_grad=False)
 
     @staticmethod
-    def _warm_up(layer: torch.nn.Module) -> None:
+    def _warm_up(layer: torch.nn.Module, packed: kernel_ops.PackedGroups | None = None) -> None:
         """Compile the Triton GEMMs this layer's shape can hit now rather than during the first requests, where a
-        JIT compile stalls the whole batch (CUDA-graph capture covers only the decode sizes)."""
-        key = (tuple(layer.weight.shape), layer.params_dtype, layer.weight.device)
+        JIT compile stalls the whole batch (CUDA-graph capture covers only the decode sizes). ``packed``: the
+        group tensors of a packed 4-bit weight."""
+        key = (tuple(layer.weight.shape), layer.params_dtype, layer.weight.device,
+               packed and (packed.group_size, packed.in_features))
         if key in _WARMED_UP:
             return
         _WARMED_UP.add(key)
         started = time.perf_counter()
         count = kernel_ops.warm_up(layer.weight, layer.weight_scale, layer.output_bias, layer.params_dtype,
-                                   layer.max_rows)
+                                   layer.max_rows, packed)
         if count:  # 0 where nothing is compiled (CPU)
             logger.info("outliertune: %d GEMM variants of weight %s ready for up to %d rows in %.1f s", count,
                         list(layer.weight.shape), layer.max_rows, time.perf_counter() - started)
