@@ -203,17 +203,18 @@ def check_options(options: QuantizeOptions) -> None:
     check_device(options.device)
 
 
-# Activation range factors the plan search tries where weights or activations have fewer than 8 bits: the
-# default grid's (SearchGrid.clips) with deeper clipping below its 0.75. SmolLM2 on Brown+code (docs/accuracy.md):
-# with the default grid W4A8 chose 0.75, the grid's edge, in most layers and W6A6 in 84 of 120 input groups.
+# Activation range factors the plan search tries for packed 4-bit weights: the default grid's (SearchGrid.clips)
+# with deeper clipping below its 0.75, the edge W4A8 chose in most layers (SmolLM2, docs/accuracy.md, third pass:
+# with int8-planned q/k/v, 57.43 -> 56.49 on Brown, 10 windows). W6A6 keeps the default grid: with it on the mixed
+# calibration it gave 58.36 (10 windows), not measured against the default grid there.
 LOW_BIT_CLIPS = (0.5, 0.6, 0.65) + SearchGrid.clips
 
 
 def search_grid(options: QuantizeOptions, arch: Architecture) -> SearchGrid:
     """What the plan search of method outliertune may choose: --act-clips, else the architecture's clips, else
-    LOW_BIT_CLIPS below 8-bit weights or activations and the default grid at W8A8."""
+    LOW_BIT_CLIPS for packed 4-bit weights and the default grid otherwise."""
     clips = options.act_clips or arch.activation_clips
-    if clips is None and min(options.w_bits, options.a_bits) < 8:
+    if clips is None and options.weight_format.packed:
         clips = LOW_BIT_CLIPS
     return SearchGrid() if clips is None else SearchGrid(clips=clips)
 

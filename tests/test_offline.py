@@ -424,14 +424,16 @@ def test_search_no_worse_than_simple_rule(bits):
 
 
 def test_search_grid_by_bit_width():
-    """Below 8 bits (W6A6, W4A8) the plan search may clip activation ranges deeper than W8A8's grid allows (there
-    it chose the grid's edge, 0.75, in most groups); W8A8, Gemma's clips and --act-clips keep their grids."""
+    """With packed 4-bit weights (W4A8, W4A4) the plan search may clip activation ranges deeper than the default
+    grid allows (W4A8 chose its edge, 0.75, in most groups); W8A8, W6A6, Gemma's clips and --act-clips keep their
+    grids."""
     from vllm_outliertune.offline.architectures import ARCHITECTURES
     from vllm_outliertune.offline.quantize import search_grid
 
     llama, gemma = ARCHITECTURES["LlamaForCausalLM"], ARCHITECTURES["Gemma3ForCausalLM"]
     assert search_grid(QuantizeOptions(), llama) == SearchGrid()
-    for bits in ((6, 6), (4, 8), (4, 4)):
+    assert search_grid(QuantizeOptions(w_bits=6, a_bits=6), llama) == SearchGrid()
+    for bits in ((4, 8), (4, 4)):
         options = QuantizeOptions(w_bits=bits[0], a_bits=bits[1])
         grid = search_grid(options, llama)
         assert min(grid.clips) == 0.5 and set(SearchGrid.clips) < set(grid.clips)
