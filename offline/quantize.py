@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -148,13 +148,13 @@ def kept_groups(index: int, info: dict[str, dict], options: QuantizeOptions) -> 
     return _listed_groups(index, options.keep_fp16)
 
 
-def int8_weight_groups(index: int, info: dict[str, dict], options: QuantizeOptions) -> set[str]:
-    """The input groups of layer ``index`` whose linears keep int8 weights in a packed 4-bit checkpoint
-    (quantization_config.int8_weights)."""
+def int8_weight_groups(index: int, groups: Iterable[str], options: QuantizeOptions) -> set[str]:
+    """The input groups of layer ``index`` (of ``groups``) whose linears keep int8 weights in a packed 4-bit
+    checkpoint (quantization_config.int8_weights)."""
     if not options.weight_format.packed:
         return set()
     if options.int8_weights == "auto":
-        return set(AUTO_INT8_GROUPS) & set(info)
+        return set(AUTO_INT8_GROUPS) & set(groups)
     return _listed_groups(index, options.int8_weights)
 
 
@@ -203,10 +203,28 @@ def check_options(options: QuantizeOptions) -> None:
     check_device(options.device)
 
 
+# Activation range factors the plan search tries for packed 4-bit weights: the default grid's (SearchGrid.clips)
+# with deeper clipping below its 0.75, the edge W4A8 chose in most layers (SmolLM2, docs/accuracy.md, third pass:
+# with int8-planned q/k/v, 57.43 -> 56.49 on Brown, 10 windows). W6A6 keeps the default grid: with it on the mixed
+# calibration it gave 58.36 (10 windows), not measured against the default grid there.
+LOW_BIT_CLIPS = (0.5, 0.6, 0.65) + SearchGrid.clips
+
+
+def search_grid(options: QuantizeOptions, arch: Architecture) -> SearchGrid:
+    """What the plan search of method outliertune may choose: --act-clips, else the architecture's clips, else
+    LOW_BIT_CLIPS for packed 4-bit weights and the default grid otherwise."""
+    clips = options.act_clips or arch.activation_clips
+    if clips is None and options.weight_format.packed:
+        clips = LOW_BIT_CLIPS
+    return SearchGrid() if clips is None else SearchGrid(clips=clips)
+
+
 def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_config, arch: Architecture,
-               options: QuantizeOptions) -> tuple[dict[str, ChannelPlan], dict[str, dict]]:
+               options: QuantizeOptions, int8_groups: Iterable[str] = ()) -> tuple[dict[str, ChannelPlan],
+                                                                                  dict[str, dict]]:
     """The plan of each input group of ``layer`` by ``options.method``, and per group what was chosen plus the
-    relative output error of its quantized linears on the calibration sample."""
+    relative output error of its quantized linears on the calibration sample. Groups in ``int8_groups`` (int8
+    weights inside a packed 4-bit checkpoint) are planned and measured with the int8 weights they get."""
     heads, kv_heads, head_dim = attention_groups(model_config)
     group_size = heads // kv_heads
     stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], group_size, head_dim))
@@ -214,20 +232,21 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
         stats = {group: dataclasses.replace(value, min=value.min * options.range_margin,
                                             max=value.max * options.range_margin) for group, value in stats.items()}
     rule = METHODS[options.method]
-    clips = options.act_clips or arch.activation_clips
-    grid = SearchGrid() if clips is None else SearchGrid(clips=clips)
     plans, info = {}, {}
     for group, names in arch.groups.items():
+        group_options = options.with_int8_weights if group in int8_groups else options
+        grid = search_grid(group_options, arch)
         weight = torch.cat([layer.get_submodule(name).weight.detach().float() for name in names])
         share = (lambda step: symmetrize.group_max(step, group_size, head_dim)) if group == "o" else (lambda s: s)
         exact = None
         if options.exact_channels and group != "o":  # o_proj's steps are shared across q-heads (GQA)
             exact = symmetrize.outlier_channels(stats[group], options.exact_channels, options.outlier_factor)
-        plans[group], info[group] = rule(GroupInput(stats[group], weight, share, grid, exact), options)
+        plans[group], info[group] = rule(GroupInput(stats[group], weight, share, grid, exact), group_options)
         info[group]["exact_channels"] = [] if plans[group].exact is None else plans[group].exact.tolist()
         sample = stats[group].sample[:SearchGrid.tokens].to(weight.device)
-        info[group]["error"] = output_error(sample, weight, plans[group], options.weight_format, options.a_bits)
-        info[group]["dynamic_error"] = dynamic_output_error(sample, weight, options.weight_format, options.a_bits)
+        weight_format = group_options.weight_format
+        info[group]["error"] = output_error(sample, weight, plans[group], weight_format, options.a_bits)
+        info[group]["dynamic_error"] = dynamic_output_error(sample, weight, weight_format, options.a_bits)
     return plans, info
 
 
@@ -281,12 +300,13 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
     for index, layer, stats in cached_calibrate_layers(model, windows, options.calib_cache, options.device,
                                                        options.batch_size, SearchGrid.tokens, options.seed,
                                                        options.progress, gram=gptq):
-        plans, info = plan_layer(layer, stats, model.config, arch, options)
+        int8_groups = int8_weight_groups(index, arch.groups, options)
+        plans, info = plan_layer(layer, stats, model.config, arch, options, int8_groups)
         kept = kept_groups(index, info, options)
         plans = keep_in_fp(plans, kept)
         for group in kept:
             info[group]["kept_fp16"] = True
-        int8_groups = int8_weight_groups(index, info, options) - kept
+        int8_groups -= kept
         for group in int8_groups:
             info[group]["int8_weights"] = True
         if record is not None:

@@ -423,6 +423,28 @@ def test_search_no_worse_than_simple_rule(bits):
     assert improved >= 2
 
 
+def test_search_grid_by_bit_width():
+    """With packed 4-bit weights (W4A8, W4A4) the plan search may clip activation ranges deeper than the default
+    grid allows (W4A8 chose its edge, 0.75, in most groups); W8A8, W6A6, Gemma's clips and --act-clips keep their
+    grids."""
+    from vllm_outliertune.offline.architectures import ARCHITECTURES
+    from vllm_outliertune.offline.quantize import search_grid
+
+    llama, gemma = ARCHITECTURES["LlamaForCausalLM"], ARCHITECTURES["Gemma3ForCausalLM"]
+    assert search_grid(QuantizeOptions(), llama) == SearchGrid()
+    assert search_grid(QuantizeOptions(w_bits=6, a_bits=6), llama) == SearchGrid()
+    for bits in ((4, 8), (4, 4)):
+        options = QuantizeOptions(w_bits=bits[0], a_bits=bits[1])
+        grid = search_grid(options, llama)
+        assert min(grid.clips) == 0.5 and set(SearchGrid.clips) < set(grid.clips)
+        assert (grid.strengths, grid.alphas, grid.shifts) == (SearchGrid.strengths, SearchGrid.alphas,
+                                                              SearchGrid.shifts)
+        assert search_grid(options, gemma).clips == (1.0,)
+        assert search_grid(dataclasses.replace(options, act_clips=(0.9, 1.0)), llama).clips == (0.9, 1.0)
+    # a W4A8 checkpoint's int8-weight groups are planned as W8A8 (QuantizeOptions.with_int8_weights)
+    assert search_grid(QuantizeOptions(w_bits=4, a_bits=8).with_int8_weights, llama) == SearchGrid()
+
+
 @pytest.mark.parametrize("bits", [8, 6])
 def test_gemma_plans_never_clip_activations(bits):
     """Gemma's search keeps every channel's full calibration range (Architecture.activation_clips): its per-token

@@ -187,3 +187,33 @@ def test_weight_rounding_auto_picks_gptq_for_4_and_6_bit_weights():
     assert QuantizeOptions(w_bits=8, a_bits=8).rounding == "rtn"
     assert QuantizeOptions(w_bits=6, a_bits=6).rounding == "gptq"
     assert QuantizeOptions(w_bits=4, a_bits=8, weight_rounding="rtn").rounding == "rtn"
+
+
+def test_int8_weight_groups_planned_for_int8_weights():
+    """A group kept at int8 weights inside a W4A8 checkpoint (--int8-weights) gets the plan the W8A8 search picks
+    for it (its weights are rounded at int8, so searching against 4-bit weight error would trade activation
+    resolution for nothing); the packed groups keep the 4-bit search's plans."""
+    import copy
+
+    from vllm_outliertune.offline.architectures import ARCHITECTURES
+    from vllm_outliertune.offline.calibrate import calibrate_layers
+    from vllm_outliertune.offline.quantize import QuantizeOptions, plan_layer
+    from vllm_outliertune.offline.text import token_windows
+
+    model, tokenizer = tiny_models.build_tiny_model("llama")
+    windows = token_windows(tokenizer, tiny_models.TINY_TEXT * 4, 64, 8)
+    _, layer, stats = next(iter(calibrate_layers(model, windows, progress=False)))
+    arch = ARCHITECTURES["LlamaForCausalLM"]
+    w4a8 = QuantizeOptions(w_bits=4, a_bits=8, group_size=32)
+
+    def plan(options, int8_groups=()):
+        return plan_layer(copy.deepcopy(layer), stats, model.config, arch, options, int8_groups)
+
+    mixed_plans, mixed_info = plan(w4a8, {"qkv"})
+    int8_plans, int8_info = plan(QuantizeOptions(w_bits=8, a_bits=8))
+    packed_plans, packed_info = plan(w4a8)
+    assert torch.equal(mixed_plans["qkv"].step, int8_plans["qkv"].step)
+    assert mixed_info["qkv"] == int8_info["qkv"] != packed_info["qkv"]
+    for group in ("o", "gate_up", "down"):
+        assert torch.equal(mixed_plans[group].step, packed_plans[group].step)
+        assert mixed_info[group] == packed_info[group]
