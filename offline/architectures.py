@@ -59,6 +59,8 @@ class Architecture:
     check: Callable[[dict], str | None] = lambda config: None  # config.json -> why it cannot be folded exactly
     # Activation clipping ratios the plan search may choose (offline/search.py SearchGrid.clips); None: the grid's.
     activation_clips: tuple[float, ...] | None = None
+    # The plan search ranks candidates by the mean per-token relative output error (SearchGrid.per_token).
+    per_token_error: bool = False
     # Weight bits at which --weight-rounding auto picks GPTQ (offline/quantize.py resolves it); None: the default
     # choice (quantize.AUTO_ROUNDING).
     gptq_bits: tuple[int, ...] | None = None

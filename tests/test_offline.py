@@ -134,6 +134,32 @@ def test_search_chooses_headroom_from_held_out_tokens():
     assert wider.error < 0.9 * clipping_only.error  # measured 0.82: strength alone widens ranges a little
 
 
+def test_search_per_token_error_weighs_small_tokens():
+    """SearchGrid.per_token ranks plans by each token's error relative to its own output (Gemma's norms rescale
+    every token): on a sample of many small tokens and a few large ones with an outlier channel, it picks a plan
+    whose mean per-token relative error is well below the total-error plan's, which in turn wins on the total."""
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(count: int) -> torch.Tensor:
+        x = torch.randn(count, 64, generator=generator) * 0.05
+        large = torch.rand(count, generator=generator) < 0.1
+        x[large] *= 40
+        x[large, 0] = 60.0 * torch.rand(int(large.sum()), generator=generator)
+        return x
+
+    fitted, sample = tokens(2048), tokens(256)
+    weight = torch.randn(32, 64, generator=generator)
+    stats = InputStats(fitted.amin(0), fitted.amax(0), fitted.double().pow(2).sum(0), 2048, sample)
+    total = search_plan(stats, weight, WeightFormat(8), 8)
+    per_token = search_plan(stats, weight, WeightFormat(8), 8, SearchGrid(per_token=True))
+    errors = {(name, measure): output_error(sample, weight, result.plan, WeightFormat(8), 8, per_token=measure)
+              for name, result in (("total", total), ("per_token", per_token)) for measure in (False, True)}
+    # Measured: per-token error 0.048 vs 0.115; total error 1.6e-4 vs 1.4e-2.
+    assert errors["per_token", True] < 0.5 * errors["total", True], errors
+    assert errors["total", False] < 0.5 * errors["per_token", False], errors
+    assert per_token.error == pytest.approx(errors["per_token", True])
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_reference_w8a8_sqnr(arch, request):
     """Our integer reference of the W8A8 checkpoint vs the fp32 model (trained tiny models of conftest), on text
