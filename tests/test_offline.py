@@ -470,6 +470,23 @@ def test_gemma_plans_never_clip_activations(bits):
     assert any(choice["clip"] < 1.0 for choice in llama_info.values())
 
 
+def test_gemma_search_ranks_by_per_token_error(monkeypatch):
+    """plan_layer hands Gemma's search the per-token objective (Architecture.per_token_error), Llama's the total."""
+    from vllm_outliertune.offline import quantize as quantize_mod
+    from vllm_outliertune.offline.architectures import ARCHITECTURES
+
+    grids = []
+    search = quantize_mod.search_plan
+    monkeypatch.setattr(quantize_mod, "search_plan", lambda stats, weight, fmt, bits, grid, *args, **kw:
+                        grids.append(grid) or search(stats, weight, fmt, bits, grid, *args, **kw))
+    model, tokenizer = tiny_models.build_tiny_model("gemma3")
+    _, layer, stats = next(iter(calibrate_layers(model, _windows(tokenizer), progress=False)))
+    for name, per_token in (("Gemma3ForCausalLM", True), ("LlamaForCausalLM", False)):
+        grids.clear()
+        plan_layer(copy.deepcopy(layer), stats, model.config, ARCHITECTURES[name], QuantizeOptions())
+        assert len(grids) == 4 and all(grid.per_token == per_token for grid in grids), name
+
+
 def test_weight_rounding_auto_is_gptq_for_gemma(monkeypatch):
     """--weight-rounding auto resolves by architecture: Gemma rounds with GPTQ at 8 bits too (its norms pass the
     weight error on at full size), the Llama family keeps RTN there; an explicit choice stays."""
