@@ -215,7 +215,7 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
                                             max=value.max * options.range_margin) for group, value in stats.items()}
     rule = METHODS[options.method]
     clips = options.act_clips or arch.activation_clips
-    grid = SearchGrid(per_token=arch.per_token_error, **({} if clips is None else dict(clips=clips)))
+    grid = SearchGrid(per_token=options.a_bits in arch.per_token_bits, **({} if clips is None else dict(clips=clips)))
     plans, info = {}, {}
     for group, names in arch.groups.items():
         weight = torch.cat([layer.get_submodule(name).weight.detach().float() for name in names])

@@ -471,7 +471,8 @@ def test_gemma_plans_never_clip_activations(bits):
 
 
 def test_gemma_search_ranks_by_per_token_error(monkeypatch):
-    """plan_layer hands Gemma's search the per-token objective (Architecture.per_token_error), Llama's the total."""
+    """plan_layer hands Gemma's search the per-token objective at 8-bit activations (Architecture.per_token_bits),
+    the total at 6 bits and for Llama."""
     from vllm_outliertune.offline import quantize as quantize_mod
     from vllm_outliertune.offline.architectures import ARCHITECTURES
 
@@ -481,10 +482,11 @@ def test_gemma_search_ranks_by_per_token_error(monkeypatch):
                         grids.append(grid) or search(stats, weight, fmt, bits, grid, *args, **kw))
     model, tokenizer = tiny_models.build_tiny_model("gemma3")
     _, layer, stats = next(iter(calibrate_layers(model, _windows(tokenizer), progress=False)))
-    for name, per_token in (("Gemma3ForCausalLM", True), ("LlamaForCausalLM", False)):
+    for name, bits, per_token in (("Gemma3ForCausalLM", 8, True), ("Gemma3ForCausalLM", 6, False),
+                                  ("LlamaForCausalLM", 8, False)):
         grids.clear()
-        plan_layer(copy.deepcopy(layer), stats, model.config, ARCHITECTURES[name], QuantizeOptions())
-        assert len(grids) == 4 and all(grid.per_token == per_token for grid in grids), name
+        plan_layer(copy.deepcopy(layer), stats, model.config, ARCHITECTURES[name], QuantizeOptions(bits, bits))
+        assert len(grids) == 4 and all(grid.per_token == per_token for grid in grids), (name, bits)
 
 
 def test_weight_rounding_auto_is_gptq_for_gemma(monkeypatch):
