@@ -59,6 +59,9 @@ class Architecture:
     check: Callable[[dict], str | None] = lambda config: None  # config.json -> why it cannot be folded exactly
     # Activation clipping ratios the plan search may choose (offline/search.py SearchGrid.clips); None: the grid's.
     activation_clips: tuple[float, ...] | None = None
+    # Activation bits at which the plan search ranks candidates by the mean per-token relative output error
+    # (SearchGrid.per_token) instead of the total.
+    per_token_bits: tuple[int, ...] = ()
     # Weight bits at which --weight-rounding auto picks GPTQ (offline/quantize.py resolves it); None: the default
     # choice (quantize.AUTO_ROUNDING).
     gptq_bits: tuple[int, ...] | None = None
@@ -92,8 +95,13 @@ LLAMA_LIKE = Architecture(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # GPTQ weights at 8 bits too: Gemma passes the weight error on at full size (the norms again). Gemma 3 270M, Brown
 # test, through vLLM, 40 windows: W8A8 RTN +3.8 %, GPTQ +3.0 %; W6A6 RTN +22.0 %, GPTQ +27.7 % (so not at 6 bits;
 # docs/accuracy.md).
+# At 8-bit activations the search ranks plans by the mean per-token relative error (the norms again: a small token's
+# error counts as much as a large one's): it then keeps down_proj's finest activation steps (strength 0) in 7 of 18
+# layers where the total error chose coarser ones. Gemma 3 270M W8A8, Brown test: +1.1 % instead of +3.0 % through
+# vLLM (40 windows; dynamic per-token W8A8 +1.7 %), fp32 reference on 8 windows +1.8 % vs +4.1 %. Not at 6 bits:
+# W6A6 +23.7 % vs +22.0 % (reference, 8 windows; docs/accuracy.md).
 GEMMA = Architecture(("Gemma2ForCausalLM", "Gemma3ForCausalLM"), mlp_norm="pre_feedforward_layernorm",
-                     norm="rms_one_plus", activation_clips=(1.0,), gptq_bits=(4, 8))
+                     norm="rms_one_plus", activation_clips=(1.0,), per_token_bits=(8,), gptq_bits=(4, 8))
 PHI3 = Architecture(("Phi3ForCausalLM",), qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",),
                     v_rows=_fused_v_rows, up_rows=_fused_up_rows)
 OPT = Architecture(("OPTForCausalLM",), layers="model.decoder.layers", o_proj="self_attn.out_proj",

@@ -212,11 +212,12 @@ LOW_BIT_CLIPS = (0.5, 0.6, 0.65) + SearchGrid.clips
 
 def search_grid(options: QuantizeOptions, arch: Architecture) -> SearchGrid:
     """What the plan search of method outliertune may choose: --act-clips, else the architecture's clips, else
-    LOW_BIT_CLIPS for packed 4-bit weights and the default grid otherwise."""
+    LOW_BIT_CLIPS for packed 4-bit weights and the default grid otherwise; ranked by the per-token relative error
+    where the architecture asks for it at these activation bits."""
     clips = options.act_clips or arch.activation_clips
     if clips is None and options.weight_format.packed:
         clips = LOW_BIT_CLIPS
-    return SearchGrid() if clips is None else SearchGrid(clips=clips)
+    return SearchGrid(per_token=options.a_bits in arch.per_token_bits, **({} if clips is None else dict(clips=clips)))
 
 
 def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_config, arch: Architecture,

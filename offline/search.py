@@ -2,7 +2,12 @@
 an input, try balanced plans over a grid of migration strength, exponent, clipping ratio and shift-or-not, and keep
 the one with the smallest output error of the quantized linears on the calibration token sample. The simple rule
 (per-channel steps, full range, integer shift) is one of the candidates, so the result is never worse than it on
-that sample."""
+that sample.
+
+The error is the sample's total squared error relative to the total squared output, or (``SearchGrid.per_token``,
+per architecture) the mean over tokens of each token's squared error relative to that token's squared output: the
+measure that counts where a norm after the linear rescales every token's output to the same size (Gemma), so a small
+token's error counts as much as a large one's."""
 
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class SearchGrid:
     clips: tuple[float, ...] = (0.75, 0.9, 1.0, 1.25, 1.5, 2.0)
     shifts: tuple[bool, ...] = (True, False)
     tokens: int = 256  # calibration tokens the error is measured on (the search's cost is linear in it)
+    per_token: bool = False  # rank by the mean per-token relative error instead of the total (relative_error)
 
 
 SIMPLE = dict(alpha=0.5, strength=0.0, clip=1.0, shift=True)
@@ -40,9 +46,19 @@ class SearchResult:
     simple_error: float   # ... and of the simple rule (strength 0, clip 1, shift)
 
 
+def relative_error(approx: torch.Tensor, reference: torch.Tensor, per_token: bool = False) -> float:
+    """||A - R||^2 / ||R||^2 over all tokens (rows), or with ``per_token`` the mean over rows of ||a - r||^2 / ||r||^2
+    (a row's squared output counts as at least 1e-6 of the rows' mean: near-zero rows do not dominate)."""
+    if not per_token:
+        return float((approx - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30))
+    size = reference.pow(2).sum(1)
+    size = size.clamp(min=max(1e-6 * float(size.mean()), 1e-30))
+    return float(((approx - reference).pow(2).sum(1) / size).mean())
+
+
 def output_error(sample: torch.Tensor, weight: torch.Tensor, plan: ChannelPlan, weight_format: WeightFormat,
-                 a_bits: int, reference: torch.Tensor | None = None) -> float:
-    """||X W^T - dequant(q) dequant(W s)^T||^2 / ||X W^T||^2, with the checkpoint's arithmetic (weights rounded
+                 a_bits: int, reference: torch.Tensor | None = None, per_token: bool = False) -> float:
+    """relative_error of dequant(q) dequant(W s)^T against X W^T, with the checkpoint's arithmetic (weights rounded
     to nearest)."""
     reference = sample @ weight.t() if reference is None else reference
     step = plan.step.to(sample)
@@ -54,7 +70,7 @@ def output_error(sample: torch.Tensor, weight: torch.Tensor, plan: ChannelPlan, 
         rounded = fake_quantize(folded.index_fill(1, plan.exact.to(folded.device), 0.0), weight_format, power)
         rounded[:, plan.exact] = folded[:, plan.exact]
     approx = plan.fake_quantize(sample, a_bits) / step @ rounded.t()
-    return float((approx - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30))
+    return relative_error(approx, reference, per_token)
 
 
 def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFormat, a_bits: int,
@@ -70,7 +86,7 @@ def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFo
     for alpha, strength, clip, shift in itertools.product(grid.alphas, grid.strengths, grid.clips, grid.shifts):
         plan = with_exact(balanced(stats, weight, a_bits, alpha=alpha, strength=strength, clip=clip, shift=shift,
                                    share=share), exact)
-        error = output_error(sample, weight, plan, weight_format, a_bits, reference)
+        error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token)
         choice = dict(alpha=alpha, strength=strength, clip=clip, shift=shift)
         if choice == SIMPLE:
             simple_error = error
@@ -78,7 +94,7 @@ def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFo
             best = (error, plan, choice)
     if simple_error is None:
         plan = with_exact(balanced(stats, weight, a_bits, **SIMPLE, share=share), exact)
-        simple_error = output_error(sample, weight, plan, weight_format, a_bits, reference)
+        simple_error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token)
         if simple_error <= best[0]:
             best = (simple_error, plan, dict(SIMPLE))
     return SearchResult(best[1], best[2], best[0], simple_error)

@@ -134,6 +134,32 @@ def test_search_chooses_headroom_from_held_out_tokens():
     assert wider.error < 0.9 * clipping_only.error  # measured 0.82: strength alone widens ranges a little
 
 
+def test_search_per_token_error_weighs_small_tokens():
+    """SearchGrid.per_token ranks plans by each token's error relative to its own output (Gemma's norms rescale
+    every token): on a sample of many small tokens and a few large ones with an outlier channel, it picks a plan
+    whose mean per-token relative error is well below the total-error plan's, which in turn wins on the total."""
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(count: int) -> torch.Tensor:
+        x = torch.randn(count, 64, generator=generator) * 0.05
+        large = torch.rand(count, generator=generator) < 0.1
+        x[large] *= 40
+        x[large, 0] = 60.0 * torch.rand(int(large.sum()), generator=generator)
+        return x
+
+    fitted, sample = tokens(2048), tokens(256)
+    weight = torch.randn(32, 64, generator=generator)
+    stats = InputStats(fitted.amin(0), fitted.amax(0), fitted.double().pow(2).sum(0), 2048, sample)
+    total = search_plan(stats, weight, WeightFormat(8), 8)
+    per_token = search_plan(stats, weight, WeightFormat(8), 8, SearchGrid(per_token=True))
+    errors = {(name, measure): output_error(sample, weight, result.plan, WeightFormat(8), 8, per_token=measure)
+              for name, result in (("total", total), ("per_token", per_token)) for measure in (False, True)}
+    # Measured: per-token error 0.048 vs 0.115; total error 1.6e-4 vs 1.4e-2.
+    assert errors["per_token", True] < 0.5 * errors["total", True], errors
+    assert errors["total", False] < 0.5 * errors["per_token", False], errors
+    assert per_token.error == pytest.approx(errors["per_token", True])
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_reference_w8a8_sqnr(arch, request):
     """Our integer reference of the W8A8 checkpoint vs the fp32 model (trained tiny models of conftest), on text
@@ -464,6 +490,25 @@ def test_gemma_plans_never_clip_activations(bits):
         assert all(((code >= qmin) & (code <= qmax)).all() for code in codes), group
     _, llama_info = plan_layer(copy.deepcopy(layer), stats, model.config, ARCHITECTURES["LlamaForCausalLM"], options)
     assert any(choice["clip"] < 1.0 for choice in llama_info.values())
+
+
+def test_gemma_search_ranks_by_per_token_error(monkeypatch):
+    """plan_layer hands Gemma's search the per-token objective at 8-bit activations (Architecture.per_token_bits),
+    the total at 6 bits and for Llama."""
+    from vllm_outliertune.offline import quantize as quantize_mod
+    from vllm_outliertune.offline.architectures import ARCHITECTURES
+
+    grids = []
+    search = quantize_mod.search_plan
+    monkeypatch.setattr(quantize_mod, "search_plan", lambda stats, weight, fmt, bits, grid, *args, **kw:
+                        grids.append(grid) or search(stats, weight, fmt, bits, grid, *args, **kw))
+    model, tokenizer = tiny_models.build_tiny_model("gemma3")
+    _, layer, stats = next(iter(calibrate_layers(model, _windows(tokenizer), progress=False)))
+    for name, bits, per_token in (("Gemma3ForCausalLM", 8, True), ("Gemma3ForCausalLM", 6, False),
+                                  ("LlamaForCausalLM", 8, False)):
+        grids.clear()
+        plan_layer(copy.deepcopy(layer), stats, model.config, ARCHITECTURES[name], QuantizeOptions(bits, bits))
+        assert len(grids) == 4 and all(grid.per_token == per_token for grid in grids), (name, bits)
 
 
 def test_weight_rounding_auto_is_gptq_for_gemma(monkeypatch):
