@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from vllm_outliertune.kernels import torch_ref
+from vllm_outliertune.kernels.w4a8_words import pack_words
 from vllm_outliertune.kernels.configs import (
     EXTERNAL_KERNELS,
     KERNELS,
@@ -114,22 +115,22 @@ def _pick_w4a8_kernel(m: int, n: int, k: int, keys: tuple[str, ...]) -> str:
     return next(iter(kernels_for(m, n, k, keys, "w4a8_gemm")), "w4a8_gemm")
 
 
-def _w4a8(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+def _w4a8(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
           group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """int8 codes x packed 4-bit weight: the split-K kernel where the table lists w4a8_splitk at M's bucket, the
     int8 GEMM's dispatch on the widened levels where it lists w4a8_unpack, else the tiled one; the exact torch
     reference where Triton does not run."""
     if not _runs_triton(a_q):
-        return torch_ref.w4a8_gemm_ref(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype)
-    (m, k), n = a_q.shape, w_packed.shape[0]
+        return torch_ref.w4a8_gemm_ref(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype)
+    (m, k), n = a_q.shape, w_words.shape[0]
     keys = table_keys(a_q.device)
     kernel = _pick_w4a8_kernel(m, n, k, keys)
     kernels = _triton()
     if kernel == "w4a8_unpack":
-        levels = kernels.unpack_levels(w_packed, group_scale, group_zero, group_size, k,
+        levels = kernels.unpack_levels(w_words, group_scale, group_zero, group_size, k,
                                        get_config(kernel, m, n, k, keys))
         return _gemm(a_q, levels, w_scale, bias, out_dtype)
-    return kernels.w4a8_gemm(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype, kernel)
+    return kernels.w4a8_gemm(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype, kernel)
 
 
 def compile_variant(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: bool, packed: bool = False) -> tuple:
@@ -235,39 +236,45 @@ def _(x, w_q, w_scale, bias, inv_scale, shift, act_bits, out_dtype):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=out_dtype)
 
 
-def w4a8_gpu_layout(packed_operand: torch.Tensor) -> torch.Tensor:
-    """A packed weight [N, K/2] or its group scales / zeros [N, groups] as the W4A8 kernels read them fastest on a
-    GPU: the same tensor stored N-major, so the bytes of one K position are contiguous across output channels and a
-    tile's loads vectorize (gemlite stores its packed weights so too). Row-major tiles gather single bytes along K."""
-    return packed_operand.t().contiguous().t()
+def w4a8_gpu_layout(operand: torch.Tensor) -> torch.Tensor:
+    """A packed weight's words [N, K/8] or its group scales / zeros [N, groups] as the W4A8 kernels read them
+    fastest on a GPU: stored N-major, so one K position is contiguous across output channels and a tile's loads
+    vectorize (gemlite stores its packed weights so too). Row-major tiles gather single words along K."""
+    return operand.t().contiguous().t()
+
+
+def w4a8_gpu_words(w_packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """A checkpoint's packed weight uint8 [N, ceil(K/2)] as the W4A8 ops take it on a GPU: int32 words of 8
+    channels (w4a8_words.pack_words), N-major."""
+    return w4a8_gpu_layout(pack_words(w_packed, in_features))
 
 
 @torch.library.custom_op("outliertune_kernels::w4a8_gemm", mutates_args=())
-def w4a8_gemm(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
               group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
               out_dtype: torch.dtype) -> torch.Tensor:
     """a_q int8 [M, K] @ levels^T (int32) * w_scale[n] (+ bias[n]) -> out_dtype [M, N], where levels = (code -
-    group_zero) * group_scale are the int8 weights a packed uint8 [N, ceil(K/2)] weight stands for
-    (vllm_outliertune.format.packed_levels)."""
-    return _w4a8(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype)
+    group_zero) * group_scale are the int8 weights that a packed weight in int32 words [N, ceil(K/8)]
+    (w4a8_gpu_words) stands for (vllm_outliertune.format.packed_levels of the checkpoint's bytes)."""
+    return _w4a8(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype)
 
 
 @w4a8_gemm.register_fake
-def _(a_q, w_packed, group_scale, group_zero, group_size, w_scale, bias, out_dtype):
-    return a_q.new_empty((a_q.shape[0], w_packed.shape[0]), dtype=out_dtype)
+def _(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype):
+    return a_q.new_empty((a_q.shape[0], w_words.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("outliertune_kernels::w4a8_linear", mutates_args=())
-def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+def w4a8_linear(x: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
                 group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, inv_scale: torch.Tensor | None,
                 shift: torch.Tensor | None, act_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
     """quantized_linear with a packed 4-bit weight: one quantization pass, then w4a8_gemm's dispatch."""
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    out = _w4a8(_quantize(x2, inv_scale, shift, act_bits), w_packed, group_scale, group_zero, group_size, w_scale,
+    out = _w4a8(_quantize(x2, inv_scale, shift, act_bits), w_words, group_scale, group_zero, group_size, w_scale,
                 bias, out_dtype)
-    return out.view(*x.shape[:-1], w_packed.shape[0])
+    return out.view(*x.shape[:-1], w_words.shape[0])
 
 
 @w4a8_linear.register_fake
-def _(x, w_packed, group_scale, group_zero, group_size, w_scale, bias, inv_scale, shift, act_bits, out_dtype):
-    return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
+def _(x, w_words, group_scale, group_zero, group_size, w_scale, bias, inv_scale, shift, act_bits, out_dtype):
+    return x.new_empty((*x.shape[:-1], w_words.shape[0]), dtype=out_dtype)

@@ -26,7 +26,7 @@ from vllm_outliertune.kernels.act_quant import FLOAT_INPUT_DTYPES, check_activat
 from vllm_outliertune.kernels.int8_gemm import epilogue_store, launch_options, multiprocessors, start_gemm
 
 # The interpreter (CPU CI) runs no PTX: there the packed dot product is computed byte by byte (same result).
-_DP4A_ASM = os.environ.get("TRITON_INTERPRET") != "1"
+DP4A_ASM = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def split_k_plan(m: int, n: int, k: int, tiles: int, block_k: int, config: dict,
     return split_k, k_per_split, workspace[:m * n], workspace[m * n:]
 
 
-def _as_words(t: torch.Tensor) -> torch.Tensor | None:
+def as_words(t: torch.Tensor) -> torch.Tensor | None:
     """An int8 [R, K] tensor as int32 [R, K/4] (4 codes per word, same memory), or None where the layout forbids."""
     if t.shape[1] % 4 or t.stride(1) != 1 or (t.shape[0] > 1 and t.stride(0) % 4) or t.data_ptr() % 4:
         return None
@@ -165,7 +165,7 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     x_words = w_words = None
     if config.get("PACKED") and not quantize and block_k % 4 == 0:
-        x_words, w_words = _as_words(x), _as_words(w_q)
+        x_words, w_words = as_words(x), as_words(w_q)
     packed = x_words is not None and w_words is not None
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k, k_per_split, partial_sums, counters = split_k_plan(m, n, k, tiles, block_k, config, x.device)
@@ -177,6 +177,6 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
         counters, m, n, k // word, x.stride(0) // word, w_q.stride(0) // word, out.stride(0), k_per_split // word,
         QUANTIZE=quantize, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None,
         HAS_SHIFT=shift is not None, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, SPLIT_K=split_k,
-        ACC_K=bool(config.get("ACC_K")) and block_m < 16, PACKED=packed, DP4A_ASM=_DP4A_ASM, BLOCK_M=block_m,
+        ACC_K=bool(config.get("ACC_K")) and block_m < 16, PACKED=packed, DP4A_ASM=DP4A_ASM, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k // word, **launch_options(config), enable_fp_fusion=False)
     return out

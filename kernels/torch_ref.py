@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_outliertune.format import packed_levels
+from vllm_outliertune.format import code_levels
+from vllm_outliertune.kernels.w4a8_words import word_codes
 
 # int8 x int8 products are at most 2^14 in magnitude, so a sum of 1024 of them (2^24) is exact in float32.
 _EXACT_FP32_K_CHUNK = 1024
@@ -54,11 +55,12 @@ def int8_gemm_ref(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, b
     return out.to(out_dtype)
 
 
-def w4a8_gemm_ref(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+def w4a8_gemm_ref(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
                   group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
                   out_dtype: torch.dtype) -> torch.Tensor:
-    """int8_gemm_ref on the int8 levels a packed 4-bit weight stands for ((code - zero) * scale per group)."""
-    levels = packed_levels(w_packed, group_scale, group_zero, group_size, a_q.shape[1]).to(torch.int8)
+    """int8_gemm_ref on the int8 levels ((code - zero) * scale per group) that a packed 4-bit weight in words
+    (kernels/w4a8_words.py) stands for."""
+    levels = code_levels(word_codes(w_words, a_q.shape[1]), group_scale, group_zero, group_size).to(torch.int8)
     return int8_gemm_ref(a_q, levels, w_scale, bias, out_dtype)
 
 

@@ -119,17 +119,24 @@ def splitk_candidates(m: int) -> list[dict]:
 def w4a8_splitk_candidates(m: int) -> list[dict]:
     """Small-M W4A8 tiles: tensor-core tiles (BLOCK_M 16) and CUDA-core tiles (BLOCK_M = M rounded up) over a wider
     spread of N x K tiles, warps and K splits than the int8 split-K kernel's (its packed-word variants do not apply
-    to 4-bit weights)."""
+    to 4-bit weights); for CUDA-core tiles also wide ones for the dp4a loop (FACTORED), whose [BLOCK_M, BLOCK_K / 8,
+    BLOCK_N] products fit in registers where the per-weight tile's would not."""
     import triton
+
+    def tile(bm: int, bn: int, bk: int, warps: int, split: int, **variant) -> dict:
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps,
+                "num_stages": 3 if bk * (bn + bm) > 48 * 1024 else 4, **variant}
 
     candidates = []
     for bm in sorted({max(16, triton.next_power_of_2(m)), triton.next_power_of_2(m)}):
         for bn, bk in ((32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128), (128, 256), (256, 128)):
             if bm < 16 and bm * bn * bk > 64 * 256:  # the CUDA-core product tile must fit in registers
                 continue
-            for warps in (4, 8) if bn >= 128 else (4,):
-                candidates += [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps,
-                                "num_stages": 3 if bk * (bn + bm) > 48 * 1024 else 4} for split in (1, 2, 4, 8, 16)]
+            candidates += [tile(bm, bn, bk, warps, split) for warps in ((4, 8) if bn >= 128 else (4,))
+                           for split in (1, 2, 4, 8, 16)]
+        if bm < 16:
+            candidates += [tile(bm, bn, bk, warps, split, FACTORED=1) for bn, bk in ((256, 64), (256, 128), (512, 64))
+                           if bm * bn * bk <= 64 * 512 * 8 for warps in (4, 8) for split in (2, 4, 8, 16)]
     return candidates
 
 
@@ -141,12 +148,14 @@ def full_candidates(kernel: str, m: int) -> list[dict]:
             (32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (128, 256, 8))]
     if kernel in W4A8_KERNELS:
         tiles = w4a8_splitk_candidates(m) if kernel == "w4a8_splitk" else gemm_candidates(m)
-        # and each tile inside one group again with the FACTORED loop (bytes read once, group terms per output),
-        # CUDA-core ones also with ACC_K where its [BLOCK_M, BLOCK_K / 2, BLOCK_N] accumulator fits (64 words a thread)
+        # and each tile inside one group again with the FACTORED loops (dp4a on words below BLOCK_M 16, group terms
+        # per output), CUDA-core ones also with ACC_K where its [BLOCK_M, BLOCK_K / 8, BLOCK_N] accumulator fits
+        # (64 words a thread)
         factored = [dict(config, FACTORED=1) for config in tiles if W4A8_GROUP_SIZE % config["BLOCK_K"] == 0]
-        return tiles + factored + [dict(config, ACC_K=1) for config in factored if config["BLOCK_M"] < 16 and
-                                   config["BLOCK_M"] * config["BLOCK_K"] // 2 * config["BLOCK_N"]
-                                   <= 64 * 32 * config["num_warps"]]
+        acc_k = [dict(config, ACC_K=1) for config in factored if config["BLOCK_M"] < 16 and
+                 config["BLOCK_M"] * config["BLOCK_K"] // 8 * config["BLOCK_N"] <= 64 * 32 * config["num_warps"]]
+        unique = {tuple(sorted(config.items())): config for config in tiles + factored + acc_k}
+        return list(unique.values())
     return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
 
 
@@ -177,13 +186,13 @@ def make_inputs(m: int, n: int, k: int, device: str = "cuda") -> dict:
 
 
 def packed_weight(n: int, k: int, group_size: int, device: str = "cuda") -> tuple[torch.Tensor, ...]:
-    """Random packed 4-bit weight [N, K/2] in the plugin's GPU layout, with group scales and zeros whose int8
-    levels stay in range."""
+    """Random packed 4-bit weight in the plugin's GPU layout (int32 words of 8 channels, N-major), with group
+    scales and zeros whose int8 levels stay in range."""
     groups = group_count(k, group_size)
-    return tuple(linear.w4a8_gpu_layout(t) for t in (
-        torch.randint(0, 256, (n, (k + 1) // 2), device=device, dtype=torch.uint8),
+    packed = torch.randint(0, 256, (n, (k + 1) // 2), device=device, dtype=torch.uint8)
+    return (linear.w4a8_gpu_words(packed, k), *(linear.w4a8_gpu_layout(t) for t in (
         torch.randint(1, 9, (n, groups), device=device, dtype=torch.uint8),
-        torch.randint(0, 16, (n, groups), device=device, dtype=torch.uint8)))
+        torch.randint(0, 16, (n, groups), device=device, dtype=torch.uint8))))
 
 
 def gemm_args(m: int, n: int, k: int, kernel: str = "int8_gemm") -> tuple:

@@ -1,24 +1,25 @@
 """W4A8 GEMM: int8 activation codes x packed 4-bit weights with integer group scales, int32 accumulation, the
 per-output-channel scale + bias epilogue of the int8 GEMMs.
 
-w_packed uint8 [N, ceil(K/2)] (rows or columns contiguous: the plugin stores it N-major on the GPU,
-linear.w4a8_gpu_layout) holds two codes per byte (channel 2j low nibble, 2j+1 high); the int8 weight level is
-(code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_outliertune.format). The kernel widens the codes to
-those int8 levels in registers, so the K loop is integer only (no float dequantization) and the multiply is the
-same int8 x int8 -> int32 dot as in int8_gemm (tensor cores from BLOCK_M 16 and BLOCK_K 32; below that CUDA-core
-multiply-adds). The weight tile is read as [BLOCK_K, BLOCK_N] with each byte at the rows of both its channels and the
-nibble picked per row, so the activations load as one contiguous [BLOCK_M, BLOCK_K] tile and each K step is one dot
-(the first version split even / odd channels into two dots on stride-2 activation loads: 22-37x slower than the
-int8 GEMM at M = 4096 on the H200).
-When a tile lies inside one group (group_size a multiple of BLOCK_K) its group scale/zero are one vector per tile,
-else they are gathered per channel. Tiles with FACTORED (inside one group only) read each byte once, as
-[BLOCK_K / 2, BLOCK_N], split the activation tile into even / odd channels in registers, and apply the group terms
-per output: (sum a * code - zero * sum a) * scale, the same integer with two integer ops per weight instead of five
-(on the H200 the per-weight path reads a GEMV's weights at ~0.46 TB/s: bound by that work, not by memory; FACTORED
-1.4-1.7x faster). With ACC_K as well (CUDA-core tiles) the scaled products accumulate in a [BLOCK_M, BLOCK_K / 2,
-BLOCK_N] register tile reduced once after the K loop, instead of a reduction over K per tile.
-One kernel serves decode and prefill: SPLIT_K > 1 splits the K loop across programs (small M: enough programs to
-stream the weights) and they meet through splitk_gemm.split_k_store."""
+The weight comes as int32 words [N, ceil(K/8)] (kernels/w4a8_words.py: 8 consecutive channels per word; rows or
+columns contiguous: the plugin stores them N-major on the GPU, linear.w4a8_gpu_layout); the int8 weight level of
+channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_outliertune.format). Three loops:
+- DP4A (tiles inside one group, BLOCK_M < 16, activation rows viewable as int32 words): the decode loop. Each weight
+  word meets two activation words in two dp4a (low nibbles: channels 8j..8j+3, high: 8j+4..8j+7), and the group
+  terms apply per output: (sum a * code - zero * sum a) * scale, the same integer. About 5 integer instructions per
+  8 weights; the byte layout before needed ~16 (H200, Llama-3-8B shapes: W4A8 GEMVs at 0.75-0.80x the int8 GEMV's
+  speed, bound by that work at a marginal 1.4 TB/s). With ACC_K the scaled products accumulate in a
+  [BLOCK_M, BLOCK_K / 8, BLOCK_N] register tile reduced once after the K loop instead of once per tile.
+- WORD_DOTS (tiles inside one group, tensor-core tiles with BLOCK_K >= 64): the low nibbles of the words' bytes
+  are channels 8j + b, the high ones 8j + 4 + b; shifted out into two int8 code tiles, two tensor-core dots against
+  the activations of those channels (split out of the activation tile in registers), the group terms per output.
+- FACTORED (tiles inside one group otherwise: activation rows that are no words, small tensor-core tiles): each
+  channel reads its word (the 8 channels of a word share a cache line: the weights still stream once) and shifts its
+  nibble out; one dot of the activations with the codes, the group terms per output as above.
+- otherwise (tiles across groups): the codes widen to int8 levels per weight, one dot with the activations.
+Tensor-core dots from BLOCK_M 16 and BLOCK_K 32, CUDA-core multiply-adds below. One kernel serves decode and
+prefill: SPLIT_K > 1 splits the K loop across programs (small M: enough programs to stream the weights) and they
+meet through splitk_gemm.split_k_store."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ import triton.language as tl
 
 from vllm_outliertune.format import group_count
 from vllm_outliertune.kernels.int8_gemm import grouped_tile, launch_options, start_gemm
-from vllm_outliertune.kernels.splitk_gemm import split_k_plan, split_k_store
+from vllm_outliertune.kernels.splitk_gemm import (DP4A_ASM, as_words, dot4_accumulate, split_k_plan,
+                                                  split_k_store)
+from vllm_outliertune.kernels.w4a8_words import CHANNELS_PER_WORD
 
 
 @triton.jit
@@ -39,157 +42,212 @@ def _tile_group(scale_ptr, zero_ptr, rows_w, group, stride_gn, stride_gk):
 
 
 @triton.jit
-def _levels(byte_tile, offs_k, scale_ptr, zero_ptr, rows_w, group, stride_gn, stride_gk, GROUP_TILE: tl.constexpr):
-    """uint8 bytes [BLOCK_K, BLOCK_N] (row k holds the byte of channel k: each byte twice) -> int8 levels of
-    channel k's nibble (low for even k, high for odd k)."""
-    codes = (byte_tile.to(tl.int32) >> ((offs_k % 2) * 4)[:, None]) & 15
-    if GROUP_TILE:  # group: a scalar (the tile's group)
-        scale, zero = _tile_group(scale_ptr, zero_ptr, rows_w, group, stride_gn, stride_gk)
-        scale, zero = scale[None, :], zero[None, :]
-    else:  # group: [BLOCK_K], one per channel
-        offsets = rows_w[None, :].to(tl.int64) * stride_gn + group[:, None].to(tl.int64) * stride_gk
-        scale = tl.load(scale_ptr + offsets).to(tl.int32)
-        zero = tl.load(zero_ptr + offsets).to(tl.int32)
-    return ((codes - zero) * scale).to(tl.int8)
+def word_code(words, shift):
+    """The 4-bit code at bit ``shift`` of each int32 word (channel 8j + c sits at bit 8 * (c % 4) + 4 * (c // 4))."""
+    return (words >> shift) & 15
 
 
 @triton.jit
-def _factored_group_sum(a, byte_tile, scale, zero, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum_k a[:, k] * level[k, :] over one tile inside one group, with each byte read once and the group's zero
-    point and scale applied per output instead of per weight: (sum_k a_k * code_k - zero * sum_k a_k) * scale, the
-    same integer. a: int8 [BLOCK_M, BLOCK_K]; byte_tile: uint8 [BLOCK_K // 2, BLOCK_N] (channels 2j low, 2j+1 high);
-    scale, zero: int32 [BLOCK_N]."""
-    a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
-    low = (byte_tile & 15).to(tl.int8)
-    high = (byte_tile >> 4).to(tl.int8)
-    if BLOCK_M >= 16 and BLOCK_K >= 64:  # int8 tensor-core dots take M >= 16 and K >= 32 (here K is BLOCK_K / 2)
-        codes_sum = tl.dot(a_odd, high, tl.dot(a_even, low, out_dtype=tl.int32), out_dtype=tl.int32)
+def _channel_codes(words, offs_k):
+    """int32 words [BLOCK_K, BLOCK_N] read per channel (row k holds channel k's word) -> int32 codes of channel k."""
+    return word_code(words, ((offs_k % 4) * 8 + ((offs_k // 4) % 2) * 4)[:, None])
+
+
+@triton.jit
+def _dot(a, b, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 [BLOCK_M, BLOCK_N] = a int8 [BLOCK_M, BLOCK_K] @ b int8 [BLOCK_K, BLOCK_N]."""
+    if BLOCK_M >= 16 and BLOCK_K >= 32:  # int8 tensor-core dots take M >= 16 and K >= 32
+        return tl.dot(a, b, out_dtype=tl.int32)
     else:
-        codes_sum = (tl.sum(a_even.to(tl.int32)[:, :, None] * low.to(tl.int32)[None, :, :], axis=1)
-                     + tl.sum(a_odd.to(tl.int32)[:, :, None] * high.to(tl.int32)[None, :, :], axis=1))
-    a_sum = tl.sum(a.to(tl.int32), axis=1)
-    return (codes_sum - a_sum[:, None] * zero[None, :]) * scale[None, :]
+        return tl.sum(a.to(tl.int32)[:, :, None] * b.to(tl.int32)[None, :, :], axis=1)
 
 
 @triton.jit
-def _factored_products(a, byte_tile, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ACC_K form of _factored_group_sum for CUDA-core tiles: the products a_k * code_k * scale of one tile as
-    [BLOCK_M, BLOCK_K // 2, BLOCK_N] (even and odd channel of each byte summed), to accumulate across the K loop and
-    reduce once after it; the nibbles stay int32 (no narrowing and widening per weight)."""
-    a_even, a_odd = tl.split(tl.reshape(a.to(tl.int32), (BLOCK_M, BLOCK_K // 2, 2)))
-    codes = byte_tile.to(tl.int32)
-    return (a_even[:, :, None] * (codes & 15)[None, :, :] + a_odd[:, :, None] * (codes >> 4)[None, :, :]) \
-        * scale[None, None, :]
+def _word_products(a_words, w_words, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, USE_ASM: tl.constexpr):
+    """sum over the 8 channels of each weight word of activation x code: a_words int32 [BLOCK_M, 2 * BLOCK_W] (4
+    activation codes per word), w_words int32 [BLOCK_W, BLOCK_N] -> int32 [BLOCK_M, BLOCK_W, BLOCK_N]."""
+    a_low, a_high = tl.split(tl.reshape(a_words, (BLOCK_M, BLOCK_W, 2)))
+    products = dot4_accumulate((w_words & 0x0F0F0F0F)[None, :, :], a_low[:, :, None],
+                               tl.zeros((BLOCK_M, BLOCK_W, w_words.shape[1]), dtype=tl.int32), USE_ASM)
+    return dot4_accumulate(((w_words >> 4) & 0x0F0F0F0F)[None, :, :], a_high[:, :, None], products, USE_ASM)
+
+
+@triton.jit
+def _word_dots(a, words, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k code[:, k] * a[:, k] over a tile of whole words on tensor cores, transposed: int32 [BLOCK_N, BLOCK_M]
+    from words int32 [BLOCK_N, BLOCK_K / 8] and activation codes a int8 [BLOCK_M, BLOCK_K]. The low nibbles of the
+    words' bytes are channels 8j + b, the high ones 8j + 4 + b; shifted out and joined along the last dimension they
+    sit in K order 4j + b without a transpose, so the weights are the dots' left operand (the MMA's M side, as
+    small-M CUTLASS kernels swap A and B) and the activations of those channels, split out in registers, the right.
+    H200, M = 16, Llama-3-8B shapes: 14-26 % faster than weight codes as the right operand [K, N]."""
+    a_low, a_high = tl.split(tl.permute(tl.reshape(a, (BLOCK_M, BLOCK_K // 8, 2, 4)), (0, 1, 3, 2)))
+    codes_sum = tl.dot(_nibble_rows(words, 0, BLOCK_K), tl.trans(tl.reshape(a_low, (BLOCK_M, BLOCK_K // 2))),
+                       out_dtype=tl.int32)
+    return tl.dot(_nibble_rows(words, 4, BLOCK_K), tl.trans(tl.reshape(a_high, (BLOCK_M, BLOCK_K // 2))), codes_sum,
+                  out_dtype=tl.int32)
+
+
+@triton.jit
+def _nibble_rows(words, nibble, BLOCK_K: tl.constexpr):
+    """int32 words [BLOCK_N, BLOCK_K / 8] -> int8 codes [BLOCK_N, BLOCK_K / 2] at column 4j + b: nibble (0 low,
+    4 high) of byte b of word j."""
+    planes = tl.join(tl.join(word_code(words, nibble), word_code(words, 16 + nibble)),
+                     tl.join(word_code(words, 8 + nibble), word_code(words, 24 + nibble)))  # [N, W, 2, 2]: b = 2x + y
+    return tl.reshape(planes, (words.shape[0], BLOCK_K // 2)).to(tl.int8)
 
 
 @triton.jit
 def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr,
                       M, N, K, stride_am, stride_wn, stride_wk, stride_gn, stride_gk, stride_om, K_PER_SPLIT,
                       GROUP_SIZE, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
-                      EVEN_N: tl.constexpr, FACTORED: tl.constexpr, ACC_K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                      EVEN_N: tl.constexpr, FACTORED: tl.constexpr, WORD_DOTS: tl.constexpr, DP4A: tl.constexpr,
+                      DP4A_ASM: tl.constexpr,
+                      ACC_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    # K, K_PER_SPLIT and BLOCK_K count channels; with DP4A a_ptr is the int32 view of the codes (stride_am in words).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m, offs_n, rows_a, rows_w = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if EVEN_N:  # no tile reaches past N: say the columns are contiguous, so N-major loads vectorize (as gemlite)
         rows_w = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
     k_start = pid_k * K_PER_SPLIT
-    offs_k = k_start + tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    # Channels 2j and 2j+1 read the same byte (one cache line: the weight bytes still stream once). The loads
-    # coalesce along N where the bytes are stored N-major (stride_wn 1, as the plugin lays them out on the GPU).
-    w_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + (offs_k // 2)[:, None].to(tl.int64) * stride_wk
-    # FACTORED: each byte once ([BLOCK_K / 2, BLOCK_N], k_start is even), group terms per output (GROUP_TILE only).
-    offs_byte = k_start // 2 + tl.arange(0, BLOCK_K // 2)
-    byte_ptrs = w_ptr + rows_w[None, :].to(tl.int64) * stride_wn + offs_byte[:, None].to(tl.int64) * stride_wk
+    rows_w_offsets = rows_w.to(tl.int64) * stride_wn
+    if WORD_DOTS:
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        offs_ww = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+        w_ptrs = w_ptr + rows_w_offsets[:, None] + offs_ww[None, :].to(tl.int64) * stride_wk  # [BLOCK_N, words]
+        acc_nk = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)  # the output transposed (operands swapped)
+    elif DP4A:
+        offs_aw = k_start // 4 + tl.arange(0, BLOCK_K // 4)
+        a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_aw[None, :]
+        offs_ww = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+        w_ptrs = w_ptr + rows_w_offsets[None, :] + offs_ww[:, None].to(tl.int64) * stride_wk
+    else:
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        # Each channel reads its word: the 8 channels of a word share one cache line, the weights stream once.
+        # The loads coalesce along N where the words are stored N-major (stride_wn 1, the plugin's GPU layout).
+        w_ptrs = w_ptr + rows_w_offsets[None, :] + (offs_k // 8)[:, None].to(tl.int64) * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     if ACC_K:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_K // 2, BLOCK_N), dtype=tl.int32)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
     for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
-        a = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
         if FACTORED:
-            byte_tile = tl.load(byte_ptrs, mask=(offs_byte < (K + 1) // 2)[:, None], other=0,
-                                eviction_policy="evict_first")
             scale, zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, (k_start + i * BLOCK_K) // GROUP_SIZE,
                                       stride_gn, stride_gk)
-            if ACC_K:  # the zero-point term per output now, the products summed over K after the loop
-                acc3 += _factored_products(a, byte_tile, scale, BLOCK_M, BLOCK_K)
-                acc -= tl.sum(a.to(tl.int32), axis=1)[:, None] * (zero * scale)[None, :]
+        if WORD_DOTS:
+            a = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
+            w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[None, :], other=0, eviction_policy="evict_first")
+            acc_nk += (_word_dots(a, w_words, BLOCK_M, BLOCK_K)
+                       - zero[:, None] * tl.sum(a.to(tl.int32), axis=1)[None, :]) * scale[:, None]
+            offs_k += BLOCK_K
+            a_ptrs += BLOCK_K
+            offs_ww += BLOCK_K // 8
+            w_ptrs += (BLOCK_K // 8) * stride_wk
+        elif DP4A:
+            a_words = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
+            w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0, eviction_policy="evict_first")
+            products = _word_products(a_words, w_words, BLOCK_M, BLOCK_K // 8, DP4A_ASM) * scale[None, None, :]
+            if ACC_K:
+                acc3 += products
             else:
-                acc += _factored_group_sum(a, byte_tile, scale, zero, BLOCK_M, BLOCK_K)
+                acc += tl.sum(products, axis=1)
+            # the zero-point term: each row's sum of its activation codes in the tile (a dp4a with 1, 1, 1, 1)
+            a_sum = tl.sum(dot4_accumulate(a_words, tl.full(a_words.shape, 0x01010101, tl.int32),
+                                           tl.zeros(a_words.shape, dtype=tl.int32), DP4A_ASM), axis=1)
+            acc -= a_sum[:, None] * (zero * scale)[None, :]
+            offs_aw += BLOCK_K // 4
+            a_ptrs += BLOCK_K // 4
+            offs_ww += BLOCK_K // 8
+            w_ptrs += (BLOCK_K // 8) * stride_wk
         else:
-            # Channels past K read code 0, whose level need not be 0: the zeroed activations cancel them.
-            w = tl.load(w_ptrs, mask=(offs_k < K)[:, None], other=0, eviction_policy="evict_first")
-            if GROUP_TILE:
-                group = (k_start + i * BLOCK_K) // GROUP_SIZE
+            a = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
+            # Channels past K read a padded code, whose level need not be 0: the zeroed activations cancel them.
+            codes = _channel_codes(tl.load(w_ptrs, mask=(offs_k < K)[:, None], other=0,
+                                           eviction_policy="evict_first"), offs_k)
+            if FACTORED:
+                a_sum = tl.sum(a.to(tl.int32), axis=1)
+                acc += (_dot(a, codes.to(tl.int8), BLOCK_M, BLOCK_K) - a_sum[:, None] * zero[None, :]) \
+                    * scale[None, :]
             else:
-                group = tl.minimum(offs_k, K - 1) // GROUP_SIZE
-            levels = _levels(w, offs_k, gscale_ptr, gzero_ptr, rows_w, group, stride_gn, stride_gk, GROUP_TILE)
-            if BLOCK_M >= 16 and BLOCK_K >= 32:  # int8 tensor-core dots take M >= 16 and K >= 32
-                acc = tl.dot(a, levels, acc, out_dtype=tl.int32)
-            else:
-                acc += tl.sum(a.to(tl.int32)[:, :, None] * levels.to(tl.int32)[None, :, :], axis=1)
-        offs_k += BLOCK_K
-        a_ptrs += BLOCK_K
-        w_ptrs += (BLOCK_K // 2) * stride_wk
-        offs_byte += BLOCK_K // 2
-        byte_ptrs += (BLOCK_K // 2) * stride_wk
+                if GROUP_TILE:  # one group (a scalar) for the whole tile
+                    scale, zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, (k_start + i * BLOCK_K) // GROUP_SIZE,
+                                              stride_gn, stride_gk)
+                    scale, zero = scale[None, :], zero[None, :]
+                else:  # one group per channel
+                    offsets = rows_w[None, :].to(tl.int64) * stride_gn \
+                        + (tl.minimum(offs_k, K - 1) // GROUP_SIZE)[:, None].to(tl.int64) * stride_gk
+                    scale = tl.load(gscale_ptr + offsets).to(tl.int32)
+                    zero = tl.load(gzero_ptr + offsets).to(tl.int32)
+                acc += _dot(a, ((codes - zero) * scale).to(tl.int8), BLOCK_M, BLOCK_K)
+            offs_k += BLOCK_K
+            a_ptrs += BLOCK_K
+            w_ptrs += (BLOCK_K // 8) * stride_wk
     if ACC_K:
         acc += tl.sum(acc3, axis=1)
+    if WORD_DOTS:
+        acc += tl.trans(acc_nk)
     split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N, stride_om,
                   SPLIT_K, HAS_BIAS)
 
 
-def check_packed_args(k: int, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+def check_packed_args(k: int, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
                       group_size: int) -> None:
-    """Raise ValueError naming the argument when the packed weight and its group tensors do not fit K."""
-    n = w_packed.shape[0]
-    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2 or w_packed.shape[1] != (k + 1) // 2 \
-            or 1 not in w_packed.stride():
-        raise ValueError(f"w_packed is {w_packed.dtype} {list(w_packed.shape)}; expected uint8 [N, {(k + 1) // 2}] "
-                         f"(two 4-bit codes per byte for K = {k}) with contiguous rows or columns")
-    if group_size < 0 or group_size % 2:
-        raise ValueError(f"group_size {group_size} must be 0 (one group per row) or a positive even number")
+    """Raise ValueError naming the argument when the packed weight words and their group tensors do not fit K."""
+    n = w_words.shape[0]
+    words = triton.cdiv(k, CHANNELS_PER_WORD)
+    if w_words.dtype != torch.int32 or w_words.dim() != 2 or w_words.shape[1] != words or 1 not in w_words.stride():
+        raise ValueError(f"w_words is {w_words.dtype} {list(w_words.shape)}; expected int32 [N, {words}] (8 4-bit "
+                         f"codes per word for K = {k}, kernels/w4a8_words.pack_words) with contiguous rows or "
+                         "columns")
+    if group_size < 0 or group_size % CHANNELS_PER_WORD:
+        raise ValueError(f"group_size {group_size} must be 0 (one group per row) or a positive multiple of "
+                         f"{CHANNELS_PER_WORD}")
     groups = group_count(k, group_size)
     for name, t in (("group_scale", group_scale), ("group_zero", group_zero)):
         if t.dtype != torch.uint8 or tuple(t.shape) != (n, groups) or 1 not in t.stride() \
-                or t.device != w_packed.device:
+                or t.device != w_words.device:
             raise ValueError(f"{name} is {t.dtype} {list(t.shape)} on {t.device}; expected uint8 [{n}, {groups}] on "
-                             f"{w_packed.device}, with contiguous rows or columns")
+                             f"{w_words.device}, with contiguous rows or columns")
     if group_scale.stride() != group_zero.stride():
         raise ValueError("group_scale and group_zero must have the same strides")
 
 
-def w4a8_gemm(a_q: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
               group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
               kernel: str = "w4a8_gemm", config: dict | None = None) -> torch.Tensor:
-    """a_q int8 [M, K] @ levels(w_packed)^T in int32, * w_scale[n] (+ bias[n]) -> out_dtype [M, N]. ``kernel``
+    """a_q int8 [M, K] @ levels(w_words)^T in int32, * w_scale[n] (+ bias[n]) -> out_dtype [M, N]. ``kernel``
     names the tile table entry ("w4a8_gemm": tiled, or "w4a8_splitk": small M, SPLIT_K 0 = automatic);
     ``config`` overrides it."""
     k = a_q.shape[1] if a_q.dim() == 2 else -1
-    check_packed_args(k, w_packed, group_scale, group_zero, group_size)
+    check_packed_args(k, w_words, group_scale, group_zero, group_size)
     # start_gemm checks a_q, w_scale, bias and the output against an int8 [N, K] weight: a K-byte stand-in.
-    shape_probe = torch.empty(max(k, 1), dtype=torch.int8, device=w_packed.device).as_strided(
-        (w_packed.shape[0], max(k, 0)), (0, 1))
+    shape_probe = torch.empty(max(k, 1), dtype=torch.int8, device=w_words.device).as_strided(
+        (w_words.shape[0], max(k, 0)), (0, 1))
     a_q, out, config = start_gemm(kernel, a_q.dtype == torch.int8, a_q, shape_probe, w_scale, bias, out_dtype,
                                   config, scaled_only=True)
     if config is None:
         return out
-    (m, k), n = a_q.shape, w_packed.shape[0]
+    (m, k), n = a_q.shape, w_words.shape[0]
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    if block_k % 2:
-        raise ValueError(f"BLOCK_K {block_k} must be even (two channels per packed byte)")
+    if block_k % 16:
+        raise ValueError(f"BLOCK_K {block_k} must be a multiple of 16 (two words of 8 packed channels)")
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k, k_per_split, partial_sums, counters = split_k_plan(m, n, k, tiles, block_k, config, a_q.device)
     group = group_size or block_k * triton.cdiv(k, block_k)  # 0: one group spans the row (and every tile)
     factored = bool(config.get("FACTORED")) and group % block_k == 0
+    # the dp4a loop reads the activation rows as int32 words (K a multiple of 4, aligned rows)
+    a_words = as_words(a_q) if factored and block_m < 16 else None
+    dp4a = a_words is not None
+    word_dots = factored and block_m >= 16 and block_k >= 64  # two dots of K = BLOCK_K / 2 >= 32
     _w4a8_gemm_kernel[(tiles, split_k)](
-        a_q, w_packed, group_scale, group_zero, out, w_scale, bias, partial_sums, counters,
-        m, n, k, a_q.stride(0), w_packed.stride(0), w_packed.stride(1), group_scale.stride(0), group_scale.stride(1),
-        out.stride(0), k_per_split, group,
+        a_words if dp4a else a_q, w_words, group_scale, group_zero, out, w_scale, bias, partial_sums, counters,
+        m, n, k, a_q.stride(0) // (4 if dp4a else 1), w_words.stride(0), w_words.stride(1), group_scale.stride(0),
+        group_scale.stride(1), out.stride(0), k_per_split, group,
         HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=group % block_k == 0, EVEN_N=n % block_n == 0,
-        FACTORED=factored, ACC_K=factored and bool(config.get("ACC_K")) and block_m < 16, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1), **launch_options(config),
-        enable_fp_fusion=False)
+        FACTORED=factored, WORD_DOTS=word_dots, DP4A=dp4a, DP4A_ASM=DP4A_ASM, ACC_K=dp4a and bool(config.get("ACC_K")),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1),
+        **launch_options(config), enable_fp_fusion=False)
     return out

@@ -92,21 +92,32 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     return failures
 
 
-def make_packed_weight(n: int, k: int, group_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random packed 4-bit weight (every code, zero point and scale that keeps the levels inside int8)."""
-    from vllm_outliertune.format import group_count, pack_int4
+def make_packed_codes(n: int, k: int, group_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random 4-bit codes [N, K] with group scales and zero points (every code, zero point and scale that keeps
+    the levels inside int8)."""
+    from vllm_outliertune.format import group_count
 
     g = torch.Generator().manual_seed(seed)
     groups = group_count(k, group_size)
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     scale = torch.randint(1, 9, (n, groups), generator=g, dtype=torch.uint8)  # |(code - zero) * scale| <= 120
     zero = torch.randint(0, 16, (n, groups), generator=g, dtype=torch.uint8)
-    return pack_int4(codes), scale, zero
+    return codes, scale, zero
+
+
+def make_packed_weight(n: int, k: int, group_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_packed_codes as the W4A8 ops take it: int32 words of 8 channels (kernels/w4a8_words.py, from the
+    checkpoint's bytes), row-major, with the group tensors."""
+    from vllm_outliertune.format import pack_int4
+    from vllm_outliertune.kernels.w4a8_words import pack_words
+
+    codes, scale, zero = make_packed_codes(n, k, group_size, seed)
+    return pack_words(pack_int4(codes), k), scale, zero
 
 
 # (kernel, group size, config): tiles inside one group and groups gathered per channel, split K, M < 16 and >= 16,
-# and the FACTORED loop (bytes read once, group terms per output) with and without tensor-core dots, and with the
-# K accumulator (ACC_K).
+# and the FACTORED loops (group terms per output): dp4a on words (M < 16; with the K accumulator ACC_K) and
+# tensor-core dots on the codes.
 W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3}),
                  ("w4a8_splitk", 48, {"BLOCK_M": 4, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 0}),
                  ("w4a8_gemm", 0, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}),
@@ -120,13 +131,14 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
                     seed: int) -> list[str]:
-    """The W4A8 kernel (one variant per case, in turn, at K channels with the weight stored row-major as in the
-    checkpoint and at K - 1, an odd K, stored N-major as the plugin lays it out on a GPU) and the w4a8_gemm op's
-    table dispatch against the torch reference, exactly."""
+    """The W4A8 kernel (one variant per case, in turn, at K channels with the words stored row-major and at K - 1,
+    an odd K whose activation rows are no 32-bit words, stored N-major as the plugin lays them out on a GPU) and the
+    w4a8_gemm op's table dispatch against the torch reference, exactly; the widened levels against the checkpoint
+    format's own unpacking of the bytes."""
     from vllm_outliertune.kernels import torch_ref
     from vllm_outliertune.kernels.linear import w4a8_gemm as w4a8_op
     from vllm_outliertune.kernels.linear import w4a8_gpu_layout
-    from vllm_outliertune.format import packed_levels
+    from vllm_outliertune.format import code_levels
     from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
     from vllm_outliertune.kernels.w4a8_unpack import unpack_levels
 
@@ -142,7 +154,7 @@ def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: to
                             f"{(got.float() - want.float()).abs().max().item()}")
         # w4a8_unpack: the widened levels (a tile that leaves partial tiles along N and K), then the int8 GEMM
         levels = unpack_levels(*packed, group_size, k, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4})
-        if not torch.equal(levels, packed_levels(*packed, group_size, k).to(torch.int8)):
+        if not torch.equal(levels, code_levels(*make_packed_codes(n, k, group_size, seed), group_size).to(torch.int8)):
             failures.append(f"unpack_levels group_size={group_size} K={k} N={n} strides {packed[0].stride()}")
     if seed == 0:  # warming up a packed weight at load runs the W4A8 dispatch at every row count it lists
         from vllm_outliertune.kernels.configs import table_keys
@@ -193,13 +205,13 @@ def test_cpu_ops_fall_back_to_reference_and_register_fakes():
 
 def test_w4a8_ops_on_cpu_use_the_reference_and_register_fakes():
     """Without the interpreter the W4A8 ops run the exact reference: the int8 GEMM on the unpacked levels."""
-    from vllm_outliertune.format import packed_levels
+    from vllm_outliertune.format import code_levels
     from vllm_outliertune.kernels import torch_ref
     from vllm_outliertune.kernels.linear import w4a8_gemm, w4a8_linear
 
     p = make_problem(3, 96, 40, 8, seed=2)
     packed = make_packed_weight(40, 96, 32, seed=2)
-    levels = packed_levels(*packed, 32).to(torch.int8)
+    levels = code_levels(*make_packed_codes(40, 96, 32, seed=2), 32).to(torch.int8)
     q = torch_ref.quantize_activation_ref(p["x"], p["inv_scale"], p["shift"], 8)
     y = w4a8_linear(p["x"], *packed, 32, p["w_scale"], p["bias"], p["inv_scale"], p["shift"], 8, torch.bfloat16)
     assert torch.equal(y, torch_ref.int8_gemm_ref(q, levels, p["w_scale"], p["bias"], torch.bfloat16))

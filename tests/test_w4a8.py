@@ -14,6 +14,7 @@ import torch
 from tests import tiny_models
 from vllm_outliertune import format as fmt
 from vllm_outliertune.offline.weights import WeightFormat, quantize_gptq, quantize_rtn
+from vllm_outliertune.kernels.w4a8_words import pack_words, word_codes
 
 
 def _correlated_problem(n: int = 48, k: int = 160, tokens: int = 2048, seed: int = 0):
@@ -37,6 +38,12 @@ def test_pack_unpack_round_trip(k):
     assert int(packed[0, 0]) == int(codes[0, 0]) | (int(codes[0, 1]) << 4)  # low nibble = even channel
     if k % 2:
         assert (packed[:, -1] >> 4 == 0).all()  # the padding nibble
+    # the GPU layout: int32 words of 8 channels, byte b holding channel 8j + b low and 8j + 4 + b high
+    words = pack_words(packed, k)
+    assert words.dtype == torch.int32 and words.shape == (5, (k + 7) // 8)
+    assert torch.equal(word_codes(words, k), codes) and torch.equal(word_codes(words.t().contiguous().t(), k), codes)
+    first = int(words[0, 0]) & 0xFFFFFFFF
+    assert [(first >> (8 * (c % 4) + 4 * (c // 4))) & 15 for c in range(min(k, 8))] == codes[0, :8].tolist()
 
 
 @pytest.mark.parametrize("group_size", [0, 32, 48])

@@ -316,11 +316,18 @@ def packed_levels(packed: torch.Tensor, group_scale: torch.Tensor, group_zero: t
                   in_features: int | None = None) -> torch.Tensor:
     """The int8 weight levels a packed weight stands for: (code - zero[g]) * scale[g], g = k // group_size,
     as int16 [N, K] (not clamped, so that a validator can see overflow)."""
-    codes = unpack_int4(packed, in_features).to(torch.int16)
+    return code_levels(unpack_int4(packed, in_features), group_scale, group_zero, group_size)
+
+
+def code_levels(codes: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """packed_levels of codes already unpacked: uint8 [N, K] -> int16 [N, K]."""
+    codes = codes.to(torch.int16)
     k = codes.shape[1]
     size = k if group_size == 0 else group_size
-    index = torch.arange(k, device=packed.device) // size
+    index = torch.arange(k, device=codes.device) // size
     return (codes - group_zero.to(torch.int16)[:, index]) * group_scale.to(torch.int16)[:, index]
+
 
 _SAFETENSORS_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64,
                        "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool}

@@ -212,7 +212,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             # Row-parallel partial sums are all-reduced: the full additive term is added on rank 0 only.
             output_bias = torch.zeros_like(output_bias)
         # Plain tensors from here on: the loaders are no longer needed and custom ops take tensors.
-        layer.weight = torch.nn.Parameter(self._packed_layout(layer.weight.data), requires_grad=False)
+        layer.weight = torch.nn.Parameter(layer.weight.data.contiguous(), requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(layer.weight_scale.data, requires_grad=False)
         layer.output_bias = torch.nn.Parameter(output_bias, requires_grad=False)
         for suffix in ("input_inv_scale", "input_shift"):
@@ -227,9 +227,11 @@ class OutlierTuneLinearMethod(LinearMethodBase):
                                        self.spec.group_size, layer.input_size_per_partition)
             layer.weight = torch.nn.Parameter(levels.to(torch.int8), requires_grad=False)
             layer.weight_group_scale = layer.weight_group_zero = None
-        elif self.spec.packed:
+        elif self.spec.packed:  # as the W4A8 kernels read them: int32 words of 8 channels, everything N-major
+            layer.weight = torch.nn.Parameter(
+                kernel_ops.w4a8_gpu_words(layer.weight.data, layer.input_size_per_partition), requires_grad=False)
             for suffix in ("weight_group_scale", "weight_group_zero"):
-                setattr(layer, suffix, torch.nn.Parameter(self._packed_layout(getattr(layer, suffix).data),
+                setattr(layer, suffix, torch.nn.Parameter(kernel_ops.w4a8_gpu_layout(getattr(layer, suffix).data),
                                                           requires_grad=False))
             self._warm_up(layer, kernel_ops.PackedGroups(layer.weight_group_scale, layer.weight_group_zero,
                                                          self.spec.group_size, layer.input_size_per_partition))
@@ -237,12 +239,6 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         if _NEW_SHAPES:
             report_untuned_shapes(layer.weight.device)
         self._warm_up(layer)
-
-    def _packed_layout(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Weights as the kernels read them: packed 4-bit operands N-major on a GPU, everything else row-major."""
-        if self.spec.packed and tensor.is_cuda:
-            return kernel_ops.w4a8_gpu_layout(tensor)
-        return tensor.contiguous()
 
     def _localize_exact_channels(self, layer: torch.nn.Module) -> None:
         """exact_index names channels of the whole input; a row-parallel rank sees its part of K only, so it keeps
@@ -281,7 +277,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])
-        if layer.weight.dtype == torch.uint8:  # packed 4-bit (on a GPU; elsewhere unpacked at load)
+        if layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
             out = self._apply_packed(layer, x_2d, x.dtype)
         elif torch.compiler.is_compiling():
             # Traced (vLLM's default mode): the quantization as plain torch ops, which inductor fuses into the
