@@ -45,7 +45,7 @@ class QuantizeOptions:
     weight_rounding: str = "auto"  # "rtn", "gptq" or "auto" (the one measured better for w_bits)
     keep_fp16: str = "none"  # input groups left unquantized: "none", "auto" or "LAYER.GROUP,..." (e.g. "1.down")
     # Packed 4-bit weights: input groups whose linears keep int8 weights (W8A8 in the same checkpoint): "none",
-    # "auto" (AUTO_INT8_GROUPS) or "LAYER.GROUP,...".
+    # "auto" (AUTO_INT8_GROUPS, AUTO_INT8_EDGE_GROUPS) or "LAYER.GROUP,...".
     int8_weights: str = "auto"
     # Per input group (not o_proj's), up to this many channels whose calibrated range is over outlier_factor times
     # the median channel range bypass quantization (a floating-point side GEMM over those weight columns).
@@ -138,6 +138,10 @@ AUTO_KEEP_MIN = 1e-3
 # (docs/accuracy.md): int8 weights for all q/k/v take back 3.0 of the 8.7 perplexity points that 4-bit weights
 # cost, with 16 % of the linear weights; down_proj 2.4 (25 %), gate/up 2.5 (50 %), o_proj 0.2 (9 %).
 AUTO_INT8_GROUPS = ("qkv",)
+# ... and down_proj of the first and the last layer (AUTO_INT8_EDGE_GROUPS): SmolLM2 W4A8, mixed calibration, 10
+# windows: 56.57 -> 55.60 with 1.7 % more of the linear weights at int8 (docs/accuracy.md, fourth pass); on
+# Llama-3-8B 2 x 58.7 M weights, 5.67 -> 5.73 GiB (the 5.8 GiB budget of issue 15).
+AUTO_INT8_EDGE_GROUPS = ("down",)
 
 
 def kept_groups(index: int, info: dict[str, dict], options: QuantizeOptions) -> set[str]:
@@ -148,13 +152,14 @@ def kept_groups(index: int, info: dict[str, dict], options: QuantizeOptions) -> 
     return _listed_groups(index, options.keep_fp16)
 
 
-def int8_weight_groups(index: int, groups: Iterable[str], options: QuantizeOptions) -> set[str]:
-    """The input groups of layer ``index`` (of ``groups``) whose linears keep int8 weights in a packed 4-bit
-    checkpoint (quantization_config.int8_weights)."""
+def int8_weight_groups(index: int, num_layers: int, groups: Iterable[str], options: QuantizeOptions) -> set[str]:
+    """The input groups of layer ``index`` of ``num_layers`` (of ``groups``) whose linears keep int8 weights in a
+    packed 4-bit checkpoint (quantization_config.int8_weights)."""
     if not options.weight_format.packed:
         return set()
     if options.int8_weights == "auto":
-        return set(AUTO_INT8_GROUPS) & set(groups)
+        edge = AUTO_INT8_EDGE_GROUPS if index in (0, num_layers - 1) else ()
+        return {*AUTO_INT8_GROUPS, *edge} & set(groups)
     return _listed_groups(index, options.int8_weights)
 
 
@@ -205,9 +210,11 @@ def check_options(options: QuantizeOptions) -> None:
 
 # Activation range factors the plan search tries for packed 4-bit weights: the default grid's (SearchGrid.clips)
 # with deeper clipping below its 0.75, the edge W4A8 chose in most layers (SmolLM2, docs/accuracy.md, third pass:
-# with int8-planned q/k/v, 57.43 -> 56.49 on Brown, 10 windows). W6A6 keeps the default grid: with it on the mixed
-# calibration it gave 58.36 (10 windows), not measured against the default grid there.
-LOW_BIT_CLIPS = (0.5, 0.6, 0.65) + SearchGrid.clips
+# with int8-planned q/k/v, 57.43 -> 56.49 on Brown, 10 windows), down to 0.3 (fourth pass: o_proj and gate/up chose
+# 0.5, then the edge, in a third of the layers; 0.3-0.45 then won in 12 of 90 packed groups, 56.57 -> 56.24).
+# W6A6 keeps the default grid: with it on the mixed calibration it gave 58.36 (10 windows), not measured against
+# the default grid there.
+LOW_BIT_CLIPS = (0.3, 0.4, 0.45, 0.5, 0.6, 0.65) + SearchGrid.clips
 
 
 def search_grid(options: QuantizeOptions, arch: Architecture) -> SearchGrid:
@@ -301,7 +308,7 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
     for index, layer, stats in cached_calibrate_layers(model, windows, options.calib_cache, options.device,
                                                        options.batch_size, SearchGrid.tokens, options.seed,
                                                        options.progress, gram=gptq):
-        int8_groups = int8_weight_groups(index, arch.groups, options)
+        int8_groups = int8_weight_groups(index, num_layers, arch.groups, options)
         plans, info = plan_layer(layer, stats, model.config, arch, options, int8_groups)
         kept = kept_groups(index, info, options)
         plans = keep_in_fp(plans, kept)

@@ -196,6 +196,24 @@ def test_weight_rounding_auto_picks_gptq_for_4_and_6_bit_weights():
     assert QuantizeOptions(w_bits=4, a_bits=8, weight_rounding="rtn").rounding == "rtn"
 
 
+def test_int8_weights_auto_keeps_qkv_and_the_edge_down_projections():
+    """--int8-weights auto: q/k/v of every layer and down_proj of the first and the last layer keep int8 weights
+    in a packed 4-bit checkpoint (the measured best use of the bytes, docs/accuracy.md); explicit lists and
+    per-row formats are unchanged."""
+    from vllm_outliertune.offline.architectures import INPUT_GROUPS
+    from vllm_outliertune.offline.quantize import QuantizeOptions, int8_weight_groups
+
+    w4a8 = QuantizeOptions(w_bits=4, a_bits=8)
+    chosen = [int8_weight_groups(index, 30, INPUT_GROUPS, w4a8) for index in range(30)]
+    assert chosen[0] == chosen[29] == {"qkv", "down"}
+    assert all(groups == {"qkv"} for groups in chosen[1:29])
+    assert int8_weight_groups(0, 1, INPUT_GROUPS, w4a8) == {"qkv", "down"}
+    listed = QuantizeOptions(w_bits=4, a_bits=8, int8_weights="1.o")
+    assert int8_weight_groups(0, 30, INPUT_GROUPS, listed) == set()
+    assert int8_weight_groups(1, 30, INPUT_GROUPS, listed) == {"o"}
+    assert int8_weight_groups(0, 30, INPUT_GROUPS, QuantizeOptions(w_bits=6, a_bits=6)) == set()
+
+
 def test_int8_weight_groups_planned_for_int8_weights():
     """A group kept at int8 weights inside a W4A8 checkpoint (--int8-weights) gets the plan the W8A8 search picks
     for it (its weights are rounded at int8, so searching against 4-bit weight error would trade activation

@@ -159,8 +159,8 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                              f"{AUTO_KEEP_FACTOR:g}x that of dynamic per-token quantization; the report lists them")
     parser.add_argument("--int8-weights", default=QuantizeOptions.int8_weights, metavar="none|auto|LAYER.GROUP,...",
                         help="--w-bits 4: input groups whose linears keep int8 weights per output row (the W8A8 "
-                             "path, twice the bytes); auto (default): q/k/v of every layer, where 4 bits lose the "
-                             "most per byte")
+                             "path, twice the bytes); auto (default): q/k/v of every layer and down_proj of the first "
+                             "and the last layer, where 4 bits lose the most per byte")
     parser.add_argument("--exact-channels", type=at_least(0), default=QuantizeOptions.exact_channels, metavar="K",
                         help="per linear input (not o_proj's), up to K channels whose calibrated range is over "
                              "--outlier-factor times the median channel range stay unquantized: their weight columns "
