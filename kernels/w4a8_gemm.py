@@ -3,7 +3,7 @@ per-output-channel scale + bias epilogue of the int8 GEMMs.
 
 The weight comes as int32 words [N, ceil(K/8)] (kernels/w4a8_words.py: 8 consecutive channels per word; rows or
 columns contiguous: the plugin stores them N-major on the GPU, linear.w4a8_gpu_layout); the int8 weight level of
-channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_outliertune.format). Three loops:
+channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_outliertune.format). Four loops:
 - DP4A (tiles inside one group, BLOCK_M < 16, activation rows viewable as int32 words): the decode loop. Each weight
   word meets two activation words in two dp4a (low nibbles: channels 8j..8j+3, high: 8j+4..8j+7), and the group
   terms apply per output: (sum a * code - zero * sum a) * scale, the same integer. About 5 integer instructions per
