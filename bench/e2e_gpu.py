@@ -4,8 +4,9 @@
     python bench/e2e_gpu.py make8b WORKDIR [--w4a8] [--synthetic]   # random Llama-3-8B-shaped bf16 checkpoint +
                                    # our W8A8 of it (quantized on the GPU), with --w4a8 also W4A8 (group 128);
                                    # --synthetic: the quantized checkpoints hold random values (no calibration)
-    python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8] [--tp 2]   # throughput rows
-    python bench/e2e_gpu.py profile WORKDIR     # torch-profiler breakdown of W8A8 decode steps by kernel kind
+    python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8,w8a8-pc,fp8-pc] [--tp 2]   # throughput rows
+    python bench/e2e_gpu.py profile WORKDIR [--rows w8a8,w4a8]   # torch-profiler breakdown of decode steps by
+                                   # kernel kind, and wall time per step
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
 
 Each engine runs in its own process (GPU memory is freed between rows); its log is parsed for weight memory and
@@ -216,13 +217,13 @@ def _random_tensor(suffix: str, shape: tuple[int, ...], spec, packed: bool, gen)
 
 
 def _row(model_dir: str, label: str, quantization: str | None, dummy: bool, kv_cache_dtype: str | None,
-         tp: int = 1) -> None:
+         tp: int = 1, prefix_caching: bool = False) -> None:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     kwargs = dict(model=model_dir, skip_tokenizer_init=True, max_model_len=4096, gpu_memory_utilization=0.9,
-                  max_num_seqs=256, enable_prefix_caching=False, tensor_parallel_size=tp)
+                  max_num_seqs=256, enable_prefix_caching=prefix_caching, tensor_parallel_size=tp)
     if quantization:
         kwargs["quantization"] = quantization
     if kv_cache_dtype:
@@ -257,14 +258,19 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
             "w4a8": ("outliertune W4A8 (g128)", str(workdir / "llama3-8b-w4a8"), None, False, None),
             "fp8": ("vLLM fp8 (dynamic)", str(workdir / "llama3-8b-bf16"), "fp8", True, None),
             "w8a8-kv8": ("outliertune W8A8 + fp8 KV", str(workdir / "llama3-8b-w8a8"), None, False, "fp8"),
-            "fp8-kv8": ("vLLM fp8 (dynamic) + fp8 KV", str(workdir / "llama3-8b-bf16"), "fp8", True, "fp8")}
+            "fp8-kv8": ("vLLM fp8 (dynamic) + fp8 KV", str(workdir / "llama3-8b-bf16"), "fp8", True, "fp8"),
+            # vLLM's defaults: prefix caching on (chunked prefill is always on in vLLM's V1 engine)
+            "w8a8-pc": ("outliertune W8A8 + prefix caching", str(workdir / "llama3-8b-w8a8"), None, False, None),
+            "fp8-pc": ("vLLM fp8 (dynamic) + prefix caching", str(workdir / "llama3-8b-bf16"), "fp8", True, None)}
     results = [json.loads(line) for line in (workdir / "rows.jsonl").read_text().splitlines()] \
         if (workdir / "rows.jsonl").exists() else []
-    for label, model_dir, quantization, dummy, kv_cache_dtype in (rows[key] for key in only.split(",")):
+    for key in only.split(","):
+        label, model_dir, quantization, dummy, kv_cache_dtype = rows[key]
         label += f" TP {tp}" if tp > 1 else ""
         command = [sys.executable, __file__, "row", model_dir, "--label", label, "--tp", str(tp)] + (
             ["--quantization", quantization] if quantization else []) + (["--dummy"] if dummy else []) + (
-            ["--kv-cache-dtype", kv_cache_dtype] if kv_cache_dtype else [])
+            ["--kv-cache-dtype", kv_cache_dtype] if kv_cache_dtype else []) + (
+            ["--prefix-caching"] if key.endswith("-pc") else [])
         started = time.time()
         proc = subprocess.run(command, capture_output=True, text=True)
         log = proc.stdout + proc.stderr
@@ -306,12 +312,16 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
 # fused kernels after the ops they contain: "round" marks one that writes our int8 codes.
 KERNEL_KINDS = (
     ("our int8 GEMMs", ("_int8_gemm_kernel", "_int8_gemm_tma_kernel", "_splitk_gemm_kernel")),
+    ("our W4A8 GEMMs", ("_w4a8_gemm_kernel",)),
+    ("our W4A8 unpack to int8 (M above the GEMM's buckets)", ("_unpack_kernel",)),
+    ("CUTLASS int8 (cutlass_scaled_mm)", ("cutlass_3x_gemm<signed char",)),
     ("our activation quant (standalone)", ("_quantize_activation_kernel",)),
     ("RMSNorm + quant (fused by inductor)", ("round.*(mean|rsqrt|rms_norm)", "(mean|rsqrt|rms_norm).*round")),
     ("SiLU-mul + quant (fused by inductor)", ("round.*(silu|sigmoid)", "(silu|sigmoid).*round")),
     ("activation quant (inductor, standalone)", ("round",)),
     ("attention", ("flash", "fmha", "attn", "attention")),
     ("cuBLAS / other GEMM (lm_head)", ("gemm", "cutlass", "nvjet", "xmma", "sm90")),
+    ("fills (torch.zeros, memset)", ("fillfunc", "memset")),
     ("everything else", ("",)),
 )
 
@@ -330,44 +340,61 @@ def _kind(kernel_name: str) -> str:
     return next(kind for kind, patterns in KERNEL_KINDS if any(re.search(p, name) for p in patterns))
 
 
-def _profile(workdir: Path) -> None:
-    """Profile W8A8 generation at 1 and 64 sequences: (prefill + 65 tokens) minus (prefill + 1 token) per kernel
-    name = 64 decode steps; print the share of each kernel kind."""
+def _profile(workdir: Path, checkpoints: str = "w8a8") -> None:
+    """Profile generation at 1 and 64 sequences of each checkpoint (llama3-8b-NAME): (prefill + 65 tokens) minus
+    (prefill + 1 token) per kernel name = 64 decode steps; print the share of each kernel kind, and the wall time
+    per step next to the kernels' sum (the difference: launch gaps and host work the CUDA graphs do not hide)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, where the profiler looks
+    for name in checkpoints.split(","):  # one engine per process: each checkpoint in its own child
+        if name != checkpoints:
+            subprocess.run([sys.executable, __file__, "profile", str(workdir), "--rows", name], check=False)
+            continue
+        _profile_checkpoint(workdir, name)
+
+
+def _profile_checkpoint(workdir: Path, name: str) -> None:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=str(workdir / "llama3-8b-w8a8"), skip_tokenizer_init=True, max_model_len=4096,
+    llm = LLM(model=str(workdir / f"llama3-8b-{name}"), skip_tokenizer_init=True, max_model_len=4096,
               gpu_memory_utilization=0.9, max_num_seqs=256, enable_prefix_caching=False)
     gen = torch.Generator().manual_seed(0)
     decode_steps = 64
     for batch in (1, 64):
         prompts = [TokensPrompt(prompt_token_ids=torch.randint(0, 128000, (INPUT_LEN,), generator=gen).tolist())
                    for _ in range(batch)]
-        per_run = {}
+        per_run, wall = {}, {}
         for max_tokens in (1, decode_steps + 1):
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
             llm.generate(prompts, params, use_tqdm=False)  # warm-up of this shape
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            torch.cuda.synchronize()
+            wall[max_tokens] = time.perf_counter() - started
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 llm.generate(prompts, params, use_tqdm=False)
                 torch.cuda.synchronize()
-            trace = workdir / f"trace-{batch}-{max_tokens}.json"
+            trace = workdir / f"trace-{name}-{batch}-{max_tokens}.json"
             prof.export_chrome_trace(str(trace))
             per_run[max_tokens] = _kernel_times(trace)
-        decode = {name: per_run[decode_steps + 1].get(name, 0.0) - per_run[1].get(name, 0.0)
-                  for name in per_run[decode_steps + 1]}
+        decode = {kernel: per_run[decode_steps + 1].get(kernel, 0.0) - per_run[1].get(kernel, 0.0)
+                  for kernel in per_run[decode_steps + 1]}
         by_kind: dict[str, float] = {}
-        for name, us in decode.items():
-            by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + us
+        for kernel, us in decode.items():
+            by_kind[_kind(kernel)] = by_kind.get(_kind(kernel), 0.0) + us
         total = sum(by_kind.values())
-        print(f"\ndecode, {batch} sequence(s): {total / decode_steps:.0f} µs of kernels per step")
-        print("| kernel kind | µs per step | share |\n|---|---|---|")
+        step_us = 1e6 * (wall[decode_steps + 1] - wall[1]) / decode_steps
+        print(f"\n{name} decode, {batch} sequence(s): {step_us:.0f} µs per step (wall, unprofiled), "
+              f"{total / decode_steps:.0f} µs of kernels")
+        print("| kernel kind | µs per step | share of kernels |\n|---|---|---|")
         for kind, _ in KERNEL_KINDS:
             if kind in by_kind:
                 print(f"| {kind} | {by_kind[kind] / decode_steps:.1f} | {100 * by_kind[kind] / total:.1f} % |")
+        print(f"| not in a kernel (wall - kernels) | {step_us - total / decode_steps:.1f} | |")
         top = sorted(decode.items(), key=lambda item: -item[1])[:12]
-        print("top kernels: " + "; ".join(f"{name[:70]} {us / decode_steps:.1f} µs" for name, us in top),
+        print("top kernels: " + "; ".join(f"{kernel[:70]} {us / decode_steps:.1f} µs" for kernel, us in top),
               flush=True)
 
 
@@ -417,23 +444,27 @@ def main() -> None:
     parser.add_argument("--quantization")
     parser.add_argument("--dummy", action="store_true")
     parser.add_argument("--kv-cache-dtype", help="row: vLLM's kv_cache_dtype (e.g. fp8)")
-    parser.add_argument("--rows", default="bf16,w8a8,fp8", help="table: which rows to run now")
+    parser.add_argument("--rows", help="table: which rows to run now (default bf16,w8a8,fp8); profile: which "
+                        "checkpoints (default w8a8)")
+    parser.add_argument("--prefix-caching", action="store_true", help="row: enable_prefix_caching=True")
     parser.add_argument("--tp", type=int, default=1, help="table / row: tensor-parallel size")
     parser.add_argument("--w4a8", action="store_true", help="make8b: also write a W4A8 checkpoint")
     parser.add_argument("--synthetic", action="store_true", help="make8b: quantized checkpoints of random values "
                         "with the tensors a real quantize writes (seconds instead of minutes; for speed rows only)")
     args = parser.parse_args()
     if args.step == "row":
-        _row(args.path, args.label, args.quantization, args.dummy, args.kv_cache_dtype, args.tp)
+        _row(args.path, args.label, args.quantization, args.dummy, args.kv_cache_dtype, args.tp, args.prefix_caching)
         return
     workdir = Path(args.path)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.step == "table":
-        _table(workdir, args.rows, args.tp)
+        _table(workdir, args.rows or "bf16,w8a8,fp8", args.tp)
     elif args.step == "make8b":
         _make8b(workdir, args.w4a8, args.synthetic)
+    elif args.step == "profile":
+        _profile(workdir, args.rows or "w8a8")
     else:
-        {"tiny": _tiny, "profile": _profile, "serve": _serve}[args.step](workdir)
+        {"tiny": _tiny, "serve": _serve}[args.step](workdir)
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes that re-import this file

@@ -11,7 +11,9 @@ At small M the weights dominate the bytes, so the kernel must keep the whole GPU
   M = 1); with PROGRAMS_PER_SM a persistent grid walks the tiles instead of one program per tile;
 - when M x N gives too few tiles, the K loop is split across SPLIT_K programs. Their int32 partial sums meet in a
   zeroed workspace through integer atomics (exact, so the result does not depend on arrival order); the last
-  program to arrive for a tile, seen through a per-tile counter, reads the sum back and runs the epilogue."""
+  program to arrive for a tile, seen through a per-tile counter, reads the sum back, runs the epilogue and leaves
+  its partial sums and counter at zero, so one workspace per device serves every call without a memset (a
+  memset per GEMM cost ~110 µs of a 2.9 ms W4A8 decode step on the H200)."""
 
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def dot4_accumulate(w4, x4, acc, USE_ASM: tl.constexpr):
 def split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, tile, offs_m, offs_n, M, N, stride_om,
                   SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The epilogue of one K split of output tile ``tile``: with SPLIT_K > 1 the int32 partial sums meet in the
-    zeroed workspace through atomics and the last split to arrive (per-tile counter) stores the scaled result."""
+    zeroed workspace through atomics and the last split to arrive (per-tile counter) stores the scaled result and
+    zeroes what the tile used (its partial sums and counter) for the next GEMM."""
     if SPLIT_K == 1:
         epilogue_store(acc, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
     else:
@@ -58,6 +61,7 @@ def split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, tile, of
         if arrived == SPLIT_K - 1:
             total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")  # read at L2, past stale L1 lines
             epilogue_store(total, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
+            tl.store(count_ptr + tile, 0)  # every split has counted itself in
 
 
 @triton.jit
@@ -133,8 +137,21 @@ def split_k_plan(m: int, n: int, k: int, tiles: int, block_k: int, config: dict,
     split_k = triton.cdiv(k, k_per_split)
     if split_k == 1:
         return 1, k_per_split, None, None
-    workspace = torch.zeros(m * n + tiles, dtype=torch.int32, device=device)
-    return split_k, k_per_split, workspace[:m * n], workspace[m * n:]
+    workspace = zeroed_workspace(m * n + tiles, device)
+    return split_k, k_per_split, workspace[:m * n], workspace[m * n:m * n + tiles]
+
+
+_WORKSPACES: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def zeroed_workspace(words: int, device: torch.device) -> torch.Tensor:
+    """The device's split-K workspace (int32, at least ``words`` long), all zero between GEMMs (split_k_store puts
+    the zeros back). GEMMs of one device run in stream order, so they can share it. A larger one replaces it when
+    needed; the old ones stay allocated, as CUDA graphs captured earlier still point at them."""
+    held = _WORKSPACES.setdefault(device, [])
+    if not held or held[-1].numel() < words:
+        held.append(torch.zeros(triton.next_power_of_2(words), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 def as_words(t: torch.Tensor) -> torch.Tensor | None:
@@ -147,8 +164,7 @@ def as_words(t: torch.Tensor) -> torch.Tensor | None:
 def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int,
                 out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (+ bias[n]) -> out_dtype [M, N], one launch (plus a workspace
-    memset when split-K is used). Float x is quantized in the prologue with inv_scale / shift / bits; int8 x is
+    """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (+ bias[n]) -> out_dtype [M, N], one launch. Float x is quantized in the prologue with inv_scale / shift / bits; int8 x is
     used as it is (then inv_scale and shift must be None). `config` overrides the tile table (SPLIT_K 0 =
     automatic; PACKED applies to int8 x with K % 4 == 0 only; PROGRAMS_PER_SM > 0 launches that many programs per
     SM, each walking several tiles, instead of one program per tile)."""

@@ -48,7 +48,9 @@ TMA_M_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 EXTERNAL_M_BUCKETS = (64, 128) + TMA_M_BUCKETS
 KERNEL_BUCKETS = {"int8_gemm": (1, 4) + GEMM_M_BUCKETS, "splitk_gemm": SPLITK_M_BUCKETS, "int8_gemm_tma": TMA_M_BUCKETS,
                   **{name: EXTERNAL_M_BUCKETS for name in EXTERNAL_KERNELS},
-                  "w4a8_splitk": SPLITK_M_BUCKETS, "w4a8_gemm": (1, 4) + GEMM_M_BUCKETS,
+                  # W4A8 split-K reads each 4-bit weight once for up to 128 rows, where the tiled kernel re-reads
+                  # it per M tile and the unpack path writes and reads an int8 copy
+                  "w4a8_splitk": SPLITK_M_BUCKETS + (128,), "w4a8_gemm": (1, 4) + GEMM_M_BUCKETS,
                   "w4a8_unpack": EXTERNAL_M_BUCKETS}
 TRITON_KERNELS = KERNELS + W4A8_KERNELS
 # Each kernel's fallback: the kernel of its weight format that the table lists at every bucket.
@@ -128,7 +130,8 @@ def w4a8_splitk_candidates(m: int) -> list[dict]:
                 "num_stages": 3 if bk * (bn + bm) > 48 * 1024 else 4, **variant}
 
     candidates = []
-    for bm in sorted({max(16, triton.next_power_of_2(m)), triton.next_power_of_2(m)}):
+    rows = triton.next_power_of_2(m)
+    for bm in sorted({max(16, rows), rows} | ({rows // 2} if rows >= 64 else set())):  # M >= 64: also two M tiles
         for bn, bk in ((32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128), (128, 256), (256, 128)):
             if bm < 16 and bm * bn * bk > 64 * 256:  # the CUDA-core product tile must fit in registers
                 continue

@@ -45,7 +45,7 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     from vllm_outliertune.kernels import torch_ref
     from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma
     from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation, quantized_linear
-    from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
+    from vllm_outliertune.kernels.splitk_gemm import splitk_gemm, zeroed_workspace
 
     bits = ACT_BITS[seed % len(ACT_BITS)]
     p = make_problem(m, k, n, bits, seed, device, with_vectors=seed % 4 != 3, with_bias=seed % 2 == 0)
@@ -89,6 +89,9 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     expect_equal("quantized_linear", quantized_linear(x.view(1, m, k), w_q, w_scale, bias, p["inv_scale"],
                                                       p["shift"], bits, torch.bfloat16), y_ref.view(1, m, n))
     failures += check_w4a8_case(q_ref, n, w_scale, bias, seed)
+    # The split-K calls above share one workspace, each leaving it zeroed for the next (no memset per call).
+    if zeroed_workspace(1, x.device).any():
+        failures.append("split-K workspace: partial sums or tile counters not put back to zero")
     return failures
 
 
