@@ -3,8 +3,8 @@
 
     python bench/ship_entries.py STATE.jsonl ["NVIDIA H200"] [--retimed LATER.jsonl ...]
 
-Every shape the state holds for that device (and its shape-generic "default") is replaced; other devices and shapes
-stay. A --retimed state (a later run over some of the shapes, e.g. a re-time with another timing method) replaces
+Every shape the state holds for that device (and its shape-generic "default", and the small-M alternates that the
+plugin times at load on an untuned shape) is replaced; other devices and shapes stay. A --retimed state (a later run over some of the shapes, e.g. a re-time with another timing method) replaces
 the entries it holds kernel by kernel and shape by shape; the shape-generic entries of the kernels it did not search
 in full stay as STATE derives them. Prints, per shape, which kernel each M bucket now runs."""
 
@@ -17,12 +17,14 @@ from vllm_outliertune.kernels import configs, tune
 
 
 def main(state_path: str, device: str = "NVIDIA H200", retimed: list[str] = ()) -> None:
-    entries = tune.device_entries(tune.TuneState.load(Path(state_path)), device)
+    state = tune.TuneState.load(Path(state_path))
+    entries = tune.device_entries(state, device)
     for later in retimed:
         for kernel, per_shape in tune.device_entries(tune.TuneState.load(Path(later)), device).items():
             entries.setdefault(kernel, {}).update(per_shape)
     family = configs.load_table().get("families", {}).get(device)
-    tune.write_table(configs.TABLE_PATH, device, entries, family)
+    alternates = tune.device_alternates(state, device)
+    tune.write_table(configs.TABLE_PATH, device, entries, family, alternates)
     for shape, per_m in sorted(entries["int8_gemm"].items()):
         owners = configs.owners_by_bucket({kernel: {int(m) for m in per_shape.get(shape, {})}
                                            for kernel, per_shape in entries.items()})

@@ -4,17 +4,23 @@ and with the device's default entries, both looked up in the timings the tuner m
 search times the default tiles too). Run it on shapes left out of the spread the default was tuned over.
 
     python bench/untuned_shapes.py STATE.jsonl TABLE.json "NVIDIA H200" 7168x5120,5120x5120,27648x5120,5120x13824
+
+Leave-one-out over the shapes searched in full (each left out of the spread in turn, the generic choice and the
+load-time alternatives derived from the others, then looked up in the left-out shape's own timings):
+
+    python bench/untuned_shapes.py STATE.jsonl --leave-one-out "NVIDIA H200" [ALTERNATIVES ...]
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 from vllm_outliertune.kernels.configs import m_bucket, owners_at, owners_by_bucket, shape_key
 from vllm_outliertune.kernels.shapes import parse_shapes
-from vllm_outliertune.kernels.tune import TuneState
+from vllm_outliertune.kernels.tune import ALTERNATES_UP_TO_M, TuneState, generic_alternates
 
 
 def dispatched(entries: dict[str, dict], m: int) -> tuple[str, dict]:
@@ -29,7 +35,33 @@ def timed(results: dict, kernel: str, m: int, config: dict) -> float | None:
     return next((t for t, c in results.get(kernel, {}).get(m, []) if c == config), None)
 
 
+def leave_one_out(state: TuneState, device: str, count: int) -> None:
+    """Per small-M bucket of each left-out shape: the fastest of `count` generic alternatives (count 1: the
+    generic choice alone) over the shape's own best time; how many points are within 15 %."""
+    spread = {shape: state.results(device, *shape) for shape in state.shapes(device, "full")}
+    ratios = []
+    for held, results in spread.items():
+        alternates = generic_alternates([r for shape, r in spread.items() if shape != held], count)
+        for bucket, options in alternates.items():
+            m = int(bucket)
+            own = min(t for per_m in results.values() for t, _ in per_m.get(m, []))
+            times = [t for kernel, config in options if (t := timed(results, kernel, m, config)) is not None]
+            if times:
+                ratios.append((min(times) / own, held, m))
+    within = sum(ratio <= 1.15 for ratio, _, _ in ratios)
+    geomean = math.exp(sum(math.log(ratio) for ratio, _, _ in ratios) / len(ratios))
+    worst = ", ".join(f"{n}x{k} M={m} {ratio:.2f}x" for ratio, (n, k), m in sorted(ratios, reverse=True)[:4])
+    print(f"| {count} | {within} of {len(ratios)} | {geomean:.3f} | {worst} |")
+
+
 def main() -> None:
+    if sys.argv[2] == "--leave-one-out":
+        state, device = TuneState.load(Path(sys.argv[1])), sys.argv[3]
+        print(f"| alternatives per bucket (M <= {ALTERNATES_UP_TO_M}) | (shape, M) within 15 % of own best | "
+              "geometric-mean slowdown | worst |\n|---|---|---|---|")
+        for count in [int(c) for c in sys.argv[4:]] or [1, 2, 3]:
+            leave_one_out(state, device, count)
+        return
     state_path, table_path, device, shapes = sys.argv[1:5]
     state = TuneState.load(Path(state_path))
     table = json.loads(Path(table_path).read_text())["devices"][device]

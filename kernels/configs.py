@@ -65,7 +65,8 @@ def merge_tables(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
     for device, kernels in override["devices"].items():
         for kernel, per_shape in kernels.items():
             devices.setdefault(device, {}).setdefault(kernel, {}).update(per_shape)
-    return {**base, "devices": devices, "families": base.get("families", {}) | override.get("families", {})}
+    return {**base, "devices": devices, "families": base.get("families", {}) | override.get("families", {}),
+            "alternates": base.get("alternates", {}) | override.get("alternates", {})}
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,6 +200,23 @@ def kernels_for(m: int, n: int, k: int, keys: tuple[str, ...], fallback: str = "
     """The kernels the table chose for M rows of this shape and weight format (named by its fallback kernel), in
     dispatch order (owners_at)."""
     return owners_at(kernels_by_bucket(n, k, keys, fallback), m)
+
+
+def alternates(keys: tuple[str, ...]) -> dict[str, list]:
+    """{bucket: [[kernel, config], ...]}: the small-M choices to time at load on a shape no table tuned
+    (tune.generic_alternates), of the first device in lookup_order whose table has them; {} where none has."""
+    table = effective_table().get("alternates", {})
+    return next((table[device] for device in lookup_order(keys) if device in table), {})
+
+
+def add_shape_entries(device_key: str, n: int, k: int, per_kernel: dict[str, dict[str, dict]]) -> None:
+    """Serve shape (n, k) from per_kernel ({kernel: {bucket: config}}) under `device_key` for the rest of this
+    process, in front of the tables (the load-time choice for an untuned shape; clear_caches forgets it)."""
+    devices = effective_table()["devices"]
+    for kernel, per_m in per_kernel.items():
+        devices.setdefault(device_key, {}).setdefault(kernel, {})[shape_key(n, k)] = per_m
+    for cached in (_per_m, kernels_by_bucket):
+        cached.cache_clear()
 
 
 def tile_source(n: int, k: int, keys: tuple[str, ...]) -> str | None:

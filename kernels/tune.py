@@ -58,6 +58,10 @@ FALLBACK = {kernel: fallback for fallback, order in DISPATCH_ORDER.items() for k
 W4A8_GROUP_SIZE = 128  # W4A8 tiles are tuned at `outliertune quantize`'s default group size
 W4A8_TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages", "FACTORED",
                   "ACC_K"}
+# Load-time choice on shapes no table tuned (generic_alternates): up to this M the best kernel depends on the shape
+# most, and timing a few tiles there takes milliseconds.
+ALTERNATES_UP_TO_M = 256
+ALTERNATES_PER_BUCKET = 3
 QUICK_TOP = 3  # quick search: the best few of the full searches in the state, besides the table's tiles
 
 
@@ -347,6 +351,37 @@ def spread_results(spread: list[dict]) -> dict[str, dict[int, list[tuple[float, 
     return combined
 
 
+def generic_alternates(spread: list[dict], count: int = ALTERNATES_PER_BUCKET) -> dict[str, list]:
+    """{bucket: [[kernel, config], ...]}: per small-M bucket, `count` int8 (kernel, tile) choices timed on every
+    shape of the spread, picked greedily so that the best of them comes as close as possible to each shape's own
+    best (the first is the geometric-mean winner, which the shape-generic entry runs). On a shape no table tuned,
+    the plugin times these at load and runs the fastest (kernels/load_pick.py): the best small-M kernel depends on
+    the shape, and one generic choice missed the shape's own time by up to 2.2x."""
+    fallback, order = "int8_gemm", DISPATCH_ORDER["int8_gemm"]
+    alternates: dict[str, list] = {}
+    for m in sorted({m for r in spread for m in r.get(fallback, {}) if m <= ALTERNATES_UP_TO_M}):
+        per_shape = [{(kernel, json.dumps(c, sort_keys=True)): t for kernel in (fallback, *order)
+                      for t, c in r.get(kernel, {}).get(m, [])} for r in spread]
+        common = sorted(set.intersection(*(set(times) for times in per_shape)))
+        best = [min(times.values()) for times in per_shape]
+        chosen: list[tuple[str, str]] = []
+
+        def slowdown(extra: tuple[str, str]) -> float:  # sum over shapes of log(best of chosen + extra / own best)
+            return sum(math.log(min(times[c] for c in (*chosen, extra)) / own) for times, own in zip(per_shape, best))
+
+        for _ in range(min(count, len(common))):
+            chosen.append(min((c for c in common if c not in chosen), key=slowdown))
+        if chosen:
+            alternates[str(m)] = [[kernel, json.loads(config)] for kernel, config in chosen]
+    return alternates
+
+
+def device_alternates(state: TuneState, device: str) -> dict[str, list]:
+    """generic_alternates over the shapes of `device` searched in full."""
+    spread = [state.results(device, n, k) for n, k in state.shapes(device, "full")]
+    return generic_alternates(spread) if spread else {}
+
+
 def device_entries(state: TuneState, device: str) -> dict[str, dict[str, dict]]:
     """{kernel: {shape key: {bucket: config}}} for every shape of `device` in the state, plus the "default" shape
     entry: the same choice (table_entries) made on the geometric-mean times over the shapes searched in full."""
@@ -373,15 +408,18 @@ def keep_untuned_buckets(path: Path, device_key: str, kernel: str, entries: dict
     return merged
 
 
-def write_table(path: Path, device_key: str, per_kernel: dict, family: str | None = None) -> None:
-    """Replace this device's entries for the (kernel, shape) pairs in per_kernel; other shapes, kernels and devices
-    are kept. Written to a temporary file, then renamed."""
+def write_table(path: Path, device_key: str, per_kernel: dict, family: str | None = None,
+                alternates: dict[str, list] | None = None) -> None:
+    """Replace this device's entries for the (kernel, shape) pairs in per_kernel (and its small-M alternates, if
+    given); other shapes, kernels and devices are kept. Written to a temporary file, then renamed."""
     table = json.loads(path.read_text()) if path.exists() else {"version": 1, "devices": {}}
     device = table["devices"].setdefault(device_key, {})
     for kernel, per_shape in per_kernel.items():
         device.setdefault(kernel, {}).update(per_shape)
     if family:
         table.setdefault("families", {})[device_key] = family
+    if alternates:
+        table.setdefault("alternates", {})[device_key] = alternates
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:

@@ -184,6 +184,66 @@ def test_state_resumes_and_default_comes_from_full_searches(tmp_path):
         == tile(32)
 
 
+def test_alternates_cover_the_spread_and_start_with_the_generic_choice():
+    """Greedy cover: the geometric-mean winner first, then the tile that most helps the shapes it serves worst; only
+    small-M buckets, only (kernel, tile) pairs timed on every shape."""
+    spread = [results(int8_gemm=[(1, 10, 16), (1, 11, 32), (1, 30, 64), (512, 50, 64)], splitk_gemm=[(1, 20, 1)]),
+              results(int8_gemm=[(1, 10, 16), (1, 11, 32), (1, 30, 64), (512, 50, 64)], splitk_gemm=[(1, 20, 1)]),
+              results(int8_gemm=[(1, 30, 16), (1, 11, 32), (1, 30, 64), (512, 50, 64)], splitk_gemm=[(1, 5, 1)])]
+    alternates = tune.generic_alternates(spread, count=2)
+    assert list(alternates) == ["1"]  # 512 > ALTERNATES_UP_TO_M
+    # tile 32 wins the geometric mean (11 / 11 / 11; tile 16: 10 / 10 / 30, split-K 20 / 20 / 5); split-K then
+    # rescues the third shape (11 -> 5) more than tile 16 helps the first two (11 -> 10)
+    assert alternates["1"] == [["int8_gemm", tile(32)], ["splitk_gemm", tile(1)]]
+    assert tune.generic_alternates(spread, count=1)["1"] == [["int8_gemm", tile(32)]]
+
+
+def test_load_time_pick_serves_an_untuned_shape_from_the_fastest_alternative(user_table, monkeypatch):
+    from vllm_outliertune.kernels import load_pick
+
+    generic = {"int8_gemm": {"default": {"1": tile(16), "16": tile(16), "1024": tile(128)}},
+               "splitk_gemm": {"default": {"1": tile(1)}}, "int8_gemm_tma": {"default": {"1024": tile(128)}}}
+    tuned = {"int8_gemm": {"N=4112,K=4096": {"1": tile(32), "16": tile(32)}}}
+    tune.write_table(user_table, "NVIDIA H800", generic, "sm90",
+                     alternates={"1": [["int8_gemm", tile(64)], ["int8_gemm", tile(32)]],
+                                 "16": [["int8_gemm", tile(16)], ["splitk_gemm", tile(16)]]})
+    tune.write_table(user_table, "NVIDIA H800", tuned)
+    configs.clear_caches()
+    assert configs.alternates(H800_KEYS)["16"][1] == ["splitk_gemm", tile(16)]
+    times = {("splitk_gemm", 1, 1): 9.0, ("int8_gemm", 1, 64): 7.0, ("int8_gemm", 1, 16): 8.0,  # 64 wins at 1
+             ("int8_gemm", 16, 16): 5.0, ("splitk_gemm", 16, 16): 6.0}  # the current choice stays at 16
+    timed = []
+
+    def fake_timer(kernel, config, m):
+        timed.append((kernel, m, config["BLOCK_M"]))
+        return times.get((kernel, m, config["BLOCK_M"]))
+
+    entries, picked = load_pick.pick_entries(5008, 4000, H800_KEYS, fake_timer)
+    assert picked == {"1": "int8_gemm", "16": "int8_gemm"}
+    # at M = 1 the generic split-K ran before: timed too (first), beaten, its bucket dropped
+    assert timed[0] == ("splitk_gemm", 1, 1) and entries["splitk_gemm"] == {}
+    assert entries["int8_gemm"] == {"1": tile(64), "16": tile(16), "1024": tile(128)}
+    assert entries["int8_gemm_tma"] == {"1024": tile(128)}  # large M: as the generic entries run it
+    configs.add_shape_entries("NVIDIA H800", 5008, 4000, entries)
+    yes = lambda *_: True  # noqa: E731
+    assert linear._pick_kernel(1, 5008, 4000, H800_KEYS, yes, yes) == "int8_gemm"
+    assert configs.get_config("int8_gemm", 1, 5008, 4000, H800_KEYS) == tile(64)
+    assert configs.tile_source(5008, 4000, H800_KEYS) is None  # served as tuned here from now on
+    # a picked split-K owns its bucket (the fallback keeps a tile there for where split-K cannot run)
+    times[("splitk_gemm", 16, 16)] = 1.0
+    entries, picked = load_pick.pick_entries(6000, 4000, H800_KEYS, fake_timer)
+    assert picked["16"] == "splitk_gemm" and entries["splitk_gemm"] == {"16": tile(16)}
+    assert entries["int8_gemm"]["16"] == tile(16)
+    assert load_pick.pick_entries(6000, 4000, H800_KEYS, lambda *_: None) is None  # nothing runs: no change
+    # a tuned shape, a CPU tensor and OUTLIERTUNE_LOAD_PICK=0 are left alone
+    monkeypatch.setattr(configs, "table_keys", lambda device: H800_KEYS)
+    cuda = SimpleNamespace(type="cuda")
+    assert load_pick.pick_untuned_shape(4112, 4096, cuda) is None
+    assert load_pick.pick_untuned_shape(6000, 4000, torch.device("cpu")) is None
+    monkeypatch.setenv(load_pick.LOAD_PICK_ENV, "0")
+    assert load_pick.pick_untuned_shape(6000, 4000, cuda) is None
+
+
 def test_quick_candidates_are_the_family_tiles_plus_the_spread_best(tmp_path, user_table):
     state = tune.TuneState(None)
     state.add(("NVIDIA H800", "int8_gemm", 64, 64, 16), "full", [(1.0, tile(16)), (2.0, tile(32))])
@@ -279,7 +339,8 @@ def test_untuned_shapes_are_reported_once_in_one_line(user_table, monkeypatch, c
     line = plugin_linear.report_untuned_shapes(SimpleNamespace(type="cuda"))
     assert line == (f"outliertune: no GEMM tiles tuned on NVIDIA H800 for weight shapes [6144, 4096] (tiles tuned on "
                     f"{H100!r}), [5008, 4000] (the shape-generic tiles of {H100!r}); tune them on this GPU "
-                    "(minutes) with `outliertune tune /models/llama --tp 2`")
+                    "(minutes) with `outliertune tune /models/llama --tp 2` (until then each runs the fastest of a few "
+                    "generic tiles per small M, timed at load)")
     assert plugin_linear.report_untuned_shapes(SimpleNamespace(type="cuda")) is None  # reported once
     assert plugin_linear.report_untuned_shapes(torch.device("cpu")) is None
 

@@ -25,6 +25,7 @@ from vllm.model_executor.parameter import (
 from vllm_outliertune import format as fmt
 from vllm_outliertune.kernels import configs
 from vllm_outliertune.kernels import linear as kernel_ops
+from vllm_outliertune.kernels.load_pick import pick_untuned_shape
 from vllm_outliertune.kernels.torch_ref import add_exact_channels, quantize_activation_ref
 
 _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
@@ -51,7 +52,8 @@ def report_untuned_shapes(device: torch.device) -> str | None:
     model, tp = _TUNE_HINT[-1] if _TUNE_HINT else ("MODEL_DIR", 1)
     line = (f"outliertune: no GEMM tiles tuned on {keys[0]} for weight shapes "
             + ", ".join(f"[{n}, {k}] ({source})" for (n, k), source in fallbacks)
-            + f"; tune them on this GPU (minutes) with `outliertune tune {model} --tp {tp}`")
+            + f"; tune them on this GPU (minutes) with `outliertune tune {model} --tp {tp}` (until then each "
+            "runs the fastest of a few generic tiles per small M, timed at load)")
     logger.warning(line)
     return line
 
@@ -269,6 +271,13 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             return
         _WARMED_UP.add(key)
         started = time.perf_counter()
+        if packed is None:  # int8 weights: tiles for a shape no table tuned (the warm-up below compiles them)
+            picked = pick_untuned_shape(*layer.weight.shape, layer.weight.device)
+            if picked:
+                logger.info("outliertune: weight %s (untuned here): fastest of the generic alternatives at M <= "
+                            "%s: %s (%.1f s)", list(layer.weight.shape), max(picked, key=int),
+                            ", ".join(f"{m}: {kernel}" for m, kernel in picked.items()),
+                            time.perf_counter() - started)
         count = kernel_ops.warm_up(layer.weight, layer.weight_scale, layer.output_bias, layer.params_dtype,
                                    layer.max_rows, packed)
         if count:  # 0 where nothing is compiled (CPU)

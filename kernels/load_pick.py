@@ -1,0 +1,95 @@
+"""Load-time tile choice for a weight shape that no tile table tuned (int8 weights).
+
+Such a shape runs the shape-generic entries, whose small-M kernel and tile won on average over the tuned spread but
+lose by up to 2.2x on some shapes: at small M the best choice depends on the shape's width and depth. The shipped
+table lists, per small-M bucket, a few alternatives chosen to cover the spread (tune.generic_alternates); at load
+the plugin times them on this GPU for the new shape and serves the shape from the fastest for the rest of the
+process. Left out of the H200's tuning spread one shape at a time, this puts 152 of 156 (shape, M) points within
+15 % of the shape's own best, against 142 for the generic entries alone (docs/benchmarks.md). `outliertune tune`
+still gives every bucket its own search; OUTLIERTUNE_LOAD_PICK=0 turns the choice off."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from vllm_outliertune.kernels import configs
+
+PICK_REP_MS = 5.0  # timing per candidate: the choices differ by 15 % and more where it matters
+LOAD_PICK_ENV = "OUTLIERTUNE_LOAD_PICK"
+INT8_KERNELS = ("int8_gemm", *configs.DISPATCH_ORDER["int8_gemm"])
+
+# Timer: (kernel, config, M) -> µs, or None where that kernel or tile cannot run here.
+Timer = Callable[[str, dict, int], "float | None"]
+
+
+def pick_entries(n: int, k: int, keys: tuple[str, ...], time_us: Timer) -> tuple[dict, dict[str, str]] | None:
+    """({kernel: {bucket: config}} serving shape (n, k): the entries the lookup gives it now, with each alternates
+    bucket run by the fastest of its alternatives and of what the lookup runs there now; {bucket: kernel picked}),
+    or None where there is nothing to pick from (no alternates for this device, none runs)."""
+    entries = {kernel: {str(b): configs.get_config(kernel, b, n, k, keys)
+                        for b in configs.listed_buckets(kernel, n, k, keys)} for kernel in INT8_KERNELS}
+    picked: dict[str, str] = {}
+    for bucket, alternatives in configs.alternates(keys).items():
+        m = int(bucket)
+        current = next(iter(configs.kernels_for(m, n, k, keys)), "int8_gemm")
+        options = [[current, configs.get_config(current, m, n, k, keys)]]
+        options += [option for option in alternatives if option not in options]
+        timed = [(t, kernel, config) for kernel, config in options if (t := time_us(kernel, config, m)) is not None]
+        if not timed:
+            continue
+        _, kernel, config = min(timed, key=lambda item: item[0])
+        for other in INT8_KERNELS[1:]:  # the bucket's owner is the picked kernel, else the fallback
+            entries[other].pop(bucket, None)
+        fallback = entries["int8_gemm"]  # lists every bucket: where a picked kernel cannot run, it does
+        fallback[bucket] = config if kernel == "int8_gemm" else configs.get_config("int8_gemm", m, n, k, keys)
+        if kernel != "int8_gemm":
+            entries[kernel][bucket] = config
+        picked[bucket] = kernel
+    if not picked:
+        return None
+    return {kernel: dict(sorted(per_m.items(), key=lambda item: int(item[0]))) for kernel, per_m in entries.items()}, \
+        picked
+
+
+def gpu_timer(n: int, k: int, device: torch.device) -> Timer:
+    """Times one (kernel, tile) on random operands of this shape on `device`, as the tuner does (CUDA-graph
+    replays, cold L2); None where it cannot run (unsupported kernel, or a tile Triton cannot compile here)."""
+    from vllm_outliertune.kernels import tune
+    from vllm_outliertune.kernels.act_quant import quantize_activation
+
+    with torch.cuda.device(device):
+        p = tune.make_inputs(tune.ALTERNATES_UP_TO_M, n, k)
+        codes = quantize_activation(p["x"], p["inv_scale"], p["shift"], 8)
+
+    def time_us(kernel: str, config: dict, m: int) -> float | None:
+        args = (codes[:m], p["w_q"], p["w_scale"], p["bias"])
+        if not tune.kernel_applies(kernel, args):
+            return None
+        run = tune.runner(kernel, args)
+        try:
+            with torch.cuda.device(device):
+                return tune.graph_time_us(lambda: run(config), PICK_REP_MS)
+        except Exception:  # e.g. OutOfResources: a tile tuned on a GPU with more shared memory
+            return None
+
+    return time_us
+
+
+def pick_untuned_shape(n: int, k: int, device: torch.device) -> dict[str, str] | None:
+    """On a CUDA device, for an int8 weight shape (n, k) whose tiles no table tuned for it on this GPU: time the
+    alternates and serve the shape from the fastest for the rest of the process. Returns {bucket: kernel picked},
+    None where nothing was done (not CUDA, tuned shape, no alternates, turned off)."""
+    if device.type != "cuda" or os.environ.get(LOAD_PICK_ENV, "1") == "0":
+        return None
+    keys = configs.table_keys(device)
+    if configs.tile_source(n, k, keys) is None or not configs.alternates(keys):
+        return None
+    result = pick_entries(n, k, keys, gpu_timer(n, k, device))
+    if result is None:
+        return None
+    entries, picked = result
+    configs.add_shape_entries(keys[0], n, k, entries)
+    return picked
