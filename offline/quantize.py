@@ -482,5 +482,9 @@ def quantize(model: Path | str, out_dir: Path, calib: Path | str = DEFAULT_CALIB
             summary["int8 weights"] = ", ".join(int8_modules) or "none"
         if options.weight_format.packed:
             summary["group_size"] = options.group_size
+        if record.head is not None:  # what lm_head's search chose, its error and dynamic quantization's
+            summary["lm_head"] = f"{options.lm_head}: " + ", ".join(
+                f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+                for key, value in record.head.items() if key != "exact_channels")
         write_report(report_dir, summary, record.layers, record.ranges)
     return out
