@@ -204,8 +204,10 @@ class OutlierTuneLinearMethod(LinearMethodBase):
                    for spec in self.spec.linear_tensors if getattr(layer, spec.suffix).loaded_shards}
         # In-features of this rank's part (a packed weight holds two per byte); one group per row stays one.
         in_features = layer.weight.shape[1] * (2 if self.spec.packed else 1)
+        # (A ParallelLMHead of some vLLM versions has no input_size; its input is never split.)
+        whole_in_features = getattr(layer, "input_size", in_features)
         fmt.validate_linear(self.prefix, tensors, rows, in_features, self.spec,
-                            source="checkpoint (as loaded by vLLM)", whole_in_features=layer.input_size)
+                            source="checkpoint (as loaded by vLLM)", whole_in_features=whole_in_features)
         output_bias = layer.output_bias.data
         bias = getattr(layer, "bias", None)
         if bias is not None and not getattr(layer, "skip_bias_add", False):  # (ParallelLMHead has no such flag)
