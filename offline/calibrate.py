@@ -253,10 +253,11 @@ def cached_calibrate_layers(model, windows: torch.Tensor, cache_dir: Path | None
     keys = [(sample_tokens, seed, HOLD_OUT_EVERY, "gram")] + ([] if gram else [(sample_tokens, seed,
                                                                                 HOLD_OUT_EVERY)])
     paths = [Path(cache_dir) / f"calib-{_fingerprint(model, windows, key)}.pt" for key in keys]
-    path = next((path for path in paths if path.is_file()), paths[-1])
     layers = decoder_layers(model)
-    cached = torch.load(path, weights_only=True) if path.is_file() else None
-    if cached is not None and (not head or len(cached) > len(layers)):
+    for path in (path for path in paths if path.is_file()):
+        cached = torch.load(path, weights_only=True)
+        if head and len(cached) == len(layers):  # written before --lm-head: no lm_head input
+            continue
         dtype = model.dtype
         for index in range(len(layers)):
             layer = layers[index].to(device, torch.float32)
@@ -274,6 +275,7 @@ def cached_calibrate_layers(model, windows: torch.Tensor, cache_dir: Path | None
         if index < len(layers) or head:
             yield index, layer, stats
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    path = paths[-1]  # the key of what was computed (with or without Gram matrices)
     tmp = path.with_suffix(".tmp")
     torch.save(collected, tmp)
     tmp.replace(path)
