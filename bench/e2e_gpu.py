@@ -1,10 +1,12 @@
 """End-to-end on a CUDA GPU with vLLM (default mode: torch.compile + CUDA graphs).
 
     python bench/e2e_gpu.py tiny WORKDIR        # tiny Llama: vLLM (compiled, graphs) vs our torch reference
-    python bench/e2e_gpu.py make8b WORKDIR [--w4a8] [--synthetic]   # random Llama-3-8B-shaped bf16 checkpoint +
-                                   # our W8A8 of it (quantized on the GPU), with --w4a8 also W4A8 (group 128);
-                                   # --synthetic: the quantized checkpoints hold random values (no calibration)
-    python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8,w8a8-pc,fp8-pc] [--tp 2]   # throughput rows
+    python bench/e2e_gpu.py make8b WORKDIR [--w4a8] [--synthetic] [--lm-head int8]   # random Llama-3-8B-shaped
+                                   # bf16 checkpoint + our W8A8 of it (quantized on the GPU), with --w4a8 also W4A8
+                                   # (group 128); --synthetic: the quantized checkpoints hold random values (no
+                                   # calibration); --lm-head int8: instead *-lmhead checkpoints with lm_head int8
+    python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8,w8a8-pc,fp8-pc,w8a8-lmhead,
+                                   w4a8-lmhead] [--tp 2]   # throughput rows
     python bench/e2e_gpu.py profile WORKDIR [--rows w8a8,w4a8]   # torch-profiler breakdown of decode steps by
                                    # kernel kind, and wall time per step
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
@@ -68,7 +70,7 @@ def _tiny(workdir: Path) -> None:
                       "compiled": llm.llm_engine.vllm_config.compilation_config.mode != 0}))
 
 
-def _make8b(workdir: Path, w4a8: bool = False, synthetic: bool = False) -> None:
+def _make8b(workdir: Path, w4a8: bool = False, synthetic: bool = False, lm_head: str = "none") -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -113,8 +115,10 @@ def _make8b(workdir: Path, w4a8: bool = False, synthetic: bool = False) -> None:
     (bf16_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     print(f"random bf16 checkpoint written in {time.time() - started:.0f} s")
     calib = tiny_models.write_tiny_text(workdir / "calib.txt", repeat=8)
-    options = QuantizeOptions(samples=8, seq_len=512, device=device, progress=False, calib_cache=workdir / "calib")
-    for name, bits in (("w8a8", 8),) + ((("w4a8", 4),) if w4a8 else ()):
+    options = QuantizeOptions(samples=8, seq_len=512, device=device, progress=False, calib_cache=workdir / "calib",
+                              lm_head=lm_head)
+    suffix = "" if lm_head == "none" else "-lmhead"  # beside the checkpoints without it: rows w8a8-lmhead, ...
+    for name, bits in (("w8a8" + suffix, 8),) + ((("w4a8" + suffix, 4),) if w4a8 else ()):
         started = time.time()
         # Every linear in the measured format: the speed rows time W4A8 with all weights packed (the default
         # --int8-weights auto would keep q/k/v at int8).
@@ -174,20 +178,23 @@ def _synthetic_quantized(bf16_dir: Path, out_dir: Path, layout_dir: Path, option
     packed_specs = {t.suffix: t for t in spec.linear_tensors}
     int8_specs = {t.suffix: t for t in fmt.LINEAR_TENSORS + fmt.EXACT_TENSORS}  # int8 weights (also in 4-bit models)
     gen = torch.Generator().manual_seed(0)
+
+    def synthetic(name: str):
+        prefix, _, suffix = name.rpartition(".")
+        if prefix not in shapes:
+            return bf16[name]  # norms, embeddings: as in the bf16 model
+        out_features, in_features = shapes[prefix]
+        packed = layout[f"{quantized_prefix(prefix)}.weight"] == "U8"
+        tensor_spec = (packed_specs if packed else int8_specs)[suffix]
+        shape = tensor_spec.shape(out_features, in_features, spec.groups(in_features) if packed else 1)
+        return _random_tensor(suffix, shape, spec, packed, gen)
+
     tensors = {}
     for layer in range(config.num_hidden_layers):
         for name in (n for n in layout if n.startswith("model.layers.0.")):
             name = name.replace("model.layers.0.", f"model.layers.{layer}.", 1)
-            prefix, _, suffix = name.rpartition(".")
-            if prefix in shapes:
-                out_features, in_features = shapes[prefix]
-                packed = layout[f"{quantized_prefix(prefix)}.weight"] == "U8"
-                tensor_spec = (packed_specs if packed else int8_specs)[suffix]
-                shape = tensor_spec.shape(out_features, in_features, spec.groups(in_features) if packed else 1)
-                tensors[name] = _random_tensor(suffix, shape, spec, packed, gen)
-            else:
-                tensors[name] = bf16[name]  # norms: as in the bf16 model
-    tensors |= {name: bf16[name] for name in layout if not name.startswith("model.layers.")}
+            tensors[name] = synthetic(name)
+    tensors |= {name: synthetic(name) for name in layout if not name.startswith("model.layers.")}  # + lm_head
     missing = {n.replace("model.layers.0.", "", 1) for n in layout if n.startswith("model.layers.0.")} - {
         n.split(".", 3)[3] for n in tensors if n.startswith("model.layers.")}
     assert not missing, f"synthetic checkpoint lacks {missing}"
@@ -256,6 +263,10 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
     rows = {"bf16": ("bf16", str(workdir / "llama3-8b-bf16"), None, True, None),
             "w8a8": ("outliertune W8A8", str(workdir / "llama3-8b-w8a8"), None, False, None),
             "w4a8": ("outliertune W4A8 (g128)", str(workdir / "llama3-8b-w4a8"), None, False, None),
+            "w8a8-lmhead": ("outliertune W8A8 + int8 lm_head", str(workdir / "llama3-8b-w8a8-lmhead"), None, False,
+                            None),
+            "w4a8-lmhead": ("outliertune W4A8 (g128) + int8 lm_head", str(workdir / "llama3-8b-w4a8-lmhead"), None,
+                            False, None),
             "fp8": ("vLLM fp8 (dynamic)", str(workdir / "llama3-8b-bf16"), "fp8", True, None),
             "w8a8-kv8": ("outliertune W8A8 + fp8 KV", str(workdir / "llama3-8b-w8a8"), None, False, "fp8"),
             "fp8-kv8": ("vLLM fp8 (dynamic) + fp8 KV", str(workdir / "llama3-8b-bf16"), "fp8", True, "fp8"),
@@ -449,6 +460,9 @@ def main() -> None:
     parser.add_argument("--prefix-caching", action="store_true", help="row: enable_prefix_caching=True")
     parser.add_argument("--tp", type=int, default=1, help="table / row: tensor-parallel size")
     parser.add_argument("--w4a8", action="store_true", help="make8b: also write a W4A8 checkpoint")
+    parser.add_argument("--lm-head", choices=["none", "int8"], default="none",
+                        help="make8b: int8: write llama3-8b-w8a8-lmhead (and -w4a8-lmhead) with lm_head quantized "
+                             "too (table rows w8a8-lmhead, w4a8-lmhead)")
     parser.add_argument("--synthetic", action="store_true", help="make8b: quantized checkpoints of random values "
                         "with the tensors a real quantize writes (seconds instead of minutes; for speed rows only)")
     args = parser.parse_args()
@@ -460,7 +474,7 @@ def main() -> None:
     if args.step == "table":
         _table(workdir, args.rows or "bf16,w8a8,fp8", args.tp)
     elif args.step == "make8b":
-        _make8b(workdir, args.w4a8, args.synthetic)
+        _make8b(workdir, args.w4a8, args.synthetic, args.lm_head)
     elif args.step == "profile":
         _profile(workdir, args.rows or "w8a8")
     else:

@@ -1,12 +1,16 @@
 """Per-rank GEMM shapes (N = out, K = in features) of a decoder model's quantized linear layers, from its
 config.json alone (no weights), as vLLM shards them for tensor parallelism: q/k/v and gate/up are merged column-
 parallel layers, o_proj and down_proj row-parallel. KV heads are split across ranks, or replicated (one per rank)
-when there are fewer KV heads than ranks."""
+when there are fewer KV heads than ranks. A checkpoint with a quantized lm_head (quantization_config.lm_head) adds
+its shape: the vocabulary padded to VOCAB_PADDING, split across ranks."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+
+VOCAB_PADDING = 64  # vLLM's ParallelLMHead pads the vocabulary to a multiple of this (DEFAULT_VOCAB_PADDING_SIZE)
 
 
 class ShapeError(ValueError):
@@ -21,7 +25,8 @@ def _field(config: dict, name: str, source: str):
 
 
 def linear_shapes(config: dict, tp: int, source: str = "config.json") -> dict[str, tuple[int, int]]:
-    """{"qkv_proj" | "o_proj" | "gate_up_proj" | "down_proj": (N, K)} on one of `tp` ranks."""
+    """{"qkv_proj" | "o_proj" | "gate_up_proj" | "down_proj" [| "lm_head"]: (N, K)} on one of `tp` ranks."""
+    quantized_head = (config.get("quantization_config") or {}).get("lm_head", "none") != "none"
     config = config.get("text_config", config)  # multimodal wrappers keep the language model's config inside
     hidden = _field(config, "hidden_size", source)
     inter = _field(config, "intermediate_size", source)
@@ -32,10 +37,14 @@ def linear_shapes(config: dict, tp: int, source: str = "config.json") -> dict[st
         raise ShapeError(f"{source}: tensor-parallel size {tp} does not divide this model ({heads} attention "
                          f"heads, {kv_heads} KV heads, intermediate size {inter})")
     kv_per_rank = max(1, kv_heads // tp)
-    return {"qkv_proj": ((heads // tp + 2 * kv_per_rank) * head_dim, hidden),
-            "o_proj": (hidden, heads * head_dim // tp),
-            "gate_up_proj": (2 * inter // tp, hidden),
-            "down_proj": (hidden, inter // tp)}
+    shapes = {"qkv_proj": ((heads // tp + 2 * kv_per_rank) * head_dim, hidden),
+              "o_proj": (hidden, heads * head_dim // tp),
+              "gate_up_proj": (2 * inter // tp, hidden),
+              "down_proj": (hidden, inter // tp)}
+    if quantized_head:
+        vocab = _field(config, "vocab_size", source)
+        shapes["lm_head"] = (-(-vocab // VOCAB_PADDING) * VOCAB_PADDING // tp, hidden)
+    return shapes
 
 
 def read_config(path: Path) -> dict:

@@ -53,6 +53,7 @@ class Architecture:
     down_proj: str = "mlp.down_proj"
     attn_norm: str = "input_layernorm"
     mlp_norm: str = "post_attention_layernorm"
+    final_norm: str = "model.norm"      # the norm in front of lm_head (--lm-head int8 folds lm_head's step into it)
     norm: str = "rms"                   # "rms" (x_hat * g), "rms_one_plus" (x_hat * (1 + g)), "layernorm"
     v_rows: RowsOf = _all_rows(QKV[2])
     up_rows: RowsOf = _all_rows(GATE_UP[1])
@@ -106,10 +107,15 @@ PHI3 = Architecture(("Phi3ForCausalLM",), qkv=("self_attn.qkv_proj",), gate_up=(
                     v_rows=_fused_v_rows, up_rows=_fused_up_rows)
 OPT = Architecture(("OPTForCausalLM",), layers="model.decoder.layers", o_proj="self_attn.out_proj",
                    gate_up=("fc1",), down_proj="fc2", attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm",
-                   norm="layernorm", v_rows=_all_rows(QKV[2]), up_rows=_all_rows("fc1"), check=_opt_check)
+                   final_norm="model.decoder.final_layer_norm", norm="layernorm", v_rows=_all_rows(QKV[2]),
+                   up_rows=_all_rows("fc1"), check=_opt_check)
 
 ARCHITECTURES = {name: arch for arch in (LLAMA_LIKE, GEMMA, PHI3, OPT) for name in arch.classes}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+# Classes whose lm_head vLLM runs unquantized whatever the checkpoint holds: --lm-head int8 is
+# refused for them.
+UNQUANTIZED_LM_HEAD = {"Gemma2ForCausalLM": "vLLM computes its logits with the embedding matrix (always tied)",
+                       "OPTForCausalLM": "vLLM builds its lm_head without the quantization config"}
 
 
 def architecture_of(model) -> Architecture:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from vllm_outliertune.offline.architectures import architecture_of, decoder_layers
 
 HOLD_OUT_EVERY = 8  # one calibration window in this many is held out of the ranges (the search scores on it)
+HEAD = "head"  # the statistics key of lm_head's input (the final norm's output)
 
 
 @dataclasses.dataclass
@@ -96,7 +97,7 @@ def _outside_layers(module: torch.nn.Module, layers: torch.nn.ModuleList) -> Ite
 
 
 @contextlib.contextmanager
-def _float32_on(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
+def float32_on(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
     """``modules`` in float32 on ``device`` for the duration; afterwards on the CPU with every parameter and buffer
     in its own previous dtype (rotary tables stay float32 in an fp16 model)."""
     dtypes = [{name: t.dtype for name, t in itertools.chain(m.named_parameters(), m.named_buffers())}
@@ -142,7 +143,7 @@ def _capture_layer_inputs(model, windows: torch.Tensor, batch_size: int, device:
         layers[index] = Recorder(index)
     base = model.base_model  # the transformer without the LM head (runs embeddings, masks, positions)
     try:
-        with _float32_on(list(_outside_layers(base, layers)), device):
+        with float32_on(list(_outside_layers(base, layers)), device):
             for start in range(0, windows.shape[0], batch_size):
                 try:
                     base(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
@@ -178,10 +179,11 @@ def window_roles(count: int) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def calibrate_layers(model, windows: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 8,
                      sample_tokens: int = 2048, seed: int = 0, progress: bool = True, gram: bool = False,
-                     ) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
+                     head: bool = False) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
     """For each decoder layer: (index, the layer in float32 on ``device``, {"qkv"|"o"|"gate_up"|"down": stats});
     with ``gram`` the stats include each input's Gram matrix (for GPTQ; K x K per input). The ranges come from the
-    windows that are not held out, the sample from those that are (window_roles).
+    windows that are not held out, the sample from those that are (window_roles). With ``head``, then one more item:
+    (number of layers, the final norm in float32 on ``device``, {HEAD: stats of its output, lm_head's input}).
 
     The caller may modify the yielded layer (folding): the next layer's inputs were computed before the yield. After
     the caller resumes, the layer goes back to the CPU in the model's dtype."""
@@ -215,6 +217,14 @@ def calibrate_layers(model, windows: torch.Tensor, device: str | torch.device = 
                 hook.remove()
         yield index, layer, {short: acc.result() for short, acc in accumulators.items()}
         layers[index] = layer.to("cpu", dtype)
+    if head:
+        norm = model.get_submodule(arch.final_norm)
+        accumulator = _Accumulator(arch.final_norm, keep_per_batch, torch.Generator().manual_seed(seed + len(layers)),
+                                   gram)
+        with float32_on([norm], device):
+            for batch, states in enumerate(hidden):
+                accumulator.add(norm(states.to(device)), fitted[batch], sampled[batch])
+            yield len(layers), norm, {HEAD: accumulator.result()}
 
 
 def _fingerprint(model, windows: torch.Tensor, settings: tuple) -> str:
@@ -230,32 +240,42 @@ def _fingerprint(model, windows: torch.Tensor, settings: tuple) -> str:
 
 def cached_calibrate_layers(model, windows: torch.Tensor, cache_dir: Path | None, device: str | torch.device = "cpu",
                             batch_size: int = 8, sample_tokens: int = 2048, seed: int = 0, progress: bool = True,
-                            gram: bool = False) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
+                            gram: bool = False, head: bool = False,
+                            ) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
     """calibrate_layers, with the statistics kept in ``cache_dir`` (safe torch.load, tensors only) so quantizing
-    the same model on the same text again (another method or bit width) skips the forward passes."""
+    the same model on the same text again (another method or bit width) skips the forward passes. A new cache also
+    keeps lm_head's input (cheap), so it serves runs with and without ``head``; an older one without it is
+    recalibrated (and rewritten) for a run with ``head``."""
     if cache_dir is None:
-        yield from calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress, gram)
+        yield from calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress, gram, head)
         return
     # Caches without Gram matrices keep their key; one with them also serves runs that do not need them.
     keys = [(sample_tokens, seed, HOLD_OUT_EVERY, "gram")] + ([] if gram else [(sample_tokens, seed,
                                                                                 HOLD_OUT_EVERY)])
     paths = [Path(cache_dir) / f"calib-{_fingerprint(model, windows, key)}.pt" for key in keys]
-    path = next((path for path in paths if path.is_file()), paths[-1])
-    if path.is_file():
+    layers = decoder_layers(model)
+    for path in (path for path in paths if path.is_file()):
         cached = torch.load(path, weights_only=True)
+        if head and len(cached) == len(layers):  # written before --lm-head: no lm_head input
+            continue
         dtype = model.dtype
-        layers = decoder_layers(model)
         for index in range(len(layers)):
             layer = layers[index].to(device, torch.float32)
             yield index, layer, {short: InputStats(**fields) for short, fields in cached[index].items()}
             layers[index] = layer.to("cpu", dtype)
+        if head:
+            norm = model.get_submodule(architecture_of(model).final_norm)
+            with float32_on([norm], device):
+                yield len(layers), norm, {HEAD: InputStats(**cached[len(layers)][HEAD])}
         return
     collected = []
     for index, layer, stats in calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress,
-                                                gram):
+                                                gram, head=True):
         collected.append({short: dataclasses.asdict(value) for short, value in stats.items()})
-        yield index, layer, stats
+        if index < len(layers) or head:
+            yield index, layer, stats
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    path = paths[-1]  # the key of what was computed (with or without Gram matrices)
     tmp = path.with_suffix(".tmp")
     torch.save(collected, tmp)
     tmp.replace(path)

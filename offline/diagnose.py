@@ -21,7 +21,7 @@ from vllm_outliertune.format import qrange
 from vllm_outliertune.offline.architectures import architecture_of
 from vllm_outliertune.offline.assets import calibration_file
 from vllm_outliertune.offline.fakequant import StaticPlanLinear, replace_linears
-from vllm_outliertune.offline.model_io import load_model, load_tokenizer
+from vllm_outliertune.offline.model_io import UserError, load_model, load_tokenizer
 from vllm_outliertune.offline.quantize import QuantizeOptions, QuantizeRecord, check_options, quantize_loaded
 from vllm_outliertune.offline.symmetrize import ChannelPlan
 from vllm_outliertune.offline.text import read_text, token_windows
@@ -170,6 +170,9 @@ def diagnose(model_dir: Path, calib: Path | str, text_path: Path, options: Quant
     the cost of a look at the early layers, where massive activations arise. Without ``per_group``, no run quantizes
     one group at a time."""
     check_options(options)
+    if options.lm_head != "none":  # its runs emulate the decoder linears only
+        raise UserError(f"--lm-head {options.lm_head}: diagnose does not emulate a quantized lm_head; pass --lm-head "
+                        f"none (measure its cost with `outliertune eval` on a checkpoint)")
     calib_path = calibration_file(calib)
     tokenizer = load_tokenizer(model_dir)
     calib = token_windows(tokenizer, read_text(calib_path, "--calib"), options.seq_len, options.samples,

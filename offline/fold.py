@@ -127,17 +127,28 @@ def fold_layer(layer: torch.nn.Module, plans: dict[str, ChannelPlan], arch: Arch
         if _fold_into_norm(layer.get_submodule(norm_name), arch.norm, plans[group]):
             input_shift.update(dict.fromkeys(arch.groups[group]))
 
-    folded = {}
-    for name, plan in plan_of.items():
-        linear = layer.get_submodule(name)
-        step = plan.step.to(linear.weight.device, torch.float32)
-        to = dict(device=linear.weight.device, dtype=torch.float32)
-        folded[name] = FoldedLinear(
-            weight=linear.weight.float() * step,
-            bias=None if linear.bias is None else linear.bias.float().clone(),
-            row_bias=row_bias[name].to(**to) if name in row_bias else None,
-            inv_scale=None if plan.inv_scale is None else plan.inv_scale.to(**to),
-            input_shift=None if input_shift[name] is None else input_shift[name].to(**to),
-            correction_shift=None if plan.shift is None else plan.shift.to(**to),
-            exact=plan.exact)
-    return folded
+    return {name: _folded(layer.get_submodule(name), plan, input_shift[name], row_bias.get(name))
+            for name, plan in plan_of.items()}
+
+
+def _folded(linear: torch.nn.Linear, plan: ChannelPlan, input_shift: torch.Tensor | None,
+            row_bias: torch.Tensor | None = None) -> FoldedLinear:
+    """The FoldedLinear of ``linear`` under its input's ``plan`` (its producer already folded), on the weight's
+    device; ``input_shift``: the shift left for run time (None where the producer took it)."""
+    to = dict(device=linear.weight.device, dtype=torch.float32)
+
+    def optional(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(**to)
+
+    return FoldedLinear(weight=linear.weight.float() * plan.step.to(**to),
+                        bias=None if linear.bias is None else linear.bias.float().clone(),
+                        row_bias=optional(row_bias), inv_scale=optional(plan.inv_scale),
+                        input_shift=optional(input_shift), correction_shift=optional(plan.shift), exact=plan.exact)
+
+
+@torch.no_grad()
+def fold_head(norm: torch.nn.Module, head: torch.nn.Linear, plan: ChannelPlan, arch: Architecture) -> FoldedLinear:
+    """Fold lm_head's input ``plan`` into the final ``norm`` in place, as q/k/v's into the attention norm, and return
+    lm_head's FoldedLinear (``head`` itself is not modified: with tied embeddings it is the embedding matrix)."""
+    shift_taken = _fold_into_norm(norm, arch.norm, plan)
+    return _folded(head, plan, None if shift_taken else plan.shift)

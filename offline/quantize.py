@@ -12,14 +12,15 @@ from vllm_outliertune.format import (
     DEFAULT_GROUP_SIZE, GROUP_SIZE_MULTIPLE, SUPPORTED_BITS, QuantizationConfig, validate_linear)
 from vllm_outliertune.offline import symmetrize
 from vllm_outliertune.offline.assets import DEFAULT_CALIB, calibration_file
-from vllm_outliertune.offline.calibrate import InputStats, cached_calibrate_layers
+from vllm_outliertune.offline.calibrate import HEAD, InputStats, cached_calibrate_layers, float32_on
 from vllm_outliertune.offline.checkpoint import (DEFAULT_SHARD_BYTES, check_directory_option, check_output_dir,
                                                  write_checkpoint)
 from vllm_outliertune.offline.fakequant import dynamic_output_error
-from vllm_outliertune.offline.fold import FoldedLinear, fold_layer, row_divisors
+from vllm_outliertune.offline.fold import FoldedLinear, fold_head, fold_layer, row_divisors
 from vllm_outliertune.offline.report import PLOTTED_GROUPS, plotted_layers, range_record, write_report
 from vllm_outliertune.offline.search import SIMPLE, SearchGrid, output_error, search_plan
-from vllm_outliertune.offline.architectures import INPUT_GROUPS, Architecture, architecture_of, attention_groups
+from vllm_outliertune.offline.architectures import (
+    INPUT_GROUPS, UNQUANTIZED_LM_HEAD, Architecture, architecture_of, attention_groups)
 from vllm_outliertune.offline.model_io import (
     UserError, check_device, check_seq_len, load_model, load_tokenizer, read_config, resolve_model)
 from vllm_outliertune.offline.symmetrize import ChannelPlan
@@ -55,11 +56,16 @@ class QuantizeOptions:
     # Calibrated per-channel ranges are widened by this factor before planning: headroom for activations beyond
     # what the calibration text produced (another domain), paid for in resolution.
     range_margin: float = 1.0
+    # "none": lm_head stays in the model's dtype (tied embeddings stay tied); "int8": planned like a norm-fed linear
+    # and written with int8 weights per output row, whatever w_bits (it is the most sensitive layer).
+    lm_head: str = "none"
 
     @property
     def quant_config(self) -> QuantizationConfig:
-        return QuantizationConfig(weight_bits=self.w_bits, activation_bits=self.a_bits, ignore=("lm_head",),
-                                  method=self.method, group_size=self.group_size, exact_channels=self.exact_channels)
+        return QuantizationConfig(weight_bits=self.w_bits, activation_bits=self.a_bits,
+                                  ignore=("lm_head",) if self.lm_head == "none" else (), method=self.method,
+                                  group_size=self.group_size, exact_channels=self.exact_channels,
+                                  lm_head=self.lm_head)
 
     @property
     def rounding(self) -> str:
@@ -124,6 +130,7 @@ METHODS: dict[str, PlanRule] = {"outliertune": _outliertune, "per-channel": _per
 
 
 WEIGHT_ROUNDINGS = ("auto", "rtn", "gptq")
+LM_HEAD_CHOICES = ("none", "int8")
 # --weight-rounding auto: GPTQ for 4- and 6-bit weights (SmolLM2 on Brown, 10 windows: W4A8 g128 +17.7 % over fp16
 # vs +33.3 % with RTN; W6A6 +15.5 % vs +21.1 %), RTN at 8 bits, where GPTQ gained little (W8A8: +1.6 % vs +2.1 %)
 # for its Gram matrices (K x K per linear input, kept in the calibration cache). Architecture.gptq_bits overrides
@@ -202,6 +209,8 @@ def check_options(options: QuantizeOptions) -> None:
             if not layer.isdigit() or group not in INPUT_GROUPS:
                 raise UserError(f"{option} {listing!r}: {item!r} is not LAYER.GROUP with GROUP one of "
                                 f"{', '.join(INPUT_GROUPS)} (or pass none / auto)")
+    if options.lm_head not in LM_HEAD_CHOICES:
+        raise UserError(f"--lm-head {options.lm_head!r} is unknown; choose one of {LM_HEAD_CHOICES}")
     if options.int8_weights not in ("none", "auto") and not options.weight_format.packed:
         raise UserError(f"--int8-weights {options.int8_weights}: only packed 4-bit weights (--w-bits 4) have "
                         f"linears to keep at int8; pass --int8-weights none")
@@ -227,6 +236,16 @@ def search_grid(options: QuantizeOptions, arch: Architecture) -> SearchGrid:
     return SearchGrid(per_token=options.a_bits in arch.per_token_bits, **({} if clips is None else dict(clips=clips)))
 
 
+def check_lm_head(config: dict, options: QuantizeOptions, model_dir: Path | str) -> None:
+    """Refuse --lm-head int8 for an architecture whose lm_head vLLM would run unquantized anyway."""
+    unsupported = [(name, UNQUANTIZED_LM_HEAD[name]) for name in config.get("architectures") or []
+                   if name in UNQUANTIZED_LM_HEAD]
+    if options.lm_head != "none" and unsupported:
+        name, reason = unsupported[0]
+        raise UserError(f"--lm-head {options.lm_head}: {model_dir} is a {name}, whose lm_head cannot be quantized "
+                        f"({reason}); pass --lm-head none")
+
+
 def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_config, arch: Architecture,
                options: QuantizeOptions, int8_groups: Iterable[str] = ()) -> tuple[dict[str, ChannelPlan],
                                                                                   dict[str, dict]]:
@@ -239,23 +258,32 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
     if options.range_margin != 1.0:
         stats = {group: dataclasses.replace(value, min=value.min * options.range_margin,
                                             max=value.max * options.range_margin) for group, value in stats.items()}
-    rule = METHODS[options.method]
     plans, info = {}, {}
     for group, names in arch.groups.items():
-        group_options = options.with_int8_weights if group in int8_groups else options
-        grid = search_grid(group_options, arch)
         weight = torch.cat([layer.get_submodule(name).weight.detach().float() for name in names])
         share = (lambda step: symmetrize.group_max(step, group_size, head_dim)) if group == "o" else (lambda s: s)
-        exact = None
-        if options.exact_channels and group != "o":  # o_proj's steps are shared across q-heads (GQA)
-            exact = symmetrize.outlier_channels(stats[group], options.exact_channels, options.outlier_factor)
-        plans[group], info[group] = rule(GroupInput(stats[group], weight, share, grid, exact), group_options)
-        info[group]["exact_channels"] = [] if plans[group].exact is None else plans[group].exact.tolist()
-        sample = stats[group].sample[:SearchGrid.tokens].to(weight.device)
-        weight_format = group_options.weight_format
-        info[group]["error"] = output_error(sample, weight, plans[group], weight_format, options.a_bits)
-        info[group]["dynamic_error"] = dynamic_output_error(sample, weight, weight_format, options.a_bits)
+        group_options = options.with_int8_weights if group in int8_groups else options
+        # o_proj's steps are shared across q-heads (GQA): no exact channels for it
+        plans[group], info[group] = plan_group(stats[group], weight, arch, group_options, share,
+                                               exact_channels=group != "o")
     return plans, info
+
+
+def plan_group(stats: InputStats, weight: torch.Tensor, arch: Architecture, options: QuantizeOptions,
+               share: Callable[[torch.Tensor], torch.Tensor] = lambda step: step, exact_channels: bool = True,
+               ) -> tuple[ChannelPlan, dict]:
+    """The plan of one input (``weight``: the float32 weights of the linears reading it, stacked) by
+    ``options.method``, and what was chosen plus the relative output error of its quantized linears on the
+    calibration sample (and that of dynamic per-token quantization)."""
+    exact = None
+    if options.exact_channels and exact_channels:
+        exact = symmetrize.outlier_channels(stats, options.exact_channels, options.outlier_factor)
+    plan, info = METHODS[options.method](GroupInput(stats, weight, share, search_grid(options, arch), exact), options)
+    info["exact_channels"] = [] if plan.exact is None else plan.exact.tolist()
+    sample = stats.sample[:SearchGrid.tokens].to(weight.device)
+    info["error"] = output_error(sample, weight, plan, options.weight_format, options.a_bits)
+    info["dynamic_error"] = dynamic_output_error(sample, weight, options.weight_format, options.a_bits)
+    return plan, info
 
 
 @dataclasses.dataclass
@@ -271,6 +299,7 @@ class QuantizeRecord:
     calib_ranges: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = dataclasses.field(default_factory=list)
     weights: dict[str, QuantizedWeight] | None = None
     row_divisors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    head: dict | None = None  # --lm-head int8: what lm_head's plan chose, and its errors
 
 
 def quantize_linear_weight(weight: torch.Tensor, stats: InputStats, step: torch.Tensor, options: QuantizeOptions,
@@ -305,9 +334,13 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
     tensors: dict[str, torch.Tensor] = {}
     shown = plotted_layers(num_layers)
     gptq = options.rounding == "gptq"
+    quantized_head = options.lm_head != "none"
     for index, layer, stats in cached_calibrate_layers(model, windows, options.calib_cache, options.device,
                                                        options.batch_size, SearchGrid.tokens, options.seed,
-                                                       options.progress, gram=gptq):
+                                                       options.progress, gram=gptq, head=quantized_head):
+        if index == num_layers:  # the final norm, lm_head's input
+            tensors.update(quantize_head(model, layer, stats[HEAD], arch, options, record))
+            continue
         int8_groups = int8_weight_groups(index, num_layers, arch.groups, options)
         plans, info = plan_layer(layer, stats, model.config, arch, options, int8_groups)
         kept = kept_groups(index, info, options)
@@ -348,12 +381,35 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
                             source="quantize")
             tensors.update({f"{prefix}.{suffix}": tensor for suffix, tensor in parts.items()})
     quantized = {f"{arch.layers}.{i}.{name}" for i in range(num_layers) for name in arch.linears}
+    if quantized_head:
+        quantized.add(HEAD_MODULE)
     for name, tensor in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
-        if module in quantized or (name == "lm_head.weight" and model.config.tie_word_embeddings):
+        if module in quantized or (name == f"{HEAD_MODULE}.weight" and model.config.tie_word_embeddings):
             continue
         tensors[name] = tensor.detach().cpu().clone().contiguous()
     return tensors
+
+
+HEAD_MODULE = "lm_head"  # the output embedding's module name in every supported architecture
+
+
+def quantize_head(model, norm: torch.nn.Module, stats: InputStats, arch: Architecture, options: QuantizeOptions,
+                  record: QuantizeRecord | None = None) -> dict[str, torch.Tensor]:
+    """lm_head (--lm-head int8) -> its checkpoint tensors: planned like any norm-fed input, its step folded into
+    the final ``norm`` (float32 on the calibration device; modified in place), int8 weights per output row. The
+    model's lm_head is left as it is (with tied embeddings it is the embedding matrix, which stays unquantized)."""
+    head = model.get_output_embeddings()
+    head_options = options.with_int8_weights
+    with float32_on([head], norm.weight.device):  # the search runs V x K GEMMs: on the calibration device
+        plan, info = plan_group(stats, head.weight.detach(), arch, head_options)
+        folded = fold_head(norm, head, plan, arch)
+    if record is not None:
+        record.head = info
+    quantized = quantize_linear_weight(folded.weight, stats, plan.step.to(folded.weight), head_options, folded.exact)
+    parts = checkpoint_tensors(folded, quantized, model.dtype, options.exact_channels)
+    validate_linear(HEAD_MODULE, parts, *folded.weight.shape, head_options.quant_config, source="quantize")
+    return {f"{HEAD_MODULE}.{suffix}": tensor for suffix, tensor in parts.items()}
 
 
 def _unquantized_tensors(prefix: str, linear: FoldedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -396,7 +452,9 @@ def quantize(model: Path | str, out_dir: Path, calib: Path | str = DEFAULT_CALIB
     for option, path in (("--report", report_dir), ("--calib-cache", options.calib_cache)):
         if path is not None:
             check_directory_option(path, option)
-    check_seq_len(read_config(Path(model_dir)), options.seq_len, model_dir)  # before the (slow) model load
+    config = read_config(Path(model_dir))
+    check_seq_len(config, options.seq_len, model_dir)  # before the (slow) model load
+    check_lm_head(config, options, model_dir)
     calib_path = calibration_file(calib)
     model, hf_config = load_model(Path(model_dir), trust_remote_code)
     options = options.for_architecture(architecture_of(model))
@@ -409,8 +467,10 @@ def quantize(model: Path | str, out_dir: Path, calib: Path | str = DEFAULT_CALIB
     num_layers = len(model.get_submodule(arch.layers))
     kept = kept_modules(tensors, arch, num_layers)
     int8_modules = int8_weight_modules(tensors, arch, num_layers) if options.weight_format.packed else []
-    quant_config = dataclasses.replace(options.quant_config, source=source, ignore=("lm_head", *kept),
-                                       int8_weights=tuple(int8_modules))
+    quant_config = dataclasses.replace(options.quant_config, source=source,
+                                       ignore=(*options.quant_config.ignore, *kept), int8_weights=tuple(int8_modules))
+    if options.lm_head != "none":  # lm_head gets its own tensors; the embeddings stay as they are
+        hf_config = dict(hf_config, tie_word_embeddings=False)
     out = write_checkpoint(out_dir, model_dir, hf_config, quant_config, tensors, options.max_shard_bytes)
     if report_dir is not None:
         shown_model = model_name if source is None else f"{model_name} at {source['revision']}"
@@ -422,5 +482,9 @@ def quantize(model: Path | str, out_dir: Path, calib: Path | str = DEFAULT_CALIB
             summary["int8 weights"] = ", ".join(int8_modules) or "none"
         if options.weight_format.packed:
             summary["group_size"] = options.group_size
+        if record.head is not None:  # what lm_head's search chose, its error and dynamic quantization's
+            summary["lm_head"] = f"{options.lm_head}: " + ", ".join(
+                f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+                for key, value in record.head.items() if key != "exact_channels")
         write_report(report_dir, summary, record.layers, record.ranges)
     return out

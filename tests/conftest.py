@@ -37,6 +37,10 @@ def calib_text(tmp_path_factory) -> Path:
 # Tiny models have no massive activations: a low outlier factor makes this one's checkpoint carry exact channels
 # (column- and row-parallel), so that the vLLM tests of test_architectures.py run the side GEMM.
 EXACT_CHANNELS_OPTIONS = {"qwen3": dict(exact_channels=3, outlier_factor=2.0)}
+# These quantize lm_head too (--lm-head int8), tied embeddings untied: test_architectures.py runs it in vLLM at TP 1
+# and 2, with exact channels (qwen3, whose vocabulary vLLM pads: tiny_models.VOCAB_MULTIPLE) and Gemma's (1 + g)
+# final norm (gemma3).
+LM_HEAD_ARCHS = ("qwen3", "gemma3")
 
 
 def _trained_and_quantized(tmp_path_factory, calib_text: Path, arch: str) -> dict[str, Path]:
@@ -51,7 +55,8 @@ def _trained_and_quantized(tmp_path_factory, calib_text: Path, arch: str) -> dic
         model, tokenizer = train_tiny_model(arch)
         model.save_pretrained(root / "fp32")
         tokenizer.save_pretrained(root / "fp32")
-        options = QuantizeOptions(samples=8, seq_len=128, progress=False, **EXACT_CHANNELS_OPTIONS.get(arch, {}))
+        options = QuantizeOptions(samples=8, seq_len=128, progress=False, **EXACT_CHANNELS_OPTIONS.get(arch, {}),
+                                  lm_head="int8" if arch in LM_HEAD_ARCHS else "none")
         quantize(root / "fp32", root / "w8a8", calib_text, options)
     finally:
         torch.set_num_threads(threads)

@@ -10,7 +10,8 @@ import gc
 import pytest
 import torch
 
-from tests.conftest import EXACT_CHANNELS_OPTIONS, TEST_SEQUENCES, VLLM_TEST_ENGINE, _trained_and_quantized
+from tests.conftest import (
+    EXACT_CHANNELS_OPTIONS, LM_HEAD_ARCHS, TEST_SEQUENCES, VLLM_TEST_ENGINE, _trained_and_quantized)
 from tests.test_offline import sqnr_db
 from tests.test_vllm_plugin import (
     LOGPROB_TOLERANCE, PROMPTS, _logprob_windows, _reference_greedy, _reference_prompt_logprobs, _token_prompts,
@@ -60,6 +61,12 @@ def test_architecture_in_vllm(arch, tmp_path_factory, calib_text, monkeypatch):
                  if name.endswith(".exact_weight") and tensor.any()}
         assert any("down_proj" in name for name in exact) and any("q_proj" in name or "up_proj" in name
                                                                   for name in exact), sorted(exact)
+    if arch in LM_HEAD_ARCHS:  # vLLM runs our LinearMethod on its ParallelLMHead (vocabulary-sharded at TP 2)
+        config = read_json_object(dirs["w8a8"] / "config.json")
+        assert config["quantization_config"]["lm_head"] == "int8" and config["tie_word_embeddings"] is False
+        assert type(reference.lm_head).__name__ == "ReferenceQuantLinear"
+        padded = -(-config["vocab_size"] // 64) * 64
+        print(f"\n{arch}: lm_head int8, vocabulary {config['vocab_size']} (vLLM pads to {padded})")
 
     # The quantized reference is close to the fp32 model (the checkpoint is not just loadable, it is right).
     fp = AutoModelForCausalLM.from_pretrained(dirs["fp32"], dtype=torch.float32).eval()

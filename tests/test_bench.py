@@ -58,10 +58,11 @@ def test_weight_only_baseline_groups_with_a_short_last_group():
         assert ((group - original).abs() <= step[:, None] * 0.5 + 1e-6).all()
 
 
-def test_synthetic_checkpoint_has_a_real_quantizes_tensors(e2e_gpu, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lm_head", ["none", "int8"])
+def test_synthetic_checkpoint_has_a_real_quantizes_tensors(e2e_gpu, tmp_path, monkeypatch, lm_head):
     """make8b --synthetic (the speed rows' W8A8 / W4A8 checkpoints): every tensor a real quantize of the architecture
     writes, at the big model's shapes and dtypes, values the format accepts, and one set of input vectors per shared
-    input (vLLM's merged q/k/v and gate/up loaders refuse differing ones)."""
+    input (vLLM's merged q/k/v and gate/up loaders refuse differing ones); with --lm-head int8 also lm_head's."""
     import torch
     from safetensors import safe_open
 
@@ -71,7 +72,7 @@ def test_synthetic_checkpoint_has_a_real_quantizes_tensors(e2e_gpu, tmp_path, mo
     monkeypatch.setitem(e2e_gpu.LLAMA3_8B, "intermediate_size", 384)
     monkeypatch.setitem(e2e_gpu.LLAMA3_8B, "num_hidden_layers", 3)
     monkeypatch.setitem(e2e_gpu.LLAMA3_8B, "vocab_size", 600)
-    e2e_gpu._make8b(tmp_path, w4a8=True, synthetic=True)
+    e2e_gpu._make8b(tmp_path, w4a8=True, synthetic=True, lm_head=lm_head)
 
     def tensors(directory):
         found = {}
@@ -80,7 +81,8 @@ def test_synthetic_checkpoint_has_a_real_quantizes_tensors(e2e_gpu, tmp_path, mo
                 found |= {name: f.get_tensor(name) for name in f.keys()}
         return found
 
-    for name in ("w8a8", "w4a8"):
+    suffix = "" if lm_head == "none" else "-lmhead"
+    for name in (f"w8a8{suffix}", f"w4a8{suffix}"):
         out_dir, layout_dir = tmp_path / f"llama3-8b-{name}", tmp_path / f"layout-{name}" / "quantized"
         config = json.loads((out_dir / "config.json").read_text())
         spec = fmt.QuantizationConfig.from_dict(config["quantization_config"])
@@ -91,6 +93,9 @@ def test_synthetic_checkpoint_has_a_real_quantizes_tensors(e2e_gpu, tmp_path, mo
             assert names <= set(synthetic), names - set(synthetic)
             assert all(synthetic[n].dtype == layout[n.replace(f".layers.{layer}.", ".layers.0.")].dtype for n in names)
         assert synthetic["model.layers.1.mlp.gate_proj.weight_scale"].shape == (384,)
+        assert spec.quantized_lm_head == (lm_head == "int8")
+        if spec.quantized_lm_head:
+            assert synthetic["lm_head.weight"].dtype == torch.int8 and synthetic["lm_head.weight"].shape == (600, 256)
         shared = 0
         for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
             for suffix in ("input_shift", "input_inv_scale"):  # present where the quantize wrote them

@@ -18,7 +18,7 @@ from tests import tiny_models
 from vllm_outliertune import format as fmt
 from vllm_outliertune.cli import main as cli_main
 from vllm_outliertune.offline import checkpoint as checkpoint_mod
-from vllm_outliertune.offline.calibrate import InputStats, calibrate_layers, window_roles
+from vllm_outliertune.offline.calibrate import HEAD, InputStats, calibrate_layers, window_roles
 from vllm_outliertune.offline.fold import fold_layer
 from vllm_outliertune.offline.architectures import GATE_UP, QKV, architecture_of, attention_groups
 from vllm_outliertune.offline.quantize import QuantizeOptions, plan_layer, quantize
@@ -86,7 +86,8 @@ def test_folding_identity(arch):
 @pytest.mark.parametrize("arch", ["gemma2", "opt"])
 def test_calibration_sees_the_model_inputs(arch):
     """Layer-by-layer calibration feeds each layer what the whole model's forward feeds it: per-layer masks and
-    position tables (Gemma's sliding-window layer 0 and full layer 1 differ), learned positions (OPT)."""
+    position tables (Gemma's sliding-window layer 0 and full layer 1 differ), learned positions (OPT); and lm_head's
+    input statistics are those of what the final norm gives lm_head (HEAD, the last item with ``head``)."""
     model, tokenizer = tiny_models.build_tiny_model(arch)
     structure = architecture_of(model)
     windows = _windows(tokenizer, count=4, seq_len=tiny_models.SLIDING_WINDOW * 2)
@@ -94,13 +95,18 @@ def test_calibration_sees_the_model_inputs(arch):
     hooks = [model.get_submodule(f"{structure.layers}.{index}.{names[0]}").register_forward_pre_hook(
                  lambda _module, args, key=(index, group): seen.__setitem__(key, args[0].reshape(-1, args[0].shape[-1])))
              for index in range(model.config.num_hidden_layers) for group, names in structure.groups.items()]
+    hooks.append(model.get_output_embeddings().register_forward_pre_hook(
+        lambda _module, args: seen.__setitem__((model.config.num_hidden_layers, HEAD),
+                                               args[0].reshape(-1, args[0].shape[-1]))))
     with torch.no_grad():
         model(windows)
     for hook in hooks:
         hook.remove()
     fitted, held = window_roles(len(windows))
     assert held.tolist() == [False, False, False, True]
-    for index, _, stats in calibrate_layers(model, windows, batch_size=4, progress=False):
+    items = list(calibrate_layers(model, windows, batch_size=4, progress=False, head=True))
+    assert [(index, list(stats)) for index, _, stats in items][-1] == (model.config.num_hidden_layers, [HEAD])
+    for index, _, stats in items:
         for group, record in stats.items():
             expected = seen[index, group].view(len(windows), -1, record.max.numel())
             torch.testing.assert_close(record.max, expected[fitted].amax((0, 1)), rtol=1e-4, atol=1e-5)

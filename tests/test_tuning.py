@@ -311,6 +311,9 @@ def test_per_rank_shapes_of_a_model(tmp_path):
     assert list(linear_shapes(LLAMA3_8B, 2).values()) == [(3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168)]
     # 8 KV heads on 16 ranks: one (replicated) KV head per rank; explicit head_dim wins over hidden / heads
     assert linear_shapes({**LLAMA3_8B, "num_attention_heads": 32, "head_dim": 64}, 16)["qkv_proj"] == (256, 4096)
+    # --lm-head int8 checkpoints: lm_head too, its vocabulary padded to 64 (as vLLM does) and split
+    head = {**LLAMA3_8B, "vocab_size": 49155, "quantization_config": {"lm_head": "int8"}}
+    assert linear_shapes(head, 2)["lm_head"] == (24608, 4096) and "lm_head" not in linear_shapes(LLAMA3_8B, 1)
     (tmp_path / "config.json").write_text(json.dumps({**LLAMA3_8B, "num_attention_heads": 28,
                                                       "num_key_value_heads": 4}))
     per_tp, notes = model_shapes(tmp_path, [1, 8])

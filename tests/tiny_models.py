@@ -48,6 +48,9 @@ CHAT_TEMPLATE = (
 # head_dim 32: the smallest head size vLLM's CPU attention supports (32, 64, 80, ...).
 TINY_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=256, max_position_embeddings=512)
+# Vocabulary rounded up to a multiple of 64 (vLLM's padding unit), except here: vLLM pads this one's lm_head rows,
+# at TP 1 and per rank at TP 2 (its checkpoint quantizes lm_head: conftest.LM_HEAD_ARCHS).
+VOCAB_MULTIPLE = {"qwen3": 8}
 OUTLIER_CHANNELS = (3, 17, 42)  # hidden channels that get large, asymmetric activations
 OUTLIER_GAIN = 20.0
 
@@ -113,7 +116,8 @@ def build_tiny_model(arch: str = "llama", seed: int = 0, tokenizer=None):
     tokenizer = tokenizer or build_tokenizer()
     # Round up with slack, as real checkpoints pad the vocabulary; the slack also covers tokens that AutoTokenizer
     # adds for some model types (transformers 5 loads a Qwen2 tokenizer with an extra <|endoftext|>).
-    vocab_size = -(-(len(tokenizer) + 1) // 64) * 64
+    multiple = VOCAB_MULTIPLE.get(arch, 64)
+    vocab_size = -(-(len(tokenizer) + 1) // multiple) * multiple
     config = _config(arch, vocab_size, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -22,7 +22,7 @@ def _quantize_options(args: argparse.Namespace):
                            weight_rounding=args.weight_rounding, keep_fp16=args.keep_fp16,
                            int8_weights=args.int8_weights,
                            exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
-                           act_clips=args.act_clips, range_margin=args.range_margin)
+                           act_clips=args.act_clips, range_margin=args.range_margin, lm_head=args.lm_head)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -135,7 +135,8 @@ def _add_calib_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     """Options of calibration and planning, shared by quantize and diagnose."""
-    from vllm_outliertune.offline.quantize import AUTO_KEEP_FACTOR, METHODS, WEIGHT_ROUNDINGS, QuantizeOptions
+    from vllm_outliertune.offline.quantize import (AUTO_KEEP_FACTOR, LM_HEAD_CHOICES, METHODS, WEIGHT_ROUNDINGS,
+                                                   QuantizeOptions)
 
     parser.add_argument("--w-bits", type=int, default=8)
     parser.add_argument("--a-bits", type=int, default=8)
@@ -161,6 +162,10 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="--w-bits 4: input groups whose linears keep int8 weights per output row (the W8A8 "
                              "path, twice the bytes); auto (default): q/k/v of every layer and down_proj of the first "
                              "and the last layer, where 4 bits lose the most per byte")
+    parser.add_argument("--lm-head", choices=LM_HEAD_CHOICES, default=QuantizeOptions.lm_head,
+                        help="int8: quantize lm_head too (int8 weights per output row, whatever --w-bits; its step "
+                             "folds into the final norm; tied embeddings are untied, the embedding stays as it is); "
+                             "none (default): lm_head stays in the model's dtype")
     parser.add_argument("--exact-channels", type=at_least(0), default=QuantizeOptions.exact_channels, metavar="K",
                         help="per linear input (not o_proj's), up to K channels whose calibrated range is over "
                              "--outlier-factor times the median channel range stay unquantized: their weight columns "

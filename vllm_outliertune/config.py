@@ -9,6 +9,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from vllm_outliertune import format as fmt
 
@@ -22,7 +23,7 @@ class OutlierTuneConfig(QuantizationConfig):
 
     def __repr__(self) -> str:
         return (f"OutlierTuneConfig(weight_bits={self.spec.weight_bits}, activation_bits={self.spec.activation_bits}, "
-                f"ignore={list(self.spec.ignore)})")
+                f"ignore={list(self.spec.ignore)}, lm_head={self.spec.lm_head})")
 
     def get_name(self) -> str:
         return fmt.QUANT_METHOD
@@ -65,8 +66,11 @@ class OutlierTuneConfig(QuantizationConfig):
         return all(ignored)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        if not isinstance(layer, LinearBase):
-            return None  # embeddings, lm_head, attention: unquantized
+        # lm_head as vLLM's GPTQ/AWQ configs do (lm_head_quantized): our LinearMethod on the ParallelLMHead, whose
+        # vocab-sharding weight loader pads every per-output tensor (padded rows: scale 0, bias 0 -> logit 0).
+        quantized_head = isinstance(layer, ParallelLMHead) and self.spec.quantized_lm_head
+        if not isinstance(layer, LinearBase) and not quantized_head:
+            return None  # embeddings, an unquantized lm_head, attention
         if self.is_layer_ignored(prefix):
             return UnquantizedLinearMethod()
         from vllm_outliertune.linear import OutlierTuneLinearMethod

@@ -22,6 +22,11 @@ Format 2 adds packed 4-bit weights (``weight_bits`` 4): two unsigned 4-bit codes
 widths keep format 1's tensors; format 1 checkpoints (W4A8 as int4 values in int8 storage, one scale per row) load.
 A packed checkpoint may list modules in ``int8_weights``: those keep format 1's int8 weight per output row (the
 same integer GEMM and epilogue, one byte per weight), where 4 bits lose the most.
+
+``lm_head: "int8"`` (format 2, `outliertune quantize --lm-head int8`): ``lm_head`` is a quantized linear too, with
+int8 weights per output row whatever ``weight_bits`` (its input step folded into the final norm), and the
+config has ``tie_word_embeddings`` false (the embedding matrix stays in the model's dtype). Without the key lm_head
+is stored as in a Hugging Face checkpoint and listed in ``ignore``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ SUPPORTED_BITS_V1 = ((8, 8), (6, 6), (4, 8))
 DEFAULT_GROUP_SIZE = 128
 GROUP_SIZE_MULTIPLE = 16  # group sizes are 0 (one group per row) or a multiple of this (tile-aligned groups)
 PACKED_CODE_MAX = 15  # unsigned 4-bit codes
+LM_HEAD = "lm_head"  # the output projection's module name (Hugging Face and vLLM)
+LM_HEAD_FORMATS = ("none", "int8")  # quantization_config.lm_head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +142,7 @@ class QuantizationConfig:
     exact_channels: int = 0  # input channel slots per linear computed in floating point (EXACT_TENSORS)
     # Packed checkpoints: modules whose weights are int8 per output row (LINEAR_TENSORS) instead of packed.
     int8_weights: tuple[str, ...] = ()
+    lm_head: str = "none"  # "int8": lm_head is quantized, int8 weights per output row (LM_HEAD_FORMATS)
 
     @property
     def packed(self) -> bool:
@@ -151,10 +159,15 @@ class QuantizationConfig:
 
     def for_module(self, module_name: str) -> "QuantizationConfig":
         """The config that describes module ``module_name``'s tensors: int8 weights (weight_bits 8, same
-        activations) for a module listed in ``int8_weights``, else this one."""
-        if not _listed(module_name, self.int8_weights):
+        activations) for a module listed in ``int8_weights`` and for a quantized lm_head, else this one."""
+        if not (_listed(module_name, self.int8_weights) or (self.quantized_lm_head and _listed(module_name,
+                                                                                              (LM_HEAD,)))):
             return self
         return dataclasses.replace(self, weight_bits=8, int8_weights=())
+
+    @property
+    def quantized_lm_head(self) -> bool:
+        return self.lm_head != "none"
 
     def to_dict(self) -> dict[str, Any]:
         config = {
@@ -171,6 +184,8 @@ class QuantizationConfig:
             config["exact_channels"] = self.exact_channels
         if self.int8_weights:
             config["int8_weights"] = list(self.int8_weights)
+        if self.quantized_lm_head:
+            config["lm_head"] = self.lm_head
         return config if self.source is None else dict(config, source=dict(self.source))
 
     @classmethod
@@ -206,12 +221,19 @@ class QuantizationConfig:
         if int8_weights and not (bits[0] == 4 and version >= 2):
             raise FormatError(f"{where}: `int8_weights` is only valid with packed 4-bit weights (weight_bits 4, "
                               f"format_version 2), got weight_bits {bits[0]}; {_REDO}")
+        lm_head = config.get("lm_head", "none")
+        if lm_head not in LM_HEAD_FORMATS or (lm_head != "none" and version < 2):
+            raise FormatError(f"{where}: lm_head {lm_head!r} is not supported in format_version {version}; "
+                              f"supported: {list(LM_HEAD_FORMATS) if version >= 2 else ['none']}; {_REDO}")
+        if lm_head != "none" and _listed(LM_HEAD, tuple(ignore)):
+            raise FormatError(f"{where}: lm_head is {lm_head!r} but `ignore` lists lm_head; {_REDO}")
         source = config.get("source")
         if source is not None and not isinstance(source, dict):
             raise FormatError(f"{where}: `source` must be an object {{\"repo_id\", \"revision\"}}, got {source!r}")
         return cls(weight_bits=bits[0], activation_bits=bits[1], ignore=tuple(ignore),
                    method=str(config.get("method", "outliertune")), format_version=version, source=source,
-                   group_size=group_size, exact_channels=exact_channels, int8_weights=tuple(int8_weights))
+                   group_size=group_size, exact_channels=exact_channels, int8_weights=tuple(int8_weights),
+                   lm_head=lm_head)
 
     def is_ignored(self, module_name: str) -> bool:
         """A module is ignored when its name equals, or ends with ``.``+, an entry of ``ignore``."""
@@ -357,6 +379,24 @@ def read_safetensors_layout(path: Path, redo: str = "copy the checkpoint again o
             for name, entry in header.items()}
 
 
+def _check_lm_head(model_dir: Path, config: QuantizationConfig, prefixes: list[str]) -> None:
+    """A quantized lm_head (quantization_config.lm_head) has its tensors (their layout is checked with the other
+    linears) and untied embeddings; an unquantized one has none of them."""
+    quantized = [prefix for prefix in prefixes if _listed(prefix, (LM_HEAD,))]
+    if not config.quantized_lm_head:
+        if quantized:
+            raise FormatError(f"{model_dir}: tensor {quantized[0]}.weight_scale is there but config.json "
+                              f"quantization_config has no lm_head entry (lm_head unquantized); {_REDO}")
+        return
+    if not quantized:
+        raise FormatError(f"{model_dir}: quantization_config.lm_head is {config.lm_head!r} but no safetensors file "
+                          f"has tensor {LM_HEAD}.weight_scale (or an int8 {LM_HEAD}.weight); {_REDO}")
+    hf_config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    if hf_config.get("tie_word_embeddings", False):
+        raise FormatError(f"{model_dir}/config.json: tie_word_embeddings is true, but a quantized lm_head "
+                          f"(quantization_config.lm_head) needs its own tensors: set it to false or {_REDO}")
+
+
 def validate_checkpoint_dir(model_dir: Path, config: QuantizationConfig) -> int:
     """Check an OutlierTune checkpoint directory before any weight is loaded: every safetensors file complete,
     every quantized linear's tensors present with the right dtype and shapes, small vectors finite and scales
@@ -382,6 +422,7 @@ def validate_checkpoint_dir(model_dir: Path, config: QuantizationConfig) -> int:
     weight_dtype = config.linear_tensors[0].dtype
     prefixes = sorted({name.rsplit(".", 1)[0] for name in layout if name.endswith(".weight_scale")
                        or (name.endswith(".weight") and layout[name][0] == weight_dtype)})
+    _check_lm_head(model_dir, config, prefixes)
     for prefix in prefixes:
         config_of_module = config.for_module(prefix)
         weight_dtype = config_of_module.linear_tensors[0].dtype

@@ -198,15 +198,21 @@ class OutlierTuneLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self._check_loaded(layer)
-        tensors = {spec.suffix: getattr(layer, spec.suffix).data for spec in self.spec.linear_tensors
-                   if getattr(layer, spec.suffix).loaded_shards}
+        # A ParallelLMHead's shard ends in padding rows (vocab padded to a multiple of 64 per rank), which its
+        # weight loader zero-fills: scale 0 and bias 0 give them logit 0, which vLLM discards; check the real rows.
+        rows = getattr(layer, "num_org_embeddings_per_partition", layer.weight.shape[0])
+        tensors = {spec.suffix: getattr(layer, spec.suffix).data[:rows] if spec.dim.startswith("out")
+                   else getattr(layer, spec.suffix).data
+                   for spec in self.spec.linear_tensors if getattr(layer, spec.suffix).loaded_shards}
         # In-features of this rank's part (a packed weight holds two per byte); one group per row stays one.
         in_features = layer.weight.shape[1] * (2 if self.spec.packed else 1)
-        fmt.validate_linear(self.prefix, tensors, layer.weight.shape[0], in_features, self.spec,
-                            source="checkpoint (as loaded by vLLM)", whole_in_features=layer.input_size)
+        # (A ParallelLMHead of some vLLM versions has no input_size; its input is never split.)
+        whole_in_features = getattr(layer, "input_size", in_features)
+        fmt.validate_linear(self.prefix, tensors, rows, in_features, self.spec,
+                            source="checkpoint (as loaded by vLLM)", whole_in_features=whole_in_features)
         output_bias = layer.output_bias.data
         bias = getattr(layer, "bias", None)
-        if bias is not None and not layer.skip_bias_add:
+        if bias is not None and not getattr(layer, "skip_bias_add", False):  # (ParallelLMHead has no such flag)
             # One epilogue vector: the model's own bias joins output_bias.
             output_bias = output_bias + bias.data.float()
             layer.bias = None
