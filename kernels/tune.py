@@ -185,11 +185,13 @@ def graph_time_us(fn, rep_ms: float = 25.0) -> float:
 
 
 def make_inputs(m: int, n: int, k: int, device: str = "cuda") -> dict:
-    """Random (never zero) operands of one linear: bf16 activations, int8 weights, per-channel vectors."""
+    """Random (never zero) operands of one linear: bf16 activations, int8 weights, float32 per-channel vectors (also
+    where the default dtype is another, as while vLLM loads a model)."""
+    vector = dict(device=device, dtype=torch.float32)
     return dict(x=torch.randn(m, k, device=device, dtype=torch.bfloat16) * 3,
-                inv_scale=torch.rand(k, device=device) + 0.5, shift=torch.randint(-3, 4, (k,), device=device).float(),
+                inv_scale=torch.rand(k, **vector) + 0.5, shift=torch.randint(-3, 4, (k,), **vector),
                 w_q=torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8),
-                w_scale=torch.rand(n, device=device) * 0.01, bias=torch.randn(n, device=device))
+                w_scale=torch.rand(n, **vector) * 0.01, bias=torch.randn(n, **vector))
 
 
 def packed_weight(n: int, k: int, group_size: int, device: str = "cuda") -> tuple[torch.Tensor, ...]:

@@ -157,7 +157,8 @@ def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: to
                             f"{(got.float() - want.float()).abs().max().item()}")
         # w4a8_unpack: the widened levels (a tile that leaves partial tiles along N and K), then the int8 GEMM
         levels = unpack_levels(*packed, group_size, k, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4})
-        if not torch.equal(levels, code_levels(*make_packed_codes(n, k, group_size, seed), group_size).to(torch.int8)):
+        want_levels = code_levels(*make_packed_codes(n, k, group_size, seed), group_size).to(torch.int8)
+        if not torch.equal(levels, want_levels.to(levels.device)):
             failures.append(f"unpack_levels group_size={group_size} K={k} N={n} strides {packed[0].stride()}")
     if seed == 0:  # warming up a packed weight at load runs the W4A8 dispatch at every row count it lists
         from vllm_outliertune.kernels.configs import table_keys

@@ -244,6 +244,31 @@ def test_load_time_pick_serves_an_untuned_shape_from_the_fastest_alternative(use
     assert load_pick.pick_untuned_shape(6000, 4000, cuda) is None
 
 
+def test_load_time_pick_operands_and_failures_do_not_stop_a_load(monkeypatch, caplog):
+    """vLLM loads a model with a bf16 default dtype: the timing operands' vectors stay float32 there (the kernels
+    refuse others). And a failing pick only logs: the shape runs its generic tiles."""
+    from vllm_outliertune import linear as plugin_linear
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        p = tune.make_inputs(3, 16, 8, device="cpu")
+    finally:
+        torch.set_default_dtype(default)
+    assert {p[name].dtype for name in ("inv_scale", "shift", "w_scale", "bias")} == {torch.float32}
+
+    def broken(*_):
+        raise RuntimeError("no GPU time today")
+
+    monkeypatch.setattr(plugin_linear, "pick_untuned_shape", broken)
+    monkeypatch.setattr(plugin_linear, "_WARMED_UP", set())
+    layer = SimpleNamespace(weight=torch.zeros(16, 8, dtype=torch.int8), weight_scale=torch.ones(16),
+                            output_bias=torch.zeros(16), params_dtype=torch.bfloat16, max_rows=4)
+    with caplog.at_level("WARNING", logger="vllm.outliertune"):
+        plugin_linear.OutlierTuneLinearMethod._warm_up(layer)
+    assert "weight [16, 8]: the load-time tile choice failed (RuntimeError: no GPU time today)" in caplog.text
+
+
 def test_quick_candidates_are_the_family_tiles_plus_the_spread_best(tmp_path, user_table):
     state = tune.TuneState(None)
     state.add(("NVIDIA H800", "int8_gemm", 64, 64, 16), "full", [(1.0, tile(16)), (2.0, tile(32))])

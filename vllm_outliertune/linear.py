@@ -278,7 +278,12 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         _WARMED_UP.add(key)
         started = time.perf_counter()
         if packed is None:  # int8 weights: tiles for a shape no table tuned (the warm-up below compiles them)
-            picked = pick_untuned_shape(*layer.weight.shape, layer.weight.device)
+            try:
+                picked = pick_untuned_shape(*layer.weight.shape, layer.weight.device)
+            except Exception as error:  # a speed-up only: never the reason a model does not load
+                picked = None
+                logger.warning("outliertune: weight %s: the load-time tile choice failed (%s: %s); it runs the "
+                               "shape-generic tiles", list(layer.weight.shape), type(error).__name__, error)
             if picked:
                 logger.info("outliertune: weight %s (untuned here): fastest of the generic alternatives at M <= "
                             "%s: %s (%.1f s)", list(layer.weight.shape), max(picked, key=int),
