@@ -4,6 +4,7 @@ model's config, the up-front memory check and its message. No engine is started 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -68,3 +69,28 @@ def test_node_meminfo_is_read_as_vllm_cpu_counts_it(tmp_path):
                        "Node 0 Inactive(file):  300 kB\nNode 0 SReclaimable:  50 kB\nNode 0 Shmem:  7 kB\n")
     assert engine.node0_available_bytes(meminfo) == (1000 + 200 + 300 + 50) * 1024
     assert engine.node0_available_bytes(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("user_value", [None, "42"])
+def test_perplexity_engine_gets_a_step_timeout_for_whole_windows(monkeypatch, user_value):
+    """vLLM's default 300 s per model step killed `outliertune eval --engine vllm` on Qwen2.5-Coder-0.5B on a
+    2-core CPU (one step scores 8 windows); the engine must start with the long default, or the user's value."""
+    import vllm
+
+    from vllm_outliertune import evaluate
+
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", user_value or "")  # restored after the test
+    if user_value is None:
+        monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS")
+    seen = {}
+
+    class FakeLLM:  # records the environment its engine processes would inherit
+        def __init__(self, model, **kwargs):
+            seen["timeout"] = os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS")
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(evaluate, "engine_kwargs", lambda *args, **kwargs: {})
+    monkeypatch.setattr(evaluate, "window_logprobs", lambda llm, windows: [[-1.0] * (len(w) - 1) for w in windows])
+    monkeypatch.setattr(evaluate, "shutdown", lambda llm: None)
+    assert evaluate.vllm_window_nll("unused", [[1, 2, 3]], "float32") == (2.0, 2)
+    assert seen["timeout"] == (user_value or str(evaluate.EXECUTE_MODEL_TIMEOUT_S))

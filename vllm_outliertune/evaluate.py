@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Sequence
 
 from vllm_outliertune.engine import engine_kwargs, shutdown
 
 # Windows scored at once: enough to keep 2 CPU cores or a GPU busy; the KV cache is sized for this many.
 EVAL_SEQUENCES = 8
+# vLLM's engine gives up on a model step after VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (default 300) and dies with
+# "RPC call to execute_model timed out". One step here scores up to EVAL_SEQUENCES whole windows, which a CPU can take
+# longer than that for (Qwen2.5-Coder-0.5B, 8 x 512 tokens in float16 on 2 shared cores: over 300 s), so a
+# perplexity run gets this much per step unless the user set the variable.
+EXECUTE_MODEL_TIMEOUT_S = 3600
 
 
 def vllm_window_nll(model_dir: str, windows: Sequence[Sequence[int]], dtype: str, **engine_overrides: Any,
@@ -18,6 +24,8 @@ def vllm_window_nll(model_dir: str, windows: Sequence[Sequence[int]], dtype: str
     `engine_overrides` go to `vllm.LLM` (e.g. quantization, trust_remote_code)."""
     from vllm import LLM
 
+    # Set before the engine starts: its processes inherit the environment and read it there.
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", str(EXECUTE_MODEL_TIMEOUT_S))
     longest = max(len(window) for window in windows)
     kwargs = engine_kwargs(model_dir, dtype, max_model_len=longest + 1, sequences=EVAL_SEQUENCES,
                            enable_prefix_caching=False,  # every prompt logprob must be computed, not cached
