@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
@@ -259,29 +260,38 @@ def _row(model_dir: str, label: str, quantization: str | None, dummy: bool, kv_c
     print("ROW " + json.dumps(row), flush=True)
 
 
+class Row(NamedTuple):
+    """One throughput row: an engine over model_dir with these vLLM options."""
+    label: str
+    model_dir: str
+    quantization: str | None = None
+    dummy: bool = False  # load_format="dummy": random weights (the bf16 and fp8 rows)
+    kv_cache_dtype: str | None = None
+    prefix_caching: bool = False
+
+
 def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
-    rows = {"bf16": ("bf16", str(workdir / "llama3-8b-bf16"), None, True, None),
-            "w8a8": ("outliertune W8A8", str(workdir / "llama3-8b-w8a8"), None, False, None),
-            "w4a8": ("outliertune W4A8 (g128)", str(workdir / "llama3-8b-w4a8"), None, False, None),
-            "w8a8-lmhead": ("outliertune W8A8 + int8 lm_head", str(workdir / "llama3-8b-w8a8-lmhead"), None, False,
-                            None),
-            "w4a8-lmhead": ("outliertune W4A8 (g128) + int8 lm_head", str(workdir / "llama3-8b-w4a8-lmhead"), None,
-                            False, None),
-            "fp8": ("vLLM fp8 (dynamic)", str(workdir / "llama3-8b-bf16"), "fp8", True, None),
-            "w8a8-kv8": ("outliertune W8A8 + fp8 KV", str(workdir / "llama3-8b-w8a8"), None, False, "fp8"),
-            "fp8-kv8": ("vLLM fp8 (dynamic) + fp8 KV", str(workdir / "llama3-8b-bf16"), "fp8", True, "fp8"),
+    bf16, w8a8, w4a8 = (str(workdir / f"llama3-8b-{name}") for name in ("bf16", "w8a8", "w4a8"))
+    rows = {"bf16": Row("bf16", bf16, dummy=True),
+            "w8a8": Row("outliertune W8A8", w8a8),
+            "w4a8": Row("outliertune W4A8 (g128)", w4a8),
+            "w8a8-lmhead": Row("outliertune W8A8 + int8 lm_head", w8a8 + "-lmhead"),
+            "w4a8-lmhead": Row("outliertune W4A8 (g128) + int8 lm_head", w4a8 + "-lmhead"),
+            "fp8": Row("vLLM fp8 (dynamic)", bf16, "fp8", dummy=True),
+            "w8a8-kv8": Row("outliertune W8A8 + fp8 KV", w8a8, kv_cache_dtype="fp8"),
+            "fp8-kv8": Row("vLLM fp8 (dynamic) + fp8 KV", bf16, "fp8", dummy=True, kv_cache_dtype="fp8"),
             # vLLM's defaults: prefix caching on (chunked prefill is always on in vLLM's V1 engine)
-            "w8a8-pc": ("outliertune W8A8 + prefix caching", str(workdir / "llama3-8b-w8a8"), None, False, None),
-            "fp8-pc": ("vLLM fp8 (dynamic) + prefix caching", str(workdir / "llama3-8b-bf16"), "fp8", True, None)}
+            "w8a8-pc": Row("outliertune W8A8 + prefix caching", w8a8, prefix_caching=True),
+            "fp8-pc": Row("vLLM fp8 (dynamic) + prefix caching", bf16, "fp8", dummy=True, prefix_caching=True)}
     results = [json.loads(line) for line in (workdir / "rows.jsonl").read_text().splitlines()] \
         if (workdir / "rows.jsonl").exists() else []
-    for key in only.split(","):
-        label, model_dir, quantization, dummy, kv_cache_dtype = rows[key]
-        label += f" TP {tp}" if tp > 1 else ""
-        command = [sys.executable, __file__, "row", model_dir, "--label", label, "--tp", str(tp)] + (
-            ["--quantization", quantization] if quantization else []) + (["--dummy"] if dummy else []) + (
-            ["--kv-cache-dtype", kv_cache_dtype] if kv_cache_dtype else []) + (
-            ["--prefix-caching"] if key.endswith("-pc") else [])
+    for row_spec in (rows[key] for key in only.split(",")):
+        label = row_spec.label + (f" TP {tp}" if tp > 1 else "")
+        command = [sys.executable, __file__, "row", row_spec.model_dir, "--label", label, "--tp", str(tp)] + (
+            ["--quantization", row_spec.quantization] if row_spec.quantization else []) + (
+            ["--dummy"] if row_spec.dummy else []) + (
+            ["--kv-cache-dtype", row_spec.kv_cache_dtype] if row_spec.kv_cache_dtype else []) + (
+            ["--prefix-caching"] if row_spec.prefix_caching else [])
         started = time.time()
         proc = subprocess.run(command, capture_output=True, text=True)
         log = proc.stdout + proc.stderr
@@ -355,12 +365,13 @@ def _profile(workdir: Path, checkpoints: str = "w8a8") -> None:
     """Profile generation at 1 and 64 sequences of each checkpoint (llama3-8b-NAME): (prefill + 65 tokens) minus
     (prefill + 1 token) per kernel name = 64 decode steps; print the share of each kernel kind, and the wall time
     per step next to the kernels' sum (the difference: launch gaps and host work the CUDA graphs do not hide)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, where the profiler looks
-    for name in checkpoints.split(","):  # one engine per process: each checkpoint in its own child
-        if name != checkpoints:
+    names = checkpoints.split(",")
+    if len(names) > 1:  # one engine per process: each checkpoint in its own child
+        for name in names:
             subprocess.run([sys.executable, __file__, "profile", str(workdir), "--rows", name], check=False)
-            continue
-        _profile_checkpoint(workdir, name)
+        return
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, where the profiler looks
+    _profile_checkpoint(workdir, checkpoints)
 
 
 def _profile_checkpoint(workdir: Path, name: str) -> None:

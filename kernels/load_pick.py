@@ -4,9 +4,9 @@ Such a shape runs the shape-generic entries, whose small-M kernel and tile won o
 lose by up to 2.2x on some shapes: at small M the best choice depends on the shape's width and depth. The shipped
 table lists, per small-M bucket, a few alternatives chosen to cover the spread (tune.generic_alternates); at load
 the plugin times them on this GPU for the new shape and serves the shape from the fastest for the rest of the
-process. Left out of the H200's tuning spread one shape at a time, this puts 152 of 156 (shape, M) points within
-15 % of the shape's own best, against 142 for the generic entries alone (docs/benchmarks.md). `outliertune tune`
-still gives every bucket its own search; OUTLIERTUNE_LOAD_PICK=0 turns the choice off."""
+process. Left out of the H200's tuning spread one shape at a time, this puts 80 of 84 (shape, M <= 256) points
+within 15 % of the shape's own best, against 70 for the generic entries alone (docs/benchmarks.md). `outliertune
+tune` still gives every bucket its own search; OUTLIERTUNE_LOAD_PICK=0 turns the choice off."""
 
 from __future__ import annotations
 

@@ -164,10 +164,11 @@ def as_words(t: torch.Tensor) -> torch.Tensor | None:
 def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int,
                 out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (+ bias[n]) -> out_dtype [M, N], one launch. Float x is quantized in the prologue with inv_scale / shift / bits; int8 x is
-    used as it is (then inv_scale and shift must be None). `config` overrides the tile table (SPLIT_K 0 =
-    automatic; PACKED applies to int8 x with K % 4 == 0 only; PROGRAMS_PER_SM > 0 launches that many programs per
-    SM, each walking several tiles, instead of one program per tile)."""
+    """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (+ bias[n]) -> out_dtype [M, N], one launch. Float x is quantized
+    in the prologue with inv_scale / shift / bits; int8 x is used as it is (then inv_scale and shift must be None).
+    `config` overrides the tile table (SPLIT_K 0 = automatic; PACKED applies to int8 x with K % 4 == 0 only;
+    PROGRAMS_PER_SM > 0 launches that many programs per SM, each walking several tiles, instead of one program per
+    tile)."""
     quantize = x.dtype != torch.int8
     if quantize:
         check_activation_args(x, inv_scale, shift, bits)

@@ -369,7 +369,8 @@ def generic_alternates(spread: list[dict], count: int = ALTERNATES_PER_BUCKET) -
         chosen: list[tuple[str, str]] = []
 
         def slowdown(extra: tuple[str, str]) -> float:  # sum over shapes of log(best of chosen + extra / own best)
-            return sum(math.log(min(times[c] for c in (*chosen, extra)) / own) for times, own in zip(per_shape, best))
+            return sum(math.log(min(times[c] for c in (*chosen, extra)) / own)
+                       for times, own in zip(per_shape, best))
 
         for _ in range(min(count, len(common))):
             chosen.append(min((c for c in common if c not in chosen), key=slowdown))
