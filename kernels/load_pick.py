@@ -31,12 +31,21 @@ def pick_entries(n: int, k: int, keys: tuple[str, ...], time_us: Timer) -> tuple
     or None where there is nothing to pick from (no alternates for this device, none runs)."""
     entries = {kernel: {str(b): configs.get_config(kernel, b, n, k, keys)
                         for b in configs.listed_buckets(kernel, n, k, keys)} for kernel in INT8_KERNELS}
-    picked: dict[str, str] = {}
+    choices = {}
     for bucket, alternatives in configs.alternates(keys).items():
         m = int(bucket)
         current = next(iter(configs.kernels_for(m, n, k, keys)), "int8_gemm")
         options = [[current, configs.get_config(current, m, n, k, keys)]]
-        options += [option for option in alternatives if option not in options]
+        choices[bucket] = options + [option for option in alternatives if option not in options]
+    # Every option runs once first, then all are timed: a first run compiles, the GPU lowers its clocks while it
+    # waits, and timings right after a compile came out up to 4x slow on the H200 (tune.warm_gpu), which would
+    # favour whatever happens to be timed last.
+    for bucket, options in choices.items():
+        for kernel, config in options:
+            time_us(kernel, config, int(bucket))
+    picked: dict[str, str] = {}
+    for bucket, options in choices.items():
+        m = int(bucket)
         timed = [(t, kernel, config) for kernel, config in options if (t := time_us(kernel, config, m)) is not None]
         if not timed:
             continue

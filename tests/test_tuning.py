@@ -235,6 +235,17 @@ def test_load_time_pick_serves_an_untuned_shape_from_the_fastest_alternative(use
     assert picked["16"] == "splitk_gemm" and entries["splitk_gemm"] == {"16": tile(16)}
     assert entries["int8_gemm"]["16"] == tile(16)
     assert load_pick.pick_entries(6000, 4000, H800_KEYS, lambda *_: None) is None  # nothing runs: no change
+    # every option runs once (compiles) before any is timed for the pick: a first timing does not decide
+    runs = []
+
+    def fast_first_run(kernel, config, m):
+        runs.append((kernel, m, config["BLOCK_M"]))
+        if (kernel, m, config["BLOCK_M"]) == ("int8_gemm", 1, 32):
+            return 1.0 if runs.count(("int8_gemm", 1, 32)) == 1 else 50.0
+        return times.get((kernel, m, config["BLOCK_M"]))
+
+    entries, _ = load_pick.pick_entries(7000, 4000, H800_KEYS, fast_first_run)
+    assert entries["int8_gemm"]["1"] == tile(64) and runs.count(("int8_gemm", 1, 32)) == 2
     # a tuned shape, a CPU tensor and OUTLIERTUNE_LOAD_PICK=0 are left alone
     monkeypatch.setattr(configs, "table_keys", lambda device: H800_KEYS)
     cuda = SimpleNamespace(type="cuda")
