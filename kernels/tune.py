@@ -57,7 +57,7 @@ TRITON_KERNELS = KERNELS + W4A8_KERNELS
 FALLBACK = {kernel: fallback for fallback, order in DISPATCH_ORDER.items() for kernel in (fallback, *order)}
 W4A8_GROUP_SIZE = 128  # W4A8 tiles are tuned at `outliertune quantize`'s default group size
 W4A8_TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages", "FACTORED",
-                  "ACC_K"}
+                  "ACC_K", "PREFETCH", "WORD_LEVELS"}
 # Load-time choice on shapes no table tuned (generic_alternates): up to this M the best kernel depends on the shape
 # most, and timing a few tiles there takes milliseconds.
 ALTERNATES_UP_TO_M = 256
@@ -161,7 +161,12 @@ def full_candidates(kernel: str, m: int) -> list[dict]:
         factored = [dict(config, FACTORED=1) for config in tiles if W4A8_GROUP_SIZE % config["BLOCK_K"] == 0]
         acc_k = [dict(config, ACC_K=1) for config in factored if config["BLOCK_M"] < 16 and
                  config["BLOCK_M"] * config["BLOCK_K"] // 8 * config["BLOCK_N"] <= 64 * 32 * config["num_warps"]]
-        unique = {tuple(sorted(config.items())): config for config in tiles + factored + acc_k}
+        # tensor-core word tiles (kernels/w4a8_gemm.py) also with the zero points in the weight operand, the group
+        # terms loaded a step ahead, and both: which wins depends on the tile (H200: PREFETCH loses at BLOCK_M 128)
+        word_tiles = [dict(config, **variant) for config in factored
+                      if config["BLOCK_M"] >= 16 and config["BLOCK_K"] >= 64
+                      for variant in ({"PREFETCH": 1}, {"WORD_LEVELS": 1}, {"PREFETCH": 1, "WORD_LEVELS": 1})]
+        unique = {tuple(sorted(config.items())): config for config in tiles + factored + acc_k + word_tiles}
         return list(unique.values())
     return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
 

@@ -13,13 +13,19 @@ channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_out
 - WORD_DOTS (tiles inside one group, tensor-core tiles with BLOCK_K >= 64): the low nibbles of the words' bytes
   are channels 8j + b, the high ones 8j + 4 + b; shifted out into two int8 code tiles, two tensor-core dots against
   the activations of those channels (split out of the activation tile in registers), the group terms per output.
+  WORD_LEVELS (a config key) puts the zero points into the weight operand ((code - zero) as int8) and reads the
+  activations of the low and high nibbles' channels as two tiles straight from memory: no activation sums, no
+  splitting in registers (H200, graph replays: gate_up 28672x4096 at M = 128, 96.6 µs vs 109.8 widening first).
 - FACTORED (tiles inside one group otherwise: activation rows that are no words, small tensor-core tiles): each
   channel reads its word (the 8 channels of a word share a cache line: the weights still stream once) and shifts its
   nibble out; one dot of the activations with the codes, the group terms per output as above.
 - otherwise (tiles across groups): the codes widen to int8 levels per weight, one dot with the activations.
 Tensor-core dots from BLOCK_M 16 and BLOCK_K 32, CUDA-core multiply-adds below. One kernel serves decode and
 prefill: SPLIT_K > 1 splits the K loop across programs (small M: enough programs to stream the weights) and they
-meet through splitk_gemm.split_k_store."""
+meet through splitk_gemm.split_k_store. PREFETCH (a config key, the loops with group terms per output) loads the
+next K step's group scales and zeros one step ahead, so their latency overlaps the dots instead of stalling them
+(H200: gate_up at M = 64 82.0 -> 64.7 µs with WORD_LEVELS, down 4096x14336 at M = 64 50.0 -> 45.6 µs; at BLOCK_M
+128 with 8 warps it loses, so it is a tuned choice like the others; CUDA-graph replays, docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -81,19 +87,31 @@ def _word_dots(a, words, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     small-M CUTLASS kernels swap A and B) and the activations of those channels, split out in registers, the right.
     H200, M = 16, Llama-3-8B shapes: 14-26 % faster than weight codes as the right operand [K, N]."""
     a_low, a_high = tl.split(tl.permute(tl.reshape(a, (BLOCK_M, BLOCK_K // 8, 2, 4)), (0, 1, 3, 2)))
-    codes_sum = tl.dot(_nibble_rows(words, 0, BLOCK_K), tl.trans(tl.reshape(a_low, (BLOCK_M, BLOCK_K // 2))),
+    codes_sum = tl.dot(_nibble_rows(words, 0, BLOCK_K).to(tl.int8),
+                       tl.trans(tl.reshape(a_low, (BLOCK_M, BLOCK_K // 2))), out_dtype=tl.int32)
+    return tl.dot(_nibble_rows(words, 4, BLOCK_K).to(tl.int8), tl.trans(tl.reshape(a_high, (BLOCK_M, BLOCK_K // 2))),
+                  codes_sum, out_dtype=tl.int32)
+
+
+@triton.jit
+def _level_dots(a_low, a_high, words, zero, BLOCK_K: tl.constexpr):
+    """sum_k (code[:, k] - zero) * a[:, k] over a tile of whole words on tensor cores, transposed as _word_dots, from
+    the activation codes of the low and high nibbles' channels read as two tiles a_low, a_high int8 [BLOCK_M,
+    BLOCK_K / 2] (channels 8j + b and 8j + 4 + b at column 4j + b): the zero points go into the weight operand
+    (|code - zero| <= 15), so no activation sums are needed and the activations go from memory to the MMA as read."""
+    codes_sum = tl.dot((_nibble_rows(words, 0, BLOCK_K) - zero[:, None]).to(tl.int8), tl.trans(a_low),
                        out_dtype=tl.int32)
-    return tl.dot(_nibble_rows(words, 4, BLOCK_K), tl.trans(tl.reshape(a_high, (BLOCK_M, BLOCK_K // 2))), codes_sum,
+    return tl.dot((_nibble_rows(words, 4, BLOCK_K) - zero[:, None]).to(tl.int8), tl.trans(a_high), codes_sum,
                   out_dtype=tl.int32)
 
 
 @triton.jit
 def _nibble_rows(words, nibble, BLOCK_K: tl.constexpr):
-    """int32 words [BLOCK_N, BLOCK_K / 8] -> int8 codes [BLOCK_N, BLOCK_K / 2] at column 4j + b: nibble (0 low,
+    """int32 words [BLOCK_N, BLOCK_K / 8] -> int32 codes [BLOCK_N, BLOCK_K / 2] at column 4j + b: nibble (0 low,
     4 high) of byte b of word j."""
     planes = tl.join(tl.join(word_code(words, nibble), word_code(words, 16 + nibble)),
                      tl.join(word_code(words, 8 + nibble), word_code(words, 24 + nibble)))  # [N, W, 2, 2]: b = 2x + y
-    return tl.reshape(planes, (words.shape[0], BLOCK_K // 2)).to(tl.int8)
+    return tl.reshape(planes, (words.shape[0], BLOCK_K // 2))
 
 
 @triton.jit
@@ -101,7 +119,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
                       M, N, K, stride_am, stride_wn, stride_wk, stride_gn, stride_gk, stride_om, K_PER_SPLIT,
                       GROUP_SIZE, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
                       EVEN_N: tl.constexpr, FACTORED: tl.constexpr, WORD_DOTS: tl.constexpr, DP4A: tl.constexpr,
-                      DP4A_ASM: tl.constexpr,
+                      DP4A_ASM: tl.constexpr, WORD_LEVELS: tl.constexpr, PREFETCH: tl.constexpr,
                       ACC_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
     # K, K_PER_SPLIT and BLOCK_K count channels; with DP4A a_ptr is the int32 view of the codes (stride_am in words).
@@ -112,8 +130,12 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
         rows_w = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
     k_start = pid_k * K_PER_SPLIT
     rows_w_offsets = rows_w.to(tl.int64) * stride_wn
-    if WORD_DOTS:
-        offs_k = k_start + tl.arange(0, BLOCK_K)
+    if WORD_DOTS or WORD_LEVELS:
+        if WORD_LEVELS:  # the activations of the low / high nibbles' channels (8j + b, 8j + 4 + b) read as two tiles
+            half = tl.arange(0, BLOCK_K // 2)
+            offs_k = tl.max_contiguous(tl.multiple_of(k_start + (half // 4) * 8 + half % 4, 4), 4)  # 4-byte runs
+        else:
+            offs_k = k_start + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_k[None, :]
         offs_ww = k_start // 8 + tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_ptr + rows_w_offsets[:, None] + offs_ww[None, :].to(tl.int64) * stride_wk  # [BLOCK_N, words]
@@ -133,15 +155,29 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     if ACC_K:
         acc3 = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
+    if PREFETCH:
+        next_scale, next_zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, k_start // GROUP_SIZE, stride_gn, stride_gk)
     for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
         if FACTORED:
-            scale, zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, (k_start + i * BLOCK_K) // GROUP_SIZE,
-                                      stride_gn, stride_gk)
-        if WORD_DOTS:
-            a = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
+            if PREFETCH:  # this tile's group terms came in one step ago; ask for the next ones now
+                scale, zero = next_scale, next_zero
+                next_scale, next_zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, tl.minimum(
+                    (k_start + (i + 1) * BLOCK_K) // GROUP_SIZE, (K - 1) // GROUP_SIZE), stride_gn, stride_gk)
+            else:
+                scale, zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, (k_start + i * BLOCK_K) // GROUP_SIZE,
+                                          stride_gn, stride_gk)
+        if WORD_DOTS or WORD_LEVELS:
+            if WORD_LEVELS:
+                a_low = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
+                a_high = tl.load(a_ptrs + 4, mask=(offs_k + 4 < K)[None, :], other=0)
+            else:
+                a = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
             w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[None, :], other=0, eviction_policy="evict_first")
-            acc_nk += (_word_dots(a, w_words, BLOCK_M, BLOCK_K)
-                       - zero[:, None] * tl.sum(a.to(tl.int32), axis=1)[None, :]) * scale[:, None]
+            if WORD_LEVELS:
+                acc_nk += _level_dots(a_low, a_high, w_words, zero, BLOCK_K) * scale[:, None]
+            else:
+                acc_nk += (_word_dots(a, w_words, BLOCK_M, BLOCK_K)
+                           - zero[:, None] * tl.sum(a.to(tl.int32), axis=1)[None, :]) * scale[:, None]
             offs_k += BLOCK_K
             a_ptrs += BLOCK_K
             offs_ww += BLOCK_K // 8
@@ -187,7 +223,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
             w_ptrs += (BLOCK_K // 8) * stride_wk
     if ACC_K:
         acc += tl.sum(acc3, axis=1)
-    if WORD_DOTS:
+    if WORD_DOTS or WORD_LEVELS:
         acc += tl.trans(acc_nk)
     split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N, stride_om,
                   SPLIT_K, HAS_BIAS)
@@ -242,12 +278,15 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     a_words = as_words(a_q) if factored and block_m < 16 else None
     dp4a = a_words is not None
     word_dots = factored and block_m >= 16 and block_k >= 64  # two dots of K = BLOCK_K / 2 >= 32
+    word_levels = word_dots and bool(config.get("WORD_LEVELS"))
     _w4a8_gemm_kernel[(tiles, split_k)](
         a_words if dp4a else a_q, w_words, group_scale, group_zero, out, w_scale, bias, partial_sums, counters,
         m, n, k, a_q.stride(0) // (4 if dp4a else 1), w_words.stride(0), w_words.stride(1), group_scale.stride(0),
         group_scale.stride(1), out.stride(0), k_per_split, group,
         HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=group % block_k == 0, EVEN_N=n % block_n == 0,
-        FACTORED=factored, WORD_DOTS=word_dots, DP4A=dp4a, DP4A_ASM=DP4A_ASM, ACC_K=dp4a and bool(config.get("ACC_K")),
+        FACTORED=factored, WORD_DOTS=word_dots and not word_levels, WORD_LEVELS=word_levels,
+        PREFETCH=factored and bool(config.get("PREFETCH")), DP4A=dp4a, DP4A_ASM=DP4A_ASM,
+        ACC_K=dp4a and bool(config.get("ACC_K")),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1),
         **launch_options(config), enable_fp_fusion=False)
     return out
