@@ -12,7 +12,8 @@
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
 
 Each engine runs in its own process (GPU memory is freed between rows); its log is parsed for weight memory and
-KV-cache size. Timings are offline LLM.generate over random token prompts with ignore_eos, output tokens per second.
+KV-cache size. Timings are offline LLM.generate over random token prompts with ignore_eos, output tokens per second,
+the median of REPEATS runs; "spread %" is the largest (max - min) / median of a row's columns.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
 CONCURRENCY = (1, 16, 64, 256)
+# Each rate is the median of this many runs in one engine: two engines of one checkpoint gave @16 rates 10 % apart
+# (session 10), more than the margins measured, and the timed runs are ~10 s of a row's ~100 s (load, compile).
+REPEATS = 3
 INPUT_LEN, OUTPUT_LEN, PREFILL_LEN, PREFILL_PROMPTS = 512, 256, 2048, 128
 
 
@@ -224,6 +228,13 @@ def _random_tensor(suffix: str, shape: tuple[int, ...], spec, packed: bool, gen)
     return 0.01 * torch.randn(shape, generator=gen)  # output_bias, input_shift
 
 
+def median_spread(rates: list[float]) -> tuple[float, float]:
+    """(median, (max - min) / median) of repeated rates."""
+    ordered = sorted(rates)
+    median = ordered[len(ordered) // 2]
+    return median, (ordered[-1] - ordered[0]) / median
+
+
 def _row(model_dir: str, label: str, quantization: str | None, dummy: bool, kv_cache_dtype: str | None,
          tp: int = 1, prefix_caching: bool = False) -> None:
     import torch
@@ -252,11 +263,17 @@ def _row(model_dir: str, label: str, quantization: str | None, dummy: bool, kv_c
         llm.generate(batch, params, use_tqdm=False)
         return time.perf_counter() - started
 
+    def median_rate(tokens: int, count: int, length: int, max_tokens: int) -> tuple[float, float]:
+        """tokens per second over REPEATS runs on fresh prompts: (median, spread)."""
+        return median_spread([tokens / timed(prompts(count, length), max_tokens) for _ in range(REPEATS)])
+
     timed(prompts(4, INPUT_LEN), 8)  # warm-up
-    row = {"label": label}
+    row, spreads = {"label": label}, []
     for n in CONCURRENCY:
-        row[f"tok/s@{n}"] = n * OUTPUT_LEN / timed(prompts(n, INPUT_LEN), OUTPUT_LEN)
-    row["prefill tok/s"] = PREFILL_PROMPTS * PREFILL_LEN / timed(prompts(PREFILL_PROMPTS, PREFILL_LEN), 1)
+        row[f"tok/s@{n}"], spread = median_rate(n * OUTPUT_LEN, n, INPUT_LEN, OUTPUT_LEN)
+        spreads.append(spread)
+    row["prefill tok/s"], spread = median_rate(PREFILL_PROMPTS * PREFILL_LEN, PREFILL_PROMPTS, PREFILL_LEN, 1)
+    row["spread %"] = round(100 * max(spreads + [spread]), 1)
     print("ROW " + json.dumps(row), flush=True)
 
 

@@ -34,6 +34,11 @@ def test_profile_kernel_kinds(e2e_gpu, kernel, kind):
     assert e2e_gpu._kind(kernel) == kind
 
 
+def test_rates_are_medians_of_repeats_with_their_spread(e2e_gpu):
+    assert e2e_gpu.median_spread([300.0, 330.0, 270.0]) == (300.0, 0.2)
+    assert e2e_gpu.median_spread([5.0]) == (5.0, 0.0)
+
+
 def test_kernel_times_sum_kernel_events(e2e_gpu, tmp_path):
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": [
