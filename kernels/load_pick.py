@@ -36,7 +36,10 @@ def pick_entries(n: int, k: int, keys: tuple[str, ...], time_us: Timer) -> tuple
         m = int(bucket)
         current = next(iter(configs.kernels_for(m, n, k, keys)), "int8_gemm")
         options = [[current, configs.get_config(current, m, n, k, keys)]]
-        choices[bucket] = options + [option for option in alternatives if option not in options]
+        for option in alternatives + [fitted for option in alternatives if (fitted := fit_to_depth(*option, k))]:
+            if option not in options:
+                options.append(option)
+        choices[bucket] = options
     # Every option runs once first, then all are timed: a first run compiles, the GPU lowers its clocks while it
     # waits, and timings right after a compile came out up to 4x slow on the H200 (tune.warm_gpu), which would
     # favour whatever happens to be timed last.
@@ -61,6 +64,17 @@ def pick_entries(n: int, k: int, keys: tuple[str, ...], time_us: Timer) -> tuple
         return None
     return {kernel: dict(sorted(per_m.items(), key=lambda item: int(item[0]))) for kernel, per_m in entries.items()}, \
         picked
+
+
+def fit_to_depth(kernel: str, config: dict, k: int) -> list | None:
+    """A split-K alternative whose BLOCK_K is deeper than this shape's K, with BLOCK_K cut to K rounded up to a power
+    of two (None where it fits already). Its one-row tiles do best when a program covers the whole K (H200: the
+    4096x2048 shape at M = 1 ran 15.3 µs with BLOCK_K 2048, 64-66 µs with the alternatives' 1024 and 4096), and the
+    alternatives come from deeper shapes, so shallower ones get theirs fitted; timed like the others."""
+    depth = 1 << (k - 1).bit_length()
+    if kernel != "splitk_gemm" or config["BLOCK_K"] <= depth:
+        return None
+    return [kernel, dict(config, BLOCK_K=depth)]
 
 
 def gpu_timer(n: int, k: int, device: torch.device) -> Timer:

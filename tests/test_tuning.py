@@ -246,6 +246,20 @@ def test_load_time_pick_serves_an_untuned_shape_from_the_fastest_alternative(use
 
     entries, _ = load_pick.pick_entries(7000, 4000, H800_KEYS, fast_first_run)
     assert entries["int8_gemm"]["1"] == tile(64) and runs.count(("int8_gemm", 1, 32)) == 2
+    # a split-K alternative deeper than the shape's K is also timed with BLOCK_K cut to K's power of two
+    deep = dict(tile(1), BLOCK_K=4096)
+    tune.write_table(user_table, "NVIDIA H800", generic, "sm90", alternates={"1": [["splitk_gemm", deep]]})
+    configs.clear_caches()
+    depths = []
+
+    def shallow_wins(kernel, config, m):
+        depths.append(config["BLOCK_K"])
+        return 1.0 if config["BLOCK_K"] == 2048 else 9.0
+
+    entries, picked = load_pick.pick_entries(4096, 2000, H800_KEYS, shallow_wins)
+    assert picked == {"1": "splitk_gemm"} and entries["splitk_gemm"]["1"] == dict(deep, BLOCK_K=2048)
+    assert load_pick.fit_to_depth("splitk_gemm", deep, 4096) is None  # deep enough shapes time it as it is
+    assert load_pick.fit_to_depth("int8_gemm", deep, 2000) is None
     # a tuned shape, a CPU tensor and OUTLIERTUNE_LOAD_PICK=0 are left alone
     monkeypatch.setattr(configs, "table_keys", lambda device: H800_KEYS)
     cuda = SimpleNamespace(type="cuda")
