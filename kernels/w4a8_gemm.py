@@ -15,7 +15,8 @@ channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_out
   the activations of those channels (split out of the activation tile in registers), the group terms per output.
   WORD_LEVELS (a config key) puts the zero points into the weight operand ((code - zero) as int8) and reads the
   activations of the low and high nibbles' channels as two tiles straight from memory: no activation sums, no
-  splitting in registers (H200, graph replays: gate_up 28672x4096 at M = 128, 96.6 µs vs 109.8 widening first).
+  splitting in registers (H200, graph replays: gate_up 28672x4096 at M = 128, 96.6 µs vs 109.8 widening first;
+  timed with a subtraction per weight, before _level_rows did it four to a word, which is not timed yet).
 - FACTORED (tiles inside one group otherwise: activation rows that are no words, small tensor-core tiles): each
   channel reads its word (the 8 channels of a word share a cache line: the weights still stream once) and shifts its
   nibble out; one dot of the activations with the codes, the group terms per output as above.
@@ -99,18 +100,33 @@ def _level_dots(a_low, a_high, words, zero, BLOCK_K: tl.constexpr):
     the activation codes of the low and high nibbles' channels read as two tiles a_low, a_high int8 [BLOCK_M,
     BLOCK_K / 2] (channels 8j + b and 8j + 4 + b at column 4j + b): the zero points go into the weight operand
     (|code - zero| <= 15), so no activation sums are needed and the activations go from memory to the MMA as read."""
-    codes_sum = tl.dot((_nibble_rows(words, 0, BLOCK_K) - zero[:, None]).to(tl.int8), tl.trans(a_low),
-                       out_dtype=tl.int32)
-    return tl.dot((_nibble_rows(words, 4, BLOCK_K) - zero[:, None]).to(tl.int8), tl.trans(a_high), codes_sum,
-                  out_dtype=tl.int32)
+    zero_bytes = (zero.to(tl.uint32) * 0x01010101)[:, None]  # the zero point in each byte of a word
+    codes_sum = tl.dot(_level_rows(words, 0, zero_bytes, BLOCK_K), tl.trans(a_low), out_dtype=tl.int32)
+    return tl.dot(_level_rows(words, 4, zero_bytes, BLOCK_K), tl.trans(a_high), codes_sum, out_dtype=tl.int32)
+
+
+@triton.jit
+def _level_rows(words, nibble, zero_bytes, BLOCK_K: tl.constexpr):
+    """int8 code - zero [BLOCK_N, BLOCK_K / 2] in _nibble_rows' order, four to a word: each byte of the nibble plane
+    becomes 128 + code - zero (113..143: no borrow between bytes), and flipping bit 7 back leaves code - zero as an
+    int8 (PTX for sm90, Triton 3.9, 64 x 128 x 128 tile: 548 instructions per K step against 813 for a subtraction
+    per weight; LLVM packs the bytes for the MMA with none)."""
+    plane = (words.to(tl.uint32, bitcast=True) >> nibble) & 0x0F0F0F0F
+    return _byte_columns(((plane | 0x80808080) - zero_bytes) ^ 0x80808080, BLOCK_K).to(tl.int8)
 
 
 @triton.jit
 def _nibble_rows(words, nibble, BLOCK_K: tl.constexpr):
     """int32 words [BLOCK_N, BLOCK_K / 8] -> int32 codes [BLOCK_N, BLOCK_K / 2] at column 4j + b: nibble (0 low,
     4 high) of byte b of word j."""
-    planes = tl.join(tl.join(word_code(words, nibble), word_code(words, 16 + nibble)),
-                     tl.join(word_code(words, 8 + nibble), word_code(words, 24 + nibble)))  # [N, W, 2, 2]: b = 2x + y
+    return _byte_columns((words.to(tl.uint32, bitcast=True) >> nibble) & 0x0F0F0F0F, BLOCK_K)
+
+
+@triton.jit
+def _byte_columns(words, BLOCK_K: tl.constexpr):
+    """uint32 [BLOCK_N, BLOCK_K / 8] -> their bytes [BLOCK_N, BLOCK_K / 2], byte b of word j at column 4j + b."""
+    planes = tl.join(tl.join(words & 0xFF, (words >> 16) & 0xFF),
+                     tl.join((words >> 8) & 0xFF, (words >> 24) & 0xFF))  # [N, W, 2, 2]: b = 2x + y
     return tl.reshape(planes, (words.shape[0], BLOCK_K // 2))
 
 
