@@ -162,11 +162,14 @@ def full_candidates(kernel: str, m: int) -> list[dict]:
         acc_k = [dict(config, ACC_K=1) for config in factored if config["BLOCK_M"] < 16 and
                  config["BLOCK_M"] * config["BLOCK_K"] // 8 * config["BLOCK_N"] <= 64 * 32 * config["num_warps"]]
         # tensor-core word tiles (kernels/w4a8_gemm.py) also with the zero points in the weight operand, the group
-        # terms loaded a step ahead, and both: which wins depends on the tile (H200: PREFETCH loses at BLOCK_M 128)
+        # terms loaded a step ahead, and both: which wins depends on the tile (H200: PREFETCH loses at BLOCK_M 128);
+        # the dp4a tiles also with their loads a step ahead
         word_tiles = [dict(config, **variant) for config in factored
                       if config["BLOCK_M"] >= 16 and config["BLOCK_K"] >= 64
                       for variant in ({"PREFETCH": 1}, {"WORD_LEVELS": 1}, {"PREFETCH": 1, "WORD_LEVELS": 1})]
-        unique = {tuple(sorted(config.items())): config for config in tiles + factored + acc_k + word_tiles}
+        dp4a_ahead = [dict(config, PREFETCH=1) for config in factored + acc_k if config["BLOCK_M"] < 16]
+        unique = {tuple(sorted(config.items())): config
+                  for config in tiles + factored + acc_k + word_tiles + dp4a_ahead}
         return list(unique.values())
     return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
 

@@ -24,7 +24,8 @@ channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_out
 Tensor-core dots from BLOCK_M 16 and BLOCK_K 32, CUDA-core multiply-adds below. One kernel serves decode and
 prefill: SPLIT_K > 1 splits the K loop across programs (small M: enough programs to stream the weights) and they
 meet through splitk_gemm.split_k_store. PREFETCH (a config key, the loops with group terms per output) loads the
-next K step's group scales and zeros one step ahead, so their latency overlaps the dots instead of stalling them
+next K step's group scales and zeros one step ahead (the dp4a loop also its words and activations, which Triton
+pipelines only where they feed a dot), so their latency overlaps the dots instead of stalling them
 (H200: gate_up at M = 64 82.0 -> 64.7 µs with WORD_LEVELS, down 4096x14336 at M = 64 50.0 -> 45.6 µs; at BLOCK_M
 128 with 8 warps it loses, so it is a tuned choice like the others; CUDA-graph replays, docs/benchmarks.md)."""
 
@@ -173,6 +174,9 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
         acc3 = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
     if PREFETCH:
         next_scale, next_zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, k_start // GROUP_SIZE, stride_gn, stride_gk)
+        if DP4A:  # and the first step's words: each step then asks for the next step's before it computes
+            next_a = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
+            next_w = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0, eviction_policy="evict_first")
     for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
         if FACTORED:
             if PREFETCH:  # this tile's group terms came in one step ago; ask for the next ones now
@@ -199,8 +203,18 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
             offs_ww += BLOCK_K // 8
             w_ptrs += (BLOCK_K // 8) * stride_wk
         elif DP4A:
-            a_words = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
-            w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0, eviction_policy="evict_first")
+            if PREFETCH:
+                a_words, w_words = next_a, next_w
+                split_end = tl.minimum(K, k_start + K_PER_SPLIT)  # not past it: a tile of traffic for nothing
+                next_a = tl.load(a_ptrs + BLOCK_K // 4, mask=(offs_aw + BLOCK_K // 4 < split_end // 4)[None, :],
+                                 other=0)
+                next_w = tl.load(w_ptrs + (BLOCK_K // 8) * stride_wk,
+                                 mask=(offs_ww + BLOCK_K // 8 < (split_end + 7) // 8)[:, None], other=0,
+                                 eviction_policy="evict_first")
+            else:
+                a_words = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
+                w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0,
+                                  eviction_policy="evict_first")
             products = _word_products(a_words, w_words, BLOCK_M, BLOCK_K // 8, DP4A_ASM) * scale[None, None, :]
             if ACC_K:
                 acc3 += products

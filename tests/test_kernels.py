@@ -120,23 +120,24 @@ def make_packed_weight(n: int, k: int, group_size: int, seed: int) -> tuple[torc
 
 # (kernel, group size, config): tiles inside one group and groups gathered per channel, split K, M < 16 and >= 16,
 # and the FACTORED loops (group terms per output): dp4a on words (M < 16; with the K accumulator ACC_K) and
-# tensor-core dots on the codes, also with the zero points in the weight operand (WORD_LEVELS) and the group terms
-# loaded a step ahead (PREFETCH). Case i runs variant i % 11: the first one also meets M = 17, K = 200 (4 groups,
-# 2 K splits), the last M = 17, K = 200 with one K split.
-W4A8_VARIANTS = (("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1,
-                                    "PREFETCH": 1, "WORD_LEVELS": 1}),
-                 ("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3}),
+# tensor-core dots on the codes, also with the zero points in the weight operand (WORD_LEVELS) and loads a step
+# ahead (PREFETCH). Case i (interpreter_cases) runs variant i: those with PREFETCH meet K = 200 (several steps).
+W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3}),
                  ("w4a8_splitk", 48, {"BLOCK_M": 4, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 0}),
+                 ("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "FACTORED": 1,
+                                      "PREFETCH": 1}),
                  ("w4a8_gemm", 0, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}),
                  ("w4a8_gemm", 16, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}),
                  ("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3, "FACTORED": 1}),
+                 ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1,
+                                    "PREFETCH": 1, "WORD_LEVELS": 1}),
+                 ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "FACTORED": 1, "PREFETCH": 1}),
                  ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1}),
-                 ("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "FACTORED": 1,
-                                      "ACC_K": 1}),
-                 ("w4a8_splitk", 0, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "FACTORED": 1, "ACC_K": 1}),
                  ("w4a8_splitk", 128, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 3, "FACTORED": 1,
                                        "WORD_LEVELS": 1}),
-                 ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "FACTORED": 1, "PREFETCH": 1}))
+                 ("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "FACTORED": 1,
+                                      "ACC_K": 1}),
+                 ("w4a8_splitk", 0, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "FACTORED": 1, "ACC_K": 1}))
 
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
