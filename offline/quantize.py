@@ -53,9 +53,11 @@ class QuantizeOptions:
     exact_channels: int = 0
     outlier_factor: float = 16.0
     act_clips: tuple[float, ...] | None = None  # activation range factors the search tries (None: the architecture's)
-    # Calibrated per-channel ranges are widened by this factor before planning: headroom for activations beyond
-    # what the calibration text produced (another domain), paid for in resolution.
+    # Calibrated per-channel ranges of the input groups in range_margin_groups are widened by this factor before
+    # planning: headroom for activations beyond what the calibration text produced (another domain), paid for in
+    # resolution.
     range_margin: float = 1.0
+    range_margin_groups: tuple[str, ...] = INPUT_GROUPS
     # "none": lm_head stays in the model's dtype (tied embeddings stay tied); "int8": planned like a norm-fed linear
     # and written with int8 weights per output row, whatever w_bits (it is the most sensitive layer).
     lm_head: str = "none"
@@ -209,6 +211,10 @@ def check_options(options: QuantizeOptions) -> None:
             if not layer.isdigit() or group not in INPUT_GROUPS:
                 raise UserError(f"{option} {listing!r}: {item!r} is not LAYER.GROUP with GROUP one of "
                                 f"{', '.join(INPUT_GROUPS)} (or pass none / auto)")
+    if options.range_margin <= 0 or not set(options.range_margin_groups) <= set(INPUT_GROUPS):
+        raise UserError(f"--range-margin {options.range_margin:g} --range-margin-groups "
+                        f"{','.join(options.range_margin_groups)}: the margin must be positive and the groups among "
+                        f"{', '.join(INPUT_GROUPS)}")
     if options.lm_head not in LM_HEAD_CHOICES:
         raise UserError(f"--lm-head {options.lm_head!r} is unknown; choose one of {LM_HEAD_CHOICES}")
     if options.int8_weights not in ("none", "auto") and not options.weight_format.packed:
@@ -255,9 +261,8 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
     heads, kv_heads, head_dim = attention_groups(model_config)
     group_size = heads // kv_heads
     stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], group_size, head_dim))
-    if options.range_margin != 1.0:
-        stats = {group: dataclasses.replace(value, min=value.min * options.range_margin,
-                                            max=value.max * options.range_margin) for group, value in stats.items()}
+    stats = {group: widened(value, options.range_margin) if group in options.range_margin_groups else value
+             for group, value in stats.items()}
     plans, info = {}, {}
     for group, names in arch.groups.items():
         weight = torch.cat([layer.get_submodule(name).weight.detach().float() for name in names])
@@ -267,6 +272,11 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
         plans[group], info[group] = plan_group(stats[group], weight, arch, group_options, share,
                                                exact_channels=group != "o")
     return plans, info
+
+
+def widened(stats: InputStats, margin: float) -> InputStats:
+    """``stats`` with every per-channel range (min, max) scaled by ``margin`` about zero."""
+    return stats if margin == 1.0 else dataclasses.replace(stats, min=stats.min * margin, max=stats.max * margin)
 
 
 def plan_group(stats: InputStats, weight: torch.Tensor, arch: Architecture, options: QuantizeOptions,

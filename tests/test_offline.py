@@ -549,3 +549,32 @@ def test_row_clip_lowers_weighted_rounding_error():
 
     assert (row_error(clip) <= row_error(1.0)).all() and (clip < 1).sum() > 32
     assert float(row_error(clip).sum()) < 0.95 * float(row_error(1.0).sum())  # measured 0.91
+
+
+def test_range_margin_widens_only_its_groups(monkeypatch):
+    """--range-margin F --range-margin-groups down: the plan search sees down_proj's calibrated (min, max) times F
+    and every other group's as calibrated; with all groups, every one is widened."""
+    from vllm_outliertune.offline import quantize as quantize_mod
+    from vllm_outliertune.offline.architectures import INPUT_GROUPS
+
+    seen = []
+    search = quantize_mod.search_plan
+    monkeypatch.setattr(quantize_mod, "search_plan", lambda stats, *args, **kw:
+                        seen.append(stats) or search(stats, *args, **kw))
+    model, tokenizer = tiny_models.build_tiny_model("llama")
+    _, layer, stats = next(iter(calibrate_layers(model, _windows(tokenizer), progress=False)))
+    arch = architecture_of(model)
+
+    def searched(**margin) -> dict[str, InputStats]:
+        seen.clear()
+        plan_layer(copy.deepcopy(layer), stats, model.config, arch, QuantizeOptions(**margin))
+        return dict(zip(arch.groups, seen))
+
+    base = searched(range_margin=1.0)
+    for groups in (("down",), INPUT_GROUPS):
+        widened = searched(range_margin=1.5, range_margin_groups=groups)
+        for group in arch.groups:
+            factor = 1.5 if group in groups else 1.0
+            for end in ("min", "max"):
+                assert torch.equal(getattr(widened[group], end), getattr(base[group], end) * factor), (groups, group)
+            assert torch.equal(widened[group].sample, base[group].sample)
