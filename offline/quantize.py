@@ -55,8 +55,8 @@ class QuantizeOptions:
     act_clips: tuple[float, ...] | None = None  # activation range factors the search tries (None: the architecture's)
     # Calibrated per-channel ranges of the input groups in range_margin_groups are widened by this factor before
     # planning: headroom for activations beyond what the calibration text produced (another domain), paid for in
-    # resolution.
-    range_margin: float = 1.0
+    # resolution. None: the architecture's, else AUTO_RANGE_MARGIN by activation bits (for_architecture resolves it).
+    range_margin: float | None = None
     range_margin_groups: tuple[str, ...] = INPUT_GROUPS
     # "none": lm_head stays in the model's dtype (tied embeddings stay tied); "int8": planned like a norm-fed linear
     # and written with int8 weights per output row, whatever w_bits (it is the most sensitive layer).
@@ -74,11 +74,20 @@ class QuantizeOptions:
         """The weight rounding used: --weight-rounding, with auto resolved by the weight bits."""
         return AUTO_ROUNDING[self.w_bits] if self.weight_rounding == "auto" else self.weight_rounding
 
+    @property
+    def margin(self) -> float:
+        """The range margin used: --range-margin, else AUTO_RANGE_MARGIN for the activation bits."""
+        return AUTO_RANGE_MARGIN.get(self.a_bits, 1.0) if self.range_margin is None else self.range_margin
+
     def for_architecture(self, arch: Architecture) -> QuantizeOptions:
-        """These options with --weight-rounding auto resolved for ``arch`` where it has its own choice."""
+        """These options with --weight-rounding auto and the range margin resolved for ``arch`` where it has its
+        own choice."""
+        options = self
+        if self.range_margin is None and arch.range_margin is not None:
+            options = dataclasses.replace(options, range_margin=arch.range_margin)
         if self.weight_rounding != "auto" or arch.gptq_bits is None:
-            return self
-        return dataclasses.replace(self, weight_rounding="gptq" if self.w_bits in arch.gptq_bits else "rtn")
+            return options
+        return dataclasses.replace(options, weight_rounding="gptq" if self.w_bits in arch.gptq_bits else "rtn")
 
     @property
     def weight_format(self) -> WeightFormat:
@@ -138,6 +147,13 @@ LM_HEAD_CHOICES = ("none", "int8")
 # for its Gram matrices (K x K per linear input, kept in the calibration cache). Architecture.gptq_bits overrides
 # this per family (Gemma 3: GPTQ at 4 and 8 bits, RTN at 6).
 AUTO_ROUNDING = {4: "gptq", 6: "gptq", 8: "rtn"}
+# Range margin when --range-margin is not given, by activation bits (1 for any not listed): every input group's
+# calibrated ranges x1.5 at 8 bits. The plan search then chooses among range factors 1.125-3 of the calibrated
+# range: held-out calibration windows rarely go past the ranges, text of another domain does (Qwen2.5-Coder's
+# down_proj inputs on JavaScript). Emulated W8A8, default calibration (docs/accuracy.md, "Range headroom by
+# default"): Qwen2.5-Coder-0.5B JavaScript +27.9 % -> +15.5 %, Brown +7.2 % -> +2.1 % (4 windows); SmolLM2 Brown
+# +2.26 % -> +1.95 %, JavaScript +5.3 % -> +4.6 % (10 windows). Not at 6 bits: SmolLM2 W6A6 Brown +19.4 % -> +26.7 %.
+AUTO_RANGE_MARGIN = {8: 1.5}
 # --keep-fp16 auto keeps an input group unquantized where the plan's output error on the calibration sample is
 # more than AUTO_KEEP_FACTOR times that of dynamic per-token quantization (and above AUTO_KEEP_MIN).
 AUTO_KEEP_FACTOR = 4.0
@@ -211,8 +227,8 @@ def check_options(options: QuantizeOptions) -> None:
             if not layer.isdigit() or group not in INPUT_GROUPS:
                 raise UserError(f"{option} {listing!r}: {item!r} is not LAYER.GROUP with GROUP one of "
                                 f"{', '.join(INPUT_GROUPS)} (or pass none / auto)")
-    if options.range_margin <= 0 or not set(options.range_margin_groups) <= set(INPUT_GROUPS):
-        raise UserError(f"--range-margin {options.range_margin:g} --range-margin-groups "
+    if options.margin <= 0 or not set(options.range_margin_groups) <= set(INPUT_GROUPS):
+        raise UserError(f"--range-margin {options.margin:g} --range-margin-groups "
                         f"{','.join(options.range_margin_groups)}: the margin must be positive and the groups among "
                         f"{', '.join(INPUT_GROUPS)}")
     if options.lm_head not in LM_HEAD_CHOICES:
@@ -261,7 +277,8 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
     heads, kv_heads, head_dim = attention_groups(model_config)
     group_size = heads // kv_heads
     stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], group_size, head_dim))
-    stats = {group: widened(value, options.range_margin) if group in options.range_margin_groups else value
+    margin = options.for_architecture(arch).margin
+    stats = {group: widened(value, margin) if group in options.range_margin_groups else value
              for group, value in stats.items()}
     plans, info = {}, {}
     for group, names in arch.groups.items():

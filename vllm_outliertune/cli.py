@@ -156,8 +156,8 @@ def _add_calib_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     """Options of calibration and planning, shared by quantize and diagnose."""
-    from vllm_outliertune.offline.quantize import (AUTO_KEEP_FACTOR, LM_HEAD_CHOICES, METHODS, WEIGHT_ROUNDINGS,
-                                                   QuantizeOptions)
+    from vllm_outliertune.offline.quantize import (AUTO_KEEP_FACTOR, AUTO_RANGE_MARGIN, LM_HEAD_CHOICES, METHODS,
+                                                   WEIGHT_ROUNDINGS, QuantizeOptions)
 
     parser.add_argument("--w-bits", type=int, default=8)
     parser.add_argument("--a-bits", type=int, default=8)
@@ -194,8 +194,9 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outlier-factor", type=float, default=QuantizeOptions.outlier_factor,
                         help="see --exact-channels")
     parser.add_argument("--range-margin", type=_positive, default=QuantizeOptions.range_margin, metavar="F",
-                        help="widen the calibrated activation ranges of --range-margin-groups by F before planning "
-                             f"(headroom for text unlike the calibration text; default {QuantizeOptions.range_margin:g})")
+                        help="widen the calibrated activation ranges of --range-margin-groups by F before planning: "
+                             "headroom for text unlike the calibration text, paid for in resolution; default "
+                             f"{AUTO_RANGE_MARGIN[8]:g} at 8-bit activations, 1 below (Gemma: 1)")
     parser.add_argument("--range-margin-groups", type=_input_groups, default=QuantizeOptions.range_margin_groups,
                         metavar="all|GROUP,...", help="the input groups (qkv, o, gate_up, down) --range-margin widens "
                         f"(default {','.join(QuantizeOptions.range_margin_groups)})")
