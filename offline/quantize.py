@@ -55,7 +55,7 @@ class QuantizeOptions:
     act_clips: tuple[float, ...] | None = None  # activation range factors the search tries (None: the architecture's)
     # Calibrated per-channel ranges of the input groups in range_margin_groups are widened by this factor before
     # planning: headroom for activations beyond what the calibration text produced (another domain), paid for in
-    # resolution. None: the architecture's, else AUTO_RANGE_MARGIN by activation bits (for_architecture resolves it).
+    # resolution. None: the architecture's, else AUTO_RANGE_MARGIN by bit widths (for_architecture resolves it).
     range_margin: float | None = None
     range_margin_groups: tuple[str, ...] = INPUT_GROUPS
     # "none": lm_head stays in the model's dtype (tied embeddings stay tied); "int8": planned like a norm-fed linear
@@ -76,8 +76,9 @@ class QuantizeOptions:
 
     @property
     def margin(self) -> float:
-        """The range margin used: --range-margin, else AUTO_RANGE_MARGIN for the activation bits."""
-        return AUTO_RANGE_MARGIN.get(self.a_bits, 1.0) if self.range_margin is None else self.range_margin
+        """The range margin used: --range-margin, else AUTO_RANGE_MARGIN for the bit widths."""
+        auto = AUTO_RANGE_MARGIN.get((self.w_bits, self.a_bits), 1.0)
+        return auto if self.range_margin is None else self.range_margin
 
     def for_architecture(self, arch: Architecture) -> QuantizeOptions:
         """These options with --weight-rounding auto and the range margin resolved for ``arch`` where it has its
@@ -147,13 +148,14 @@ LM_HEAD_CHOICES = ("none", "int8")
 # for its Gram matrices (K x K per linear input, kept in the calibration cache). Architecture.gptq_bits overrides
 # this per family (Gemma 3: GPTQ at 4 and 8 bits, RTN at 6).
 AUTO_ROUNDING = {4: "gptq", 6: "gptq", 8: "rtn"}
-# Range margin when --range-margin is not given, by activation bits (1 for any not listed): every input group's
-# calibrated ranges x1.5 at 8 bits. The plan search then chooses among range factors 1.125-3 of the calibrated
-# range: held-out calibration windows rarely go past the ranges, text of another domain does (Qwen2.5-Coder's
-# down_proj inputs on JavaScript). Emulated W8A8, default calibration (docs/accuracy.md, "Range headroom by
-# default"): Qwen2.5-Coder-0.5B JavaScript +27.9 % -> +15.5 %, Brown +7.2 % -> +2.1 % (4 windows); SmolLM2 Brown
-# +2.26 % -> +1.95 %, JavaScript +5.3 % -> +4.6 % (10 windows). Not at 6 bits: SmolLM2 W6A6 Brown +19.4 % -> +26.7 %.
-AUTO_RANGE_MARGIN = {8: 1.5}
+# Range margin when --range-margin is not given, by (weight bits, activation bits) (1 for any pair not listed):
+# every input group's calibrated ranges x1.5 for W8A8. The plan search then chose the lowest factor of its grid
+# (0.75) in every group of Qwen2.5-Coder-0.5B and SmolLM2: each range 1.125x the calibrated one, where with margin 1
+# it clipped (0.75-1.0). Held-out calibration windows rarely go past the ranges; text of another domain does
+# (Qwen's down_proj inputs on JavaScript). Qwen W8A8 through vLLM, 16 windows (docs/accuracy.md, "Range headroom
+# by default"): JavaScript +27.6 % -> +14.9 %, Brown +6.5 % -> +2.8 %; SmolLM2 Brown (emulated, 10 windows) +2.26 %
+# -> +1.95 %. Not at 6 bits: SmolLM2 W6A6 Brown +19.4 % -> +26.7 % (emulated). W4A8 not measured.
+AUTO_RANGE_MARGIN = {(8, 8): 1.5}
 # --keep-fp16 auto keeps an input group unquantized where the plan's output error on the calibration sample is
 # more than AUTO_KEEP_FACTOR times that of dynamic per-token quantization (and above AUTO_KEEP_MIN).
 AUTO_KEEP_FACTOR = 4.0

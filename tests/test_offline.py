@@ -570,8 +570,8 @@ def test_row_clip_lowers_weighted_rounding_error():
 
 def test_range_margin_widens_only_its_groups(monkeypatch):
     """The plan search sees the calibrated (min, max) of the --range-margin-groups times --range-margin and every
-    other group's as calibrated. Without --range-margin: x1.5 at 8-bit activations (AUTO_RANGE_MARGIN), none at 6
-    bits nor for Gemma (its defaults were measured without one)."""
+    other group's as calibrated. Without --range-margin: x1.5 for W8A8 (AUTO_RANGE_MARGIN), none for W6A6, W4A8
+    nor for Gemma (its defaults were measured without one)."""
     from vllm_outliertune.offline import quantize as quantize_mod
     from vllm_outliertune.offline.architectures import ARCHITECTURES, INPUT_GROUPS
 
@@ -592,6 +592,7 @@ def test_range_margin_widens_only_its_groups(monkeypatch):
              (dict(range_margin=1.25), 1.25, INPUT_GROUPS),
              (dict(), 1.5, INPUT_GROUPS),  # the default at 8 bits
              (dict(w_bits=6, a_bits=6), 1.0, INPUT_GROUPS),
+             (dict(w_bits=4, a_bits=8), 1.0, INPUT_GROUPS),
              (dict(arch=gemma), 1.0, INPUT_GROUPS),
              (dict(arch=gemma, range_margin=1.5), 1.5, INPUT_GROUPS)]
     for options, margin, groups in cases:

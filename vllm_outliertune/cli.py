@@ -196,7 +196,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--range-margin", type=_positive, default=QuantizeOptions.range_margin, metavar="F",
                         help="widen the calibrated activation ranges of --range-margin-groups by F before planning: "
                              "headroom for text unlike the calibration text, paid for in resolution; default "
-                             f"{AUTO_RANGE_MARGIN[8]:g} at 8-bit activations, 1 below (Gemma: 1)")
+                             f"{AUTO_RANGE_MARGIN[8, 8]:g} for W8A8, 1 otherwise (Gemma: 1)")
     parser.add_argument("--range-margin-groups", type=_input_groups, default=QuantizeOptions.range_margin_groups,
                         metavar="all|GROUP,...", help="the input groups (qkv, o, gate_up, down) --range-margin widens "
                         f"(default {','.join(QuantizeOptions.range_margin_groups)})")
