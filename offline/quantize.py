@@ -150,11 +150,11 @@ LM_HEAD_CHOICES = ("none", "int8")
 AUTO_ROUNDING = {4: "gptq", 6: "gptq", 8: "rtn"}
 # Range margin when --range-margin is not given, by (weight bits, activation bits) (1 for any pair not listed):
 # every input group's calibrated ranges x1.5 for W8A8. The plan search then chose the lowest factor of its grid
-# (0.75) in every group of Qwen2.5-Coder-0.5B and SmolLM2: each range 1.125x the calibrated one, where with margin 1
-# it clipped (0.75-1.0). Held-out calibration windows rarely go past the ranges; text of another domain does
-# (Qwen's down_proj inputs on JavaScript). Qwen W8A8 through vLLM, 16 windows (docs/accuracy.md, "Range headroom
-# by default"): JavaScript +27.6 % -> +14.9 %, Brown +6.5 % -> +2.8 %; SmolLM2 Brown (emulated, 10 windows) +2.26 %
-# -> +1.95 %. Not at 6 bits: SmolLM2 W6A6 Brown +19.4 % -> +26.7 % (emulated). W4A8 not measured.
+# (0.75) in every group of Qwen2.5-Coder-0.5B and SmolLM2, so each range is 1.125x the calibrated one (with margin 1
+# it chose 0.75-1.0: clipping or none). Held-out calibration windows rarely go past the ranges; text of another
+# domain does (Qwen's down_proj inputs on JavaScript). W8A8 through vLLM (docs/accuracy.md, "Range headroom by
+# default"): Qwen JavaScript +27.6 % -> +14.9 %, Brown +6.5 % -> +2.8 % (16 windows); SmolLM2 Brown 42.33 -> 42.31
+# (40 windows). Not at 6 bits: SmolLM2 W6A6 Brown +19.4 % -> +26.7 % (emulated, 10 windows). W4A8 not measured.
 AUTO_RANGE_MARGIN = {(8, 8): 1.5}
 # --keep-fp16 auto keeps an input group unquantized where the plan's output error on the calibration sample is
 # more than AUTO_KEEP_FACTOR times that of dynamic per-token quantization (and above AUTO_KEEP_MIN).
