@@ -570,8 +570,8 @@ def test_row_clip_lowers_weighted_rounding_error():
 
 def test_range_margin_widens_only_its_groups(monkeypatch):
     """The plan search sees the calibrated (min, max) of the --range-margin-groups times --range-margin and every
-    other group's as calibrated. Without --range-margin: x1.5 for W8A8 (AUTO_RANGE_MARGIN), none for W6A6, W4A8
-    nor for Gemma (its defaults were measured without one)."""
+    other group's as calibrated. Without --range-margin: x1.5 for W8A8 (AUTO_RANGE_MARGIN), none for W6A6 and
+    W4A8 (measured worse) nor for Gemma (its defaults were measured without one)."""
     from vllm_outliertune.offline import quantize as quantize_mod
     from vllm_outliertune.offline.architectures import ARCHITECTURES, INPUT_GROUPS
 
