@@ -66,6 +66,8 @@ class Architecture:
     # Weight bits at which --weight-rounding auto picks GPTQ (offline/quantize.py resolves it); None: the default
     # choice (quantize.AUTO_ROUNDING).
     gptq_bits: tuple[int, ...] | None = None
+    # --range-margin when none is given; None: quantize.AUTO_RANGE_MARGIN by bit widths.
+    range_margin: float | None = None
 
     @property
     def groups(self) -> dict[str, tuple[str, ...]]:
@@ -101,8 +103,10 @@ LLAMA_LIKE = Architecture(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # layers where the total error chose coarser ones. Gemma 3 270M W8A8, Brown test: +1.1 % instead of +3.0 % through
 # vLLM (40 windows; dynamic per-token W8A8 +1.7 %), fp32 reference on 8 windows +1.8 % vs +4.1 %. Not at 6 bits:
 # W6A6 +23.7 % vs +22.0 % (reference, 8 windows; docs/accuracy.md).
+# No range margin: those figures were measured without one, and the default margin was not measured on Gemma.
 GEMMA = Architecture(("Gemma2ForCausalLM", "Gemma3ForCausalLM"), mlp_norm="pre_feedforward_layernorm",
-                     norm="rms_one_plus", activation_clips=(1.0,), per_token_bits=(8,), gptq_bits=(4, 8))
+                     norm="rms_one_plus", activation_clips=(1.0,), per_token_bits=(8,), gptq_bits=(4, 8),
+                     range_margin=1.0)
 PHI3 = Architecture(("Phi3ForCausalLM",), qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",),
                     v_rows=_fused_v_rows, up_rows=_fused_up_rows)
 OPT = Architecture(("OPTForCausalLM",), layers="model.decoder.layers", o_proj="self_attn.out_proj",

@@ -362,6 +362,23 @@ def test_cli_output_and_option_errors(random_llama, tmp_path, calib_text, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
 
 
+def test_range_margin_errors(capsys):
+    """A margin that is not positive, or a group that is not an input group, is refused naming the option, from the
+    command line (argparse) and from the API (check_options)."""
+    from vllm_outliertune.offline.model_io import UserError
+    from vllm_outliertune.offline.quantize import check_options
+
+    for args, needle in ((["--range-margin", "0"], "must be positive"), (["--range-margin", "1,2"], "one number"),
+                         (["--range-margin-groups", "qkv,up"], "up in 'qkv,up'")):
+        with pytest.raises(SystemExit) as exited:
+            cli_main(["quantize", "MODEL", "OUT", *args])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and args[0] in err and needle in err, (args, err)
+    for options in (QuantizeOptions(range_margin=-1.0), QuantizeOptions(range_margin_groups=("up",))):
+        with pytest.raises(UserError, match="--range-margin-groups"):
+            check_options(options)
+
+
 def test_cli_eval_torch_json(tiny_llama, calib_text, capsys):
     results = {}
     for kind in ("fp32", "w8a8"):
@@ -549,3 +566,40 @@ def test_row_clip_lowers_weighted_rounding_error():
 
     assert (row_error(clip) <= row_error(1.0)).all() and (clip < 1).sum() > 32
     assert float(row_error(clip).sum()) < 0.95 * float(row_error(1.0).sum())  # measured 0.91
+
+
+def test_range_margin_widens_only_its_groups(monkeypatch):
+    """The plan search sees the calibrated (min, max) of the --range-margin-groups times --range-margin and every
+    other group's as calibrated. Without --range-margin: x1.5 for W8A8 (AUTO_RANGE_MARGIN), none for W6A6 and
+    W4A8 (measured worse) nor for Gemma (its defaults were measured without one)."""
+    from vllm_outliertune.offline import quantize as quantize_mod
+    from vllm_outliertune.offline.architectures import ARCHITECTURES, INPUT_GROUPS
+
+    seen = []
+    search = quantize_mod.search_plan
+    monkeypatch.setattr(quantize_mod, "search_plan", lambda stats, *args, **kw:
+                        seen.append(stats) or search(stats, *args, **kw))
+    model, tokenizer = tiny_models.build_tiny_model("llama")
+    _, layer, stats = next(iter(calibrate_layers(model, _windows(tokenizer), progress=False)))
+
+    def searched(arch=architecture_of(model), **options) -> dict[str, InputStats]:
+        seen.clear()
+        plan_layer(copy.deepcopy(layer), stats, model.config, arch, QuantizeOptions(**options))
+        return dict(zip(arch.groups, seen))
+
+    gemma = ARCHITECTURES["Gemma3ForCausalLM"]
+    cases = [(dict(range_margin=1.5, range_margin_groups=("down",)), 1.5, ("down",)),
+             (dict(range_margin=1.25), 1.25, INPUT_GROUPS),
+             (dict(), 1.5, INPUT_GROUPS),  # the default at 8 bits
+             (dict(w_bits=6, a_bits=6), 1.0, INPUT_GROUPS),
+             (dict(w_bits=4, a_bits=8), 1.0, INPUT_GROUPS),
+             (dict(arch=gemma), 1.0, INPUT_GROUPS),
+             (dict(arch=gemma, range_margin=1.5), 1.5, INPUT_GROUPS)]
+    for options, margin, groups in cases:
+        base = searched(arch=options.get("arch", architecture_of(model)), range_margin=1.0)
+        widened = searched(**options)
+        for group in base:
+            factor = margin if group in groups else 1.0
+            for end in ("min", "max"):
+                assert torch.equal(getattr(widened[group], end), getattr(base[group], end) * factor), (options, group)
+            assert torch.equal(widened[group].sample, base[group].sample)

@@ -22,7 +22,8 @@ def _quantize_options(args: argparse.Namespace):
                            weight_rounding=args.weight_rounding, keep_fp16=args.keep_fp16,
                            int8_weights=args.int8_weights,
                            exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
-                           act_clips=args.act_clips, range_margin=args.range_margin, lm_head=args.lm_head)
+                           act_clips=args.act_clips, range_margin=args.range_margin,
+                           range_margin_groups=args.range_margin_groups, lm_head=args.lm_head)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -124,6 +125,26 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _positive(text: str) -> float:
+    """argparse type: one positive number."""
+    values = _floats(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one number, got {text!r}")
+    return values[0]
+
+
+def _input_groups(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated input groups (qkv, o, gate_up, down), or all."""
+    from vllm_outliertune.offline.architectures import INPUT_GROUPS
+
+    groups = INPUT_GROUPS if text == "all" else tuple(text.split(","))
+    unknown = [group for group in groups if group not in INPUT_GROUPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)} in {text!r}: use all or groups among "
+                                         f"{', '.join(INPUT_GROUPS)}")
+    return groups
+
+
 def _add_calib_option(parser: argparse.ArgumentParser) -> None:
     from vllm_outliertune.offline.assets import DEFAULT_CALIB, text_names
 
@@ -135,8 +156,8 @@ def _add_calib_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     """Options of calibration and planning, shared by quantize and diagnose."""
-    from vllm_outliertune.offline.quantize import (AUTO_KEEP_FACTOR, LM_HEAD_CHOICES, METHODS, WEIGHT_ROUNDINGS,
-                                                   QuantizeOptions)
+    from vllm_outliertune.offline.quantize import (AUTO_KEEP_FACTOR, AUTO_RANGE_MARGIN, LM_HEAD_CHOICES, METHODS,
+                                                   WEIGHT_ROUNDINGS, QuantizeOptions)
 
     parser.add_argument("--w-bits", type=int, default=8)
     parser.add_argument("--a-bits", type=int, default=8)
@@ -172,9 +193,13 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                              "go to a small floating-point side GEMM")
     parser.add_argument("--outlier-factor", type=float, default=QuantizeOptions.outlier_factor,
                         help="see --exact-channels")
-    parser.add_argument("--range-margin", type=float, default=QuantizeOptions.range_margin, metavar="F",
-                        help="widen every calibrated activation range by F before planning (headroom for text unlike "
-                             "the calibration text)")
+    parser.add_argument("--range-margin", type=_positive, default=QuantizeOptions.range_margin, metavar="F",
+                        help="widen the calibrated activation ranges of --range-margin-groups by F before planning: "
+                             "headroom for text unlike the calibration text, paid for in resolution; default "
+                             f"{AUTO_RANGE_MARGIN[8, 8]:g} for W8A8, 1 otherwise (Gemma: 1)")
+    parser.add_argument("--range-margin-groups", type=_input_groups, default=QuantizeOptions.range_margin_groups,
+                        metavar="all|GROUP,...", help="the input groups (qkv, o, gate_up, down) --range-margin widens "
+                        f"(default {','.join(QuantizeOptions.range_margin_groups)})")
     parser.add_argument("--act-clips", type=_floats, default=QuantizeOptions.act_clips, metavar="C,C,...",
                         help="method outliertune: activation range factors the per-layer search tries on held-out "
                              "calibration windows (below 1 clips the calibrated range, above 1 leaves headroom); "
