@@ -125,8 +125,8 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
-def _positive(text: str) -> float:
-    """argparse type: one positive number."""
+def _one_number(text: str) -> float:
+    """argparse type: one number (check_options says which values the option takes)."""
     values = _floats(text)
     if len(values) != 1:
         raise argparse.ArgumentTypeError(f"expected one number, got {text!r}")
@@ -193,7 +193,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                              "go to a small floating-point side GEMM")
     parser.add_argument("--outlier-factor", type=float, default=QuantizeOptions.outlier_factor,
                         help="see --exact-channels")
-    parser.add_argument("--range-margin", type=_positive, default=QuantizeOptions.range_margin, metavar="F",
+    parser.add_argument("--range-margin", type=_one_number, default=QuantizeOptions.range_margin, metavar="F",
                         help="widen the calibrated activation ranges of --range-margin-groups by F before planning: "
                              "headroom for text unlike the calibration text, paid for in resolution; default "
                              f"{AUTO_RANGE_MARGIN[8, 8]:g} for W8A8, 1 otherwise (Gemma: 1)")
