@@ -147,6 +147,22 @@ def w4a8_splitk_candidates(m: int) -> list[dict]:
     return candidates
 
 
+def w4a8_loop_variants(tiles: list[dict]) -> list[dict]:
+    """`tiles` (duplicates dropped) plus their FACTORED loops' variants: tensor-core word tiles (kernels/w4a8_gemm.py)
+    also with the zero points in the weight operand, the group terms loaded a step ahead, and both (which wins
+    depends on the tile; H200: PREFETCH loses at BLOCK_M 128); dp4a tiles also with their loads a step ahead."""
+    variants = []
+    for config in tiles:  # from the plain loop of each, so that a tile listed with a variant is also tried without
+        plain = {key: value for key, value in config.items() if key not in ("PREFETCH", "WORD_LEVELS")}
+        if config.get("FACTORED") and config["BLOCK_M"] >= 16 and config["BLOCK_K"] >= 64:
+            variants += [dict(plain, **variant) for variant in ({}, {"PREFETCH": 1}, {"WORD_LEVELS": 1},
+                                                                 {"PREFETCH": 1, "WORD_LEVELS": 1})]
+        elif config.get("FACTORED") and config["BLOCK_M"] < 16:
+            variants += [plain, dict(plain, PREFETCH=1)]
+    unique = {tuple(sorted(config.items())): config for config in tiles + variants}
+    return list(unique.values())
+
+
 def full_candidates(kernel: str, m: int) -> list[dict]:
     if kernel in EXTERNAL_KERNELS:
         return [{}]  # a library GEMM picks its own tiles
@@ -161,16 +177,7 @@ def full_candidates(kernel: str, m: int) -> list[dict]:
         factored = [dict(config, FACTORED=1) for config in tiles if W4A8_GROUP_SIZE % config["BLOCK_K"] == 0]
         acc_k = [dict(config, ACC_K=1) for config in factored if config["BLOCK_M"] < 16 and
                  config["BLOCK_M"] * config["BLOCK_K"] // 8 * config["BLOCK_N"] <= 64 * 32 * config["num_warps"]]
-        # tensor-core word tiles (kernels/w4a8_gemm.py) also with the zero points in the weight operand, the group
-        # terms loaded a step ahead, and both: which wins depends on the tile (H200: PREFETCH loses at BLOCK_M 128);
-        # the dp4a tiles also with their loads a step ahead
-        word_tiles = [dict(config, **variant) for config in factored
-                      if config["BLOCK_M"] >= 16 and config["BLOCK_K"] >= 64
-                      for variant in ({"PREFETCH": 1}, {"WORD_LEVELS": 1}, {"PREFETCH": 1, "WORD_LEVELS": 1})]
-        dp4a_ahead = [dict(config, PREFETCH=1) for config in factored + acc_k if config["BLOCK_M"] < 16]
-        unique = {tuple(sorted(config.items())): config
-                  for config in tiles + factored + acc_k + word_tiles + dp4a_ahead}
-        return list(unique.values())
+        return w4a8_loop_variants(tiles + factored + acc_k)
     return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
 
 
@@ -285,10 +292,12 @@ class TuneState:
         record = self.records.get(key)
         return record is not None and (record["search"] in (search, "full") or search == "table")
 
-    def add(self, key: tuple, search: str, timings: list[tuple[float, dict]]) -> None:
+    def add(self, key: tuple, search: str, timings: list[tuple[float, dict]], failed: list[dict] = ()) -> None:
         device, kernel, n, k, m = key
         record = {"device": device, "kernel": kernel, "n": n, "k": k, "m": m, "search": search,
                   "timings": [[round(t, 3), c] for t, c in sorted(timings, key=lambda t: t[0])]}
+        if failed:  # tiles that could not run here (e.g. out of shared memory): not retried on resume
+            record["failed"] = list(failed)
         self.records[key] = record
         if self.path is not None:
             with self.path.open("a") as f:
@@ -458,7 +467,10 @@ def quick_candidates(kernel: str, m: int, n: int, k: int, keys: tuple[str, ...],
         config = ranked_config(spread, kernel, m, rank)
         if config is not None:
             seen.setdefault(json.dumps(config, sort_keys=True), config)
-    return list(seen.values()) if len(seen) >= 2 else full_candidates(kernel, m)
+    if len(seen) < 2:
+        return full_candidates(kernel, m)
+    # the loop variants cost a compile each and win or lose by tile, so the quick search tries them on its tiles
+    return w4a8_loop_variants(list(seen.values())) if kernel in W4A8_KERNELS else list(seen.values())
 
 
 _WORKER_ARGS: dict[tuple, tuple] = {}
@@ -574,39 +586,59 @@ def _tune_shape(n: int, k: int, shape_tasks: list[tuple], options: TuneOptions, 
     for _, _, m, kernel in shape_tasks:
         key = (device_key, kernel, n, k, m)
         task_search = search if kernel in options.kernels else "table"
+        record = state.records.get(key)
+        if task_search == "full" and record is not None and record["search"] == "full":
+            kept, candidates = _full_search_increment(record, full_candidates(kernel, m))
+            if candidates:
+                plans.append((key, task_search, kept, candidates))
+                continue
         if state.has(key, task_search):
             bar.update(1)
             continue
         candidates = ([get_config(kernel, m, n, k, keys)] if task_search == "table" else
                       full_candidates(kernel, m) if task_search == "full" else
                       quick_candidates(kernel, m, n, k, keys, state, device_key))
-        plans.append((key, task_search, candidates))
-    if not precompile(pool, [(key[1], key[4], n, k, c) for key, _, cands in plans for c in cands], options.workers,
-                      bar.write):
+        plans.append((key, task_search, [], candidates))
+    if not precompile(pool, [(key[1], key[4], n, k, c) for key, _, _, cands in plans for c in cands],
+                      options.workers, bar.write):
         pool.shutdown(cancel_futures=True)
         options.workers = 0
     if plans:
         warm_gpu()
     args_key = None
-    for key, task_search, candidates in plans:
+    for key, task_search, kept, candidates in plans:
         _, kernel, _, _, m = key
         if args_key != (m, FALLBACK[kernel]):
             args, args_key = gemm_args(m, n, k, kernel), (m, FALLBACK[kernel])
         bar.update(1)
         if not kernel_applies(kernel, args):
             continue  # e.g. TMA off Hopper: nothing to record, the dispatch never picks it here
-        timings = []
+        timings, failed = list(kept), []
         run = runner(kernel, args)
         for config in candidates:
             try:
                 timings.append((graph_time_us(lambda: run(config), options.rep_ms), config))
             except Exception as error:  # e.g. out of shared memory or registers: skip this tile
+                failed.append(config)
                 bar.write(f"skip {kernel} N={n} K={k} M={m} {config}: {type(error).__name__}: {error}"[:300])
-        state.add(key, task_search, timings)
+        state.add(key, task_search, timings, failed)
         if timings:
             ranked = sorted(timings, key=lambda t: t[0])
             bar.write(f"{kernel:17s} N={n:5d} K={k:5d} M={m:5d} best {ranked[0][0]:9.1f} us {ranked[0][1]} "
                       f"(next: {', '.join(f'{t:.1f}' for t, _ in ranked[1:4])})")
+
+
+def _full_search_increment(record: dict, candidates: list[dict]) -> tuple[list[tuple[float, dict]], list[dict]]:
+    """(timings to keep, tiles to time) for a full search the state holds from a shorter candidate list (a tuner
+    that has since gained tiles or loop variants): only the new tiles are timed, and the record's best again, so that
+    they race it in this run rather than against a time from another session; nothing to time when none is new."""
+    seen = {json.dumps(c, sort_keys=True) for _, c in record["timings"]}
+    seen |= {json.dumps(c, sort_keys=True) for c in record.get("failed", [])}
+    new = [c for c in candidates if json.dumps(c, sort_keys=True) not in seen]
+    if not new or not record["timings"]:
+        return [], new
+    best = record["timings"][0][1]  # records are sorted by time
+    return [(t, c) for t, c in record["timings"][1:]], [best] + new
 
 
 def _write(options: TuneOptions, state: TuneState, device_key: str, family: str) -> None:

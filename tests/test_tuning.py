@@ -294,6 +294,42 @@ def test_load_time_pick_operands_and_failures_do_not_stop_a_load(monkeypatch, ca
     assert "weight [16, 8]: the load-time tile choice failed (RuntimeError: no GPU time today)" in caplog.text
 
 
+def test_full_search_resume_times_only_new_candidates_and_races_the_old_best(tmp_path, monkeypatch):
+    """A state from a tuner with fewer candidates (e.g. before a loop variant existed): a full search times the new
+    tiles and the record's best again, keeps the other old times, and remembers tiles that failed to run."""
+    old, new_tile, broken = tile(16), tile(32), tile(64)
+    monkeypatch.setattr(tune, "full_candidates", lambda kernel, m: [old, tile(128), new_tile, broken])
+    timed = []
+
+    def fake_time(fn, rep_ms):
+        config = fn()
+        if config == broken:
+            raise RuntimeError("out of shared memory")
+        timed.append(config)
+        return {16: 3.0, 32: 2.0}[config["BLOCK_M"]]
+
+    monkeypatch.setattr(tune, "graph_time_us", fake_time)
+    monkeypatch.setattr(tune, "runner", lambda kernel, args: lambda config: config)
+    for name, stub in (("gemm_args", lambda *a: ()), ("kernel_applies", lambda *a: True), ("warm_gpu", lambda: None),
+                       ("precompile", lambda *a: True)):
+        monkeypatch.setattr(tune, name, stub)
+    path = tmp_path / "state.jsonl"
+    state = tune.TuneState.load(path)
+    key = ("GPU", "int8_gemm", 64, 64, 16)
+    state.add(key, "full", [(1.0, old), (5.0, tile(128))])
+    options = tune.TuneOptions(shapes=[(64, 64)], kernels=("int8_gemm",), buckets=[16], search="full", workers=0)
+    bar = SimpleNamespace(update=lambda n: None, write=lambda text: None)
+
+    tune._tune_shape(64, 64, [(64, 64, 16, "int8_gemm")], options, "full", ("GPU", "sm90", "default"), state, None,
+                     bar)
+    assert timed == [old, new_tile]  # the old best re-timed (3.0 now), the new tile (2.0) wins against it
+    record = tune.TuneState.load(path).records[key]
+    assert record["timings"] == [[2.0, new_tile], [3.0, old], [5.0, tile(128)]] and record["failed"] == [broken]
+    tune._tune_shape(64, 64, [(64, 64, 16, "int8_gemm")], options, "full", ("GPU", "sm90", "default"),
+                     tune.TuneState.load(path), None, bar)
+    assert timed == [old, new_tile]  # resumed again: nothing new, the failed tile not retried
+
+
 def test_quick_candidates_are_the_family_tiles_plus_the_spread_best(tmp_path, user_table):
     state = tune.TuneState(None)
     state.add(("NVIDIA H800", "int8_gemm", 64, 64, 16), "full", [(1.0, tile(16)), (2.0, tile(32))])
