@@ -109,3 +109,26 @@ def test_synthetic_checkpoint_has_a_real_quantizes_tensors(e2e_gpu, tmp_path, mo
                     assert all(torch.equal(vectors[0], v) for v in vectors[1:]), f"{group} {suffix}"
                     shared += 1
         assert shared, "no shared input vectors to compare"
+
+
+def test_w4a8_refine_ships_only_clear_wins_and_gives_a_gemm_winner_the_bucket():
+    spec = importlib.util.spec_from_file_location("w4a8_refine", BENCH / "w4a8_refine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from vllm_outliertune.kernels import configs
+
+    tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "FACTORED": 1, "num_warps": 4, "num_stages": 4}
+    shape = "N=4096,K=14336"  # the H200 table lists w4a8_splitk for it at 16 and 64
+    summary = [
+        {"kernel": "w4a8_splitk", "n": 4096, "k": 14336, "m": 16, "shipped_us": 30.0, "best_us": 29.5,
+         "best": dict(tile, WORD_LEVELS=1)},  # within 3 %: stays
+        {"kernel": "w4a8_splitk", "n": 4096, "k": 14336, "m": 64, "shipped_us": 45.0, "best_us": 40.0,
+         "best": dict(tile, SPLIT_K=4)},  # beaten by w4a8_gemm below
+        {"kernel": "w4a8_gemm", "n": 4096, "k": 14336, "m": 64, "shipped_us": 45.0, "best_us": 30.0,
+         "best": dict(tile, BLOCK_M=64, WORD_LEVELS=1)}]
+    before = configs.load_table()["devices"]["NVIDIA H200"]
+    device = module.refined_table(summary, "NVIDIA H200")["devices"]["NVIDIA H200"]
+    assert device["w4a8_splitk"][shape]["16"] == before["w4a8_splitk"][shape]["16"]
+    assert device["w4a8_gemm"][shape]["64"] == dict(tile, BLOCK_M=64, WORD_LEVELS=1)
+    assert "64" not in device["w4a8_splitk"][shape]  # else the dispatch would still run split-K at M = 64
+    assert "64" in configs.load_table()["devices"]["NVIDIA H200"]["w4a8_splitk"][shape]  # the cached table intact

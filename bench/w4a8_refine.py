@@ -1,0 +1,114 @@
+"""Re-time the W4A8 loop variants (kernels/w4a8_gemm.py: dp4a PREFETCH, tensor-core PREFETCH / WORD_LEVELS) on the
+tiles the table ships and on the best few of the earlier full searches, per shape and small-M bucket, against the
+shipped dispatch; then write a copy of the shipped table where a tile beat the dispatch by 3 % (GPU):
+
+    python bench/w4a8_refine.py 6144x4096,4096x4096,28672x4096,4096x14336 OUT_DIR
+
+A narrow search (tens of timings per bucket where `outliertune tune --search full` has hundreds): how the H200
+entries of session 11 were chosen. OUT_DIR gets refine_state.jsonl (the tuner's state format, search "quick"),
+refine.json (per bucket and kernel: the shipped dispatch's time and the best tile) and refined_table.json."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import json
+import multiprocessing
+import sys
+from pathlib import Path
+
+import torch
+
+from vllm_outliertune.kernels import configs, linear, tune
+
+BUCKETS = {"w4a8_splitk": (1, 4, 16, 32, 64, 128), "w4a8_gemm": (32, 64, 128)}
+EARLIER = ("bench/tune_state_h200_w4a8.jsonl.gz", "bench/tune_state_h200_w4a8_m64.jsonl.gz")
+TOP = 4  # best FACTORED tiles taken from an earlier full search (and its best two of any loop)
+SHIP_BELOW = 0.97  # a tile replaces the dispatch's choice when it takes less than this fraction of its time
+
+
+def earlier_records() -> dict[tuple, dict]:
+    records = {}
+    for path in EARLIER:
+        for line in gzip.open(path, "rt"):
+            r = json.loads(line)
+            records[(r["kernel"], r["n"], r["k"], r["m"])] = r
+    return records
+
+
+def candidates(kernel: str, n: int, k: int, m: int, keys: tuple, earlier: dict) -> list[dict]:
+    found = []
+    listed = configs.find_entry(kernel, keys, n, k)
+    if listed:
+        per_m = configs.effective_table()["devices"][listed[0]][kernel][listed[1]]
+        found += [per_m[str(m)]] if str(m) in per_m else []
+    if (kernel, n, k, m) in earlier:
+        timings = [c for _, c in earlier[(kernel, n, k, m)]["timings"]]
+        found += [c for c in timings if c.get("FACTORED")][:TOP] + timings[:2]
+    return tune.w4a8_loop_variants(found)
+
+
+def time_plans(plans: list[tuple], state: tune.TuneState, device_key: str) -> list[dict]:
+    summary = []
+    tune.warm_gpu()
+    for kernel, n, k, m, tiles in plans:
+        args = tune.gemm_args(m, n, k, kernel)
+        want = tune.runner("w4a8_gemm", args)({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64})
+        shipped_us = tune.graph_time_us(lambda: linear.w4a8_gemm(*args, torch.bfloat16), 10)
+        run = tune.runner(kernel, args)
+        timings = []
+        for config in tiles:
+            try:
+                got = run(config)
+            except Exception as error:  # e.g. out of shared memory or registers: skip this tile
+                print(f"skip {kernel} N={n} K={k} M={m} {config}: {error}"[:200], flush=True)
+                continue
+            if not torch.equal(got, want):
+                raise AssertionError(f"{kernel} N={n} K={k} M={m} {config} differs from the plain tile's output")
+            timings.append((tune.graph_time_us(lambda: run(config), 10), config))
+        state.add((device_key, kernel, n, k, m), "quick", timings)
+        best_us, best = min(timings, key=lambda t: t[0]) if timings else (None, None)
+        summary.append({"kernel": kernel, "n": n, "k": k, "m": m, "shipped_us": round(shipped_us, 1),
+                        "best_us": best_us and round(best_us, 1), "best": best})
+        print(json.dumps(summary[-1]), flush=True)
+    return summary
+
+
+def refined_table(summary: list[dict], device_key: str) -> dict:
+    """The shipped table with each bucket's fastest tile (over both kernels) where it beat the dispatch; a
+    w4a8_gemm winner takes the bucket from the split-K / unpack entries, which the dispatch would run first."""
+    table = json.loads(json.dumps(configs.load_table()))  # a copy: load_table's result is cached
+    device = table["devices"][device_key]
+    for row in summary:
+        rivals = [r for r in summary if (r["n"], r["k"], r["m"]) == (row["n"], row["k"], row["m"]) and r["best_us"]]
+        if min(rivals, key=lambda r: r["best_us"]) is not row or row["best_us"] > SHIP_BELOW * row["shipped_us"]:
+            continue
+        shape = configs.shape_key(row["n"], row["k"])
+        entry = device.setdefault(row["kernel"], {}).setdefault(shape, {}) | {str(row["m"]): row["best"]}
+        device[row["kernel"]][shape] = dict(sorted(entry.items(), key=lambda item: int(item[0])))
+        if row["kernel"] == "w4a8_gemm":
+            for other in ("w4a8_splitk", "w4a8_unpack"):
+                device.get(other, {}).get(shape, {}).pop(str(row["m"]), None)
+        print(f"ship {shape} M={row['m']} {row['kernel']}: {row['shipped_us']} -> {row['best_us']} us", flush=True)
+    return table
+
+
+def main(shapes: str, out: Path) -> None:
+    device_key = configs.table_keys(torch.device("cuda"))[0]
+    keys = configs.table_keys(torch.device("cuda"))
+    earlier = earlier_records()
+    plans = [(kernel, n, k, m, candidates(kernel, n, k, m, keys, earlier))
+             for n, k in (tuple(map(int, s.split("x"))) for s in shapes.split(","))
+             for kernel, ms in BUCKETS.items() for m in ms]
+    jobs = [(kernel, m, n, k, c) for kernel, n, k, m, tiles in plans for c in tiles]
+    print(f"{len(jobs)} timings", flush=True)
+    with concurrent.futures.ProcessPoolExecutor(16, mp_context=multiprocessing.get_context("spawn")) as pool:
+        tune.precompile(pool, jobs, 16, print)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = time_plans(plans, tune.TuneState.load(out / "refine_state.jsonl"), device_key)
+    (out / "refine.json").write_text(json.dumps(summary, indent=1))
+    (out / "refined_table.json").write_text(json.dumps(refined_table(summary, device_key), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
