@@ -9,7 +9,11 @@ channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_out
   terms apply per output: (sum a * code - zero * sum a) * scale, the same integer. About 5 integer instructions per
   8 weights; the byte layout before needed ~16 (H200, Llama-3-8B shapes: W4A8 GEMVs at 0.75-0.80x the int8 GEMV's
   speed, bound by that work at a marginal 1.4 TB/s). With ACC_K the scaled products accumulate in a
-  [BLOCK_M, BLOCK_K / 8, BLOCK_N] register tile reduced once after the K loop instead of once per tile.
+  [BLOCK_M, BLOCK_K / 8, BLOCK_N] register tile reduced once after the K loop instead of once per tile. Its tiles
+  may also hold several whole groups (TILE_GROUPS, a power of two), so checkpoints with groups below the tuned
+  BLOCK_K (--group-size 64 or 32) keep the dp4a loop (H200, the shipped BLOCK_K 128 tiles at group size 64, M = 1:
+  gate_up 41.8 µs against 203.5 for the per-weight loop they fell to; at group size 128 tiles of 256 and 512
+  channels lost to the one-group tiles on all four Llama-3-8B shapes, so the tuner does not try them).
 - WORD_DOTS (tiles inside one group, tensor-core tiles with BLOCK_K >= 64): the low nibbles of the words' bytes
   are channels 8j + b, the high ones 8j + 4 + b; shifted out into two int8 code tiles, two tensor-core dots against
   the activations of those channels (split out of the activation tile in registers), the group terms per output.
@@ -36,7 +40,8 @@ import triton
 import triton.language as tl
 
 from vllm_outliertune.format import group_count
-from vllm_outliertune.kernels.int8_gemm import grouped_tile, launch_options, start_gemm
+from vllm_outliertune.kernels.int8_gemm import (early_launch, grouped_tile, launch_options, start_gemm,
+                                                wait_for_previous_grid)
 from vllm_outliertune.kernels.splitk_gemm import (DP4A_ASM, as_words, dot4_accumulate, split_k_plan,
                                                   split_k_store)
 from vllm_outliertune.kernels.w4a8_words import CHANNELS_PER_WORD
@@ -46,6 +51,14 @@ from vllm_outliertune.kernels.w4a8_words import CHANNELS_PER_WORD
 def _tile_group(scale_ptr, zero_ptr, rows_w, group, stride_gn, stride_gk):
     """int32 scale and zero point [BLOCK_N] of one group (a scalar) for the tile's output rows."""
     offsets = rows_w.to(tl.int64) * stride_gn + group * stride_gk
+    return tl.load(scale_ptr + offsets).to(tl.int32), tl.load(zero_ptr + offsets).to(tl.int32)
+
+
+@triton.jit
+def _tile_groups(scale_ptr, zero_ptr, rows_w, first_group, last_group, stride_gn, stride_gk, TILE_GROUPS: tl.constexpr):
+    """int32 scales and zero points [TILE_GROUPS, BLOCK_N] of the groups from first_group (none past last_group)."""
+    groups = tl.minimum(first_group + tl.arange(0, TILE_GROUPS), last_group)
+    offsets = rows_w[None, :].to(tl.int64) * stride_gn + groups[:, None].to(tl.int64) * stride_gk
     return tl.load(scale_ptr + offsets).to(tl.int32), tl.load(zero_ptr + offsets).to(tl.int32)
 
 
@@ -137,9 +150,12 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
                       GROUP_SIZE, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
                       EVEN_N: tl.constexpr, FACTORED: tl.constexpr, WORD_DOTS: tl.constexpr, DP4A: tl.constexpr,
                       DP4A_ASM: tl.constexpr, WORD_LEVELS: tl.constexpr, PREFETCH: tl.constexpr,
-                      ACC_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      ACC_K: tl.constexpr, TILE_GROUPS: tl.constexpr, WAIT_PREVIOUS: tl.constexpr,
+                      BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # K, K_PER_SPLIT and BLOCK_K count channels; with DP4A a_ptr is the int32 view of the codes (stride_am in words).
+    if WAIT_PREVIOUS and not DP4A:  # launched early; the dp4a loop waits later, after it asked for its weights
+        wait_for_previous_grid()
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m, offs_n, rows_a, rows_w = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -172,17 +188,33 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     if ACC_K:
         acc3 = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
+    last_group = (K - 1) // GROUP_SIZE
     if PREFETCH:
-        next_scale, next_zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, k_start // GROUP_SIZE, stride_gn, stride_gk)
+        if TILE_GROUPS > 1:
+            next_scale, next_zero = _tile_groups(gscale_ptr, gzero_ptr, rows_w, k_start // GROUP_SIZE, last_group,
+                                                 stride_gn, stride_gk, TILE_GROUPS)
+        else:
+            next_scale, next_zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, k_start // GROUP_SIZE, stride_gn,
+                                                stride_gk)
         if DP4A:  # and the first step's words: each step then asks for the next step's before it computes
-            next_a = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
             next_w = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0, eviction_policy="evict_first")
+            if WAIT_PREVIOUS:
+                wait_for_previous_grid()
+            next_a = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
     for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
-        if FACTORED:
+        if FACTORED and TILE_GROUPS > 1:  # the dp4a loop over tiles of several whole groups
+            if PREFETCH:
+                scale, zero = next_scale, next_zero
+                next_scale, next_zero = _tile_groups(gscale_ptr, gzero_ptr, rows_w, (k_start + (i + 1) * BLOCK_K)
+                                                     // GROUP_SIZE, last_group, stride_gn, stride_gk, TILE_GROUPS)
+            else:
+                scale, zero = _tile_groups(gscale_ptr, gzero_ptr, rows_w, (k_start + i * BLOCK_K) // GROUP_SIZE,
+                                           last_group, stride_gn, stride_gk, TILE_GROUPS)
+        elif FACTORED:
             if PREFETCH:  # this tile's group terms came in one step ago; ask for the next ones now
                 scale, zero = next_scale, next_zero
                 next_scale, next_zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, tl.minimum(
-                    (k_start + (i + 1) * BLOCK_K) // GROUP_SIZE, (K - 1) // GROUP_SIZE), stride_gn, stride_gk)
+                    (k_start + (i + 1) * BLOCK_K) // GROUP_SIZE, last_group), stride_gn, stride_gk)
             else:
                 scale, zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, (k_start + i * BLOCK_K) // GROUP_SIZE,
                                           stride_gn, stride_gk)
@@ -212,18 +244,30 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
                                  mask=(offs_ww + BLOCK_K // 8 < (split_end + 7) // 8)[:, None], other=0,
                                  eviction_policy="evict_first")
             else:
-                a_words = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
                 w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0,
                                   eviction_policy="evict_first")
-            products = _word_products(a_words, w_words, BLOCK_M, BLOCK_K // 8, DP4A_ASM) * scale[None, None, :]
-            if ACC_K:
-                acc3 += products
+                if WAIT_PREVIOUS:  # (after the first step it returns at once)
+                    wait_for_previous_grid()
+                a_words = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
+            products = _word_products(a_words, w_words, BLOCK_M, BLOCK_K // 8, DP4A_ASM)
+            # the zero-point term needs each row's sum of its activation codes (a dp4a with 1, 1, 1, 1) per group
+            a_sums = dot4_accumulate(a_words, tl.full(a_words.shape, 0x01010101, tl.int32),
+                                     tl.zeros(a_words.shape, dtype=tl.int32), DP4A_ASM)
+            if TILE_GROUPS > 1:  # words and activation words of the tile as [.., group, word in group, ..]
+                scaled = tl.reshape(products, (BLOCK_M, TILE_GROUPS, BLOCK_K // 8 // TILE_GROUPS, BLOCK_N)) \
+                    * scale[None, :, None, :]
+                if ACC_K:
+                    acc3 += tl.reshape(scaled, (BLOCK_M, BLOCK_K // 8, BLOCK_N))
+                else:
+                    acc += tl.sum(tl.sum(scaled, axis=2), axis=1)
+                a_sum = tl.sum(tl.reshape(a_sums, (BLOCK_M, TILE_GROUPS, BLOCK_K // 4 // TILE_GROUPS)), axis=2)
+                acc -= tl.sum(a_sum[:, :, None] * (zero * scale)[None, :, :], axis=1)
             else:
-                acc += tl.sum(products, axis=1)
-            # the zero-point term: each row's sum of its activation codes in the tile (a dp4a with 1, 1, 1, 1)
-            a_sum = tl.sum(dot4_accumulate(a_words, tl.full(a_words.shape, 0x01010101, tl.int32),
-                                           tl.zeros(a_words.shape, dtype=tl.int32), DP4A_ASM), axis=1)
-            acc -= a_sum[:, None] * (zero * scale)[None, :]
+                if ACC_K:
+                    acc3 += products * scale[None, None, :]
+                else:
+                    acc += tl.sum(products * scale[None, None, :], axis=1)
+                acc -= tl.sum(a_sums, axis=1)[:, None] * (zero * scale)[None, :]
             offs_aw += BLOCK_K // 4
             a_ptrs += BLOCK_K // 4
             offs_ww += BLOCK_K // 8
@@ -303,20 +347,24 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k, k_per_split, partial_sums, counters = split_k_plan(m, n, k, tiles, block_k, config, a_q.device)
     group = group_size or block_k * triton.cdiv(k, block_k)  # 0: one group spans the row (and every tile)
-    factored = bool(config.get("FACTORED")) and group % block_k == 0
-    # the dp4a loop reads the activation rows as int32 words (K a multiple of 4, aligned rows)
-    a_words = as_words(a_q) if factored and block_m < 16 else None
+    in_group = group % block_k == 0
+    # the dp4a loop reads the activation rows as int32 words (K a multiple of 4, aligned rows); its tiles may also
+    # hold several whole groups (a power of two of them)
+    whole_groups = block_k % group == 0 and triton.next_power_of_2(block_k // group) == block_k // group
+    a_words = as_words(a_q) if config.get("FACTORED") and block_m < 16 and (in_group or whole_groups) else None
     dp4a = a_words is not None
+    factored = bool(config.get("FACTORED")) and (in_group or dp4a)
     word_dots = factored and block_m >= 16 and block_k >= 64  # two dots of K = BLOCK_K / 2 >= 32
     word_levels = word_dots and bool(config.get("WORD_LEVELS"))
+    early = early_launch(config, a_q.device)
     _w4a8_gemm_kernel[(tiles, split_k)](
         a_words if dp4a else a_q, w_words, group_scale, group_zero, out, w_scale, bias, partial_sums, counters,
         m, n, k, a_q.stride(0) // (4 if dp4a else 1), w_words.stride(0), w_words.stride(1), group_scale.stride(0),
         group_scale.stride(1), out.stride(0), k_per_split, group,
-        HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=group % block_k == 0, EVEN_N=n % block_n == 0,
+        HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=in_group, EVEN_N=n % block_n == 0,
         FACTORED=factored, WORD_DOTS=word_dots and not word_levels, WORD_LEVELS=word_levels,
         PREFETCH=factored and bool(config.get("PREFETCH")), DP4A=dp4a, DP4A_ASM=DP4A_ASM,
-        ACC_K=dp4a and bool(config.get("ACC_K")),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1),
-        **launch_options(config), enable_fp_fusion=False)
+        ACC_K=dp4a and bool(config.get("ACC_K")), TILE_GROUPS=1 if in_group else block_k // group,
+        WAIT_PREVIOUS=early, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1),
+        **launch_options(config), launch_pdl=early, enable_fp_fusion=False)
     return out

@@ -137,12 +137,16 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
                                        "WORD_LEVELS": 1}),
                  ("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "FACTORED": 1,
                                       "ACC_K": 1}),
-                 ("w4a8_splitk", 0, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "FACTORED": 1, "ACC_K": 1}))
+                 ("w4a8_splitk", 0, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 64, "FACTORED": 1, "ACC_K": 1}),
+                 # dp4a tiles of several whole groups (the second K step and the split's tail past K: 2 of 4 groups)
+                 ("w4a8_splitk", 8, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "FACTORED": 1, "PREFETCH": 1}),
+                 ("w4a8_splitk", 16, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "FACTORED": 1,
+                                      "ACC_K": 1}))
 
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
                     seed: int) -> list[str]:
-    """The W4A8 kernel (one variant per case, in turn, at K channels with the words stored row-major and at K - 1,
+    """The W4A8 kernel (the variants of this case: W4A8_VARIANTS[i] runs in case i mod the case count; at K channels with the words stored row-major and at K - 1,
     an odd K whose activation rows are no 32-bit words, stored N-major as the plugin lays them out on a GPU) and the
     w4a8_gemm op's table dispatch against the torch reference, exactly; the widened levels against the checkpoint
     format's own unpacking of the bytes."""
@@ -154,8 +158,10 @@ def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: to
     from vllm_outliertune.kernels.w4a8_unpack import unpack_levels
 
     failures = []
-    kernel, group_size, config = W4A8_VARIANTS[seed % len(W4A8_VARIANTS)]
-    for a_q, layout in ((codes, torch.Tensor.contiguous), (codes[:, :-1], w4a8_gpu_layout)):
+    cases = len(interpreter_cases())  # variant i runs in case i, i - cases, ...
+    variants = [v for i, v in enumerate(W4A8_VARIANTS) if i % cases == seed % cases]
+    for (kernel, group_size, config), (a_q, layout) in itertools.product(
+            variants, ((codes, torch.Tensor.contiguous), (codes[:, :-1], w4a8_gpu_layout))):
         (m, k) = a_q.shape
         packed = [layout(t.to(a_q.device)) for t in make_packed_weight(n, k, group_size, seed)]
         want = torch_ref.w4a8_gemm_ref(a_q, *packed, group_size, w_scale, bias, torch.bfloat16)
