@@ -7,12 +7,10 @@ weight tiles in L2."""
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 from vllm_outliertune.kernels.configs import get_config, table_keys
 
@@ -127,21 +125,6 @@ def multiprocessors(device: torch.device) -> int:
 def launch_options(config: dict) -> dict:
     """Split a table entry into block sizes (kernel meta-parameters) and launch options."""
     return {key: value for key, value in config.items() if key in ("num_warps", "num_stages")}
-
-
-def early_launch(config: dict, device: torch.device) -> bool:
-    """Whether to launch with programmatic dependent launch (the config's PDL, on Hopper and later; not in the
-    interpreter): the kernel starts while the kernel before it in the stream finishes, reads its weights, and waits
-    (wait_for_previous_grid) only before it reads the activations that kernel wrote."""
-    return (bool(config.get("PDL")) and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
-@triton.jit
-def wait_for_previous_grid():
-    """Block until the previous kernel in the stream has finished and its writes are visible (a kernel launched
-    with launch_pdl must call this before it reads what that kernel wrote, or writes anything)."""
-    gdc_wait()
 
 
 def start_gemm(kernel: str, a_dtype_ok: bool, a: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None,

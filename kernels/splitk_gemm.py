@@ -25,8 +25,7 @@ import triton.language as tl
 
 from vllm_outliertune.format import qrange
 from vllm_outliertune.kernels.act_quant import FLOAT_INPUT_DTYPES, check_activation_args, quantize_tile
-from vllm_outliertune.kernels.int8_gemm import (early_launch, epilogue_store, launch_options, multiprocessors,
-                                                start_gemm, wait_for_previous_grid)
+from vllm_outliertune.kernels.int8_gemm import epilogue_store, launch_options, multiprocessors, start_gemm
 
 # The interpreter (CPU CI) runs no PTX: there the packed dot product is computed byte by byte (same result).
 DP4A_ASM = os.environ.get("TRITON_INTERPRET") != "1"
@@ -71,8 +70,8 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, inv_scale_pt
                         QUANTIZE: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                         HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, ACC_K: tl.constexpr, PACKED: tl.constexpr,
-                        DP4A_ASM: tl.constexpr, WAIT_PREVIOUS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        DP4A_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     # With PACKED, x and w are int32 views (4 int8 per word) and K, K_PER_SPLIT, BLOCK_K, strides count words.
     # One program per (M, N) tile, or (PROGRAMS_PER_SM in the config) a persistent grid that walks the tiles.
     pid_k = tl.program_id(1)
@@ -100,8 +99,6 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, inv_scale_pt
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
             else:  # zero weights cancel the padded codes
                 w = tl.load(w_ptrs, mask=mask_k[:, None], other=0, eviction_policy="evict_first")
-            if WAIT_PREVIOUS:  # launched early: the weights are on their way, the activations may not be written yet
-                wait_for_previous_grid()
             if QUANTIZE:
                 x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 a = quantize_tile(x, inv_scale_ptr, shift_ptr, offs_k, mask_k, QMIN, QMAX, HAS_INV_SCALE, HAS_SHIFT)
@@ -192,13 +189,11 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     qmin, qmax = qrange(bits)
     word = 4 if packed else 1
     programs = min(tiles, config.get("PROGRAMS_PER_SM", 0) * multiprocessors(x.device)) or tiles
-    early = early_launch(config, x.device)
     _splitk_gemm_kernel[(programs, split_k)](
         x_words if packed else x, w_words if packed else w_q, out, w_scale, bias, inv_scale, shift, partial_sums,
         counters, m, n, k // word, x.stride(0) // word, w_q.stride(0) // word, out.stride(0), k_per_split // word,
         QUANTIZE=quantize, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None,
         HAS_SHIFT=shift is not None, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, SPLIT_K=split_k,
-        ACC_K=bool(config.get("ACC_K")) and block_m < 16, PACKED=packed, DP4A_ASM=DP4A_ASM, WAIT_PREVIOUS=early,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k // word, **launch_options(config), launch_pdl=early,
-        enable_fp_fusion=False)
+        ACC_K=bool(config.get("ACC_K")) and block_m < 16, PACKED=packed, DP4A_ASM=DP4A_ASM, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k // word, **launch_options(config), enable_fp_fusion=False)
     return out

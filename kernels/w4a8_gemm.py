@@ -40,8 +40,7 @@ import triton
 import triton.language as tl
 
 from vllm_outliertune.format import group_count
-from vllm_outliertune.kernels.int8_gemm import (early_launch, grouped_tile, launch_options, start_gemm,
-                                                wait_for_previous_grid)
+from vllm_outliertune.kernels.int8_gemm import grouped_tile, launch_options, start_gemm
 from vllm_outliertune.kernels.splitk_gemm import (DP4A_ASM, as_words, dot4_accumulate, split_k_plan,
                                                   split_k_store)
 from vllm_outliertune.kernels.w4a8_words import CHANNELS_PER_WORD
@@ -55,7 +54,8 @@ def _tile_group(scale_ptr, zero_ptr, rows_w, group, stride_gn, stride_gk):
 
 
 @triton.jit
-def _tile_groups(scale_ptr, zero_ptr, rows_w, first_group, last_group, stride_gn, stride_gk, TILE_GROUPS: tl.constexpr):
+def _tile_groups(scale_ptr, zero_ptr, rows_w, first_group, last_group, stride_gn, stride_gk,
+                 TILE_GROUPS: tl.constexpr):
     """int32 scales and zero points [TILE_GROUPS, BLOCK_N] of the groups from first_group (none past last_group)."""
     groups = tl.minimum(first_group + tl.arange(0, TILE_GROUPS), last_group)
     offsets = rows_w[None, :].to(tl.int64) * stride_gn + groups[:, None].to(tl.int64) * stride_gk
@@ -150,12 +150,9 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
                       GROUP_SIZE, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
                       EVEN_N: tl.constexpr, FACTORED: tl.constexpr, WORD_DOTS: tl.constexpr, DP4A: tl.constexpr,
                       DP4A_ASM: tl.constexpr, WORD_LEVELS: tl.constexpr, PREFETCH: tl.constexpr,
-                      ACC_K: tl.constexpr, TILE_GROUPS: tl.constexpr, WAIT_PREVIOUS: tl.constexpr,
-                      BLOCK_M: tl.constexpr,
+                      ACC_K: tl.constexpr, TILE_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # K, K_PER_SPLIT and BLOCK_K count channels; with DP4A a_ptr is the int32 view of the codes (stride_am in words).
-    if WAIT_PREVIOUS and not DP4A:  # launched early; the dp4a loop waits later, after it asked for its weights
-        wait_for_previous_grid()
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m, offs_n, rows_a, rows_w = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -197,10 +194,8 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
             next_scale, next_zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, k_start // GROUP_SIZE, stride_gn,
                                                 stride_gk)
         if DP4A:  # and the first step's words: each step then asks for the next step's before it computes
-            next_w = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0, eviction_policy="evict_first")
-            if WAIT_PREVIOUS:
-                wait_for_previous_grid()
             next_a = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
+            next_w = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0, eviction_policy="evict_first")
     for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
         if FACTORED and TILE_GROUPS > 1:  # the dp4a loop over tiles of several whole groups
             if PREFETCH:
@@ -244,11 +239,9 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
                                  mask=(offs_ww + BLOCK_K // 8 < (split_end + 7) // 8)[:, None], other=0,
                                  eviction_policy="evict_first")
             else:
+                a_words = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
                 w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0,
                                   eviction_policy="evict_first")
-                if WAIT_PREVIOUS:  # (after the first step it returns at once)
-                    wait_for_previous_grid()
-                a_words = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
             products = _word_products(a_words, w_words, BLOCK_M, BLOCK_K // 8, DP4A_ASM)
             # the zero-point term needs each row's sum of its activation codes (a dp4a with 1, 1, 1, 1) per group
             a_sums = dot4_accumulate(a_words, tl.full(a_words.shape, 0x01010101, tl.int32),
@@ -356,7 +349,6 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     factored = bool(config.get("FACTORED")) and (in_group or dp4a)
     word_dots = factored and block_m >= 16 and block_k >= 64  # two dots of K = BLOCK_K / 2 >= 32
     word_levels = word_dots and bool(config.get("WORD_LEVELS"))
-    early = early_launch(config, a_q.device)
     _w4a8_gemm_kernel[(tiles, split_k)](
         a_words if dp4a else a_q, w_words, group_scale, group_zero, out, w_scale, bias, partial_sums, counters,
         m, n, k, a_q.stride(0) // (4 if dp4a else 1), w_words.stride(0), w_words.stride(1), group_scale.stride(0),
@@ -365,6 +357,6 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
         FACTORED=factored, WORD_DOTS=word_dots and not word_levels, WORD_LEVELS=word_levels,
         PREFETCH=factored and bool(config.get("PREFETCH")), DP4A=dp4a, DP4A_ASM=DP4A_ASM,
         ACC_K=dp4a and bool(config.get("ACC_K")), TILE_GROUPS=1 if in_group else block_k // group,
-        WAIT_PREVIOUS=early, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1),
-        **launch_options(config), launch_pdl=early, enable_fp_fusion=False)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1),
+        **launch_options(config), enable_fp_fusion=False)
     return out

@@ -146,10 +146,10 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
                     seed: int) -> list[str]:
-    """The W4A8 kernel (the variants of this case: W4A8_VARIANTS[i] runs in case i mod the case count; at K channels with the words stored row-major and at K - 1,
-    an odd K whose activation rows are no 32-bit words, stored N-major as the plugin lays them out on a GPU) and the
-    w4a8_gemm op's table dispatch against the torch reference, exactly; the widened levels against the checkpoint
-    format's own unpacking of the bytes."""
+    """The W4A8 kernel and the w4a8_gemm op's table dispatch against the torch reference, exactly; the widened
+    levels against the checkpoint format's own unpacking of the bytes. The kernel runs this case's variants
+    (W4A8_VARIANTS[i] runs in case i mod the number of cases), at K channels with the words stored row-major and at
+    K - 1, an odd K whose activation rows are no 32-bit words, stored N-major as the plugin lays them out on a GPU."""
     from vllm_outliertune.kernels import torch_ref
     from vllm_outliertune.kernels.linear import w4a8_gemm as w4a8_op
     from vllm_outliertune.kernels.linear import w4a8_gpu_layout
