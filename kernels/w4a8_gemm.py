@@ -13,7 +13,10 @@ channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_out
   may also hold several whole groups (TILE_GROUPS, a power of two), so checkpoints with groups below the tuned
   BLOCK_K (--group-size 64 or 32) keep the dp4a loop (H200, the shipped BLOCK_K 128 tiles at group size 64, M = 1:
   gate_up 41.8 µs against 203.5 for the per-weight loop they fell to; at group size 128 tiles of 256 and 512
-  channels lost to the one-group tiles on all four Llama-3-8B shapes, so the tuner does not try them).
+  channels lost to the one-group tiles on all four Llama-3-8B shapes, so the tuner does not try them). GEMV (a
+  config key, one-row tiles inside one group) keeps the products in the weight words' own [BLOCK_K / 8, BLOCK_N]
+  layout and subtracts the zero point's share per word (_gemv_step): no shared-memory layout change or
+  cross-warp sum inside the K loop (sm90 PTX of the shipped M = 1 tile: 8 barriers per K step; with GEMV none).
 - WORD_DOTS (tiles inside one group, tensor-core tiles with BLOCK_K >= 64): the low nibbles of the words' bytes
   are channels 8j + b, the high ones 8j + 4 + b; shifted out into two int8 code tiles, two tensor-core dots against
   the activations of those channels (split out of the activation tile in registers), the group terms per output.
@@ -94,6 +97,29 @@ def _word_products(a_words, w_words, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexp
 
 
 @triton.jit
+def _gemv_activations(a_ptrs, offs_ww, words):
+    """The activation words of one row that meet weight words offs_ww: those of their low nibbles' channels (word
+    2j of the row) and of their high ones' (2j + 1), zero from word ``words`` on (past K or the split)."""
+    return (tl.load(a_ptrs, mask=2 * offs_ww < words, other=0),
+            tl.load(a_ptrs + 1, mask=2 * offs_ww + 1 < words, other=0))
+
+
+@triton.jit
+def _gemv_step(a_low, a_high, w_words, scale, zero, USE_ASM: tl.constexpr):
+    """One K step of a one-row tile, int32 [BLOCK_K / 8, BLOCK_N] in the weight words' own layout: per word, the
+    group-scaled sum of its 8 activation x code products minus the zero point's share (zero * scale * the word's
+    activation sum), so that neither the weights change layout nor a sum crosses threads inside the K loop (the
+    [BLOCK_M, words, BLOCK_N] tile of the other dp4a loop converted the weight planes through shared memory and
+    reduced the activation sums across warps at every step: 8 barriers per step in its sm90 PTX)."""
+    products = dot4_accumulate(w_words & 0x0F0F0F0F, a_low[:, None], tl.zeros(w_words.shape, dtype=tl.int32), USE_ASM)
+    products = dot4_accumulate((w_words >> 4) & 0x0F0F0F0F, a_high[:, None], products, USE_ASM)
+    ones = tl.full(a_low.shape, 0x01010101, tl.int32)
+    a_sum = dot4_accumulate(a_high, ones, dot4_accumulate(a_low, ones, tl.zeros(a_low.shape, dtype=tl.int32),
+                                                          USE_ASM), USE_ASM)
+    return products * scale[None, :] - a_sum[:, None] * (zero * scale)[None, :]
+
+
+@triton.jit
 def _word_dots(a, words, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """sum_k code[:, k] * a[:, k] over a tile of whole words on tensor cores, transposed: int32 [BLOCK_N, BLOCK_M]
     from words int32 [BLOCK_N, BLOCK_K / 8] and activation codes a int8 [BLOCK_M, BLOCK_K]. The low nibbles of the
@@ -150,7 +176,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
                       GROUP_SIZE, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
                       EVEN_N: tl.constexpr, FACTORED: tl.constexpr, WORD_DOTS: tl.constexpr, DP4A: tl.constexpr,
                       DP4A_ASM: tl.constexpr, WORD_LEVELS: tl.constexpr, PREFETCH: tl.constexpr,
-                      ACC_K: tl.constexpr, TILE_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      ACC_K: tl.constexpr, TILE_GROUPS: tl.constexpr, GEMV: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # K, K_PER_SPLIT and BLOCK_K count channels; with DP4A a_ptr is the int32 view of the codes (stride_am in words).
     pid = tl.program_id(0)
@@ -175,6 +201,9 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
         a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_aw[None, :]
         offs_ww = k_start // 8 + tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_ptr + rows_w_offsets[None, :] + offs_ww[:, None].to(tl.int64) * stride_wk
+        if GEMV:  # the activation words of the weight words' low and high nibbles: words 2j and 2j + 1 of the row
+            a_ptrs = a_ptr + tl.min(rows_a, axis=0).to(tl.int64) * stride_am + 2 * offs_ww
+            acc_w = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
     else:
         offs_k = k_start + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * stride_am + offs_k[None, :]
@@ -193,7 +222,10 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
         else:
             next_scale, next_zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, k_start // GROUP_SIZE, stride_gn,
                                                 stride_gk)
-        if DP4A:  # and the first step's words: each step then asks for the next step's before it computes
+        if GEMV:
+            next_a, next_a_high = _gemv_activations(a_ptrs, offs_ww, K // 4)
+            next_w = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0, eviction_policy="evict_first")
+        elif DP4A:  # and the first step's words: each step then asks for the next step's before it computes
             next_a = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
             next_w = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0, eviction_policy="evict_first")
     for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
@@ -227,6 +259,22 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
                            - zero[:, None] * tl.sum(a.to(tl.int32), axis=1)[None, :]) * scale[:, None]
             offs_k += BLOCK_K
             a_ptrs += BLOCK_K
+            offs_ww += BLOCK_K // 8
+            w_ptrs += (BLOCK_K // 8) * stride_wk
+        elif GEMV:
+            if PREFETCH:
+                a_low, a_high, w_words = next_a, next_a_high, next_w
+                split_end = tl.minimum(K, k_start + K_PER_SPLIT)
+                next_a, next_a_high = _gemv_activations(a_ptrs + BLOCK_K // 4, offs_ww + BLOCK_K // 8, split_end // 4)
+                next_w = tl.load(w_ptrs + (BLOCK_K // 8) * stride_wk,
+                                 mask=(offs_ww + BLOCK_K // 8 < (split_end + 7) // 8)[:, None], other=0,
+                                 eviction_policy="evict_first")
+            else:
+                a_low, a_high = _gemv_activations(a_ptrs, offs_ww, K // 4)
+                w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0,
+                                  eviction_policy="evict_first")
+            acc_w += _gemv_step(a_low, a_high, w_words, scale, zero, DP4A_ASM)
+            a_ptrs += BLOCK_K // 4
             offs_ww += BLOCK_K // 8
             w_ptrs += (BLOCK_K // 8) * stride_wk
         elif DP4A:
@@ -290,6 +338,8 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
             w_ptrs += (BLOCK_K // 8) * stride_wk
     if ACC_K:
         acc += tl.sum(acc3, axis=1)
+    if GEMV:
+        acc += tl.sum(acc_w, axis=0)[None, :]
     if WORD_DOTS or WORD_LEVELS:
         acc += tl.trans(acc_nk)
     split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N, stride_om,
@@ -349,6 +399,7 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     factored = bool(config.get("FACTORED")) and (in_group or dp4a)
     word_dots = factored and block_m >= 16 and block_k >= 64  # two dots of K = BLOCK_K / 2 >= 32
     word_levels = word_dots and bool(config.get("WORD_LEVELS"))
+    gemv = dp4a and in_group and block_m == 1 and bool(config.get("GEMV"))
     _w4a8_gemm_kernel[(tiles, split_k)](
         a_words if dp4a else a_q, w_words, group_scale, group_zero, out, w_scale, bias, partial_sums, counters,
         m, n, k, a_q.stride(0) // (4 if dp4a else 1), w_words.stride(0), w_words.stride(1), group_scale.stride(0),
@@ -356,7 +407,8 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
         HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=in_group, EVEN_N=n % block_n == 0,
         FACTORED=factored, WORD_DOTS=word_dots and not word_levels, WORD_LEVELS=word_levels,
         PREFETCH=factored and bool(config.get("PREFETCH")), DP4A=dp4a, DP4A_ASM=DP4A_ASM,
-        ACC_K=dp4a and bool(config.get("ACC_K")), TILE_GROUPS=1 if in_group else block_k // group,
+        ACC_K=dp4a and not gemv and bool(config.get("ACC_K")), TILE_GROUPS=1 if in_group else block_k // group,
+        GEMV=gemv,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1),
         **launch_options(config), enable_fp_fusion=False)
     return out

@@ -141,7 +141,11 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
                  # dp4a tiles of several whole groups (the second K step and the split's tail past K: 2 of 4 groups)
                  ("w4a8_splitk", 8, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "FACTORED": 1, "PREFETCH": 1}),
                  ("w4a8_splitk", 16, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "FACTORED": 1,
-                                      "ACC_K": 1}))
+                                      "ACC_K": 1}),
+                 # the one-row GEMV loop, with its loads a step ahead across a split
+                 ("w4a8_splitk", 32, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "FACTORED": 1, "GEMV": 1}),
+                 ("w4a8_splitk", 64, {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1,
+                                      "GEMV": 1, "PREFETCH": 1}))
 
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
