@@ -200,7 +200,8 @@ AUTO_ROUNDING = {4: "gptq", 6: "gptq", 8: "rtn"}
 # domain does (Qwen's down_proj inputs on JavaScript). W8A8 through vLLM (docs/accuracy.md, "Range headroom by
 # default"): Qwen JavaScript +27.6 % -> +14.9 %, Brown +6.5 % -> +2.8 % (16 windows); SmolLM2 Brown 42.33 -> 42.31
 # (40 windows). Not for W6A6 nor W4A8 (emulated, 10 windows): SmolLM2 Brown W6A6 +19.4 % -> +26.7 %, W4A8 g128
-# +12.6 % -> +14.2 %.
+# +12.6 % -> +14.2 %. 1.5 with down_proj x2 (--range-margin 1.5,down=2) helped Qwen (JavaScript +14.5 %, Brown
+# +2.4 %) and SmolLM2 JavaScript (+4.8 -> +3.5 %) but not SmolLM2 Brown (42.31 -> 42.48): not the default.
 AUTO_RANGE_MARGIN = {(8, 8): RangeMargin(1.5)}
 # --keep-fp16 auto keeps an input group unquantized where the plan's output error on the calibration sample is
 # more than AUTO_KEEP_FACTOR times that of dynamic per-token quantization (and above AUTO_KEEP_MIN).
