@@ -4,11 +4,11 @@ text. Prints one JSON line per (setting, text): fp and fully quantized perplexit
 "all" rows.
 
     python bench/margin_probe.py /tmp/qwen --calib-cache /tmp/accq/cache-qwen --text /tmp/js/test.txt \\
-        --text /tmp/brown/test.txt --max-windows 4 --margin 1 --margin 1.5 --margin 1.5:down
+        --text /tmp/brown/test.txt --max-windows 4 --margin 1 --margin 1.5 --margin 1.5,down=2
 
-A setting is F (every input group's calibrated ranges widened by F) or F:GROUP,... (only those groups: qkv, o,
-gate_up, down), optionally followed by /GROUP=G,... to widen those groups by G instead (e.g. 1.5/down=2: down_proj
-x2, the others x1.5; no such option in quantize).
+A setting is what `outliertune quantize --range-margin` takes: F (every input group's calibrated ranges widened by
+F), then GROUP=G,... for groups widened by G instead (qkv, o, gate_up, down; e.g. 1.5,down=2). Before session 11
+the probe had its own syntax: 1.5:down is now 1,down=1.5 and 1.5/down=2 is 1.5,down=2.
 """
 
 from __future__ import annotations
@@ -21,36 +21,14 @@ from pathlib import Path
 
 import torch
 
-from vllm_outliertune.offline.architectures import INPUT_GROUPS, architecture_of
+from vllm_outliertune.cli import range_margin
+from vllm_outliertune.offline.architectures import architecture_of
 from vllm_outliertune.offline.assets import DEFAULT_CALIB, calibration_file
 from vllm_outliertune.offline.diagnose import _score
 from vllm_outliertune.offline.fakequant import StaticPlanLinear, replace_linears
 from vllm_outliertune.offline.model_io import load_model, load_tokenizer
-from vllm_outliertune.offline import quantize as quantize_mod
 from vllm_outliertune.offline.quantize import QuantizeOptions, QuantizeRecord, quantize_loaded
 from vllm_outliertune.offline.text import read_text, token_windows
-
-
-def margin_setting(spec: str) -> tuple[float, tuple[str, ...], dict[str, float]]:
-    spec, _, overrides = spec.partition("/")
-    factor, _, groups = spec.partition(":")
-    chosen = tuple(groups.split(",")) if groups else INPUT_GROUPS
-    apart = {group: float(value) for group, _, value in (item.partition("=") for item in overrides.split(",") if item)}
-    if not set(chosen) | set(apart) <= set(INPUT_GROUPS):
-        raise argparse.ArgumentTypeError(f"{spec!r}: groups must be among {INPUT_GROUPS}")
-    return float(factor), chosen, apart
-
-
-def planned_apart(apart: dict[str, float], factor: float, groups: tuple[str, ...]):
-    """quantize.plan_layer with the groups of ``apart`` widened by their own factor (plan_layer then widens the
-    setting's ``groups`` by ``factor``, so theirs is divided by it)."""
-    plan_layer = quantize_mod.plan_layer
-
-    def plan(layer, stats, *args, **kw):
-        stats = {group: quantize_mod.widened(value, apart[group] / (factor if group in groups else 1.0))
-                 if group in apart else value for group, value in stats.items()}
-        return plan_layer(layer, stats, *args, **kw)
-    return plan
 
 
 def main() -> None:
@@ -60,7 +38,7 @@ def main() -> None:
     parser.add_argument("--calib-cache", required=True)
     parser.add_argument("--text", action="append", required=True)
     parser.add_argument("--max-windows", type=int, default=2)
-    parser.add_argument("--margin", action="append", type=margin_setting, required=True, metavar="F[:GROUP,...]")
+    parser.add_argument("--margin", action="append", type=range_margin, required=True, metavar="F[,GROUP=G,...]")
     parser.add_argument("--w-bits", type=int, default=8)
     parser.add_argument("--a-bits", type=int, default=8)
     args = parser.parse_args()
@@ -78,15 +56,12 @@ def main() -> None:
                 for index, layer in enumerate(model.get_submodule(arch.layers)) for name in arch.linears}
     replace_linears(model, lambda index, name, linear: original[(index, name)])
     fp = {text: _score(model, windows, None) for text, windows in tests.items()}
-    plan_layer = quantize_mod.plan_layer
-    for factor, groups, apart in args.margin:
+    for margin in args.margin:
         start = time.time()
-        options = dataclasses.replace(base, range_margin=factor, range_margin_groups=groups)
+        options = dataclasses.replace(base, range_margin=margin)
         planned, _ = load_model(model_dir)
         record = QuantizeRecord(weights={})
-        quantize_mod.plan_layer = planned_apart(apart, factor, groups) if apart else plan_layer
         quantize_loaded(planned, calib, options, record)
-        quantize_mod.plan_layer = plan_layer
         del planned
         emulated = {(index, name): StaticPlanLinear(linear, record.plans[index][group_of[name]],
                                                     record.weights[f"{index}.{name}"], options.a_bits,
@@ -95,7 +70,7 @@ def main() -> None:
         replace_linears(model, lambda index, name, linear: emulated[(index, name)])
         for text, windows in tests.items():
             result, _ = _score(model, windows, fp[text][1])
-            print(json.dumps({"margin": factor, "groups": ",".join(groups), "apart": apart, "text": text,
+            print(json.dumps({"margin": str(margin), "text": text,
                               "windows": windows.shape[0], "fp": fp[text][0]["perplexity"],
                               "all": result["perplexity"], "kl": result["kl"],
                               "delta_pct": 100 * (result["perplexity"] / fp[text][0]["perplexity"] - 1),

@@ -66,7 +66,7 @@ class Architecture:
     # Weight bits at which --weight-rounding auto picks GPTQ (offline/quantize.py resolves it); None: the default
     # choice (quantize.AUTO_ROUNDING).
     gptq_bits: tuple[int, ...] | None = None
-    # --range-margin when none is given; None: quantize.AUTO_RANGE_MARGIN by bit widths.
+    # --range-margin (every group) when none is given; None: quantize.AUTO_RANGE_MARGIN by bit widths.
     range_margin: float | None = None
 
     @property

@@ -30,6 +30,51 @@ from vllm_outliertune.offline.weights import (
 
 
 @dataclasses.dataclass(frozen=True)
+class RangeMargin:
+    """--range-margin F[,GROUP=G,...]: every input group's calibrated per-channel ranges are widened by ``factor``
+    before planning, the groups named in ``groups`` by their own G instead (e.g. ``1.5,down=2``)."""
+    factor: float = 1.0
+    groups: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> RangeMargin:
+        """``text`` as --range-margin takes it; ValueError says what is wrong with it."""
+        head, *items = text.split(",")
+        try:
+            factor = float(head)
+        except ValueError:
+            raise ValueError(f"{text!r} must start with the margin of every group, then GROUP=G exceptions "
+                             f"(e.g. 1.5 or 1.5,down=2)") from None
+        groups = []
+        for item in items:
+            group, _, value = item.partition("=")
+            try:
+                groups.append((group, float(value)))
+            except ValueError:
+                raise ValueError(f"{item!r} in {text!r} is not GROUP=G with G a number (e.g. down=2)") from None
+        margin = cls(factor, tuple(groups))
+        margin.check()
+        return margin
+
+    def check(self) -> None:
+        """ValueError unless every factor is positive and every group an input group named once."""
+        names = [group for group, _ in self.groups]
+        unknown = sorted(set(names) - set(INPUT_GROUPS))
+        if unknown or len(set(names)) != len(names):
+            raise ValueError(f"{self}: {'unknown group ' + ', '.join(unknown) if unknown else 'a group named twice'}; "
+                             f"name each of "
+                             f"{', '.join(INPUT_GROUPS)} at most once")
+        if not all(value > 0 for value in (self.factor, *dict(self.groups).values())):
+            raise ValueError(f"{self}: every margin must be positive (1: none)")
+
+    def of(self, group: str) -> float:
+        return dict(self.groups).get(group, self.factor)
+
+    def __str__(self) -> str:
+        return ",".join([f"{self.factor:g}", *(f"{group}={value:g}" for group, value in self.groups)])
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantizeOptions:
     w_bits: int = 8
     a_bits: int = 8
@@ -53,11 +98,10 @@ class QuantizeOptions:
     exact_channels: int = 0
     outlier_factor: float = 16.0
     act_clips: tuple[float, ...] | None = None  # activation range factors the search tries (None: the architecture's)
-    # Calibrated per-channel ranges of the input groups in range_margin_groups are widened by this factor before
-    # planning: headroom for activations beyond what the calibration text produced (another domain), paid for in
-    # resolution. None: the architecture's, else AUTO_RANGE_MARGIN by bit widths (for_architecture resolves it).
-    range_margin: float | None = None
-    range_margin_groups: tuple[str, ...] = INPUT_GROUPS
+    # Calibrated per-channel ranges are widened by this factor (a RangeMargin: per input group) before planning:
+    # headroom for activations beyond what the calibration text produced (another domain), paid for in resolution.
+    # None: the architecture's, else AUTO_RANGE_MARGIN by bit widths (for_architecture resolves it).
+    range_margin: RangeMargin | float | None = None
     # "none": lm_head stays in the model's dtype (tied embeddings stay tied); "int8": planned like a norm-fed linear
     # and written with int8 weights per output row, whatever w_bits (it is the most sensitive layer).
     lm_head: str = "none"
@@ -75,10 +119,11 @@ class QuantizeOptions:
         return AUTO_ROUNDING[self.w_bits] if self.weight_rounding == "auto" else self.weight_rounding
 
     @property
-    def margin(self) -> float:
+    def margin(self) -> RangeMargin:
         """The range margin used: --range-margin, else AUTO_RANGE_MARGIN for the bit widths."""
-        auto = AUTO_RANGE_MARGIN.get((self.w_bits, self.a_bits), 1.0)
-        return auto if self.range_margin is None else self.range_margin
+        margin = AUTO_RANGE_MARGIN.get((self.w_bits, self.a_bits), RangeMargin()) if self.range_margin is None \
+            else self.range_margin
+        return margin if isinstance(margin, RangeMargin) else RangeMargin(float(margin))
 
     def for_architecture(self, arch: Architecture) -> QuantizeOptions:
         """These options with --weight-rounding auto and the range margin resolved for ``arch`` where it has its
@@ -155,8 +200,9 @@ AUTO_ROUNDING = {4: "gptq", 6: "gptq", 8: "rtn"}
 # domain does (Qwen's down_proj inputs on JavaScript). W8A8 through vLLM (docs/accuracy.md, "Range headroom by
 # default"): Qwen JavaScript +27.6 % -> +14.9 %, Brown +6.5 % -> +2.8 % (16 windows); SmolLM2 Brown 42.33 -> 42.31
 # (40 windows). Not for W6A6 nor W4A8 (emulated, 10 windows): SmolLM2 Brown W6A6 +19.4 % -> +26.7 %, W4A8 g128
-# +12.6 % -> +14.2 %.
-AUTO_RANGE_MARGIN = {(8, 8): 1.5}
+# +12.6 % -> +14.2 %. 1.5 with down_proj x2 (--range-margin 1.5,down=2) helped Qwen (JavaScript +14.5 %, Brown
+# +2.4 %) and SmolLM2 JavaScript (+4.8 -> +3.5 %) but not SmolLM2 Brown (42.31 -> 42.48): not the default.
+AUTO_RANGE_MARGIN = {(8, 8): RangeMargin(1.5)}
 # --keep-fp16 auto keeps an input group unquantized where the plan's output error on the calibration sample is
 # more than AUTO_KEEP_FACTOR times that of dynamic per-token quantization (and above AUTO_KEEP_MIN).
 AUTO_KEEP_FACTOR = 4.0
@@ -230,10 +276,10 @@ def check_options(options: QuantizeOptions) -> None:
             if not layer.isdigit() or group not in INPUT_GROUPS:
                 raise UserError(f"{option} {listing!r}: {item!r} is not LAYER.GROUP with GROUP one of "
                                 f"{', '.join(INPUT_GROUPS)} (or pass none / auto)")
-    if options.margin <= 0 or not set(options.range_margin_groups) <= set(INPUT_GROUPS):
-        raise UserError(f"--range-margin {options.margin:g} --range-margin-groups "
-                        f"{','.join(options.range_margin_groups)}: the margin must be positive and the groups among "
-                        f"{', '.join(INPUT_GROUPS)}")
+    try:
+        options.margin.check()
+    except ValueError as error:
+        raise UserError(f"--range-margin {error}") from None
     if options.lm_head not in LM_HEAD_CHOICES:
         raise UserError(f"--lm-head {options.lm_head!r} is unknown; choose one of {LM_HEAD_CHOICES}")
     if options.int8_weights not in ("none", "auto") and not options.weight_format.packed:
@@ -281,8 +327,7 @@ def plan_layer(layer: torch.nn.Module, stats: dict[str, InputStats], model_confi
     group_size = heads // kv_heads
     stats = dict(stats, o=symmetrize.share_within_groups(stats["o"], group_size, head_dim))
     margin = options.for_architecture(arch).margin
-    stats = {group: widened(value, margin) if group in options.range_margin_groups else value
-             for group, value in stats.items()}
+    stats = {group: widened(value, margin.of(group)) for group, value in stats.items()}
     plans, info = {}, {}
     for group, names in arch.groups.items():
         weight = torch.cat([layer.get_submodule(name).weight.detach().float() for name in names])

@@ -363,20 +363,40 @@ def test_cli_output_and_option_errors(random_llama, tmp_path, calib_text, capsys
 
 
 def test_range_margin_errors(capsys):
-    """A margin that is not positive, or a group that is not an input group, is refused naming the option, from the
-    command line (argparse) and from the API (check_options)."""
+    """A margin that is not positive, a group that is not an input group or is named twice, or a spec without the
+    leading margin is refused naming the option, from the command line (argparse) and from the API (check_options);
+    the replaced --range-margin-groups says what to pass instead."""
     from vllm_outliertune.offline.model_io import UserError
-    from vllm_outliertune.offline.quantize import check_options
+    from vllm_outliertune.offline.quantize import RangeMargin, check_options
 
-    for args, needle in ((["--range-margin", "0"], "must be positive"), (["--range-margin", "1,2"], "one number"),
-                         (["--range-margin-groups", "qkv,up"], "up in 'qkv,up'")):
+    for args, needle in ((["--range-margin", "0"], "must be positive"), (["--range-margin", "1.5,down=0"], "positive"),
+                         (["--range-margin", "down=2"], "must start with the margin of every group"),
+                         (["--range-margin", "1.5,up=2"], "unknown group up"),
+                         (["--range-margin", "1.5,down"], "'down' in '1.5,down' is not GROUP=G"),
+                         (["--range-margin", "1.5,down=2,down=3"], "named twice"),
+                         (["--range-margin-groups", "down"], "--range-margin 1,down=1.5")):
         with pytest.raises(SystemExit) as exited:
             cli_main(["quantize", "MODEL", "OUT", *args])
         err = capsys.readouterr().err
         assert exited.value.code == 2 and args[0] in err and needle in err, (args, err)
-    for options in (QuantizeOptions(range_margin=-1.0), QuantizeOptions(range_margin_groups=("up",))):
-        with pytest.raises(UserError, match="--range-margin-groups"):
+    for options in (QuantizeOptions(range_margin=-1.0), QuantizeOptions(range_margin=RangeMargin(1.5, (("up", 2.0),)))):
+        with pytest.raises(UserError, match="--range-margin"):
             check_options(options)
+
+
+def test_range_margin_parse():
+    """--range-margin F[,GROUP=G,...] reads back as written; a group not named gets F."""
+    from vllm_outliertune.cli import _quantize_options, build_parser, range_margin
+    from vllm_outliertune.offline.quantize import RangeMargin
+
+    margin = range_margin("1.5,down=2,o=1")
+    assert margin == RangeMargin(1.5, (("down", 2.0), ("o", 1.0))) and str(margin) == "1.5,down=2,o=1"
+    assert [margin.of(group) for group in ("qkv", "o", "gate_up", "down")] == [1.5, 1.0, 1.5, 2.0]
+    assert range_margin("1.25") == RangeMargin(1.25) and str(RangeMargin(1.25)) == "1.25"
+    assert QuantizeOptions(range_margin=1.25).margin == RangeMargin(1.25)
+    for command in (["quantize", "MODEL", "OUT"], ["diagnose", "MODEL", "--text", "T"]):  # the option reaches the plan
+        args = build_parser().parse_args([*command, "--range-margin", "1.5,down=2"])
+        assert _quantize_options(args).margin == RangeMargin(1.5, (("down", 2.0),)), command
 
 
 def test_cli_eval_torch_json(tiny_llama, calib_text, capsys):
@@ -569,11 +589,12 @@ def test_row_clip_lowers_weighted_rounding_error():
 
 
 def test_range_margin_widens_only_its_groups(monkeypatch):
-    """The plan search sees the calibrated (min, max) of the --range-margin-groups times --range-margin and every
-    other group's as calibrated. Without --range-margin: x1.5 for W8A8 (AUTO_RANGE_MARGIN), none for W6A6 and
-    W4A8 (measured worse) nor for Gemma (its defaults were measured without one)."""
+    """The plan search sees each group's calibrated (min, max) times its --range-margin factor (GROUP=G where the
+    option names the group, else its leading F). Without --range-margin: x1.5 for W8A8 (AUTO_RANGE_MARGIN), none
+    for W6A6 and W4A8 (measured worse) nor for Gemma (its defaults were measured without one)."""
     from vllm_outliertune.offline import quantize as quantize_mod
-    from vllm_outliertune.offline.architectures import ARCHITECTURES, INPUT_GROUPS
+    from vllm_outliertune.offline.architectures import ARCHITECTURES
+    from vllm_outliertune.offline.quantize import RangeMargin
 
     seen = []
     search = quantize_mod.search_plan
@@ -588,18 +609,19 @@ def test_range_margin_widens_only_its_groups(monkeypatch):
         return dict(zip(arch.groups, seen))
 
     gemma = ARCHITECTURES["Gemma3ForCausalLM"]
-    cases = [(dict(range_margin=1.5, range_margin_groups=("down",)), 1.5, ("down",)),
-             (dict(range_margin=1.25), 1.25, INPUT_GROUPS),
-             (dict(), 1.5, INPUT_GROUPS),  # the default at 8 bits
-             (dict(w_bits=6, a_bits=6), 1.0, INPUT_GROUPS),
-             (dict(w_bits=4, a_bits=8), 1.0, INPUT_GROUPS),
-             (dict(arch=gemma), 1.0, INPUT_GROUPS),
-             (dict(arch=gemma, range_margin=1.5), 1.5, INPUT_GROUPS)]
-    for options, margin, groups in cases:
+    cases = [(dict(range_margin=RangeMargin(1.0, (("down", 1.5),))), dict(qkv=1, o=1, gate_up=1, down=1.5)),
+             (dict(range_margin=RangeMargin.parse("1.5,down=2,o=1.25")), dict(qkv=1.5, o=1.25, gate_up=1.5, down=2)),
+             (dict(range_margin=1.25), dict(qkv=1.25, o=1.25, gate_up=1.25, down=1.25)),
+             (dict(), dict(qkv=1.5, o=1.5, gate_up=1.5, down=1.5)),  # the default at 8 bits
+             (dict(w_bits=6, a_bits=6), dict(qkv=1, o=1, gate_up=1, down=1)),
+             (dict(w_bits=4, a_bits=8), dict(qkv=1, o=1, gate_up=1, down=1)),
+             (dict(arch=gemma), dict(qkv=1, o=1, gate_up=1, down=1)),
+             (dict(arch=gemma, range_margin=1.5), dict(qkv=1.5, o=1.5, gate_up=1.5, down=1.5))]
+    for options, factors in cases:
         base = searched(arch=options.get("arch", architecture_of(model)), range_margin=1.0)
         widened = searched(**options)
-        for group in base:
-            factor = margin if group in groups else 1.0
+        assert base.keys() == factors.keys()
+        for group, factor in factors.items():
             for end in ("min", "max"):
                 assert torch.equal(getattr(widened[group], end), getattr(base[group], end) * factor), (options, group)
             assert torch.equal(widened[group].sample, base[group].sample)

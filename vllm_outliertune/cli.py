@@ -22,8 +22,7 @@ def _quantize_options(args: argparse.Namespace):
                            weight_rounding=args.weight_rounding, keep_fp16=args.keep_fp16,
                            int8_weights=args.int8_weights,
                            exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
-                           act_clips=args.act_clips, range_margin=args.range_margin,
-                           range_margin_groups=args.range_margin_groups, lm_head=args.lm_head)
+                           act_clips=args.act_clips, range_margin=args.range_margin, lm_head=args.lm_head)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -125,24 +124,21 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
-def _one_number(text: str) -> float:
-    """argparse type: one number (check_options says which values the option takes)."""
-    values = _floats(text)
-    if len(values) != 1:
-        raise argparse.ArgumentTypeError(f"expected one number, got {text!r}")
-    return values[0]
+def range_margin(text: str):
+    """argparse type: --range-margin F[,GROUP=G,...] (quantize.RangeMargin.parse; bench/margin_probe.py too)."""
+    from vllm_outliertune.offline.quantize import RangeMargin
+
+    try:
+        return RangeMargin.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _input_groups(text: str) -> tuple[str, ...]:
-    """argparse type: comma-separated input groups (qkv, o, gate_up, down), or all."""
-    from vllm_outliertune.offline.architectures import INPUT_GROUPS
-
-    groups = INPUT_GROUPS if text == "all" else tuple(text.split(","))
-    unknown = [group for group in groups if group not in INPUT_GROUPS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"{', '.join(unknown)} in {text!r}: use all or groups among "
-                                         f"{', '.join(INPUT_GROUPS)}")
-    return groups
+def _range_margin_groups(text: str):
+    """argparse type of the replaced --range-margin-groups: refused, saying what to pass instead."""
+    raise argparse.ArgumentTypeError(f"replaced by --range-margin F,GROUP=G,...: e.g. --range-margin-groups {text} "
+                                     f"with --range-margin 1.5 is --range-margin 1,"
+                                     + ",".join(f"{group}=1.5" for group in text.split(",")))
 
 
 def _add_calib_option(parser: argparse.ArgumentParser) -> None:
@@ -193,13 +189,13 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                              "go to a small floating-point side GEMM")
     parser.add_argument("--outlier-factor", type=float, default=QuantizeOptions.outlier_factor,
                         help="see --exact-channels")
-    parser.add_argument("--range-margin", type=_one_number, default=QuantizeOptions.range_margin, metavar="F",
-                        help="widen the calibrated activation ranges of --range-margin-groups by F before planning: "
-                             "headroom for text unlike the calibration text, paid for in resolution; default "
-                             f"{AUTO_RANGE_MARGIN[8, 8]:g} for W8A8, 1 otherwise (Gemma: 1)")
-    parser.add_argument("--range-margin-groups", type=_input_groups, default=QuantizeOptions.range_margin_groups,
-                        metavar="all|GROUP,...", help="the input groups (qkv, o, gate_up, down) --range-margin widens "
-                        f"(default {','.join(QuantizeOptions.range_margin_groups)})")
+    parser.add_argument("--range-margin", type=range_margin, default=QuantizeOptions.range_margin,
+                        metavar="F[,GROUP=G,...]",
+                        help="widen the calibrated activation ranges by F before planning, those of the input groups "
+                             "named (qkv, o, gate_up, down) by their G instead (e.g. 1.5,down=2; 1: none): headroom "
+                             "for text unlike the calibration text, paid for in resolution; default "
+                             f"{AUTO_RANGE_MARGIN[8, 8]} for W8A8, 1 otherwise (Gemma: 1)")
+    parser.add_argument("--range-margin-groups", type=_range_margin_groups, help=argparse.SUPPRESS)
     parser.add_argument("--act-clips", type=_floats, default=QuantizeOptions.act_clips, metavar="C,C,...",
                         help="method outliertune: activation range factors the per-layer search tries on held-out "
                              "calibration windows (below 1 clips the calibrated range, above 1 leaves headroom); "
