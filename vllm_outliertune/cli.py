@@ -23,7 +23,8 @@ def _quantize_options(args: argparse.Namespace):
                            int8_weights=args.int8_weights,
                            exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
                            act_clips=args.act_clips, range_margin=args.range_margin,
-                           range_margin_groups=args.range_margin_groups, lm_head=args.lm_head)
+                           range_margin_groups=args.range_margin_groups, lm_head=args.lm_head,
+                           sequential_calibration=args.sequential_calibration)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -200,6 +201,10 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--range-margin-groups", type=_input_groups, default=QuantizeOptions.range_margin_groups,
                         metavar="all|GROUP,...", help="the input groups (qkv, o, gate_up, down) --range-margin widens "
                         f"(default {','.join(QuantizeOptions.range_margin_groups)})")
+    parser.add_argument("--sequential-calibration", action="store_true",
+                        help="calibrate each layer on the outputs of the previous layers as quantized (as GPTQ "
+                             "originally does) instead of the float ones; one more forward pass per layer, and "
+                             "--calib-cache is not used")
     parser.add_argument("--act-clips", type=_floats, default=QuantizeOptions.act_clips, metavar="C,C,...",
                         help="method outliertune: activation range factors the per-layer search tries on held-out "
                              "calibration windows (below 1 clips the calibrated range, above 1 leaves headroom); "
