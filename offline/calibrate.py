@@ -2,7 +2,8 @@
 
 Only one decoder layer is on the compute device at a time, with the hidden states of all calibration windows (kept
 on the CPU between layers), so device memory is about one layer plus the activations of one batch. Each layer is
-run on the outputs of the unquantized previous layer.
+run on the outputs of the unquantized previous layer, or, with ``sequential``, of the previous layer as the caller
+left it (folded, with its linears replaced by their quantized emulation), as GPTQ originally propagates.
 
 Every HOLD_OUT_EVERY-th window is held out: its tokens do not set the calibrated per-channel ranges, they are the
 token sample the plan search scores its candidates on. So range factors (clipping below 1, headroom above 1) are
@@ -179,14 +180,16 @@ def window_roles(count: int) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def calibrate_layers(model, windows: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 8,
                      sample_tokens: int = 2048, seed: int = 0, progress: bool = True, gram: bool = False,
-                     head: bool = False) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
+                     head: bool = False, sequential: bool = False,
+                     ) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
     """For each decoder layer: (index, the layer in float32 on ``device``, {"qkv"|"o"|"gate_up"|"down": stats});
     with ``gram`` the stats include each input's Gram matrix (for GPTQ; K x K per input). The ranges come from the
     windows that are not held out, the sample from those that are (window_roles). With ``head``, then one more item:
     (number of layers, the final norm in float32 on ``device``, {HEAD: stats of its output, lm_head's input}).
 
-    The caller may modify the yielded layer (folding): the next layer's inputs were computed before the yield. After
-    the caller resumes, the layer goes back to the CPU in the model's dtype."""
+    The caller may modify the yielded layer (folding): the next layer's inputs were computed before the yield, or,
+    with ``sequential``, after the caller resumes, by the layer as the caller left it (one more forward pass per
+    layer). After that the layer goes back to the CPU in the model's dtype."""
     device = torch.device(device)
     dtype = model.dtype
     hidden, kwargs_per_batch = _capture_layer_inputs(model, windows, batch_size, device)
@@ -205,17 +208,25 @@ def calibrate_layers(model, windows: torch.Tensor, device: str | torch.device = 
         hooks = [layer.get_submodule(name).register_forward_pre_hook(
                      lambda _module, args, acc=accumulators[short]: acc.add(args[0], fitted[batch], sampled[batch]))
                  for name, short in input_of.items()]
-        try:
+
+        def run(keep: bool) -> None:
+            nonlocal batch
             for batch in range(len(hidden)):
                 out = layer(hidden[batch].to(device), **_to_device(kwargs_per_batch[batch][index], device))
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 if not torch.isfinite(out).all():
                     raise FloatingPointError(f"calibration produced NaN/Inf at the output of {arch.layers}.{index}")
-                hidden[batch] = out.float().cpu()
+                if keep:
+                    hidden[batch] = out.float().cpu()
+
+        try:
+            run(keep=not sequential)
         finally:
             for hook in hooks:
                 hook.remove()
         yield index, layer, {short: acc.result() for short, acc in accumulators.items()}
+        if sequential:
+            run(keep=True)
         layers[index] = layer.to("cpu", dtype)
     if head:
         norm = model.get_submodule(arch.final_norm)
@@ -240,14 +251,16 @@ def _fingerprint(model, windows: torch.Tensor, settings: tuple) -> str:
 
 def cached_calibrate_layers(model, windows: torch.Tensor, cache_dir: Path | None, device: str | torch.device = "cpu",
                             batch_size: int = 8, sample_tokens: int = 2048, seed: int = 0, progress: bool = True,
-                            gram: bool = False, head: bool = False,
+                            gram: bool = False, head: bool = False, sequential: bool = False,
                             ) -> Iterator[tuple[int, torch.nn.Module, dict[str, InputStats]]]:
     """calibrate_layers, with the statistics kept in ``cache_dir`` (safe torch.load, tensors only) so quantizing
     the same model on the same text again (another method or bit width) skips the forward passes. A new cache also
     keeps lm_head's input (cheap), so it serves runs with and without ``head``; an older one without it is
-    recalibrated (and rewritten) for a run with ``head``."""
-    if cache_dir is None:
-        yield from calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress, gram, head)
+    recalibrated (and rewritten) for a run with ``head``. A ``sequential`` calibration is never cached: past the
+    first layer its statistics depend on how the caller quantized the layers before."""
+    if cache_dir is None or sequential:
+        yield from calibrate_layers(model, windows, device, batch_size, sample_tokens, seed, progress, gram, head,
+                                    sequential)
         return
     # Caches without Gram matrices keep their key; one with them also serves runs that do not need them.
     keys = [(sample_tokens, seed, HOLD_OUT_EVERY, "gram")] + ([] if gram else [(sample_tokens, seed,

@@ -21,6 +21,7 @@ from vllm_outliertune.offline.report import PLOTTED_GROUPS, plotted_layers, rang
 from vllm_outliertune.offline.search import SIMPLE, SearchGrid, output_error, search_plan
 from vllm_outliertune.offline.architectures import (
     INPUT_GROUPS, UNQUANTIZED_LM_HEAD, Architecture, architecture_of, attention_groups)
+from vllm_outliertune.offline.reference import ReferenceQuantLinear
 from vllm_outliertune.offline.model_io import (
     UserError, check_device, check_seq_len, load_model, load_tokenizer, read_config, resolve_model)
 from vllm_outliertune.offline.symmetrize import ChannelPlan
@@ -105,6 +106,10 @@ class QuantizeOptions:
     # "none": lm_head stays in the model's dtype (tied embeddings stay tied); "int8": planned like a norm-fed linear
     # and written with int8 weights per output row, whatever w_bits (it is the most sensitive layer).
     lm_head: str = "none"
+    # Calibrate each layer on the outputs of the previous layers as quantized (folded, weights and activations
+    # rounded as the checkpoint computes them) instead of the float ones, as GPTQ originally does: the ranges, search
+    # samples and Gram matrices of a layer then see the error accumulated before it. Not cached (--calib-cache).
+    sequential_calibration: bool = False
 
     @property
     def quant_config(self) -> QuantizationConfig:
@@ -412,7 +417,8 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
     quantized_head = options.lm_head != "none"
     for index, layer, stats in cached_calibrate_layers(model, windows, options.calib_cache, options.device,
                                                        options.batch_size, SearchGrid.tokens, options.seed,
-                                                       options.progress, gram=gptq, head=quantized_head):
+                                                       options.progress, gram=gptq, head=quantized_head,
+                                                       sequential=options.sequential_calibration):
         if index == num_layers:  # the final norm, lm_head's input
             tensors.update(quantize_head(model, layer, stats[HEAD], arch, options, record))
             continue
@@ -436,11 +442,14 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
                 record.ranges.update({f"layer{index}_{group}": range_record(stats[group], plans[group])
                                       for group in PLOTTED_GROUPS})
         folded = fold_layer(layer, plans, arch, model.config)
+        emulated: dict[str, torch.nn.Module] = {}  # what the checkpoint computes, per linear (sequential only)
         for name, linear in folded.items():
             prefix = f"{arch.layers}.{index}.{name}"
             group = group_of[name]
             if group in kept:
-                tensors.update(_unquantized_tensors(prefix, linear, model_dtype))
+                parts = _unquantized_tensors(prefix, linear, model_dtype)
+                tensors.update(parts)
+                emulated[name] = _plain_linear(parts[f"{prefix}.weight"], parts.get(f"{prefix}.bias"))
                 continue
             out_features, in_features = linear.weight.shape
             if options.weight_format.packed and in_features % 2:
@@ -455,6 +464,10 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
             validate_linear(prefix, parts, out_features, in_features, linear_options.quant_config,
                             source="quantize")
             tensors.update({f"{prefix}.{suffix}": tensor for suffix, tensor in parts.items()})
+            if options.sequential_calibration:
+                emulated[name] = ReferenceQuantLinear(parts, linear_options.quant_config)
+        if options.sequential_calibration:  # cached_calibrate_layers runs the next layer on this layer's outputs
+            emulate_checkpoint(layer, emulated, model_dtype)
     quantized = {f"{arch.layers}.{i}.{name}" for i in range(num_layers) for name in arch.linears}
     if quantized_head:
         quantized.add(HEAD_MODULE)
@@ -464,6 +477,27 @@ def quantize_loaded(model, windows: torch.Tensor, options: QuantizeOptions,
             continue
         tensors[name] = tensor.detach().cpu().clone().contiguous()
     return tensors
+
+
+def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+@torch.no_grad()
+def emulate_checkpoint(layer: torch.nn.Module, linears: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
+    """Make a folded ``layer`` (float32) compute what its checkpoint tensors compute: its linears replaced by
+    ``linears`` (by name relative to the layer: ReferenceQuantLinear or the kept float weights) and its other
+    parameters (the folded norms) rounded to the checkpoint's ``dtype``, all in float32 on the layer's device."""
+    device = next(layer.parameters()).device
+    for name, module in linears.items():
+        parent, _, child = name.rpartition(".")
+        setattr(layer.get_submodule(parent) if parent else layer, child, module.to(device))
+    for parameter in layer.parameters():
+        parameter.data = parameter.data.to(dtype).float()
 
 
 HEAD_MODULE = "lm_head"  # the output embedding's module name in every supported architecture

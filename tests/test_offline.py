@@ -469,6 +469,47 @@ def test_calibration_cache_gives_the_same_checkpoint(random_llama, tmp_path, cal
         assert actual.keys() == expected.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)
 
 
+def test_sequential_calibration_sees_the_quantized_layers(random_llama, tmp_path, calib_text, monkeypatch):
+    """--sequential-calibration: layer 1 is calibrated on what the written checkpoint's layer 0 outputs (the torch
+    reference's integer math, fp16 norms), not on the float model's layer 0 outputs: its q/k/v input ranges are
+    exactly those of the reference model's, and differ from the float model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_outliertune.offline import quantize as quantize_mod
+    from vllm_outliertune.offline.text import read_text
+
+    planned = []  # the calibration statistics each layer was planned with, in layer order
+    plan_layer = quantize_mod.plan_layer
+    monkeypatch.setattr(quantize_mod, "plan_layer",
+                        lambda layer, stats, *args: planned.append(stats) or plan_layer(layer, stats, *args))
+    out = tmp_path / "seq"
+    assert cli_main(["quantize", str(random_llama), str(out), "--calib", str(calib_text), "--w-bits", "4",
+                     "--a-bits", "8", "--samples", "8", "--seq-len", "64", "--sequential-calibration"]) == 0
+    windows = token_windows(AutoTokenizer.from_pretrained(random_llama), read_text(calib_text, "--calib"), 64, 8)
+    fitted, _ = window_roles(windows.shape[0])
+    fp = AutoModelForCausalLM.from_pretrained(random_llama, dtype=torch.float32)
+
+    def layer1_qkv_range(model) -> tuple[torch.Tensor, torch.Tensor]:
+        """min and max over the fitted windows of layer 1's unfolded attention norm output, on ``model``'s
+        hidden states entering layer 1."""
+        entering = []
+        hook = model.model.layers[1].register_forward_pre_hook(
+            lambda _module, args, kwargs: entering.append(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True)
+        with torch.no_grad():
+            model(windows)
+            hook.remove()
+            x = fp.model.layers[1].input_layernorm(entering[0])[fitted].flatten(0, 1)
+        return x.amin(0), x.amax(0)
+
+    calibrated = planned[1]["qkv"]
+    low, high = layer1_qkv_range(load_reference_model(out))
+    torch.testing.assert_close(calibrated.min, low, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(calibrated.max, high, rtol=1e-5, atol=1e-5)
+    fp_low, fp_high = layer1_qkv_range(fp)
+    assert (calibrated.max - fp_high).abs().max() > 1e-2 and (calibrated.min - fp_low).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("bits", [8, 6])
 def test_search_no_worse_than_simple_rule(bits):
     """The per-layer search is finite, deterministic, and never worse than the simple rule on its sample; on the

@@ -22,7 +22,8 @@ def _quantize_options(args: argparse.Namespace):
                            weight_rounding=args.weight_rounding, keep_fp16=args.keep_fp16,
                            int8_weights=args.int8_weights,
                            exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
-                           act_clips=args.act_clips, range_margin=args.range_margin, lm_head=args.lm_head)
+                           act_clips=args.act_clips, range_margin=args.range_margin, lm_head=args.lm_head,
+                           sequential_calibration=args.sequential_calibration)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -196,6 +197,10 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                              "for text unlike the calibration text, paid for in resolution; default "
                              f"{AUTO_RANGE_MARGIN[8, 8]} for W8A8, 1 otherwise (Gemma: 1)")
     parser.add_argument("--range-margin-groups", type=_range_margin_groups, help=argparse.SUPPRESS)
+    parser.add_argument("--sequential-calibration", action="store_true",
+                        help="calibrate each layer on the outputs of the previous layers as quantized (as GPTQ "
+                             "originally does) instead of the float ones; one more forward pass per layer, and "
+                             "--calib-cache is not used")
     parser.add_argument("--act-clips", type=_floats, default=QuantizeOptions.act_clips, metavar="C,C,...",
                         help="method outliertune: activation range factors the per-layer search tries on held-out "
                              "calibration windows (below 1 clips the calibrated range, above 1 leaves headroom); "
