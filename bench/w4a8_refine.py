@@ -94,8 +94,8 @@ def refined_table(summary: list[dict], device_key: str) -> dict:
 
 
 def main(shapes: str, out: Path) -> None:
-    device_key = configs.table_keys(torch.device("cuda"))[0]
     keys = configs.table_keys(torch.device("cuda"))
+    device_key = keys[0]
     earlier = earlier_records()
     plans = [(kernel, n, k, m, candidates(kernel, n, k, m, keys, earlier))
              for n, k in (tuple(map(int, s.split("x"))) for s in shapes.split(","))

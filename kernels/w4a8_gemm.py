@@ -97,6 +97,19 @@ def _word_products(a_words, w_words, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexp
 
 
 @triton.jit
+def _column_words(w_ptrs, offs_ww, words):
+    """The dp4a loops' weight words [BLOCK_K / 8, BLOCK_N] (word offsets offs_ww along K), zero from word ``words``
+    on (past K or the split); read once, so evicted first."""
+    return tl.load(w_ptrs, mask=(offs_ww < words)[:, None], other=0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _code_sums(a_words, acc, USE_ASM: tl.constexpr):
+    """acc + the sum of the 4 activation codes of each int32 word (a dp4a with 1, 1, 1, 1)."""
+    return dot4_accumulate(a_words, tl.full(a_words.shape, 0x01010101, tl.int32), acc, USE_ASM)
+
+
+@triton.jit
 def _gemv_activations(a_ptrs, offs_ww, words):
     """The activation words of one row that meet weight words offs_ww: those of their low nibbles' channels (word
     2j of the row) and of their high ones' (2j + 1), zero from word ``words`` on (past K or the split)."""
@@ -113,9 +126,7 @@ def _gemv_step(a_low, a_high, w_words, scale, zero, USE_ASM: tl.constexpr):
     reduced the activation sums across warps at every step: 8 barriers per step in its sm90 PTX)."""
     products = dot4_accumulate(w_words & 0x0F0F0F0F, a_low[:, None], tl.zeros(w_words.shape, dtype=tl.int32), USE_ASM)
     products = dot4_accumulate((w_words >> 4) & 0x0F0F0F0F, a_high[:, None], products, USE_ASM)
-    ones = tl.full(a_low.shape, 0x01010101, tl.int32)
-    a_sum = dot4_accumulate(a_high, ones, dot4_accumulate(a_low, ones, tl.zeros(a_low.shape, dtype=tl.int32),
-                                                          USE_ASM), USE_ASM)
+    a_sum = _code_sums(a_high, _code_sums(a_low, tl.zeros(a_low.shape, dtype=tl.int32), USE_ASM), USE_ASM)
     return products * scale[None, :] - a_sum[:, None] * (zero * scale)[None, :]
 
 
@@ -215,6 +226,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
     if ACC_K:
         acc3 = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
     last_group = (K - 1) // GROUP_SIZE
+    split_end = tl.minimum(K, k_start + K_PER_SPLIT)  # loads a step ahead stop there: past it, traffic for nothing
     if PREFETCH:
         if TILE_GROUPS > 1:
             next_scale, next_zero = _tile_groups(gscale_ptr, gzero_ptr, rows_w, k_start // GROUP_SIZE, last_group,
@@ -224,10 +236,10 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
                                                 stride_gk)
         if GEMV:
             next_a, next_a_high = _gemv_activations(a_ptrs, offs_ww, K // 4)
-            next_w = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0, eviction_policy="evict_first")
+            next_w = _column_words(w_ptrs, offs_ww, (K + 7) // 8)
         elif DP4A:  # and the first step's words: each step then asks for the next step's before it computes
             next_a = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
-            next_w = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0, eviction_policy="evict_first")
+            next_w = _column_words(w_ptrs, offs_ww, (K + 7) // 8)
     for i in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
         if FACTORED and TILE_GROUPS > 1:  # the dp4a loop over tiles of several whole groups
             if PREFETCH:
@@ -264,15 +276,12 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
         elif GEMV:
             if PREFETCH:
                 a_low, a_high, w_words = next_a, next_a_high, next_w
-                split_end = tl.minimum(K, k_start + K_PER_SPLIT)
                 next_a, next_a_high = _gemv_activations(a_ptrs + BLOCK_K // 4, offs_ww + BLOCK_K // 8, split_end // 4)
-                next_w = tl.load(w_ptrs + (BLOCK_K // 8) * stride_wk,
-                                 mask=(offs_ww + BLOCK_K // 8 < (split_end + 7) // 8)[:, None], other=0,
-                                 eviction_policy="evict_first")
+                next_w = _column_words(w_ptrs + (BLOCK_K // 8) * stride_wk, offs_ww + BLOCK_K // 8,
+                                       (split_end + 7) // 8)
             else:
                 a_low, a_high = _gemv_activations(a_ptrs, offs_ww, K // 4)
-                w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0,
-                                  eviction_policy="evict_first")
+                w_words = _column_words(w_ptrs, offs_ww, (K + 7) // 8)
             acc_w += _gemv_step(a_low, a_high, w_words, scale, zero, DP4A_ASM)
             a_ptrs += BLOCK_K // 4
             offs_ww += BLOCK_K // 8
@@ -280,20 +289,16 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
         elif DP4A:
             if PREFETCH:
                 a_words, w_words = next_a, next_w
-                split_end = tl.minimum(K, k_start + K_PER_SPLIT)  # not past it: a tile of traffic for nothing
                 next_a = tl.load(a_ptrs + BLOCK_K // 4, mask=(offs_aw + BLOCK_K // 4 < split_end // 4)[None, :],
                                  other=0)
-                next_w = tl.load(w_ptrs + (BLOCK_K // 8) * stride_wk,
-                                 mask=(offs_ww + BLOCK_K // 8 < (split_end + 7) // 8)[:, None], other=0,
-                                 eviction_policy="evict_first")
+                next_w = _column_words(w_ptrs + (BLOCK_K // 8) * stride_wk, offs_ww + BLOCK_K // 8,
+                                       (split_end + 7) // 8)
             else:
                 a_words = tl.load(a_ptrs, mask=(offs_aw < K // 4)[None, :], other=0)
-                w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[:, None], other=0,
-                                  eviction_policy="evict_first")
+                w_words = _column_words(w_ptrs, offs_ww, (K + 7) // 8)
             products = _word_products(a_words, w_words, BLOCK_M, BLOCK_K // 8, DP4A_ASM)
-            # the zero-point term needs each row's sum of its activation codes (a dp4a with 1, 1, 1, 1) per group
-            a_sums = dot4_accumulate(a_words, tl.full(a_words.shape, 0x01010101, tl.int32),
-                                     tl.zeros(a_words.shape, dtype=tl.int32), DP4A_ASM)
+            # the zero-point term needs each row's sum of its activation codes, per group
+            a_sums = _code_sums(a_words, tl.zeros(a_words.shape, dtype=tl.int32), DP4A_ASM)
             if TILE_GROUPS > 1:  # words and activation words of the tile as [.., group, word in group, ..]
                 scaled = tl.reshape(products, (BLOCK_M, TILE_GROUPS, BLOCK_K // 8 // TILE_GROUPS, BLOCK_N)) \
                     * scale[None, :, None, :]

@@ -494,8 +494,7 @@ def emulate_checkpoint(layer: torch.nn.Module, linears: dict[str, torch.nn.Modul
     parameters (the folded norms) rounded to the checkpoint's ``dtype``, all in float32 on the layer's device."""
     device = next(layer.parameters()).device
     for name, module in linears.items():
-        parent, _, child = name.rpartition(".")
-        setattr(layer.get_submodule(parent) if parent else layer, child, module.to(device))
+        layer.set_submodule(name, module.to(device))
     for parameter in layer.parameters():
         parameter.data = parameter.data.to(dtype).float()
 
