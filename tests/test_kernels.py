@@ -145,7 +145,11 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
                  # the one-row GEMV loop, with its loads a step ahead across a split
                  ("w4a8_splitk", 32, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "FACTORED": 1, "GEMV": 1}),
                  ("w4a8_splitk", 64, {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1,
-                                      "GEMV": 1, "PREFETCH": 1}))
+                                      "GEMV": 1, "PREFETCH": 1}),
+                 # and over tiles of several whole groups (4 and 2 per tile)
+                 ("w4a8_splitk", 8, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "FACTORED": 1,
+                                     "GEMV": 1, "PREFETCH": 1}),
+                 ("w4a8_splitk", 16, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "FACTORED": 1, "GEMV": 1}))
 
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
