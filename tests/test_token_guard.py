@@ -155,11 +155,39 @@ def _overflowing_share(model, ids) -> float:
     return float(torch.stack(counts).mean())
 
 
+def test_vllm_apply_equals_the_reference_exactly():
+    """The vLLM LinearMethod's apply() with token_guard, eager and traced by torch.compile (vLLM's default mode),
+    on tokens inside and beyond the range: eager bit for bit the torch reference's output, traced within float
+    reordering of it (a code at a rounding tie may move one step)."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm_outliertune.linear import OutlierTuneLinearMethod
+
+    for bits in (8, 6):
+        linear, plan, quantized, tensors, x = _case(bits, overflow=4.0)
+        config = _guarded(fmt.QuantizationConfig(bits, bits))
+        folded_x = (x / plan.step).reshape(3, 3, -1)
+        layer = SimpleNamespace(weight=tensors["weight"], weight_scale=tensors["weight_scale"],
+                                output_bias=tensors["output_bias"] + tensors["bias"], input_inv_scale=None,
+                                input_shift=tensors["input_shift"], exact_index=None, exact_weight=None)
+        method = OutlierTuneLinearMethod(config, "model.layers.0.mlp.down_proj", ["down_proj"])
+        reference = ReferenceQuantLinear(tensors, config)(folded_x)
+        assert torch.equal(method.apply(layer, folded_x), reference)
+        compiled = torch.compile(lambda v: method.apply(layer, v), fullgraph=True)(folded_x)
+        # at most two codes moved by one step per output: 2 * 127 * weight_scale * t
+        _, t = quantize_activation_guarded_ref(folded_x.reshape(9, -1), None, layer.input_shift, bits)
+        bound = 2 * 127 * layer.weight_scale * t + 1e-5
+        assert ((compiled.reshape(9, -1) - reference.reshape(9, -1)).abs() <= bound).all()
+
+
 @pytest.mark.vllm
 def test_vllm_matches_torch_reference_with_the_guard(guarded_checkpoint):
     """vLLM's LinearMethod (torch guard, int32 GEMM, t in the epilogue) against the torch reference: same greedy
-    tokens, prompt logprobs within test_vllm_plugin's tolerance; the reference without the guard is further away
-    than that tolerance, so the comparison sees whether vLLM applies t."""
+    tokens, prompt logprobs as test_architectures.py asks (at most 1 % of the tokens beyond LOGPROB_TOLERANCE, none
+    beyond 5 times it: a code at a rounding tie in vLLM's float order may round the other way, and with t in
+    most rows, as here, such a tie moves a whole row's codes); the reference without the guard moves over a fifth
+    of the tokens beyond the tolerance, so the comparison sees whether vLLM applies t."""
     pytest.importorskip("vllm")
     from vllm import LLM
     from transformers import AutoTokenizer
@@ -182,11 +210,14 @@ def test_vllm_matches_torch_reference_with_the_guard(guarded_checkpoint):
     for module in reference.modules():
         if isinstance(module, ReferenceQuantLinear):
             module.token_guard = False
-    unguarded = torch.cat(_reference_prompt_logprobs(reference, windows))
-    assert (unguarded - expected).abs().max() > 4 * LOGPROB_TOLERANCE
+    unguarded = (torch.cat(_reference_prompt_logprobs(reference, windows)) - expected).abs()
+    print(f"reference without the guard: {int((unguarded > LOGPROB_TOLERANCE).sum())} of {unguarded.numel()} "
+          f"tokens over {LOGPROB_TOLERANCE}")
+    assert (unguarded > LOGPROB_TOLERANCE).float().mean() > 0.2
 
     llm = LLM(model=str(guarded_checkpoint), **VLLM_TEST_ENGINE)
     assert _vllm_greedy(llm, prompts) == expected_tokens
     diffs = (torch.cat(_vllm_prompt_logprobs(llm, windows)) - expected).abs()
-    print(f"|vLLM - reference| prompt logprob with the guard: max {diffs.max():.2e}, mean {diffs.mean():.2e}")
-    assert diffs.max() <= LOGPROB_TOLERANCE
+    print(f"|vLLM - reference| prompt logprob with the guard: max {diffs.max():.2e}, mean {diffs.mean():.2e}, "
+          f"{int((diffs > LOGPROB_TOLERANCE).sum())} of {diffs.numel()} tokens over {LOGPROB_TOLERANCE}")
+    assert (diffs > LOGPROB_TOLERANCE).float().mean() <= 0.01 and diffs.max() <= 5 * LOGPROB_TOLERANCE
