@@ -5,24 +5,43 @@ from __future__ import annotations
 
 import torch
 
-from vllm_outliertune.format import code_levels
+from vllm_outliertune.format import code_levels, guard_limit
 from vllm_outliertune.kernels.w4a8_words import word_codes
 
 # int8 x int8 products are at most 2^14 in magnitude, so a sum of 1024 of them (2^24) is exact in float32.
 _EXACT_FP32_K_CHUNK = 1024
 
 
-def quantize_activation_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
-                            bits: int) -> torch.Tensor:
-    """q = clamp(round(x * inv_scale - shift), -2^(bits-1), 2^(bits-1)-1) as int8; vectors are per channel (last
-    dim) and may be None when folded upstream. Computed in float32; round half to even (as torch.round)."""
+def _activation_units(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+    """x * inv_scale - shift in float32: the codes before rounding (vectors per channel, None when folded)."""
     xf = x.float()
     if inv_scale is not None:
         xf = xf * inv_scale
     if shift is not None:
         xf = xf - shift
+    return xf
+
+
+def quantize_activation_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
+                            bits: int) -> torch.Tensor:
+    """q = clamp(round(x * inv_scale - shift), -2^(bits-1), 2^(bits-1)-1) as int8; vectors are per channel (last
+    dim) and may be None when folded upstream. Computed in float32; round half to even (as torch.round)."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return torch.round(xf).clamp_(qmin, qmax).to(torch.int8)
+    return torch.round(_activation_units(x, inv_scale, shift)).clamp_(qmin, qmax).to(torch.int8)
+
+
+def quantize_activation_guarded_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
+                                    bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token overflow guard (quantization_config.token_guard): with u = x * inv_scale - shift, each row m
+    gets t[m] = max(1, max_k |u[m, k]| / (qmax + 1/2)) and codes clamp(round(u / t[m])); returns (codes int8
+    [M, K], t float32 [M, 1]). A row that rounds without saturating (every |u| <= qmax + 1/2) has t = 1 and
+    exactly quantize_activation_ref's codes; a row beyond the plan's range keeps its shape at a coarser step
+    instead of saturating (the output is then scaled by t)."""
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    units = _activation_units(x, inv_scale, shift)
+    t = (units.abs().amax(dim=-1, keepdim=True) / guard_limit(bits)).clamp_(min=1.0)
+    # (x / 1 is x exactly, so t = 1 rows round exactly as without the guard.)
+    return torch.round(units / t).clamp_(qmin, qmax).to(torch.int8), t
 
 
 def int_mm_exact(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
@@ -47,9 +66,18 @@ def int_mm_exact(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
 
 
 def int8_gemm_ref(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                  out_dtype: torch.dtype) -> torch.Tensor:
-    """acc = a_q @ w_q^T in int32, then acc * w_scale[n] (+ bias[n]) in float32, cast to out_dtype."""
-    out = int_mm_exact(a_q, w_q).float() * w_scale.float()
+                  out_dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """acc = a_q @ w_q^T in int32, then acc * w_scale[n] (* row_scale[m]) (+ bias[n]) in float32, cast to out_dtype
+    (row_scale: the token guard's t, [M, 1])."""
+    return scale_epilogue_ref(int_mm_exact(a_q, w_q), w_scale, bias, out_dtype, row_scale)
+
+
+def scale_epilogue_ref(acc: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                       row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The GEMM epilogue on an int32 accumulator [M, N]: acc * w_scale[n] (* row_scale[m]) (+ bias[n]) in float32."""
+    out = acc.float() * w_scale.float()
+    if row_scale is not None:
+        out = out * row_scale
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)

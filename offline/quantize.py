@@ -9,7 +9,8 @@ from typing import Callable, Iterable
 import torch
 
 from vllm_outliertune.format import (
-    DEFAULT_GROUP_SIZE, GROUP_SIZE_MULTIPLE, SUPPORTED_BITS, QuantizationConfig, validate_linear)
+    DEFAULT_GROUP_SIZE, FORMAT_VERSION, GROUP_SIZE_MULTIPLE, SUPPORTED_BITS, TOKEN_GUARD_FORMAT_VERSION,
+    QuantizationConfig, validate_linear)
 from vllm_outliertune.offline import symmetrize
 from vllm_outliertune.offline.assets import DEFAULT_CALIB, calibration_file
 from vllm_outliertune.offline.calibrate import HEAD, InputStats, cached_calibrate_layers, float32_on
@@ -110,13 +111,17 @@ class QuantizeOptions:
     # rounded as the checkpoint computes them) instead of the float ones, as GPTQ originally does: the ranges, search
     # samples and Gram matrices of a layer then see the error accumulated before it. Not cached (--calib-cache).
     sequential_calibration: bool = False
+    # Per-token overflow guard at run time (format 3, quantization_config.token_guard): a token whose codes would
+    # leave the plan's range is quantized at a step t >= 1 times coarser and its GEMM output scaled by t.
+    token_guard: bool = False
 
     @property
     def quant_config(self) -> QuantizationConfig:
         return QuantizationConfig(weight_bits=self.w_bits, activation_bits=self.a_bits,
                                   ignore=("lm_head",) if self.lm_head == "none" else (), method=self.method,
                                   group_size=self.group_size, exact_channels=self.exact_channels,
-                                  lm_head=self.lm_head)
+                                  lm_head=self.lm_head, token_guard=self.token_guard,
+                                  format_version=TOKEN_GUARD_FORMAT_VERSION if self.token_guard else FORMAT_VERSION)
 
     @property
     def rounding(self) -> str:
@@ -287,6 +292,10 @@ def check_options(options: QuantizeOptions) -> None:
         raise UserError(f"--range-margin {error}") from None
     if options.lm_head not in LM_HEAD_CHOICES:
         raise UserError(f"--lm-head {options.lm_head!r} is unknown; choose one of {LM_HEAD_CHOICES}")
+    if options.token_guard and (options.w_bits == 4 or options.exact_channels):
+        raise UserError(f"--token-guard is implemented for int8-stored weights (--w-bits 8 or 6) without "
+                        f"--exact-channels, got --w-bits {options.w_bits} --exact-channels {options.exact_channels}; "
+                        f"drop --token-guard or those options")
     if options.int8_weights not in ("none", "auto") and not options.weight_format.packed:
         raise UserError(f"--int8-weights {options.int8_weights}: only packed 4-bit weights (--w-bits 4) have "
                         f"linears to keep at int8; pass --int8-weights none")
@@ -309,7 +318,8 @@ def search_grid(options: QuantizeOptions, arch: Architecture) -> SearchGrid:
     clips = options.act_clips or arch.activation_clips
     if clips is None and options.weight_format.packed:
         clips = LOW_BIT_CLIPS
-    return SearchGrid(per_token=options.a_bits in arch.per_token_bits, **({} if clips is None else dict(clips=clips)))
+    return SearchGrid(per_token=options.a_bits in arch.per_token_bits, token_guard=options.token_guard,
+                      **({} if clips is None else dict(clips=clips)))
 
 
 def check_lm_head(config: dict, options: QuantizeOptions, model_dir: Path | str) -> None:
@@ -361,7 +371,8 @@ def plan_group(stats: InputStats, weight: torch.Tensor, arch: Architecture, opti
     plan, info = METHODS[options.method](GroupInput(stats, weight, share, search_grid(options, arch), exact), options)
     info["exact_channels"] = [] if plan.exact is None else plan.exact.tolist()
     sample = stats.sample[:SearchGrid.tokens].to(weight.device)
-    info["error"] = output_error(sample, weight, plan, options.weight_format, options.a_bits)
+    info["error"] = output_error(sample, weight, plan, options.weight_format, options.a_bits,
+                                 token_guard=options.token_guard)
     info["dynamic_error"] = dynamic_output_error(sample, weight, options.weight_format, options.a_bits)
     return plan, info
 

@@ -11,17 +11,21 @@ import torch
 from safetensors.torch import load_file
 
 from vllm_outliertune.format import LINEAR_TENSOR_SUFFIXES, QuantizationConfig, packed_levels, validate_linear
-from vllm_outliertune.kernels.torch_ref import add_exact_channels, int8_gemm_ref, quantize_activation_ref
+from vllm_outliertune.kernels.torch_ref import (
+    add_exact_channels, int8_gemm_ref, quantize_activation_guarded_ref, quantize_activation_ref)
 from vllm_outliertune.offline.model_io import UserError, is_outliertune_checkpoint
 
 
 class ReferenceQuantLinear(torch.nn.Module):
     """q = clamp(round(x * input_inv_scale - input_shift)); y = weight_scale * (q @ weight.T) + output_bias (+ bias),
-    with the int8 levels of a packed 4-bit weight in place of ``weight`` (unpacked once, here)."""
+    with the int8 levels of a packed 4-bit weight in place of ``weight`` (unpacked once, here); with the
+    checkpoint's token_guard, q = clamp(round((x * input_inv_scale - input_shift) / t)) and the GEMM term is
+    multiplied by each token's t (kernels/torch_ref.quantize_activation_guarded_ref)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], config: QuantizationConfig):
         super().__init__()
         self.activation_bits = config.activation_bits
+        self.token_guard = config.token_guard
         weight = tensors["weight"]
         if config.packed:
             weight = packed_levels(weight, tensors["weight_group_scale"], tensors["weight_group_zero"],
@@ -38,8 +42,11 @@ class ReferenceQuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
-        q = quantize_activation_ref(x2d, self.input_inv_scale, self.input_shift, self.activation_bits)
-        y = int8_gemm_ref(q, self.weight, self.weight_scale, self.epilogue_bias, x.dtype)
+        if self.token_guard:
+            q, t = quantize_activation_guarded_ref(x2d, self.input_inv_scale, self.input_shift, self.activation_bits)
+        else:
+            q, t = quantize_activation_ref(x2d, self.input_inv_scale, self.input_shift, self.activation_bits), None
+        y = int8_gemm_ref(q, self.weight, self.weight_scale, self.epilogue_bias, x.dtype, row_scale=t)
         y = add_exact_channels(y, x2d, self.exact_index, self.exact_weight)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

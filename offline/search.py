@@ -33,6 +33,7 @@ class SearchGrid:
     shifts: tuple[bool, ...] = (True, False)
     tokens: int = 256  # calibration tokens the error is measured on (the search's cost is linear in it)
     per_token: bool = False  # rank by the mean per-token relative error instead of the total (relative_error)
+    token_guard: bool = False  # score candidates as the per-token overflow guard computes them (--token-guard)
 
 
 SIMPLE = dict(alpha=0.5, strength=0.0, clip=1.0, shift=True)
@@ -57,9 +58,10 @@ def relative_error(approx: torch.Tensor, reference: torch.Tensor, per_token: boo
 
 
 def output_error(sample: torch.Tensor, weight: torch.Tensor, plan: ChannelPlan, weight_format: WeightFormat,
-                 a_bits: int, reference: torch.Tensor | None = None, per_token: bool = False) -> float:
+                 a_bits: int, reference: torch.Tensor | None = None, per_token: bool = False,
+                 token_guard: bool = False) -> float:
     """relative_error of dequant(q) dequant(W s)^T against X W^T, with the checkpoint's arithmetic (weights rounded
-    to nearest)."""
+    to nearest; ``token_guard``: activations as the per-token overflow guard rounds them)."""
     reference = sample @ weight.t() if reference is None else reference
     step = plan.step.to(sample)
     power = (sample / step).pow(2).mean(0)
@@ -69,7 +71,7 @@ def output_error(sample: torch.Tensor, weight: torch.Tensor, plan: ChannelPlan, 
     else:  # exact channels: their columns leave the rounded weight (and its row scales) for the side GEMM
         rounded = fake_quantize(folded.index_fill(1, plan.exact.to(folded.device), 0.0), weight_format, power)
         rounded[:, plan.exact] = folded[:, plan.exact]
-    approx = plan.fake_quantize(sample, a_bits) / step @ rounded.t()
+    approx = plan.fake_quantize(sample, a_bits, token_guard) / step @ rounded.t()
     return relative_error(approx, reference, per_token)
 
 
@@ -86,7 +88,8 @@ def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFo
     for alpha, strength, clip, shift in itertools.product(grid.alphas, grid.strengths, grid.clips, grid.shifts):
         plan = with_exact(balanced(stats, weight, a_bits, alpha=alpha, strength=strength, clip=clip, shift=shift,
                                    share=share), exact)
-        error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token)
+        error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token,
+                             grid.token_guard)
         choice = dict(alpha=alpha, strength=strength, clip=clip, shift=shift)
         if choice == SIMPLE:
             simple_error = error
@@ -94,7 +97,8 @@ def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFo
             best = (error, plan, choice)
     if simple_error is None:
         plan = with_exact(balanced(stats, weight, a_bits, **SIMPLE, share=share), exact)
-        simple_error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token)
+        simple_error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token,
+                             grid.token_guard)
         if simple_error <= best[0]:
             best = (simple_error, plan, dict(SIMPLE))
     return SearchResult(best[1], best[2], best[0], simple_error)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from vllm_outliertune.format import qrange
+from vllm_outliertune.format import guard_limit, qrange
 from vllm_outliertune.offline.calibrate import InputStats
 
 # Channels whose step would be below this fraction of the layer's largest step get this floor instead: keeps
@@ -37,12 +37,19 @@ class ChannelPlan:
     def step(self) -> torch.Tensor:
         return self.fold if self.inv_scale is None else self.fold / self.inv_scale
 
-    def fake_quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
-        """x -> dequantized x, in the input's original units (for searches and tests); exact channels unchanged."""
+    def fake_quantize(self, x: torch.Tensor, bits: int, token_guard: bool = False) -> torch.Tensor:
+        """x -> dequantized x, in the input's original units (for searches and tests); exact channels unchanged.
+        ``token_guard``: each token (row) u = x / step - shift is rounded at t = max(1, max |u| / (qmax + 1/2))
+        times the step, as a checkpoint with quantization_config.token_guard computes it (kernels/torch_ref)."""
         qmin, qmax = qrange(bits)
         step = self.step.to(x.device)
         shift = 0.0 if self.shift is None else self.shift.to(x.device)
-        out = (torch.round(x / step - shift).clamp(qmin, qmax) + shift) * step
+        units = x / step - shift
+        if token_guard:
+            t = (units.abs().amax(dim=-1, keepdim=True) / guard_limit(bits)).clamp(min=1.0)
+            out = (torch.round(units / t).clamp(qmin, qmax) * t + shift) * step
+        else:
+            out = (torch.round(units).clamp(qmin, qmax) + shift) * step
         if self.exact is not None:
             out[..., self.exact] = x[..., self.exact]
         return out

@@ -23,7 +23,7 @@ def _quantize_options(args: argparse.Namespace):
                            int8_weights=args.int8_weights,
                            exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
                            act_clips=args.act_clips, range_margin=args.range_margin, lm_head=args.lm_head,
-                           sequential_calibration=args.sequential_calibration)
+                           sequential_calibration=args.sequential_calibration, token_guard=args.token_guard)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -201,6 +201,11 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="calibrate each layer on the outputs of the previous layers as quantized (as GPTQ "
                              "originally does) instead of the float ones; one more forward pass per layer, and "
                              "--calib-cache is not used")
+    parser.add_argument("--token-guard", action="store_true",
+                        help="per-token overflow guard at run time: a token whose activation codes would leave the "
+                             "calibrated range is quantized at a coarser step t instead of saturating, and its GEMM "
+                             "output scaled by t (one scale per token in the epilogue; checkpoint format 3; W8A8 and "
+                             "W6A6 without --exact-channels)")
     parser.add_argument("--act-clips", type=_floats, default=QuantizeOptions.act_clips, metavar="C,C,...",
                         help="method outliertune: activation range factors the per-layer search tries on held-out "
                              "calibration windows (below 1 clips the calibrated range, above 1 leaves headroom); "

@@ -40,7 +40,10 @@ import torch
 
 QUANT_METHOD = "outliertune"
 FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# Format 3 is format 2 plus `token_guard` (below); it is written only for guarded checkpoints, so that a plugin
+# that does not know the guard refuses them instead of running them without it, and unguarded ones stay format 2.
+TOKEN_GUARD_FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 # (weight_bits, activation_bits) pairs the kernels implement; int6/int4 activation codes live in int8 storage, and
 # so did format 1's int4 weights (format 2 packs them). W4A4 is an accuracy mode: the W4A8 kernels run its codes.
 SUPPORTED_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
@@ -115,6 +118,13 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+def guard_limit(bits: int) -> float:
+    """token_guard: the largest |x * input_inv_scale - input_shift| a token may have in every channel and keep
+    t = 1: qmax + 1/2, the edge of the last rounding interval (u / t then rounds at most half a step from its value,
+    the clamp of qmax + 1/2 to qmax included)."""
+    return (1 << (bits - 1)) - 0.5
+
+
 def weight_qmax(bits: int) -> int:
     """Weights are symmetric: [-qmax, qmax]."""
     return (1 << (bits - 1)) - 1
@@ -143,6 +153,9 @@ class QuantizationConfig:
     # Packed checkpoints: modules whose weights are int8 per output row (LINEAR_TENSORS) instead of packed.
     int8_weights: tuple[str, ...] = ()
     lm_head: str = "none"  # "int8": lm_head is quantized, int8 weights per output row (LM_HEAD_FORMATS)
+    # Per-token overflow guard (format 3): each token's codes are round(u / t), t = max(1, max_k |u_k| / guard_limit),
+    # u = x * input_inv_scale - input_shift, and the GEMM term of its output (before output_bias) is multiplied by t.
+    token_guard: bool = False
 
     @property
     def packed(self) -> bool:
@@ -186,6 +199,8 @@ class QuantizationConfig:
             config["int8_weights"] = list(self.int8_weights)
         if self.quantized_lm_head:
             config["lm_head"] = self.lm_head
+        if self.token_guard:
+            config["token_guard"] = True
         return config if self.source is None else dict(config, source=dict(self.source))
 
     @classmethod
@@ -227,13 +242,21 @@ class QuantizationConfig:
                               f"supported: {list(LM_HEAD_FORMATS) if version >= 2 else ['none']}; {_REDO}")
         if lm_head != "none" and _listed(LM_HEAD, tuple(ignore)):
             raise FormatError(f"{where}: lm_head is {lm_head!r} but `ignore` lists lm_head; {_REDO}")
+        token_guard = config.get("token_guard", False)
+        if not isinstance(token_guard, bool) or (token_guard and version < TOKEN_GUARD_FORMAT_VERSION):
+            raise FormatError(f"{where}: token_guard {token_guard!r} is not supported in format_version {version} "
+                              f"(true needs format_version {TOKEN_GUARD_FORMAT_VERSION}, false may be left out); {_REDO}")
+        if token_guard and (bits[0] == 4 or exact_channels):
+            raise FormatError(f"{where}: token_guard is only implemented for int8-stored weights without "
+                              f"exact_channels (got weight_bits {bits[0]}, exact_channels {exact_channels}); "
+                              f"re-run `outliertune quantize` without --token-guard")
         source = config.get("source")
         if source is not None and not isinstance(source, dict):
             raise FormatError(f"{where}: `source` must be an object {{\"repo_id\", \"revision\"}}, got {source!r}")
         return cls(weight_bits=bits[0], activation_bits=bits[1], ignore=tuple(ignore),
                    method=str(config.get("method", "outliertune")), format_version=version, source=source,
                    group_size=group_size, exact_channels=exact_channels, int8_weights=tuple(int8_weights),
-                   lm_head=lm_head)
+                   lm_head=lm_head, token_guard=token_guard)
 
     def is_ignored(self, module_name: str) -> bool:
         """A module is ignored when its name equals, or ends with ``.``+, an entry of ``ignore``."""

