@@ -116,6 +116,32 @@ def test_format_key():
             fmt.QuantizationConfig.from_dict(bad, "x/config.json")
 
 
+def test_default_resolution():
+    """--token-guard unset: on for W8A8 (then no range margin), off for W6A6 / W4A8, with --exact-channels, and
+    for Gemma (not measured there); --no-token-guard gives W8A8 its margin of 1.5 back. Only an explicit
+    --token-guard is refused where the guard is not implemented."""
+    from vllm_outliertune.offline.architectures import ARCHITECTURES
+    from vllm_outliertune.offline.quantize import QuantizeOptions, RangeMargin, check_options
+
+    llama, gemma = ARCHITECTURES["LlamaForCausalLM"], ARCHITECTURES["Gemma3ForCausalLM"]
+    for options, guard, margin in ((QuantizeOptions(), True, 1.0),
+                                   (QuantizeOptions(token_guard=False), False, 1.5),
+                                   (QuantizeOptions(range_margin=1.5), True, 1.5),
+                                   (QuantizeOptions(w_bits=6, a_bits=6), False, 1.0),
+                                   (QuantizeOptions(w_bits=6, a_bits=6, token_guard=True), True, 1.0),
+                                   (QuantizeOptions(w_bits=4, a_bits=8), False, 1.0),
+                                   (QuantizeOptions(exact_channels=2), False, 1.5)):
+        resolved = options.for_architecture(llama)
+        assert (resolved.token_guard, resolved.margin) == (guard, RangeMargin(margin)), options
+        config = resolved.quant_config
+        assert (config.token_guard, config.format_version) == (guard, 3 if guard else 2)
+        check_options(options)
+    assert QuantizeOptions().for_architecture(gemma).token_guard is False
+    assert QuantizeOptions(token_guard=True).for_architecture(gemma).token_guard is True
+    with pytest.raises(UserError, match="--token-guard is implemented"):
+        check_options(QuantizeOptions(exact_channels=2, token_guard=True))
+
+
 @pytest.fixture(scope="module")
 def guarded_checkpoint(tiny_llama, calib_text):
     """The tiny Llama quantized with --token-guard and ranges narrowed to half (--range-margin 0.5), so that most
