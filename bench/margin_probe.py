@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--margin", action="append", type=range_margin, required=True, metavar="F[,GROUP=G,...]")
     parser.add_argument("--w-bits", type=int, default=8)
     parser.add_argument("--a-bits", type=int, default=8)
-    parser.add_argument("--token-guard", action="store_true",
+    parser.add_argument("--token-guard", action=argparse.BooleanOptionalAction, default=False,
                         help="plan (search) and emulate with the per-token overflow guard (quantize --token-guard)")
     args = parser.parse_args()
 
@@ -68,12 +68,12 @@ def main() -> None:
         del planned
         emulated = {(index, name): StaticPlanLinear(linear, record.plans[index][group_of[name]],
                                                     record.weights[f"{index}.{name}"], options.a_bits,
-                                                    record.row_divisors.get(f"{index}.{name}"), options.token_guard)
+                                                    record.row_divisors.get(f"{index}.{name}"), options.guard)
                     for (index, name), linear in original.items()}
         replace_linears(model, lambda index, name, linear: emulated[(index, name)])
         for text, windows in tests.items():
             result, _ = _score(model, windows, fp[text][1])
-            print(json.dumps({"margin": str(margin), "token_guard": args.token_guard, "text": text,
+            print(json.dumps({"margin": str(margin), "token_guard": options.guard, "text": text,
                               "windows": windows.shape[0], "fp": fp[text][0]["perplexity"],
                               "all": result["perplexity"], "kl": result["kl"],
                               "delta_pct": 100 * (result["perplexity"] / fp[text][0]["perplexity"] - 1),

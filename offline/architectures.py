@@ -68,6 +68,8 @@ class Architecture:
     gptq_bits: tuple[int, ...] | None = None
     # --range-margin (every group) when none is given; None: quantize.AUTO_RANGE_MARGIN by bit widths.
     range_margin: float | None = None
+    # --token-guard when neither it nor --no-token-guard is given; None: quantize.AUTO_TOKEN_GUARD by bit widths.
+    token_guard: bool | None = None
 
     @property
     def groups(self) -> dict[str, tuple[str, ...]]:
@@ -103,10 +105,11 @@ LLAMA_LIKE = Architecture(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # layers where the total error chose coarser ones. Gemma 3 270M W8A8, Brown test: +1.1 % instead of +3.0 % through
 # vLLM (40 windows; dynamic per-token W8A8 +1.7 %), fp32 reference on 8 windows +1.8 % vs +4.1 %. Not at 6 bits:
 # W6A6 +23.7 % vs +22.0 % (reference, 8 windows; docs/accuracy.md).
-# No range margin: those figures were measured without one, and the default margin was not measured on Gemma.
+# No range margin and no token guard: those figures were measured without them, and neither default was measured
+# on Gemma.
 GEMMA = Architecture(("Gemma2ForCausalLM", "Gemma3ForCausalLM"), mlp_norm="pre_feedforward_layernorm",
                      norm="rms_one_plus", activation_clips=(1.0,), per_token_bits=(8,), gptq_bits=(4, 8),
-                     range_margin=1.0)
+                     range_margin=1.0, token_guard=False)
 PHI3 = Architecture(("Phi3ForCausalLM",), qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",),
                     v_rows=_fused_v_rows, up_rows=_fused_up_rows)
 OPT = Architecture(("OPTForCausalLM",), layers="model.decoder.layers", o_proj="self_attn.out_proj",

@@ -112,16 +112,25 @@ class QuantizeOptions:
     # samples and Gram matrices of a layer then see the error accumulated before it. Not cached (--calib-cache).
     sequential_calibration: bool = False
     # Per-token overflow guard at run time (format 3, quantization_config.token_guard): a token whose codes would
-    # leave the plan's range is quantized at a step t >= 1 times coarser and its GEMM output scaled by t.
-    token_guard: bool = False
+    # leave the plan's range is quantized at a step t >= 1 times coarser and its GEMM output scaled by t. None: the
+    # architecture's choice, else on for the bit widths in AUTO_TOKEN_GUARD without exact channels (guard below).
+    token_guard: bool | None = None
 
     @property
     def quant_config(self) -> QuantizationConfig:
         return QuantizationConfig(weight_bits=self.w_bits, activation_bits=self.a_bits,
                                   ignore=("lm_head",) if self.lm_head == "none" else (), method=self.method,
                                   group_size=self.group_size, exact_channels=self.exact_channels,
-                                  lm_head=self.lm_head, token_guard=self.token_guard,
-                                  format_version=TOKEN_GUARD_FORMAT_VERSION if self.token_guard else FORMAT_VERSION)
+                                  lm_head=self.lm_head, token_guard=self.guard,
+                                  format_version=TOKEN_GUARD_FORMAT_VERSION if self.guard else FORMAT_VERSION)
+
+    @property
+    def guard(self) -> bool:
+        """Whether the token guard is used: --token-guard / --no-token-guard, else AUTO_TOKEN_GUARD for the bit
+        widths, never with --exact-channels (for_architecture resolves an architecture's own choice first)."""
+        if self.token_guard is not None:
+            return self.token_guard
+        return (self.w_bits, self.a_bits) in AUTO_TOKEN_GUARD and not self.exact_channels
 
     @property
     def rounding(self) -> str:
@@ -130,17 +139,21 @@ class QuantizeOptions:
 
     @property
     def margin(self) -> RangeMargin:
-        """The range margin used: --range-margin, else AUTO_RANGE_MARGIN for the bit widths."""
-        margin = AUTO_RANGE_MARGIN.get((self.w_bits, self.a_bits), RangeMargin()) if self.range_margin is None \
-            else self.range_margin
+        """The range margin used: --range-margin, else none with the token guard (which handles tokens beyond the
+        ranges at run time) and AUTO_RANGE_MARGIN for the bit widths without it."""
+        auto = RangeMargin() if self.guard else AUTO_RANGE_MARGIN.get((self.w_bits, self.a_bits), RangeMargin())
+        margin = auto if self.range_margin is None else self.range_margin
         return margin if isinstance(margin, RangeMargin) else RangeMargin(float(margin))
 
     def for_architecture(self, arch: Architecture) -> QuantizeOptions:
-        """These options with --weight-rounding auto and the range margin resolved for ``arch`` where it has its
-        own choice."""
+        """These options with --weight-rounding auto, the range margin and the token guard resolved for ``arch``
+        where it has its own choice (token_guard then a bool)."""
         options = self
         if self.range_margin is None and arch.range_margin is not None:
             options = dataclasses.replace(options, range_margin=arch.range_margin)
+        if self.token_guard is None:
+            options = dataclasses.replace(options, token_guard=options.guard if arch.token_guard is None
+                                          else arch.token_guard)
         if self.weight_rounding != "auto" or arch.gptq_bits is None:
             return options
         return dataclasses.replace(options, weight_rounding="gptq" if self.w_bits in arch.gptq_bits else "rtn")
@@ -213,6 +226,10 @@ AUTO_ROUNDING = {4: "gptq", 6: "gptq", 8: "rtn"}
 # +12.6 % -> +14.2 %. 1.5 with down_proj x2 (--range-margin 1.5,down=2) helped Qwen (JavaScript +14.5 %, Brown
 # +2.4 %) and SmolLM2 JavaScript (+4.8 -> +3.5 %) but not SmolLM2 Brown (42.31 -> 42.48): not the default.
 AUTO_RANGE_MARGIN = {(8, 8): RangeMargin(1.5)}
+# --token-guard when neither it nor --no-token-guard is given, by (weight bits, activation bits); with the guard the
+# range margin defaults to 1 (AUTO_RANGE_MARGIN is for checkpoints without it). docs/accuracy.md, "Per-token
+# overflow guard": TOKEN_GUARD_FIGURES.
+AUTO_TOKEN_GUARD = {(8, 8)}
 # --keep-fp16 auto keeps an input group unquantized where the plan's output error on the calibration sample is
 # more than AUTO_KEEP_FACTOR times that of dynamic per-token quantization (and above AUTO_KEEP_MIN).
 AUTO_KEEP_FACTOR = 4.0
@@ -292,7 +309,7 @@ def check_options(options: QuantizeOptions) -> None:
         raise UserError(f"--range-margin {error}") from None
     if options.lm_head not in LM_HEAD_CHOICES:
         raise UserError(f"--lm-head {options.lm_head!r} is unknown; choose one of {LM_HEAD_CHOICES}")
-    if options.token_guard and (options.w_bits == 4 or options.exact_channels):
+    if options.token_guard is True and (options.w_bits == 4 or options.exact_channels):
         raise UserError(f"--token-guard is implemented for int8-stored weights (--w-bits 8 or 6) without "
                         f"--exact-channels, got --w-bits {options.w_bits} --exact-channels {options.exact_channels}; "
                         f"drop --token-guard or those options")
@@ -318,7 +335,7 @@ def search_grid(options: QuantizeOptions, arch: Architecture) -> SearchGrid:
     clips = options.act_clips or arch.activation_clips
     if clips is None and options.weight_format.packed:
         clips = LOW_BIT_CLIPS
-    return SearchGrid(per_token=options.a_bits in arch.per_token_bits, token_guard=options.token_guard,
+    return SearchGrid(per_token=options.a_bits in arch.per_token_bits, token_guard=options.guard,
                       **({} if clips is None else dict(clips=clips)))
 
 
@@ -372,7 +389,7 @@ def plan_group(stats: InputStats, weight: torch.Tensor, arch: Architecture, opti
     info["exact_channels"] = [] if plan.exact is None else plan.exact.tolist()
     sample = stats.sample[:SearchGrid.tokens].to(weight.device)
     info["error"] = output_error(sample, weight, plan, options.weight_format, options.a_bits,
-                                 token_guard=options.token_guard)
+                                 token_guard=options.guard)
     info["dynamic_error"] = dynamic_output_error(sample, weight, options.weight_format, options.a_bits)
     return plan, info
 

@@ -631,8 +631,9 @@ def test_row_clip_lowers_weighted_rounding_error():
 
 def test_range_margin_widens_only_its_groups(monkeypatch):
     """The plan search sees each group's calibrated (min, max) times its --range-margin factor (GROUP=G where the
-    option names the group, else its leading F). Without --range-margin: x1.5 for W8A8 (AUTO_RANGE_MARGIN), none
-    for W6A6 and W4A8 (measured worse) nor for Gemma (its defaults were measured without one)."""
+    option names the group, else its leading F). Without --range-margin: none with the token guard (the W8A8
+    default), x1.5 for W8A8 without it (AUTO_RANGE_MARGIN), none for W6A6 and W4A8 (measured worse) nor for Gemma
+    (its defaults were measured without one)."""
     from vllm_outliertune.offline import quantize as quantize_mod
     from vllm_outliertune.offline.architectures import ARCHITECTURES
     from vllm_outliertune.offline.quantize import RangeMargin
@@ -653,7 +654,8 @@ def test_range_margin_widens_only_its_groups(monkeypatch):
     cases = [(dict(range_margin=RangeMargin(1.0, (("down", 1.5),))), dict(qkv=1, o=1, gate_up=1, down=1.5)),
              (dict(range_margin=RangeMargin.parse("1.5,down=2,o=1.25")), dict(qkv=1.5, o=1.25, gate_up=1.5, down=2)),
              (dict(range_margin=1.25), dict(qkv=1.25, o=1.25, gate_up=1.25, down=1.25)),
-             (dict(), dict(qkv=1.5, o=1.5, gate_up=1.5, down=1.5)),  # the default at 8 bits
+             (dict(), dict(qkv=1, o=1, gate_up=1, down=1)),  # the default at 8 bits: the token guard, no margin
+             (dict(token_guard=False), dict(qkv=1.5, o=1.5, gate_up=1.5, down=1.5)),
              (dict(w_bits=6, a_bits=6), dict(qkv=1, o=1, gate_up=1, down=1)),
              (dict(w_bits=4, a_bits=8), dict(qkv=1, o=1, gate_up=1, down=1)),
              (dict(arch=gemma), dict(qkv=1, o=1, gate_up=1, down=1)),

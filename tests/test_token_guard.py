@@ -116,13 +116,41 @@ def test_format_key():
             fmt.QuantizationConfig.from_dict(bad, "x/config.json")
 
 
+def test_default_resolution():
+    """--token-guard unset: on for W8A8 (then no range margin), off for W6A6 / W4A8, with --exact-channels, and
+    for Gemma (not measured there); --no-token-guard gives W8A8 its margin of 1.5 back. Only an explicit
+    --token-guard is refused where the guard is not implemented."""
+    from vllm_outliertune.offline.architectures import ARCHITECTURES
+    from vllm_outliertune.offline.quantize import QuantizeOptions, RangeMargin, check_options
+
+    llama, gemma = ARCHITECTURES["LlamaForCausalLM"], ARCHITECTURES["Gemma3ForCausalLM"]
+    for options, guard, margin in ((QuantizeOptions(), True, 1.0),
+                                   (QuantizeOptions(token_guard=False), False, 1.5),
+                                   (QuantizeOptions(range_margin=1.5), True, 1.5),
+                                   (QuantizeOptions(w_bits=6, a_bits=6), False, 1.0),
+                                   (QuantizeOptions(w_bits=6, a_bits=6, token_guard=True), True, 1.0),
+                                   (QuantizeOptions(w_bits=4, a_bits=8), False, 1.0),
+                                   (QuantizeOptions(exact_channels=2), False, 1.5)):
+        resolved = options.for_architecture(llama)
+        assert (resolved.token_guard, resolved.margin) == (guard, RangeMargin(margin)), options
+        config = resolved.quant_config
+        assert (config.token_guard, config.format_version) == (guard, 3 if guard else 2)
+        check_options(options)
+    assert QuantizeOptions().for_architecture(gemma).token_guard is False
+    assert QuantizeOptions(token_guard=True).for_architecture(gemma).token_guard is True
+    with pytest.raises(UserError, match="--token-guard is implemented"):
+        check_options(QuantizeOptions(exact_channels=2, token_guard=True))
+
+
 @pytest.fixture(scope="module")
 def guarded_checkpoint(tiny_llama, calib_text):
-    """The tiny Llama quantized with --token-guard and ranges narrowed to 0.3x (--range-margin 0.3), so that most
-    tokens of its own text overflow them and the guard acts."""
+    """The tiny Llama quantized with --token-guard and ranges narrowed to half (--range-margin 0.5), so that most
+    tokens of its own text overflow them and the guard acts (about 60 % of (token, linear) pairs; at 0.3 the model
+    is so degraded that vLLM's float order alone moved 5 of 254 prompt logprobs by over 0.05, with or without
+    the guard by 0.04-0.08; at 0.5 by at most 2e-5 with the guard)."""
     from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
 
-    options = QuantizeOptions(samples=8, seq_len=128, progress=False, token_guard=True, range_margin=0.3)
+    options = QuantizeOptions(samples=8, seq_len=128, progress=False, token_guard=True, range_margin=0.5)
     return quantize(tiny_llama["fp32"], tiny_llama["fp32"].parent / "w8a8-guard", calib_text, options)
 
 
@@ -184,10 +212,8 @@ def test_vllm_apply_equals_the_reference_exactly():
 @pytest.mark.vllm
 def test_vllm_matches_torch_reference_with_the_guard(guarded_checkpoint):
     """vLLM's LinearMethod (torch guard, int32 GEMM, t in the epilogue) against the torch reference: same greedy
-    tokens, prompt logprobs as test_architectures.py asks (at most 1 % of the tokens beyond LOGPROB_TOLERANCE, none
-    beyond 5 times it: a code at a rounding tie in vLLM's float order may round the other way, and with t in
-    most rows, as here, such a tie moves a whole row's codes); the reference without the guard moves over a fifth
-    of the tokens beyond the tolerance, so the comparison sees whether vLLM applies t."""
+    tokens, prompt logprobs within test_vllm_plugin's LOGPROB_TOLERANCE; the reference without the guard moves
+    over half of the tokens beyond it, so the comparison sees whether vLLM applies t."""
     pytest.importorskip("vllm")
     from vllm import LLM
     from transformers import AutoTokenizer
@@ -203,7 +229,7 @@ def test_vllm_matches_torch_reference_with_the_guard(guarded_checkpoint):
     windows = _logprob_windows(tokenizer)
     share = _overflowing_share(reference, torch.tensor([windows[0]]))
     print(f"\nshare of (token, linear) pairs with t > 1: {share:.2f}")
-    assert share > 0.2
+    assert share > 0.4
     expected = torch.cat(_reference_prompt_logprobs(reference, windows))
     prompts = _token_prompts(tokenizer, PROMPTS)
     expected_tokens = _reference_greedy(reference, prompts)
@@ -213,11 +239,11 @@ def test_vllm_matches_torch_reference_with_the_guard(guarded_checkpoint):
     unguarded = (torch.cat(_reference_prompt_logprobs(reference, windows)) - expected).abs()
     print(f"reference without the guard: {int((unguarded > LOGPROB_TOLERANCE).sum())} of {unguarded.numel()} "
           f"tokens over {LOGPROB_TOLERANCE}")
-    assert (unguarded > LOGPROB_TOLERANCE).float().mean() > 0.2
+    assert (unguarded > LOGPROB_TOLERANCE).float().mean() > 0.5
 
     llm = LLM(model=str(guarded_checkpoint), **VLLM_TEST_ENGINE)
     assert _vllm_greedy(llm, prompts) == expected_tokens
     diffs = (torch.cat(_vllm_prompt_logprobs(llm, windows)) - expected).abs()
     print(f"|vLLM - reference| prompt logprob with the guard: max {diffs.max():.2e}, mean {diffs.mean():.2e}, "
           f"{int((diffs > LOGPROB_TOLERANCE).sum())} of {diffs.numel()} tokens over {LOGPROB_TOLERANCE}")
-    assert (diffs > LOGPROB_TOLERANCE).float().mean() <= 0.01 and diffs.max() <= 5 * LOGPROB_TOLERANCE
+    assert diffs.max() <= LOGPROB_TOLERANCE

@@ -195,17 +195,19 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="widen the calibrated activation ranges by F before planning, those of the input groups "
                              "named (qkv, o, gate_up, down) by their G instead (e.g. 1.5,down=2; 1: none): headroom "
                              "for text unlike the calibration text, paid for in resolution; default "
-                             f"{AUTO_RANGE_MARGIN[8, 8]} for W8A8, 1 otherwise (Gemma: 1)")
+                             f"1 with the token guard (the W8A8 default), {AUTO_RANGE_MARGIN[8, 8]} for W8A8 with "
+                             "--no-token-guard, 1 otherwise (Gemma: 1)")
     parser.add_argument("--range-margin-groups", type=_range_margin_groups, help=argparse.SUPPRESS)
     parser.add_argument("--sequential-calibration", action="store_true",
                         help="calibrate each layer on the outputs of the previous layers as quantized (as GPTQ "
                              "originally does) instead of the float ones; one more forward pass per layer, and "
                              "--calib-cache is not used")
-    parser.add_argument("--token-guard", action="store_true",
+    parser.add_argument("--token-guard", action=argparse.BooleanOptionalAction, default=QuantizeOptions.token_guard,
                         help="per-token overflow guard at run time: a token whose activation codes would leave the "
                              "calibrated range is quantized at a coarser step t instead of saturating, and its GEMM "
                              "output scaled by t (one scale per token in the epilogue; checkpoint format 3; W8A8 and "
-                             "W6A6 without --exact-channels)")
+                             "W6A6 without --exact-channels); with it --range-margin defaults to 1. Default: on for "
+                             "W8A8 without --exact-channels (not for Gemma), off otherwise")
     parser.add_argument("--act-clips", type=_floats, default=QuantizeOptions.act_clips, metavar="C,C,...",
                         help="method outliertune: activation range factors the per-layer search tries on held-out "
                              "calibration windows (below 1 clips the calibrated range, above 1 leaves headroom); "
