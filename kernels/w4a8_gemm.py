@@ -188,9 +188,9 @@ def _byte_columns(words, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr,
-                      M, N, K, stride_am, stride_wn, stride_wk, stride_gn, stride_gk, stride_om, K_PER_SPLIT,
-                      GROUP_SIZE, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
+def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr,
+                      count_ptr, M, N, K, stride_am, stride_wn, stride_wk, stride_gn, stride_gk, stride_om,
+                      K_PER_SPLIT, GROUP_SIZE, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
                       EVEN_N: tl.constexpr, FACTORED: tl.constexpr, WORD_DOTS: tl.constexpr, DP4A: tl.constexpr,
                       DP4A_ASM: tl.constexpr, WORD_LEVELS: tl.constexpr, PREFETCH: tl.constexpr,
                       ACC_K: tl.constexpr, TILE_GROUPS: tl.constexpr, GEMV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -355,8 +355,8 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
         acc += tl.sum(acc_w, axis=0)[None, :]
     if WORD_DOTS or WORD_LEVELS:
         acc += tl.trans(acc_nk)
-    split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N, stride_om,
-                  SPLIT_K, HAS_BIAS)
+    split_k_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N,
+                  stride_om, SPLIT_K, HAS_ROW_SCALE, HAS_BIAS)
 
 
 def check_packed_args(k: int, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
@@ -383,8 +383,10 @@ def check_packed_args(k: int, w_words: torch.Tensor, group_scale: torch.Tensor, 
 
 def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
               group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-              kernel: str = "w4a8_gemm", config: dict | None = None) -> torch.Tensor:
-    """a_q int8 [M, K] @ levels(w_words)^T in int32, * w_scale[n] (+ bias[n]) -> out_dtype [M, N]. ``kernel``
+              kernel: str = "w4a8_gemm", config: dict | None = None, row_scale: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """a_q int8 [M, K] @ levels(w_words)^T in int32, * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N].
+    ``kernel``
     names the tile table entry ("w4a8_gemm": tiled, or "w4a8_splitk": small M, SPLIT_K 0 = automatic);
     ``config`` overrides it."""
     k = a_q.shape[1] if a_q.dim() == 2 else -1
@@ -393,7 +395,7 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     shape_probe = torch.empty(max(k, 1), dtype=torch.int8, device=w_words.device).as_strided(
         (w_words.shape[0], max(k, 0)), (0, 1))
     a_q, out, config = start_gemm(kernel, a_q.dtype == torch.int8, a_q, shape_probe, w_scale, bias, out_dtype,
-                                  config, scaled_only=True)
+                                  config, scaled_only=True, row_scale=row_scale)
     if config is None:
         return out
     (m, k), n = a_q.shape, w_words.shape[0]
@@ -414,10 +416,12 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     word_levels = word_dots and bool(config.get("WORD_LEVELS"))
     gemv = dp4a and block_m == 1 and bool(config.get("GEMV"))
     _w4a8_gemm_kernel[(tiles, split_k)](
-        a_words if dp4a else a_q, w_words, group_scale, group_zero, out, w_scale, bias, partial_sums, counters,
+        a_words if dp4a else a_q, w_words, group_scale, group_zero, out, w_scale, row_scale, bias, partial_sums,
+        counters,
         m, n, k, a_q.stride(0) // (4 if dp4a else 1), w_words.stride(0), w_words.stride(1), group_scale.stride(0),
         group_scale.stride(1), out.stride(0), k_per_split, group,
-        HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=in_group, EVEN_N=n % block_n == 0,
+        HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=in_group,
+        EVEN_N=n % block_n == 0,
         FACTORED=factored, WORD_DOTS=word_dots and not word_levels, WORD_LEVELS=word_levels,
         PREFETCH=factored and bool(config.get("PREFETCH")), DP4A=dp4a, DP4A_ASM=DP4A_ASM,
         ACC_K=dp4a and not gemv and bool(config.get("ACC_K")), TILE_GROUPS=1 if in_group else block_k // group,
