@@ -113,18 +113,36 @@ class _RowQuantizer:
         return QuantizedWeight(self.levels, self.scale)
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupSearch:
+    """The candidates for a 4-bit group's integer scale and zero: scale steps relative to the smallest covering
+    scale (0 covers the group's range, -1 clips it), zero steps relative to the zero that centres the range; and
+    whether GPTQ scores them with its Hessian block of the group's columns (else with the diagonal alone)."""
+
+    scale_steps: tuple[int, ...]
+    zero_steps: tuple[int, ...]
+    hessian: bool
+
+
+# --group-clip: how a 4-bit group's integer scale and zero are chosen. "diagonal": covering or one step clipped,
+# by the input-power-weighted rounding error (the first W4A8 passes). "hessian" (GPTQ only; round to nearest has no
+# Hessian and keeps "diagonal"'s candidates): up to two steps clipped and the zero moved by one either way, scored
+# by the output error with the group's cross terms (e H e^T); with one group per row (--group-size 0) as "diagonal".
+# SmolLM2 W4A8 (docs/accuracy.md, "Group clipping by output error"): Brown 10 windows 55.56 -> 54.93.
+GROUP_SEARCHES = {"diagonal": GroupSearch((0, -1), (0,), False), "hessian": GroupSearch((0, -1, -2), (-1, 0, 1), True)}
+DEFAULT_GROUP_CLIP = "hessian"
+
+
 class _PackedQuantizer:
     """Progressive 4-bit quantization (QServe-style). Each row has a float unit: absmax / 127 (an int8 grid), or with
     group_size 0 its range / 15. Each group then gets an integer scale s and zero z, codes c = round(w / (unit * s)) + z
     in 0..15, clamped so that every int8 level (c - z) * s stays in [-128, 127]. Codes are rounded from the float
     weight directly (not from an intermediate int8 rounding)."""
 
-    # Group scale candidates relative to the smallest covering integer scale: 0 covers the range, -1 clips it.
-    SCALE_STEPS = (0, -1)
-
-    def __init__(self, weight: torch.Tensor, group_size: int):
+    def __init__(self, weight: torch.Tensor, group_size: int, search: "GroupSearch | None" = None):
         n, k = weight.shape
         self.group_size = group_size or k
+        self.search = search or GROUP_SEARCHES["diagonal"]
         if group_size == 0:
             lo, hi = weight.amin(1).clamp(max=0), weight.amax(1).clamp(min=0)
             unit = (hi - lo) / PACKED_CODE_MAX
@@ -142,25 +160,32 @@ class _PackedQuantizer:
         high = (zero + torch.floor(127 / scale)).clamp(max=PACKED_CODE_MAX)
         return torch.minimum(torch.maximum(torch.round(units / scale) + zero, low), high)
 
-    def start_block(self, start: int, columns: torch.Tensor, power: torch.Tensor) -> None:
+    def start_block(self, start: int, columns: torch.Tensor, weighting: torch.Tensor) -> None:
         """Choose the integer scale and zero of the group starting at ``start`` from its (current) columns: among
-        SCALE_STEPS, the one with the least rounding error weighted by ``power`` (input mean squares)."""
+        the search's candidates, per row the one with the least rounding error e weighted by ``weighting``: the
+        inputs' mean squares [g] (sum_k e_k^2 w_k) or, where the search uses it, the Hessian block [g, g] of these
+        columns (e H e^T: the output error, cross terms between the group's columns included)."""
         if start % self.group_size:
             return
+        if weighting.dim() == 2 and not self.search.hessian:
+            weighting = weighting.diagonal().clone()
         units = columns / self.unit[:, None]
         lo, hi = units.amin(1, keepdim=True).clamp(max=0), units.amax(1, keepdim=True).clamp(min=0)
         covering = torch.ceil((hi - lo) / PACKED_CODE_MAX - 1e-3).clamp(min=1)
         best = None
-        for step in self.SCALE_STEPS:
+        for step in self.search.scale_steps:
             scale = (covering + step).clamp(min=1)
-            zero = torch.round(-lo / scale).clamp(0, PACKED_CODE_MAX)
-            error = ((self._codes(units, scale, zero) - zero) * scale - units).pow(2) @ power
-            if best is None:
-                best = (error, scale, zero)
-            else:
-                better = (error < best[0])[:, None]
-                best = (torch.minimum(error, best[0]), torch.where(better, scale, best[1]),
-                        torch.where(better, zero, best[2]))
+            for zero_step in self.search.zero_steps:
+                zero = (torch.round(-lo / scale) + zero_step).clamp(0, PACKED_CODE_MAX)
+                rounding = (self._codes(units, scale, zero) - zero) * scale - units
+                error = ((rounding @ weighting) * rounding).sum(1, keepdim=True) if weighting.dim() == 2 \
+                    else (rounding.pow(2) @ weighting)[:, None]
+                if best is None:
+                    best = (error, scale, zero)
+                else:
+                    better = error < best[0]
+                    best = (torch.minimum(error, best[0]), torch.where(better, scale, best[1]),
+                            torch.where(better, zero, best[2]))
         group = start // self.group_size
         self.group_scale[:, group] = best[1][:, 0].to(torch.uint8)
         self.group_zero[:, group] = best[2][:, 0].to(torch.uint8)
@@ -179,9 +204,10 @@ class _PackedQuantizer:
         return QuantizedWeight(levels.to(torch.int8), self.unit, self.codes, self.group_scale, self.group_zero)
 
 
-def _quantizer(weight: torch.Tensor, weight_format: WeightFormat, clip: float | torch.Tensor):
+def _quantizer(weight: torch.Tensor, weight_format: WeightFormat, clip: float | torch.Tensor,
+               search: GroupSearch | None = None):
     if weight_format.packed:
-        return _PackedQuantizer(weight, weight_format.group_size)
+        return _PackedQuantizer(weight, weight_format.group_size, search)
     return _RowQuantizer(weight, weight_format.bits, clip)
 
 
@@ -205,12 +231,15 @@ GPTQ_DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's
 
 @torch.no_grad()
 def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, weight_format: WeightFormat,
-                  clip: float | torch.Tensor = 1.0, damping: float = GPTQ_DAMPING) -> QuantizedWeight:
+                  clip: float | torch.Tensor = 1.0, damping: float = GPTQ_DAMPING,
+                  group_clip: str = DEFAULT_GROUP_CLIP) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): columns are rounded left to right and each one's error, divided by its
     inverse-Hessian pivot, is subtracted from the remaining columns along the Cholesky factor of H^-1, which
     minimises ||(W - Q) X^T||^2 for the layer inputs X with H = X^T X (``hessian`` [K, K], inputs as the GEMM sees
-    them). Group parameters are chosen when GPTQ reaches a group, from the updated weights; row scales (per-row
-    formats) before it starts, from ``clip``."""
+    them). Group parameters are chosen when GPTQ reaches a group, from the updated weights, as ``group_clip``
+    (GROUP_SEARCHES) says; row scales (per-row formats) before it starts, from ``clip``."""
+    if group_clip not in GROUP_SEARCHES:
+        raise ValueError(f"group_clip {group_clip!r}: choose one of {', '.join(GROUP_SEARCHES)}")
     weight = weight.float().clone()
     k = weight.shape[1]
     hessian = hessian.to(weight).clone()
@@ -219,15 +248,16 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, weight_format: We
     weight[:, dead] = 0
     hessian.diagonal().add_(damping * float(hessian.diagonal().mean()))
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-    power = hessian.diagonal().clone()
-    quantizer = _quantizer(weight, weight_format, clip)
+    # One group per row (group_size 0): its K x K block costs much and gained nothing on the test problem
+    search = GROUP_SEARCHES[group_clip if weight_format.group_size else "diagonal"]
+    quantizer = _quantizer(weight, weight_format, clip, search)
     block = weight_format.block_size(k) if weight_format.packed else 128
     for start in range(0, k, block):
         end = min(start + block, k)
         columns = weight[:, start:end].clone()
         errors = torch.zeros_like(columns)
         factor = upper[start:end, start:end]
-        quantizer.start_block(start, columns, power[start:end])
+        quantizer.start_block(start, columns, hessian[start:end, start:end])
         for i in range(end - start):
             rounded = quantizer.round(start + i, columns[:, i:i + 1])[:, 0]
             error = (columns[:, i] - rounded) / factor[i, i]

@@ -23,7 +23,7 @@ def _quantize_options(args: argparse.Namespace):
                            int8_weights=args.int8_weights,
                            exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
                            act_clips=args.act_clips, range_margin=args.range_margin, lm_head=args.lm_head,
-                           sequential_calibration=args.sequential_calibration)
+                           sequential_calibration=args.sequential_calibration, group_clip=args.group_clip)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -155,6 +155,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     """Options of calibration and planning, shared by quantize and diagnose."""
     from vllm_outliertune.offline.quantize import (AUTO_KEEP_FACTOR, AUTO_RANGE_MARGIN, LM_HEAD_CHOICES, METHODS,
                                                    WEIGHT_ROUNDINGS, QuantizeOptions)
+    from vllm_outliertune.offline.weights import GROUP_SEARCHES
 
     parser.add_argument("--w-bits", type=int, default=8)
     parser.add_argument("--a-bits", type=int, default=8)
@@ -201,6 +202,11 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="calibrate each layer on the outputs of the previous layers as quantized (as GPTQ "
                              "originally does) instead of the float ones; one more forward pass per layer, and "
                              "--calib-cache is not used")
+    parser.add_argument("--group-clip", choices=tuple(GROUP_SEARCHES), default=QuantizeOptions.group_clip,
+                        help="GPTQ with --w-bits 4: how each group's integer scale and zero are chosen; hessian "
+                             f"(default {QuantizeOptions.group_clip}): up to two scale steps of clipping and the zero "
+                             "moved by one, scored by the group's output error through its Hessian block; diagonal: "
+                             "covering or one step clipped, scored by the input-power-weighted rounding error")
     parser.add_argument("--act-clips", type=_floats, default=QuantizeOptions.act_clips, metavar="C,C,...",
                         help="method outliertune: activation range factors the per-layer search tries on held-out "
                              "calibration windows (below 1 clips the calibrated range, above 1 leaves headroom); "
