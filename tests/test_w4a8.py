@@ -176,27 +176,34 @@ def test_w4a8_checkpoint_contract_and_accuracy(tiny_llama, tiny_llama_w4a8):
 
 
 @pytest.mark.parametrize("group_size", [32, 64])
-def test_group_clip_hessian_lowers_gptq_output_error(group_size):
-    """--group-clip hessian (more scale / zero candidates, scored through the Hessian block) gives other group
-    parameters than diagonal and a lower calibration output error; the option reaches GPTQ from QuantizeOptions."""
+@pytest.mark.parametrize("group_clip", ["hessian", "gptq"])
+def test_group_clip_lowers_gptq_output_error(group_size, group_clip):
+    """--group-clip hessian / gptq (more scale and zero candidates, scored through the Hessian block or by GPTQ's
+    loss over the group) give other group parameters than diagonal and a lower calibration output error; the option
+    reaches GPTQ from QuantizeOptions."""
     from vllm_outliertune.offline.calibrate import InputStats
     from vllm_outliertune.offline.quantize import QuantizeOptions, quantize_linear_weight
 
     weight, x = _correlated_problem()
     weight_format = WeightFormat(4, group_size)
     diagonal = quantize_gptq(weight, x.t() @ x, weight_format, group_clip="diagonal")
-    hessian = quantize_gptq(weight, x.t() @ x, weight_format, group_clip="hessian")
-    assert _output_error(weight, hessian, x) < 0.97 * _output_error(weight, diagonal, x)
-    assert torch.equal(fmt.packed_levels(fmt.pack_int4(hessian.codes), hessian.group_scale, hessian.group_zero,
-                                         group_size, weight.shape[1]).to(torch.int8), hessian.levels)
+    searched = quantize_gptq(weight, x.t() @ x, weight_format, group_clip=group_clip)
+    assert _output_error(weight, searched, x) < 0.97 * _output_error(weight, diagonal, x)
+    assert torch.equal(fmt.packed_levels(fmt.pack_int4(searched.codes), searched.group_scale, searched.group_zero,
+                                         group_size, weight.shape[1]).to(torch.int8), searched.levels)
     stats = InputStats(x.amin(0), x.amax(0), x.double().pow(2).sum(0), x.shape[0], x[:16], x.t() @ x)
-    ones = torch.ones(x.shape[1])
-    through_options = {clip: quantize_linear_weight(weight, stats, ones, QuantizeOptions(
-        w_bits=4, a_bits=8, group_size=group_size, group_clip=clip)) for clip in ("diagonal", "hessian")}
+    through_options = {clip: quantize_linear_weight(weight, stats, torch.ones(x.shape[1]), QuantizeOptions(
+        w_bits=4, a_bits=8, group_size=group_size, group_clip=clip)) for clip in ("diagonal", group_clip)}
     assert torch.equal(through_options["diagonal"].levels, diagonal.levels)
-    assert torch.equal(through_options["hessian"].levels, hessian.levels)
+    assert torch.equal(through_options[group_clip].levels, searched.levels)
     with pytest.raises(ValueError, match="group_clip 'cd'"):
         quantize_gptq(weight, x.t() @ x, weight_format, group_clip="cd")
+
+
+def test_group_clip_default_is_gptq():
+    from vllm_outliertune.offline.quantize import QuantizeOptions
+
+    assert QuantizeOptions().group_clip == "gptq"
 
 
 @pytest.mark.parametrize("change, message", [(dict(group_size=24), "--group-size 24: use 0"),
