@@ -146,7 +146,7 @@ class _PackedQuantizer:
     in 0..15, clamped so that every int8 level (c - z) * s stays in [-128, 127]. Codes are rounded from the float
     weight directly (not from an intermediate int8 rounding)."""
 
-    def __init__(self, weight: torch.Tensor, group_size: int, search: "GroupSearch | None" = None):
+    def __init__(self, weight: torch.Tensor, group_size: int, search: GroupSearch | None = None):
         n, k = weight.shape
         self.group_size = group_size or k
         self.search = search or GROUP_SEARCHES["diagonal"]
