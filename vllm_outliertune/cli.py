@@ -203,8 +203,8 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                              "originally does) instead of the float ones; one more forward pass per layer, and "
                              "--calib-cache is not used")
     parser.add_argument("--group-clip", choices=tuple(GROUP_SEARCHES), default=QuantizeOptions.group_clip,
-                        help="GPTQ with --w-bits 4: how each group's integer scale and zero are chosen; gptq "
-                             f"(default {QuantizeOptions.group_clip}) and hessian: among up to two scale steps of "
+                        help="GPTQ with --w-bits 4: how each group's integer scale and zero are chosen (default "
+                             f"{QuantizeOptions.group_clip}); gptq and hessian: among up to two scale steps of "
                              "clipping and the zero moved by one, by GPTQ's loss over the group (9 GPTQ passes, "
                              "~8x the GPTQ time) or its output error through the group's Hessian block; diagonal: "
                              "covering or one step clipped, by the input-power-weighted rounding error")
