@@ -541,7 +541,7 @@ def test_search_grid_by_bit_width():
     from vllm_outliertune.offline.quantize import search_grid
 
     llama, gemma = ARCHITECTURES["LlamaForCausalLM"], ARCHITECTURES["Gemma3ForCausalLM"]
-    assert search_grid(QuantizeOptions(), llama) == SearchGrid()
+    assert search_grid(QuantizeOptions(), llama) == SearchGrid(token_guard=True)  # W8A8: the guard by default
     assert search_grid(QuantizeOptions(w_bits=6, a_bits=6), llama) == SearchGrid()
     for bits in ((4, 8), (4, 4)):
         options = QuantizeOptions(w_bits=bits[0], a_bits=bits[1])
@@ -551,8 +551,11 @@ def test_search_grid_by_bit_width():
                                                               SearchGrid.shifts)
         assert search_grid(options, gemma).clips == (1.0,)
         assert search_grid(dataclasses.replace(options, act_clips=(0.9, 1.0)), llama).clips == (0.9, 1.0)
-    # a W4A8 checkpoint's int8-weight groups are planned as W8A8 (QuantizeOptions.with_int8_weights)
+    # a W4A8 checkpoint's int8-weight groups are planned as W8A8 (QuantizeOptions.with_int8_weights), with the
+    # checkpoint's token guard
     assert search_grid(QuantizeOptions(w_bits=4, a_bits=8).with_int8_weights, llama) == SearchGrid()
+    assert search_grid(QuantizeOptions(w_bits=4, a_bits=8, token_guard=True).with_int8_weights,
+                       llama) == SearchGrid(token_guard=True)
 
 
 @pytest.mark.parametrize("bits", [8, 6])
