@@ -273,8 +273,9 @@ def test_int8_weight_groups_planned_for_int8_weights():
         return plan_layer(copy.deepcopy(layer), stats, model.config, arch, options, int8_groups)
 
     mixed_plans, mixed_info = plan(w4a8, {"qkv"})
-    # at the checkpoint's range margin (AUTO_RANGE_MARGIN is per bit widths: W8A8's differs from W4A8's)
-    int8_plans, int8_info = plan(QuantizeOptions(w_bits=8, a_bits=8, range_margin=w4a8.margin))
+    # at the checkpoint's range margin and token guard (their defaults are per bit widths: W8A8's differ)
+    int8_plans, int8_info = plan(QuantizeOptions(w_bits=8, a_bits=8, range_margin=w4a8.margin,
+                                                 token_guard=w4a8.guard))
     packed_plans, packed_info = plan(w4a8)
     assert torch.equal(mixed_plans["qkv"].step, int8_plans["qkv"].step)
     assert mixed_info["qkv"] == int8_info["qkv"] != packed_info["qkv"]
