@@ -164,8 +164,9 @@ class QuantizeOptions:
 
     @property
     def with_int8_weights(self) -> "QuantizeOptions":
-        """These options for a linear kept at int8 weights (per output row; --weight-rounding auto as at 8 bits)."""
-        return dataclasses.replace(self, w_bits=8, int8_weights="none")
+        """These options for a linear kept at int8 weights (per output row; --weight-rounding auto as at 8 bits; the
+        checkpoint's token guard, which packed checkpoints do not have)."""
+        return dataclasses.replace(self, w_bits=8, int8_weights="none", token_guard=self.guard)
 
 
 @dataclasses.dataclass
