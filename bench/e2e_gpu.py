@@ -6,7 +6,8 @@
                                    # (group 128); --synthetic: the quantized checkpoints hold random values (no
                                    # calibration); --lm-head int8: instead *-lmhead checkpoints with lm_head int8
     python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8,w8a8-pc,fp8-pc,w8a8-lmhead,
-                                   w4a8-lmhead] [--tp 2]   # throughput rows
+                                   w4a8-lmhead,w8a8-guard] [--tp 2]   # throughput rows (w8a8-guard: the W8A8
+                                   # checkpoint with quantization_config.token_guard on)
     python bench/e2e_gpu.py profile WORKDIR [--rows w8a8,w4a8]   # torch-profiler breakdown of decode steps by
                                    # kernel kind, and wall time per step
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
@@ -288,10 +289,30 @@ class Row(NamedTuple):
     prefix_caching: bool = False
 
 
+def _guarded(checkpoint: str) -> str:
+    """checkpoint + "-guard": the same weights (linked) with the per-token overflow guard turned on in its
+    quantization_config (format 3), written on first use: the guard's run-time cost on the same tensors."""
+    from vllm_outliertune.format import TOKEN_GUARD_FORMAT_VERSION
+
+    src, dst = Path(checkpoint), Path(checkpoint + "-guard")
+    if not dst.exists():
+        tmp = dst.with_name(dst.name + ".tmp")
+        tmp.mkdir()
+        for item in src.iterdir():
+            if item.name != "config.json":
+                (tmp / item.name).symlink_to(item.resolve())
+        config = json.loads((src / "config.json").read_text())
+        config["quantization_config"].update(token_guard=True, format_version=TOKEN_GUARD_FORMAT_VERSION)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tmp.rename(dst)
+    return str(dst)
+
+
 def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
     bf16, w8a8, w4a8 = (str(workdir / f"llama3-8b-{name}") for name in ("bf16", "w8a8", "w4a8"))
     rows = {"bf16": Row("bf16", bf16, dummy=True),
             "w8a8": Row("outliertune W8A8", w8a8),
+            "w8a8-guard": Row("outliertune W8A8 + token guard", w8a8 + "-guard"),
             "w4a8": Row("outliertune W4A8 (g128)", w4a8),
             "w8a8-lmhead": Row("outliertune W8A8 + int8 lm_head", w8a8 + "-lmhead"),
             "w4a8-lmhead": Row("outliertune W4A8 (g128) + int8 lm_head", w4a8 + "-lmhead"),
@@ -303,6 +324,8 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
             "fp8-pc": Row("vLLM fp8 (dynamic) + prefix caching", bf16, "fp8", dummy=True, prefix_caching=True)}
     results = [json.loads(line) for line in (workdir / "rows.jsonl").read_text().splitlines()] \
         if (workdir / "rows.jsonl").exists() else []
+    if "w8a8-guard" in only.split(","):
+        _guarded(w8a8)
     for row_spec in (rows[key] for key in only.split(",")):
         label = row_spec.label + (f" TP {tp}" if tp > 1 else "")
         command = [sys.executable, __file__, "row", row_spec.model_dir, "--label", label, "--tp", str(tp)] + (
@@ -380,8 +403,8 @@ def _kind(kernel_name: str) -> str:
 
 
 def _profile(workdir: Path, checkpoints: str = "w8a8") -> None:
-    """Profile generation at 1 and 64 sequences of each checkpoint (llama3-8b-NAME): (prefill + 65 tokens) minus
-    (prefill + 1 token) per kernel name = 64 decode steps; print the share of each kernel kind, and the wall time
+    """Profile generation at 1 and 64 sequences of each checkpoint (llama3-8b-NAME): (prefill + 81 tokens) minus
+    (prefill + 17 tokens) per kernel name = 64 decode steps; print the share of each kernel kind, and the wall time
     per step next to the kernels' sum (the difference: launch gaps and host work the CUDA graphs do not hide)."""
     names = checkpoints.split(",")
     if len(names) > 1:  # one engine per process: each checkpoint in its own child
@@ -401,11 +424,15 @@ def _profile_checkpoint(workdir: Path, name: str) -> None:
               gpu_memory_utilization=0.9, max_num_seqs=256, enable_prefix_caching=False)
     gen = torch.Generator().manual_seed(0)
     decode_steps = 64
+    # Both runs get past the prefill before their steps are compared: 64 prompts prefill in chunks, and the first
+    # prompts decode beside the later chunks (mixed steps whose GEMMs run at larger M), so a run of one token
+    # against one of 65 counted those mixed steps as decode (session 12: negative CUTLASS and unpack times @64).
+    first_tokens = 17
     for batch in (1, 64):
         prompts = [TokensPrompt(prompt_token_ids=torch.randint(0, 128000, (INPUT_LEN,), generator=gen).tolist())
                    for _ in range(batch)]
         per_run, wall = {}, {}
-        for max_tokens in (1, decode_steps + 1):
+        for max_tokens in (first_tokens, first_tokens + decode_steps):
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
             llm.generate(prompts, params, use_tqdm=False)  # warm-up of this shape
             torch.cuda.synchronize()
@@ -419,13 +446,14 @@ def _profile_checkpoint(workdir: Path, name: str) -> None:
             trace = workdir / f"trace-{name}-{batch}-{max_tokens}.json"
             prof.export_chrome_trace(str(trace))
             per_run[max_tokens] = _kernel_times(trace)
-        decode = {kernel: per_run[decode_steps + 1].get(kernel, 0.0) - per_run[1].get(kernel, 0.0)
-                  for kernel in per_run[decode_steps + 1]}
+        last = first_tokens + decode_steps
+        decode = {kernel: per_run[last].get(kernel, 0.0) - per_run[first_tokens].get(kernel, 0.0)
+                  for kernel in per_run[last]}
         by_kind: dict[str, float] = {}
         for kernel, us in decode.items():
             by_kind[_kind(kernel)] = by_kind.get(_kind(kernel), 0.0) + us
         total = sum(by_kind.values())
-        step_us = 1e6 * (wall[decode_steps + 1] - wall[1]) / decode_steps
+        step_us = 1e6 * (wall[last] - wall[first_tokens]) / decode_steps
         print(f"\n{name} decode, {batch} sequence(s): {step_us:.0f} µs per step (wall, unprofiled), "
               f"{total / decode_steps:.0f} µs of kernels")
         print("| kernel kind | µs per step | share of kernels |\n|---|---|---|")

@@ -2,11 +2,12 @@
 tiles the table ships and on the best few of the earlier full searches, per shape and small-M bucket, against the
 shipped dispatch; then write a copy of the shipped table where a tile beat the dispatch by 3 % (GPU):
 
-    python bench/w4a8_refine.py 6144x4096,4096x4096,28672x4096,4096x14336 OUT_DIR
+    python bench/w4a8_refine.py 6144x4096,4096x4096,28672x4096,4096x14336 OUT_DIR [M,...]
 
 A narrow search (tens of timings per bucket where `outliertune tune --search full` has hundreds): how the H200
 entries of session 11 were chosen. OUT_DIR gets refine_state.jsonl (the tuner's state format, search "quick"),
-refine.json (per bucket and kernel: the shipped dispatch's time and the best tile) and refined_table.json."""
+refine.json (per bucket and kernel: the shipped dispatch's time and the best tile) and refined_table.json. M,...
+limits it to those row buckets; at M = 1 it also times the GEMV tiles of several groups (tune.w4a8_gemv_tiles)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def candidates(kernel: str, n: int, k: int, m: int, keys: tuple, earlier: dict) 
     if (kernel, n, k, m) in earlier:
         timings = [c for _, c in earlier[(kernel, n, k, m)]["timings"]]
         found += [c for c in timings if c.get("FACTORED")][:TOP] + timings[:2]
-    return tune.w4a8_loop_variants(found)
+    return tune.w4a8_loop_variants(found) + (tune.w4a8_gemv_tiles() if (kernel, m) == ("w4a8_splitk", 1) else [])
 
 
 def time_plans(plans: list[tuple], state: tune.TuneState, device_key: str) -> list[dict]:
@@ -93,13 +94,13 @@ def refined_table(summary: list[dict], device_key: str) -> dict:
     return table
 
 
-def main(shapes: str, out: Path) -> None:
+def main(shapes: str, out: Path, buckets: set[int] | None = None) -> None:
     keys = configs.table_keys(torch.device("cuda"))
     device_key = keys[0]
     earlier = earlier_records()
     plans = [(kernel, n, k, m, candidates(kernel, n, k, m, keys, earlier))
              for n, k in (tuple(map(int, s.split("x"))) for s in shapes.split(","))
-             for kernel, ms in BUCKETS.items() for m in ms]
+             for kernel, ms in BUCKETS.items() for m in ms if buckets is None or m in buckets]
     jobs = [(kernel, m, n, k, c) for kernel, n, k, m, tiles in plans for c in tiles]
     print(f"{len(jobs)} timings", flush=True)
     with concurrent.futures.ProcessPoolExecutor(16, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -111,4 +112,4 @@ def main(shapes: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), {int(m) for m in sys.argv[3].split(",")} if len(sys.argv) > 3 else None)

@@ -28,13 +28,16 @@ def round_to_bfloat16(v):
 
 
 @triton.jit
-def epilogue_store(acc, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om,
-                   HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store acc [BLOCK_M, BLOCK_N] int32 as acc * scale[n] + bias[n] in out's dtype (raw int32 without scale).
-    Multiply then add in float32, as the torch reference does (callers launch with enable_fp_fusion=False)."""
+def epilogue_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om,
+                   HAS_SCALE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store acc [BLOCK_M, BLOCK_N] int32 as acc * scale[n] (* row_scale[m]) + bias[n] in out's dtype (raw int32
+    without scale). Multiply then add in float32, as the torch reference does (callers launch with
+    enable_fp_fusion=False). row_scale: the token guard's per-row t (float32, one per row of the activation)."""
     mask_n = offs_n < N
     if HAS_SCALE:
         out = acc.to(tl.float32) * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if HAS_ROW_SCALE:
+            out = out * tl.load(row_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
         if HAS_BIAS:
             out = out + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     else:
@@ -64,8 +67,9 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def _int8_gemm_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, M, N, K, stride_am, stride_wn, stride_om,
-                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+def _int8_gemm_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, M, N, K, stride_am, stride_wn,
+                      stride_om, HAS_SCALE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     offs_m, offs_n, rows_a, rows_w = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -84,11 +88,13 @@ def _int8_gemm_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, M, N, K, strid
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    epilogue_store(acc, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_SCALE, HAS_BIAS)
+    epilogue_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_SCALE,
+                   HAS_ROW_SCALE, HAS_BIAS)
 
 
 def check_gemm_args(a_dtype_ok: bool, a: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None,
-                    bias: torch.Tensor | None, out_dtype: torch.dtype, scaled_only: str | None = None) -> None:
+                    bias: torch.Tensor | None, out_dtype: torch.dtype, scaled_only: str | None = None,
+                    row_scale: torch.Tensor | None = None) -> None:
     """Raise ValueError naming the argument when GEMM inputs are malformed (shared by the three GEMM kernels;
     `scaled_only` names a kernel that has no raw int32 output)."""
     if scaled_only and (w_scale is None or out_dtype == torch.int32):
@@ -111,7 +117,11 @@ def check_gemm_args(a_dtype_ok: bool, a: torch.Tensor, w_q: torch.Tensor, w_scal
         raise ValueError(f"w_scale is {w_scale.dtype} {list(w_scale.shape)}; expected contiguous float32 [{n}]")
     if bias is not None and (not bias.dtype.is_floating_point or bias.shape != (n,) or not bias.is_contiguous()):
         raise ValueError(f"bias is {bias.dtype} {list(bias.shape)}; expected a contiguous float [{n}] vector")
-    for name, t in (("w_q", w_q), ("w_scale", w_scale), ("bias", bias)):
+    if row_scale is not None and (w_scale is None or row_scale.dtype != torch.float32
+                                  or row_scale.numel() != a.shape[0] or not row_scale.is_contiguous()):
+        raise ValueError(f"row_scale is {row_scale.dtype} {list(row_scale.shape)}; expected contiguous float32 with "
+                         f"one value per activation row ({a.shape[0]}), and a w_scale")
+    for name, t in (("w_q", w_q), ("w_scale", w_scale), ("bias", bias), ("row_scale", row_scale)):
         if t is not None and t.device != a.device:
             raise ValueError(f"{name} is on {t.device} but the activation is on {a.device}")
 
@@ -129,11 +139,12 @@ def launch_options(config: dict) -> dict:
 
 def start_gemm(kernel: str, a_dtype_ok: bool, a: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None,
                bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict | None,
-               scaled_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+               scaled_only: bool = False, row_scale: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
     """What every GEMM entry point does before its launch: check the arguments, make K contiguous, allocate the
     output [M, N] and pick the tile (`config`, else the table's for `kernel`). Returns (a, out, config), config None
     when out is already final (an empty problem: no rows/columns, or K = 0 where the result is just the bias)."""
-    check_gemm_args(a_dtype_ok, a, w_q, w_scale, bias, out_dtype, kernel if scaled_only else None)
+    check_gemm_args(a_dtype_ok, a, w_q, w_scale, bias, out_dtype, kernel if scaled_only else None, row_scale)
     a = a if a.stride(1) == 1 else a.contiguous()
     (m, k), n = a.shape, w_q.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
@@ -146,17 +157,20 @@ def start_gemm(kernel: str, a_dtype_ok: bool, a: torch.Tensor, w_q: torch.Tensor
 
 
 def int8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
-              out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
-    """a_q int8 [M, K] @ w_q int8 [N, K]^T in int32, then * w_scale[n] (+ bias[n]) -> out_dtype [M, N].
-    out_dtype=torch.int32 with w_scale=None returns the raw accumulator. `config` overrides the tile table."""
-    a_q, out, config = start_gemm("int8_gemm", a_q.dtype == torch.int8, a_q, w_q, w_scale, bias, out_dtype, config)
+              out_dtype: torch.dtype, config: dict | None = None, row_scale: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """a_q int8 [M, K] @ w_q int8 [N, K]^T in int32, then * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype
+    [M, N]. out_dtype=torch.int32 with w_scale=None returns the raw accumulator. `config` overrides the tile table."""
+    a_q, out, config = start_gemm("int8_gemm", a_q.dtype == torch.int8, a_q, w_q, w_scale, bias, out_dtype, config,
+                                  row_scale=row_scale)
     if config is None:
         return out
     (m, k), n = a_q.shape, w_q.shape[0]
     blocks = {key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
     grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
     _int8_gemm_kernel[grid](
-        a_q, w_q, out, w_scale, bias, m, n, k, a_q.stride(0), w_q.stride(0), out.stride(0),
-        HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None, EVEN_K=k % blocks["BLOCK_K"] == 0,
+        a_q, w_q, out, w_scale, row_scale, bias, m, n, k, a_q.stride(0), w_q.stride(0), out.stride(0),
+        HAS_SCALE=w_scale is not None, HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
+        EVEN_K=k % blocks["BLOCK_K"] == 0,
         **blocks, **launch_options(config), enable_fp_fusion=False)
     return out

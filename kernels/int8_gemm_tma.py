@@ -14,8 +14,9 @@ from vllm_outliertune.kernels.int8_gemm import epilogue_store, launch_options, m
 
 
 @triton.jit
-def _int8_gemm_tma_kernel(a_desc, w_desc, out_ptr, scale_ptr, bias_ptr, M, N, K, stride_om,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _int8_gemm_tma_kernel(a_desc, w_desc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, M, N, K, stride_om,
+                          HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -33,7 +34,8 @@ def _int8_gemm_tma_kernel(a_desc, w_desc, out_ptr, scale_ptr, bias_ptr, M, N, K,
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        epilogue_store(acc, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
+        epilogue_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True,
+                       HAS_ROW_SCALE, HAS_BIAS)
 
 
 def supports_tma(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
@@ -43,17 +45,19 @@ def supports_tma(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
 
 
 def int8_gemm_tma(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                  out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype, config: dict | None = None, row_scale: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Same contract as int8_gemm.int8_gemm with a scale (float out); the caller checks supports_tma first."""
     a_q, out, config = start_gemm("int8_gemm_tma", a_q.dtype == torch.int8, a_q, w_q, w_scale, bias, out_dtype,
-                                  config, scaled_only=True)
+                                  config, scaled_only=True, row_scale=row_scale)
     if config is None:
         return out
     (m, k), n = a_q.shape, w_q.shape[0]
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     programs = min(multiprocessors(a_q.device), triton.cdiv(m, bm) * triton.cdiv(n, bn))
     _int8_gemm_tma_kernel[(programs,)](
-        TensorDescriptor.from_tensor(a_q, [bm, bk]), TensorDescriptor.from_tensor(w_q, [bn, bk]), out, w_scale, bias,
-        m, n, k, out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        TensorDescriptor.from_tensor(a_q, [bm, bk]), TensorDescriptor.from_tensor(w_q, [bn, bk]), out, w_scale,
+        row_scale, bias, m, n, k, out.stride(0), HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         GROUP_M=config["GROUP_M"], NUM_PROGRAMS=programs, **launch_options(config), enable_fp_fusion=False)
     return out

@@ -49,7 +49,7 @@ def _triton() -> SimpleNamespace:
 
 
 class ExternalGemm(NamedTuple):
-    """A GEMM of another library with our contract: run(a_q, w_q, w_scale, bias, out_dtype) -> out [M, N];
+    """A GEMM of another library with our contract: run(a_q, w_q, w_scale, bias, out_dtype, row_scale) -> out [M, N];
     supports(a_q, w_q, out_dtype) says whether it takes these operands."""
     run: Callable[..., torch.Tensor]
     supports: Callable[[torch.Tensor, torch.Tensor, torch.dtype], bool]
@@ -90,24 +90,25 @@ def _quantize(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tens
 
 
 def _gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
-          out_dtype: torch.dtype) -> torch.Tensor:
-    """int8 codes in; scaled float out on the Triton kernel the tile table picks for this M, or the raw int32
-    accumulator (w_scale None); the exact torch reference where Triton does not run."""
+          out_dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 codes in; scaled float out (times row_scale[m] where given: the token guard's t) on the kernel the tile
+    table picks for this M, or the raw int32 accumulator (w_scale None); the exact torch reference where Triton does
+    not run."""
     if not _runs_triton(a_q):
         if w_scale is None:
             return torch_ref.int_mm_exact(a_q, w_q)
-        return torch_ref.int8_gemm_ref(a_q, w_q, w_scale, bias, out_dtype)
+        return torch_ref.int8_gemm_ref(a_q, w_q, w_scale, bias, out_dtype, row_scale)
     kernels = _triton()
     if w_scale is None or out_dtype == torch.int32:
-        return kernels.int8_gemm(a_q, w_q, w_scale, bias, out_dtype)
+        return kernels.int8_gemm(a_q, w_q, w_scale, bias, out_dtype, row_scale=row_scale)
     (m, k), n = a_q.shape, w_q.shape[0]
     kernel = _pick_kernel(m, n, k, table_keys(a_q.device), lambda: kernels.supports_tma(a_q, w_q),
                           lambda name: _EXTERNAL_GEMMS[name].supports(a_q, w_q, out_dtype))
     if kernel == "splitk_gemm":
-        return kernels.splitk_gemm(a_q, w_q, w_scale, bias, None, None, 8, out_dtype)
+        return kernels.splitk_gemm(a_q, w_q, w_scale, bias, None, None, 8, out_dtype, row_scale=row_scale)
     if kernel in _EXTERNAL_GEMMS:
-        return _EXTERNAL_GEMMS[kernel].run(a_q, w_q, w_scale, bias, out_dtype)
-    return getattr(kernels, kernel)(a_q, w_q, w_scale, bias, out_dtype)
+        return _EXTERNAL_GEMMS[kernel].run(a_q, w_q, w_scale, bias, out_dtype, row_scale)
+    return getattr(kernels, kernel)(a_q, w_q, w_scale, bias, out_dtype, row_scale=row_scale)
 
 
 def _pick_w4a8_kernel(m: int, n: int, k: int, keys: tuple[str, ...]) -> str:
@@ -116,12 +117,14 @@ def _pick_w4a8_kernel(m: int, n: int, k: int, keys: tuple[str, ...]) -> str:
 
 
 def _w4a8(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
-          group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+          group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+          row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """int8 codes x packed 4-bit weight: the split-K kernel where the table lists w4a8_splitk at M's bucket, the
     int8 GEMM's dispatch on the widened levels where it lists w4a8_unpack, else the tiled one; the exact torch
     reference where Triton does not run."""
     if not _runs_triton(a_q):
-        return torch_ref.w4a8_gemm_ref(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype)
+        return torch_ref.w4a8_gemm_ref(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype,
+                                       row_scale)
     (m, k), n = a_q.shape, w_words.shape[0]
     keys = table_keys(a_q.device)
     kernel = _pick_w4a8_kernel(m, n, k, keys)
@@ -129,8 +132,9 @@ def _w4a8(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, g
     if kernel == "w4a8_unpack":
         levels = kernels.unpack_levels(w_words, group_scale, group_zero, group_size, k,
                                        get_config(kernel, m, n, k, keys))
-        return _gemm(a_q, levels, w_scale, bias, out_dtype)
-    return kernels.w4a8_gemm(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype, kernel)
+        return _gemm(a_q, levels, w_scale, bias, out_dtype, row_scale)
+    return kernels.w4a8_gemm(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype, kernel,
+                             row_scale=row_scale)
 
 
 def compile_variant(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: bool, packed: bool = False) -> tuple:
@@ -205,16 +209,16 @@ def _(x, inv_scale, shift, bits):
 
 @torch.library.custom_op("outliertune_kernels::int8_gemm", mutates_args=())
 def int8_gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
-              out_dtype: torch.dtype) -> torch.Tensor:
-    """a_q int8 [M, K] @ w_q int8 [N, K]^T (int32) * w_scale[n] (+ bias[n]) -> out_dtype [M, N]; with
-    out_dtype=torch.int32 and w_scale=None, the raw int32 accumulator. Small M (where the tile table lists the
+              out_dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """a_q int8 [M, K] @ w_q int8 [N, K]^T (int32) * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N];
+    with out_dtype=torch.int32 and w_scale=None, the raw int32 accumulator. Small M (where the tile table lists the
     split-K kernel) streams the weights with split-K, large M on Hopper runs the persistent TMA GEMM where the table
-    lists it, the rest the tiled GEMM."""
-    return _gemm(a_q, w_q, w_scale, bias, out_dtype)
+    lists it, the rest the tiled GEMM. row_scale (float32, one per row): the token guard's t."""
+    return _gemm(a_q, w_q, w_scale, bias, out_dtype, row_scale)
 
 
 @int8_gemm.register_fake
-def _(a_q, w_q, w_scale, bias, out_dtype):
+def _(a_q, w_q, w_scale, bias, out_dtype, row_scale=None):
     return a_q.new_empty((a_q.shape[0], w_q.shape[0]), dtype=out_dtype)
 
 
@@ -252,15 +256,15 @@ def w4a8_gpu_words(w_packed: torch.Tensor, in_features: int) -> torch.Tensor:
 @torch.library.custom_op("outliertune_kernels::w4a8_gemm", mutates_args=())
 def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
               group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
-              out_dtype: torch.dtype) -> torch.Tensor:
-    """a_q int8 [M, K] @ levels^T (int32) * w_scale[n] (+ bias[n]) -> out_dtype [M, N], where levels = (code -
-    group_zero) * group_scale are the int8 weights that a packed weight in int32 words [N, ceil(K/8)]
-    (w4a8_gpu_words) stands for (vllm_outliertune.format.packed_levels of the checkpoint's bytes)."""
-    return _w4a8(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype)
+              out_dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """a_q int8 [M, K] @ levels^T (int32) * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N], where
+    levels = (code - group_zero) * group_scale are the int8 weights that a packed weight in int32 words [N,
+    ceil(K/8)] (w4a8_gpu_words) stands for (vllm_outliertune.format.packed_levels of the checkpoint's bytes)."""
+    return _w4a8(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype, row_scale)
 
 
 @w4a8_gemm.register_fake
-def _(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype):
+def _(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype, row_scale=None):
     return a_q.new_empty((a_q.shape[0], w_words.shape[0]), dtype=out_dtype)
 
 

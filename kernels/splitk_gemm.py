@@ -45,13 +45,14 @@ def dot4_accumulate(w4, x4, acc, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, tile, offs_m, offs_n, M, N, stride_om,
-                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+def split_k_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, tile, offs_m, offs_n, M, N,
+                  stride_om, SPLIT_K: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The epilogue of one K split of output tile ``tile``: with SPLIT_K > 1 the int32 partial sums meet in the
     zeroed workspace through atomics and the last split to arrive (per-tile counter) stores the scaled result and
     zeroes what the tile used (its partial sums and counter) for the next GEMM."""
     if SPLIT_K == 1:
-        epilogue_store(acc, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
+        epilogue_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True,
+                       HAS_ROW_SCALE, HAS_BIAS)
     else:
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -60,15 +61,17 @@ def split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, tile, of
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")  # read at L2, past stale L1 lines
-            epilogue_store(total, out_ptr, scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True, HAS_BIAS)
+            epilogue_store(total, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om,
+                           True, HAS_ROW_SCALE, HAS_BIAS)
             tl.store(count_ptr + tile, 0)  # every split has counted itself in
 
 
 @triton.jit
-def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, inv_scale_ptr, shift_ptr, ws_ptr, count_ptr,
-                        M, N, K, stride_xm, stride_wn, stride_om, K_PER_SPLIT,
+def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, inv_scale_ptr, shift_ptr, ws_ptr,
+                        count_ptr, M, N, K, stride_xm, stride_wn, stride_om, K_PER_SPLIT,
                         QUANTIZE: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                        HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr,
                         EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, ACC_K: tl.constexpr, PACKED: tl.constexpr,
                         DP4A_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
@@ -118,8 +121,8 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, inv_scale_pt
         if ACC_K or PACKED:
             acc = tl.sum(acc3, axis=1)
 
-        split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, pid_mn, offs_m, offs_n, M, N,
-                      stride_om, SPLIT_K, HAS_BIAS)
+        split_k_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, pid_mn, offs_m, offs_n,
+                      M, N, stride_om, SPLIT_K, HAS_ROW_SCALE, HAS_BIAS)
 
 
 def _auto_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
@@ -163,8 +166,9 @@ def as_words(t: torch.Tensor) -> torch.Tensor | None:
 
 def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int,
-                out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (+ bias[n]) -> out_dtype [M, N], one launch. Float x is quantized
+                out_dtype: torch.dtype, config: dict | None = None, row_scale: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N], one launch. Float x is quantized
     in the prologue with inv_scale / shift / bits; int8 x is used as it is (then inv_scale and shift must be None).
     `config` overrides the tile table (SPLIT_K 0 = automatic; PACKED applies to int8 x with K % 4 == 0 only;
     PROGRAMS_PER_SM > 0 launches that many programs per SM, each walking several tiles, instead of one program per
@@ -175,7 +179,7 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     elif inv_scale is not None or shift is not None:
         raise ValueError("splitk_gemm: x is already int8 codes; pass inv_scale=None and shift=None")
     x, out, config = start_gemm("splitk_gemm", x.dtype in FLOAT_INPUT_DTYPES + (torch.int8,), x, w_q, w_scale, bias,
-                                out_dtype, config, scaled_only=True)
+                                out_dtype, config, scaled_only=True, row_scale=row_scale)
     if config is None:
         return out
     (m, k), n = x.shape, w_q.shape[0]
@@ -190,10 +194,12 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     word = 4 if packed else 1
     programs = min(tiles, config.get("PROGRAMS_PER_SM", 0) * multiprocessors(x.device)) or tiles
     _splitk_gemm_kernel[(programs, split_k)](
-        x_words if packed else x, w_words if packed else w_q, out, w_scale, bias, inv_scale, shift, partial_sums,
+        x_words if packed else x, w_words if packed else w_q, out, w_scale, row_scale, bias, inv_scale, shift,
+        partial_sums,
         counters, m, n, k // word, x.stride(0) // word, w_q.stride(0) // word, out.stride(0), k_per_split // word,
         QUANTIZE=quantize, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None,
-        HAS_SHIFT=shift is not None, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, SPLIT_K=split_k,
+        HAS_SHIFT=shift is not None, HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
+        EVEN_K=k % block_k == 0, SPLIT_K=split_k,
         ACC_K=bool(config.get("ACC_K")) and block_m < 16, PACKED=packed, DP4A_ASM=DP4A_ASM, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k // word, **launch_options(config), enable_fp_fusion=False)
     return out

@@ -77,7 +77,7 @@ def scale_epilogue_ref(acc: torch.Tensor, w_scale: torch.Tensor, bias: torch.Ten
     """The GEMM epilogue on an int32 accumulator [M, N]: acc * w_scale[n] (* row_scale[m]) (+ bias[n]) in float32."""
     out = acc.float() * w_scale.float()
     if row_scale is not None:
-        out = out * row_scale
+        out = out * row_scale.reshape(-1, 1)
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
@@ -85,11 +85,11 @@ def scale_epilogue_ref(acc: torch.Tensor, w_scale: torch.Tensor, bias: torch.Ten
 
 def w4a8_gemm_ref(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
                   group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                  out_dtype: torch.dtype) -> torch.Tensor:
+                  out_dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """int8_gemm_ref on the int8 levels ((code - zero) * scale per group) that a packed 4-bit weight in words
     (kernels/w4a8_words.py) stands for."""
     levels = code_levels(word_codes(w_words, a_q.shape[1]), group_scale, group_zero, group_size).to(torch.int8)
-    return int8_gemm_ref(a_q, levels, w_scale, bias, out_dtype)
+    return int8_gemm_ref(a_q, levels, w_scale, bias, out_dtype, row_scale)
 
 
 def add_exact_channels(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None,

@@ -147,6 +147,17 @@ def w4a8_splitk_candidates(m: int) -> list[dict]:
     return candidates
 
 
+def w4a8_gemv_tiles() -> list[dict]:
+    """One-row GEMV tiles of several whole groups (BLOCK_K 256-4096 at the default group size), for M = 1: a long K
+    step puts more of a program's weight bytes in flight at once, as the int8 GEMV's long-K tiles do. Their group
+    terms come a step ahead (PREFETCH), the variant whose sm90 loop needs no barrier; 4-32 words a thread, K split
+    only below BLOCK_K 2048 (H200, session 12: BLOCK_K 512-1024 won gate_up and qkv at TP 1 and 2)."""
+    return [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps, "num_stages": 4,
+             "FACTORED": 1, "GEMV": 1, "PREFETCH": 1}
+            for bn in (8, 16, 32, 64, 128) for bk in (256, 512, 1024, 2048, 4096) for warps in (4, 8)
+            for split in (1, 2, 4, 8) if 4 <= bk // 8 * bn // (32 * warps) <= 32 and (split == 1 or bk <= 1024)]
+
+
 def w4a8_loop_variants(tiles: list[dict]) -> list[dict]:
     """`tiles` (duplicates dropped) plus their FACTORED loops' variants: tensor-core word tiles (kernels/w4a8_gemm.py)
     also with the zero points in the weight operand, the group terms loaded a step ahead, and both (which wins
@@ -181,7 +192,8 @@ def full_candidates(kernel: str, m: int) -> list[dict]:
         factored = [dict(config, FACTORED=1) for config in tiles if W4A8_GROUP_SIZE % config["BLOCK_K"] == 0]
         acc_k = [dict(config, ACC_K=1) for config in factored if config["BLOCK_M"] < 16 and
                  config["BLOCK_M"] * config["BLOCK_K"] // 8 * config["BLOCK_N"] <= 64 * 32 * config["num_warps"]]
-        return w4a8_loop_variants(tiles + factored + acc_k)
+        gemv = w4a8_gemv_tiles() if kernel == "w4a8_splitk" and m == 1 else []
+        return w4a8_loop_variants(tiles + factored + acc_k) + gemv
     return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
 
 

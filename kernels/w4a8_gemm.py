@@ -58,9 +58,10 @@ def _tile_group(scale_ptr, zero_ptr, rows_w, group, stride_gn, stride_gk):
 
 @triton.jit
 def _tile_groups(scale_ptr, zero_ptr, rows_w, first_group, last_group, stride_gn, stride_gk,
-                 TILE_GROUPS: tl.constexpr):
-    """int32 scales and zero points [TILE_GROUPS, BLOCK_N] of the groups from first_group (none past last_group)."""
-    groups = tl.minimum(first_group + tl.arange(0, TILE_GROUPS), last_group)
+                 TILE_GROUPS: tl.constexpr, ROWS_PER_GROUP: tl.constexpr):
+    """int32 scales and zero points [TILE_GROUPS * ROWS_PER_GROUP, BLOCK_N] of the groups from first_group (none
+    past last_group), each repeated on ROWS_PER_GROUP rows (the GEMV loop: one row per weight word)."""
+    groups = tl.minimum(first_group + tl.arange(0, TILE_GROUPS * ROWS_PER_GROUP) // ROWS_PER_GROUP, last_group)
     offsets = rows_w[None, :].to(tl.int64) * stride_gn + groups[:, None].to(tl.int64) * stride_gk
     return tl.load(scale_ptr + offsets).to(tl.int32), tl.load(zero_ptr + offsets).to(tl.int32)
 
@@ -118,16 +119,21 @@ def _gemv_activations(a_ptrs, offs_ww, words):
 
 
 @triton.jit
-def _gemv_step(a_low, a_high, w_words, scale, zero, USE_ASM: tl.constexpr):
+def _gemv_step(a_low, a_high, w_words, scale, zero, TILE_GROUPS: tl.constexpr, USE_ASM: tl.constexpr):
     """One K step of a one-row tile, int32 [BLOCK_K / 8, BLOCK_N] in the weight words' own layout: per word, the
     group-scaled sum of its 8 activation x code products minus the zero point's share (zero * scale * the word's
     activation sum), so that neither the weights change layout nor a sum crosses threads inside the K loop (the
     [BLOCK_M, words, BLOCK_N] tile of the other dp4a loop converted the weight planes through shared memory and
-    reduced the activation sums across warps at every step: 8 barriers per step in its sm90 PTX)."""
+    reduced the activation sums across warps at every step: 8 barriers per step in its sm90 PTX). scale and zero
+    are [BLOCK_N] (the tile inside one group) or, in a tile of several whole groups, [BLOCK_K / 8, BLOCK_N]."""
     products = dot4_accumulate(w_words & 0x0F0F0F0F, a_low[:, None], tl.zeros(w_words.shape, dtype=tl.int32), USE_ASM)
     products = dot4_accumulate((w_words >> 4) & 0x0F0F0F0F, a_high[:, None], products, USE_ASM)
     a_sum = _code_sums(a_high, _code_sums(a_low, tl.zeros(a_low.shape, dtype=tl.int32), USE_ASM), USE_ASM)
-    return products * scale[None, :] - a_sum[:, None] * (zero * scale)[None, :]
+    if TILE_GROUPS > 1:  # the group terms come per word (reshaping the products by group costs barriers)
+        step = products * scale - a_sum[:, None] * (zero * scale)
+    else:
+        step = products * scale[None, :] - a_sum[:, None] * (zero * scale)[None, :]
+    return step
 
 
 @triton.jit
@@ -182,9 +188,9 @@ def _byte_columns(words, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr,
-                      M, N, K, stride_am, stride_wn, stride_wk, stride_gn, stride_gk, stride_om, K_PER_SPLIT,
-                      GROUP_SIZE, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
+def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr,
+                      count_ptr, M, N, K, stride_am, stride_wn, stride_wk, stride_gn, stride_gk, stride_om,
+                      K_PER_SPLIT, GROUP_SIZE, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
                       EVEN_N: tl.constexpr, FACTORED: tl.constexpr, WORD_DOTS: tl.constexpr, DP4A: tl.constexpr,
                       DP4A_ASM: tl.constexpr, WORD_LEVELS: tl.constexpr, PREFETCH: tl.constexpr,
                       ACC_K: tl.constexpr, TILE_GROUPS: tl.constexpr, GEMV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -226,11 +232,12 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
     if ACC_K:
         acc3 = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
     last_group = (K - 1) // GROUP_SIZE
+    ROWS_PER_GROUP: tl.constexpr = BLOCK_K // 8 // TILE_GROUPS if GEMV else 1
     split_end = tl.minimum(K, k_start + K_PER_SPLIT)  # loads a step ahead stop there: past it, traffic for nothing
     if PREFETCH:
         if TILE_GROUPS > 1:
             next_scale, next_zero = _tile_groups(gscale_ptr, gzero_ptr, rows_w, k_start // GROUP_SIZE, last_group,
-                                                 stride_gn, stride_gk, TILE_GROUPS)
+                                                 stride_gn, stride_gk, TILE_GROUPS, ROWS_PER_GROUP)
         else:
             next_scale, next_zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, k_start // GROUP_SIZE, stride_gn,
                                                 stride_gk)
@@ -245,10 +252,11 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
             if PREFETCH:
                 scale, zero = next_scale, next_zero
                 next_scale, next_zero = _tile_groups(gscale_ptr, gzero_ptr, rows_w, (k_start + (i + 1) * BLOCK_K)
-                                                     // GROUP_SIZE, last_group, stride_gn, stride_gk, TILE_GROUPS)
+                                                     // GROUP_SIZE, last_group, stride_gn, stride_gk, TILE_GROUPS,
+                                                     ROWS_PER_GROUP)
             else:
                 scale, zero = _tile_groups(gscale_ptr, gzero_ptr, rows_w, (k_start + i * BLOCK_K) // GROUP_SIZE,
-                                           last_group, stride_gn, stride_gk, TILE_GROUPS)
+                                           last_group, stride_gn, stride_gk, TILE_GROUPS, ROWS_PER_GROUP)
         elif FACTORED:
             if PREFETCH:  # this tile's group terms came in one step ago; ask for the next ones now
                 scale, zero = next_scale, next_zero
@@ -282,7 +290,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
             else:
                 a_low, a_high = _gemv_activations(a_ptrs, offs_ww, K // 4)
                 w_words = _column_words(w_ptrs, offs_ww, (K + 7) // 8)
-            acc_w += _gemv_step(a_low, a_high, w_words, scale, zero, DP4A_ASM)
+            acc_w += _gemv_step(a_low, a_high, w_words, scale, zero, TILE_GROUPS, DP4A_ASM)
             a_ptrs += BLOCK_K // 4
             offs_ww += BLOCK_K // 8
             w_ptrs += (BLOCK_K // 8) * stride_wk
@@ -347,8 +355,8 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, b
         acc += tl.sum(acc_w, axis=0)[None, :]
     if WORD_DOTS or WORD_LEVELS:
         acc += tl.trans(acc_nk)
-    split_k_store(acc, out_ptr, scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N, stride_om,
-                  SPLIT_K, HAS_BIAS)
+    split_k_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N,
+                  stride_om, SPLIT_K, HAS_ROW_SCALE, HAS_BIAS)
 
 
 def check_packed_args(k: int, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
@@ -375,8 +383,10 @@ def check_packed_args(k: int, w_words: torch.Tensor, group_scale: torch.Tensor, 
 
 def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
               group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-              kernel: str = "w4a8_gemm", config: dict | None = None) -> torch.Tensor:
-    """a_q int8 [M, K] @ levels(w_words)^T in int32, * w_scale[n] (+ bias[n]) -> out_dtype [M, N]. ``kernel``
+              kernel: str = "w4a8_gemm", config: dict | None = None, row_scale: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """a_q int8 [M, K] @ levels(w_words)^T in int32, * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N].
+    ``kernel``
     names the tile table entry ("w4a8_gemm": tiled, or "w4a8_splitk": small M, SPLIT_K 0 = automatic);
     ``config`` overrides it."""
     k = a_q.shape[1] if a_q.dim() == 2 else -1
@@ -385,7 +395,7 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     shape_probe = torch.empty(max(k, 1), dtype=torch.int8, device=w_words.device).as_strided(
         (w_words.shape[0], max(k, 0)), (0, 1))
     a_q, out, config = start_gemm(kernel, a_q.dtype == torch.int8, a_q, shape_probe, w_scale, bias, out_dtype,
-                                  config, scaled_only=True)
+                                  config, scaled_only=True, row_scale=row_scale)
     if config is None:
         return out
     (m, k), n = a_q.shape, w_words.shape[0]
@@ -404,12 +414,14 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     factored = bool(config.get("FACTORED")) and (in_group or dp4a)
     word_dots = factored and block_m >= 16 and block_k >= 64  # two dots of K = BLOCK_K / 2 >= 32
     word_levels = word_dots and bool(config.get("WORD_LEVELS"))
-    gemv = dp4a and in_group and block_m == 1 and bool(config.get("GEMV"))
+    gemv = dp4a and block_m == 1 and bool(config.get("GEMV"))
     _w4a8_gemm_kernel[(tiles, split_k)](
-        a_words if dp4a else a_q, w_words, group_scale, group_zero, out, w_scale, bias, partial_sums, counters,
+        a_words if dp4a else a_q, w_words, group_scale, group_zero, out, w_scale, row_scale, bias, partial_sums,
+        counters,
         m, n, k, a_q.stride(0) // (4 if dp4a else 1), w_words.stride(0), w_words.stride(1), group_scale.stride(0),
         group_scale.stride(1), out.stride(0), k_per_split, group,
-        HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=in_group, EVEN_N=n % block_n == 0,
+        HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=in_group,
+        EVEN_N=n % block_n == 0,
         FACTORED=factored, WORD_DOTS=word_dots and not word_levels, WORD_LEVELS=word_levels,
         PREFETCH=factored and bool(config.get("PREFETCH")), DP4A=dp4a, DP4A_ASM=DP4A_ASM,
         ACC_K=dp4a and not gemv and bool(config.get("ACC_K")), TILE_GROUPS=1 if in_group else block_k // group,

@@ -28,7 +28,8 @@ from vllm_outliertune.offline.model_io import (
 from vllm_outliertune.offline.symmetrize import ChannelPlan
 from vllm_outliertune.offline.text import read_text, token_windows
 from vllm_outliertune.offline.weights import (
-    QuantizedWeight, WeightFormat, best_row_clip, checkpoint_tensors, input_hessian, quantize_gptq, quantize_rtn)
+    DEFAULT_GROUP_CLIP, GROUP_SEARCHES, QuantizedWeight, WeightFormat, best_row_clip, checkpoint_tensors,
+    input_hessian, quantize_gptq, quantize_rtn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +116,8 @@ class QuantizeOptions:
     # leave the plan's range is quantized at a step t >= 1 times coarser and its GEMM output scaled by t. None: the
     # architecture's choice, else on for the bit widths in AUTO_TOKEN_GUARD without exact channels (guard below).
     token_guard: bool | None = None
+    # GPTQ with packed 4-bit weights: how each group's integer scale and zero are chosen (weights.GROUP_SEARCHES).
+    group_clip: str = DEFAULT_GROUP_CLIP
 
     @property
     def quant_config(self) -> QuantizationConfig:
@@ -310,6 +313,8 @@ def check_options(options: QuantizeOptions) -> None:
         options.margin.check()
     except ValueError as error:
         raise UserError(f"--range-margin {error}") from None
+    if options.group_clip not in GROUP_SEARCHES:
+        raise UserError(f"--group-clip {options.group_clip!r} is unknown; choose one of {', '.join(GROUP_SEARCHES)}")
     if options.lm_head not in LM_HEAD_CHOICES:
         raise UserError(f"--lm-head {options.lm_head!r} is unknown; choose one of {LM_HEAD_CHOICES}")
     if options.token_guard is True and (options.w_bits == 4 or options.exact_channels):
@@ -430,7 +435,7 @@ def quantize_linear_weight(weight: torch.Tensor, stats: InputStats, step: torch.
         hessian = input_hessian(stats.gram.to(weight.device), step)
         if exact is not None:
             hessian[exact, :] = hessian[:, exact] = 0
-        return quantize_gptq(weight, hessian, weight_format, clip)
+        return quantize_gptq(weight, hessian, weight_format, clip, group_clip=options.group_clip)
     return quantize_rtn(weight, weight_format, clip, power)
 
 

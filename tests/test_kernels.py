@@ -88,7 +88,20 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
                      torch_ref.int8_gemm_ref(q_odd, w_odd, w_scale, bias, torch.bfloat16))
     expect_equal("quantized_linear", quantized_linear(x.view(1, m, k), w_q, w_scale, bias, p["inv_scale"],
                                                       p["shift"], bits, torch.bfloat16), y_ref.view(1, m, n))
-    failures += check_w4a8_case(q_ref, n, w_scale, bias, seed)
+    # The token guard's per-row scale t (>= 1, one row at 1) in every epilogue: tiled, split-K (one and two K
+    # splits), TMA, and the op's table dispatch.
+    row_scale = 1 + torch.rand(m, 1, generator=torch.Generator().manual_seed(seed)).to(device) * 3
+    row_scale[0] = 1.0
+    y_rows = torch_ref.int8_gemm_ref(q_ref, w_q, w_scale, bias, torch.bfloat16, row_scale)
+    expect_equal("int8_gemm row_scale", int8_gemm(q_ref, w_q, w_scale, bias, torch.bfloat16, row_scale), y_rows)
+    for split_k in (1, 2):
+        config = {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k}
+        expect_equal(f"splitk_gemm split_k={split_k} row_scale", splitk_gemm(
+            q_ref, w_q, w_scale, bias, None, None, 8, torch.bfloat16, config, row_scale), y_rows)
+    if k % 16 == 0:
+        expect_equal("int8_gemm_tma row_scale", int8_gemm_tma(q_ref, w_q, w_scale, bias, torch.bfloat16, tma_config,
+                                                              row_scale), y_rows)
+    failures += check_w4a8_case(q_ref, n, w_scale, bias, seed, row_scale)
     # The split-K calls above share one workspace, each leaving it zeroed for the next (no memset per call).
     if zeroed_workspace(1, x.device).any():
         failures.append("split-K workspace: partial sums or tile counters not put back to zero")
@@ -145,11 +158,15 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
                  # the one-row GEMV loop, with its loads a step ahead across a split
                  ("w4a8_splitk", 32, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "FACTORED": 1, "GEMV": 1}),
                  ("w4a8_splitk", 64, {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1,
-                                      "GEMV": 1, "PREFETCH": 1}))
+                                      "GEMV": 1, "PREFETCH": 1}),
+                 # and over tiles of several whole groups (4 and 2 per tile)
+                 ("w4a8_splitk", 8, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "FACTORED": 1,
+                                     "GEMV": 1, "PREFETCH": 1}),
+                 ("w4a8_splitk", 16, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "FACTORED": 1, "GEMV": 1}))
 
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                    seed: int) -> list[str]:
+                    seed: int, row_scale: torch.Tensor) -> list[str]:
     """The W4A8 kernel and the w4a8_gemm op's table dispatch against the torch reference, exactly; the widened
     levels against the checkpoint format's own unpacking of the bytes. The kernel runs this case's variants
     (W4A8_VARIANTS[i] runs in case i mod the number of cases), at K channels with the words stored row-major and at
@@ -173,6 +190,11 @@ def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: to
         if not torch.equal(got, want):
             failures.append(f"{kernel} group_size={group_size} {config} M={m} K={k} N={n}: max |diff| "
                             f"{(got.float() - want.float()).abs().max().item()}")
+        if layout is torch.Tensor.contiguous:  # the token guard's per-row scale in the W4A8 epilogue
+            got = w4a8_gemm(a_q, *packed, group_size, w_scale, bias, torch.bfloat16, kernel, config, row_scale)
+            if not torch.equal(got, torch_ref.w4a8_gemm_ref(a_q, *packed, group_size, w_scale, bias, torch.bfloat16,
+                                                            row_scale)):
+                failures.append(f"{kernel} group_size={group_size} {config} M={m} K={k} N={n} with row_scale")
         # w4a8_unpack: the widened levels (a tile that leaves partial tiles along N and K), then the int8 GEMM
         levels = unpack_levels(*packed, group_size, k, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4})
         want_levels = code_levels(*make_packed_codes(n, k, group_size, seed), group_size).to(torch.int8)
@@ -193,6 +215,10 @@ def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: to
     dispatched = w4a8_op(codes, *packed, 32, w_scale, bias, torch.float16)
     if not torch.equal(dispatched, torch_ref.w4a8_gemm_ref(codes, *packed, 32, w_scale, bias, torch.float16)):
         failures.append(f"w4a8_gemm op (table dispatch) M={codes.shape[0]} K={codes.shape[1]} N={n}")
+    dispatched = w4a8_op(codes, *packed, 32, w_scale, bias, torch.float16, row_scale)
+    if not torch.equal(dispatched, torch_ref.w4a8_gemm_ref(codes, *packed, 32, w_scale, bias, torch.float16,
+                                                           row_scale)):
+        failures.append(f"w4a8_gemm op with row_scale M={codes.shape[0]} K={codes.shape[1]} N={n}")
     return failures
 
 
@@ -221,6 +247,11 @@ def test_cpu_ops_fall_back_to_reference_and_register_fakes():
     assert torch.equal(y, torch_ref.int8_gemm_ref(q, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16))
     torch.library.opcheck(quantize_activation, (p["x"], p["inv_scale"], None, 6))
     torch.library.opcheck(int8_gemm, (q, p["w_q"], p["w_scale"], None, torch.float16))
+    row_scale = torch.linspace(1, 3, 5).view(5, 1)  # the token guard's t: the reference's epilogue, and the fake
+    y = int8_gemm(q, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, row_scale)
+    assert torch.equal(y, torch_ref.int8_gemm_ref(q, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, row_scale))
+    assert not torch.equal(y, torch_ref.int8_gemm_ref(q, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16))
+    torch.library.opcheck(int8_gemm, (q, p["w_q"], p["w_scale"], p["bias"], torch.float16, row_scale))
     torch.library.opcheck(quantized_linear, (p["x"].view(1, 5, 72), p["w_q"], p["w_scale"], p["bias"], None,
                                              p["shift"], 8, torch.bfloat16))
 
@@ -238,6 +269,10 @@ def test_w4a8_ops_on_cpu_use_the_reference_and_register_fakes():
     y = w4a8_linear(p["x"], *packed, 32, p["w_scale"], p["bias"], p["inv_scale"], p["shift"], 8, torch.bfloat16)
     assert torch.equal(y, torch_ref.int8_gemm_ref(q, levels, p["w_scale"], p["bias"], torch.bfloat16))
     torch.library.opcheck(w4a8_gemm, (q, *packed, 32, p["w_scale"], None, torch.float16))
+    row_scale = torch.tensor([[1.0], [2.5], [1.25]])
+    assert torch.equal(w4a8_gemm(q, *packed, 32, p["w_scale"], p["bias"], torch.bfloat16, row_scale),
+                       torch_ref.int8_gemm_ref(q, levels, p["w_scale"], p["bias"], torch.bfloat16, row_scale))
+    torch.library.opcheck(w4a8_gemm, (q, *packed, 32, p["w_scale"], None, torch.float16, row_scale))
     torch.library.opcheck(w4a8_linear, (p["x"].view(1, 3, 96), *packed, 32, p["w_scale"],
                                         p["bias"], None, p["shift"], 4, torch.bfloat16))
 
@@ -250,6 +285,9 @@ def test_bad_arguments_are_named():
         check_gemm_args(True, a, torch.zeros(8, 4, dtype=torch.int8).t(), None, None, torch.int32)
     with pytest.raises(ValueError, match="w_scale"):
         check_gemm_args(True, a, torch.zeros(4, 8, dtype=torch.int8), torch.ones(3), None, torch.bfloat16)
+    with pytest.raises(ValueError, match="row_scale"):  # one per activation row (2 here)
+        check_gemm_args(True, a, torch.zeros(4, 8, dtype=torch.int8), torch.ones(4), None, torch.bfloat16,
+                        row_scale=torch.ones(3, 1))
 
 
 H100_KEYS = ("NVIDIA H100 80GB HBM3", "sm90", "default")

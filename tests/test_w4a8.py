@@ -175,7 +175,39 @@ def test_w4a8_checkpoint_contract_and_accuracy(tiny_llama, tiny_llama_w4a8):
     assert sqnr["w4a8"] >= 13.0 and sqnr["w4a8"] < sqnr["w8a8"]
 
 
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("group_clip", ["hessian", "gptq"])
+def test_group_clip_lowers_gptq_output_error(group_size, group_clip):
+    """--group-clip hessian / gptq (more scale and zero candidates, scored through the Hessian block or by GPTQ's
+    loss over the group) give other group parameters than diagonal and a lower calibration output error; the option
+    reaches GPTQ from QuantizeOptions."""
+    from vllm_outliertune.offline.calibrate import InputStats
+    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize_linear_weight
+
+    weight, x = _correlated_problem()
+    weight_format = WeightFormat(4, group_size)
+    diagonal = quantize_gptq(weight, x.t() @ x, weight_format, group_clip="diagonal")
+    searched = quantize_gptq(weight, x.t() @ x, weight_format, group_clip=group_clip)
+    assert _output_error(weight, searched, x) < 0.97 * _output_error(weight, diagonal, x)
+    assert torch.equal(fmt.packed_levels(fmt.pack_int4(searched.codes), searched.group_scale, searched.group_zero,
+                                         group_size, weight.shape[1]).to(torch.int8), searched.levels)
+    stats = InputStats(x.amin(0), x.amax(0), x.double().pow(2).sum(0), x.shape[0], x[:16], x.t() @ x)
+    through_options = {clip: quantize_linear_weight(weight, stats, torch.ones(x.shape[1]), QuantizeOptions(
+        w_bits=4, a_bits=8, group_size=group_size, group_clip=clip)) for clip in ("diagonal", group_clip)}
+    assert torch.equal(through_options["diagonal"].levels, diagonal.levels)
+    assert torch.equal(through_options[group_clip].levels, searched.levels)
+    with pytest.raises(ValueError, match="group_clip 'cd'"):
+        quantize_gptq(weight, x.t() @ x, weight_format, group_clip="cd")
+
+
+def test_group_clip_default_is_gptq():
+    from vllm_outliertune.offline.quantize import QuantizeOptions
+
+    assert QuantizeOptions().group_clip == "gptq"
+
+
 @pytest.mark.parametrize("change, message", [(dict(group_size=24), "--group-size 24: use 0"),
+                                             (dict(group_clip="mse"), "--group-clip 'mse' is unknown"),
                                              (dict(weight_rounding="awq"), "--weight-rounding 'awq' is unknown"),
                                              (dict(w_bits=4, a_bits=6), "--w-bits 4 --a-bits 6 is not supported")])
 def test_quantize_options_refused_with_the_flag_named(change, message):

@@ -23,7 +23,8 @@ def _quantize_options(args: argparse.Namespace):
                            int8_weights=args.int8_weights,
                            exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
                            act_clips=args.act_clips, range_margin=args.range_margin, lm_head=args.lm_head,
-                           sequential_calibration=args.sequential_calibration, token_guard=args.token_guard)
+                           sequential_calibration=args.sequential_calibration, token_guard=args.token_guard,
+                           group_clip=args.group_clip)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -155,6 +156,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     """Options of calibration and planning, shared by quantize and diagnose."""
     from vllm_outliertune.offline.quantize import (AUTO_KEEP_FACTOR, AUTO_RANGE_MARGIN, LM_HEAD_CHOICES, METHODS,
                                                    WEIGHT_ROUNDINGS, QuantizeOptions)
+    from vllm_outliertune.offline.weights import GROUP_SEARCHES
 
     parser.add_argument("--w-bits", type=int, default=8)
     parser.add_argument("--a-bits", type=int, default=8)
@@ -208,6 +210,12 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                              "output scaled by t (one scale per token in the epilogue; checkpoint format 3; W8A8 and "
                              "W6A6 without --exact-channels); with it --range-margin defaults to 1. Default: on for "
                              "W8A8 without --exact-channels (not for Gemma), off otherwise")
+    parser.add_argument("--group-clip", choices=tuple(GROUP_SEARCHES), default=QuantizeOptions.group_clip,
+                        help="GPTQ with --w-bits 4: how each group's integer scale and zero are chosen (default "
+                             f"{QuantizeOptions.group_clip}); gptq and hessian: among up to two scale steps of "
+                             "clipping and the zero moved by one, by GPTQ's loss over the group (9 GPTQ passes, "
+                             "~8x the GPTQ time) or its output error through the group's Hessian block; diagonal: "
+                             "covering or one step clipped, by the input-power-weighted rounding error")
     parser.add_argument("--act-clips", type=_floats, default=QuantizeOptions.act_clips, metavar="C,C,...",
                         help="method outliertune: activation range factors the per-layer search tries on held-out "
                              "calibration windows (below 1 clips the calibrated range, above 1 leaves headroom); "

@@ -56,9 +56,11 @@ def _bias_as(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def cutlass_gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    """Same contract as kernels.int8_gemm.int8_gemm with a scale (float out)."""
-    return _vllm_ops().cutlass_scaled_mm(a_q, w_q.t(), _unit_scale(a_q.device), w_scale.view(-1, 1), out_dtype,
+                 out_dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as kernels.int8_gemm.int8_gemm with a scale (float out); row_scale (the token guard's t) is
+    CUTLASS's per-token activation scale."""
+    a_scale = _unit_scale(a_q.device) if row_scale is None else row_scale.reshape(-1, 1)
+    return _vllm_ops().cutlass_scaled_mm(a_q, w_q.t(), a_scale, w_scale.view(-1, 1), out_dtype,
                                          None if bias is None else _bias_as(bias, out_dtype))
 
 

@@ -27,7 +27,7 @@ from vllm_outliertune.kernels import configs
 from vllm_outliertune.kernels import linear as kernel_ops
 from vllm_outliertune.kernels.load_pick import pick_untuned_shape
 from vllm_outliertune.kernels.torch_ref import (
-    add_exact_channels, quantize_activation_guarded_ref, quantize_activation_ref, scale_epilogue_ref)
+    add_exact_channels, quantize_activation_guarded_ref, quantize_activation_ref)
 
 _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 logger = logging.getLogger("vllm.outliertune")  # under vLLM's logger, so its handler prints our lines
@@ -299,7 +299,11 @@ class OutlierTuneLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])
         if self.spec.token_guard:
-            out = self._apply_guarded(layer, x_2d, x.dtype)
+            # The guard's t and codes as torch ops in either mode (traced, inductor fuses them upstream as below);
+            # the GEMM's epilogue multiplies each row by its t.
+            codes, t = quantize_activation_guarded_ref(x_2d, layer.input_inv_scale, layer.input_shift,
+                                                       self.spec.activation_bits)
+            out = self._codes_gemm(layer, codes, x.dtype, row_scale=t)
         elif layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
             out = self._apply_packed(layer, x_2d, x.dtype)
         elif torch.compiler.is_compiling():
@@ -307,7 +311,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             # kernel that produced x (RMSNorm + residual add, SiLU-mul), so that kernel writes int8 codes
             # instead of bf16 activations and only the int8 GEMM remains here.
             codes = quantize_activation_ref(x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits)
-            out = kernel_ops.int8_gemm(codes, layer.weight, layer.weight_scale, layer.output_bias, x.dtype)
+            out = self._codes_gemm(layer, codes, x.dtype)
         else:
             out = kernel_ops.quantized_linear(x_2d, layer.weight, layer.weight_scale, layer.output_bias,
                                               layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
@@ -317,24 +321,20 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def _apply_guarded(self, layer: torch.nn.Module, x_2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """apply() with the per-token overflow guard (quantization_config.token_guard; int8-stored weights only,
-        format.QuantizationConfig refuses packed ones): t and the codes in torch (kernels/torch_ref), the raw int32
-        accumulator of int8_gemm (on a GPU its tiled Triton kernel without epilogue, not the tile table's pick;
-        elsewhere the exact torch matmul), then acc * weight_scale * t + output_bias in float32 in torch, as the torch
-        reference computes it. A first correct path, not a fast one: the act-quant kernel and the GEMM epilogues do
-        not take t yet."""
-        codes, t = quantize_activation_guarded_ref(x_2d, layer.input_inv_scale, layer.input_shift,
-                                                   self.spec.activation_bits)
-        acc = kernel_ops.int8_gemm(codes, layer.weight, None, None, torch.int32)
-        return scale_epilogue_ref(acc, layer.weight_scale, layer.output_bias, out_dtype, row_scale=t)
+    def _codes_gemm(self, layer: torch.nn.Module, codes: torch.Tensor, out_dtype: torch.dtype,
+                    row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The GEMM op of this layer's weight format on int8 codes (row_scale: the token guard's t per row)."""
+        if layer.weight.dtype == torch.int32:
+            return kernel_ops.w4a8_gemm(codes, layer.weight, layer.weight_group_scale, layer.weight_group_zero,
+                                        self.spec.group_size, layer.weight_scale, layer.output_bias, out_dtype,
+                                        row_scale)
+        return kernel_ops.int8_gemm(codes, layer.weight, layer.weight_scale, layer.output_bias, out_dtype, row_scale)
 
     def _apply_packed(self, layer: torch.nn.Module, x_2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """apply() for packed 4-bit weights: the same two modes with the W4A8 ops."""
-        packed = (layer.weight, layer.weight_group_scale, layer.weight_group_zero, self.spec.group_size,
-                  layer.weight_scale, layer.output_bias)
         if torch.compiler.is_compiling():
             codes = quantize_activation_ref(x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits)
-            return kernel_ops.w4a8_gemm(codes, *packed, out_dtype)
-        return kernel_ops.w4a8_linear(x_2d, *packed, layer.input_inv_scale, layer.input_shift,
-                                      self.spec.activation_bits, out_dtype)
+            return self._codes_gemm(layer, codes, out_dtype)
+        return kernel_ops.w4a8_linear(x_2d, layer.weight, layer.weight_group_scale, layer.weight_group_zero,
+                                      self.spec.group_size, layer.weight_scale, layer.output_bias,
+                                      layer.input_inv_scale, layer.input_shift, self.spec.activation_bits, out_dtype)
