@@ -317,10 +317,9 @@ def check_options(options: QuantizeOptions) -> None:
         raise UserError(f"--group-clip {options.group_clip!r} is unknown; choose one of {', '.join(GROUP_SEARCHES)}")
     if options.lm_head not in LM_HEAD_CHOICES:
         raise UserError(f"--lm-head {options.lm_head!r} is unknown; choose one of {LM_HEAD_CHOICES}")
-    if options.token_guard is True and (options.w_bits == 4 or options.exact_channels):
-        raise UserError(f"--token-guard is implemented for int8-stored weights (--w-bits 8 or 6) without "
-                        f"--exact-channels, got --w-bits {options.w_bits} --exact-channels {options.exact_channels}; "
-                        f"drop --token-guard or those options")
+    if options.token_guard is True and options.exact_channels:
+        raise UserError(f"--token-guard is not implemented with --exact-channels (got --exact-channels "
+                        f"{options.exact_channels}); drop one of the two")
     if options.int8_weights not in ("none", "auto") and not options.weight_format.packed:
         raise UserError(f"--int8-weights {options.int8_weights}: only packed 4-bit weights (--w-bits 4) have "
                         f"linears to keep at int8; pass --int8-weights none")

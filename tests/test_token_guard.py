@@ -100,7 +100,8 @@ def test_guard_rescales_an_overflowing_token(bits):
 
 def test_format_key():
     """token_guard is written as format 3 and read back; checkpoints without the key (format 1 and 2) read as
-    unguarded; a guard in format 2, a non-boolean, or with packed weights or exact channels is refused."""
+    unguarded; a guard in format 2, a non-boolean, or with exact channels is refused; packed 4-bit weights take it
+    (every W4A8 kernel's epilogue has t)."""
     guarded = _guarded(fmt.QuantizationConfig(8, 8))
     written = guarded.to_dict()
     assert written["token_guard"] is True and written["format_version"] == 3
@@ -110,10 +111,11 @@ def test_format_key():
     assert not fmt.QuantizationConfig.from_dict(plain).token_guard
     for bad, message in (({**written, "format_version": 2}, "token_guard True is not supported in format_version 2"),
                          ({**written, "token_guard": "yes"}, "token_guard 'yes' is not supported"),
-                         ({**written, "exact_channels": 2}, "token_guard is only implemented"),
-                         ({**written, "weight_bits": 4, "group_size": 128}, "token_guard is only implemented")):
+                         ({**written, "exact_channels": 2}, "token_guard is not implemented with exact_channels")):
         with pytest.raises(fmt.FormatError, match=message):
             fmt.QuantizationConfig.from_dict(bad, "x/config.json")
+    packed = fmt.QuantizationConfig.from_dict({**written, "weight_bits": 4, "group_size": 128})
+    assert packed.packed and packed.token_guard
 
 
 def test_default_resolution():
@@ -130,6 +132,7 @@ def test_default_resolution():
                                    (QuantizeOptions(w_bits=6, a_bits=6), False, 1.0),
                                    (QuantizeOptions(w_bits=6, a_bits=6, token_guard=True), True, 1.0),
                                    (QuantizeOptions(w_bits=4, a_bits=8), False, 1.0),
+                                   (QuantizeOptions(w_bits=4, a_bits=8, token_guard=True), True, 1.0),
                                    (QuantizeOptions(exact_channels=2), False, 1.5)):
         resolved = options.for_architecture(llama)
         assert (resolved.token_guard, resolved.margin) == (guard, RangeMargin(margin)), options
@@ -138,8 +141,9 @@ def test_default_resolution():
         check_options(options)
     assert QuantizeOptions().for_architecture(gemma).token_guard is False
     assert QuantizeOptions(token_guard=True).for_architecture(gemma).token_guard is True
-    with pytest.raises(UserError, match="--token-guard is implemented"):
+    with pytest.raises(UserError, match="--token-guard is not implemented with --exact-channels"):
         check_options(QuantizeOptions(exact_channels=2, token_guard=True))
+    check_options(QuantizeOptions(w_bits=4, a_bits=8, token_guard=True))  # W4A8 takes it (off by default)
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +163,9 @@ def test_quantize_writes_the_guard(guarded_checkpoint, tiny_llama, tmp_path, cal
 
     config = json.loads((guarded_checkpoint / "config.json").read_text())["quantization_config"]
     assert config["token_guard"] is True and config["format_version"] == 3
-    for options in (dict(w_bits=4, a_bits=8), dict(exact_channels=2)):
-        with pytest.raises(UserError, match="--token-guard is implemented for int8-stored weights"):
-            quantize(tiny_llama["fp32"], tmp_path / "refused", calib_text,
-                     QuantizeOptions(samples=2, seq_len=32, progress=False, token_guard=True, **options))
+    with pytest.raises(UserError, match="--token-guard is not implemented with --exact-channels"):
+        quantize(tiny_llama["fp32"], tmp_path / "refused", calib_text,
+                 QuantizeOptions(samples=2, seq_len=32, progress=False, token_guard=True, exact_channels=2))
 
 
 def _overflowing_share(model, ids) -> float:

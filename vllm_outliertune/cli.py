@@ -207,9 +207,9 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-guard", action=argparse.BooleanOptionalAction, default=QuantizeOptions.token_guard,
                         help="per-token overflow guard at run time: a token whose activation codes would leave the "
                              "calibrated range is quantized at a coarser step t instead of saturating, and its GEMM "
-                             "output scaled by t (one scale per token in the epilogue; checkpoint format 3; W8A8 and "
-                             "W6A6 without --exact-channels); with it --range-margin defaults to 1. Default: on for "
-                             "W8A8 without --exact-channels (not for Gemma), off otherwise")
+                             "output scaled by t (one scale per token in the epilogue; checkpoint format 3; not with "
+                             "--exact-channels); with it --range-margin defaults to 1. Default: on for W8A8 without "
+                             "--exact-channels (not for Gemma), off otherwise (W4A8: measured better, opt in)")
     parser.add_argument("--group-clip", choices=tuple(GROUP_SEARCHES), default=QuantizeOptions.group_clip,
                         help="GPTQ with --w-bits 4: how each group's integer scale and zero are chosen (default "
                              f"{QuantizeOptions.group_clip}); gptq and hessian: among up to two scale steps of "

@@ -246,10 +246,10 @@ class QuantizationConfig:
         if not isinstance(token_guard, bool) or (token_guard and version < TOKEN_GUARD_FORMAT_VERSION):
             raise FormatError(f"{where}: token_guard {token_guard!r} is not supported in format_version {version} "
                               f"(true needs format_version {TOKEN_GUARD_FORMAT_VERSION}, false may be left out); {_REDO}")
-        if token_guard and (bits[0] == 4 or exact_channels):
-            raise FormatError(f"{where}: token_guard is only implemented for int8-stored weights without "
-                              f"exact_channels (got weight_bits {bits[0]}, exact_channels {exact_channels}); "
-                              f"re-run `outliertune quantize` without --token-guard")
+        if token_guard and exact_channels:
+            raise FormatError(f"{where}: token_guard is not implemented with exact_channels (got exact_channels "
+                              f"{exact_channels}); re-run `outliertune quantize` without --token-guard or without "
+                              f"--exact-channels")
         source = config.get("source")
         if source is not None and not isinstance(source, dict):
             raise FormatError(f"{where}: `source` must be an object {{\"repo_id\", \"revision\"}}, got {source!r}")
