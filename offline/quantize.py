@@ -234,8 +234,10 @@ AUTO_RANGE_MARGIN = {(8, 8): RangeMargin(1.5)}
 # range margin defaults to 1 (AUTO_RANGE_MARGIN is for checkpoints without it). W8A8, torch reference, fp32
 # (docs/accuracy.md, "Per-token overflow guard"): Qwen2.5-Coder JavaScript +14.9 % -> +1.0 %, SmolLM2 Brown
 # +2.1 % -> +1.1 %, JavaScript +4.8 % -> +1.2 % (16 / 40 windows), each under dynamic per-token W8A8. Not W6A6: Qwen
-# JavaScript +65 % -> +146 % (31 levels: one token's t coarsens all its channels, where the plans clip).
-AUTO_TOKEN_GUARD = {(8, 8)}
+# JavaScript +65 % -> +146 % (31 levels: one token's t coarsens all its channels, where the plans clip). W4A8
+# (packed 4-bit weights, int8 activations): SmolLM2 Brown 10 windows 55.56 -> 54.21, 40 through vLLM 46.59 -> 45.86,
+# JavaScript 6.398 -> 6.144 (docs/accuracy.md, "The token guard with W4A8").
+AUTO_TOKEN_GUARD = {(8, 8), (4, 8)}
 # --keep-fp16 auto keeps an input group unquantized where the plan's output error on the calibration sample is
 # more than AUTO_KEEP_FACTOR times that of dynamic per-token quantization (and above AUTO_KEEP_MIN).
 AUTO_KEEP_FACTOR = 4.0

@@ -555,7 +555,7 @@ def test_search_grid_by_bit_width():
         assert search_grid(dataclasses.replace(options, act_clips=(0.9, 1.0)), llama).clips == (0.9, 1.0)
     # a W4A8 checkpoint's int8-weight groups are planned as W8A8 (QuantizeOptions.with_int8_weights), with the
     # checkpoint's token guard
-    assert search_grid(QuantizeOptions(w_bits=4, a_bits=8).with_int8_weights, llama) == SearchGrid()
+    assert search_grid(QuantizeOptions(w_bits=4, a_bits=8, token_guard=False).with_int8_weights, llama) == SearchGrid()
     assert search_grid(QuantizeOptions(w_bits=4, a_bits=8, token_guard=True).with_int8_weights,
                        llama) == SearchGrid(token_guard=True)
 

@@ -119,7 +119,7 @@ def test_format_key():
 
 
 def test_default_resolution():
-    """--token-guard unset: on for W8A8 (then no range margin), off for W6A6 / W4A8, with --exact-channels, and
+    """--token-guard unset: on for W8A8 (then no range margin) and W4A8, off for W6A6, with --exact-channels, and
     for Gemma (not measured there); --no-token-guard gives W8A8 its margin of 1.5 back. Only an explicit
     --token-guard is refused where the guard is not implemented."""
     from vllm_outliertune.offline.architectures import ARCHITECTURES
@@ -131,8 +131,8 @@ def test_default_resolution():
                                    (QuantizeOptions(range_margin=1.5), True, 1.5),
                                    (QuantizeOptions(w_bits=6, a_bits=6), False, 1.0),
                                    (QuantizeOptions(w_bits=6, a_bits=6, token_guard=True), True, 1.0),
-                                   (QuantizeOptions(w_bits=4, a_bits=8), False, 1.0),
-                                   (QuantizeOptions(w_bits=4, a_bits=8, token_guard=True), True, 1.0),
+                                   (QuantizeOptions(w_bits=4, a_bits=8), True, 1.0),
+                                   (QuantizeOptions(w_bits=4, a_bits=8, token_guard=False), False, 1.0),
                                    (QuantizeOptions(exact_channels=2), False, 1.5)):
         resolved = options.for_architecture(llama)
         assert (resolved.token_guard, resolved.margin) == (guard, RangeMargin(margin)), options
@@ -143,7 +143,7 @@ def test_default_resolution():
     assert QuantizeOptions(token_guard=True).for_architecture(gemma).token_guard is True
     with pytest.raises(UserError, match="--token-guard is not implemented with --exact-channels"):
         check_options(QuantizeOptions(exact_channels=2, token_guard=True))
-    check_options(QuantizeOptions(w_bits=4, a_bits=8, token_guard=True))  # W4A8 takes it (off by default)
+    check_options(QuantizeOptions(w_bits=4, a_bits=8, token_guard=True))  # W4A8 takes it (its default too)
 
 
 @pytest.fixture(scope="module")

@@ -209,7 +209,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                              "calibrated range is quantized at a coarser step t instead of saturating, and its GEMM "
                              "output scaled by t (one scale per token in the epilogue; checkpoint format 3; not with "
                              "--exact-channels); with it --range-margin defaults to 1. Default: on for W8A8 without "
-                             "--exact-channels (not for Gemma), off otherwise (W4A8: measured better, opt in)")
+                             "--exact-channels (not for Gemma) and W4A8, off otherwise")
     parser.add_argument("--group-clip", choices=tuple(GROUP_SEARCHES), default=QuantizeOptions.group_clip,
                         help="GPTQ with --w-bits 4: how each group's integer scale and zero are chosen (default "
                              f"{QuantizeOptions.group_clip}); gptq and hessian: among up to two scale steps of "
