@@ -173,10 +173,11 @@ class PackedGroups(NamedTuple):
 
 
 def warm_up(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-            max_m: int, packed: PackedGroups | None = None) -> int:
+            max_m: int, packed: PackedGroups | None = None, guarded: bool = False) -> int:
     """Run the GEMM once at each of warmup_rows() so Triton compiles (or loads from its cache) every variant a
     batch of up to max_m rows can hit now, at load, instead of stalling the first requests of each size. With
-    ``packed``, w_q is a packed 4-bit weight and the W4A8 dispatch is warmed. Returns the number of GEMMs run (0
+    ``packed``, w_q is a packed 4-bit weight and the W4A8 dispatch is warmed; ``guarded``: with the token guard's
+    per-row scale in the epilogue (a variant of its own), as the layer runs. Returns the number of GEMMs run (0
     where Triton does not run)."""
     if not _runs_triton(w_q):
         return 0
@@ -187,11 +188,14 @@ def warm_up(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
     tma_ok = _triton().supports_tma(probe, probe if packed else w_q)
     rows = warmup_rows(n, k, keys, tma_ok, max_m, packed is not None)
     codes = torch.ones((max(rows), k), dtype=torch.int8, device=w_q.device)  # leading rows: contiguous views
+    row_scales = torch.ones((max(rows), 1), device=w_q.device) if guarded else None
     for m in rows:
+        row_scale = None if row_scales is None else row_scales[:m]
         if packed is None:
-            _gemm(codes[:m], w_q, w_scale, bias, out_dtype)
+            _gemm(codes[:m], w_q, w_scale, bias, out_dtype, row_scale)
         else:
-            _w4a8(codes[:m], w_q, packed.group_scale, packed.group_zero, packed.group_size, w_scale, bias, out_dtype)
+            _w4a8(codes[:m], w_q, packed.group_scale, packed.group_zero, packed.group_size, w_scale, bias, out_dtype,
+                  row_scale)
     return len(rows)
 
 

@@ -312,6 +312,29 @@ def test_warmup_rows_reach_every_compiled_variant(keys, tma_ok):
     assert warm_up(p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, 64) == 0  # nothing to compile off CUDA
 
 
+def test_warmup_of_a_guarded_layer_compiles_its_row_scale_variants(monkeypatch):
+    """A layer with the token guard runs every GEMM with t in the epilogue (HAS_ROW_SCALE, variants of their own):
+    its warm-up passes a per-row scale of ones, one value per row, and an unguarded layer's passes none."""
+    from types import SimpleNamespace
+
+    from vllm_outliertune.kernels import linear
+
+    calls = []
+    monkeypatch.setattr(linear, "_runs_triton", lambda t: True)
+    monkeypatch.setattr(linear, "_triton", lambda: SimpleNamespace(supports_tma=lambda *_: False))
+    monkeypatch.setattr(linear, "_gemm", lambda a_q, *args: calls.append((a_q.shape[0], args[-1])))
+    p = make_problem(1, 48, 24, 8, seed=0)
+    for guarded in (True, False):
+        calls.clear()
+        ran = linear.warm_up(p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, 64, guarded=guarded)
+        assert ran == len(calls) > 0
+        for m, row_scale in calls:
+            if guarded:
+                assert row_scale.dtype == torch.float32 and row_scale.shape == (m, 1) and bool((row_scale == 1).all())
+            else:
+                assert row_scale is None
+
+
 def test_tuner_replaces_only_the_tuned_buckets(tmp_path):
     from vllm_outliertune.kernels.tune import keep_untuned_buckets, write_table
 

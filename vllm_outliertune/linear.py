@@ -243,11 +243,12 @@ class OutlierTuneLinearMethod(LinearMethodBase):
                 setattr(layer, suffix, torch.nn.Parameter(kernel_ops.w4a8_gpu_layout(getattr(layer, suffix).data),
                                                           requires_grad=False))
             self._warm_up(layer, kernel_ops.PackedGroups(layer.weight_group_scale, layer.weight_group_zero,
-                                                         self.spec.group_size, layer.input_size_per_partition))
+                                                         self.spec.group_size, layer.input_size_per_partition),
+                          self.spec.token_guard)
             return
         if _NEW_SHAPES:
             report_untuned_shapes(layer.weight.device)
-        self._warm_up(layer)
+        self._warm_up(layer, guarded=self.spec.token_guard)
 
     def _localize_exact_channels(self, layer: torch.nn.Module) -> None:
         """exact_index names channels of the whole input; a row-parallel rank sees its part of K only, so it keeps
@@ -268,12 +269,13 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         layer.exact_weight = torch.nn.Parameter(weight, requires_grad=False)
 
     @staticmethod
-    def _warm_up(layer: torch.nn.Module, packed: kernel_ops.PackedGroups | None = None) -> None:
+    def _warm_up(layer: torch.nn.Module, packed: kernel_ops.PackedGroups | None = None,
+                 guarded: bool = False) -> None:
         """Compile the Triton GEMMs this layer's shape can hit now rather than during the first requests, where a
         JIT compile stalls the whole batch (CUDA-graph capture covers only the decode sizes). ``packed``: the
-        group tensors of a packed 4-bit weight."""
+        group tensors of a packed 4-bit weight; ``guarded``: the checkpoint's token guard (its own variants)."""
         key = (tuple(layer.weight.shape), layer.params_dtype, layer.weight.device,
-               packed and (packed.group_size, packed.in_features))
+               packed and (packed.group_size, packed.in_features), guarded)
         if key in _WARMED_UP:
             return
         _WARMED_UP.add(key)
@@ -291,7 +293,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
                             ", ".join(f"{m}: {kernel}" for m, kernel in picked.items()),
                             time.perf_counter() - started)
         count = kernel_ops.warm_up(layer.weight, layer.weight_scale, layer.output_bias, layer.params_dtype,
-                                   layer.max_rows, packed)
+                                   layer.max_rows, packed, guarded)
         if count:  # 0 where nothing is compiled (CPU)
             logger.info("outliertune: %d GEMM variants of weight %s ready for up to %d rows in %.1f s", count,
                         list(layer.weight.shape), layer.max_rows, time.perf_counter() - started)
