@@ -168,11 +168,11 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
                 inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int,
                 out_dtype: torch.dtype, config: dict | None = None, row_scale: torch.Tensor | None = None
                 ) -> torch.Tensor:
-    """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N], one launch. Float x is quantized
-    in the prologue with inv_scale / shift / bits; int8 x is used as it is (then inv_scale and shift must be None).
-    `config` overrides the tile table (SPLIT_K 0 = automatic; PACKED applies to int8 x with K % 4 == 0 only;
-    PROGRAMS_PER_SM > 0 launches that many programs per SM, each walking several tiles, instead of one program per
-    tile)."""
+    """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N], one launch. Float
+    x is quantized in the prologue with inv_scale / shift / bits; int8 x is used as it is (then inv_scale and shift
+    must be None). `config` overrides the tile table (SPLIT_K 0 = automatic; PACKED applies to int8 x with K % 4 == 0
+    only; PROGRAMS_PER_SM > 0 launches that many programs per SM, each walking several tiles, instead of one program
+    per tile)."""
     quantize = x.dtype != torch.int8
     if quantize:
         check_activation_args(x, inv_scale, shift, bits)
@@ -195,8 +195,8 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     programs = min(tiles, config.get("PROGRAMS_PER_SM", 0) * multiprocessors(x.device)) or tiles
     _splitk_gemm_kernel[(programs, split_k)](
         x_words if packed else x, w_words if packed else w_q, out, w_scale, row_scale, bias, inv_scale, shift,
-        partial_sums,
-        counters, m, n, k // word, x.stride(0) // word, w_q.stride(0) // word, out.stride(0), k_per_split // word,
+        partial_sums, counters, m, n, k // word, x.stride(0) // word, w_q.stride(0) // word, out.stride(0),
+        k_per_split // word,
         QUANTIZE=quantize, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None,
         HAS_SHIFT=shift is not None, HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
         EVEN_K=k % block_k == 0, SPLIT_K=split_k,

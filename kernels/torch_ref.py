@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_outliertune.format import code_levels, guard_limit
+from vllm_outliertune.format import code_levels, guard_scale
 from vllm_outliertune.kernels.w4a8_words import word_codes
 
 # int8 x int8 products are at most 2^14 in magnitude, so a sum of 1024 of them (2^24) is exact in float32.
@@ -39,7 +39,7 @@ def quantize_activation_guarded_ref(x: torch.Tensor, inv_scale: torch.Tensor | N
     instead of saturating (the output is then scaled by t)."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     units = _activation_units(x, inv_scale, shift)
-    t = (units.abs().amax(dim=-1, keepdim=True) / guard_limit(bits)).clamp_(min=1.0)
+    t = guard_scale(units, bits)
     # (x / 1 is x exactly, so t = 1 rows round exactly as without the guard.)
     return torch.round(units / t).clamp_(qmin, qmax).to(torch.int8), t
 
@@ -68,14 +68,8 @@ def int_mm_exact(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
 def int8_gemm_ref(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                   out_dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """acc = a_q @ w_q^T in int32, then acc * w_scale[n] (* row_scale[m]) (+ bias[n]) in float32, cast to out_dtype
-    (row_scale: the token guard's t, [M, 1])."""
-    return scale_epilogue_ref(int_mm_exact(a_q, w_q), w_scale, bias, out_dtype, row_scale)
-
-
-def scale_epilogue_ref(acc: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                       row_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The GEMM epilogue on an int32 accumulator [M, N]: acc * w_scale[n] (* row_scale[m]) (+ bias[n]) in float32."""
-    out = acc.float() * w_scale.float()
+    (row_scale: the token guard's t, one value per row)."""
+    out = int_mm_exact(a_q, w_q).float() * w_scale.float()
     if row_scale is not None:
         out = out * row_scale.reshape(-1, 1)
     if bias is not None:

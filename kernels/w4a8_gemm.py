@@ -119,21 +119,18 @@ def _gemv_activations(a_ptrs, offs_ww, words):
 
 
 @triton.jit
-def _gemv_step(a_low, a_high, w_words, scale, zero, TILE_GROUPS: tl.constexpr, USE_ASM: tl.constexpr):
+def _gemv_step(a_low, a_high, w_words, scale, zero, USE_ASM: tl.constexpr):
     """One K step of a one-row tile, int32 [BLOCK_K / 8, BLOCK_N] in the weight words' own layout: per word, the
     group-scaled sum of its 8 activation x code products minus the zero point's share (zero * scale * the word's
     activation sum), so that neither the weights change layout nor a sum crosses threads inside the K loop (the
     [BLOCK_M, words, BLOCK_N] tile of the other dp4a loop converted the weight planes through shared memory and
     reduced the activation sums across warps at every step: 8 barriers per step in its sm90 PTX). scale and zero
-    are [BLOCK_N] (the tile inside one group) or, in a tile of several whole groups, [BLOCK_K / 8, BLOCK_N]."""
+    are [BLOCK_N] (the tile inside one group) or, in a tile of several whole groups, [BLOCK_K / 8, BLOCK_N] (the
+    group terms per word: reshaping the products by group would cost barriers); either broadcasts."""
     products = dot4_accumulate(w_words & 0x0F0F0F0F, a_low[:, None], tl.zeros(w_words.shape, dtype=tl.int32), USE_ASM)
     products = dot4_accumulate((w_words >> 4) & 0x0F0F0F0F, a_high[:, None], products, USE_ASM)
     a_sum = _code_sums(a_high, _code_sums(a_low, tl.zeros(a_low.shape, dtype=tl.int32), USE_ASM), USE_ASM)
-    if TILE_GROUPS > 1:  # the group terms come per word (reshaping the products by group costs barriers)
-        step = products * scale - a_sum[:, None] * (zero * scale)
-    else:
-        step = products * scale[None, :] - a_sum[:, None] * (zero * scale)[None, :]
-    return step
+    return products * scale - a_sum[:, None] * (zero * scale)
 
 
 @triton.jit
@@ -190,7 +187,8 @@ def _byte_columns(words, BLOCK_K: tl.constexpr):
 @triton.jit
 def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr,
                       count_ptr, M, N, K, stride_am, stride_wn, stride_wk, stride_gn, stride_gk, stride_om,
-                      K_PER_SPLIT, GROUP_SIZE, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
+                      K_PER_SPLIT, GROUP_SIZE, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
                       EVEN_N: tl.constexpr, FACTORED: tl.constexpr, WORD_DOTS: tl.constexpr, DP4A: tl.constexpr,
                       DP4A_ASM: tl.constexpr, WORD_LEVELS: tl.constexpr, PREFETCH: tl.constexpr,
                       ACC_K: tl.constexpr, TILE_GROUPS: tl.constexpr, GEMV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -290,7 +288,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, r
             else:
                 a_low, a_high = _gemv_activations(a_ptrs, offs_ww, K // 4)
                 w_words = _column_words(w_ptrs, offs_ww, (K + 7) // 8)
-            acc_w += _gemv_step(a_low, a_high, w_words, scale, zero, TILE_GROUPS, DP4A_ASM)
+            acc_w += _gemv_step(a_low, a_high, w_words, scale, zero, DP4A_ASM)
             a_ptrs += BLOCK_K // 4
             offs_ww += BLOCK_K // 8
             w_ptrs += (BLOCK_K // 8) * stride_wk
@@ -386,8 +384,7 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
               kernel: str = "w4a8_gemm", config: dict | None = None, row_scale: torch.Tensor | None = None
               ) -> torch.Tensor:
     """a_q int8 [M, K] @ levels(w_words)^T in int32, * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N].
-    ``kernel``
-    names the tile table entry ("w4a8_gemm": tiled, or "w4a8_splitk": small M, SPLIT_K 0 = automatic);
+    ``kernel`` names the tile table entry ("w4a8_gemm": tiled, or "w4a8_splitk": small M, SPLIT_K 0 = automatic);
     ``config`` overrides it."""
     k = a_q.shape[1] if a_q.dim() == 2 else -1
     check_packed_args(k, w_words, group_scale, group_zero, group_size)
@@ -417,9 +414,8 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     gemv = dp4a and block_m == 1 and bool(config.get("GEMV"))
     _w4a8_gemm_kernel[(tiles, split_k)](
         a_words if dp4a else a_q, w_words, group_scale, group_zero, out, w_scale, row_scale, bias, partial_sums,
-        counters,
-        m, n, k, a_q.stride(0) // (4 if dp4a else 1), w_words.stride(0), w_words.stride(1), group_scale.stride(0),
-        group_scale.stride(1), out.stride(0), k_per_split, group,
+        counters, m, n, k, a_q.stride(0) // (4 if dp4a else 1), w_words.stride(0), w_words.stride(1),
+        group_scale.stride(0), group_scale.stride(1), out.stride(0), k_per_split, group,
         HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=in_group,
         EVEN_N=n % block_n == 0,
         FACTORED=factored, WORD_DOTS=word_dots and not word_levels, WORD_LEVELS=word_levels,

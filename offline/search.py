@@ -98,7 +98,7 @@ def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFo
     if simple_error is None:
         plan = with_exact(balanced(stats, weight, a_bits, **SIMPLE, share=share), exact)
         simple_error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token,
-                             grid.token_guard)
+                                    grid.token_guard)
         if simple_error <= best[0]:
             best = (simple_error, plan, dict(SIMPLE))
     return SearchResult(best[1], best[2], best[0], simple_error)

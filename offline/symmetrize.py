@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from vllm_outliertune.format import guard_limit, qrange
+from vllm_outliertune.format import guard_scale, qrange
 from vllm_outliertune.offline.calibrate import InputStats
 
 # Channels whose step would be below this fraction of the layer's largest step get this floor instead: keeps
@@ -46,7 +46,7 @@ class ChannelPlan:
         shift = 0.0 if self.shift is None else self.shift.to(x.device)
         units = x / step - shift
         if token_guard:
-            t = (units.abs().amax(dim=-1, keepdim=True) / guard_limit(bits)).clamp(min=1.0)
+            t = guard_scale(units, bits)
             out = (torch.round(units / t).clamp(qmin, qmax) * t + shift) * step
         else:
             out = (torch.round(units).clamp(qmin, qmax) + shift) * step

@@ -72,7 +72,8 @@ def test_guard_is_the_static_result_where_tokens_fit(bits):
 def test_guard_rescales_an_overflowing_token(bits):
     """Token 0 at 4x token 1: t = its largest |unrounded code| / (qmax + 1/2), its largest code reaches qmax
     instead of many saturating, the output (scaled back by t) is near the float linear's where the static codes are
-    far off (and t left out of the epilogue would put it further off still); the other tokens keep t = 1. The emulation of the search and of diagnose computes the same."""
+    far off (and t left out of the epilogue would put it further off still); the other tokens keep t = 1. The
+    emulation of the search and of diagnose computes the same."""
     linear, plan, quantized, tensors, x = _case(bits, overflow=4.0)
     qmax = fmt.qrange(bits)[1]
     folded_x = x / plan.step

@@ -125,6 +125,12 @@ def guard_limit(bits: int) -> float:
     return (1 << (bits - 1)) - 0.5
 
 
+def guard_scale(units: torch.Tensor, bits: int) -> torch.Tensor:
+    """token_guard's t of each token (row) of the unrounded codes ``units`` (x * input_inv_scale - input_shift):
+    max(1, its largest |unit| / guard_limit), shape [..., 1]."""
+    return (units.abs().amax(dim=-1, keepdim=True) / guard_limit(bits)).clamp(min=1.0)
+
+
 def weight_qmax(bits: int) -> int:
     """Weights are symmetric: [-qmax, qmax]."""
     return (1 << (bits - 1)) - 1
@@ -245,7 +251,8 @@ class QuantizationConfig:
         token_guard = config.get("token_guard", False)
         if not isinstance(token_guard, bool) or (token_guard and version < TOKEN_GUARD_FORMAT_VERSION):
             raise FormatError(f"{where}: token_guard {token_guard!r} is not supported in format_version {version} "
-                              f"(true needs format_version {TOKEN_GUARD_FORMAT_VERSION}, false may be left out); {_REDO}")
+                              f"(true needs format_version {TOKEN_GUARD_FORMAT_VERSION}, false may be left out); "
+                              f"{_REDO}")
         if token_guard and exact_channels:
             raise FormatError(f"{where}: token_guard is not implemented with exact_channels (got exact_channels "
                               f"{exact_channels}); re-run `outliertune quantize` without --token-guard or without "
