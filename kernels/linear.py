@@ -188,7 +188,8 @@ def warm_up(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
     tma_ok = _triton().supports_tma(probe, probe if packed else w_q)
     rows = warmup_rows(n, k, keys, tma_ok, max_m, packed is not None)
     codes = torch.ones((max(rows), k), dtype=torch.int8, device=w_q.device)  # leading rows: contiguous views
-    row_scales = torch.ones((max(rows), 1), device=w_q.device) if guarded else None
+    # float32 explicitly: vLLM loads the model (and warms up) under the model's default dtype, e.g. bfloat16
+    row_scales = torch.ones((max(rows), 1), dtype=torch.float32, device=w_q.device) if guarded else None
     for m in rows:
         row_scale = None if row_scales is None else row_scales[:m]
         if packed is None:

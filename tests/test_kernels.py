@@ -314,7 +314,8 @@ def test_warmup_rows_reach_every_compiled_variant(keys, tma_ok):
 
 def test_warmup_of_a_guarded_layer_compiles_its_row_scale_variants(monkeypatch):
     """A layer with the token guard runs every GEMM with t in the epilogue (HAS_ROW_SCALE, variants of their own):
-    its warm-up passes a per-row scale of ones, one value per row, and an unguarded layer's passes none."""
+    its warm-up passes a float32 per-row scale of ones, one value per row, and an unguarded layer's passes none;
+    under the bfloat16 default dtype vLLM loads a bf16 model with (a bf16 t failed the GEMM's check on the H200)."""
     from types import SimpleNamespace
 
     from vllm_outliertune.kernels import linear
@@ -324,9 +325,13 @@ def test_warmup_of_a_guarded_layer_compiles_its_row_scale_variants(monkeypatch):
     monkeypatch.setattr(linear, "_triton", lambda: SimpleNamespace(supports_tma=lambda *_: False))
     monkeypatch.setattr(linear, "_gemm", lambda a_q, *args: calls.append((a_q.shape[0], args[-1])))
     p = make_problem(1, 48, 24, 8, seed=0)
+    torch.set_default_dtype(torch.bfloat16)
     for guarded in (True, False):
         calls.clear()
-        ran = linear.warm_up(p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, 64, guarded=guarded)
+        try:
+            ran = linear.warm_up(p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, 64, guarded=guarded)
+        finally:
+            torch.set_default_dtype(torch.float32)
         assert ran == len(calls) > 0
         for m, row_scale in calls:
             if guarded:
