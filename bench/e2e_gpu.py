@@ -6,8 +6,8 @@
                                    # (group 128); --synthetic: the quantized checkpoints hold random values (no
                                    # calibration); --lm-head int8: instead *-lmhead checkpoints with lm_head int8
     python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8,w8a8-pc,fp8-pc,w8a8-lmhead,
-                                   w4a8-lmhead,w8a8-guard] [--tp 2]   # throughput rows (w8a8-guard: the W8A8
-                                   # checkpoint with quantization_config.token_guard on)
+                                   w4a8-lmhead,w8a8-noguard] [--tp 2]   # throughput rows (w8a8-noguard: the
+                                   # W8A8 checkpoint with quantization_config.token_guard off)
     python bench/e2e_gpu.py profile WORKDIR [--rows w8a8,w4a8]   # torch-profiler breakdown of decode steps by
                                    # kernel kind, and wall time per step
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
@@ -289,12 +289,11 @@ class Row(NamedTuple):
     prefix_caching: bool = False
 
 
-def _guarded(checkpoint: str) -> str:
-    """checkpoint + "-guard": the same weights (linked) with the per-token overflow guard turned on in its
-    quantization_config (format 3), written on first use: the guard's run-time cost on the same tensors."""
-    from vllm_outliertune.format import TOKEN_GUARD_FORMAT_VERSION
-
-    src, dst = Path(checkpoint), Path(checkpoint + "-guard")
+def _without_token_guard(checkpoint: str) -> str:
+    """checkpoint + "-noguard": the same weights (linked) with the per-token overflow guard turned off in its
+    quantization_config, written on first use: what the guard (on by default for W8A8 and W4A8) costs at run time,
+    on the same tensors."""
+    src, dst = Path(checkpoint), Path(checkpoint + "-noguard")
     if not dst.exists():
         tmp = dst.with_name(dst.name + ".tmp")
         tmp.mkdir()
@@ -302,7 +301,7 @@ def _guarded(checkpoint: str) -> str:
             if item.name != "config.json":
                 (tmp / item.name).symlink_to(item.resolve())
         config = json.loads((src / "config.json").read_text())
-        config["quantization_config"].update(token_guard=True, format_version=TOKEN_GUARD_FORMAT_VERSION)
+        config["quantization_config"]["token_guard"] = False
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tmp.rename(dst)
     return str(dst)
@@ -312,7 +311,7 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
     bf16, w8a8, w4a8 = (str(workdir / f"llama3-8b-{name}") for name in ("bf16", "w8a8", "w4a8"))
     rows = {"bf16": Row("bf16", bf16, dummy=True),
             "w8a8": Row("outliertune W8A8", w8a8),
-            "w8a8-guard": Row("outliertune W8A8 + token guard", w8a8 + "-guard"),
+            "w8a8-noguard": Row("outliertune W8A8 without token guard", w8a8 + "-noguard"),
             "w4a8": Row("outliertune W4A8 (g128)", w4a8),
             "w8a8-lmhead": Row("outliertune W8A8 + int8 lm_head", w8a8 + "-lmhead"),
             "w4a8-lmhead": Row("outliertune W4A8 (g128) + int8 lm_head", w4a8 + "-lmhead"),
@@ -324,8 +323,8 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
             "fp8-pc": Row("vLLM fp8 (dynamic) + prefix caching", bf16, "fp8", dummy=True, prefix_caching=True)}
     results = [json.loads(line) for line in (workdir / "rows.jsonl").read_text().splitlines()] \
         if (workdir / "rows.jsonl").exists() else []
-    if "w8a8-guard" in only.split(","):
-        _guarded(w8a8)
+    if "w8a8-noguard" in only.split(","):
+        _without_token_guard(w8a8)
     for row_spec in (rows[key] for key in only.split(",")):
         label = row_spec.label + (f" TP {tp}" if tp > 1 else "")
         command = [sys.executable, __file__, "row", row_spec.model_dir, "--label", label, "--tp", str(tp)] + (

@@ -5,7 +5,7 @@ and without the guard's row maximum and division. CUDA-graph replays, cold L2, m
 
     python bench/guard_cost.py
 
-The end-to-end cost is the `w8a8-guard` row of `bench/e2e_gpu.py table` against `w8a8`."""
+The end-to-end cost is the `w8a8` row of `bench/e2e_gpu.py table` (the default: guarded) against `w8a8-noguard`."""
 
 from __future__ import annotations
 
