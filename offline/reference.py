@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from vllm_outliertune.format import LINEAR_TENSOR_SUFFIXES, QuantizationConfig, packed_levels, validate_linear
 from vllm_outliertune.kernels.torch_ref import (
     add_exact_channels, int8_gemm_ref, quantize_activation_guarded_ref, quantize_activation_ref)
+from vllm_outliertune.offline.architectures import architecture_of
 from vllm_outliertune.offline.model_io import UserError, is_outliertune_checkpoint
 
 
@@ -20,12 +21,15 @@ class ReferenceQuantLinear(torch.nn.Module):
     """q = clamp(round(x * input_inv_scale - input_shift)); y = weight_scale * (q @ weight.T) + output_bias (+ bias),
     with the int8 levels of a packed 4-bit weight in place of ``weight`` (unpacked once, here); with the
     checkpoint's token_guard, q = clamp(round((x * input_inv_scale - input_shift) / t)) and the GEMM term is
-    multiplied by each token's t (kernels/torch_ref.quantize_activation_guarded_ref)."""
+    multiplied by each token's t (kernels/torch_ref.quantize_activation_guarded_ref). ``k_shards``: the number of
+    ranks a row-parallel layer's K is split over under tensor parallelism; with the guard each rank takes t over
+    its own part of K (as vLLM runs it), so the result is the sum of the parts' guarded products."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], config: QuantizationConfig):
+    def __init__(self, tensors: dict[str, torch.Tensor], config: QuantizationConfig, k_shards: int = 1):
         super().__init__()
         self.activation_bits = config.activation_bits
         self.token_guard = config.token_guard
+        self.k_shards = k_shards
         weight = tensors["weight"]
         if config.packed:
             weight = packed_levels(weight, tensors["weight_group_scale"], tensors["weight_group_zero"],
@@ -43,12 +47,25 @@ class ReferenceQuantLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
         if self.token_guard:
-            q, t = quantize_activation_guarded_ref(x2d, self.input_inv_scale, self.input_shift, self.activation_bits)
+            # one guarded product per rank's part of K; the epilogue's bias once (vLLM adds it on rank 0 only)
+            part = x2d.shape[-1] // self.k_shards
+            y = sum(self._guarded_product(x2d, slice(r * part, (r + 1) * part), with_bias=r == 0)
+                    for r in range(self.k_shards))
         else:
-            q, t = quantize_activation_ref(x2d, self.input_inv_scale, self.input_shift, self.activation_bits), None
-        y = int8_gemm_ref(q, self.weight, self.weight_scale, self.epilogue_bias, x.dtype, row_scale=t)
+            q = quantize_activation_ref(x2d, self.input_inv_scale, self.input_shift, self.activation_bits)
+            y = int8_gemm_ref(q, self.weight, self.weight_scale, self.epilogue_bias, x.dtype)
         y = add_exact_channels(y, x2d, self.exact_index, self.exact_weight)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _guarded_product(self, x2d: torch.Tensor, columns: slice, with_bias: bool) -> torch.Tensor:
+        q, t = quantize_activation_guarded_ref(x2d[:, columns], _part(self.input_inv_scale, columns),
+                                               _part(self.input_shift, columns), self.activation_bits)
+        bias = self.epilogue_bias if with_bias else torch.zeros_like(self.epilogue_bias)
+        return int8_gemm_ref(q, self.weight[:, columns], self.weight_scale, bias, x2d.dtype, row_scale=t)
+
+
+def _part(vector: torch.Tensor | None, columns: slice) -> torch.Tensor | None:
+    return None if vector is None else vector[columns]
 
 
 def load_checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -67,9 +84,11 @@ def load_checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_reference_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                         trust_remote_code: bool = False):
+                         trust_remote_code: bool = False, tensor_parallel_size: int = 1):
     """The quantized model of an OutlierTune checkpoint as a torch module (HF structure, integer linears); the
-    checkpoint's custom model code (auto_map) runs only with ``trust_remote_code``."""
+    checkpoint's custom model code (auto_map) runs only with ``trust_remote_code``. ``tensor_parallel_size``: compute
+    what vLLM computes at that size where it differs from one GPU (the token guard of row-parallel o_proj /
+    down_proj takes t per rank's part of K)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -92,13 +111,19 @@ def load_reference_model(model_dir: Path, dtype: torch.dtype = torch.float32, de
             by_module.setdefault(module, {})[suffix] = tensor
         else:
             plain[name] = tensor
+    arch = architecture_of(model)
+    row_parallel = (f".{arch.o_proj}", f".{arch.down_proj}")
     for module_name, parts in by_module.items():
         linear = model.get_submodule(module_name)
         module_quant = quant.for_module(module_name)
         validate_linear(module_name, parts, linear.out_features, linear.in_features, module_quant,
                         source=str(model_dir))
         parent, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), child, ReferenceQuantLinear(parts, module_quant))
+        k_shards = tensor_parallel_size if module_name.endswith(row_parallel) else 1
+        if linear.in_features % k_shards:
+            raise UserError(f"{module_name} has {linear.in_features} input channels, which tensor_parallel_size "
+                            f"{k_shards} does not divide (vLLM refuses that split too); pick a size that does")
+        setattr(model.get_submodule(parent), child, ReferenceQuantLinear(parts, module_quant, k_shards))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in plain.items()}, strict=False,
                                                 assign=True)
     if unexpected:
