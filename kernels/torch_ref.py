@@ -33,8 +33,9 @@ def quantize_activation_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shi
 def quantize_activation_guarded_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
                                     bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-token overflow guard (quantization_config.token_guard): with u = x * inv_scale - shift, each row m
-    gets t[m] = max(1, max_k |u[m, k]| / (qmax + 1/2)) and codes clamp(round(u / t[m])); returns (codes int8
-    [M, K], t float32 [M, 1]). A row that rounds without saturating (every |u| <= qmax + 1/2) has t = 1 and
+    gets t[m] = max(1, max_k u[m, k] / (qmax + 1/2), min_k u[m, k] / (qmin - 1/2)) (format.guard_scale) and codes
+    clamp(round(u / t[m])); returns (codes int8 [M, K], t float32 [M, 1]). A row that rounds without saturating
+    (every u in [qmin - 1/2, qmax + 1/2]) has t = 1 and
     exactly quantize_activation_ref's codes; a row beyond the plan's range keeps its shape at a coarser step
     instead of saturating (the output is then scaled by t)."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1

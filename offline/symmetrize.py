@@ -39,8 +39,8 @@ class ChannelPlan:
 
     def fake_quantize(self, x: torch.Tensor, bits: int, token_guard: bool = False) -> torch.Tensor:
         """x -> dequantized x, in the input's original units (for searches and tests); exact channels unchanged.
-        ``token_guard``: each token (row) u = x / step - shift is rounded at t = max(1, max |u| / (qmax + 1/2))
-        times the step, as a checkpoint with quantization_config.token_guard computes it (kernels/torch_ref)."""
+        ``token_guard``: each token (row) u = x / step - shift is rounded at t = max(1, max u / (qmax + 1/2),
+        min u / (qmin - 1/2)) times the step, as a checkpoint with quantization_config.token_guard computes it (kernels/torch_ref)."""
         qmin, qmax = qrange(bits)
         step = self.step.to(x.device)
         shift = 0.0 if self.shift is None else self.shift.to(x.device)

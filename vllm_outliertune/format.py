@@ -118,17 +118,24 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def guard_limit(bits: int) -> float:
-    """token_guard: the largest |x * input_inv_scale - input_shift| a token may have in every channel and keep
-    t = 1: qmax + 1/2, the edge of the last rounding interval (u / t then rounds at most half a step from its value,
-    the clamp of qmax + 1/2 to qmax included)."""
-    return (1 << (bits - 1)) - 0.5
+def guard_limits(bits: int) -> tuple[float, float]:
+    """token_guard: the most negative and the largest x * input_inv_scale - input_shift a token may have in every
+    channel and keep t = 1: qmin - 1/2 and qmax + 1/2, the outer edges of the last rounding intervals (u / t then
+    rounds at most half a step from its value, the clamp to [qmin, qmax] included)."""
+    qmin, qmax = qrange(bits)
+    return qmin - 0.5, qmax + 0.5
 
 
 def guard_scale(units: torch.Tensor, bits: int) -> torch.Tensor:
     """token_guard's t of each token (row) of the unrounded codes ``units`` (x * input_inv_scale - input_shift):
-    max(1, its largest |unit| / guard_limit), shape [..., 1]."""
-    return (units.abs().amax(dim=-1, keepdim=True) / guard_limit(bits)).clamp(min=1.0)
+    max(1, its largest unit / (qmax + 1/2), its most negative unit / (qmin - 1/2)), shape [..., 1]. Each side has
+    its own limit so that the unit that sets t lands on its limit, which rounds and clamps to qmax (qmin) from
+    either side: a single limit (qmax + 1/2 for both signs) puts a token's most negative unit at -(qmax + 1/2),
+    a rounding tie between qmin and qmin + 1 that float noise of an ulp decides (different engines rounded the
+    largest channel of guarded tokens differently)."""
+    low, high = guard_limits(bits)
+    return torch.maximum(units.amax(dim=-1, keepdim=True) / high,
+                         units.amin(dim=-1, keepdim=True) / low).clamp(min=1.0)
 
 
 def weight_qmax(bits: int) -> int:
@@ -159,8 +166,9 @@ class QuantizationConfig:
     # Packed checkpoints: modules whose weights are int8 per output row (LINEAR_TENSORS) instead of packed.
     int8_weights: tuple[str, ...] = ()
     lm_head: str = "none"  # "int8": lm_head is quantized, int8 weights per output row (LM_HEAD_FORMATS)
-    # Per-token overflow guard (format 3): each token's codes are round(u / t), t = max(1, max_k |u_k| / guard_limit),
-    # u = x * input_inv_scale - input_shift, and the GEMM term of its output (before output_bias) is multiplied by t.
+    # Per-token overflow guard (format 3): each token's codes are round(u / t), t = guard_scale(u) (max(1,
+    # max_k u_k / (qmax + 1/2), min_k u_k / (qmin - 1/2))), u = x * input_inv_scale - input_shift, and the GEMM term
+    # of its output (before output_bias) is multiplied by t.
     token_guard: bool = False
 
     @property
