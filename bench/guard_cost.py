@@ -14,7 +14,7 @@ import torch
 
 from vllm_outliertune.kernels.linear import int8_gemm
 from vllm_outliertune.kernels.torch_ref import quantize_activation_guarded_ref, quantize_activation_ref
-from vllm_outliertune.format import guard_limit
+from vllm_outliertune.format import guard_scale
 from vllm_outliertune.kernels.tune import graph_time_us, make_inputs, warm_gpu
 
 N, K = 6144, 4096  # Llama-3-8B qkv at TP 1
@@ -34,11 +34,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def guarded_split(x: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tensor, splits: int):
-    """The guard with its row maximum taken in two steps, [M, splits, K / splits] -> [M, splits] -> [M, 1], so
-    inductor can spread a row over several programs (max is order-free: t is bit-identical)."""
+    """The guard with its row maximum and minimum taken in two steps, [M, splits, K / splits] -> [M, splits] ->
+    [M, 1], so inductor can spread a row over several programs (max and min are order-free: t is bit-identical;
+    guard_scale over the partial maxima and minima gives the row's)."""
     units = x.float() * inv_scale - shift
-    row_max = units.abs().view(units.shape[0], splits, -1).amax(-1).amax(-1, keepdim=True)
-    t = (row_max / guard_limit(8)).clamp(min=1.0)
+    parts = units.view(units.shape[0], splits, -1)
+    t = guard_scale(torch.cat([parts.amax(-1), parts.amin(-1)], dim=-1), 8)
     return torch.round(units / t).clamp_(-128, 127).to(torch.int8), t
 
 
