@@ -308,10 +308,9 @@ def test_vllm_matches_torch_reference_with_the_guard(guarded_checkpoint):
 def test_tensor_parallel_guard_takes_t_per_rank(guarded_checkpoint, monkeypatch):
     """At tensor_parallel_size=2 a row-parallel rank (o_proj, down_proj) takes t over its half of K. The torch
     reference told the TP size computes that and differs from the one-GPU reference where tokens overflow (measured:
-    prompt logprobs max 0.43, mean 0.029 apart); vLLM's two ranks follow it: the same greedy tokens, and prompt
-    logprobs a tenth of that apart on average (measured mean 2.0e-3; max 0.059: float order at two ranks moves
-    codes at rounding ties in this deliberately over-clipped model, as session 12 saw at one rank with ranges at
-    0.3; at range margin 0.85 it was max 0.022, mean 1.4e-4, against a rank effect of 0.20 / 0.020)."""
+    prompt logprobs max 0.26, mean 0.021 apart); vLLM's two ranks follow it: the same greedy tokens, prompt
+    logprobs on average a fiftieth of that apart (measured mean 4.7e-5; max 1.2e-2: float order at two ranks moves
+    a code at a rounding tie in this deliberately over-clipped model)."""
     pytest.importorskip("vllm")
     from transformers import AutoTokenizer
     from vllm import LLM
@@ -337,4 +336,4 @@ def test_tensor_parallel_guard_takes_t_per_rank(guarded_checkpoint, monkeypatch)
     assert _vllm_greedy(llm, prompts) == _reference_greedy(per_rank, prompts)
     diffs = (torch.cat(_vllm_prompt_logprobs(llm, windows)) - expected).abs()
     print(f"|vLLM TP 2 - reference TP 2| prompt logprob: max {diffs.max():.2e}, mean {diffs.mean():.2e}")
-    assert diffs.mean() <= rank_effect.mean() / 10 and diffs.max() <= rank_effect.max() / 4
+    assert diffs.mean() <= rank_effect.mean() / 50 and diffs.max() <= rank_effect.max() / 8
