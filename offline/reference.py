@@ -25,7 +25,7 @@ class ReferenceQuantLinear(torch.nn.Module):
     def __init__(self, tensors: dict[str, torch.Tensor], config: QuantizationConfig):
         super().__init__()
         self.activation_bits = config.activation_bits
-        self.token_guard = config.token_guard
+        self.token_guard, self.guard_floor = config.token_guard, config.token_guard_floor
         weight = tensors["weight"]
         if config.packed:
             weight = packed_levels(weight, tensors["weight_group_scale"], tensors["weight_group_zero"],
@@ -43,7 +43,8 @@ class ReferenceQuantLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
         if self.token_guard:
-            q, t = quantize_activation_guarded_ref(x2d, self.input_inv_scale, self.input_shift, self.activation_bits)
+            q, t = quantize_activation_guarded_ref(x2d, self.input_inv_scale, self.input_shift, self.activation_bits,
+                                                   self.guard_floor)
         else:
             q, t = quantize_activation_ref(x2d, self.input_inv_scale, self.input_shift, self.activation_bits), None
         y = int8_gemm_ref(q, self.weight, self.weight_scale, self.epilogue_bias, x.dtype, row_scale=t)

@@ -37,16 +37,18 @@ class ChannelPlan:
     def step(self) -> torch.Tensor:
         return self.fold if self.inv_scale is None else self.fold / self.inv_scale
 
-    def fake_quantize(self, x: torch.Tensor, bits: int, token_guard: bool = False) -> torch.Tensor:
+    def fake_quantize(self, x: torch.Tensor, bits: int, token_guard: bool = False,
+                      guard_floor: float = 1.0) -> torch.Tensor:
         """x -> dequantized x, in the input's original units (for searches and tests); exact channels unchanged.
-        ``token_guard``: each token (row) u = x / step - shift is rounded at t = max(1, max |u| / (qmax + 1/2))
-        times the step, as a checkpoint with quantization_config.token_guard computes it (kernels/torch_ref)."""
+        ``token_guard``: each token (row) u = x / step - shift is rounded at t = max(guard_floor, max |u| /
+        (qmax + 1/2)) times the step, as a checkpoint with quantization_config.token_guard (and token_guard_floor)
+        computes it (kernels/torch_ref)."""
         qmin, qmax = qrange(bits)
         step = self.step.to(x.device)
         shift = 0.0 if self.shift is None else self.shift.to(x.device)
         units = x / step - shift
         if token_guard:
-            t = guard_scale(units, bits)
+            t = guard_scale(units, bits, guard_floor)
             out = (torch.round(units / t).clamp(qmin, qmax) * t + shift) * step
         else:
             out = (torch.round(units).clamp(qmin, qmax) + shift) * step
