@@ -35,6 +35,10 @@ class SearchGrid:
     per_token: bool = False  # rank by the mean per-token relative error instead of the total (relative_error)
     token_guard: bool = False  # score candidates as the per-token overflow guard computes them (--token-guard)
     guard_floor: float = 1.0  # ... with this least t (--token-guard-floor)
+    # No channel's step below this fraction of the group's median step (0: none). With a per-token t (guard_floor
+    # below 1) the channel with the largest |code| sets each token's step; a channel quiet in calibration has a fine
+    # step, and where other text makes it loud it coarsens the whole token (quantize.MEDIAN_STEP_FLOOR).
+    step_floor: float = 0.0
 
 
 SIMPLE = dict(alpha=0.5, strength=0.0, clip=1.0, shift=True)
@@ -89,7 +93,7 @@ def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFo
     simple_error = None
     for alpha, strength, clip, shift in itertools.product(grid.alphas, grid.strengths, grid.clips, grid.shifts):
         plan = with_exact(balanced(stats, weight, a_bits, alpha=alpha, strength=strength, clip=clip, shift=shift,
-                                   share=share), exact)
+                                   share=share, median_floor=grid.step_floor), exact)
         error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token,
                              grid.token_guard, grid.guard_floor)
         choice = dict(alpha=alpha, strength=strength, clip=clip, shift=shift)
@@ -98,7 +102,8 @@ def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFo
         if best is None or error < best[0]:
             best = (error, plan, choice)
     if simple_error is None:
-        plan = with_exact(balanced(stats, weight, a_bits, **SIMPLE, share=share), exact)
+        plan = with_exact(balanced(stats, weight, a_bits, **SIMPLE, share=share, median_floor=grid.step_floor),
+                          exact)
         simple_error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token,
                                     grid.token_guard, grid.guard_floor)
         if simple_error <= best[0]:

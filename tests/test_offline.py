@@ -544,7 +544,9 @@ def test_search_grid_by_bit_width():
     llama, gemma = ARCHITECTURES["LlamaForCausalLM"], ARCHITECTURES["Gemma3ForCausalLM"]
     assert search_grid(QuantizeOptions(), llama) == SearchGrid(token_guard=True)
     assert search_grid(QuantizeOptions(token_guard=False), llama) == SearchGrid()
-    assert search_grid(QuantizeOptions(w_bits=6, a_bits=6), llama) == SearchGrid(token_guard=True, guard_floor=1 / 16)
+    assert search_grid(QuantizeOptions(w_bits=6, a_bits=6), llama) == SearchGrid(token_guard=True, guard_floor=1 / 16,
+                                                                                step_floor=0.25)
+    assert search_grid(QuantizeOptions(w_bits=6, a_bits=6, token_guard_floor=1), llama) == SearchGrid(token_guard=True)
     for bits in ((4, 8), (4, 4)):
         options = QuantizeOptions(w_bits=bits[0], a_bits=bits[1])
         grid = search_grid(options, llama)

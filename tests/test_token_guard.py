@@ -164,6 +164,28 @@ def test_floor_gives_small_tokens_a_finer_step():
     assert torch.allclose(emulated, floored, rtol=1e-4, atol=1e-4)
 
 
+def test_median_step_floor():
+    """SearchGrid.step_floor (with a guard floor below 1): no channel's step below that fraction of the median step,
+    so a channel quiet in calibration cannot set a token's t by itself on other text; the other channels' steps and
+    the shifts of all are as without it (shifts from the raised step)."""
+    from vllm_outliertune.offline import symmetrize
+    from vllm_outliertune.offline.calibrate import InputStats
+
+    hi = torch.tensor([4.0, 3.0, 5.0, 2.0, 0.01, 4.5])
+    stats = InputStats(min=-hi, max=hi, sum_sq=(hi.double() ** 2) * 10, count=10, sample=torch.randn(8, 6))
+    plain = symmetrize.per_channel(stats, 6)
+    floored = symmetrize.per_channel(stats, 6, median_floor=0.25)
+    median = float(plain.step.median())
+    assert plain.step[4] < 0.01 * median and floored.step[4] == 0.25 * median
+    keep = torch.arange(6) != 4
+    assert torch.equal(floored.step[keep], plain.step[keep]) and torch.equal(floored.shift[keep], plain.shift[keep])
+    weight = torch.randn(5, 6)
+    for strength in (0.0, 2.0):
+        step = symmetrize.balanced(stats, weight, 6, 0.5, strength, 1.0, True, median_floor=0.25).step
+        assert step.min() >= 0.25 * float(step.median()) * (1 - 1e-6)
+        assert symmetrize.balanced(stats, weight, 6, 0.5, strength, 1.0, True).step[4] < 0.25 * median
+
+
 def test_default_resolution():
     """--token-guard unset: on for W8A8 (then no range margin), W6A6 (with a floor of 1/16, format 4) and W4A8 (floor
     1), off with --exact-channels and for Gemma (not measured there); --no-token-guard gives W8A8 its margin of 1.5
@@ -191,7 +213,8 @@ def test_default_resolution():
         config = resolved.quant_config
         version = 4 if floor < 1 else 3 if guard else 2
         assert (config.token_guard, config.token_guard_floor, config.format_version) == (guard, floor, version)
-        assert search_grid(resolved, llama).guard_floor == floor
+        grid = search_grid(resolved, llama)
+        assert (grid.guard_floor, grid.step_floor) == (floor, 0.25 if floor < 1 else 0.0)
         check_options(options)
     # the int8-weight groups of a packed checkpoint keep its guard and floor
     assert QuantizeOptions(w_bits=4, a_bits=8, token_guard_floor=0.5).with_int8_weights.floor == 0.5
