@@ -31,16 +31,17 @@ def quantize_activation_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shi
 
 
 def quantize_activation_guarded_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
-                                    bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                                    bits: int, floor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-token overflow guard (quantization_config.token_guard): with u = x * inv_scale - shift, each row m
-    gets t[m] = max(1, max_k u[m, k] / (qmax + 1/2), min_k u[m, k] / (qmin - 1/2)) (format.guard_scale) and codes
-    clamp(round(u / t[m])); returns (codes int8 [M, K], t float32 [M, 1]). A row that rounds without saturating
-    (every u in [qmin - 1/2, qmax + 1/2]) has t = 1 and
-    exactly quantize_activation_ref's codes; a row beyond the plan's range keeps its shape at a coarser step
-    instead of saturating (the output is then scaled by t)."""
+    gets t[m] = max(floor, max_k u[m, k] / (qmax + 1/2), min_k u[m, k] / (qmin - 1/2)) (format.guard_scale) and
+    codes clamp(round(u / t[m])); returns (codes int8 [M, K], t float32 [M, 1]). With floor 1, a row that rounds
+    without saturating (every u in [qmin - 1/2, qmax + 1/2]) has t = 1 and exactly quantize_activation_ref's codes;
+    a row beyond the plan's range keeps its shape at a coarser step instead of saturating (the output is then scaled
+    by t). A floor below 1 (token_guard_floor) also gives a row whose codes span less than the range a finer step,
+    down to floor times the plan's."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     units = _activation_units(x, inv_scale, shift)
-    t = guard_scale(units, bits)
+    t = guard_scale(units, bits, floor)
     # (x / 1 is x exactly, so t = 1 rows round exactly as without the guard.)
     return torch.round(units / t).clamp_(qmin, qmax).to(torch.int8), t
 

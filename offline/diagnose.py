@@ -192,7 +192,8 @@ def diagnose(model_dir: Path, calib: Path | str, text_path: Path, options: Quant
                 for index, layer in enumerate(model.get_submodule(arch.layers)) for name in arch.linears}
     emulated = {(index, name): StaticPlanLinear(linear, record.plans[index][group_of[name]],
                                                 record.weights[f"{index}.{name}"], options.a_bits,
-                                                record.row_divisors.get(f"{index}.{name}"), options.guard)
+                                                record.row_divisors.get(f"{index}.{name}"), options.guard,
+                                                options.floor)
                 for (index, name), linear in original.items() if f"{index}.{name}" in record.weights}
 
     def run(quantized) -> dict:  # groups kept in fp by --keep-fp16 have no emulation: they stay original

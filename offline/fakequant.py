@@ -64,13 +64,13 @@ class DynamicPerTokenLinear(torch.nn.Module):
 
 class StaticPlanLinear(torch.nn.Module):
     """y = plan.fake_quantize(x) @ (diag(row_divisor) dequant(quantized) / step)^T + b, ``quantized`` being the
-    checkpoint's rounding of the folded weight diag(1 / row_divisor) W diag(step); ``token_guard`` as the
-    checkpoint option (ChannelPlan.fake_quantize)."""
+    checkpoint's rounding of the folded weight diag(1 / row_divisor) W diag(step); ``token_guard`` and
+    ``guard_floor`` as the checkpoint options (ChannelPlan.fake_quantize)."""
 
     def __init__(self, linear: torch.nn.Linear, plan: ChannelPlan, quantized: QuantizedWeight, a_bits: int,
-                 row_divisor: torch.Tensor | None = None, token_guard: bool = False):
+                 row_divisor: torch.Tensor | None = None, token_guard: bool = False, guard_floor: float = 1.0):
         super().__init__()
-        self.plan, self.a_bits, self.token_guard = plan, a_bits, token_guard
+        self.plan, self.a_bits, self.token_guard, self.guard_floor = plan, a_bits, token_guard, guard_floor
         weight = quantized.dequantize().to(linear.weight.device) / plan.step.to(linear.weight.device)
         if row_divisor is not None:
             weight = weight * row_divisor.to(weight)[:, None]
@@ -80,7 +80,7 @@ class StaticPlanLinear(torch.nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.plan.fake_quantize(x.float(), self.a_bits, self.token_guard) @ self.weight.t()
+        y = self.plan.fake_quantize(x.float(), self.a_bits, self.token_guard, self.guard_floor) @ self.weight.t()
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
 

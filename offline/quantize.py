@@ -9,8 +9,8 @@ from typing import Callable, Iterable
 import torch
 
 from vllm_outliertune.format import (
-    DEFAULT_GROUP_SIZE, FORMAT_VERSION, GROUP_SIZE_MULTIPLE, SUPPORTED_BITS, TOKEN_GUARD_FORMAT_VERSION,
-    QuantizationConfig, validate_linear)
+    DEFAULT_GROUP_SIZE, FORMAT_VERSION, GROUP_SIZE_MULTIPLE, SUPPORTED_BITS, TOKEN_GUARD_FLOOR_FORMAT_VERSION,
+    TOKEN_GUARD_FORMAT_VERSION, QuantizationConfig, validate_linear)
 from vllm_outliertune.offline import symmetrize
 from vllm_outliertune.offline.assets import DEFAULT_CALIB, calibration_file
 from vllm_outliertune.offline.calibrate import HEAD, InputStats, cached_calibrate_layers, float32_on
@@ -116,6 +116,9 @@ class QuantizeOptions:
     # leave the plan's range is quantized at a step t >= 1 times coarser and its GEMM output scaled by t. None: the
     # architecture's choice, else on for the bit widths in AUTO_TOKEN_GUARD without exact channels (guard below).
     token_guard: bool | None = None
+    # With the guard, the least per-token t (quantization_config.token_guard_floor): below 1, tokens whose codes span
+    # less than the plan's range get a finer step too. None: AUTO_GUARD_FLOOR by bit widths (floor below).
+    token_guard_floor: float | None = None
     # GPTQ with packed 4-bit weights: how each group's integer scale and zero are chosen (weights.GROUP_SEARCHES).
     group_clip: str = DEFAULT_GROUP_CLIP
 
@@ -124,8 +127,9 @@ class QuantizeOptions:
         return QuantizationConfig(weight_bits=self.w_bits, activation_bits=self.a_bits,
                                   ignore=("lm_head",) if self.lm_head == "none" else (), method=self.method,
                                   group_size=self.group_size, exact_channels=self.exact_channels,
-                                  lm_head=self.lm_head, token_guard=self.guard,
-                                  format_version=TOKEN_GUARD_FORMAT_VERSION if self.guard else FORMAT_VERSION)
+                                  lm_head=self.lm_head, token_guard=self.guard, token_guard_floor=self.floor,
+                                  format_version=(TOKEN_GUARD_FLOOR_FORMAT_VERSION if self.floor != 1.0 else
+                                                  TOKEN_GUARD_FORMAT_VERSION if self.guard else FORMAT_VERSION))
 
     @property
     def guard(self) -> bool:
@@ -134,6 +138,15 @@ class QuantizeOptions:
         if self.token_guard is not None:
             return self.token_guard
         return (self.w_bits, self.a_bits) in AUTO_TOKEN_GUARD and not self.exact_channels
+
+    @property
+    def floor(self) -> float:
+        """The token guard's least t: --token-guard-floor, else AUTO_GUARD_FLOOR for the bit widths (1 without the
+        guard)."""
+        if not self.guard:
+            return 1.0
+        auto = AUTO_GUARD_FLOOR.get((self.w_bits, self.a_bits), 1.0)
+        return auto if self.token_guard_floor is None else self.token_guard_floor
 
     @property
     def rounding(self) -> str:
@@ -169,7 +182,8 @@ class QuantizeOptions:
     def with_int8_weights(self) -> "QuantizeOptions":
         """These options for a linear kept at int8 weights (per output row; --weight-rounding auto as at 8 bits),
         inside the same checkpoint: its token guard stays the checkpoint's."""
-        return dataclasses.replace(self, w_bits=8, int8_weights="none", token_guard=self.guard)
+        return dataclasses.replace(self, w_bits=8, int8_weights="none", token_guard=self.guard,
+                                   token_guard_floor=self.floor)
 
 
 @dataclasses.dataclass
@@ -233,11 +247,27 @@ AUTO_RANGE_MARGIN = {(8, 8): RangeMargin(1.5)}
 # --token-guard when neither it nor --no-token-guard is given, by (weight bits, activation bits); with the guard the
 # range margin defaults to 1 (AUTO_RANGE_MARGIN is for checkpoints without it). W8A8, torch reference, fp32
 # (docs/accuracy.md, "Per-token overflow guard"): Qwen2.5-Coder JavaScript +14.9 % -> +1.0 %, SmolLM2 Brown
-# +2.1 % -> +1.1 %, JavaScript +4.8 % -> +1.2 % (16 / 40 windows), each under dynamic per-token W8A8. Not W6A6: Qwen
-# JavaScript +65 % -> +146 % (31 levels: one token's t coarsens all its channels, where the plans clip). W4A8
+# +2.1 % -> +1.1 %, JavaScript +4.8 % -> +1.2 % (16 / 40 windows), each under dynamic per-token W8A8. W4A8
 # (packed 4-bit weights, int8 activations): SmolLM2 Brown 10 windows 55.56 -> 54.21, 40 through vLLM 46.59 -> 45.86,
-# JavaScript 6.398 -> 6.144 (docs/accuracy.md, "The token guard with W4A8").
-AUTO_TOKEN_GUARD = {(8, 8), (4, 8)}
+# JavaScript 6.398 -> 6.144 (docs/accuracy.md, "The token guard with W4A8"). W6A6 with AUTO_GUARD_FLOOR only: with
+# t >= 1 Qwen JavaScript went +65 % -> +146 % (31 levels: one token's t coarsens all its channels, where the plans
+# clip), and a plan search that knows it gave SmolLM2 Brown +19.5 % -> +18.7 % only.
+AUTO_TOKEN_GUARD = {(8, 8), (6, 6), (4, 8)}
+# The guard's least t (--token-guard-floor) when not given, by bit widths (1 for any pair not listed). At 6 bits a
+# token's codes usually span well under the plan's range (fitted to the largest calibrated values of every channel);
+# t = max(1/16, max_k |u_k| / (qmax + 1/2)) gives each token the full 31 levels in its largest channel, on top of
+# the static per-channel steps and shifts (the same run-time work as the guard: one max per token, t in the
+# epilogue). SmolLM2 W6A6, torch fp32 (docs/accuracy.md, "W6A6: a per-token scale on the static plan"): Brown 40
+# windows +19.5 % -> +12.0 %, JavaScript 16 windows +23.8 % -> +14.0 %. A floor of 1/4 or 1/2 was worse on the
+# plan search's held-out error; W8A8 and W4A8 keep 1 (exactly the static codes for tokens inside the ranges).
+AUTO_GUARD_FLOOR = {(6, 6): 1 / 16}
+# With a guard floor below 1 (a per-token t in both directions), the plan search keeps every channel's step at least
+# this fraction of the group's median step (SearchGrid.step_floor): a channel quiet in calibration would otherwise
+# get a fine step, and text that makes it loud (another domain) would set its token's t and coarsen every other
+# channel. W6A6 (docs/accuracy.md, "W6A6: a per-token scale on the static plan"): Qwen2.5-Coder JavaScript 16
+# windows +19.2 % -> +17.7 % (dynamic W6A6 +18.8 %), Brown +9.5 % -> +8.9 %, SmolLM2 JavaScript +14.0 % -> +13.8 %,
+# Brown 40 windows +12.0 % -> +12.6 %. Offline only: the checkpoint format and the run-time work are unchanged.
+MEDIAN_STEP_FLOOR = 0.25
 # --keep-fp16 auto keeps an input group unquantized where the plan's output error on the calibration sample is
 # more than AUTO_KEEP_FACTOR times that of dynamic per-token quantization (and above AUTO_KEEP_MIN).
 AUTO_KEEP_FACTOR = 4.0
@@ -322,10 +352,20 @@ def check_options(options: QuantizeOptions) -> None:
     if options.token_guard is True and options.exact_channels:
         raise UserError(f"--token-guard is not implemented with --exact-channels (got --exact-channels "
                         f"{options.exact_channels}); drop one of the two")
+    check_guard_floor(options)
     if options.int8_weights not in ("none", "auto") and not options.weight_format.packed:
         raise UserError(f"--int8-weights {options.int8_weights}: only packed 4-bit weights (--w-bits 4) have "
                         f"linears to keep at int8; pass --int8-weights none")
     check_device(options.device)
+
+
+def check_guard_floor(options: QuantizeOptions) -> None:
+    """--token-guard-floor only in (0, 1] and with the guard (checked again once an architecture resolved it)."""
+    floor = options.token_guard_floor
+    if floor is not None and not (0 < floor <= 1 and options.guard):
+        raise UserError(f"--token-guard-floor {floor}: give a number in (0, 1], and only with the token guard "
+                        f"(--token-guard, or the default of W8A8, W6A6 and W4A8 without --exact-channels; not "
+                        f"with --no-token-guard)")
 
 
 # Activation range factors the plan search tries for packed 4-bit weights: the default grid's (SearchGrid.clips)
@@ -345,6 +385,7 @@ def search_grid(options: QuantizeOptions, arch: Architecture) -> SearchGrid:
     if clips is None and options.weight_format.packed:
         clips = LOW_BIT_CLIPS
     return SearchGrid(per_token=options.a_bits in arch.per_token_bits, token_guard=options.guard,
+                      guard_floor=options.floor, step_floor=MEDIAN_STEP_FLOOR if options.floor < 1 else 0.0,
                       **({} if clips is None else dict(clips=clips)))
 
 
@@ -398,7 +439,7 @@ def plan_group(stats: InputStats, weight: torch.Tensor, arch: Architecture, opti
     info["exact_channels"] = [] if plan.exact is None else plan.exact.tolist()
     sample = stats.sample[:SearchGrid.tokens].to(weight.device)
     info["error"] = output_error(sample, weight, plan, options.weight_format, options.a_bits,
-                                 token_guard=options.guard)
+                                 token_guard=options.guard, guard_floor=options.floor)
     info["dynamic_error"] = dynamic_output_error(sample, weight, options.weight_format, options.a_bits)
     return plan, info
 
@@ -603,6 +644,7 @@ def quantize(model: Path | str, out_dir: Path, calib: Path | str = DEFAULT_CALIB
     calib_path = calibration_file(calib)
     model, hf_config = load_model(Path(model_dir), trust_remote_code)
     options = options.for_architecture(architecture_of(model))
+    check_guard_floor(options)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     windows = token_windows(tokenizer, read_text(calib_path, "--calib"), options.seq_len, options.samples,
                             source=f"--calib {calib_path}")

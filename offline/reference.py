@@ -28,7 +28,7 @@ class ReferenceQuantLinear(torch.nn.Module):
     def __init__(self, tensors: dict[str, torch.Tensor], config: QuantizationConfig, k_shards: int = 1):
         super().__init__()
         self.activation_bits = config.activation_bits
-        self.token_guard = config.token_guard
+        self.token_guard, self.guard_floor = config.token_guard, config.token_guard_floor
         self.k_shards = k_shards
         weight = tensors["weight"]
         if config.packed:
@@ -59,7 +59,8 @@ class ReferenceQuantLinear(torch.nn.Module):
 
     def _guarded_product(self, x2d: torch.Tensor, columns: slice, with_bias: bool) -> torch.Tensor:
         q, t = quantize_activation_guarded_ref(x2d[:, columns], _part(self.input_inv_scale, columns),
-                                               _part(self.input_shift, columns), self.activation_bits)
+                                               _part(self.input_shift, columns), self.activation_bits,
+                                               self.guard_floor)
         bias = self.epilogue_bias if with_bias else torch.zeros_like(self.epilogue_bias)
         return int8_gemm_ref(q, self.weight[:, columns], self.weight_scale, bias, x2d.dtype, row_scale=t)
 

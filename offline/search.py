@@ -34,6 +34,11 @@ class SearchGrid:
     tokens: int = 256  # calibration tokens the error is measured on (the search's cost is linear in it)
     per_token: bool = False  # rank by the mean per-token relative error instead of the total (relative_error)
     token_guard: bool = False  # score candidates as the per-token overflow guard computes them (--token-guard)
+    guard_floor: float = 1.0  # ... with this least t (--token-guard-floor)
+    # No channel's step below this fraction of the group's median step (0: none). With a per-token t (guard_floor
+    # below 1) the channel with the largest |code| sets each token's step; a channel quiet in calibration has a fine
+    # step, and where other text makes it loud it coarsens the whole token (quantize.MEDIAN_STEP_FLOOR).
+    step_floor: float = 0.0
 
 
 SIMPLE = dict(alpha=0.5, strength=0.0, clip=1.0, shift=True)
@@ -59,9 +64,10 @@ def relative_error(approx: torch.Tensor, reference: torch.Tensor, per_token: boo
 
 def output_error(sample: torch.Tensor, weight: torch.Tensor, plan: ChannelPlan, weight_format: WeightFormat,
                  a_bits: int, reference: torch.Tensor | None = None, per_token: bool = False,
-                 token_guard: bool = False) -> float:
+                 token_guard: bool = False, guard_floor: float = 1.0) -> float:
     """relative_error of dequant(q) dequant(W s)^T against X W^T, with the checkpoint's arithmetic (weights rounded
-    to nearest; ``token_guard``: activations as the per-token overflow guard rounds them)."""
+    to nearest; ``token_guard``: activations as the per-token overflow guard rounds them, t at least
+    ``guard_floor``)."""
     reference = sample @ weight.t() if reference is None else reference
     step = plan.step.to(sample)
     power = (sample / step).pow(2).mean(0)
@@ -71,7 +77,7 @@ def output_error(sample: torch.Tensor, weight: torch.Tensor, plan: ChannelPlan, 
     else:  # exact channels: their columns leave the rounded weight (and its row scales) for the side GEMM
         rounded = fake_quantize(folded.index_fill(1, plan.exact.to(folded.device), 0.0), weight_format, power)
         rounded[:, plan.exact] = folded[:, plan.exact]
-    approx = plan.fake_quantize(sample, a_bits, token_guard) / step @ rounded.t()
+    approx = plan.fake_quantize(sample, a_bits, token_guard, guard_floor) / step @ rounded.t()
     return relative_error(approx, reference, per_token)
 
 
@@ -87,18 +93,19 @@ def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFo
     simple_error = None
     for alpha, strength, clip, shift in itertools.product(grid.alphas, grid.strengths, grid.clips, grid.shifts):
         plan = with_exact(balanced(stats, weight, a_bits, alpha=alpha, strength=strength, clip=clip, shift=shift,
-                                   share=share), exact)
+                                   share=share, median_floor=grid.step_floor), exact)
         error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token,
-                             grid.token_guard)
+                             grid.token_guard, grid.guard_floor)
         choice = dict(alpha=alpha, strength=strength, clip=clip, shift=shift)
         if choice == SIMPLE:
             simple_error = error
         if best is None or error < best[0]:
             best = (error, plan, choice)
     if simple_error is None:
-        plan = with_exact(balanced(stats, weight, a_bits, **SIMPLE, share=share), exact)
+        plan = with_exact(balanced(stats, weight, a_bits, **SIMPLE, share=share, median_floor=grid.step_floor),
+                          exact)
         simple_error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token,
-                                    grid.token_guard)
+                                    grid.token_guard, grid.guard_floor)
         if simple_error <= best[0]:
             best = (simple_error, plan, dict(SIMPLE))
     return SearchResult(best[1], best[2], best[0], simple_error)

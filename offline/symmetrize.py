@@ -37,16 +37,18 @@ class ChannelPlan:
     def step(self) -> torch.Tensor:
         return self.fold if self.inv_scale is None else self.fold / self.inv_scale
 
-    def fake_quantize(self, x: torch.Tensor, bits: int, token_guard: bool = False) -> torch.Tensor:
+    def fake_quantize(self, x: torch.Tensor, bits: int, token_guard: bool = False,
+                      guard_floor: float = 1.0) -> torch.Tensor:
         """x -> dequantized x, in the input's original units (for searches and tests); exact channels unchanged.
-        ``token_guard``: each token (row) u = x / step - shift is rounded at t = max(1, max u / (qmax + 1/2),
-        min u / (qmin - 1/2)) times the step, as a checkpoint with quantization_config.token_guard computes it (kernels/torch_ref)."""
+        ``token_guard``: each token (row) u = x / step - shift is rounded at t = max(guard_floor, max u / (qmax +
+        1/2), min u / (qmin - 1/2)) times the step, as a checkpoint with quantization_config.token_guard (and
+        token_guard_floor) computes it (kernels/torch_ref)."""
         qmin, qmax = qrange(bits)
         step = self.step.to(x.device)
         shift = 0.0 if self.shift is None else self.shift.to(x.device)
         units = x / step - shift
         if token_guard:
-            t = guard_scale(units, bits)
+            t = guard_scale(units, bits, guard_floor)
             out = (torch.round(units / t).clamp(qmin, qmax) * t + shift) * step
         else:
             out = (torch.round(units).clamp(qmin, qmax) + shift) * step
@@ -86,11 +88,14 @@ def _same(step: torch.Tensor) -> torch.Tensor:
     return step
 
 
-def _floored(step: torch.Tensor) -> torch.Tensor:
+def _floored(step: torch.Tensor, median_floor: float = 0.0) -> torch.Tensor:
+    """``step`` at least _MIN_STEP_FRACTION of its largest entry, then (``median_floor`` > 0) at least that fraction
+    of its median."""
     top = float(step.max()) if step.numel() else 0.0
     if not top > 0:  # every channel is exactly zero: any step works
         return torch.ones_like(step)
-    return step.clamp(min=top * _MIN_STEP_FRACTION)
+    step = step.clamp(min=top * _MIN_STEP_FRACTION)
+    return step if median_floor == 0 else step.clamp(min=float(step.median()) * median_floor)
 
 
 def ranges(stats: InputStats, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,20 +108,23 @@ def integer_shift(lo: torch.Tensor, hi: torch.Tensor, step: torch.Tensor) -> tor
     return torch.round((lo + hi) / (2 * step))
 
 
-def per_channel(stats: InputStats, bits: int, shift: bool = True, clip: float = 1.0) -> ChannelPlan:
+def per_channel(stats: InputStats, bits: int, shift: bool = True, clip: float = 1.0,
+                median_floor: float = 0.0) -> ChannelPlan:
     """Each channel gets its own step, folded upstream; with ``shift`` the range is centred by an integer shift so
-    the full 2^bits levels cover [lo, hi] (one level spare for the rounding of the shift)."""
+    the full 2^bits levels cover [lo, hi] (one level spare for the rounding of the shift). ``median_floor``: no step
+    below that fraction of the median step (SearchGrid.step_floor)."""
     lo, hi = ranges(stats, clip)
     qmin, qmax = qrange(bits)
     if shift:
-        step = _floored((hi - lo) / (qmax - qmin - 1))
+        step = _floored((hi - lo) / (qmax - qmin - 1), median_floor)
         return ChannelPlan(step, None, integer_shift(lo, hi, step))
-    step = _floored(torch.maximum(-lo / -qmin, hi / qmax))
+    step = _floored(torch.maximum(-lo / -qmin, hi / qmax), median_floor)
     return ChannelPlan(step, None, None)
 
 
 def balanced(stats: InputStats, weight: torch.Tensor, bits: int, alpha: float, strength: float, clip: float,
-             shift: bool, share: Callable[[torch.Tensor], torch.Tensor] = _same) -> ChannelPlan:
+             shift: bool, share: Callable[[torch.Tensor], torch.Tensor] = _same,
+             median_floor: float = 0.0) -> ChannelPlan:
     """Per-channel steps balanced between activations and the folded weight columns:
 
         s_j = max(floor_j, strength * m * rms(x_j)^alpha / |W_:,j|^(1-alpha))
@@ -125,13 +133,14 @@ def balanced(stats: InputStats, weight: torch.Tensor, bits: int, alpha: float, s
     ``per_channel``); raising a channel's step above it shrinks its activation in integer units, which lowers the
     error of the per-row weight quantization, at the cost of activation resolution. m = median of floor_j / g_j puts
     ``strength`` on a scale comparable between layers. ``share`` makes steps equal where they must be (o_proj
-    under GQA: symmetrize.group_max); it can only raise a step, so nothing starts clipping."""
-    floor = per_channel(stats, bits, shift=shift, clip=clip).step
+    under GQA: symmetrize.group_max); it can only raise a step, so nothing starts clipping. ``median_floor``: no
+    step below that fraction of the median step (SearchGrid.step_floor)."""
+    floor = per_channel(stats, bits, shift=shift, clip=clip, median_floor=median_floor).step
     # Plans live where the statistics are (the CPU); the weight may be on the calibration device.
     column = weight.detach().float().norm(dim=0).clamp(min=1e-8).to(floor.device)
     target = stats.rms.clamp(min=1e-8).pow(alpha) / column.pow(1 - alpha)
     step = torch.maximum(floor, strength * float((floor / target).median()) * target)
-    step = share(_floored(step))
+    step = share(_floored(step, median_floor))
     if not shift:
         return ChannelPlan(step, None, None)
     lo, hi = ranges(stats, clip)

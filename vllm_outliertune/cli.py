@@ -24,7 +24,7 @@ def _quantize_options(args: argparse.Namespace):
                            exact_channels=args.exact_channels, outlier_factor=args.outlier_factor,
                            act_clips=args.act_clips, range_margin=args.range_margin, lm_head=args.lm_head,
                            sequential_calibration=args.sequential_calibration, token_guard=args.token_guard,
-                           group_clip=args.group_clip)
+                           token_guard_floor=args.token_guard_floor, group_clip=args.group_clip)
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -208,8 +208,12 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="per-token overflow guard at run time: a token whose activation codes would leave the "
                              "calibrated range is quantized at a coarser step t instead of saturating, and its GEMM "
                              "output scaled by t (one scale per token in the epilogue; checkpoint format 3; not with "
-                             "--exact-channels); with it --range-margin defaults to 1. Default: on for W8A8 without "
-                             "--exact-channels (not for Gemma) and W4A8, off otherwise")
+                             "--exact-channels); with it --range-margin defaults to 1. Default: on for W8A8, W6A6 "
+                             "and W4A8 without --exact-channels (not for Gemma), off otherwise")
+    parser.add_argument("--token-guard-floor", type=float, default=QuantizeOptions.token_guard_floor, metavar="F",
+                        help="with the token guard, the least t, in (0, 1]: below 1 a token whose codes span less "
+                             "than the calibrated range gets a finer step too, t = max(F, its largest |code| / "
+                             "(qmax + 1/2)) (checkpoint format 4). Default: 1/16 for W6A6, 1 otherwise")
     parser.add_argument("--group-clip", choices=tuple(GROUP_SEARCHES), default=QuantizeOptions.group_clip,
                         help="GPTQ with --w-bits 4: how each group's integer scale and zero are chosen (default "
                              f"{QuantizeOptions.group_clip}); gptq and hessian: among up to two scale steps of "

@@ -43,7 +43,10 @@ FORMAT_VERSION = 2
 # Format 3 is format 2 plus `token_guard` (below); it is written only for guarded checkpoints, so that a plugin
 # that does not know the guard refuses them instead of running them without it, and unguarded ones stay format 2.
 TOKEN_GUARD_FORMAT_VERSION = 3
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+# Format 4 is format 3 plus `token_guard_floor` below 1 (t may then fall below 1: finer steps for tokens that use
+# less than the plan's range); written only then, so that a format-3 reader refuses it instead of clamping t at 1.
+TOKEN_GUARD_FLOOR_FORMAT_VERSION = 4
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
 # (weight_bits, activation_bits) pairs the kernels implement; int6/int4 activation codes live in int8 storage, and
 # so did format 1's int4 weights (format 2 packs them). W4A4 is an accuracy mode: the W4A8 kernels run its codes.
 SUPPORTED_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
@@ -126,16 +129,16 @@ def guard_limits(bits: int) -> tuple[float, float]:
     return qmin - 0.5, qmax + 0.5
 
 
-def guard_scale(units: torch.Tensor, bits: int) -> torch.Tensor:
+def guard_scale(units: torch.Tensor, bits: int, floor: float = 1.0) -> torch.Tensor:
     """token_guard's t of each token (row) of the unrounded codes ``units`` (x * input_inv_scale - input_shift):
-    max(1, its largest unit / (qmax + 1/2), its most negative unit / (qmin - 1/2)), shape [..., 1]. Each side has
-    its own limit so that the unit that sets t lands on its limit, which rounds and clamps to qmax (qmin) from
-    either side: a single limit (qmax + 1/2 for both signs) puts a token's most negative unit at -(qmax + 1/2),
-    a rounding tie between qmin and qmin + 1 that float noise of an ulp decides (different engines rounded the
-    largest channel of guarded tokens differently)."""
+    max(floor, its largest unit / (qmax + 1/2), its most negative unit / (qmin - 1/2)), shape [..., 1] (floor:
+    token_guard_floor, 1 unless given). Each side has its own limit so that the unit that sets t lands on its limit,
+    which rounds and clamps to qmax (qmin) from either side: a single limit (qmax + 1/2 for both signs) puts a
+    token's most negative unit at -(qmax + 1/2), a rounding tie between qmin and qmin + 1 that float noise of an ulp
+    decides (different engines rounded the largest channel of guarded tokens differently)."""
     low, high = guard_limits(bits)
     return torch.maximum(units.amax(dim=-1, keepdim=True) / high,
-                         units.amin(dim=-1, keepdim=True) / low).clamp(min=1.0)
+                         units.amin(dim=-1, keepdim=True) / low).clamp(min=floor)
 
 
 def weight_qmax(bits: int) -> int:
@@ -170,6 +173,9 @@ class QuantizationConfig:
     # max_k u_k / (qmax + 1/2), min_k u_k / (qmin - 1/2))), u = x * input_inv_scale - input_shift, and the GEMM term
     # of its output (before output_bias) is multiplied by t.
     token_guard: bool = False
+    # With token_guard, the least t (format 4 when below 1): guard_scale's max(1, ...) becomes max(token_guard_floor,
+    # ...), so a token whose codes span less than the range gets a finer step too (the W6A6 default, 1/16).
+    token_guard_floor: float = 1.0
 
     @property
     def packed(self) -> bool:
@@ -215,6 +221,8 @@ class QuantizationConfig:
             config["lm_head"] = self.lm_head
         if self.token_guard:
             config["token_guard"] = True
+        if self.token_guard_floor != 1.0:
+            config["token_guard_floor"] = self.token_guard_floor
         return config if self.source is None else dict(config, source=dict(self.source))
 
     @classmethod
@@ -265,13 +273,19 @@ class QuantizationConfig:
             raise FormatError(f"{where}: token_guard is not implemented with exact_channels (got exact_channels "
                               f"{exact_channels}); re-run `outliertune quantize` without --token-guard or without "
                               f"--exact-channels")
+        floor = config.get("token_guard_floor", 1.0)
+        if (isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1
+                or (floor != 1 and (not token_guard or version < TOKEN_GUARD_FLOOR_FORMAT_VERSION))):
+            raise FormatError(f"{where}: token_guard_floor {floor!r} is not supported with token_guard {token_guard} "
+                              f"in format_version {version} (a number in (0, 1]; below 1 it needs token_guard true "
+                              f"and format_version {TOKEN_GUARD_FLOOR_FORMAT_VERSION}); {_REDO}")
         source = config.get("source")
         if source is not None and not isinstance(source, dict):
             raise FormatError(f"{where}: `source` must be an object {{\"repo_id\", \"revision\"}}, got {source!r}")
         return cls(weight_bits=bits[0], activation_bits=bits[1], ignore=tuple(ignore),
                    method=str(config.get("method", "outliertune")), format_version=version, source=source,
                    group_size=group_size, exact_channels=exact_channels, int8_weights=tuple(int8_weights),
-                   lm_head=lm_head, token_guard=token_guard)
+                   lm_head=lm_head, token_guard=token_guard, token_guard_floor=float(floor))
 
     def is_ignored(self, module_name: str) -> bool:
         """A module is ignored when its name equals, or ends with ``.``+, an entry of ``ignore``."""

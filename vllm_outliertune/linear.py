@@ -304,7 +304,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             # The guard's t and codes as torch ops in either mode (traced, inductor fuses them upstream as below);
             # the GEMM's epilogue multiplies each row by its t.
             codes, t = quantize_activation_guarded_ref(x_2d, layer.input_inv_scale, layer.input_shift,
-                                                       self.spec.activation_bits)
+                                                       self.spec.activation_bits, self.spec.token_guard_floor)
             out = self._codes_gemm(layer, codes, x.dtype, row_scale=t)
         elif layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
             out = self._apply_packed(layer, x_2d, x.dtype)
