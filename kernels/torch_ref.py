@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_outliertune.format import code_levels, guard_scale
+from vllm_outliertune.format import code_levels, guard_scale, qrange
 from vllm_outliertune.kernels.w4a8_words import word_codes
 
 # int8 x int8 products are at most 2^14 in magnitude, so a sum of 1024 of them (2^24) is exact in float32.
@@ -26,7 +26,7 @@ def quantize_activation_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shi
                             bits: int) -> torch.Tensor:
     """q = clamp(round(x * inv_scale - shift), -2^(bits-1), 2^(bits-1)-1) as int8; vectors are per channel (last
     dim) and may be None when folded upstream. Computed in float32; round half to even (as torch.round)."""
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    qmin, qmax = qrange(bits)
     return torch.round(_activation_units(x, inv_scale, shift)).clamp_(qmin, qmax).to(torch.int8)
 
 
@@ -39,7 +39,7 @@ def quantize_activation_guarded_ref(x: torch.Tensor, inv_scale: torch.Tensor | N
     a row beyond the plan's range keeps its shape at a coarser step instead of saturating (the output is then scaled
     by t). A floor below 1 (token_guard_floor) also gives a row whose codes span less than the range a finer step,
     down to floor times the plan's."""
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    qmin, qmax = qrange(bits)
     units = _activation_units(x, inv_scale, shift)
     t = guard_scale(units, bits, floor)
     # (x / 1 is x exactly, so t = 1 rows round exactly as without the guard.)

@@ -255,7 +255,7 @@ AUTO_RANGE_MARGIN = {(8, 8): RangeMargin(1.5)}
 AUTO_TOKEN_GUARD = {(8, 8), (6, 6), (4, 8)}
 # The guard's least t (--token-guard-floor) when not given, by bit widths (1 for any pair not listed). At 6 bits a
 # token's codes usually span well under the plan's range (fitted to the largest calibrated values of every channel);
-# t = max(1/16, max_k |u_k| / (qmax + 1/2)) gives each token the full 31 levels in its largest channel, on top of
+# t = max(1/16, ...) (format.guard_scale) gives each token the full 31 levels in its largest channel, on top of
 # the static per-channel steps and shifts (the same run-time work as the guard: one max per token, t in the
 # epilogue). SmolLM2 W6A6, torch fp32 (docs/accuracy.md, "W6A6: a per-token scale on the static plan"): Brown 40
 # windows +19.5 % -> +12.0 %, JavaScript 16 windows +23.8 % -> +14.0 %. A floor of 1/4 or 1/2 was worse on the

@@ -61,8 +61,8 @@ class ReferenceQuantLinear(torch.nn.Module):
         q, t = quantize_activation_guarded_ref(x2d[:, columns], _part(self.input_inv_scale, columns),
                                                _part(self.input_shift, columns), self.activation_bits,
                                                self.guard_floor)
-        bias = self.epilogue_bias if with_bias else torch.zeros_like(self.epilogue_bias)
-        return int8_gemm_ref(q, self.weight[:, columns], self.weight_scale, bias, x2d.dtype, row_scale=t)
+        return int8_gemm_ref(q, self.weight[:, columns], self.weight_scale, self.epilogue_bias if with_bias else None,
+                             x2d.dtype, row_scale=t)
 
 
 def _part(vector: torch.Tensor | None, columns: slice) -> torch.Tensor | None:

@@ -212,8 +212,9 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                              "and W4A8 without --exact-channels (not for Gemma), off otherwise")
     parser.add_argument("--token-guard-floor", type=float, default=QuantizeOptions.token_guard_floor, metavar="F",
                         help="with the token guard, the least t, in (0, 1]: below 1 a token whose codes span less "
-                             "than the calibrated range gets a finer step too, t = max(F, its largest |code| / "
-                             "(qmax + 1/2)) (checkpoint format 4). Default: 1/16 for W6A6, 1 otherwise")
+                             "than the calibrated range gets a finer step too, t = max(F, its largest code / "
+                             "(qmax + 1/2), its most negative / (qmin - 1/2)) (checkpoint format 4). Default: 1/16 "
+                             "for W6A6, 1 otherwise")
     parser.add_argument("--group-clip", choices=tuple(GROUP_SEARCHES), default=QuantizeOptions.group_clip,
                         help="GPTQ with --w-bits 4: how each group's integer scale and zero are chosen (default "
                              f"{QuantizeOptions.group_clip}); gptq and hessian: among up to two scale steps of "
