@@ -55,9 +55,9 @@ def _trained_and_quantized(tmp_path_factory, calib_text: Path, arch: str) -> dic
         model, tokenizer = train_tiny_model(arch)
         model.save_pretrained(root / "fp32")
         tokenizer.save_pretrained(root / "fp32")
-        # Without the token guard (the W8A8 default since session 12): these checkpoints test the static path
-        # (W6A6, Gemma and --exact-channels run it by default) and compare TP 2 with TP 1, which the guard does not
-        # keep equal (a row-parallel rank takes t over its part of K); tests/test_token_guard.py tests the guard.
+        # Without the token guard (the default for W8A8, W6A6 and W4A8): these checkpoints test the static path
+        # (--exact-channels runs it by default) and compare TP 2 with TP 1, which the guard does not keep equal (a
+        # row-parallel rank takes t over its part of K); tests/test_token_guard.py tests the guard.
         options = QuantizeOptions(samples=8, seq_len=128, progress=False, **EXACT_CHANNELS_OPTIONS.get(arch, {}),
                                   lm_head="int8" if arch in LM_HEAD_ARCHS else "none", token_guard=False)
         quantize(root / "fp32", root / "w8a8", calib_text, options)

@@ -210,9 +210,9 @@ def test_median_step_floor():
 
 def test_default_resolution():
     """--token-guard unset: on for W8A8 (then no range margin), W6A6 (with a floor of 1/16, format 4) and W4A8 (floor
-    1), off with --exact-channels and for Gemma (not measured there); --no-token-guard gives W8A8 its margin of 1.5
-    back. Only an explicit --token-guard is refused where the guard is not implemented, and --token-guard-floor
-    without the guard or outside (0, 1]."""
+    1), off with --exact-channels; Gemma resolves the guard and floor the same way (its range margin stays 1);
+    --no-token-guard gives W8A8 its margin of 1.5 back. Only an explicit --token-guard is refused where the guard is
+    not implemented, and --token-guard-floor without the guard or outside (0, 1]."""
     from vllm_outliertune.offline.architectures import ARCHITECTURES
     from vllm_outliertune.offline.quantize import QuantizeOptions, RangeMargin, check_options, search_grid
 
@@ -232,6 +232,9 @@ def test_default_resolution():
                                           (QuantizeOptions(exact_channels=2), False, 1.5, 1.0)):
         resolved = options.for_architecture(llama)
         assert (resolved.token_guard, resolved.margin, resolved.floor) == (guard, RangeMargin(margin), floor), options
+        gemma_margin = RangeMargin(options.range_margin or 1.0)  # Architecture.range_margin: 1 unless given
+        on_gemma = options.for_architecture(gemma)
+        assert (on_gemma.token_guard, on_gemma.margin, on_gemma.floor) == (guard, gemma_margin, floor), options
         config = resolved.quant_config
         version = 4 if floor < 1 else 3 if guard else 2
         assert (config.token_guard, config.token_guard_floor, config.format_version) == (guard, floor, version)
@@ -240,8 +243,6 @@ def test_default_resolution():
         check_options(options)
     # the int8-weight groups of a packed checkpoint keep its guard and floor
     assert QuantizeOptions(w_bits=4, a_bits=8, token_guard_floor=0.5).with_int8_weights.floor == 0.5
-    assert QuantizeOptions().for_architecture(gemma).token_guard is False
-    assert QuantizeOptions(token_guard=True).for_architecture(gemma).token_guard is True
     with pytest.raises(UserError, match="--token-guard is not implemented with --exact-channels"):
         check_options(QuantizeOptions(exact_channels=2, token_guard=True))
     check_options(QuantizeOptions(w_bits=4, a_bits=8, token_guard=True))  # W4A8 takes it (its default too)

@@ -209,7 +209,7 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                              "calibrated range is quantized at a coarser step t instead of saturating, and its GEMM "
                              "output scaled by t (one scale per token in the epilogue; checkpoint format 3; not with "
                              "--exact-channels); with it --range-margin defaults to 1. Default: on for W8A8, W6A6 "
-                             "and W4A8 without --exact-channels (not for Gemma), off otherwise")
+                             "and W4A8 without --exact-channels, off otherwise")
     parser.add_argument("--token-guard-floor", type=float, default=QuantizeOptions.token_guard_floor, metavar="F",
                         help="with the token guard, the least t, in (0, 1]: below 1 a token whose codes span less "
                              "than the calibrated range gets a finer step too, t = max(F, its largest code / "
