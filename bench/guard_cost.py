@@ -2,14 +2,18 @@
 the int8 GEMM with and without the per-row scale t in its epilogue (Llama-3-8B qkv, the tile table's dispatch), and
 the two producers of activations (RMSNorm + residual, K = 4096; SiLU-mul, K = 14336) with their quantization compiled
 by torch.compile (inductor, as vLLM's compiled mode fuses them): plain; the guard as torch ops fused into the producer
-(default inductor options, then with cooperative reductions, which spread a row over several programs); the guard as
-its own kernel (custom op quantize_activation_guarded) after the plain producer. CUDA-graph replays, cold L2, medians:
+(default inductor options; with cooperative reductions, which spread a row over several programs; with multi-kernel,
+which times a looped and a persistent reduction; with persistent reductions up to K = 16,384, the row read once);
+the guard as its own kernel (custom op quantize_activation_guarded) after the plain producer. Then the GEMM with and
+without t, and eager mode's torch ops against the kernel. CUDA-graph replays, cold L2, medians:
 
     python bench/guard_cost.py
 
 The end-to-end cost is the `w8a8` row of `bench/e2e_gpu.py table` (the default: guarded) against `w8a8-noguard`."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -21,6 +25,25 @@ N, K = 6144, 4096  # Llama-3-8B qkv at TP 1
 INTERMEDIATE = 14336  # down_proj's input (SiLU-mul of gate_up)
 ROWS = (1, 64, 2048)
 COOPERATIVE = {"triton.cooperative_reductions": True}
+MULTI_KERNEL = {"triton.multi_kernel": 1}  # both a looped and a persistent reduction, the faster picked at run time
+PERSISTENT_UP_TO = 16384  # persistent reductions (the row in registers, read once) up to this K; inductor: 1024
+
+
+def persistent_reductions():
+    """A context in which inductor compiles row reductions of up to PERSISTENT_UP_TO elements as persistent ones
+    (inductor's choice heuristics are meant to be replaced out of tree: torch._inductor.choices)."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class Persistent(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, *args, **kwargs):
+            if features.get_reduction_hint() == ReductionHint.INNER:
+                return V.graph.sizevars.statically_known_leq(features.reduction_numel, PERSISTENT_UP_TO)
+            return InductorChoices.should_use_persistent_reduction(features, *args, **kwargs)
+
+    return V.set_choices_handler(Persistent())
 
 
 def rms_norm(x: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,11 +57,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def quant_variants():
-    """name -> (quantization of an activation (x, inv_scale, shift), inductor options)."""
+    """name -> (quantization of an activation (x, inv_scale, shift), inductor options, compile context)."""
+    plain = lambda x, s, z: quantize_activation_ref(x, s, z, 8)
     guard = lambda x, s, z: quantize_activation_guarded_ref(x, s, z, 8)
-    return {"plain": (lambda x, s, z: quantize_activation_ref(x, s, z, 8), {}), "guard": (guard, {}),
-            "guard cooperative": (guard, COOPERATIVE),
-            "guard kernel": (lambda x, s, z: quantize_activation_guarded(x, s, z, 8, 1.0), {})}
+    return {"plain": (plain, {}, contextlib.nullcontext), "guard": (guard, {}, contextlib.nullcontext),
+            "guard cooperative": (guard, COOPERATIVE, contextlib.nullcontext),
+            "guard kernel": (lambda x, s, z: quantize_activation_guarded(x, s, z, 8, 1.0), {}, contextlib.nullcontext),
+            "plain multi-kernel": (plain, MULTI_KERNEL, contextlib.nullcontext),
+            "guard multi-kernel": (guard, MULTI_KERNEL, contextlib.nullcontext),
+            "plain persistent": (plain, {}, persistent_reductions),
+            "guard persistent": (guard, {}, persistent_reductions)}
 
 
 def time_producers() -> None:
@@ -67,10 +95,11 @@ def time_producers() -> None:
                 reference = lambda x: x
             expected = quantize_activation_guarded_ref(reference(*args), inv_scale, shift, 8)
             times = {}
-            for name, (quant, options) in quant_variants().items():
+            for name, (quant, options, context) in quant_variants().items():
                 fn = torch.compile(make(quant), options=options)
-                result = fn(*args)
-                if name != "plain":
+                with context():  # inductor compiles at the first call
+                    result = fn(*args)
+                if name.startswith("guard"):
                     got = result[0] if producer == "RMSNorm" else result
                     # Compiled producers may round their bf16 output differently from eager: count, don't assert.
                     mismatched = sum(int((a != b).sum()) for a, b in zip(got, expected))
@@ -105,6 +134,7 @@ def time_eager() -> None:
 
 def main() -> None:
     warm_gpu()
+    time_producers()
     for m in ROWS:
         p = make_inputs(m, N, K)
         codes = quantize_activation_ref(p["x"], p["inv_scale"], p["shift"], 8)
@@ -113,7 +143,6 @@ def main() -> None:
         guarded = graph_time_us(lambda: int8_gemm(codes, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, t), 5)
         print(f"GEMM {N}x{K} M={m}: {plain:.1f} µs, with t in the epilogue {guarded:.1f} µs "
               f"({guarded / plain:.3f}x)", flush=True)
-    time_producers()
     time_eager()
 
 
