@@ -116,16 +116,22 @@ def check_activation_args(x: torch.Tensor, inv_scale: torch.Tensor | None, shift
                              f"contiguous float32 [{k}] vector on {x.device} (one entry per input channel)")
 
 
+def _checked_rows(op: str, x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
+                  bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's checked arguments: x [M, K] with contiguous channels, and its empty int8 codes."""
+    check_activation_args(x, inv_scale, shift, bits)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [M, K], got shape {list(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return x, torch.empty(x.shape, dtype=torch.int8, device=x.device)
+
+
 def quantize_activation(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
                         bits: int) -> torch.Tensor:
     """x float [M, K] (rows may be strided, channels contiguous) -> int8 [M, K]."""
-    check_activation_args(x, inv_scale, shift, bits)
-    if x.dim() != 2:
-        raise ValueError(f"quantize_activation: x must be 2-D [M, K], got shape {list(x.shape)}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x, q = _checked_rows("quantize_activation", x, inv_scale, shift, bits)
     m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     if m == 0 or k == 0:
         return q
     qmin, qmax = qrange(bits)
@@ -149,13 +155,8 @@ def quantize_activation_guarded(x: torch.Tensor, inv_scale: torch.Tensor | None,
                                 bits: int, floor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """x float [M, K] -> (int8 codes [M, K], t float32 [M, 1]): torch_ref.quantize_activation_guarded_ref in one
     kernel, one program per row (the row's maximum and minimum decide its codes)."""
-    check_activation_args(x, inv_scale, shift, bits)
-    if x.dim() != 2:
-        raise ValueError(f"quantize_activation_guarded: x must be 2-D [M, K], got shape {list(x.shape)}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x, q = _checked_rows("quantize_activation_guarded", x, inv_scale, shift, bits)
     m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     t = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return q, t.fill_(floor)
