@@ -6,8 +6,9 @@
                                    # (group 128); --synthetic: the quantized checkpoints hold random values (no
                                    # calibration); --lm-head int8: instead *-lmhead checkpoints with lm_head int8
     python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8,w8a8-pc,fp8-pc,w8a8-lmhead,
-                                   w4a8-lmhead,w8a8-noguard] [--tp 2]   # throughput rows (w8a8-noguard: the
-                                   # W8A8 checkpoint with quantization_config.token_guard off)
+                                   w4a8-lmhead,w8a8-noguard,w8a8-coop] [--tp 2]   # throughput rows (w8a8-noguard:
+                                   # the W8A8 checkpoint with quantization_config.token_guard off; w8a8-coop: inductor's
+                                   # cooperative reductions on, which spread the guard's row maximum over programs)
     python bench/e2e_gpu.py profile WORKDIR [--rows w8a8,w4a8]   # torch-profiler breakdown of decode steps by
                                    # kernel kind, and wall time per step
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
@@ -237,7 +238,7 @@ def median_spread(rates: list[float]) -> tuple[float, float]:
 
 
 def _row(model_dir: str, label: str, quantization: str | None, dummy: bool, kv_cache_dtype: str | None,
-         tp: int = 1, prefix_caching: bool = False) -> None:
+         tp: int = 1, prefix_caching: bool = False, inductor: dict | None = None) -> None:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -250,6 +251,8 @@ def _row(model_dir: str, label: str, quantization: str | None, dummy: bool, kv_c
         kwargs["kv_cache_dtype"] = kv_cache_dtype
     if dummy:
         kwargs["load_format"] = "dummy"
+    if inductor:
+        kwargs["compilation_config"] = {"inductor_compile_config": inductor}
     llm = LLM(**kwargs)
     gen = torch.Generator().manual_seed(0)
 
@@ -287,6 +290,7 @@ class Row(NamedTuple):
     dummy: bool = False  # load_format="dummy": random weights (the bf16 and fp8 rows)
     kv_cache_dtype: str | None = None
     prefix_caching: bool = False
+    inductor: dict | None = None  # vLLM's compilation_config.inductor_compile_config
 
 
 def _without_token_guard(checkpoint: str) -> str:
@@ -312,6 +316,8 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
     rows = {"bf16": Row("bf16", bf16, dummy=True),
             "w8a8": Row("outliertune W8A8", w8a8),
             "w8a8-noguard": Row("outliertune W8A8 without token guard", w8a8 + "-noguard"),
+            "w8a8-coop": Row("outliertune W8A8, inductor cooperative reductions", w8a8,
+                             inductor={"triton.cooperative_reductions": True}),
             "w4a8": Row("outliertune W4A8 (g128)", w4a8),
             "w8a8-lmhead": Row("outliertune W8A8 + int8 lm_head", w8a8 + "-lmhead"),
             "w4a8-lmhead": Row("outliertune W4A8 (g128) + int8 lm_head", w4a8 + "-lmhead"),
@@ -331,7 +337,8 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
             ["--quantization", row_spec.quantization] if row_spec.quantization else []) + (
             ["--dummy"] if row_spec.dummy else []) + (
             ["--kv-cache-dtype", row_spec.kv_cache_dtype] if row_spec.kv_cache_dtype else []) + (
-            ["--prefix-caching"] if row_spec.prefix_caching else [])
+            ["--prefix-caching"] if row_spec.prefix_caching else []) + (
+            ["--inductor", json.dumps(row_spec.inductor)] if row_spec.inductor else [])
         started = time.time()
         proc = subprocess.run(command, capture_output=True, text=True)
         log = proc.stdout + proc.stderr
@@ -514,6 +521,7 @@ def main() -> None:
     parser.add_argument("--rows", help="table: which rows to run now (default bf16,w8a8,fp8); profile: which "
                         "checkpoints (default w8a8)")
     parser.add_argument("--prefix-caching", action="store_true", help="row: enable_prefix_caching=True")
+    parser.add_argument("--inductor", type=json.loads, help="row: vLLM's inductor_compile_config (JSON)")
     parser.add_argument("--tp", type=int, default=1, help="table / row: tensor-parallel size")
     parser.add_argument("--w4a8", action="store_true", help="make8b: also write a W4A8 checkpoint")
     parser.add_argument("--lm-head", choices=["none", "int8"], default="none",
@@ -523,7 +531,8 @@ def main() -> None:
                         "with the tensors a real quantize writes (seconds instead of minutes; for speed rows only)")
     args = parser.parse_args()
     if args.step == "row":
-        _row(args.path, args.label, args.quantization, args.dummy, args.kv_cache_dtype, args.tp, args.prefix_caching)
+        _row(args.path, args.label, args.quantization, args.dummy, args.kv_cache_dtype, args.tp, args.prefix_caching,
+             args.inductor)
         return
     workdir = Path(args.path)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,11 @@
 """What the per-token overflow guard (quantization_config.token_guard) costs on a GPU, per piece (no vLLM needed):
 the int8 GEMM with and without the per-row scale t in its epilogue (Llama-3-8B qkv, the tile table's dispatch), and
 the two producers of activations (RMSNorm + residual, K = 4096; SiLU-mul, K = 14336) with their quantization compiled
-by torch.compile (inductor, as vLLM's compiled mode fuses them): plain, with the guard as it ships, and with the
-guard's row maximum split over several programs. CUDA-graph replays, cold L2, medians:
+by torch.compile (inductor, as vLLM's compiled mode fuses them): plain; the guard as torch ops fused into the producer
+(default inductor options; with cooperative reductions, which spread a row over several programs; with multi-kernel,
+which times a looped and a persistent reduction; with persistent reductions up to K = 16,384, the row read once);
+the guard as its own kernel (custom op quantize_activation_guarded) after the plain producer. Then the GEMM with and
+without t, and eager mode's torch ops against the kernel. CUDA-graph replays, cold L2, medians:
 
     python bench/guard_cost.py
 
@@ -10,17 +13,37 @@ The end-to-end cost is the `w8a8` row of `bench/e2e_gpu.py table` (the default: 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from vllm_outliertune.kernels.linear import int8_gemm
+from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation_guarded
 from vllm_outliertune.kernels.torch_ref import quantize_activation_guarded_ref, quantize_activation_ref
-from vllm_outliertune.format import guard_scale
 from vllm_outliertune.kernels.tune import graph_time_us, make_inputs, warm_gpu
 
 N, K = 6144, 4096  # Llama-3-8B qkv at TP 1
 INTERMEDIATE = 14336  # down_proj's input (SiLU-mul of gate_up)
 ROWS = (1, 64, 2048)
-SPLITS = (8, 32)  # programs per row for the split row maximum
+COOPERATIVE = {"triton.cooperative_reductions": True}
+MULTI_KERNEL = {"triton.multi_kernel": 1}  # both a looped and a persistent reduction, the faster picked at run time
+PERSISTENT_UP_TO = 16384  # persistent reductions (the row in registers, read once) up to this K; inductor: 1024
+
+
+def persistent_reductions():
+    """A context in which inductor compiles row reductions of up to PERSISTENT_UP_TO elements as persistent ones
+    (inductor's choice heuristics are meant to be replaced out of tree: torch._inductor.choices)."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class Persistent(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, *args, **kwargs):
+            if features.get_reduction_hint() == ReductionHint.INNER:
+                return V.graph.sizevars.statically_known_leq(features.reduction_numel, PERSISTENT_UP_TO)
+            return InductorChoices.should_use_persistent_reduction(features, *args, **kwargs)
+
+    return V.set_choices_handler(Persistent())
 
 
 def rms_norm(x: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,26 +56,24 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def guarded_split(x: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tensor, splits: int):
-    """The guard with its row maximum and minimum taken in two steps, [M, splits, K / splits] -> [M, splits] ->
-    [M, 1], so inductor can spread a row over several programs (max and min are order-free: t is bit-identical;
-    guard_scale over the partial maxima and minima gives the row's)."""
-    units = x.float() * inv_scale - shift
-    parts = units.view(units.shape[0], splits, -1)
-    t = guard_scale(torch.cat([parts.amax(-1), parts.amin(-1)], dim=-1), 8)
-    return torch.round(units / t).clamp_(-128, 127).to(torch.int8), t
-
-
 def quant_variants():
-    """name -> quantization of an activation (x, inv_scale, shift): plain, the guard as shipped, the split guard."""
-    return {"plain": lambda x, s, z: quantize_activation_ref(x, s, z, 8),
-            "guard": lambda x, s, z: quantize_activation_guarded_ref(x, s, z, 8)} | {
-        f"guard split {g}": (lambda x, s, z, g=g: guarded_split(x, s, z, g)) for g in SPLITS}
+    """name -> (quantization of an activation (x, inv_scale, shift), inductor options, compile context)."""
+    plain = lambda x, s, z: quantize_activation_ref(x, s, z, 8)
+    guard = lambda x, s, z: quantize_activation_guarded_ref(x, s, z, 8)
+    return {"plain": (plain, {}, contextlib.nullcontext), "guard": (guard, {}, contextlib.nullcontext),
+            "guard cooperative": (guard, COOPERATIVE, contextlib.nullcontext),
+            "guard kernel": (lambda x, s, z: quantize_activation_guarded(x, s, z, 8, 1.0), {}, contextlib.nullcontext),
+            "plain multi-kernel": (plain, MULTI_KERNEL, contextlib.nullcontext),
+            "guard multi-kernel": (guard, MULTI_KERNEL, contextlib.nullcontext),
+            "plain persistent": (plain, {}, persistent_reductions),
+            "guard persistent": (guard, {}, persistent_reductions)}
 
 
 def time_producers() -> None:
-    """RMSNorm + residual + quant (K = 4096) and SiLU-mul + quant (K = 14336), each variant compiled by inductor."""
-    for producer, k in (("RMSNorm", K), ("SiLU-mul", INTERMEDIATE)):
+    """RMSNorm + residual + quant (K = 4096), SiLU-mul + quant (K = 14336) and quant alone (K = 4096, attention's
+    output feeding o_proj), each variant compiled by inductor; every guarded variant's codes and t checked equal to
+    the eager torch reference's."""
+    for producer, k in (("RMSNorm", K), ("SiLU-mul", INTERMEDIATE), ("alone", K)):
         for m in ROWS:
             inv_scale, shift = torch.rand(k, device="cuda") * 10 + 1, torch.randn(k, device="cuda")
             if producer == "RMSNorm":
@@ -63,18 +84,57 @@ def time_producers() -> None:
                         y, h = rms_norm(x, residual, gamma)
                         return quant(y, inv_scale, shift), h
                     return norm_quant
+                reference = lambda x, residual, gamma: rms_norm(x, residual, gamma)[0]
+            elif producer == "SiLU-mul":
+                args = (torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16) * 4,)
+                make = lambda quant: lambda gate_up: quant(silu_mul(gate_up), inv_scale, shift)
+                reference = silu_mul
             else:
-                args = (torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16),)
-                def make(quant):
-                    return lambda gate_up: quant(silu_mul(gate_up), inv_scale, shift)
-            times = {name: graph_time_us(lambda fn=torch.compile(make(quant)): fn(*args), 5)
-                     for name, quant in quant_variants().items()}
+                args = (torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 40,)
+                make = lambda quant: lambda x: quant(x, inv_scale, shift)
+                reference = lambda x: x
+            expected = quantize_activation_guarded_ref(reference(*args), inv_scale, shift, 8)
+            times = {}
+            for name, (quant, options, context) in quant_variants().items():
+                fn = torch.compile(make(quant), options=options)
+                with context():  # inductor compiles at the first call
+                    result = fn(*args)
+                if name.startswith("guard"):
+                    got = result[0] if producer == "RMSNorm" else result
+                    # Compiled producers may round their bf16 output differently from eager: count, don't assert.
+                    mismatched = sum(int((a != b).sum()) for a, b in zip(got, expected))
+                    name = f"{name} [{mismatched} differ]" if mismatched else name
+                times[name] = graph_time_us(lambda: fn(*args), 5)
             print(f"{producer} + quant M={m}: " + ", ".join(
                 f"{name} {us:.1f} µs ({us / times['plain']:.2f}x)" for name, us in times.items()), flush=True)
 
 
+def time_eager() -> None:
+    """Eager mode (enforce_eager: no compile, no CUDA graphs): the guard as torch ops (a dozen kernel launches)
+    against our one-kernel op, wall time per call including launches."""
+    import time
+    for k in (K, INTERMEDIATE):
+        inv_scale, shift = torch.rand(k, device="cuda") * 10 + 1, torch.randn(k, device="cuda")
+        for m in ROWS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 40
+            times = {}
+            for name, fn in (("torch ops", quantize_activation_guarded_ref),
+                             ("kernel", lambda *a: quantize_activation_guarded(*a, 1.0))):
+                for _ in range(10):
+                    fn(x, inv_scale, shift, 8)
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                for _ in range(200):
+                    fn(x, inv_scale, shift, 8)
+                torch.cuda.synchronize()
+                times[name] = (time.perf_counter() - started) / 200 * 1e6
+            print(f"eager guard K={k} M={m}: torch ops {times['torch ops']:.1f} µs, kernel {times['kernel']:.1f} µs "
+                  f"({times['torch ops'] / times['kernel']:.2f}x)", flush=True)
+
+
 def main() -> None:
     warm_gpu()
+    time_producers()
     for m in ROWS:
         p = make_inputs(m, N, K)
         codes = quantize_activation_ref(p["x"], p["inv_scale"], p["shift"], 8)
@@ -83,7 +143,7 @@ def main() -> None:
         guarded = graph_time_us(lambda: int8_gemm(codes, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, t), 5)
         print(f"GEMM {N}x{K} M={m}: {plain:.1f} µs, with t in the epilogue {guarded:.1f} µs "
               f"({guarded / plain:.3f}x)", flush=True)
-    time_producers()
+    time_eager()
 
 
 if __name__ == "__main__":

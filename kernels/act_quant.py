@@ -1,7 +1,9 @@
-"""Static per-channel activation quantization: q = clamp(round(x * inv_scale - shift), qmin, qmax) as int8.
+"""Static per-channel activation quantization: q = clamp(round(x * inv_scale - shift), qmin, qmax) as int8, and
+its per-token overflow guarded form (quantization_config.token_guard): q = clamp(round(u / t)) with t per row.
 
-Matches kernels/torch_ref.quantize_activation_ref bit for bit: float32 math with no fused multiply-add (the
-kernels are launched with enable_fp_fusion=False) and round half to even like torch.round."""
+Match kernels/torch_ref's quantize_activation_ref and quantize_activation_guarded_ref bit for bit: float32 math
+with no fused multiply-add (the kernels are launched with enable_fp_fusion=False), IEEE division (div_rn) and
+round half to even like torch.round."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_outliertune.format import qrange
+from vllm_outliertune.format import guard_limits, qrange
 
 SUPPORTED_ACT_BITS = (4, 6, 8)
 FLOAT_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -19,19 +21,33 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def quantize_tile(x, inv_scale_ptr, shift_ptr, offs_k, mask_k, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                  HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """x [BLOCK_M, BLOCK_K] float -> int8 codes; the per-channel vectors are read at offs_k (masked by mask_k)."""
+def activation_units(x, inv_scale_ptr, shift_ptr, offs_k, mask_k, HAS_INV_SCALE: tl.constexpr,
+                     HAS_SHIFT: tl.constexpr):
+    """x [BLOCK_M, BLOCK_K] float -> x * inv_scale - shift in float32, the codes before rounding; the per-channel
+    vectors are read at offs_k (masked by mask_k)."""
     v = x.to(tl.float32)
     if HAS_INV_SCALE:
         v = v * tl.load(inv_scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
     if HAS_SHIFT:
         v = v - tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-    # Clamping to integer bounds before rounding equals clamping after (rounding is monotone), and keeps
-    # |v| small enough for the magic-number rounding.
+    return v
+
+
+@triton.jit
+def round_units(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """float32 units -> int8 codes. Clamping to integer bounds before rounding equals clamping after (rounding is
+    monotone), and keeps |v| small enough for the magic-number rounding."""
     v = tl.minimum(tl.maximum(v, QMIN), QMAX)
     v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
     return v.to(tl.int8)
+
+
+@triton.jit
+def quantize_tile(x, inv_scale_ptr, shift_ptr, offs_k, mask_k, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                  HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """x [BLOCK_M, BLOCK_K] float -> int8 codes; the per-channel vectors are read at offs_k (masked by mask_k)."""
+    return round_units(activation_units(x, inv_scale_ptr, shift_ptr, offs_k, mask_k, HAS_INV_SCALE, HAS_SHIFT),
+                       QMIN, QMAX)
 
 
 @triton.jit
@@ -45,6 +61,43 @@ def _quantize_activation_kernel(x_ptr, q_ptr, inv_scale_ptr, shift_ptr, M, K, st
     x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=mask, other=0.0)
     q = quantize_tile(x, inv_scale_ptr, shift_ptr, offs_k, mask_k, QMIN, QMAX, HAS_INV_SCALE, HAS_SHIFT)
     tl.store(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :], q, mask=mask)
+
+
+@triton.jit
+def _quantize_activation_guarded_kernel(x_ptr, q_ptr, t_ptr, inv_scale_ptr, shift_ptr, K, stride_xm, stride_qm,
+                                        floor, LOW: tl.constexpr, HIGH: tl.constexpr, QMIN: tl.constexpr,
+                                        QMAX: tl.constexpr, HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                                        BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """One program per row: t = max(floor, max u / HIGH, min u / LOW) (format.guard_scale), codes round(u / t).
+    ONE_BLOCK (K <= BLOCK_K): the row stays in registers between the two, x is read once; otherwise two passes."""
+    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_xm
+    q_row = q_ptr + tl.program_id(0).to(tl.int64) * stride_qm
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_BLOCK:
+        mask = offs < K
+        u = activation_units(tl.load(x_row + offs, mask=mask, other=0.0)[None, :], inv_scale_ptr, shift_ptr, offs,
+                             mask, HAS_INV_SCALE, HAS_SHIFT)
+        highest = tl.max(tl.where(mask[None, :], u, -float("inf")))
+        lowest = tl.min(tl.where(mask[None, :], u, float("inf")))
+    else:
+        highest = -float("inf")
+        lowest = float("inf")
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            u = activation_units(tl.load(x_row + k0 + offs, mask=mask, other=0.0)[None, :], inv_scale_ptr,
+                                 shift_ptr, k0 + offs, mask, HAS_INV_SCALE, HAS_SHIFT)
+            highest = tl.maximum(highest, tl.max(tl.where(mask[None, :], u, -float("inf"))))
+            lowest = tl.minimum(lowest, tl.min(tl.where(mask[None, :], u, float("inf"))))
+    t = tl.maximum(tl.maximum(tl.math.div_rn(highest, HIGH), tl.math.div_rn(lowest, LOW)), floor)
+    tl.store(t_ptr + tl.program_id(0), t)
+    if ONE_BLOCK:
+        tl.store(q_row + offs[None, :], round_units(tl.math.div_rn(u, t), QMIN, QMAX), mask=mask[None, :])
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            u = activation_units(tl.load(x_row + k0 + offs, mask=mask, other=0.0)[None, :], inv_scale_ptr,
+                                 shift_ptr, k0 + offs, mask, HAS_INV_SCALE, HAS_SHIFT)
+            tl.store(q_row + k0 + offs[None, :], round_units(tl.math.div_rn(u, t), QMIN, QMAX), mask=mask[None, :])
 
 
 def check_activation_args(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
@@ -63,16 +116,22 @@ def check_activation_args(x: torch.Tensor, inv_scale: torch.Tensor | None, shift
                              f"contiguous float32 [{k}] vector on {x.device} (one entry per input channel)")
 
 
+def _checked_rows(op: str, x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
+                  bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's checked arguments: x [M, K] with contiguous channels, and its empty int8 codes."""
+    check_activation_args(x, inv_scale, shift, bits)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [M, K], got shape {list(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return x, torch.empty(x.shape, dtype=torch.int8, device=x.device)
+
+
 def quantize_activation(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
                         bits: int) -> torch.Tensor:
     """x float [M, K] (rows may be strided, channels contiguous) -> int8 [M, K]."""
-    check_activation_args(x, inv_scale, shift, bits)
-    if x.dim() != 2:
-        raise ValueError(f"quantize_activation: x must be 2-D [M, K], got shape {list(x.shape)}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x, q = _checked_rows("quantize_activation", x, inv_scale, shift, bits)
     m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     if m == 0 or k == 0:
         return q
     qmin, qmax = qrange(bits)
@@ -84,3 +143,29 @@ def quantize_activation(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: 
         HAS_INV_SCALE=inv_scale is not None, HAS_SHIFT=shift is not None, BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=4, enable_fp_fusion=False)
     return q
+
+
+# Rows up to this many channels stay in registers (one read of x); longer rows take two passes over K in blocks
+# of GUARDED_PASS_BLOCK_K.
+GUARDED_ONE_BLOCK_K = 16384
+GUARDED_PASS_BLOCK_K = 4096
+
+
+def quantize_activation_guarded(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
+                                bits: int, floor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float [M, K] -> (int8 codes [M, K], t float32 [M, 1]): torch_ref.quantize_activation_guarded_ref in one
+    kernel, one program per row (the row's maximum and minimum decide its codes)."""
+    x, q = _checked_rows("quantize_activation_guarded", x, inv_scale, shift, bits)
+    m, k = x.shape
+    t = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, t.fill_(floor)
+    qmin, qmax = qrange(bits)
+    low, high = guard_limits(bits)
+    one_block = k <= GUARDED_ONE_BLOCK_K
+    block_k = triton.next_power_of_2(k) if one_block else GUARDED_PASS_BLOCK_K
+    _quantize_activation_guarded_kernel[(m,)](
+        x, q, t, inv_scale, shift, k, x.stride(0), q.stride(0), floor, LOW=low, HIGH=high, QMIN=qmin, QMAX=qmax,
+        HAS_INV_SCALE=inv_scale is not None, HAS_SHIFT=shift is not None, BLOCK_K=block_k, ONE_BLOCK=one_block,
+        num_warps=min(16, max(4, block_k // 1024)), enable_fp_fusion=False)
+    return q, t

@@ -37,13 +37,15 @@ def _runs_triton(t: torch.Tensor) -> bool:
 @functools.cache
 def _triton() -> SimpleNamespace:
     """The Triton kernels, imported on first use so that CPU-only installs without Triton keep the torch path."""
-    from vllm_outliertune.kernels.act_quant import quantize_activation
+    from vllm_outliertune.kernels.act_quant import quantize_activation, quantize_activation_guarded
     from vllm_outliertune.kernels.int8_gemm import int8_gemm
     from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma, supports_tma
     from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
     from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
     from vllm_outliertune.kernels.w4a8_unpack import unpack_levels
-    return SimpleNamespace(quantize_activation=quantize_activation, int8_gemm=int8_gemm, splitk_gemm=splitk_gemm,
+    return SimpleNamespace(quantize_activation=quantize_activation,
+                           quantize_activation_guarded=quantize_activation_guarded, int8_gemm=int8_gemm,
+                           splitk_gemm=splitk_gemm,
                            int8_gemm_tma=int8_gemm_tma, supports_tma=supports_tma, w4a8_gemm=w4a8_gemm,
                            unpack_levels=unpack_levels)
 
@@ -210,6 +212,21 @@ def quantize_activation(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: 
 @quantize_activation.register_fake
 def _(x, inv_scale, shift, bits):
     return torch.empty_like(x, dtype=torch.int8)
+
+
+@torch.library.custom_op("outliertune_kernels::quantize_activation_guarded", mutates_args=())
+def quantize_activation_guarded(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
+                                bits: int, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float [M, K] -> (int8 codes [M, K], t float32 [M, 1]): the per-token overflow guard
+    (torch_ref.quantize_activation_guarded_ref) in one pass per row."""
+    if _runs_triton(x):
+        return _triton().quantize_activation_guarded(x, inv_scale, shift, bits, floor)
+    return torch_ref.quantize_activation_guarded_ref(x, inv_scale, shift, bits, floor)
+
+
+@quantize_activation_guarded.register_fake
+def _(x, inv_scale, shift, bits, floor):
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
 @torch.library.custom_op("outliertune_kernels::int8_gemm", mutates_args=())

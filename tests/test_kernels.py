@@ -44,7 +44,9 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     """Every kernel against the torch reference on one shape; returns the failures (empty when all pass)."""
     from vllm_outliertune.kernels import torch_ref
     from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma
-    from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation, quantized_linear
+    from vllm_outliertune.kernels import act_quant
+    from vllm_outliertune.kernels.linear import (
+        int8_gemm, quantize_activation, quantize_activation_guarded, quantized_linear)
     from vllm_outliertune.kernels.splitk_gemm import splitk_gemm, zeroed_workspace
 
     bits = ACT_BITS[seed % len(ACT_BITS)]
@@ -60,6 +62,22 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     x, w_q, w_scale, bias = p["x"], p["w_q"], p["w_scale"], p["bias"]
     q_ref = torch_ref.quantize_activation_ref(x, p["inv_scale"], p["shift"], bits)
     expect_equal("quantize_activation", quantize_activation(x, p["inv_scale"], p["shift"], bits), q_ref)
+    # The token guard's codes and t per row (rows beyond the range get t > 1, with a floor below 1 small rows
+    # t < 1), rows in registers and, with the block limits lowered, in two passes of several blocks; against the
+    # reference on the CPU (CUDA's eager division by a Python number multiplies by its reciprocal: t an ulp off).
+    floor = (1.0, 1 / 16)[seed % 2]
+    on_cpu = [None if v is None else v.cpu() for v in (x, p["inv_scale"], p["shift"])]
+    codes_want, t_want = torch_ref.quantize_activation_guarded_ref(*on_cpu, bits, floor)
+    for one_block_k, pass_block_k in ((act_quant.GUARDED_ONE_BLOCK_K, act_quant.GUARDED_PASS_BLOCK_K), (32, 64)):
+        limits = act_quant.GUARDED_ONE_BLOCK_K, act_quant.GUARDED_PASS_BLOCK_K
+        act_quant.GUARDED_ONE_BLOCK_K, act_quant.GUARDED_PASS_BLOCK_K = one_block_k, pass_block_k
+        try:
+            codes, t = quantize_activation_guarded(x, p["inv_scale"], p["shift"], bits, floor)
+        finally:
+            act_quant.GUARDED_ONE_BLOCK_K, act_quant.GUARDED_PASS_BLOCK_K = limits
+        name = f"quantize_activation_guarded floor={floor} {'one block' if k <= one_block_k else 'two passes'}"
+        expect_equal(f"{name} codes", codes.cpu(), codes_want)
+        expect_equal(f"{name} t", t.cpu(), t_want)
     expect_equal("int8_gemm int32", int8_gemm(q_ref, w_q, None, None, torch.int32),
                  torch_ref.int_mm_exact(q_ref, w_q))
     for out_dtype in (torch.bfloat16, torch.float16):
@@ -239,13 +257,18 @@ def test_kernels_match_reference_in_interpreter(interpreter_results, m, k, n):
 def test_cpu_ops_fall_back_to_reference_and_register_fakes():
     """Without the interpreter, CPU tensors take the exact torch path; opcheck validates schema + fake impls."""
     from vllm_outliertune.kernels import torch_ref
-    from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation, quantized_linear
+    from vllm_outliertune.kernels.linear import (
+        int8_gemm, quantize_activation, quantize_activation_guarded, quantized_linear)
 
     p = make_problem(5, 72, 40, 8, seed=1)
     q = torch_ref.quantize_activation_ref(p["x"], p["inv_scale"], p["shift"], 8)
     y = quantized_linear(p["x"], p["w_q"], p["w_scale"], p["bias"], p["inv_scale"], p["shift"], 8, torch.bfloat16)
     assert torch.equal(y, torch_ref.int8_gemm_ref(q, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16))
     torch.library.opcheck(quantize_activation, (p["x"], p["inv_scale"], None, 6))
+    codes, t = quantize_activation_guarded(p["x"], p["inv_scale"], p["shift"], 8, 0.5)
+    expected = torch_ref.quantize_activation_guarded_ref(p["x"], p["inv_scale"], p["shift"], 8, 0.5)
+    assert torch.equal(codes, expected[0]) and torch.equal(t, expected[1])
+    torch.library.opcheck(quantize_activation_guarded, (p["x"], p["inv_scale"], p["shift"], 8, 0.5))
     torch.library.opcheck(int8_gemm, (q, p["w_q"], p["w_scale"], None, torch.float16))
     row_scale = torch.linspace(1, 3, 5).view(5, 1)  # the token guard's t: the reference's epilogue, and the fake
     y = int8_gemm(q, p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, row_scale)

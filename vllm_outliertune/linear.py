@@ -301,10 +301,13 @@ class OutlierTuneLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])
         if self.spec.token_guard:
-            # The guard's t and codes as torch ops in either mode (traced, inductor fuses them upstream as below);
-            # the GEMM's epilogue multiplies each row by its t.
-            codes, t = quantize_activation_guarded_ref(x_2d, layer.input_inv_scale, layer.input_shift,
-                                                       self.spec.activation_bits, self.spec.token_guard_floor)
+            # The guard's t and codes: traced, as torch ops that inductor fuses into the producer of x (as below;
+            # faster on an H200 than our one-kernel op after an unfused producer, docs/benchmarks.md); eager, our
+            # one kernel. The GEMM's epilogue multiplies each row by its t.
+            guard = (quantize_activation_guarded_ref if torch.compiler.is_compiling()
+                     else kernel_ops.quantize_activation_guarded)
+            codes, t = guard(x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
+                             self.spec.token_guard_floor)
             out = self._codes_gemm(layer, codes, x.dtype, row_scale=t)
         elif layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
             out = self._apply_packed(layer, x_2d, x.dtype)
