@@ -68,8 +68,6 @@ class Architecture:
     gptq_bits: tuple[int, ...] | None = None
     # --range-margin (every group) when none is given; None: quantize.AUTO_RANGE_MARGIN by bit widths.
     range_margin: float | None = None
-    # --token-guard when neither it nor --no-token-guard is given; None: quantize.AUTO_TOKEN_GUARD by bit widths.
-    token_guard: bool | None = None
 
     @property
     def groups(self) -> dict[str, tuple[str, ...]]:

@@ -162,14 +162,13 @@ class QuantizeOptions:
         return margin if isinstance(margin, RangeMargin) else RangeMargin(float(margin))
 
     def for_architecture(self, arch: Architecture) -> QuantizeOptions:
-        """These options with --weight-rounding auto, the range margin and the token guard resolved for ``arch``
-        where it has its own choice (token_guard then a bool)."""
+        """These options with --weight-rounding auto and the range margin resolved for ``arch`` where it has its own
+        choice, and the token guard resolved (a bool)."""
         options = self
         if self.range_margin is None and arch.range_margin is not None:
             options = dataclasses.replace(options, range_margin=arch.range_margin)
         if self.token_guard is None:
-            options = dataclasses.replace(options, token_guard=options.guard if arch.token_guard is None
-                                          else arch.token_guard)
+            options = dataclasses.replace(options, token_guard=options.guard)
         if self.weight_rounding != "auto" or arch.gptq_bits is None:
             return options
         return dataclasses.replace(options, weight_rounding="gptq" if self.w_bits in arch.gptq_bits else "rtn")
