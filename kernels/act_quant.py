@@ -64,6 +64,15 @@ def _quantize_activation_kernel(x_ptr, q_ptr, inv_scale_ptr, shift_ptr, M, K, st
 
 
 @triton.jit
+def _row_units(x_row, inv_scale_ptr, shift_ptr, k0, offs, K, HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """Channels k0 + offs of one row: (units [1, BLOCK_K], mask of the channels < K)."""
+    mask = k0 + offs < K
+    units = activation_units(tl.load(x_row + k0 + offs, mask=mask, other=0.0)[None, :], inv_scale_ptr, shift_ptr,
+                             k0 + offs, mask, HAS_INV_SCALE, HAS_SHIFT)
+    return units, mask
+
+
+@triton.jit
 def _quantize_activation_guarded_kernel(x_ptr, q_ptr, t_ptr, inv_scale_ptr, shift_ptr, K, stride_xm, stride_qm,
                                         floor, LOW: tl.constexpr, HIGH: tl.constexpr, QMIN: tl.constexpr,
                                         QMAX: tl.constexpr, HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -74,18 +83,14 @@ def _quantize_activation_guarded_kernel(x_ptr, q_ptr, t_ptr, inv_scale_ptr, shif
     q_row = q_ptr + tl.program_id(0).to(tl.int64) * stride_qm
     offs = tl.arange(0, BLOCK_K)
     if ONE_BLOCK:
-        mask = offs < K
-        u = activation_units(tl.load(x_row + offs, mask=mask, other=0.0)[None, :], inv_scale_ptr, shift_ptr, offs,
-                             mask, HAS_INV_SCALE, HAS_SHIFT)
+        u, mask = _row_units(x_row, inv_scale_ptr, shift_ptr, 0, offs, K, HAS_INV_SCALE, HAS_SHIFT)
         highest = tl.max(tl.where(mask[None, :], u, -float("inf")))
         lowest = tl.min(tl.where(mask[None, :], u, float("inf")))
     else:
         highest = -float("inf")
         lowest = float("inf")
         for k0 in range(0, K, BLOCK_K):
-            mask = k0 + offs < K
-            u = activation_units(tl.load(x_row + k0 + offs, mask=mask, other=0.0)[None, :], inv_scale_ptr,
-                                 shift_ptr, k0 + offs, mask, HAS_INV_SCALE, HAS_SHIFT)
+            u, mask = _row_units(x_row, inv_scale_ptr, shift_ptr, k0, offs, K, HAS_INV_SCALE, HAS_SHIFT)
             highest = tl.maximum(highest, tl.max(tl.where(mask[None, :], u, -float("inf"))))
             lowest = tl.minimum(lowest, tl.min(tl.where(mask[None, :], u, float("inf"))))
     t = tl.maximum(tl.maximum(tl.math.div_rn(highest, HIGH), tl.math.div_rn(lowest, LOW)), floor)
@@ -94,9 +99,7 @@ def _quantize_activation_guarded_kernel(x_ptr, q_ptr, t_ptr, inv_scale_ptr, shif
         tl.store(q_row + offs[None, :], round_units(tl.math.div_rn(u, t), QMIN, QMAX), mask=mask[None, :])
     else:
         for k0 in range(0, K, BLOCK_K):
-            mask = k0 + offs < K
-            u = activation_units(tl.load(x_row + k0 + offs, mask=mask, other=0.0)[None, :], inv_scale_ptr,
-                                 shift_ptr, k0 + offs, mask, HAS_INV_SCALE, HAS_SHIFT)
+            u, mask = _row_units(x_row, inv_scale_ptr, shift_ptr, k0, offs, K, HAS_INV_SCALE, HAS_SHIFT)
             tl.store(q_row + k0 + offs[None, :], round_units(tl.math.div_rn(u, t), QMIN, QMAX), mask=mask[None, :])
 
 
