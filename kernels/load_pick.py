@@ -20,6 +20,7 @@ from vllm_outliertune.kernels import configs
 PICK_REP_MS = 5.0  # timing per candidate: the choices differ by 15 % and more where it matters
 LOAD_PICK_ENV = "OUTLIERTUNE_LOAD_PICK"
 INT8_KERNELS = ("int8_gemm", *configs.DISPATCH_ORDER["int8_gemm"])
+TUNED_DEPTH = 4096  # the most common K where the alternatives won (5 of the H200's 12 fully searched shapes; 1024-27648)
 
 # Timer: (kernel, config, M) -> µs, or None where that kernel or tile cannot run here.
 Timer = Callable[[str, dict, int], "float | None"]
@@ -36,7 +37,7 @@ def pick_entries(n: int, k: int, keys: tuple[str, ...], time_us: Timer) -> tuple
         m = int(bucket)
         current = next(iter(configs.kernels_for(m, n, k, keys)), "int8_gemm")
         options = [[current, configs.get_config(current, m, n, k, keys)]]
-        for option in alternatives + [fitted for option in alternatives if (fitted := fit_to_depth(*option, k))]:
+        for option in alternatives + [fitted for option in alternatives for fitted in fitted_to_depth(*option, k)]:
             if option not in options:
                 options.append(option)
         choices[bucket] = options
@@ -66,15 +67,25 @@ def pick_entries(n: int, k: int, keys: tuple[str, ...], time_us: Timer) -> tuple
         picked
 
 
-def fit_to_depth(kernel: str, config: dict, k: int) -> list | None:
-    """A split-K alternative whose BLOCK_K is deeper than this shape's K, with BLOCK_K cut to K rounded up to a power
-    of two (None where it fits already). Its one-row tiles do best when a program covers the whole K (H200: the
-    4096x2048 shape at M = 1 ran 15.3 µs with BLOCK_K 2048, 64-66 µs with the alternatives' 1024 and 4096), and the
-    alternatives come from deeper shapes, so shallower ones get theirs fitted; timed like the others."""
+def fitted_to_depth(kernel: str, config: dict, k: int) -> list[list]:
+    """A split-K alternative fitted to this shape's depth K, as [kernel, config] options timed beside it (none where
+    it fits already). The alternatives won on the spread's shapes, K = TUNED_DEPTH deep more often than not:
+    - shallower K: BLOCK_K cut to K rounded up to a power of two. One-row tiles do best when a program covers the
+      whole K (H200: the 4096x2048 shape at M = 1 ran 15.3 µs with BLOCK_K 2048, 64-66 µs with the alternatives'
+      1024 and 4096).
+    - deeper K: SPLIT_K times K / TUNED_DEPTH (rounded up to a power of two), so each program's K loop stays as
+      long as where the tile won (H200, 4096x14336 at M = 4: the alternatives' BLOCK_M 16 tile 33.2 µs with SPLIT_K
+      1, 27.9 with 4, the shape's own best; CUDA-graph timings of bench/tune_state_h200_graph.jsonl.gz)."""
+    if kernel != "splitk_gemm":
+        return []
     depth = 1 << (k - 1).bit_length()
-    if kernel != "splitk_gemm" or config["BLOCK_K"] <= depth:
-        return None
-    return [kernel, dict(config, BLOCK_K=depth)]
+    fitted = []
+    if config["BLOCK_K"] > depth:
+        fitted.append([kernel, dict(config, BLOCK_K=depth)])
+    deeper = -(-k // TUNED_DEPTH)
+    if deeper > 1 and config.get("SPLIT_K", 1) > 0:  # SPLIT_K 0 chooses its split itself
+        fitted.append([kernel, dict(config, SPLIT_K=config.get("SPLIT_K", 1) << (deeper - 1).bit_length())])
+    return fitted
 
 
 def gpu_timer(n: int, k: int, device: torch.device) -> Timer:

@@ -258,8 +258,21 @@ def test_load_time_pick_serves_an_untuned_shape_from_the_fastest_alternative(use
 
     entries, picked = load_pick.pick_entries(4096, 2000, H800_KEYS, shallow_wins)
     assert picked == {"1": "splitk_gemm"} and entries["splitk_gemm"]["1"] == dict(deep, BLOCK_K=2048)
-    assert load_pick.fit_to_depth("splitk_gemm", deep, 4096) is None  # deep enough shapes time it as it is
-    assert load_pick.fit_to_depth("int8_gemm", deep, 2000) is None
+    assert load_pick.fitted_to_depth("splitk_gemm", deep, 4096) == []  # shapes of the tuned depth time it as it is
+    assert load_pick.fitted_to_depth("int8_gemm", deep, 2000) == []
+    # deeper than the tuned depth: also timed with SPLIT_K scaled by K / TUNED_DEPTH (a power of two), so that each
+    # program's K loop keeps its length (H200, 4096x14336 at M = 4: SPLIT_K 4 of the alternative's tile ran 27.9 µs
+    # against 33.2 with SPLIT_K 1)
+    tensor_core = dict(tile(16), SPLIT_K=1, BLOCK_K=256)
+    assert load_pick.fitted_to_depth("splitk_gemm", tensor_core, 14336) == [["splitk_gemm", dict(tensor_core, SPLIT_K=4)]]
+    assert load_pick.fitted_to_depth("splitk_gemm", dict(tensor_core, SPLIT_K=2), 7168) == \
+        [["splitk_gemm", dict(tensor_core, SPLIT_K=4)]]
+    assert load_pick.fitted_to_depth("splitk_gemm", dict(tensor_core, SPLIT_K=0), 14336) == []  # automatic split
+    tune.write_table(user_table, "NVIDIA H800", generic, "sm90", alternates={"4": [["splitk_gemm", tensor_core]]})
+    configs.clear_caches()
+    entries, picked = load_pick.pick_entries(4096, 14336, H800_KEYS,
+                                             lambda kernel, config, m: 1.0 if config.get("SPLIT_K") == 4 else 9.0)
+    assert picked == {"4": "splitk_gemm"} and entries["splitk_gemm"]["4"] == dict(tensor_core, SPLIT_K=4)
     # a tuned shape, a CPU tensor and OUTLIERTUNE_LOAD_PICK=0 are left alone
     monkeypatch.setattr(configs, "table_keys", lambda device: H800_KEYS)
     cuda = SimpleNamespace(type="cuda")
