@@ -2,18 +2,20 @@
 the int8 GEMM with and without the per-row scale t in its epilogue (Llama-3-8B qkv, the tile table's dispatch), and
 the two producers of activations (RMSNorm + residual, K = 4096; SiLU-mul, K = 14336) with their quantization compiled
 by torch.compile (inductor, as vLLM's compiled mode fuses them): plain; the guard as torch ops fused into the producer
-(default inductor options; with cooperative reductions, which spread a row over several programs; with multi-kernel,
+(default inductor options; with the row maximum in 8 or 32 parts first, as the plugin traces it for row-parallel
+layers; with cooperative reductions, which spread a row over several programs; with multi-kernel,
 which times a looped and a persistent reduction; with persistent reductions up to K = 16,384, the row read once);
 the guard as its own kernel (custom op quantize_activation_guarded) after the plain producer. Then the GEMM with and
 without t, and eager mode's torch ops against the kernel. CUDA-graph replays, cold L2, medians:
 
-    python bench/guard_cost.py
+    python bench/guard_cost.py ["guard in 8 parts" ...]   # (names: only these variants besides plain and guard)
 
 The end-to-end cost is the `w8a8` row of `bench/e2e_gpu.py table` (the default: guarded) against `w8a8-noguard`."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
@@ -26,6 +28,7 @@ INTERMEDIATE = 14336  # down_proj's input (SiLU-mul of gate_up)
 ROWS = (1, 64, 2048)
 COOPERATIVE = {"triton.cooperative_reductions": True}
 MULTI_KERNEL = {"triton.multi_kernel": 1}  # both a looped and a persistent reduction, the faster picked at run time
+ROW_PARTS = (8, 32)  # the guard's row maximum in parts first (the traced guard of row-parallel layers: 8)
 PERSISTENT_UP_TO = 16384  # persistent reductions (the row in registers, read once) up to this K; inductor: 1024
 
 
@@ -62,6 +65,8 @@ def quant_variants():
     guard = lambda x, s, z: quantize_activation_guarded_ref(x, s, z, 8)
     return {"plain": (plain, {}, contextlib.nullcontext), "guard": (guard, {}, contextlib.nullcontext),
             "guard cooperative": (guard, COOPERATIVE, contextlib.nullcontext),
+            **{f"guard in {parts} parts": (lambda x, s, z, parts=parts: quantize_activation_guarded_ref(
+                x, s, z, 8, row_parts=parts), {}, contextlib.nullcontext) for parts in ROW_PARTS},
             "guard kernel": (lambda x, s, z: quantize_activation_guarded(x, s, z, 8, 1.0), {}, contextlib.nullcontext),
             "plain multi-kernel": (plain, MULTI_KERNEL, contextlib.nullcontext),
             "guard multi-kernel": (guard, MULTI_KERNEL, contextlib.nullcontext),
@@ -69,7 +74,7 @@ def quant_variants():
             "guard persistent": (guard, {}, persistent_reductions)}
 
 
-def time_producers() -> None:
+def time_producers(only: list[str]) -> None:
     """RMSNorm + residual + quant (K = 4096), SiLU-mul + quant (K = 14336) and quant alone (K = 4096, attention's
     output feeding o_proj), each variant compiled by inductor; every guarded variant's codes and t checked equal to
     the eager torch reference's."""
@@ -96,6 +101,8 @@ def time_producers() -> None:
             expected = quantize_activation_guarded_ref(reference(*args), inv_scale, shift, 8)
             times = {}
             for name, (quant, options, context) in quant_variants().items():
+                if only and name not in ("plain", "guard", *only):
+                    continue
                 fn = torch.compile(make(quant), options=options)
                 with context():  # inductor compiles at the first call
                     result = fn(*args)
@@ -134,7 +141,7 @@ def time_eager() -> None:
 
 def main() -> None:
     warm_gpu()
-    time_producers()
+    time_producers(sys.argv[1:])
     for m in ROWS:
         p = make_inputs(m, N, K)
         codes = quantize_activation_ref(p["x"], p["inv_scale"], p["shift"], 8)
