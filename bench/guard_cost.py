@@ -2,8 +2,7 @@
 the int8 GEMM with and without the per-row scale t in its epilogue (Llama-3-8B qkv, the tile table's dispatch), and
 the two producers of activations (RMSNorm + residual, K = 4096; SiLU-mul, K = 14336) with their quantization compiled
 by torch.compile (inductor, as vLLM's compiled mode fuses them): plain; the guard as torch ops fused into the producer
-(default inductor options; with the row maximum in 8 or 32 parts first, as the plugin traces it for row-parallel
-layers; with cooperative reductions, which spread a row over several programs; with multi-kernel,
+(default inductor options; with the row maximum in 8 or 32 parts first; with cooperative reductions, which spread a row over several programs; with multi-kernel,
 which times a looped and a persistent reduction; with persistent reductions up to K = 16,384, the row read once);
 the guard as its own kernel (custom op quantize_activation_guarded) after the plain producer. Then the GEMM with and
 without t, and eager mode's torch ops against the kernel. CUDA-graph replays, cold L2, medians:
@@ -19,6 +18,7 @@ import sys
 
 import torch
 
+from vllm_outliertune.format import guard_scale
 from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation_guarded
 from vllm_outliertune.kernels.torch_ref import quantize_activation_guarded_ref, quantize_activation_ref
 from vllm_outliertune.kernels.tune import graph_time_us, make_inputs, warm_gpu
@@ -28,7 +28,7 @@ INTERMEDIATE = 14336  # down_proj's input (SiLU-mul of gate_up)
 ROWS = (1, 64, 2048)
 COOPERATIVE = {"triton.cooperative_reductions": True}
 MULTI_KERNEL = {"triton.multi_kernel": 1}  # both a looped and a persistent reduction, the faster picked at run time
-ROW_PARTS = (8, 32)  # the guard's row maximum in parts first (the traced guard of row-parallel layers: 8)
+ROW_PARTS = (8, 32)  # the guard's row maximum in parts first
 PERSISTENT_UP_TO = 16384  # persistent reductions (the row in registers, read once) up to this K; inductor: 1024
 
 
@@ -59,14 +59,24 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def guarded_in_parts(x: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tensor, parts: int):
+    """The guard with each row's maximum and minimum taken over `parts` parts of the row first, then over their
+    results (bit-identical t: max and min are order-free; guard_scale over the parts' maxima and minima gives the
+    row's), so that inductor spreads a row over several programs."""
+    units = x.float() * inv_scale - shift
+    split = units.unflatten(-1, (parts, -1))
+    t = guard_scale(torch.cat([split.amax(-1), split.amin(-1)], dim=-1), 8)
+    return torch.round(units / t).clamp_(-128, 127).to(torch.int8), t
+
+
 def quant_variants():
     """name -> (quantization of an activation (x, inv_scale, shift), inductor options, compile context)."""
     plain = lambda x, s, z: quantize_activation_ref(x, s, z, 8)
     guard = lambda x, s, z: quantize_activation_guarded_ref(x, s, z, 8)
     return {"plain": (plain, {}, contextlib.nullcontext), "guard": (guard, {}, contextlib.nullcontext),
             "guard cooperative": (guard, COOPERATIVE, contextlib.nullcontext),
-            **{f"guard in {parts} parts": (lambda x, s, z, parts=parts: quantize_activation_guarded_ref(
-                x, s, z, 8, row_parts=parts), {}, contextlib.nullcontext) for parts in ROW_PARTS},
+            **{f"guard in {parts} parts": (lambda x, s, z, parts=parts: guarded_in_parts(x, s, z, parts), {},
+                                           contextlib.nullcontext) for parts in ROW_PARTS},
             "guard kernel": (lambda x, s, z: quantize_activation_guarded(x, s, z, 8, 1.0), {}, contextlib.nullcontext),
             "plain multi-kernel": (plain, MULTI_KERNEL, contextlib.nullcontext),
             "guard multi-kernel": (guard, MULTI_KERNEL, contextlib.nullcontext),

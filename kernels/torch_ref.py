@@ -31,29 +31,17 @@ def quantize_activation_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shi
 
 
 def quantize_activation_guarded_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
-                                    bits: int, floor: float = 1.0, row_parts: int = 1
-                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                                    bits: int, floor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-token overflow guard (quantization_config.token_guard): with u = x * inv_scale - shift, each row m
     gets t[m] = max(floor, max_k u[m, k] / (qmax + 1/2), min_k u[m, k] / (qmin - 1/2)) (format.guard_scale) and
     codes clamp(round(u / t[m])); returns (codes int8 [M, K], t float32 [M, 1]). With floor 1, a row that rounds
     without saturating (every u in [qmin - 1/2, qmax + 1/2]) has t = 1 and exactly quantize_activation_ref's codes;
     a row beyond the plan's range keeps its shape at a coarser step instead of saturating (the output is then scaled
     by t). A floor below 1 (token_guard_floor) also gives a row whose codes span less than the range a finer step,
-    down to floor times the plan's.
-
-    row_parts > 1 (dividing K) takes each row's maximum and minimum in two steps, over row_parts parts of the row
-    and then over their results: the same t bit for bit (max and min are order-free), written so that inductor
-    spreads a row over several programs instead of one. Where the producer of x is a pointwise kernel (SiLU-mul,
-    or none: attention's output) that is faster at every M (H200, SiLU-mul + guard, K = 14,336, M = 1: 10.5 µs
-    against 13.1); where it is a norm, whose own row reduction the guard's joins, it is slower (docs/benchmarks.md)."""
+    down to floor times the plan's."""
     qmin, qmax = qrange(bits)
     units = _activation_units(x, inv_scale, shift)
-    if row_parts > 1 and units.shape[-1] % row_parts == 0:
-        parts = units.unflatten(-1, (row_parts, -1))
-        # guard_scale over each part's maximum and minimum: their largest is the row's maximum, their least its minimum
-        t = guard_scale(torch.cat([parts.amax(-1), parts.amin(-1)], dim=-1), bits, floor)
-    else:
-        t = guard_scale(units, bits, floor)
+    t = guard_scale(units, bits, floor)
     # (x / 1 is x exactly, so t = 1 rows round exactly as without the guard.)
     return torch.round(units / t).clamp_(qmin, qmax).to(torch.int8), t
 

@@ -293,68 +293,31 @@ def _overflowing_share(model, ids) -> float:
     return float(torch.stack(counts).mean())
 
 
-def test_vllm_apply_equals_the_reference_exactly(monkeypatch):
+def test_vllm_apply_equals_the_reference_exactly():
     """The vLLM LinearMethod's apply() with token_guard, eager and traced by torch.compile (vLLM's default mode),
     on tokens inside and beyond the range: eager bit for bit the torch reference's output, traced within float
-    reordering of it (a code at a rounding tie may move one step). Traced, a row-parallel layer (down_proj, o_proj:
-    inputs from SiLU-mul or attention) takes the row maximum in parts, a column-parallel one (inputs from a norm) in
-    one step."""
+    reordering of it (a code at a rounding tie may move one step)."""
     pytest.importorskip("vllm")
     from types import SimpleNamespace
 
-    from vllm_outliertune import linear as plugin_linear
     from vllm_outliertune.linear import OutlierTuneLinearMethod
 
-    class RowParallelStandIn(SimpleNamespace):
-        pass
-
-    traced_parts = []
-
-    def spy(*args, row_parts=1):
-        traced_parts.append(row_parts)
-        return quantize_activation_guarded_ref(*args, row_parts=row_parts)
-
-    monkeypatch.setattr(plugin_linear, "RowParallelLinear", RowParallelStandIn)
-    monkeypatch.setattr(plugin_linear, "quantize_activation_guarded_ref", spy)
-    for (bits, floor), layer_type in zip(((8, 1.0), (6, 1.0), (6, 1 / 16), (8, 1.0)),
-                                         (SimpleNamespace, RowParallelStandIn, RowParallelStandIn, RowParallelStandIn)):
+    for bits, floor in ((8, 1.0), (6, 1.0), (6, 1 / 16)):
         linear, plan, quantized, tensors, x = _case(bits, overflow=4.0)
         config = _guarded(fmt.QuantizationConfig(bits, bits), floor)
         folded_x = (x / plan.step).reshape(3, 3, -1)
-        folded_x = torch.cat([folded_x, folded_x[..., :2]], dim=-1)  # K = 72: 8 parts of 9 channels
-        for name in ("weight", "input_shift"):
-            tensors[name] = torch.cat([tensors[name], tensors[name][..., :2]], dim=-1)
-        layer = layer_type(weight=tensors["weight"], weight_scale=tensors["weight_scale"],
-                           output_bias=tensors["output_bias"] + tensors["bias"], input_inv_scale=None,
-                           input_shift=tensors["input_shift"], exact_index=None, exact_weight=None)
+        layer = SimpleNamespace(weight=tensors["weight"], weight_scale=tensors["weight_scale"],
+                                output_bias=tensors["output_bias"] + tensors["bias"], input_inv_scale=None,
+                                input_shift=tensors["input_shift"], exact_index=None, exact_weight=None)
         method = OutlierTuneLinearMethod(config, "model.layers.0.mlp.down_proj", ["down_proj"])
         reference = ReferenceQuantLinear(tensors, config)(folded_x)
         assert torch.equal(method.apply(layer, folded_x), reference)
-        traced_parts.clear()
-        torch._dynamo.reset()
         compiled = torch.compile(lambda v: method.apply(layer, v), fullgraph=True)(folded_x)
-        assert traced_parts == [plugin_linear.GUARD_ROW_PARTS if layer_type is RowParallelStandIn else 1]
         # at most two codes moved by one step per output: 2 * 127 * weight_scale * t
         _, t = quantize_activation_guarded_ref(folded_x.reshape(9, -1), None, layer.input_shift, bits, floor)
         assert floor == 1.0 or t.min() < 1  # the floor reaches apply(): some token has a finer step
         bound = 2 * 127 * layer.weight_scale * t + 1e-5
         assert ((compiled.reshape(9, -1) - reference.reshape(9, -1)).abs() <= bound).all()
-
-
-@pytest.mark.parametrize("bits,floor", [(8, 1.0), (6, 1 / 16)])
-def test_row_maximum_in_parts_gives_the_same_t_and_codes(bits, floor):
-    """row_parts (the traced guard of row-parallel layers) takes each row's maximum and minimum over parts first:
-    t and the codes bit for bit those of the one-step reduction, with the largest unit of a row in any part and of
-    either sign; a K that the parts do not divide takes the one-step reduction."""
-    generator = torch.Generator().manual_seed(bits)
-    for k in (72, 70):
-        x = torch.randn(6, k, generator=generator) * 30
-        x[1, 5], x[2, k - 1], x[3, 40] = 900.0, -700.0, 3000.0  # t set by a positive / negative unit, mid-row
-        inv_scale, shift = torch.rand(k, generator=generator) + 0.5, torch.randn(k, generator=generator)
-        expected = quantize_activation_guarded_ref(x, inv_scale, shift, bits, floor)
-        split = quantize_activation_guarded_ref(x, inv_scale, shift, bits, floor, row_parts=8)
-        assert (expected[1][1:4] > 1).all()
-        assert torch.equal(split[0], expected[0]) and torch.equal(split[1], expected[1])
 
 
 @pytest.mark.parametrize("bits,floor", [(8, 1.0), (6, 1 / 16)])

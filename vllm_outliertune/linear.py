@@ -30,8 +30,6 @@ from vllm_outliertune.kernels.torch_ref import (
     add_exact_channels, quantize_activation_guarded_ref, quantize_activation_ref)
 
 _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
-# Traced guard on a row-parallel layer's input: its row maximum in GUARD_ROW_PARTS parts first (torch_ref)
-GUARD_ROW_PARTS = 8
 logger = logging.getLogger("vllm.outliertune")  # under vLLM's logger, so its handler prints our lines
 # (weight shape, output dtype, device) whose GEMM kernels were compiled at load: once per process and shape.
 _WARMED_UP: set[tuple] = set()
@@ -306,15 +304,10 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             # The guard's t and codes: traced, as torch ops that inductor fuses into the producer of x (as below;
             # faster on an H200 than our one-kernel op after an unfused producer, docs/benchmarks.md); eager, our
             # one kernel. The GEMM's epilogue multiplies each row by its t.
-            args = (x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
-                    self.spec.token_guard_floor)
-            if torch.compiler.is_compiling():
-                # A row-parallel layer's input comes from SiLU-mul or attention, not from a norm: there the row
-                # maximum in parts spreads a row over programs (a norm's fused kernel is faster without)
-                codes, t = quantize_activation_guarded_ref(
-                    *args, row_parts=GUARD_ROW_PARTS if isinstance(layer, RowParallelLinear) else 1)
-            else:
-                codes, t = kernel_ops.quantize_activation_guarded(*args)
+            guard = (quantize_activation_guarded_ref if torch.compiler.is_compiling()
+                     else kernel_ops.quantize_activation_guarded)
+            codes, t = guard(x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
+                             self.spec.token_guard_floor)
             out = self._codes_gemm(layer, codes, x.dtype, row_scale=t)
         elif layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
             out = self._apply_packed(layer, x_2d, x.dtype)
