@@ -219,10 +219,11 @@ def add_shape_entries(device_key: str, n: int, k: int, per_kernel: dict[str, dic
         cached.cache_clear()
 
 
-def tile_source(n: int, k: int, keys: tuple[str, ...]) -> str | None:
-    """None where this device's own entry lists the shape (tuned here), else where its tiles come from, e.g.
-    "NVIDIA H100 80GB HBM3 (same chip family)" or "the generic sm90 tiles of NVIDIA H200"."""
-    entry = find_entry("int8_gemm", keys, n, k)
+def tile_source(n: int, k: int, keys: tuple[str, ...], fallback: str = "int8_gemm") -> str | None:
+    """None where this device's own entry lists the shape (tuned here) for the weight format of `fallback`
+    (int8_gemm, w4a8_gemm), else where its tiles come from, e.g. "NVIDIA H100 80GB HBM3 (same chip family)" or
+    "the generic sm90 tiles of NVIDIA H200"."""
+    entry = find_entry(fallback, keys, n, k)
     if entry is None:
         return "no entry"
     device, shape = entry

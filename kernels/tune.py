@@ -386,13 +386,15 @@ def spread_results(spread: list[dict]) -> dict[str, dict[int, list[tuple[float, 
     return combined
 
 
-def generic_alternates(spread: list[dict], count: int = ALTERNATES_PER_BUCKET) -> dict[str, list]:
-    """{bucket: [[kernel, config], ...]}: per small-M bucket, `count` int8 (kernel, tile) choices timed on every
-    shape of the spread, picked greedily so that the best of them comes as close as possible to each shape's own
-    best (the first is the geometric-mean winner, which the shape-generic entry runs). On a shape no table tuned,
-    the plugin times these at load and runs the fastest (kernels/load_pick.py): the best small-M kernel depends on
-    the shape, and one generic choice missed the shape's own time by up to 2.2x."""
-    fallback, order = "int8_gemm", DISPATCH_ORDER["int8_gemm"]
+def generic_alternates(spread: list[dict], count: int = ALTERNATES_PER_BUCKET,
+                       fallback: str = "int8_gemm") -> dict[str, list]:
+    """{bucket: [[kernel, config], ...]}: per small-M bucket, `count` (kernel, tile) choices of one weight format
+    (named by its fallback kernel: int8_gemm, w4a8_gemm) timed on every shape of the spread, picked greedily so that
+    the best of them comes as close as possible to each shape's own best (the first is the geometric-mean winner).
+    On a shape no table tuned, the plugin times these at load and runs the fastest (kernels/load_pick.py): the best
+    small-M kernel depends on the shape, and one generic choice missed the shape's own time by up to 2.2x (int8)
+    and 1.6x (W4A8)."""
+    order = DISPATCH_ORDER[fallback]
     alternates: dict[str, list] = {}
     for m in sorted({m for r in spread for m in r.get(fallback, {}) if m <= ALTERNATES_UP_TO_M}):
         per_shape = [{(kernel, json.dumps(c, sort_keys=True)): t for kernel in (fallback, *order)
@@ -413,9 +415,15 @@ def generic_alternates(spread: list[dict], count: int = ALTERNATES_PER_BUCKET) -
 
 
 def device_alternates(state: TuneState, device: str) -> dict[str, list]:
-    """generic_alternates over the shapes of `device` searched in full."""
+    """generic_alternates of both weight formats over the shapes of `device` searched in full, in one list per
+    bucket (the plugin times those of the layer's format)."""
     spread = [state.results(device, n, k) for n, k in state.shapes(device, "full")]
-    return generic_alternates(spread) if spread else {}
+    alternates: dict[str, list] = {}
+    for fallback in DISPATCH_ORDER:
+        timed = [r for r in spread if fallback in r]
+        for bucket, options in (generic_alternates(timed, fallback=fallback) if timed else {}).items():
+            alternates.setdefault(bucket, []).extend(options)
+    return dict(sorted(alternates.items(), key=lambda item: int(item[0])))
 
 
 def device_entries(state: TuneState, device: str) -> dict[str, dict[str, dict]]:

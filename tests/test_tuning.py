@@ -282,6 +282,61 @@ def test_load_time_pick_serves_an_untuned_shape_from_the_fastest_alternative(use
     assert load_pick.pick_untuned_shape(6000, 4000, cuda) is None
 
 
+def test_alternates_of_each_weight_format(tmp_path):
+    """Packed 4-bit weights get alternates of their own kernels, chosen over the shapes their kernels were searched
+    on, in the same per-bucket lists as the int8 ones (the load pick times those of the layer's format)."""
+    spread = [results(w4a8_gemm=[(1, 40, 16)], w4a8_splitk=[(1, 10, 1), (1, 12, 4)]),
+              results(w4a8_gemm=[(1, 40, 16)], w4a8_splitk=[(1, 30, 1), (1, 12, 4)])]
+    assert tune.generic_alternates(spread, count=2, fallback="w4a8_gemm")["1"] == [
+        ["w4a8_splitk", tile(4)], ["w4a8_splitk", tile(1)]]
+    assert tune.generic_alternates(spread, count=2) == {}  # no int8 kernel timed
+    state = tune.TuneState.load(tmp_path / "state.jsonl")
+    for n, times in ((64, (10, 30, 9)), (128, (30, 10, 9))):
+        state.add(("GPU", "int8_gemm", n, 64, 1), "full", [(times[0], tile(16)), (times[1], tile(32))])
+        state.add(("GPU", "w4a8_gemm", n, 64, 1), "full", [(40, tile(16))])
+        state.add(("GPU", "w4a8_splitk", n, 64, 1), "full", [(times[2], tile(1))])
+    alternates = tune.device_alternates(state, "GPU")
+    assert alternates["1"] == [["int8_gemm", tile(16)], ["int8_gemm", tile(32)], ["w4a8_splitk", tile(1)],
+                               ["w4a8_gemm", tile(16)]]
+
+
+def test_load_time_pick_of_packed_weights_times_their_kernels(user_table, monkeypatch):
+    """A packed 4-bit weight's shape that no table tuned: the pick times the W4A8 alternatives and the W4A8 kernel
+    the lookup runs now (never the int8 options of the same bucket), then serves the shape from the fastest; the
+    plugin's warm-up asks for it with the layer's group size."""
+    from vllm_outliertune import linear as plugin_linear
+    from vllm_outliertune.kernels import load_pick
+
+    generic = {"int8_gemm": {"default": {"1": tile(16)}},
+               "w4a8_gemm": {"default": {"1": tile(16), "64": tile(64)}}, "w4a8_splitk": {"default": {"1": tile(1)}}}
+    tune.write_table(user_table, "NVIDIA H800", generic, "sm90",
+                     alternates={"1": [["int8_gemm", tile(32)], ["w4a8_splitk", tile(4)], ["w4a8_gemm", tile(32)]]})
+    configs.clear_caches()
+    timed = []
+
+    def fake_timer(kernel, config, m):
+        timed.append((kernel, config["BLOCK_M"]))
+        return {("w4a8_splitk", 1): 9.0, ("w4a8_splitk", 4): 5.0, ("w4a8_gemm", 32): 7.0}.get((kernel, config["BLOCK_M"]))
+
+    entries, picked = load_pick.pick_entries(5008, 4000, H800_KEYS, fake_timer, load_pick.W4A8_KERNELS)
+    assert picked == {"1": "w4a8_splitk"} and entries["w4a8_splitk"] == {"1": tile(4)}
+    assert sorted(set(timed)) == [("w4a8_gemm", 32), ("w4a8_splitk", 1), ("w4a8_splitk", 4)]
+    assert entries["w4a8_gemm"] == {"1": tile(16), "64": tile(64)} and entries["w4a8_unpack"] == {}
+    timed.clear()
+    int8_entries, _ = load_pick.pick_entries(5008, 4000, H800_KEYS, lambda kernel, config, m: 1.0)
+    assert int8_entries["int8_gemm"]["1"] == tile(16) and "w4a8_gemm" not in int8_entries
+    # the warm-up of a packed layer asks with the weight's logical shape [N, K] and its group size
+    asked = []
+    monkeypatch.setattr(plugin_linear, "pick_untuned_shape", lambda *args: asked.append(args))
+    monkeypatch.setattr(plugin_linear, "_WARMED_UP", set())
+    monkeypatch.setattr(plugin_linear.kernel_ops, "warm_up", lambda *args: 0)
+    layer = SimpleNamespace(weight=torch.zeros(16, 2, dtype=torch.int32), weight_scale=torch.ones(16),
+                            output_bias=torch.zeros(16), params_dtype=torch.bfloat16, max_rows=4)
+    packed = linear.PackedGroups(torch.ones(16, 1, dtype=torch.uint8), torch.zeros(16, 1, dtype=torch.uint8), 16, 16)
+    plugin_linear.OutlierTuneLinearMethod._warm_up(layer, packed)
+    assert asked == [(16, 16, torch.device("cpu"), 16)]
+
+
 def test_load_time_pick_operands_and_failures_do_not_stop_a_load(monkeypatch, caplog):
     """vLLM loads a model with a bf16 default dtype: the timing operands' vectors stay float32 there (the kernels
     refuse others). And a failing pick only logs: the shape runs its generic tiles."""

@@ -280,18 +280,18 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             return
         _WARMED_UP.add(key)
         started = time.perf_counter()
-        if packed is None:  # int8 weights: tiles for a shape no table tuned (the warm-up below compiles them)
-            try:
-                picked = pick_untuned_shape(*layer.weight.shape, layer.weight.device)
-            except Exception as error:  # a speed-up only: never the reason a model does not load
-                picked = None
-                logger.warning("outliertune: weight %s: the load-time tile choice failed (%s: %s); it runs the "
-                               "shape-generic tiles", list(layer.weight.shape), type(error).__name__, error)
-            if picked:
-                logger.info("outliertune: weight %s (untuned here): fastest of the generic alternatives at M <= "
-                            "%s: %s (%.1f s)", list(layer.weight.shape), max(picked, key=int),
-                            ", ".join(f"{m}: {kernel}" for m, kernel in picked.items()),
-                            time.perf_counter() - started)
+        # tiles for a shape no table tuned (the warm-up below compiles them)
+        shape = [layer.weight.shape[0], packed.in_features if packed else layer.weight.shape[1]]
+        try:
+            picked = pick_untuned_shape(*shape, layer.weight.device, packed and packed.group_size)
+        except Exception as error:  # a speed-up only: never the reason a model does not load
+            picked = None
+            logger.warning("outliertune: weight %s: the load-time tile choice failed (%s: %s); it runs the "
+                           "shape-generic tiles", shape, type(error).__name__, error)
+        if picked:
+            logger.info("outliertune: weight %s (untuned here): fastest of the generic alternatives at M <= "
+                        "%s: %s (%.1f s)", shape, max(picked, key=int),
+                        ", ".join(f"{m}: {kernel}" for m, kernel in picked.items()), time.perf_counter() - started)
         count = kernel_ops.warm_up(layer.weight, layer.weight_scale, layer.output_bias, layer.params_dtype,
                                    layer.max_rows, packed, guarded)
         if count:  # 0 where nothing is compiled (CPU)
