@@ -491,7 +491,8 @@ def test_untuned_shapes_are_reported_once_in_one_line(user_table, monkeypatch, c
     monkeypatch.setattr(configs, "table_keys", lambda device: H800_KEYS)
     tune.write_table(user_table, "NVIDIA H800", {"int8_gemm": {"N=4112,K=4096": {"16": tile(16)}}}, "sm90")
     configs.clear_caches()
-    monkeypatch.setattr(plugin_linear, "_NEW_SHAPES", dict.fromkeys([(4112, 4096), (6144, 4096), (5008, 4000)]))
+    int8 = [(4112, 4096, "int8_gemm"), (6144, 4096, "int8_gemm"), (5008, 4000, "int8_gemm")]
+    monkeypatch.setattr(plugin_linear, "_NEW_SHAPES", dict.fromkeys(int8))
     monkeypatch.setattr(plugin_linear, "_TUNE_HINT", [("/models/llama", 2)])
     line = plugin_linear.report_untuned_shapes(SimpleNamespace(type="cuda"))
     assert line == (f"outliertune: no GEMM tiles tuned on NVIDIA H800 for weight shapes [6144, 4096] (tiles tuned on "
@@ -499,6 +500,10 @@ def test_untuned_shapes_are_reported_once_in_one_line(user_table, monkeypatch, c
                     "(minutes) with `outliertune tune /models/llama --tp 2` (until then each runs the fastest of a few "
                     "generic tiles per small M, timed at load)")
     assert plugin_linear.report_untuned_shapes(SimpleNamespace(type="cuda")) is None  # reported once
+    # packed 4-bit weights are looked up in their own kernels' entries: the int8-tuned shape is untuned for them
+    monkeypatch.setattr(plugin_linear, "_NEW_SHAPES", {(4112, 4096, "w4a8_gemm"): None})
+    line = plugin_linear.report_untuned_shapes(SimpleNamespace(type="cuda"))
+    assert "[4112, 4096] (4-bit) (the shape-generic tiles of" in line and "--tp 2 --w4a8`" in line
     assert plugin_linear.report_untuned_shapes(torch.device("cpu")) is None
 
 

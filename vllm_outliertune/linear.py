@@ -33,8 +33,9 @@ _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 logger = logging.getLogger("vllm.outliertune")  # under vLLM's logger, so its handler prints our lines
 # (weight shape, output dtype, device) whose GEMM kernels were compiled at load: once per process and shape.
 _WARMED_UP: set[tuple] = set()
-# Per-rank weight shapes created since the last load finished, and (model, TP size) for the tuning hint.
-_NEW_SHAPES: dict[tuple[int, int], None] = {}
+# Per-rank weight shapes created since the last load finished, with their format's fallback kernel (int8_gemm,
+# w4a8_gemm), and (model, TP size) for the tuning hint.
+_NEW_SHAPES: dict[tuple[int, int, str], None] = {}
 _TUNE_HINT: list[tuple[str, int]] = []
 
 
@@ -47,14 +48,17 @@ def report_untuned_shapes(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     keys = configs.table_keys(device)
-    fallbacks = [(shape, source) for shape in shapes if (source := configs.tile_source(*shape, keys))]
+    fallbacks = [((n, k, fallback), source) for n, k, fallback in shapes
+                 if (source := configs.tile_source(n, k, keys, fallback))]
     if not fallbacks:
         return None
     model, tp = _TUNE_HINT[-1] if _TUNE_HINT else ("MODEL_DIR", 1)
+    packed = " --w4a8" if any(fallback == "w4a8_gemm" for (_, _, fallback), _ in fallbacks) else ""
     line = (f"outliertune: no GEMM tiles tuned on {keys[0]} for weight shapes "
-            + ", ".join(f"[{n}, {k}] ({source})" for (n, k), source in fallbacks)
-            + f"; tune them on this GPU (minutes) with `outliertune tune {model} --tp {tp}` (until then each "
-            "runs the fastest of a few generic tiles per small M, timed at load)")
+            + ", ".join(f"[{n}, {k}]{' (4-bit)' if fallback == 'w4a8_gemm' else ''} ({source})"
+                        for (n, k, fallback), source in fallbacks)
+            + f"; tune them on this GPU (minutes) with `outliertune tune {model} --tp {tp}{packed}` (until then "
+            "each runs the fastest of a few generic tiles per small M, timed at load)")
     logger.warning(line)
     return line
 
@@ -162,7 +166,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         # The most rows one forward pass can send through this layer: the GEMMs are compiled up to it at load.
         vllm_config = get_current_vllm_config()
         layer.max_rows = vllm_config.scheduler_config.max_num_batched_tokens
-        _NEW_SHAPES[(out_features, input_size_per_partition)] = None
+        _NEW_SHAPES[(out_features, input_size_per_partition, "w4a8_gemm" if self.spec.packed else "int8_gemm")] = None
         _TUNE_HINT[:] = [(getattr(vllm_config.model_config, "model", "MODEL_DIR"),
                           vllm_config.parallel_config.tensor_parallel_size)]
 
