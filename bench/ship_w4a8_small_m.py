@@ -1,7 +1,7 @@
 """Ship W4A8 small-M tiles from a tuner state of packed-weight searches (`tune --w4a8 --only w4a8_splitk --search
 full --buckets ...` over several shapes) into kernels/tile_configs.json, for the buckets that state timed:
 - the shape-generic W4A8 entries (the device's and the portable "default" device's): the geometric-mean winners
-  over the state's shapes;
+  over the state's shapes (the fallback w4a8_gemm keeps its other tiles);
 - the W4A8 alternates the plugin times at load on a packed shape no table tuned (tune.generic_alternates), beside
   the device's int8 ones;
 - the tuned shapes' own entries where the state's best beats what the table runs there now by SHIP_GAIN (shapes the
@@ -38,7 +38,10 @@ def main(state_path: str, device: str = "NVIDIA H200") -> None:
         entries = table["devices"][key]
         for kernel in FORMAT:
             old = entries.get(kernel, {}).get("default", {})
-            new = {b: c for b, c in old.items() if int(b) not in buckets} | generic.get(kernel, {})
+            # the fallback keeps every bucket it had (it runs where the winner cannot; its tiles differ by shape,
+            # so the spread may hold no tile of it timed on every shape); the others list where they win
+            kept = old if kernel == FORMAT[0] else {b: c for b, c in old.items() if int(b) not in buckets}
+            new = kept | generic.get(kernel, {})
             entries.setdefault(kernel, {})["default"] = dict(sorted(new.items(), key=lambda item: int(item[0])))
     keys = (device, "default")
     for (n, k), results in spread.items():

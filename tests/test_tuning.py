@@ -282,6 +282,22 @@ def test_load_time_pick_serves_an_untuned_shape_from_the_fastest_alternative(use
     assert load_pick.pick_untuned_shape(6000, 4000, cuda) is None
 
 
+def test_shipped_table_has_a_fallback_tile_for_every_shape_and_m():
+    """Each weight format's fallback (int8_gemm, w4a8_gemm) runs wherever the bucket's winner cannot, so on every
+    device of the shipped table that has the format it must list tiles for the shape-generic entry, and any shape
+    entry of it must list some (an empty one has no tile for any M). Alternates name known kernels."""
+    table = configs.load_table()
+    for device, kernels in table["devices"].items():
+        for fallback, order in configs.DISPATCH_ORDER.items():
+            if not any(kernel in kernels for kernel in (fallback, *order)):
+                continue
+            assert kernels.get(fallback, {}).get("default"), (device, fallback)
+            assert all(kernels[fallback].values()), (device, fallback)
+    known = set(configs.KERNELS + configs.EXTERNAL_KERNELS + configs.W4A8_KERNELS)
+    for per_bucket in table["alternates"].values():
+        assert all(kernel in known for options in per_bucket.values() for kernel, _ in options)
+
+
 def test_alternates_of_each_weight_format(tmp_path):
     """Packed 4-bit weights get alternates of their own kernels, chosen over the shapes their kernels were searched
     on, in the same per-bucket lists as the int8 ones (the load pick times those of the layer's format)."""
