@@ -5,8 +5,8 @@ lose by up to 2.2x on some shapes: at small M the best choice depends on the sha
 table lists, per small-M bucket, a few alternatives chosen to cover the spread (tune.generic_alternates); at load
 the plugin times them on this GPU for the new shape and serves the shape from the fastest for the rest of the
 process. Left out of the H200's tuning spread one shape at a time, this puts 80 of 84 int8 (shape, M <= 256)
-points within 15 % of the shape's own best, against 70 for the generic entries alone, and 30 of 32 W4A8 ones (M <=
-32, eight Llama-3-8B and Qwen2.5-7B shapes) against 27 (15 with the generic W4A8 entries before, docs/benchmarks.md). `outliertune tune` still gives every
+points within 15 % of the shape's own best, against 70 for the generic entries alone, and 45 of 48 W4A8 ones (M <=
+128, eight Llama-3-8B and Qwen2.5-7B shapes) against 35 (22 with the generic W4A8 entries before; docs/benchmarks.md). `outliertune tune` still gives every
 bucket its own search; OUTLIERTUNE_LOAD_PICK=0 turns the choice off."""
 
 from __future__ import annotations
