@@ -2,8 +2,9 @@
 the int8 GEMM with and without the per-row scale t in its epilogue (Llama-3-8B qkv, the tile table's dispatch), and
 the two producers of activations (RMSNorm + residual, K = 4096; SiLU-mul, K = 14336) with their quantization compiled
 by torch.compile (inductor, as vLLM's compiled mode fuses them): plain; the guard as torch ops fused into the producer
-(default inductor options; with the row maximum in 8 or 32 parts first; with cooperative reductions, which spread a row over several programs; with multi-kernel,
-which times a looped and a persistent reduction; with persistent reductions up to K = 16,384, the row read once);
+(default inductor options; with the row maximum in 8 or 32 parts first; with cooperative reductions, which spread a
+row over several programs; with multi-kernel, which times a looped and a persistent reduction; with persistent
+reductions up to K = 16,384, the row read once);
 the guard as its own kernel (custom op quantize_activation_guarded) after the plain producer. Then the GEMM with and
 without t, and eager mode's torch ops against the kernel. CUDA-graph replays, cold L2, medians:
 

@@ -6,8 +6,9 @@ table lists, per small-M bucket, a few alternatives chosen to cover the spread (
 the plugin times them on this GPU for the new shape and serves the shape from the fastest for the rest of the
 process. Left out of the H200's tuning spread one shape at a time, this puts 80 of 84 int8 (shape, M <= 256)
 points within 15 % of the shape's own best, against 70 for the generic entries alone, and 45 of 48 W4A8 ones (M <=
-128, eight Llama-3-8B and Qwen2.5-7B shapes) against 35 (22 with the generic W4A8 entries before; docs/benchmarks.md). `outliertune tune` still gives every
-bucket its own search; OUTLIERTUNE_LOAD_PICK=0 turns the choice off."""
+128, eight Llama-3-8B and Qwen2.5-7B shapes) against 35 (22 with the generic W4A8 entries before;
+docs/benchmarks.md). `outliertune tune` still gives every bucket its own search; OUTLIERTUNE_LOAD_PICK=0 turns the
+choice off."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ LOAD_PICK_ENV = "OUTLIERTUNE_LOAD_PICK"
 # Each weight format's kernels, its fallback first.
 INT8_KERNELS = ("int8_gemm", *configs.DISPATCH_ORDER["int8_gemm"])
 W4A8_KERNELS = ("w4a8_gemm", *configs.DISPATCH_ORDER["w4a8_gemm"])
-TUNED_DEPTH = 4096  # the most common K where the alternatives won (5 of the H200's 12 fully searched shapes; 1024-27648)
+TUNED_DEPTH = 4096  # the most common K of the shapes the alternatives won on (5 of the H200's 12; others 1024-27648)
 
 # Timer: (kernel, config, M) -> µs, or None where that kernel or tile cannot run here.
 Timer = Callable[[str, dict, int], "float | None"]

@@ -264,7 +264,8 @@ def test_load_time_pick_serves_an_untuned_shape_from_the_fastest_alternative(use
     # program's K loop keeps its length (H200, 4096x14336 at M = 4: SPLIT_K 4 of the alternative's tile ran 27.9 µs
     # against 33.2 with SPLIT_K 1)
     tensor_core = dict(tile(16), SPLIT_K=1, BLOCK_K=256)
-    assert load_pick.fitted_to_depth("splitk_gemm", tensor_core, 14336) == [["splitk_gemm", dict(tensor_core, SPLIT_K=4)]]
+    assert load_pick.fitted_to_depth("splitk_gemm", tensor_core, 14336) == \
+        [["splitk_gemm", dict(tensor_core, SPLIT_K=4)]]
     assert load_pick.fitted_to_depth("splitk_gemm", dict(tensor_core, SPLIT_K=2), 7168) == \
         [["splitk_gemm", dict(tensor_core, SPLIT_K=4)]]
     assert load_pick.fitted_to_depth("splitk_gemm", dict(tensor_core, SPLIT_K=0), 14336) == []  # automatic split
@@ -332,7 +333,8 @@ def test_load_time_pick_of_packed_weights_times_their_kernels(user_table, monkey
 
     def fake_timer(kernel, config, m):
         timed.append((kernel, config["BLOCK_M"]))
-        return {("w4a8_splitk", 1): 9.0, ("w4a8_splitk", 4): 5.0, ("w4a8_gemm", 32): 7.0}.get((kernel, config["BLOCK_M"]))
+        times = {("w4a8_splitk", 1): 9.0, ("w4a8_splitk", 4): 5.0, ("w4a8_gemm", 32): 7.0}
+        return times.get((kernel, config["BLOCK_M"]))
 
     entries, picked = load_pick.pick_entries(5008, 4000, H800_KEYS, fake_timer, load_pick.W4A8_KERNELS)
     assert picked == {"1": "w4a8_splitk"} and entries["w4a8_splitk"] == {"1": tile(4)}

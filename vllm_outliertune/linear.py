@@ -287,7 +287,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         # tiles for a shape no table tuned (the warm-up below compiles them)
         shape = [layer.weight.shape[0], packed.in_features if packed else layer.weight.shape[1]]
         try:
-            picked = pick_untuned_shape(*shape, layer.weight.device, packed and packed.group_size)
+            picked = pick_untuned_shape(*shape, layer.weight.device, packed.group_size if packed else None)
         except Exception as error:  # a speed-up only: never the reason a model does not load
             picked = None
             logger.warning("outliertune: weight %s: the load-time tile choice failed (%s: %s); it runs the "
