@@ -299,6 +299,21 @@ def test_shipped_table_has_a_fallback_tile_for_every_shape_and_m():
         assert all(kernel in known for options in per_bucket.values() for kernel, _ in options)
 
 
+def test_shipped_shapes_leave_large_m_to_the_large_m_kernels(user_table):
+    """A shape entry lists the kernels of its format that serve it (the others are not used there), so one that
+    lists only the small-M split-K kernel would run split-K tiles on every prefill (the H200's TP 2 W4A8 entries
+    did until session 15). Every shipped shape, and the shape-generic entry, dispatches M >= 256 elsewhere."""
+    table = configs.load_table()
+    for device, kernels in table["devices"].items():
+        keys = (device, "default") if device != "default" else ("default",)
+        for fallback, order in configs.DISPATCH_ORDER.items():
+            for shape in {shape for kernel in (fallback, *order) for shape in kernels.get(kernel, {})}:
+                n, k = (5008, 4000) if shape == "default" else (int(part.split("=")[1]) for part in shape.split(","))
+                for m in (256, 1024, 16384):
+                    running = next(iter(configs.kernels_for(m, n, k, keys, fallback)), fallback)
+                    assert running not in ("splitk_gemm", "w4a8_splitk"), (device, shape, m, running)
+
+
 def test_alternates_of_each_weight_format(tmp_path):
     """Packed 4-bit weights get alternates of their own kernels, chosen over the shapes their kernels were searched
     on, in the same per-bucket lists as the int8 ones (the load pick times those of the layer's format)."""
