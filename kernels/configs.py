@@ -117,14 +117,16 @@ def lookup_order(keys: tuple[str, ...]) -> tuple[str, ...]:
     return (*keys[:1], *siblings, *keys[1:])
 
 
-def find_entry(kernel: str, keys: tuple[str, ...], n: int, k: int) -> tuple[str, str] | None:
+def find_entry(kernel: str, keys: tuple[str, ...], n: int, k: int, skip: str | None = None
+               ) -> tuple[str, str] | None:
     """(device key, shape key) of the entry that serves `kernel` at this shape, or None. The first device (in
     lookup_order) that lists the shape for a kernel of `kernel`'s weight format serves all that format's kernels,
     so one GPU's measurements decide the format's whole dispatch; where no device lists it, the first one with
     shape-generic ("default") entries does. A kernel that device does not list is not used there, except each
-    format's fallback (int8_gemm, w4a8_gemm), which serves every shape: it falls back to the next level."""
+    format's fallback (int8_gemm, w4a8_gemm), which serves every shape: it falls back to the next level. skip: a
+    device key left out (what the shape would run without that GPU's entries)."""
     devices = effective_table()["devices"]
-    order = lookup_order(keys)
+    order = [device for device in lookup_order(keys) if device != skip]
     packed = kernel in W4A8_KERNELS
     fallback, format_kernels = ("w4a8_gemm", W4A8_KERNELS) if packed else ("int8_gemm", KERNELS + EXTERNAL_KERNELS)
     for shape in (shape_key(n, k), "default"):

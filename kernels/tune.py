@@ -452,6 +452,31 @@ def keep_untuned_buckets(path: Path, device_key: str, kernel: str, entries: dict
     return merged
 
 
+def complete_entries(per_kernel: dict[str, dict[str, dict]], keys: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    """per_kernel ({kernel: {shape: {bucket: config}}}, entries of device keys[0] about to be written) with every
+    shape's entry of a weight format that --only or --buckets left partial (not listing every bucket the tuner
+    times for the format) completed from what the shape runs without this device's entries (another GPU of the
+    family, else the shape-generic tiles): the dispatch uses no kernel that a shape's entry does not list, so a
+    shape tuned for split-K alone would run split-K tiles at every M, prefill included."""
+    devices = configs.effective_table()["devices"]
+    for fallback, order in DISPATCH_ORDER.items():
+        format_kernels = (fallback, *order)
+        timed_buckets = {m for kernel in format_kernels for m in KERNEL_BUCKETS[kernel]}
+        for shape in {shape for kernel in format_kernels for shape in per_kernel.get(kernel, {})}:
+            listed = {int(b) for kernel in format_kernels for b in per_kernel.get(kernel, {}).get(shape, {})}
+            if listed >= timed_buckets:
+                continue
+            n, k = (0, 0) if shape == "default" else (int(part.split("=")[1]) for part in shape.split(","))
+            for kernel in format_kernels:
+                entry = configs.find_entry(kernel, keys, n, k, skip=keys[0])
+                base = devices[entry[0]][kernel][entry[1]] if entry else {}
+                missing = {b: c for b, c in base.items() if int(b) not in listed}
+                if missing:
+                    per_m = per_kernel.setdefault(kernel, {}).get(shape, {}) | missing
+                    per_kernel[kernel][shape] = dict(sorted(per_m.items(), key=lambda item: int(item[0])))
+    return per_kernel
+
+
 def write_table(path: Path, device_key: str, per_kernel: dict, family: str | None = None,
                 alternates: dict[str, list] | None = None) -> None:
     """Replace this device's entries for the (kernel, shape) pairs in per_kernel (and its small-M alternates, if
@@ -670,7 +695,7 @@ def _write(options: TuneOptions, state: TuneState, device_key: str, family: str)
     if options.buckets is not None:
         per_kernel = {kernel: keep_untuned_buckets(options.out, device_key, kernel, entries, options.buckets)
                       for kernel, entries in per_kernel.items()}
-    write_table(options.out, device_key, per_kernel, family)
+    write_table(options.out, device_key, complete_entries(per_kernel, (device_key, family, "default")), family)
     configs.clear_caches()
 
 

@@ -314,6 +314,26 @@ def test_shipped_shapes_leave_large_m_to_the_large_m_kernels(user_table):
                     assert running not in ("splitk_gemm", "w4a8_splitk"), (device, shape, m, running)
 
 
+def test_partial_tunes_are_completed_from_the_generic_tiles(user_table):
+    """`tune --only w4a8_splitk --buckets 1` on a shape no table lists: the written entry keeps the tuned split-K
+    tile at M = 1 and takes the rest of the format's dispatch from what the shape ran before (here the H200's
+    generic W4A8 tiles, of the H800's chip family), so large M runs the widening pass, not split-K. A complete
+    entry is written as tuned."""
+    shape = "N=5008,K=4000"
+    partial = {"w4a8_splitk": {shape: {"1": tile(1)}}, "w4a8_gemm": {shape: {"1": tile(16)}}}
+    written = tune.complete_entries(json.loads(json.dumps(partial)), H800_KEYS)
+    tune.write_table(user_table, "NVIDIA H800", written, "sm90")
+    configs.clear_caches()
+    assert configs.get_config("w4a8_splitk", 1, 5008, 4000, H800_KEYS) == tile(1)
+    assert configs.kernels_for(1, 5008, 4000, H800_KEYS, "w4a8_gemm") == ("w4a8_splitk",)
+    for m in (256, 8192):
+        assert configs.kernels_for(m, 5008, 4000, H800_KEYS, "w4a8_gemm") == ("w4a8_unpack",)
+    generic_unpack = configs.load_table()["devices"][H200]["w4a8_unpack"]["default"]
+    assert written["w4a8_unpack"][shape] == generic_unpack  # (it lists no bucket the tune timed)
+    complete = {"int8_gemm": {"N=4112,K=4096": {str(m): tile(16) for m in tune.KERNEL_BUCKETS["int8_gemm"]}}}
+    assert tune.complete_entries(json.loads(json.dumps(complete)), H800_KEYS) == complete
+
+
 def test_alternates_of_each_weight_format(tmp_path):
     """Packed 4-bit weights get alternates of their own kernels, chosen over the shapes their kernels were searched
     on, in the same per-bucket lists as the int8 ones (the load pick times those of the layer's format)."""
