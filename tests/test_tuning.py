@@ -332,6 +332,14 @@ def test_partial_tunes_are_completed_from_the_generic_tiles(user_table):
     assert written["w4a8_unpack"][shape] == generic_unpack  # (it lists no bucket the tune timed)
     complete = {"int8_gemm": {"N=4112,K=4096": {str(m): tile(16) for m in tune.KERNEL_BUCKETS["int8_gemm"]}}}
     assert tune.complete_entries(json.loads(json.dumps(complete)), H800_KEYS) == complete
+    # the tuner's write after such a run (`tune --only w4a8_splitk --buckets 4` on another new shape) does the same
+    state = tune.TuneState.load(user_table.with_name("state.jsonl"))
+    state.add(("NVIDIA H800", "w4a8_splitk", 6000, 4000, 4), "quick", [(5.0, tile(4))])
+    state.add(("NVIDIA H800", "w4a8_gemm", 6000, 4000, 4), "table", [(9.0, tile(16))])
+    options = tune.TuneOptions(shapes=[(6000, 4000)], kernels=("w4a8_splitk",), buckets=[4], out=user_table)
+    tune._write(options, state, "NVIDIA H800", "sm90")
+    assert configs.get_config("w4a8_splitk", 4, 6000, 4000, H800_KEYS) == tile(4)
+    assert configs.kernels_for(8192, 6000, 4000, H800_KEYS, "w4a8_gemm") == ("w4a8_unpack",)
 
 
 def test_alternates_of_each_weight_format(tmp_path):
