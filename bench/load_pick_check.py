@@ -5,7 +5,7 @@ best (kernel, tile) that tuner state holds for the shape (its own full search), 
 CUDA-graph replays, cold L2:
 
     python bench/load_pick_check.py 4096x14336,6144x4096,4096x2048 [--m 1,4,16,32]
-    python bench/load_pick_check.py 4608x3584,3584x18944 --w4a8 --state bench/tune_state_h200_w4a8_s15.jsonl
+    python bench/load_pick_check.py 4608x3584,3584x18944 --w4a8 --state bench/tune_state_h200_w4a8_s15.jsonl.gz
 
 Issue 12's aim: a shape in no table within 15 % of its tuned speed."""
 

@@ -8,7 +8,10 @@ full --buckets ...` over several shapes) into kernels/tile_configs.json, for the
   table does not list are left to the load pick: a shape listed at a few buckets only would run their tiles at
   every M).
 
-    python bench/ship_w4a8_small_m.py STATE.jsonl ["NVIDIA H200"]"""
+    gunzip -c bench/tune_state_h200_w4a8_s15.jsonl.gz > /tmp/state.jsonl
+    OUTLIERTUNE_TILE_CONFIGS=/tmp/none.json python bench/ship_w4a8_small_m.py /tmp/state.jsonl ["NVIDIA H200"]
+
+(no user table: the lookups of what runs now read the shipped table)."""
 
 from __future__ import annotations
 
@@ -33,7 +36,6 @@ def main(state_path: str, device: str = "NVIDIA H200") -> None:
     buckets = sorted({m for r in spread.values() for per_m in r.values() for m in per_m})
     table = json.loads(configs.TABLE_PATH.read_text())  # edited; the lookups below read the table as it was
     generic = tune.table_entries(tune.spread_results(list(spread.values())))
-    per_kernel = {kernel: {} for kernel in FORMAT}
     for key in (device, "default"):
         entries = table["devices"][key]
         for kernel in FORMAT:
@@ -74,8 +76,7 @@ def main(state_path: str, device: str = "NVIDIA H200") -> None:
     w4a8 = tune.generic_alternates(list(spread.values()), fallback="w4a8_gemm")
     merged = {bucket: [o for o in alternates.get(bucket, []) if o[0] not in FORMAT] + w4a8.get(bucket, [])
               for bucket in sorted(alternates.keys() | w4a8.keys(), key=int)}
-    for kernel in FORMAT:
-        per_kernel[kernel] = table["devices"][device].get(kernel, {})
+    per_kernel = {kernel: table["devices"][device].get(kernel, {}) for kernel in FORMAT}
     tune.write_table(configs.TABLE_PATH, device, per_kernel, alternates=merged)
     default_entries = {kernel: table["devices"]["default"][kernel] for kernel in FORMAT}
     tune.write_table(configs.TABLE_PATH, "default", default_entries)
