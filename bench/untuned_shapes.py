@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from vllm_outliertune.kernels.configs import m_bucket, owners_at, owners_by_bucket, shape_key
+from vllm_outliertune.kernels.load_pick import fitted_to_depth
 from vllm_outliertune.kernels.shapes import parse_shapes
 from vllm_outliertune.kernels.tune import ALTERNATES_UP_TO_M, TuneState, generic_alternates
 
@@ -37,7 +38,8 @@ def timed(results: dict, kernel: str, m: int, config: dict) -> float | None:
 
 def leave_one_out(state: TuneState, device: str, count: int) -> None:
     """Per small-M bucket of each left-out shape: the fastest of `count` generic alternatives (count 1: the
-    generic choice alone) over the shape's own best time; how many points are within 15 %."""
+    generic choice alone) and their variants fitted to the shape's depth (as the load pick times them) over the
+    shape's own best time; how many points are within 15 %."""
     spread = {shape: state.results(device, *shape) for shape in state.shapes(device, "full")}
     ratios = []
     for held, results in spread.items():
@@ -45,6 +47,7 @@ def leave_one_out(state: TuneState, device: str, count: int) -> None:
         for bucket, options in alternates.items():
             m = int(bucket)
             own = min(t for per_m in results.values() for t, _ in per_m.get(m, []))
+            options = options + [fitted for option in options for fitted in fitted_to_depth(*option, held[1])]
             times = [t for kernel, config in options if (t := timed(results, kernel, m, config)) is not None]
             if times:
                 ratios.append((min(times) / own, held, m))
