@@ -54,43 +54,39 @@ LM_HEAD_ARCHS = ("qwen3", "gemma3")
 BUILD_ENV = dict(ATEN_CPU_CAPABILITY="avx2", OMP_NUM_THREADS="1")
 
 
-def build_in_child(function: str, **kwargs: str) -> None:
-    """Run ``function(**kwargs)`` of this module in a child process with BUILD_ENV (string arguments only)."""
+def build_in_child(function: str, **kwargs) -> None:
+    """Run ``function(**kwargs)`` of this module in a child process with BUILD_ENV (JSON-serializable arguments)."""
     code = f"import json, sys; from tests.conftest import {function}; {function}(**json.loads(sys.argv[1]))"
     subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], env=dict(os.environ, **BUILD_ENV),
                    cwd=Path(__file__).parent.parent, check=True)
 
 
-def build_trained_and_quantized(root: str, calib_text: str, arch: str) -> None:
+def build_quantized(fp32: str, out: str, calib_text: str, options: dict) -> None:
+    """`quantize` of a tiny model with the tests' calibration size and ``options`` (QuantizeOptions fields)."""
     from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
 
-    root = Path(root)
+    torch.set_num_threads(1)
+    quantize(Path(fp32), Path(out), Path(calib_text),
+             QuantizeOptions(samples=8, seq_len=128, progress=False, **options))
+
+
+def build_trained_and_quantized(root: str, calib_text: str, arch: str) -> None:
     torch.set_num_threads(1)
     model, tokenizer = train_tiny_model(arch)
-    model.save_pretrained(root / "fp32")
-    tokenizer.save_pretrained(root / "fp32")
+    model.save_pretrained(Path(root) / "fp32")
+    tokenizer.save_pretrained(Path(root) / "fp32")
     # Without the token guard (the default for W8A8, W6A6 and W4A8): these checkpoints test the static path
     # (--exact-channels runs it by default) and compare TP 2 with TP 1, which the guard does not keep equal (a
     # row-parallel rank takes t over its part of K); tests/test_token_guard.py tests the guard.
-    options = QuantizeOptions(samples=8, seq_len=128, progress=False, **EXACT_CHANNELS_OPTIONS.get(arch, {}),
-                              lm_head="int8" if arch in LM_HEAD_ARCHS else "none", token_guard=False)
-    quantize(root / "fp32", root / "w8a8", Path(calib_text), options)
+    build_quantized(str(Path(root) / "fp32"), str(Path(root) / "w8a8"), calib_text,
+                    dict(EXACT_CHANNELS_OPTIONS.get(arch, {}), lm_head="int8" if arch in LM_HEAD_ARCHS else "none",
+                         token_guard=False))
 
 
 def _trained_and_quantized(tmp_path_factory, calib_text: Path, arch: str) -> dict[str, Path]:
     root = tmp_path_factory.mktemp(f"tiny-{arch}")
     build_in_child("build_trained_and_quantized", root=str(root), calib_text=str(calib_text), arch=arch)
     return {"fp32": root / "fp32", "w8a8": root / "w8a8"}
-
-
-def build_w4a8(fp32: str, out: str, calib_text: str) -> None:
-    from vllm_outliertune.offline.quantize import QuantizeOptions, quantize
-
-    torch.set_num_threads(1)
-    # without the token guard (the W4A8 default too), as the W8A8 checkpoints above: TP 2 against TP 1
-    options = QuantizeOptions(w_bits=4, a_bits=8, group_size=32, weight_rounding="gptq", samples=8, seq_len=128,
-                              progress=False, int8_weights="0.qkv,1.down", token_guard=False)
-    quantize(Path(fp32), Path(out), Path(calib_text), options)
 
 
 @pytest.fixture(scope="session")
@@ -110,5 +106,8 @@ def tiny_llama_w4a8(tiny_llama, calib_text) -> Path:
     """The tiny Llama as W4A8 with packed weights: groups of 32 (so TP=2 shards hold whole groups), GPTQ rounding;
     layer 0's q/k/v (one fused vLLM layer) and layer 1's down_proj (row-parallel) keep int8 weights."""
     out = tiny_llama["fp32"].parent / "w4a8"
-    build_in_child("build_w4a8", fp32=str(tiny_llama["fp32"]), out=str(out), calib_text=str(calib_text))
+    # without the token guard (the W4A8 default too), as the W8A8 checkpoints above: TP 2 against TP 1
+    build_in_child("build_quantized", fp32=str(tiny_llama["fp32"]), out=str(out), calib_text=str(calib_text),
+                   options=dict(w_bits=4, a_bits=8, group_size=32, weight_rounding="gptq",
+                                int8_weights="0.qkv,1.down", token_guard=False))
     return out
