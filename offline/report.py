@@ -91,7 +91,8 @@ def write_report(report_dir: Path, summary: dict, layers: list[dict], ranges: di
             info = layer["groups"][group]
             cell = f"{info['error']:.2e}"
             if info.get("simple_rule_error") is not None:
-                cell += f" [{info['simple_rule_error']:.2e}] s={info['strength']} c={info['clip']} " \
+                steps = f"e={info['evenness']}" if "evenness" in info else f"s={info['strength']}"
+                cell += f" [{info['simple_rule_error']:.2e}] {steps} c={info['clip']} " \
                         f"{'shift' if info['shift'] else 'no shift'}"
             cell += f" (dyn {info['dynamic_error']:.2e})" + (" **kept fp16**" if info.get("kept_fp16") else "")
             cells.append(cell)

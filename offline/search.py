@@ -1,6 +1,7 @@
 """Per-layer search of the activation plan (OutlierTune, in the spirit of OS+): for each group of linears sharing
-an input, try balanced plans over a grid of migration strength, exponent, clipping ratio and shift-or-not, and keep
-the one with the smallest output error of the quantized linears on the calibration token sample. The simple rule
+an input, try balanced plans over a grid of migration strength, exponent, clipping ratio and shift-or-not (and
+where the grid lists them, evened plans: steps between per channel and per tensor), and keep the one with the
+smallest output error of the quantized linears on the calibration token sample. The simple rule
 (per-channel steps, full range, integer shift) is one of the candidates, so the result is never worse than it on
 that sample.
 
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from vllm_outliertune.offline.calibrate import InputStats
-from vllm_outliertune.offline.symmetrize import ChannelPlan, balanced, with_exact
+from vllm_outliertune.offline.symmetrize import ChannelPlan, balanced, evened, with_exact
 from vllm_outliertune.offline.weights import WeightFormat, fake_quantize
 
 
@@ -39,6 +40,8 @@ class SearchGrid:
     # below 1) the channel with the largest |code| sets each token's step; a channel quiet in calibration has a fine
     # step, and where other text makes it loud it coarsens the whole token (quantize.MEDIAN_STEP_FLOOR).
     step_floor: float = 0.0
+    # Also try symmetrize.evened plans (shifted, every clip) at these evenness values (none by default).
+    evenness: tuple[float, ...] = ()
 
 
 SIMPLE = dict(alpha=0.5, strength=0.0, clip=1.0, shift=True)
@@ -81,6 +84,18 @@ def output_error(sample: torch.Tensor, weight: torch.Tensor, plan: ChannelPlan, 
     return relative_error(approx, reference, per_token)
 
 
+def _candidates(stats: InputStats, weight: torch.Tensor, a_bits: int, grid: SearchGrid,
+                share: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[dict, ChannelPlan]]:
+    """The grid's (choice, plan) pairs: balanced plans, then evened ones."""
+    for alpha, strength, clip, shift in itertools.product(grid.alphas, grid.strengths, grid.clips, grid.shifts):
+        yield dict(alpha=alpha, strength=strength, clip=clip, shift=shift), balanced(
+            stats, weight, a_bits, alpha=alpha, strength=strength, clip=clip, shift=shift, share=share,
+            median_floor=grid.step_floor)
+    for evenness, clip in itertools.product(grid.evenness, grid.clips):
+        yield dict(evenness=evenness, clip=clip, shift=True), evened(
+            stats, a_bits, evenness, clip, shift=True, share=share, median_floor=grid.step_floor)
+
+
 def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFormat, a_bits: int,
                 grid: SearchGrid = SearchGrid(),
                 share: Callable[[torch.Tensor], torch.Tensor] = lambda step: step,
@@ -91,12 +106,10 @@ def search_plan(stats: InputStats, weight: torch.Tensor, weight_format: WeightFo
     reference = sample @ weight.t()
     best = None
     simple_error = None
-    for alpha, strength, clip, shift in itertools.product(grid.alphas, grid.strengths, grid.clips, grid.shifts):
-        plan = with_exact(balanced(stats, weight, a_bits, alpha=alpha, strength=strength, clip=clip, shift=shift,
-                                   share=share, median_floor=grid.step_floor), exact)
+    for choice, plan in _candidates(stats, weight, a_bits, grid, share):
+        plan = with_exact(plan, exact)
         error = output_error(sample, weight, plan, weight_format, a_bits, reference, grid.per_token,
                              grid.token_guard, grid.guard_floor)
-        choice = dict(alpha=alpha, strength=strength, clip=clip, shift=shift)
         if choice == SIMPLE:
             simple_error = error
         if best is None or error < best[0]:

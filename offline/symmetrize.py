@@ -140,7 +140,21 @@ def balanced(stats: InputStats, weight: torch.Tensor, bits: int, alpha: float, s
     column = weight.detach().float().norm(dim=0).clamp(min=1e-8).to(floor.device)
     target = stats.rms.clamp(min=1e-8).pow(alpha) / column.pow(1 - alpha)
     step = torch.maximum(floor, strength * float((floor / target).median()) * target)
-    step = share(_floored(step, median_floor))
+    return _with_steps(stats, share(_floored(step, median_floor)), clip, shift)
+
+
+def evened(stats: InputStats, bits: int, evenness: float, clip: float, shift: bool,
+           share: Callable[[torch.Tensor], torch.Tensor] = _same, median_floor: float = 0.0) -> ChannelPlan:
+    """Per-channel steps moved toward one step for every channel: s_j = floor_j^(1 - evenness) * max(floor)^evenness,
+    floor being ``per_channel``'s steps (evenness 0: per channel; 1: one step per tensor). Folded into the weight, a
+    common step leaves the weight's columns as they are, which 4-bit group rounding can prefer to columns scaled by
+    each channel's range (docs/accuracy.md, "Evened plans"). s_j >= floor_j: nothing clips beyond ``clip``."""
+    floor = per_channel(stats, bits, shift=shift, clip=clip, median_floor=median_floor).step
+    return _with_steps(stats, share(floor.pow(1 - evenness) * float(floor.max()) ** evenness), clip, shift)
+
+
+def _with_steps(stats: InputStats, step: torch.Tensor, clip: float, shift: bool) -> ChannelPlan:
+    """The plan of these steps, with the integer shift that centres each (clipped) channel range if ``shift``."""
     if not shift:
         return ChannelPlan(step, None, None)
     lo, hi = ranges(stats, clip)

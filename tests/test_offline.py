@@ -24,7 +24,7 @@ from vllm_outliertune.offline.architectures import GATE_UP, QKV, architecture_of
 from vllm_outliertune.offline.quantize import QuantizeOptions, plan_layer, quantize
 from vllm_outliertune.offline.reference import load_checkpoint_tensors, load_reference_model
 from vllm_outliertune.offline.search import SearchGrid, output_error, search_plan
-from vllm_outliertune.offline.symmetrize import balanced, per_channel
+from vllm_outliertune.offline.symmetrize import balanced, evened, per_channel
 from vllm_outliertune.offline.text import token_windows
 from vllm_outliertune.offline.weights import WeightFormat
 
@@ -123,6 +123,35 @@ def test_window_roles():
     assert torch.nonzero(held).flatten().tolist() == [7, 15] and torch.equal(fitted, ~held)
     assert window_roles(3)[1].tolist() == [False, False, True]
     assert [mask.tolist() for mask in window_roles(1)] == [[True], [True]]
+
+
+def test_evened_plans_span_per_channel_to_per_tensor():
+    """symmetrize.evened: evenness 0 is the per-channel plan, 1 one step for every channel; between, each step lies
+    between its per-channel floor and the largest step (so nothing clips beyond the clip ratio)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 64, generator=generator) * torch.linspace(0.1, 5, 64)
+    stats = InputStats(x.amin(0), x.amax(0), x.double().pow(2).sum(0), 2048, x[:256])
+    floor = per_channel(stats, 8, shift=True, clip=0.5)
+    assert torch.equal(evened(stats, 8, 0.0, 0.5, True).step, floor.step)
+    assert torch.equal(evened(stats, 8, 0.0, 0.5, True).shift, floor.shift)
+    assert evened(stats, 8, 1.0, 0.5, True).step.unique().numel() == 1
+    middle = evened(stats, 8, 0.5, 0.5, True).step
+    assert (middle >= floor.step).all() and (middle <= floor.step.max() * (1 + 1e-6)).all()
+    assert middle.unique().numel() > 1
+
+
+def test_search_tries_evened_plans_for_packed_weights():
+    """With SearchGrid.evenness the search also tries evened plans: on an input with four outlier channels and
+    4-bit group weights, one of them beats every balanced plan (measured: 0.0039 vs 0.0043 relative error)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 256, generator=generator)
+    x[:, :4] *= 30
+    stats = InputStats(x.amin(0), x.amax(0), x.double().pow(2).sum(0), 2048, x[:256])
+    weight = torch.randn(64, 256, generator=generator)
+    balanced_only = search_plan(stats, weight, WeightFormat(4, 32), 8, SearchGrid(token_guard=True))
+    with_evened = search_plan(stats, weight, WeightFormat(4, 32), 8,
+                              SearchGrid(token_guard=True, evenness=(0.5, 0.75, 1.0)))
+    assert "evenness" in with_evened.choice and with_evened.error < 0.95 * balanced_only.error
 
 
 def test_search_chooses_headroom_from_held_out_tokens():
@@ -553,6 +582,7 @@ def test_search_grid_by_bit_width():
         assert min(grid.clips) == 0.3 and {0.4, 0.5} | set(SearchGrid.clips) < set(grid.clips)
         assert (grid.strengths, grid.alphas, grid.shifts) == (SearchGrid.strengths, SearchGrid.alphas,
                                                               SearchGrid.shifts)
+        assert grid.evenness == ((0.5, 0.75, 1.0) if bits == (4, 8) else ())
         assert search_grid(options, gemma).clips == (1.0,)
         assert search_grid(dataclasses.replace(options, act_clips=(0.9, 1.0)), llama).clips == (0.9, 1.0)
     # a W4A8 checkpoint's int8-weight groups are planned as W8A8 (QuantizeOptions.with_int8_weights), with the
