@@ -79,9 +79,9 @@ def main() -> None:
             folded = fake_quantize(weight * step, options.weight_format, (sample / step).pow(2).mean(0)) / step
             unfolded = fake_quantize(weight, options.weight_format, sample.pow(2).mean(0))
             activations = plans[group].fake_quantize(sample, options.a_bits, options.guard, options.floor)
-            errors = [relative_error(sample @ folded.t(), reference), relative_error(activations @ weight.t(), reference),
-                      relative_error(sample @ unfolded.t(), reference),
-                      relative_error(sample @ rtn_weight_only(weight, options.group_size).t(), reference)]
+            outputs = (sample @ folded.t(), activations @ weight.t(), sample @ unfolded.t(),
+                       sample @ rtn_weight_only(weight, options.group_size).t())
+            errors = [relative_error(output, reference) for output in outputs]
             ratios.append(info[group]["error"] / before[group]["error"])
             print(f"| {index} | {group} | {info[group]['error']:.3e} ({_describe(info[group])}) | "
                   f"{before[group]['error']:.3e} ({_describe(before[group])}) | "

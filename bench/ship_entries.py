@@ -5,10 +5,10 @@
 
 Every shape the state holds for that device (and its shape-generic "default", and the small-M alternates that the
 plugin times at load on an untuned shape, of both weight formats: re-run bench/ship_w4a8_small_m.py after it where
-the W4A8 ones came from a W4A8 state of their own, as the H200's do) is replaced; other devices and shapes stay. A --retimed state (a later
-run over some of the shapes, e.g. a re-time with another timing method) replaces the entries it holds kernel by
-kernel and shape by shape; the shape-generic entries of the kernels it did not search in full stay as STATE derives
-them. Prints, per shape, which kernel each M bucket now runs."""
+the W4A8 ones came from a W4A8 state of their own, as the H200's do) is replaced; other devices and shapes stay. A
+--retimed state (a later run over some of the shapes, e.g. a re-time with another timing method) replaces the
+entries it holds kernel by kernel and shape by shape; the shape-generic entries of the kernels it did not search in
+full stay as STATE derives them. Prints, per shape, which kernel each M bucket now runs."""
 
 from __future__ import annotations
 

@@ -89,6 +89,14 @@ def shape_key(n: int, k: int) -> str:
     return f"N={n},K={k}"
 
 
+def shape_of(key: str) -> tuple[int, int]:
+    """(n, k) of a shape key; (0, 0), a shape no entry lists, for "default"."""
+    if key == "default":
+        return 0, 0
+    n, k = (int(part.split("=")[1]) for part in key.split(","))
+    return n, k
+
+
 def m_bucket(m: int, buckets: list[int]) -> int:
     """Smallest bucket >= m, else the largest."""
     fitting = [b for b in buckets if b >= m]

@@ -466,9 +466,8 @@ def complete_entries(per_kernel: dict[str, dict[str, dict]], keys: tuple[str, ..
             listed = {int(b) for kernel in format_kernels for b in per_kernel.get(kernel, {}).get(shape, {})}
             if listed >= timed_buckets:
                 continue
-            n, k = (0, 0) if shape == "default" else (int(part.split("=")[1]) for part in shape.split(","))
             for kernel in format_kernels:
-                entry = configs.find_entry(kernel, keys, n, k, skip=keys[0])
+                entry = configs.find_entry(kernel, keys, *configs.shape_of(shape), skip=keys[0])
                 base = devices[entry[0]][kernel][entry[1]] if entry else {}
                 missing = {b: c for b, c in base.items() if int(b) not in listed}
                 if missing:

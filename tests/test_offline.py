@@ -125,12 +125,17 @@ def test_window_roles():
     assert [mask.tolist() for mask in window_roles(1)] == [[True], [True]]
 
 
+def _stats(fitted: torch.Tensor, sample: torch.Tensor) -> InputStats:
+    """Calibration statistics with ranges and mean squares from ``fitted`` and ``sample`` as the search's tokens."""
+    return InputStats(fitted.amin(0), fitted.amax(0), fitted.double().pow(2).sum(0), fitted.shape[0], sample)
+
+
 def test_evened_plans_span_per_channel_to_per_tensor():
     """symmetrize.evened: evenness 0 is the per-channel plan, 1 one step for every channel; between, each step lies
     between its per-channel floor and the largest step (so nothing clips beyond the clip ratio)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 64, generator=generator) * torch.linspace(0.1, 5, 64)
-    stats = InputStats(x.amin(0), x.amax(0), x.double().pow(2).sum(0), 2048, x[:256])
+    stats = _stats(x, x[:256])
     floor = per_channel(stats, 8, shift=True, clip=0.5)
     assert torch.equal(evened(stats, 8, 0.0, 0.5, True).step, floor.step)
     assert torch.equal(evened(stats, 8, 0.0, 0.5, True).shift, floor.shift)
@@ -146,7 +151,7 @@ def test_search_tries_evened_plans_for_packed_weights():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 256, generator=generator)
     x[:, :4] *= 30
-    stats = InputStats(x.amin(0), x.amax(0), x.double().pow(2).sum(0), 2048, x[:256])
+    stats = _stats(x, x[:256])
     weight = torch.randn(64, 256, generator=generator)
     balanced_only = search_plan(stats, weight, WeightFormat(4, 32), 8, SearchGrid(token_guard=True))
     with_evened = search_plan(stats, weight, WeightFormat(4, 32), 8,
@@ -160,7 +165,7 @@ def test_search_chooses_headroom_from_held_out_tokens():
     generator = torch.Generator().manual_seed(0)
     fitted = torch.randn(2048, 64, generator=generator)
     weight = torch.randn(32, 64, generator=generator)
-    stats = InputStats(fitted.amin(0), fitted.amax(0), fitted.double().pow(2).sum(0), 2048, fitted[:256])
+    stats = _stats(fitted, fitted[:256])
     inside = search_plan(stats, weight, WeightFormat(8), 8)
     unlike = dataclasses.replace(stats, sample=fitted[:256] * 1.5)  # tokens beyond every fitted range
     wider = search_plan(unlike, weight, WeightFormat(8), 8)
@@ -184,7 +189,7 @@ def test_search_per_token_error_weighs_small_tokens():
 
     fitted, sample = tokens(2048), tokens(256)
     weight = torch.randn(32, 64, generator=generator)
-    stats = InputStats(fitted.amin(0), fitted.amax(0), fitted.double().pow(2).sum(0), 2048, sample)
+    stats = _stats(fitted, sample)
     total = search_plan(stats, weight, WeightFormat(8), 8)
     per_token = search_plan(stats, weight, WeightFormat(8), 8, SearchGrid(per_token=True))
     errors = {(name, measure): output_error(sample, weight, result.plan, WeightFormat(8), 8, per_token=measure)
