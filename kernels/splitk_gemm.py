@@ -4,7 +4,9 @@ At small M the weights dominate the bytes, so the kernel must keep the whole GPU
 - x is int8 (already quantized, e.g. by the norm that produced it) or float (quantized here, per tile, with the
   same math as act_quant.quantize_tile: one launch instead of two; the tile table is tuned on int8 codes, with
   which the float variant measured slower, so linear.py quantizes first and this variant waits for its own tiles);
-- BLOCK_M >= 16 uses the tensor cores; below that a multiply-accumulate on CUDA cores, which with ACC_K keeps a
+- BLOCK_M >= 16 uses the tensor cores, with SWAP_AB as out^T = W x^T: the weight tile is the MMA's M side (64+
+  rows, where Hopper's warpgroup MMA starts) and the few activation rows its N side, as small-M CUTLASS kernels
+  swap A and B; below BLOCK_M 16 a multiply-accumulate on CUDA cores, which with ACC_K keeps a
   [BLOCK_M, BLOCK_K, BLOCK_N] accumulator and reduces over K once after the loop (not a cross-thread reduction per
   K step), and with PACKED (int8 x only) reads four int8 values per 32-bit word and multiplies them with one dp4a;
 - tiles of a few weight rows by (nearly) all of K put every load of a program in flight at once (the H100 winners at
@@ -73,7 +75,7 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_pt
                         HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
                         HAS_BIAS: tl.constexpr,
                         EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, ACC_K: tl.constexpr, PACKED: tl.constexpr,
-                        DP4A_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        SWAP_AB: tl.constexpr, DP4A_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     # With PACKED, x and w are int32 views (4 int8 per word) and K, K_PER_SPLIT, BLOCK_K, strides count words.
     # One program per (M, N) tile, or (PROGRAMS_PER_SM in the config) a persistent grid that walks the tiles.
@@ -93,6 +95,8 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_pt
 
         if ACC_K or PACKED:
             acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
+        elif SWAP_AB:
+            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for _ in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
@@ -111,6 +115,8 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_pt
                 acc3 = dot4_accumulate(w[None, :, :], a[:, :, None], acc3, DP4A_ASM)
             elif ACC_K:
                 acc3 += a.to(tl.int32)[:, :, None] * w.to(tl.int32)[None, :, :]
+            elif SWAP_AB:
+                acc_t = tl.dot(tl.trans(w), tl.trans(a), acc_t, out_dtype=tl.int32)
             elif BLOCK_M >= 16:
                 acc = tl.dot(a, w, acc, out_dtype=tl.int32)
             else:
@@ -120,6 +126,8 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_pt
             w_ptrs += BLOCK_K
         if ACC_K or PACKED:
             acc = tl.sum(acc3, axis=1)
+        elif SWAP_AB:
+            acc = tl.trans(acc_t)
 
         split_k_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, pid_mn, offs_m, offs_n,
                       M, N, stride_om, SPLIT_K, HAS_ROW_SCALE, HAS_BIAS)
@@ -171,8 +179,8 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N], one launch. Float
     x is quantized in the prologue with inv_scale / shift / bits; int8 x is used as it is (then inv_scale and shift
     must be None). `config` overrides the tile table (SPLIT_K 0 = automatic; PACKED applies to int8 x with K % 4 == 0
-    only; PROGRAMS_PER_SM > 0 launches that many programs per SM, each walking several tiles, instead of one program
-    per tile)."""
+    only; SWAP_AB from BLOCK_M 16 where PACKED does not apply; PROGRAMS_PER_SM > 0 launches that many programs per
+    SM, each walking several tiles, instead of one program per tile)."""
     quantize = x.dtype != torch.int8
     if quantize:
         check_activation_args(x, inv_scale, shift, bits)
@@ -200,6 +208,7 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
         QUANTIZE=quantize, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None,
         HAS_SHIFT=shift is not None, HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
         EVEN_K=k % block_k == 0, SPLIT_K=split_k,
-        ACC_K=bool(config.get("ACC_K")) and block_m < 16, PACKED=packed, DP4A_ASM=DP4A_ASM, BLOCK_M=block_m,
+        ACC_K=bool(config.get("ACC_K")) and block_m < 16, PACKED=packed,
+        SWAP_AB=bool(config.get("SWAP_AB")) and block_m >= 16 and not packed, DP4A_ASM=DP4A_ASM, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k // word, **launch_options(config), enable_fp_fusion=False)
     return out

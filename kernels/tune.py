@@ -90,8 +90,9 @@ def tma_candidates(m: int) -> list[dict]:
 
 
 def splitk_candidates(m: int) -> list[dict]:
-    """Tensor-core tiles (BLOCK_M >= 16) and, for a few rows, CUDA-core tiles (BLOCK_M = M rounded up): plain
-    multiply-reduce, with the K accumulator (ACC_K) and with packed dp4a words (PACKED)."""
+    """Tensor-core tiles (BLOCK_M >= 16, also with the weights as the MMA's M side: SWAP_AB) and, for a few rows,
+    CUDA-core tiles (BLOCK_M = M rounded up): plain multiply-reduce, with the K accumulator (ACC_K) and with packed
+    dp4a words (PACKED)."""
     import triton
 
     candidates = []
@@ -99,6 +100,11 @@ def splitk_candidates(m: int) -> list[dict]:
         if bm >= 16:
             tiles = [(bn, bk, {}) for bn, bk in ((64, 128), (64, 256), (128, 128), (128, 256)) if bn * bk <= 16384
                      or bm == 16]
+            # Weights as the MMA's M side (SWAP_AB), also with two more pipeline stages where they fit.
+            tiles += [(bn, bk, {"SWAP_AB": 1, "num_warps": warps, "num_stages": stages})
+                      for bn, bk, warps in ((64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8),
+                                            (256, 128, 8))
+                      for stages in (4, 6) if (bn + bm) * bk * stages <= 160 * 1024]
         else:  # accumulators of BLOCK_M x BLOCK_K x BLOCK_N int32 (/4 when packed) must fit in registers
             tiles = [(bn, bk, {}) for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 128))]
             tiles += [(bn, bk, {"ACC_K": 1}) for bn, bk in ((16, 256), (32, 128), (32, 256), (64, 128))

@@ -91,7 +91,8 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     for block_m, split_k, variant in ((16, 1, {}), (16, 3, {}), (2, 2, {}), (1, 1, {"ACC_K": 1}),
                                       (4, 3, {"ACC_K": 1}), (1, 2, {"PACKED": 1}), (2, 1, {"PACKED": 1}),
                                       (1, 1, {"PACKED": 1, "PROGRAMS_PER_SM": 1}),
-                                      (16, 2, {"PROGRAMS_PER_SM": 2})):
+                                      (16, 2, {"PROGRAMS_PER_SM": 2}), (16, 1, {"SWAP_AB": 1}),
+                                      (32, 3, {"SWAP_AB": 1})):
         config = {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split_k, **variant}
         name = f"splitk_gemm block_m={block_m} split_k={split_k} {variant}"
         # Float input (quantized in the prologue; PACKED does not apply) and int8 codes.
