@@ -449,14 +449,16 @@ def device_entries(state: TuneState, device: str) -> dict[str, dict[str, dict]]:
 
 
 def keep_untuned_buckets(path: Path, device_key: str, kernel: str, entries: dict[str, dict],
-                         tuned: list[int]) -> dict[str, dict]:
-    """This device's existing entries of `kernel` in the table at `path`, with the tuned buckets replaced by
-    `entries` (per shape; a tuned bucket the kernel lost is dropped)."""
+                         tuned: list[int], tuned_shapes: set[str]) -> dict[str, dict]:
+    """This device's existing entries of `kernel` in the table at `path`, with the tuned buckets of the shapes this
+    run tuned (`tuned_shapes`, and any shape `entries` holds) replaced by `entries` (a tuned bucket the kernel lost
+    is dropped); the table's other shapes keep every bucket."""
     old = json.loads(path.read_text())["devices"].get(device_key, {}).get(kernel, {}) if path.exists() else {}
     merged = {}
     for shape in old.keys() | entries.keys():
-        per_m = {m: c for m, c in old.get(shape, {}).items() if int(m) not in tuned} | entries.get(shape, {})
-        merged[shape] = dict(sorted(per_m.items(), key=lambda item: int(item[0])))
+        retuned = shape in tuned_shapes or shape in entries
+        per_m = {m: c for m, c in old.get(shape, {}).items() if not (retuned and int(m) in tuned)}
+        merged[shape] = dict(sorted((per_m | entries.get(shape, {})).items(), key=lambda item: int(item[0])))
     return merged
 
 
@@ -700,7 +702,9 @@ def _full_search_increment(record: dict, candidates: list[dict]) -> tuple[list[t
 def _write(options: TuneOptions, state: TuneState, device_key: str, family: str) -> None:
     per_kernel = device_entries(state, device_key)
     if options.buckets is not None:
-        per_kernel = {kernel: keep_untuned_buckets(options.out, device_key, kernel, entries, options.buckets)
+        tuned_shapes = {shape_key(n, k) for n, k in options.shapes}
+        per_kernel = {kernel: keep_untuned_buckets(options.out, device_key, kernel, entries, options.buckets,
+                                                   tuned_shapes)
                       for kernel, entries in per_kernel.items()}
     write_table(options.out, device_key, complete_entries(per_kernel, (device_key, family, "default")), family)
     configs.clear_caches()

@@ -369,11 +369,12 @@ def test_tuner_replaces_only_the_tuned_buckets(tmp_path):
 
     path = tmp_path / "table.json"
     write_table(path, "GPU", {"splitk_gemm": {"N=8,K=8": {"1": {"old": 1}, "4": {"old": 4}, "16": {"old": 16}},
-                                              "N=9,K=9": {"1": {"old": 1}}}})
-    tuned = {"N=8,K=8": {"4": {"new": 4}}, "N=9,K=9": {}}  # N=9: the kernel lost bucket 1 this time
-    merged = keep_untuned_buckets(path, "GPU", "splitk_gemm", tuned, [1, 4])
-    assert merged == {"N=8,K=8": {"4": {"new": 4}, "16": {"old": 16}}, "N=9,K=9": {}}
-    assert keep_untuned_buckets(tmp_path / "absent.json", "GPU", "splitk_gemm", tuned, [4]) == tuned
+                                              "N=9,K=9": {"1": {"old": 1}}, "N=7,K=7": {"4": {"old": 4}}}})
+    tuned = {"N=8,K=8": {"4": {"new": 4}}}  # N=9 was tuned too, and the kernel lost its bucket 1 this time
+    merged = keep_untuned_buckets(path, "GPU", "splitk_gemm", tuned, [1, 4], {"N=8,K=8", "N=9,K=9"})
+    # N=7 was not tuned in this run: all its buckets stay
+    assert merged == {"N=8,K=8": {"4": {"new": 4}, "16": {"old": 16}}, "N=9,K=9": {}, "N=7,K=7": {"4": {"old": 4}}}
+    assert keep_untuned_buckets(tmp_path / "absent.json", "GPU", "splitk_gemm", tuned, [4], {"N=8,K=8"}) == tuned
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
