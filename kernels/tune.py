@@ -462,6 +462,26 @@ def keep_untuned_buckets(path: Path, device_key: str, kernel: str, entries: dict
     return merged
 
 
+def keep_untimed_owners(path: Path, device_key: str, per_kernel: dict[str, dict[str, dict]],
+                        timed: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    """per_kernel (entries about to be written) with each bucket that an external GEMM this run did not time (not
+    registered here: `python -m vllm_outliertune.kernels.tune`, or a GPU without vLLM's CUTLASS build) lists in the
+    table at `path` left as the table has it for every kernel of the shape: the dispatch prefers split-K to an
+    external GEMM at a shared bucket, so a Triton tile written there would shadow a kernel this run never raced."""
+    old = json.loads(path.read_text())["devices"].get(device_key, {}) if path.exists() else {}
+    written = set().union(*(entries.keys() for entries in per_kernel.values()))
+    for external in set(EXTERNAL_KERNELS) - set(timed):
+        for shape, owned in old.get(external, {}).items():
+            if shape not in written:
+                continue
+            for kernel, entries in per_kernel.items():
+                kept = {m: c for m, c in old.get(kernel, {}).get(shape, {}).items() if m in owned}
+                per_m = {m: c for m, c in entries.get(shape, {}).items() if m not in owned} | kept
+                if per_m or shape in entries:
+                    entries[shape] = dict(sorted(per_m.items(), key=lambda item: int(item[0])))
+    return per_kernel
+
+
 def complete_entries(per_kernel: dict[str, dict[str, dict]], keys: tuple[str, ...]) -> dict[str, dict[str, dict]]:
     """per_kernel ({kernel: {shape: {bucket: config}}}, entries of device keys[0] about to be written) with every
     shape's entry of a weight format that --only or --buckets left partial (not listing every bucket the tuner
@@ -706,6 +726,7 @@ def _write(options: TuneOptions, state: TuneState, device_key: str, family: str)
         per_kernel = {kernel: keep_untuned_buckets(options.out, device_key, kernel, entries, options.buckets,
                                                    tuned_shapes)
                       for kernel, entries in per_kernel.items()}
+    per_kernel = keep_untimed_owners(options.out, device_key, per_kernel, options.kernels)
     write_table(options.out, device_key, complete_entries(per_kernel, (device_key, family, "default")), family)
     configs.clear_caches()
 

@@ -377,6 +377,23 @@ def test_tuner_replaces_only_the_tuned_buckets(tmp_path):
     assert keep_untuned_buckets(tmp_path / "absent.json", "GPU", "splitk_gemm", tuned, [4], {"N=8,K=8"}) == tuned
 
 
+def test_tuner_keeps_buckets_of_an_external_gemm_it_did_not_time(tmp_path):
+    from vllm_outliertune.kernels.tune import keep_untimed_owners, write_table
+
+    path = tmp_path / "table.json"
+    write_table(path, "GPU", {"int8_gemm": {"N=8,K=8": {"16": {"old": 16}, "64": {"old": 64}}},
+                              "cutlass_scaled_mm": {"N=8,K=8": {"64": {}}, "N=7,K=7": {"64": {}}}})
+    run = {"int8_gemm": {"N=8,K=8": {"16": {"new": 16}, "64": {"new": 64}}},
+           "splitk_gemm": {"N=8,K=8": {"16": {"new": 16}, "64": {"new": 64}}}}
+    # A run without CUTLASS: at CUTLASS's bucket 64 split-K would run ahead of it; the table's choice stays.
+    kept = keep_untimed_owners(path, "GPU", json.loads(json.dumps(run)), ("int8_gemm", "splitk_gemm"))
+    assert kept == {"int8_gemm": {"N=8,K=8": {"16": {"new": 16}, "64": {"old": 64}}},
+                    "splitk_gemm": {"N=8,K=8": {"16": {"new": 16}}}}
+    # A run that timed CUTLASS decides bucket 64 itself.
+    assert keep_untimed_owners(path, "GPU", json.loads(json.dumps(run)), ("int8_gemm", "splitk_gemm",
+                                                                          "cutlass_scaled_mm")) == run
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
