@@ -44,7 +44,7 @@ def main(state_path: str, device: str = "NVIDIA H200") -> None:
             # so the spread may hold no tile of it timed on every shape); the others list where they win
             kept = old if kernel == FORMAT[0] else {b: c for b, c in old.items() if int(b) not in buckets}
             new = kept | generic.get(kernel, {})
-            entries.setdefault(kernel, {})["default"] = dict(sorted(new.items(), key=lambda item: int(item[0])))
+            entries.setdefault(kernel, {})["default"] = configs.by_bucket(new)
     keys = (device, "default")
     for (n, k), results in spread.items():
         shape = configs.shape_key(n, k)
@@ -71,7 +71,7 @@ def main(state_path: str, device: str = "NVIDIA H200") -> None:
                   f"{best_time:.1f} µs")
     for name in FORMAT:
         for shape, per_m in table["devices"][device][name].items():
-            table["devices"][device][name][shape] = dict(sorted(per_m.items(), key=lambda item: int(item[0])))
+            table["devices"][device][name][shape] = configs.by_bucket(per_m)
     alternates = table.get("alternates", {}).get(device, {})
     w4a8 = tune.generic_alternates(list(spread.values()), fallback="w4a8_gemm")
     merged = {bucket: [o for o in alternates.get(bucket, []) if o[0] not in FORMAT] + w4a8.get(bucket, [])

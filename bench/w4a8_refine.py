@@ -86,7 +86,7 @@ def refined_table(summary: list[dict], device_key: str) -> dict:
             continue
         shape = configs.shape_key(row["n"], row["k"])
         entry = device.setdefault(row["kernel"], {}).setdefault(shape, {}) | {str(row["m"]): row["best"]}
-        device[row["kernel"]][shape] = dict(sorted(entry.items(), key=lambda item: int(item[0])))
+        device[row["kernel"]][shape] = configs.by_bucket(entry)
         if row["kernel"] == "w4a8_gemm":
             for other in ("w4a8_splitk", "w4a8_unpack"):
                 device.get(other, {}).get(shape, {}).pop(str(row["m"]), None)

@@ -97,6 +97,11 @@ def shape_of(key: str) -> tuple[int, int]:
     return n, k
 
 
+def by_bucket(per_m: dict[str, Any]) -> dict[str, Any]:
+    """An entry's {M bucket: value} in ascending bucket order (buckets are string keys in the table's JSON)."""
+    return dict(sorted(per_m.items(), key=lambda item: int(item[0])))
+
+
 def m_bucket(m: int, buckets: list[int]) -> int:
     """Smallest bucket >= m, else the largest."""
     fitting = [b for b in buckets if b >= m]

@@ -73,8 +73,7 @@ def pick_entries(n: int, k: int, keys: tuple[str, ...], time_us: Timer, kernels:
         picked[bucket] = kernel
     if not picked:
         return None
-    return {kernel: dict(sorted(per_m.items(), key=lambda item: int(item[0]))) for kernel, per_m in entries.items()}, \
-        picked
+    return {kernel: configs.by_bucket(per_m) for kernel, per_m in entries.items()}, picked
 
 
 def fitted_to_depth(kernel: str, config: dict, k: int) -> list[list]:

@@ -431,7 +431,7 @@ def device_alternates(state: TuneState, device: str) -> dict[str, list]:
         timed = [r for r in spread if fallback in r]
         for bucket, options in (generic_alternates(timed, fallback=fallback) if timed else {}).items():
             alternates.setdefault(bucket, []).extend(options)
-    return dict(sorted(alternates.items(), key=lambda item: int(item[0])))
+    return configs.by_bucket(alternates)
 
 
 def device_entries(state: TuneState, device: str) -> dict[str, dict[str, dict]]:
@@ -448,17 +448,22 @@ def device_entries(state: TuneState, device: str) -> dict[str, dict[str, dict]]:
     return per_kernel
 
 
+def _table_device(path: Path, device_key: str) -> dict[str, dict]:
+    """The entries of one device in the table at `path` ({} where the file or the device is absent)."""
+    return json.loads(path.read_text())["devices"].get(device_key, {}) if path.exists() else {}
+
+
 def keep_untuned_buckets(path: Path, device_key: str, kernel: str, entries: dict[str, dict],
                          tuned: list[int], tuned_shapes: set[str]) -> dict[str, dict]:
     """This device's existing entries of `kernel` in the table at `path`, with the tuned buckets of the shapes this
     run tuned (`tuned_shapes`, and any shape `entries` holds) replaced by `entries` (a tuned bucket the kernel lost
     is dropped); the table's other shapes keep every bucket."""
-    old = json.loads(path.read_text())["devices"].get(device_key, {}).get(kernel, {}) if path.exists() else {}
+    old = _table_device(path, device_key).get(kernel, {})
     merged = {}
     for shape in old.keys() | entries.keys():
         retuned = shape in tuned_shapes or shape in entries
         per_m = {m: c for m, c in old.get(shape, {}).items() if not (retuned and int(m) in tuned)}
-        merged[shape] = dict(sorted((per_m | entries.get(shape, {})).items(), key=lambda item: int(item[0])))
+        merged[shape] = configs.by_bucket(per_m | entries.get(shape, {}))
     return merged
 
 
@@ -468,7 +473,7 @@ def keep_untimed_owners(path: Path, device_key: str, per_kernel: dict[str, dict[
     registered here: `python -m vllm_outliertune.kernels.tune`, or a GPU without vLLM's CUTLASS build) lists in the
     table at `path` left as the table has it for every kernel of the shape: the dispatch prefers split-K to an
     external GEMM at a shared bucket, so a Triton tile written there would shadow a kernel this run never raced."""
-    old = json.loads(path.read_text())["devices"].get(device_key, {}) if path.exists() else {}
+    old = _table_device(path, device_key)
     written = set().union(*(entries.keys() for entries in per_kernel.values()))
     for external in set(EXTERNAL_KERNELS) - set(timed):
         for shape, owned in old.get(external, {}).items():
@@ -478,7 +483,7 @@ def keep_untimed_owners(path: Path, device_key: str, per_kernel: dict[str, dict[
                 kept = {m: c for m, c in old.get(kernel, {}).get(shape, {}).items() if m in owned}
                 per_m = {m: c for m, c in entries.get(shape, {}).items() if m not in owned} | kept
                 if per_m or shape in entries:
-                    entries[shape] = dict(sorted(per_m.items(), key=lambda item: int(item[0])))
+                    entries[shape] = configs.by_bucket(per_m)
     return per_kernel
 
 
@@ -502,7 +507,7 @@ def complete_entries(per_kernel: dict[str, dict[str, dict]], keys: tuple[str, ..
                 missing = {b: c for b, c in base.items() if int(b) not in listed}
                 if missing:
                     per_m = per_kernel.setdefault(kernel, {}).get(shape, {}) | missing
-                    per_kernel[kernel][shape] = dict(sorted(per_m.items(), key=lambda item: int(item[0])))
+                    per_kernel[kernel][shape] = configs.by_bucket(per_m)
     return per_kernel
 
 
