@@ -6,9 +6,11 @@
                                    # (group 128); --synthetic: the quantized checkpoints hold random values (no
                                    # calibration); --lm-head int8: instead *-lmhead checkpoints with lm_head int8
     python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8,w8a8-pc,fp8-pc,w8a8-lmhead,
-                                   w4a8-lmhead,w8a8-noguard,w8a8-coop] [--tp 2]   # throughput rows (w8a8-noguard:
-                                   # the W8A8 checkpoint with quantization_config.token_guard off; w8a8-coop: inductor's
-                                   # cooperative reductions on, which spread the guard's row maximum over programs)
+                                   w4a8-lmhead,w8a8-noguard,w8a8-coop,w8a8-guard-whole] [--tp 2]   # throughput rows
+                                   # (w8a8-noguard: the W8A8 checkpoint with quantization_config.token_guard off;
+                                   # w8a8-coop: inductor's cooperative reductions on, which spread the guard's row
+                                   # maximum over programs; w8a8-guard-whole: the traced guard fused whole into
+                                   # every producer, as before the guard in parts)
     python bench/e2e_gpu.py profile WORKDIR [--rows w8a8,w4a8]   # torch-profiler breakdown of decode steps by
                                    # kernel kind, and wall time per step
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
@@ -291,6 +293,9 @@ class Row(NamedTuple):
     kv_cache_dtype: str | None = None
     prefix_caching: bool = False
     inductor: dict | None = None  # vLLM's compilation_config.inductor_compile_config
+    # Environment of the row's process. vLLM's compile cache does not key on our environment variables: a row with
+    # env compiles afresh (VLLM_DISABLE_COMPILE_CACHE), else it may load another row's graphs of the same checkpoint.
+    env: dict | None = None
 
 
 def _without_token_guard(checkpoint: str) -> str:
@@ -318,6 +323,8 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
             "w8a8-noguard": Row("outliertune W8A8 without token guard", w8a8 + "-noguard"),
             "w8a8-coop": Row("outliertune W8A8, inductor cooperative reductions", w8a8,
                              inductor={"triton.cooperative_reductions": True}),
+            "w8a8-guard-whole": Row("outliertune W8A8, traced guard whole in every layer", w8a8,
+                                    env={"OUTLIERTUNE_GUARD_IN_PARTS_MIN_K": str(1 << 30)}),
             "w4a8": Row("outliertune W4A8 (g128)", w4a8),
             "w8a8-lmhead": Row("outliertune W8A8 + int8 lm_head", w8a8 + "-lmhead"),
             "w4a8-lmhead": Row("outliertune W4A8 (g128) + int8 lm_head", w4a8 + "-lmhead"),
@@ -340,7 +347,8 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
             ["--prefix-caching"] if row_spec.prefix_caching else []) + (
             ["--inductor", json.dumps(row_spec.inductor)] if row_spec.inductor else [])
         started = time.time()
-        proc = subprocess.run(command, capture_output=True, text=True)
+        env = dict(os.environ, **row_spec.env, VLLM_DISABLE_COMPILE_CACHE="1") if row_spec.env else None
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
         log = proc.stdout + proc.stderr
         log_name = re.sub(r"\W+", "-", label)
         (workdir / f"log-{log_name}.txt").write_text(log)

@@ -9,18 +9,20 @@ the guard as its own kernel (custom op quantize_activation_guarded) after the pl
 without t, and eager mode's torch ops against the kernel. CUDA-graph replays, cold L2, medians:
 
     python bench/guard_cost.py ["guard in 8 parts" ...]   # (names: only these variants besides plain and guard)
+    python bench/guard_cost.py "guard fix-up" --producers SiLU-mul:7168,alone:8192 --rows 1,16 --typical-only \
+        --producers-only
 
 The end-to-end cost is the `w8a8` row of `bench/e2e_gpu.py table` (the default: guarded) against `w8a8-noguard`."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import sys
 
 import torch
 
 from vllm_outliertune.format import guard_scale
-from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation_guarded
+from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation_guarded, quantize_activation_guarded_in_parts
 from vllm_outliertune.kernels.torch_ref import quantize_activation_guarded_ref, quantize_activation_ref
 from vllm_outliertune.kernels.tune import graph_time_us, make_inputs, warm_gpu
 
@@ -30,6 +32,8 @@ ROWS = (1, 64, 2048)
 COOPERATIVE = {"triton.cooperative_reductions": True}
 MULTI_KERNEL = {"triton.multi_kernel": 1}  # both a looped and a persistent reduction, the faster picked at run time
 ROW_PARTS = (8, 32)  # the guard's row maximum in parts first
+FIXUP_PARTS = (1, 16, 64)  # guard fix-up: parts of a row besides linear.guard_parts' (K 4096: 4; 14336: 14)
+TYPICAL_OVERFLOW = 1 / 16  # plan_for's typical inputs: rows beyond the plan's range
 PERSISTENT_UP_TO = 16384  # persistent reductions (the row in registers, read once) up to this K; inductor: 1024
 
 
@@ -79,52 +83,86 @@ def quant_variants():
             **{f"guard in {parts} parts": (lambda x, s, z, parts=parts: guarded_in_parts(x, s, z, parts), {},
                                            contextlib.nullcontext) for parts in ROW_PARTS},
             "guard kernel": (lambda x, s, z: quantize_activation_guarded(x, s, z, 8, 1.0), {}, contextlib.nullcontext),
+            "guard fix-up": (lambda x, s, z: quantize_activation_guarded_in_parts(x, s, z, 8), {},
+                             contextlib.nullcontext),
+            **{f"guard fix-up in {parts} parts": (
+                lambda x, s, z, parts=parts: quantize_activation_guarded_in_parts(x, s, z, 8, parts), {},
+                contextlib.nullcontext) for parts in FIXUP_PARTS},
             "plain multi-kernel": (plain, MULTI_KERNEL, contextlib.nullcontext),
             "guard multi-kernel": (guard, MULTI_KERNEL, contextlib.nullcontext),
             "plain persistent": (plain, {}, persistent_reductions),
             "guard persistent": (guard, {}, persistent_reductions)}
 
 
-def time_producers(only: list[str]) -> None:
-    """RMSNorm + residual + quant (K = 4096), SiLU-mul + quant (K = 14336) and quant alone (K = 4096, attention's
-    output feeding o_proj), each variant compiled by inductor; every guarded variant's codes and t checked equal to
-    the eager torch reference's."""
-    for producer, k in (("RMSNorm", K), ("SiLU-mul", INTERMEDIATE), ("alone", K)):
-        for m in ROWS:
-            inv_scale, shift = torch.rand(k, device="cuda") * 10 + 1, torch.randn(k, device="cuda")
-            if producer == "RMSNorm":
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                args = (x, torch.randn_like(x), torch.rand(k, device="cuda") + 0.5)
-                def make(quant):
-                    def norm_quant(x, residual, gamma):
-                        y, h = rms_norm(x, residual, gamma)
-                        return quant(y, inv_scale, shift), h
-                    return norm_quant
-                reference = lambda x, residual, gamma: rms_norm(x, residual, gamma)[0]
-            elif producer == "SiLU-mul":
-                args = (torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16) * 4,)
-                make = lambda quant: lambda gate_up: quant(silu_mul(gate_up), inv_scale, shift)
-                reference = silu_mul
-            else:
-                args = (torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 40,)
-                make = lambda quant: lambda x: quant(x, inv_scale, shift)
-                reference = lambda x: x
-            expected = quantize_activation_guarded_ref(reference(*args), inv_scale, shift, 8)
-            times = {}
-            for name, (quant, options, context) in quant_variants().items():
-                if only and name not in ("plain", "guard", *only):
-                    continue
-                fn = torch.compile(make(quant), options=options)
-                with context():  # inductor compiles at the first call
-                    result = fn(*args)
-                if name.startswith("guard"):
-                    got = result[0] if producer == "RMSNorm" else result
-                    # Compiled producers may round their bf16 output differently from eager: count, don't assert.
-                    mismatched = sum(int((a != b).sum()) for a, b in zip(got, expected))
-                    name = f"{name} [{mismatched} differ]" if mismatched else name
-                times[name] = graph_time_us(lambda: fn(*args), 5)
-            print(f"{producer} + quant M={m}: " + ", ".join(
-                f"{name} {us:.1f} µs ({us / times['plain']:.2f}x)" for name, us in times.items()), flush=True)
+def producer_inputs(producer: str, k: int, m: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The producer's inputs for m rows and its output x (eager)."""
+    if producer == "RMSNorm":
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        args = (x, torch.randn_like(x), torch.rand(k, device="cuda") + 0.5)
+        return args, rms_norm(*args)[0]
+    if producer == "SiLU-mul":
+        args = (torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16) * 4,)
+        return args, silu_mul(*args)
+    args = (torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 40,)
+    return args, args[0]
+
+
+def plan_for(x: torch.Tensor, overflowing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (inv_scale, shift) for x: random steps and shifts that overflow nearly every row
+    (``overflowing``), or the same scaled so that the plan's range holds all rows of x but a TYPICAL_OVERFLOW
+    fraction of them (all of them at one row), as the guard meets calibrated text."""
+    k = x.shape[-1]
+    inv_scale, shift = torch.rand(k, device="cuda") * 10 + 1, torch.randn(k, device="cuda")
+    if not overflowing:
+        t = guard_scale(x.float() * inv_scale - shift, 8, floor=0.0)[:, 0]
+        scale = 0.99 / torch.quantile(t, 1 - TYPICAL_OVERFLOW if x.shape[0] > 1 else 1.0)
+        inv_scale, shift = inv_scale * scale, shift * scale
+    return inv_scale, shift
+
+
+def time_producers(only: list[str], producers: list[tuple[str, int]], rows: tuple[int, ...],
+                   modes: tuple[bool, ...]) -> None:
+    """Each producer + quant of K channels (RMSNorm + residual; SiLU-mul, K its output's; "alone": attention's
+    output feeding o_proj), each variant compiled by inductor once for all row counts (dynamic M, as vLLM
+    compiles), on typical and / or overflowing inputs (plan_for, ``modes``: overflowing or not); every guarded
+    variant's codes and t are compared with the eager torch reference's."""
+    for producer, k in producers:
+        torch._dynamo.reset()  # each producer's variants compile afresh (dynamo's recompile limit is per code object)
+        compiled = {}
+        for overflowing in modes:
+            for m in sorted(rows, key=lambda m: m == 1):  # compiled first at M > 1 (dynamic; 1 specializes)
+                args, x = producer_inputs(producer, k, m)
+                inv_scale, shift = plan_for(x, overflowing)
+                expected = quantize_activation_guarded_ref(x, inv_scale, shift, 8)
+                times = {}
+                for name, (quant, options, context) in quant_variants().items():
+                    if only and name not in ("plain", "guard", *only):
+                        continue
+                    if name not in compiled:
+                        if producer == "RMSNorm":
+                            def fn(x, residual, gamma, inv_scale, shift, quant=quant):
+                                y, h = rms_norm(x, residual, gamma)
+                                return quant(y, inv_scale, shift), h
+                        elif producer == "SiLU-mul":
+                            fn = lambda gate_up, inv_scale, shift, quant=quant: quant(silu_mul(gate_up), inv_scale,
+                                                                                     shift)
+                        else:
+                            fn = lambda x, inv_scale, shift, quant=quant: quant(x, inv_scale, shift)
+                        compiled[name] = (torch.compile(fn, options=options), context)
+                    fn, context = compiled[name]
+                    for arg in args[:2] if m > 1 else ():
+                        torch._dynamo.mark_dynamic(arg, 0)
+                    with context():  # inductor compiles at the first call
+                        result = fn(*args, inv_scale, shift)
+                    if name.startswith("guard"):
+                        got = result[0] if producer == "RMSNorm" else result
+                        # Compiled producers may round their bf16 output differently from eager: count, don't assert.
+                        mismatched = sum(int((a != b).sum()) for a, b in zip(got, expected))
+                        name = f"{name} [{mismatched} differ]" if mismatched else name
+                    times[name] = graph_time_us(lambda: fn(*args, inv_scale, shift), 5)
+                rows_over = int((expected[1] > 1).sum())
+                print(f"{producer} + quant K={k} M={m} ({rows_over} rows over the range): " + ", ".join(
+                    f"{name} {us:.1f} µs ({us / times['plain']:.2f}x)" for name, us in times.items()), flush=True)
 
 
 def time_eager() -> None:
@@ -151,8 +189,20 @@ def time_eager() -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="*", help="only these variants besides plain and guard")
+    parser.add_argument("--producers", default=f"RMSNorm:{K},SiLU-mul:{INTERMEDIATE},alone:{K}",
+                        help="producer:K,... (RMSNorm, SiLU-mul, alone)")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts M")
+    parser.add_argument("--typical-only", action="store_true", help="skip the overflowing inputs")
+    parser.add_argument("--producers-only", action="store_true", help="skip the GEMM and eager timings")
+    args = parser.parse_args()
+    producers = [(name, int(k)) for name, k in (item.split(":") for item in args.producers.split(","))]
     warm_gpu()
-    time_producers(sys.argv[1:])
+    time_producers(args.variants, producers, tuple(int(m) for m in args.rows.split(",")),
+                   (False,) if args.typical_only else (False, True))
+    if args.producers_only:
+        return
     for m in ROWS:
         p = make_inputs(m, N, K)
         codes = quantize_activation_ref(p["x"], p["inv_scale"], p["shift"], 8)

@@ -103,6 +103,30 @@ def _quantize_activation_guarded_kernel(x_ptr, q_ptr, t_ptr, inv_scale_ptr, shif
             tl.store(q_row + k0 + offs[None, :], round_units(tl.math.div_rn(u, t), QMIN, QMAX), mask=mask[None, :])
 
 
+@triton.jit
+def _guard_fixup_kernel(x_ptr, q_ptr, t_ptr, part_high_ptr, part_low_ptr, inv_scale_ptr, shift_ptr, K, parts,
+                        stride_xm, stride_qm, LOW: tl.constexpr, HIGH: tl.constexpr, QMIN: tl.constexpr,
+                        QMAX: tl.constexpr, HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                        BLOCK_PARTS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row, K block): t of the row from its parts' maxima and minima (format.guard_scale, floor 1); the
+    row's codes were rounded at t = 1, so only a row with t > 1 re-reads its x and rewrites its codes at u / t."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_PARTS)
+    mask_p = offs_p < parts
+    highest = tl.max(tl.load(part_high_ptr + row * parts + offs_p, mask=mask_p, other=-float("inf")))
+    lowest = tl.min(tl.load(part_low_ptr + row * parts + offs_p, mask=mask_p, other=float("inf")))
+    t = tl.maximum(tl.maximum(tl.math.div_rn(highest, HIGH), tl.math.div_rn(lowest, LOW)), 1.0)
+    if tl.program_id(1) == 0:
+        tl.store(t_ptr + row, t)
+    if t > 1.0:
+        offs = tl.arange(0, BLOCK_K)
+        k0 = tl.program_id(1) * BLOCK_K
+        u, mask = _row_units(x_ptr + row * stride_xm, inv_scale_ptr, shift_ptr, k0, offs, K, HAS_INV_SCALE,
+                             HAS_SHIFT)
+        tl.store(q_ptr + row * stride_qm + k0 + offs[None, :], round_units(tl.math.div_rn(u, t), QMIN, QMAX),
+                 mask=mask[None, :])
+
+
 def check_activation_args(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
                           bits: int) -> None:
     """Raise ValueError naming the argument when the activation-quant inputs are malformed."""
@@ -172,3 +196,34 @@ def quantize_activation_guarded(x: torch.Tensor, inv_scale: torch.Tensor | None,
         HAS_INV_SCALE=inv_scale is not None, HAS_SHIFT=shift is not None, BLOCK_K=block_k, ONE_BLOCK=one_block,
         num_warps=min(16, max(4, block_k // 1024)), enable_fp_fusion=False)
     return q, t
+
+
+GUARD_FIXUP_BLOCK_K = 2048
+
+
+def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, part_low: torch.Tensor,
+                inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The token guard (floor 1) finished from codes rounded at t = 1 and the maxima / minima of each row's units
+    over parts of the row (float32 [M, P]): returns t float32 [M, 1] and rewrites, in place, the codes of the rows
+    with t > 1 from x (torch_ref.guard_fixup_ref). A row inside the plan's range costs one read of its P values."""
+    check_activation_args(x, inv_scale, shift, bits)
+    m, k = x.shape
+    if x.stride(1) != 1 or codes.shape != x.shape or codes.stride(1) != 1 or codes.dtype != torch.int8:
+        raise ValueError(f"guard_fixup: codes {codes.dtype} {list(codes.shape)} must be int8 codes of x {list(x.shape)},"
+                         " both with contiguous channels")
+    parts = part_high.shape[-1]
+    for name, part in (("part_high", part_high), ("part_low", part_low)):
+        if part.shape != (m, parts) or part.dtype != torch.float32 or not part.is_contiguous():
+            raise ValueError(f"guard_fixup: {name} is {part.dtype} {list(part.shape)}; expected contiguous float32 "
+                             f"[{m}, {parts}]")
+    t = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return t.fill_(1.0)
+    qmin, qmax = qrange(bits)
+    low, high = guard_limits(bits)
+    block_k = min(triton.next_power_of_2(k), GUARD_FIXUP_BLOCK_K)
+    _guard_fixup_kernel[(m, triton.cdiv(k, block_k))](
+        x, codes, t, part_high, part_low, inv_scale, shift, k, parts, x.stride(0), codes.stride(0), LOW=low,
+        HIGH=high, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None, HAS_SHIFT=shift is not None,
+        BLOCK_PARTS=triton.next_power_of_2(parts), BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False)
+    return t

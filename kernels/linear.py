@@ -37,14 +37,15 @@ def _runs_triton(t: torch.Tensor) -> bool:
 @functools.cache
 def _triton() -> SimpleNamespace:
     """The Triton kernels, imported on first use so that CPU-only installs without Triton keep the torch path."""
-    from vllm_outliertune.kernels.act_quant import quantize_activation, quantize_activation_guarded
+    from vllm_outliertune.kernels.act_quant import guard_fixup, quantize_activation, quantize_activation_guarded
     from vllm_outliertune.kernels.int8_gemm import int8_gemm
     from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma, supports_tma
     from vllm_outliertune.kernels.splitk_gemm import splitk_gemm
     from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
     from vllm_outliertune.kernels.w4a8_unpack import unpack_levels
     return SimpleNamespace(quantize_activation=quantize_activation,
-                           quantize_activation_guarded=quantize_activation_guarded, int8_gemm=int8_gemm,
+                           quantize_activation_guarded=quantize_activation_guarded, guard_fixup=guard_fixup,
+                           int8_gemm=int8_gemm,
                            splitk_gemm=splitk_gemm,
                            int8_gemm_tma=int8_gemm_tma, supports_tma=supports_tma, w4a8_gemm=w4a8_gemm,
                            unpack_levels=unpack_levels)
@@ -227,6 +228,60 @@ def quantize_activation_guarded(x: torch.Tensor, inv_scale: torch.Tensor | None,
 @quantize_activation_guarded.register_fake
 def _(x, inv_scale, shift, bits, floor):
     return torch.empty_like(x, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("outliertune_kernels::guard_fixup", mutates_args=("codes",))
+def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, part_low: torch.Tensor,
+                inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The token guard (floor 1) finished after quantization at t = 1: t float32 [M, 1] from the row parts'
+    extrema (torch_ref.row_part_extrema), and the codes of rows with t > 1 rewritten in place
+    (torch_ref.guard_fixup_ref)."""
+    if _runs_triton(x):
+        return _triton().guard_fixup(x, codes, part_high, part_low, inv_scale, shift, bits)
+    return torch_ref.guard_fixup_ref(x, codes, part_high, part_low, inv_scale, shift, bits)
+
+
+@guard_fixup.register_fake
+def _(x, codes, part_high, part_low, inv_scale, shift, bits):
+    return x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+# The guard in parts (quantize_activation_guarded_in_parts): rows are split into parts of this many channels (or
+# the largest power of two dividing K, down to GUARD_MIN_PART_K; below that the row is one part).
+GUARD_PART_K = 1024
+GUARD_MIN_PART_K = 64
+# Traced, the guard in parts beat the guard fused whole into the producer at every row count timed (1 to 2,048)
+# where a pointwise producer (SiLU-mul, attention's output) writes rows of 14,336 channels or more, and lost at
+# 3,584 - 8,192 below 2,048 rows (H200, bench/guard_cost.py, session 18): its second kernel costs a launch, while
+# the fused guard's one-program-per-row reduction grows with K. RMSNorm (a row reduction of its own) was faster
+# with the guard fused at every K timed. The variable is read at import; vLLM's compile cache does not see it
+# (clear ~/.cache/vllm/torch_compile_cache, or set VLLM_DISABLE_COMPILE_CACHE=1, after changing it).
+GUARD_IN_PARTS_MIN_K = int(os.environ.get("OUTLIERTUNE_GUARD_IN_PARTS_MIN_K", 12288))
+
+
+def traced_guard_in_parts(k: int, floor: float, pointwise_producer: bool) -> bool:
+    """Whether a traced layer computes the token guard in parts (quantize_activation_guarded_in_parts) rather
+    than as torch ops for inductor to fuse into the producer whole (torch_ref.quantize_activation_guarded_ref):
+    for rows of k channels written by a pointwise producer, with floor 1 (a floor below 1 rescales every row)."""
+    return pointwise_producer and floor == 1.0 and k >= GUARD_IN_PARTS_MIN_K
+
+
+def guard_parts(k: int) -> int:
+    """How many equal parts quantize_activation_guarded_in_parts splits a row of k channels into."""
+    part = math.gcd(k, GUARD_PART_K)
+    return k // part if part >= GUARD_MIN_PART_K else 1
+
+
+def quantize_activation_guarded_in_parts(x: torch.Tensor, inv_scale: torch.Tensor | None,
+                                         shift: torch.Tensor | None, bits: int,
+                                         parts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activation_guarded (floor 1) as torch ops for inductor to fuse into the producer of x, and one
+    small op after it: the producer's kernel writes x, the codes at t = 1 and each row part's extrema, all
+    pointwise-parallel over the row's parts; guard_fixup then reads the extrema, and only rows beyond the plan's
+    range (t > 1) are quantized again. The same codes and t as quantize_activation_guarded_ref."""
+    part_high, part_low = torch_ref.row_part_extrema(x, inv_scale, shift, parts or guard_parts(x.shape[-1]))
+    codes = torch_ref.quantize_activation_ref(x, inv_scale, shift, bits)
+    return codes, guard_fixup(x, codes, part_high, part_low, inv_scale, shift, bits)
 
 
 @torch.library.custom_op("outliertune_kernels::int8_gemm", mutates_args=())

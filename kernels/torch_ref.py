@@ -46,6 +46,30 @@ def quantize_activation_guarded_ref(x: torch.Tensor, inv_scale: torch.Tensor | N
     return torch.round(units / t).clamp_(qmin, qmax).to(torch.int8), t
 
 
+def row_part_extrema(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
+                     parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest and the most negative unit (x * inv_scale - shift) of each of `parts` equal parts of each row:
+    float32 [M, parts] each (K must divide into them). Maxima and minima are order-free, so the row's extrema taken
+    over these are exactly the row's."""
+    units = _activation_units(x, inv_scale, shift).unflatten(-1, (parts, -1))
+    return units.amax(-1), units.amin(-1)
+
+
+def guard_fixup_ref(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, part_low: torch.Tensor,
+                    inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The token guard (floor 1) finished from quantize_activation_ref's codes (rounded at t = 1) and
+    row_part_extrema: returns t float32 [M, 1] (format.guard_scale) and rewrites, in place, the codes of the rows
+    with t > 1 to clamp(round(u / t)). Then codes and t equal quantize_activation_guarded_ref's, bit for bit: a row
+    with t = 1 rounds u / 1 = u."""
+    t = guard_scale(torch.cat([part_high, part_low], dim=-1), bits)  # (each part's minimum <= its maximum)
+    over = t[:, 0] > 1
+    if over.any():
+        qmin, qmax = qrange(bits)
+        units = _activation_units(x[over], inv_scale, shift)
+        codes[over] = torch.round(units / t[over]).clamp_(qmin, qmax).to(torch.int8)
+    return t
+
+
 def int_mm_exact(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """a_q int8 [M, K] @ w_q int8 [N, K]^T -> int32 [M, N], exactly.
 

@@ -46,7 +46,8 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma
     from vllm_outliertune.kernels import act_quant
     from vllm_outliertune.kernels.linear import (
-        int8_gemm, quantize_activation, quantize_activation_guarded, quantized_linear)
+        guard_parts, int8_gemm, quantize_activation, quantize_activation_guarded,
+        quantize_activation_guarded_in_parts, quantized_linear)
     from vllm_outliertune.kernels.splitk_gemm import splitk_gemm, zeroed_workspace
 
     bits = ACT_BITS[seed % len(ACT_BITS)]
@@ -76,6 +77,18 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
         finally:
             act_quant.GUARDED_ONE_BLOCK_K, act_quant.GUARDED_PASS_BLOCK_K = limits
         name = f"quantize_activation_guarded floor={floor} {'one block' if k <= one_block_k else 'two passes'}"
+        expect_equal(f"{name} codes", codes.cpu(), codes_want)
+        expect_equal(f"{name} t", t.cpu(), t_want)
+    # The guard in parts (floor 1): codes at t = 1, then guard_fixup rewrites rows with t > 1 in blocks of K (one
+    # block, and with the block lowered several).
+    codes_want, t_want = torch_ref.quantize_activation_guarded_ref(*on_cpu, bits)
+    for parts, block_k in ((guard_parts(k), act_quant.GUARD_FIXUP_BLOCK_K), (k // 8, 32)):
+        limit, act_quant.GUARD_FIXUP_BLOCK_K = act_quant.GUARD_FIXUP_BLOCK_K, block_k
+        try:
+            codes, t = quantize_activation_guarded_in_parts(x, p["inv_scale"], p["shift"], bits, parts)
+        finally:
+            act_quant.GUARD_FIXUP_BLOCK_K = limit
+        name = f"quantize_activation_guarded_in_parts parts={parts} block_k={block_k}"
         expect_equal(f"{name} codes", codes.cpu(), codes_want)
         expect_equal(f"{name} t", t.cpu(), t_want)
     expect_equal("int8_gemm int32", int8_gemm(q_ref, w_q, None, None, torch.int32),

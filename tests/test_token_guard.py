@@ -15,7 +15,7 @@ import torch
 from tests.conftest import build_in_child
 from vllm_outliertune import format as fmt
 from vllm_outliertune.kernels.torch_ref import (
-    int8_gemm_ref, quantize_activation_guarded_ref, quantize_activation_ref)
+    int8_gemm_ref, quantize_activation_guarded_ref, quantize_activation_ref, row_part_extrema)
 from vllm_outliertune.offline.fakequant import StaticPlanLinear
 from vllm_outliertune.offline.fold import FoldedLinear
 from vllm_outliertune.offline.model_io import UserError
@@ -319,6 +319,77 @@ def test_vllm_apply_equals_the_reference_exactly():
         assert floor == 1.0 or t.min() < 1  # the floor reaches apply(): some token has a finer step
         bound = 2 * 127 * layer.weight_scale * t + 1e-5
         assert ((compiled.reshape(9, -1) - reference.reshape(9, -1)).abs() <= bound).all()
+
+
+def test_guard_in_parts_equals_the_whole_row_guard():
+    """quantize_activation_guarded_in_parts (codes at t = 1 and each row part's extrema, then the guard_fixup op,
+    which rewrites only rows with t > 1) gives the whole-row guard's codes and t bit for bit, at every part count,
+    with rows inside and beyond the range; its op checks out under torch.library.opcheck."""
+    from vllm_outliertune.kernels import linear as kernel_ops
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 192, generator=generator) * 3
+    x[2] *= 20  # beyond the range
+    base_inv_scale, shift = torch.rand(192, generator=generator) * 4 + 1, torch.randn(192, generator=generator)
+    for bits in (8, 6, 4):
+        inv_scale = base_inv_scale * fmt.qrange(bits)[1] / 127
+        want = quantize_activation_guarded_ref(x, inv_scale, shift, bits)
+        assert (want[1] > 1).any() and (want[1] == 1).any()
+        for parts in (1, 3, 64):
+            got = kernel_ops.quantize_activation_guarded_in_parts(x, inv_scale, shift, bits, parts)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (bits, parts)
+    inv_scale = base_inv_scale
+    part_high, part_low = row_part_extrema(x, inv_scale, shift, 3)
+    codes = quantize_activation_ref(x, inv_scale, shift, 8)
+    torch.library.opcheck(kernel_ops.guard_fixup, (x, codes, part_high, part_low, inv_scale, shift, 8))
+    assert kernel_ops.guard_parts(14336) == 14 and kernel_ops.guard_parts(4096) == 4
+    assert kernel_ops.guard_parts(1000) == 1  # no power-of-two part of 64 channels or more divides it
+
+
+def test_traced_guard_in_parts_where_a_pointwise_producer_writes_long_rows(monkeypatch):
+    """Traced (vLLM's default mode), a row-parallel layer (its input comes from the MLP activation or attention:
+    pointwise producers) with rows of GUARD_IN_PARTS_MIN_K channels or more runs the guard in parts (the
+    guard_fixup op in the graph); column-parallel layers (RMSNorm's output), shorter rows and floors below 1 keep
+    the guard whole, fused into the producer. Either way within float reordering of the eager (reference) output."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from torch._inductor.compile_fx import compile_fx
+
+    from vllm_outliertune.kernels import linear as kernel_ops
+    from vllm_outliertune.linear import OutlierTuneLinearMethod
+
+    monkeypatch.setattr(kernel_ops, "GUARD_IN_PARTS_MIN_K", 128)
+    generator = torch.Generator().manual_seed(4)
+    n = 24
+    x = torch.randn(5, 192, generator=generator) * 3
+    x[1] *= 20  # beyond the range: t > 1
+    for kind, k, floor, in_parts in ((RowParallelLinear, 192, 1.0, True), (RowParallelLinear, 96, 1.0, False),
+                                     (ColumnParallelLinear, 192, 1.0, False), (RowParallelLinear, 192, 1 / 16, False)):
+        layer = kind.__new__(kind)  # a shell of vLLM's class: apply() reads the tensors below and the class
+        torch.nn.Module.__init__(layer)
+        layer.weight = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+        layer.weight_scale = torch.rand(n, generator=generator) * 0.01 + 1e-4
+        layer.output_bias = torch.randn(n, generator=generator)
+        layer.input_inv_scale = torch.rand(k, generator=generator) + 0.5
+        layer.input_shift = torch.randint(-4, 5, (k,), generator=generator).float()
+        layer.exact_index = layer.exact_weight = None
+        config = _guarded(fmt.QuantizationConfig(8, 8), floor)
+        method = OutlierTuneLinearMethod(config, "model.layers.0.mlp.down_proj", ["down_proj"])
+        traced_ops = []
+
+        def recording_inductor(graph_module, example_inputs):
+            traced_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+            return compile_fx(graph_module, example_inputs)
+
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda v: method.apply(layer, v), backend=recording_inductor,
+                                 fullgraph=True)(x[:, :k])
+        eager = method.apply(layer, x[:, :k])
+        assert any("guard_fixup" in op for op in traced_ops) == in_parts, (kind.__name__, k, floor, traced_ops)
+        _, t = quantize_activation_guarded_ref(x[:, :k], layer.input_inv_scale, layer.input_shift, 8, floor)
+        assert (t > 1).any()
+        bound = 2 * 127 * layer.weight_scale * t + 1e-4
+        assert ((compiled - eager).abs() <= bound).all(), (kind.__name__, k, floor)
 
 
 @pytest.mark.parametrize("bits,floor", [(8, 1.0), (6, 1 / 16)])

@@ -306,12 +306,14 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         x_2d = x.reshape(-1, x.shape[-1])
         if self.spec.token_guard:
             # The guard's t and codes: traced, as torch ops that inductor fuses into the producer of x (as below;
-            # faster on an H200 than our one-kernel op after an unfused producer, docs/benchmarks.md); eager, our
-            # one kernel. The GEMM's epilogue multiplies each row by its t.
-            guard = (quantize_activation_guarded_ref if torch.compiler.is_compiling()
-                     else kernel_ops.quantize_activation_guarded)
-            codes, t = guard(x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
-                             self.spec.token_guard_floor)
+            # faster on an H200 than our one-kernel op after an unfused producer, docs/benchmarks.md), whole or
+            # in parts; eager, our one kernel. The GEMM's epilogue multiplies each row by its t.
+            if torch.compiler.is_compiling():
+                codes, t = self._traced_guard(layer, x_2d)
+            else:
+                codes, t = kernel_ops.quantize_activation_guarded(x_2d, layer.input_inv_scale, layer.input_shift,
+                                                                  self.spec.activation_bits,
+                                                                  self.spec.token_guard_floor)
             out = self._codes_gemm(layer, codes, x.dtype, row_scale=t)
         elif layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
             out = self._apply_packed(layer, x_2d, x.dtype)
@@ -329,6 +331,16 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         if bias is not None:  # only when the bias could not be merged (skip_bias_add layers never pass one)
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _traced_guard(self, layer: torch.nn.Module, x_2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token guard's codes and t as traced: in parts (a second small kernel) where the input's rows are
+        long and come from a pointwise producer (a row-parallel layer's: the MLP activation, attention's output),
+        else fused whole into the producer (RMSNorm)."""
+        args = (x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits)
+        if kernel_ops.traced_guard_in_parts(x_2d.shape[-1], self.spec.token_guard_floor,
+                                            isinstance(layer, RowParallelLinear)):
+            return kernel_ops.quantize_activation_guarded_in_parts(*args)
+        return quantize_activation_guarded_ref(*args, self.spec.token_guard_floor)
 
     def _codes_gemm(self, layer: torch.nn.Module, codes: torch.Tensor, out_dtype: torch.dtype,
                     row_scale: torch.Tensor | None = None) -> torch.Tensor:
