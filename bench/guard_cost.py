@@ -1,12 +1,15 @@
 """What the per-token overflow guard (quantization_config.token_guard) costs on a GPU, per piece (no vLLM needed):
 the int8 GEMM with and without the per-row scale t in its epilogue (Llama-3-8B qkv, the tile table's dispatch), and
-the two producers of activations (RMSNorm + residual, K = 4096; SiLU-mul, K = 14336) with their quantization compiled
+the producers of activations (by default RMSNorm + residual, K = 4096; SiLU-mul, K = 14336; attention's output,
+"alone", K = 4096; --producers picks others) with their quantization compiled
 by torch.compile (inductor, as vLLM's compiled mode fuses them): plain; the guard as torch ops fused into the producer
 (default inductor options; with the row maximum in 8 or 32 parts first; with cooperative reductions, which spread a
 row over several programs; with multi-kernel, which times a looped and a persistent reduction; with persistent
 reductions up to K = 16,384, the row read once);
-the guard as its own kernel (custom op quantize_activation_guarded) after the plain producer. Then the GEMM with and
-without t, and eager mode's torch ops against the kernel. CUDA-graph replays, cold L2, medians:
+the guard as its own kernel (custom op quantize_activation_guarded) after the plain producer; the guard in parts
+("guard fix-up": codes at t = 1 and part extrema fused into the producer, then the guard_fixup op; what the plugin
+runs for long rows of pointwise producers). Then the GEMM with and without t, and eager mode's torch ops against the
+kernel. CUDA-graph replays, cold L2, medians:
 
     python bench/guard_cost.py ["guard in 8 parts" ...]   # (names: only these variants besides plain and guard)
     python bench/guard_cost.py "guard fix-up" --producers SiLU-mul:7168,alone:8192 --rows 1,16 --typical-only \

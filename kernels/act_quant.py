@@ -105,7 +105,7 @@ def _quantize_activation_guarded_kernel(x_ptr, q_ptr, t_ptr, inv_scale_ptr, shif
 
 @triton.jit
 def _guard_fixup_kernel(x_ptr, q_ptr, t_ptr, part_high_ptr, part_low_ptr, inv_scale_ptr, shift_ptr, K, parts,
-                        stride_xm, stride_qm, LOW: tl.constexpr, HIGH: tl.constexpr, QMIN: tl.constexpr,
+                        stride_xm, stride_qm, stride_qk, LOW: tl.constexpr, HIGH: tl.constexpr, QMIN: tl.constexpr,
                         QMAX: tl.constexpr, HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
                         BLOCK_PARTS: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row, K block): t of the row from its parts' maxima and minima (format.guard_scale, floor 1); the
@@ -123,8 +123,8 @@ def _guard_fixup_kernel(x_ptr, q_ptr, t_ptr, part_high_ptr, part_low_ptr, inv_sc
         k0 = tl.program_id(1) * BLOCK_K
         u, mask = _row_units(x_ptr + row * stride_xm, inv_scale_ptr, shift_ptr, k0, offs, K, HAS_INV_SCALE,
                              HAS_SHIFT)
-        tl.store(q_ptr + row * stride_qm + k0 + offs[None, :], round_units(tl.math.div_rn(u, t), QMIN, QMAX),
-                 mask=mask[None, :])
+        tl.store(q_ptr + row * stride_qm + (k0 + offs[None, :]) * stride_qk,
+                 round_units(tl.math.div_rn(u, t), QMIN, QMAX), mask=mask[None, :])
 
 
 def check_activation_args(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
@@ -207,15 +207,16 @@ def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, p
     over parts of the row (float32 [M, P]): returns t float32 [M, 1] and rewrites, in place, the codes of the rows
     with t > 1 from x (torch_ref.guard_fixup_ref). A row inside the plan's range costs one read of its P values."""
     check_activation_args(x, inv_scale, shift, bits)
+    if x.dim() != 2 or codes.shape != x.shape or codes.dtype != torch.int8:
+        raise ValueError(f"guard_fixup: codes {codes.dtype} {list(codes.shape)} must be int8 codes of x "
+                         f"{list(x.shape)} [M, K]")
     m, k = x.shape
-    if x.stride(1) != 1 or codes.shape != x.shape or codes.stride(1) != 1 or codes.dtype != torch.int8:
-        raise ValueError(f"guard_fixup: codes {codes.dtype} {list(codes.shape)} must be int8 codes of x {list(x.shape)},"
-                         " both with contiguous channels")
+    x = x if x.stride(1) == 1 else x.contiguous()
     parts = part_high.shape[-1]
     for name, part in (("part_high", part_high), ("part_low", part_low)):
-        if part.shape != (m, parts) or part.dtype != torch.float32 or not part.is_contiguous():
-            raise ValueError(f"guard_fixup: {name} is {part.dtype} {list(part.shape)}; expected contiguous float32 "
-                             f"[{m}, {parts}]")
+        if part.shape != (m, parts) or part.dtype != torch.float32:
+            raise ValueError(f"guard_fixup: {name} is {part.dtype} {list(part.shape)}; expected float32 [{m}, {parts}]")
+    part_high, part_low = part_high.contiguous(), part_low.contiguous()
     t = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return t.fill_(1.0)
@@ -223,7 +224,7 @@ def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, p
     low, high = guard_limits(bits)
     block_k = min(triton.next_power_of_2(k), GUARD_FIXUP_BLOCK_K)
     _guard_fixup_kernel[(m, triton.cdiv(k, block_k))](
-        x, codes, t, part_high, part_low, inv_scale, shift, k, parts, x.stride(0), codes.stride(0), LOW=low,
-        HIGH=high, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None, HAS_SHIFT=shift is not None,
+        x, codes, t, part_high, part_low, inv_scale, shift, k, parts, x.stride(0), codes.stride(0), codes.stride(1),
+        LOW=low, HIGH=high, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None, HAS_SHIFT=shift is not None,
         BLOCK_PARTS=triton.next_power_of_2(parts), BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False)
     return t

@@ -80,12 +80,13 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
         expect_equal(f"{name} codes", codes.cpu(), codes_want)
         expect_equal(f"{name} t", t.cpu(), t_want)
     # The guard in parts (floor 1): codes at t = 1, then guard_fixup rewrites rows with t > 1 in blocks of K (one
-    # block, and with the block lowered several).
+    # block; with the block lowered several, on x stored channel-major, whose codes then are too).
     codes_want, t_want = torch_ref.quantize_activation_guarded_ref(*on_cpu, bits)
-    for parts, block_k in ((guard_parts(k), act_quant.GUARD_FIXUP_BLOCK_K), (k // 8, 32)):
+    for parts, block_k, layout in ((guard_parts(k), act_quant.GUARD_FIXUP_BLOCK_K, x),
+                                   (k // 8, 32, x.t().contiguous().t())):
         limit, act_quant.GUARD_FIXUP_BLOCK_K = act_quant.GUARD_FIXUP_BLOCK_K, block_k
         try:
-            codes, t = quantize_activation_guarded_in_parts(x, p["inv_scale"], p["shift"], bits, parts)
+            codes, t = quantize_activation_guarded_in_parts(layout, p["inv_scale"], p["shift"], bits, parts)
         finally:
             act_quant.GUARD_FIXUP_BLOCK_K = limit
         name = f"quantize_activation_guarded_in_parts parts={parts} block_k={block_k}"
