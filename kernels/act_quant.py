@@ -198,7 +198,7 @@ def quantize_activation_guarded(x: torch.Tensor, inv_scale: torch.Tensor | None,
     return q, t
 
 
-GUARD_FIXUP_BLOCK_K = 2048
+GUARD_FIXUP_BLOCK_K = 2048  # channels per guard_fixup program (its own row's t; only rows with t > 1 re-quantize)
 
 
 def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, part_low: torch.Tensor,
