@@ -26,7 +26,8 @@ import torch
 
 from vllm_outliertune.format import guard_scale
 from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation_guarded, quantize_activation_guarded_in_parts
-from vllm_outliertune.kernels.torch_ref import quantize_activation_guarded_ref, quantize_activation_ref
+from vllm_outliertune.kernels.torch_ref import (
+    quantize_activation_guarded_ref, quantize_activation_ref, row_part_extrema)
 from vllm_outliertune.kernels.tune import graph_time_us, make_inputs, warm_gpu
 
 N, K = 6144, 4096  # Llama-3-8B qkv at TP 1
@@ -71,10 +72,8 @@ def guarded_in_parts(x: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tens
     """The guard with each row's maximum and minimum taken over `parts` parts of the row first, then over their
     results (bit-identical t: max and min are order-free; guard_scale over the parts' maxima and minima gives the
     row's), so that inductor spreads a row over several programs."""
-    units = x.float() * inv_scale - shift
-    split = units.unflatten(-1, (parts, -1))
-    t = guard_scale(torch.cat([split.amax(-1), split.amin(-1)], dim=-1), 8)
-    return torch.round(units / t).clamp_(-128, 127).to(torch.int8), t
+    t = guard_scale(torch.cat(row_part_extrema(x, inv_scale, shift, parts), dim=-1), 8)
+    return torch.round((x.float() * inv_scale - shift) / t).clamp_(-128, 127).to(torch.int8), t
 
 
 def quant_variants():

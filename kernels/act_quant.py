@@ -73,6 +73,13 @@ def _row_units(x_row, inv_scale_ptr, shift_ptr, k0, offs, K, HAS_INV_SCALE: tl.c
 
 
 @triton.jit
+def guard_t(highest, lowest, floor, LOW: tl.constexpr, HIGH: tl.constexpr):
+    """format.guard_scale of a row from its largest and most negative unit: max(floor, highest / HIGH, lowest / LOW)
+    with IEEE division."""
+    return tl.maximum(tl.maximum(tl.math.div_rn(highest, HIGH), tl.math.div_rn(lowest, LOW)), floor)
+
+
+@triton.jit
 def _quantize_activation_guarded_kernel(x_ptr, q_ptr, t_ptr, inv_scale_ptr, shift_ptr, K, stride_xm, stride_qm,
                                         floor, LOW: tl.constexpr, HIGH: tl.constexpr, QMIN: tl.constexpr,
                                         QMAX: tl.constexpr, HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -93,7 +100,7 @@ def _quantize_activation_guarded_kernel(x_ptr, q_ptr, t_ptr, inv_scale_ptr, shif
             u, mask = _row_units(x_row, inv_scale_ptr, shift_ptr, k0, offs, K, HAS_INV_SCALE, HAS_SHIFT)
             highest = tl.maximum(highest, tl.max(tl.where(mask[None, :], u, -float("inf"))))
             lowest = tl.minimum(lowest, tl.min(tl.where(mask[None, :], u, float("inf"))))
-    t = tl.maximum(tl.maximum(tl.math.div_rn(highest, HIGH), tl.math.div_rn(lowest, LOW)), floor)
+    t = guard_t(highest, lowest, floor, LOW, HIGH)
     tl.store(t_ptr + tl.program_id(0), t)
     if ONE_BLOCK:
         tl.store(q_row + offs[None, :], round_units(tl.math.div_rn(u, t), QMIN, QMAX), mask=mask[None, :])
@@ -115,7 +122,7 @@ def _guard_fixup_kernel(x_ptr, q_ptr, t_ptr, part_high_ptr, part_low_ptr, inv_sc
     mask_p = offs_p < parts
     highest = tl.max(tl.load(part_high_ptr + row * parts + offs_p, mask=mask_p, other=-float("inf")))
     lowest = tl.min(tl.load(part_low_ptr + row * parts + offs_p, mask=mask_p, other=float("inf")))
-    t = tl.maximum(tl.maximum(tl.math.div_rn(highest, HIGH), tl.math.div_rn(lowest, LOW)), 1.0)
+    t = guard_t(highest, lowest, 1.0, LOW, HIGH)
     if tl.program_id(1) == 0:
         tl.store(t_ptr + row, t)
     if t > 1.0:
