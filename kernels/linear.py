@@ -121,10 +121,10 @@ def _pick_w4a8_kernel(m: int, n: int, k: int, keys: tuple[str, ...]) -> str:
 
 def _w4a8(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
           group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-          row_scale: torch.Tensor | None = None) -> torch.Tensor:
+          row_scale: torch.Tensor | None = None, levels_fit_bytes: bool = True) -> torch.Tensor:
     """int8 codes x packed 4-bit weight: the split-K kernel where the table lists w4a8_splitk at M's bucket, the
     int8 GEMM's dispatch on the widened levels where it lists w4a8_unpack, else the tiled one; the exact torch
-    reference where Triton does not run."""
+    reference where Triton does not run. levels_fit_bytes: format.levels_fit_bytes of the weight."""
     if not _runs_triton(a_q):
         return torch_ref.w4a8_gemm_ref(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype,
                                        row_scale)
@@ -137,7 +137,7 @@ def _w4a8(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, g
                                        get_config(kernel, m, n, k, keys))
         return _gemm(a_q, levels, w_scale, bias, out_dtype, row_scale)
     return kernels.w4a8_gemm(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype, kernel,
-                             row_scale=row_scale)
+                             row_scale=row_scale, levels_fit_bytes=levels_fit_bytes)
 
 
 def compile_variant(m: int, n: int, k: int, keys: tuple[str, ...], tma_ok: bool, packed: bool = False) -> tuple:
@@ -173,6 +173,7 @@ class PackedGroups(NamedTuple):
     group_zero: torch.Tensor
     group_size: int
     in_features: int
+    levels_fit_bytes: bool = True
 
 
 def warm_up(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
@@ -199,7 +200,7 @@ def warm_up(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
             _gemm(codes[:m], w_q, w_scale, bias, out_dtype, row_scale)
         else:
             _w4a8(codes[:m], w_q, packed.group_scale, packed.group_zero, packed.group_size, w_scale, bias, out_dtype,
-                  row_scale)
+                  row_scale, packed.levels_fit_bytes)
     return len(rows)
 
 
@@ -333,29 +334,35 @@ def w4a8_gpu_words(w_packed: torch.Tensor, in_features: int) -> torch.Tensor:
 @torch.library.custom_op("outliertune_kernels::w4a8_gemm", mutates_args=())
 def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
               group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
-              out_dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+              out_dtype: torch.dtype, row_scale: torch.Tensor | None = None,
+              levels_fit_bytes: bool = True) -> torch.Tensor:
     """a_q int8 [M, K] @ levels^T (int32) * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N], where
     levels = (code - group_zero) * group_scale are the int8 weights that a packed weight in int32 words [N,
-    ceil(K/8)] (w4a8_gpu_words) stands for (vllm_outliertune.format.packed_levels of the checkpoint's bytes)."""
-    return _w4a8(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype, row_scale)
+    ceil(K/8)] (w4a8_gpu_words) stands for (vllm_outliertune.format.packed_levels of the checkpoint's bytes).
+    levels_fit_bytes: format.levels_fit_bytes of the weight (False keeps the kernels off the loop that needs it)."""
+    return _w4a8(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype, row_scale,
+                 levels_fit_bytes)
 
 
 @w4a8_gemm.register_fake
-def _(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype, row_scale=None):
+def _(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out_dtype, row_scale=None,
+      levels_fit_bytes=True):
     return a_q.new_empty((a_q.shape[0], w_words.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("outliertune_kernels::w4a8_linear", mutates_args=())
 def w4a8_linear(x: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
                 group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, inv_scale: torch.Tensor | None,
-                shift: torch.Tensor | None, act_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
+                shift: torch.Tensor | None, act_bits: int, out_dtype: torch.dtype,
+                levels_fit_bytes: bool = True) -> torch.Tensor:
     """quantized_linear with a packed 4-bit weight: one quantization pass, then w4a8_gemm's dispatch."""
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     out = _w4a8(_quantize(x2, inv_scale, shift, act_bits), w_words, group_scale, group_zero, group_size, w_scale,
-                bias, out_dtype)
+                bias, out_dtype, levels_fit_bytes=levels_fit_bytes)
     return out.view(*x.shape[:-1], w_words.shape[0])
 
 
 @w4a8_linear.register_fake
-def _(x, w_words, group_scale, group_zero, group_size, w_scale, bias, inv_scale, shift, act_bits, out_dtype):
+def _(x, w_words, group_scale, group_zero, group_size, w_scale, bias, inv_scale, shift, act_bits, out_dtype,
+      levels_fit_bytes=True):
     return x.new_empty((*x.shape[:-1], w_words.shape[0]), dtype=out_dtype)

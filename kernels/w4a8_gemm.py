@@ -160,6 +160,33 @@ def _level_dots(a_low, a_high, words, zero, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _scaled_level_dots(a_low, a_high, words, zero, scale, acc, BLOCK_K: tl.constexpr):
+    """acc + sum_k (code[:, k] - zero) * scale * a[:, k], transposed as _level_dots (same activation tiles), with the
+    group scale inside the weight operand: the int8 levels themselves meet the activations, so the dots accumulate
+    straight into acc across K steps (no per-step multiply of their result, which makes each step wait for its
+    MMA). Needs code * scale <= 255 (SWAR bytes; format.levels_fit_bytes)."""
+    zero_scaled = (zero * scale).to(tl.uint32) * 0x01010101  # zero * scale (<= 255) in each byte of a word
+    low_bits = (zero_scaled & 0x7F7F7F7F)[:, None]
+    top_bits = ((zero_scaled & 0x80808080) ^ 0x80808080)[:, None]
+    scale_words = scale.to(tl.uint32)[:, None]
+    acc = tl.dot(_scaled_level_rows(words, 0, scale_words, low_bits, top_bits, BLOCK_K), tl.trans(a_low), acc,
+                 out_dtype=tl.int32)
+    return tl.dot(_scaled_level_rows(words, 4, scale_words, low_bits, top_bits, BLOCK_K), tl.trans(a_high), acc,
+                  out_dtype=tl.int32)
+
+
+@triton.jit
+def _scaled_level_rows(words, nibble, scale_words, low_bits, top_bits, BLOCK_K: tl.constexpr):
+    """int8 levels (code - zero) * scale [BLOCK_N, BLOCK_K / 2] in _nibble_rows' order, four to a word: one
+    multiply scales the plane's four codes (each product <= 255 stays in its byte), then the bytes of zero * scale
+    are subtracted without borrows between bytes (each byte's top bit set first, its true value restored after:
+    low_bits / top_bits are zero * scale's low seven bits and its inverted top bit per byte)."""
+    products = ((words.to(tl.uint32, bitcast=True) >> nibble) & 0x0F0F0F0F) * scale_words
+    levels = ((products | 0x80808080) - low_bits) ^ ((products & 0x80808080) ^ top_bits)
+    return _byte_columns(levels, BLOCK_K).to(tl.int8)
+
+
+@triton.jit
 def _level_rows(words, nibble, zero_bytes, BLOCK_K: tl.constexpr):
     """int8 code - zero [BLOCK_N, BLOCK_K / 2] in _nibble_rows' order, four to a word: each byte of the nibble plane
     becomes 128 + code - zero (113..143: no borrow between bytes), and flipping bit 7 back leaves code - zero as an
@@ -190,7 +217,8 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, r
                       K_PER_SPLIT, GROUP_SIZE, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
                       EVEN_N: tl.constexpr, FACTORED: tl.constexpr, WORD_DOTS: tl.constexpr, DP4A: tl.constexpr,
-                      DP4A_ASM: tl.constexpr, WORD_LEVELS: tl.constexpr, PREFETCH: tl.constexpr,
+                      DP4A_ASM: tl.constexpr, WORD_LEVELS: tl.constexpr, SCALED_LEVELS: tl.constexpr,
+                      PREFETCH: tl.constexpr,
                       ACC_K: tl.constexpr, TILE_GROUPS: tl.constexpr, GEMV: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # K, K_PER_SPLIT and BLOCK_K count channels; with DP4A a_ptr is the int32 view of the codes (stride_am in words).
@@ -270,7 +298,9 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, r
             else:
                 a = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
             w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[None, :], other=0, eviction_policy="evict_first")
-            if WORD_LEVELS:
+            if SCALED_LEVELS:
+                acc_nk = _scaled_level_dots(a_low, a_high, w_words, zero, scale, acc_nk, BLOCK_K)
+            elif WORD_LEVELS:
                 acc_nk += _level_dots(a_low, a_high, w_words, zero, BLOCK_K) * scale[:, None]
             else:
                 acc_nk += (_word_dots(a, w_words, BLOCK_M, BLOCK_K)
@@ -381,11 +411,12 @@ def check_packed_args(k: int, w_words: torch.Tensor, group_scale: torch.Tensor, 
 
 def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
               group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-              kernel: str = "w4a8_gemm", config: dict | None = None, row_scale: torch.Tensor | None = None
-              ) -> torch.Tensor:
+              kernel: str = "w4a8_gemm", config: dict | None = None, row_scale: torch.Tensor | None = None,
+              levels_fit_bytes: bool = True) -> torch.Tensor:
     """a_q int8 [M, K] @ levels(w_words)^T in int32, * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N].
     ``kernel`` names the tile table entry ("w4a8_gemm": tiled, or "w4a8_splitk": small M, SPLIT_K 0 = automatic);
-    ``config`` overrides it."""
+    ``config`` overrides it. levels_fit_bytes: every code times its group scale is <= 255 (format.levels_fit_bytes),
+    which the SCALED_LEVELS loop needs; without it a SCALED_LEVELS tile runs WORD_LEVELS."""
     k = a_q.shape[1] if a_q.dim() == 2 else -1
     check_packed_args(k, w_words, group_scale, group_zero, group_size)
     # start_gemm checks a_q, w_scale, bias and the output against an int8 [N, K] weight: a K-byte stand-in.
@@ -410,7 +441,8 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     dp4a = a_words is not None
     factored = bool(config.get("FACTORED")) and (in_group or dp4a)
     word_dots = factored and block_m >= 16 and block_k >= 64  # two dots of K = BLOCK_K / 2 >= 32
-    word_levels = word_dots and bool(config.get("WORD_LEVELS"))
+    word_levels = word_dots and bool(config.get("WORD_LEVELS") or config.get("SCALED_LEVELS"))
+    scaled_levels = word_levels and bool(config.get("SCALED_LEVELS")) and levels_fit_bytes
     gemv = dp4a and block_m == 1 and bool(config.get("GEMV"))
     _w4a8_gemm_kernel[(tiles, split_k)](
         a_words if dp4a else a_q, w_words, group_scale, group_zero, out, w_scale, row_scale, bias, partial_sums,
@@ -419,6 +451,7 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
         HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, GROUP_TILE=in_group,
         EVEN_N=n % block_n == 0,
         FACTORED=factored, WORD_DOTS=word_dots and not word_levels, WORD_LEVELS=word_levels,
+        SCALED_LEVELS=scaled_levels,
         PREFETCH=factored and bool(config.get("PREFETCH")), DP4A=dp4a, DP4A_ASM=DP4A_ASM,
         ACC_K=dp4a and not gemv and bool(config.get("ACC_K")), TILE_GROUPS=1 if in_group else block_k // group,
         GEMV=gemv,

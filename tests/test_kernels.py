@@ -141,26 +141,37 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     return failures
 
 
-def make_packed_codes(n: int, k: int, group_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random 4-bit codes [N, K] with group scales and zero points (every code, zero point and scale that keeps
-    the levels inside int8)."""
+def make_packed_codes(n: int, k: int, group_size: int, seed: int,
+                      max_scale: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random 4-bit codes [N, K] with group scales up to max_scale and zero points (up to scale 8 every code and
+    zero point keeps the levels inside int8; above, the codes are clamped into int8 as `quantize` clamps them and
+    each group's first channel takes its largest code, where code * scale is largest: up to 255 at scale 17)."""
     from vllm_outliertune.format import group_count
 
     g = torch.Generator().manual_seed(seed)
     groups = group_count(k, group_size)
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale = torch.randint(1, 9, (n, groups), generator=g, dtype=torch.uint8)  # |(code - zero) * scale| <= 120
+    scale = torch.randint(1, max_scale + 1, (n, groups), generator=g, dtype=torch.uint8)  # 8: |level| <= 120
     zero = torch.randint(0, 16, (n, groups), generator=g, dtype=torch.uint8)
+    if max_scale > 8:
+        index = torch.arange(k) // (group_size or k)
+        s, z = scale[:, index].long(), zero[:, index].long()
+        low, high = (z - 128 // s).clamp(min=0), (z + 127 // s).clamp(max=15)
+        codes = torch.minimum(torch.maximum(codes.long(), low), high)
+        first = torch.arange(k) % (group_size or k) == 0
+        codes[:, first] = high[:, first]
+        codes = codes.to(torch.uint8)
     return codes, scale, zero
 
 
-def make_packed_weight(n: int, k: int, group_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_packed_weight(n: int, k: int, group_size: int, seed: int,
+                       max_scale: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """make_packed_codes as the W4A8 ops take it: int32 words of 8 channels (kernels/w4a8_words.py, from the
     checkpoint's bytes), row-major, with the group tensors."""
     from vllm_outliertune.format import pack_int4
     from vllm_outliertune.kernels.w4a8_words import pack_words
 
-    codes, scale, zero = make_packed_codes(n, k, group_size, seed)
+    codes, scale, zero = make_packed_codes(n, k, group_size, seed, max_scale)
     return pack_words(pack_int4(codes), k), scale, zero
 
 
@@ -195,7 +206,13 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
                  # and over tiles of several whole groups (4 and 2 per tile)
                  ("w4a8_splitk", 8, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "FACTORED": 1,
                                      "GEMV": 1, "PREFETCH": 1}),
-                 ("w4a8_splitk", 16, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "FACTORED": 1, "GEMV": 1}))
+                 ("w4a8_splitk", 16, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "FACTORED": 1, "GEMV": 1}),
+                 # the group scale inside the weight operand (SCALED_LEVELS): split K with loads a step ahead, and
+                 # one step of 128 channels (K = 200: the second partly past K)
+                 ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1,
+                                    "PREFETCH": 1, "SCALED_LEVELS": 1}),
+                 ("w4a8_splitk", 128, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "FACTORED": 1,
+                                       "SCALED_LEVELS": 1}))
 
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -223,6 +240,8 @@ def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: to
         if not torch.equal(got, want):
             failures.append(f"{kernel} group_size={group_size} {config} M={m} K={k} N={n}: max |diff| "
                             f"{(got.float() - want.float()).abs().max().item()}")
+        if config.get("SCALED_LEVELS"):  # group scales up to the byte's edge (17), and past it, which the launcher
+            failures += check_scaled_levels(a_q, n, group_size, layout, kernel, config, w_scale, bias, seed)
         if layout is torch.Tensor.contiguous:  # the token guard's per-row scale in the W4A8 epilogue
             got = w4a8_gemm(a_q, *packed, group_size, w_scale, bias, torch.bfloat16, kernel, config, row_scale)
             if not torch.equal(got, torch_ref.w4a8_gemm_ref(a_q, *packed, group_size, w_scale, bias, torch.bfloat16,
@@ -252,6 +271,30 @@ def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: to
     if not torch.equal(dispatched, torch_ref.w4a8_gemm_ref(codes, *packed, 32, w_scale, bias, torch.float16,
                                                            row_scale)):
         failures.append(f"w4a8_gemm op with row_scale M={codes.shape[0]} K={codes.shape[1]} N={n}")
+    return failures
+
+
+def check_scaled_levels(a_q: torch.Tensor, n: int, group_size: int, layout, kernel: str, config: dict,
+                        w_scale: torch.Tensor, bias: torch.Tensor | None, seed: int) -> list[str]:
+    """A SCALED_LEVELS tile on group scales whose code * scale reach 255 (the loop's edge: exact) and on larger
+    ones (format.levels_fit_bytes False: the launcher must run the other loop, also exact)."""
+    from vllm_outliertune.format import pack_int4, levels_fit_bytes
+    from vllm_outliertune.kernels import torch_ref
+    from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
+
+    failures = []
+    k = a_q.shape[1]
+    for max_scale, fits in ((17, True), (40, False)):
+        codes, scale, zero = make_packed_codes(n, k, group_size, seed, max_scale)
+        if levels_fit_bytes(pack_int4(codes), scale, group_size, k) != fits:
+            failures.append(f"levels_fit_bytes(max_scale {max_scale}) is not {fits}")
+        packed = [layout(t.to(a_q.device)) for t in make_packed_weight(n, k, group_size, seed, max_scale)]
+        want = torch_ref.w4a8_gemm_ref(a_q, *packed, group_size, w_scale, bias, torch.bfloat16)
+        got = w4a8_gemm(a_q, *packed, group_size, w_scale, bias, torch.bfloat16, kernel, config,
+                        levels_fit_bytes=fits)
+        if not torch.equal(got, want):
+            failures.append(f"{kernel} group_size={group_size} {config} M={a_q.shape[0]} K={k} N={n} group scales "
+                            f"up to {max_scale}: max |diff| {(got.float() - want.float()).abs().max().item()}")
     return failures
 
 

@@ -241,13 +241,16 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             layer.weight = torch.nn.Parameter(levels.to(torch.int8), requires_grad=False)
             layer.weight_group_scale = layer.weight_group_zero = None
         elif self.spec.packed:  # as the W4A8 kernels read them: int32 words of 8 channels, everything N-major
+            layer.levels_fit_bytes = fmt.levels_fit_bytes(layer.weight.data, layer.weight_group_scale.data,
+                                                          self.spec.group_size, layer.input_size_per_partition)
             layer.weight = torch.nn.Parameter(
                 kernel_ops.w4a8_gpu_words(layer.weight.data, layer.input_size_per_partition), requires_grad=False)
             for suffix in ("weight_group_scale", "weight_group_zero"):
                 setattr(layer, suffix, torch.nn.Parameter(kernel_ops.w4a8_gpu_layout(getattr(layer, suffix).data),
                                                           requires_grad=False))
             self._warm_up(layer, kernel_ops.PackedGroups(layer.weight_group_scale, layer.weight_group_zero,
-                                                         self.spec.group_size, layer.input_size_per_partition),
+                                                         self.spec.group_size, layer.input_size_per_partition,
+                                                         layer.levels_fit_bytes),
                           self.spec.token_guard)
             return
         if _NEW_SHAPES:
@@ -348,7 +351,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         if layer.weight.dtype == torch.int32:
             return kernel_ops.w4a8_gemm(codes, layer.weight, layer.weight_group_scale, layer.weight_group_zero,
                                         self.spec.group_size, layer.weight_scale, layer.output_bias, out_dtype,
-                                        row_scale)
+                                        row_scale, layer.levels_fit_bytes)
         return kernel_ops.int8_gemm(codes, layer.weight, layer.weight_scale, layer.output_bias, out_dtype, row_scale)
 
     def _apply_packed(self, layer: torch.nn.Module, x_2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -358,4 +361,5 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             return self._codes_gemm(layer, codes, out_dtype)
         return kernel_ops.w4a8_linear(x_2d, layer.weight, layer.weight_group_scale, layer.weight_group_zero,
                                       self.spec.group_size, layer.weight_scale, layer.output_bias,
-                                      layer.input_inv_scale, layer.input_shift, self.spec.activation_bits, out_dtype)
+                                      layer.input_inv_scale, layer.input_shift, self.spec.activation_bits, out_dtype,
+                                      layer.levels_fit_bytes)
