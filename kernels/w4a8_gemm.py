@@ -24,6 +24,12 @@ channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_out
   activations of the low and high nibbles' channels as two tiles straight from memory: no activation sums, no
   splitting in registers (H200, graph replays: gate_up 28672x4096 at M = 128, 96.6 µs vs 109.8 widening first;
   timed with a subtraction per weight, before _level_rows did it four to a word, which is not timed yet).
+  SCALED_LEVELS (a config key) also puts the group scale into the weight operand: code * scale for four codes in one
+  32-bit multiply, zero * scale subtracted bytewise without borrows (_scaled_level_rows), so the dots of all K steps
+  accumulate in one int32 tile with no multiply per step. Only where every code * scale <= 255
+  (format.levels_fit_bytes, checked per layer at load; the launcher runs WORD_LEVELS otherwise). H200, same tile,
+  graph replays: median ~1.00x WORD_LEVELS, up to 1.14x at M = 64 / 128; shipped only for the 6 (shape, M) points
+  where it beat the tuned tile by >= 3 % (TP 1 qkv M = 32, TP 2 qkv / o / down at M = 32-128; docs/benchmarks.md).
 - FACTORED (tiles inside one group otherwise: activation rows that are no words, small tensor-core tiles): each
   channel reads its word (the 8 channels of a word share a cache line: the weights still stream once) and shifts its
   nibble out; one dot of the activations with the codes, the group terms per output as above.

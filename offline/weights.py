@@ -144,7 +144,8 @@ class _PackedQuantizer:
     """Progressive 4-bit quantization (QServe-style). Each row has a float unit: absmax / 127 (an int8 grid), or with
     group_size 0 its range / 15. Each group then gets an integer scale s and zero z, codes c = round(w / (unit * s)) + z
     in 0..15, clamped so that every int8 level (c - z) * s stays in [-128, 127]. Codes are rounded from the float
-    weight directly (not from an intermediate int8 rounding)."""
+    weight directly (not from an intermediate int8 rounding), and kept at most 255 / s, so that code * s fits a byte
+    (format.levels_fit_bytes, the GPU's SCALED_LEVELS loop): that binds only where GPTQ's updated columns need s >= 18."""
 
     def __init__(self, weight: torch.Tensor, group_size: int, search: GroupSearch | None = None):
         n, k = weight.shape
@@ -164,7 +165,7 @@ class _PackedQuantizer:
     @staticmethod
     def _codes(units: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         low = (zero - torch.floor(128 / scale)).clamp(min=0)
-        high = (zero + torch.floor(127 / scale)).clamp(max=PACKED_CODE_MAX)
+        high = torch.minimum(zero + torch.floor(127 / scale), torch.floor(255 / scale)).clamp(max=PACKED_CODE_MAX)
         return torch.minimum(torch.maximum(torch.round(units / scale) + zero, low), high)
 
     def candidates(self, columns: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -85,6 +85,25 @@ def test_gptq_lowers_output_error(weight_format):
         assert gptq.levels.abs().max() <= fmt.weight_qmax(weight_format.bits)
 
 
+def test_packed_codes_fit_a_byte_when_gptq_widens_a_group():
+    """GPTQ's updated columns may span more than the row's int8 grid (units beyond +-127), so a group's covering
+    scale reaches 18; its codes must still satisfy code * scale <= 255 (format.levels_fit_bytes, which the GPU's
+    SCALED_LEVELS loop needs): code 15 at scale 18 would be 270."""
+    from vllm_outliertune.offline.weights import GROUP_SEARCHES, _PackedQuantizer
+
+    weight = torch.tensor([[127.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])  # row unit 1: weights are units
+    quantizer = _PackedQuantizer(weight, 4, GROUP_SEARCHES["diagonal"])
+    widened = torch.tensor([[-150.0, 126.0, 0.0, 30.0]])  # range 276: scale 18 or 19, zero 8
+    quantizer.start_block(0, widened, torch.ones(4))
+    quantizer.round(0, widened)
+    quantizer.start_block(4, weight[:, 4:], torch.ones(4))
+    quantizer.round(4, weight[:, 4:])
+    result = quantizer.result()
+    assert int(result.group_scale[0, 0]) >= 18 and int(result.group_zero[0, 0]) >= 8
+    assert fmt.levels_fit_bytes(fmt.pack_int4(result.codes), result.group_scale, 4, 8)
+    assert (result.codes.int() * result.group_scale[:, [0, 0, 0, 0, 1, 1, 1, 1]].int()).max() <= 255
+
+
 def test_quantization_config_versions():
     """Format 2 writes group_size for packed weights; format 1's W4A8 (int4 in int8, per row) still parses as
     unpacked; bad group sizes and W4A4 in format 1 are refused with the key named."""

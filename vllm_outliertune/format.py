@@ -396,9 +396,9 @@ def packed_levels(packed: torch.Tensor, group_scale: torch.Tensor, group_zero: t
 def levels_fit_bytes(packed: torch.Tensor, group_scale: torch.Tensor, group_size: int,
                      in_features: int | None = None) -> bool:
     """Whether every code times its group scale is at most 255, as the GPU kernels' SCALED_LEVELS loop needs (it
-    scales four codes in one 32-bit multiply). True for what `outliertune quantize` writes (its group scales cover
-    the int8 grid in 15 steps: at most 17); a level may stay inside int8 with a larger product (a large scale whose
-    codes sit near the zero point), which the format allows: such a layer runs the other loops."""
+    scales four codes in one 32-bit multiply). True for what `outliertune quantize` writes (it keeps codes at most
+    255 / scale); the format allows any level inside int8 (a large scale with codes up to 15, as another writer may
+    produce): such a layer runs the other loops."""
     codes = unpack_int4(packed, in_features).to(torch.int16)
     k = codes.shape[1]
     size = k if group_size == 0 else group_size
