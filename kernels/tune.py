@@ -57,7 +57,7 @@ TRITON_KERNELS = KERNELS + W4A8_KERNELS
 FALLBACK = {kernel: fallback for fallback, order in DISPATCH_ORDER.items() for kernel in (fallback, *order)}
 W4A8_GROUP_SIZE = 128  # W4A8 tiles are tuned at `outliertune quantize`'s default group size
 W4A8_TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages", "FACTORED",
-                  "ACC_K", "PREFETCH", "PREFETCH_WORDS", "WORD_LEVELS", "SCALED_LEVELS", "GEMV"}
+                  "ACC_K", "PREFETCH", "WORD_LEVELS", "SCALED_LEVELS", "GEMV"}
 # Load-time choice on shapes no table tuned (generic_alternates): up to this M the best kernel depends on the shape
 # most, and timing a few tiles there takes milliseconds.
 ALTERNATES_UP_TO_M = 256
@@ -168,19 +168,16 @@ def w4a8_gemv_tiles() -> list[dict]:
 
 def w4a8_loop_variants(tiles: list[dict]) -> list[dict]:
     """`tiles` (duplicates dropped) plus their FACTORED loops' variants: tensor-core word tiles (kernels/w4a8_gemm.py)
-    also with the zero points (and the group scales) in the weight operand, the group terms loaded a step ahead (and
-    with the weight operand, also the weight words and activations), and both (which wins depends on the tile; H200:
-    PREFETCH loses at BLOCK_M 128); dp4a tiles also with their loads a step ahead, and
+    also with the zero points in the weight operand, the group terms loaded a step ahead, and both (which wins
+    depends on the tile; H200: PREFETCH loses at BLOCK_M 128); dp4a tiles also with their loads a step ahead, and
     one-row ones also as the GEMV loop (kernels/w4a8_gemm.py _gemv_step), with and without."""
     variants = []
     for config in tiles:  # from the plain loop of each, so that a tile listed with a variant is also tried without
         plain = {key: value for key, value in config.items()
-                 if key not in ("PREFETCH", "PREFETCH_WORDS", "WORD_LEVELS", "SCALED_LEVELS", "GEMV")}
+                 if key not in ("PREFETCH", "WORD_LEVELS", "SCALED_LEVELS", "GEMV")}
         if config.get("FACTORED") and config["BLOCK_M"] >= 16 and config["BLOCK_K"] >= 64:
             variants += [dict(plain, **variant, **levels) for variant in ({}, {"PREFETCH": 1})
                          for levels in ({}, {"WORD_LEVELS": 1}, {"SCALED_LEVELS": 1})]
-            variants += [dict(plain, PREFETCH=1, PREFETCH_WORDS=1, **levels)
-                         for levels in ({"WORD_LEVELS": 1}, {"SCALED_LEVELS": 1})]
         elif config.get("FACTORED") and config["BLOCK_M"] < 16:
             variants += [plain, dict(plain, PREFETCH=1)]
             if config["BLOCK_M"] == 1:  # (ACC_K does not apply to it)

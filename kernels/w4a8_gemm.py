@@ -40,10 +40,7 @@ meet through splitk_gemm.split_k_store. PREFETCH (a config key, the loops with g
 next K step's group scales and zeros one step ahead (the dp4a loop also its words and activations, which Triton
 pipelines only where they feed a dot), so their latency overlaps the dots instead of stalling them
 (H200: gate_up at M = 64 82.0 -> 64.7 µs with WORD_LEVELS, down 4096x14336 at M = 64 50.0 -> 45.6 µs; at BLOCK_M
-128 with 8 warps it loses, so it is a tuned choice like the others; CUDA-graph replays, docs/benchmarks.md).
-PREFETCH_WORDS (with PREFETCH, in the WORD_LEVELS / SCALED_LEVELS loops) also loads the next step's weight words
-and activation tiles a step ahead: they feed integer work before the dots, so Triton's pipeliner does not stage
-them as it does the operands of a plain dot."""
+128 with 8 warps it loses, so it is a tuned choice like the others; CUDA-graph replays, docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -56,15 +53,6 @@ from vllm_outliertune.kernels.int8_gemm import grouped_tile, launch_options, sta
 from vllm_outliertune.kernels.splitk_gemm import (DP4A_ASM, as_words, dot4_accumulate, split_k_plan,
                                                   split_k_store)
 from vllm_outliertune.kernels.w4a8_words import CHANNELS_PER_WORD
-
-
-@triton.jit
-def _level_tiles(a_ptrs, w_ptrs, offs_k, offs_ww, end):
-    """One K step's operands of the WORD_LEVELS loops, zero from channel ``end`` on: the activation codes of the
-    low nibbles' channels and of the high ones' [BLOCK_M, BLOCK_K / 2], the weight words [BLOCK_N, BLOCK_K / 8]."""
-    return (tl.load(a_ptrs, mask=(offs_k < end)[None, :], other=0),
-            tl.load(a_ptrs + 4, mask=(offs_k + 4 < end)[None, :], other=0),
-            tl.load(w_ptrs, mask=(offs_ww < (end + 7) // 8)[None, :], other=0, eviction_policy="evict_first"))
 
 
 @triton.jit
@@ -236,7 +224,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, r
                       SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr,
                       EVEN_N: tl.constexpr, FACTORED: tl.constexpr, WORD_DOTS: tl.constexpr, DP4A: tl.constexpr,
                       DP4A_ASM: tl.constexpr, WORD_LEVELS: tl.constexpr, SCALED_LEVELS: tl.constexpr,
-                      PREFETCH: tl.constexpr, PREFETCH_WORDS: tl.constexpr,
+                      PREFETCH: tl.constexpr,
                       ACC_K: tl.constexpr, TILE_GROUPS: tl.constexpr, GEMV: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # K, K_PER_SPLIT and BLOCK_K count channels; with DP4A a_ptr is the int32 view of the codes (stride_am in words).
@@ -285,9 +273,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, r
         else:
             next_scale, next_zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, k_start // GROUP_SIZE, stride_gn,
                                                 stride_gk)
-        if PREFETCH_WORDS:  # the first step's operands too: each step then asks for the next step's first
-            next_a, next_a_high, next_w = _level_tiles(a_ptrs, w_ptrs, offs_k, offs_ww, split_end)
-        elif GEMV:
+        if GEMV:
             next_a, next_a_high = _gemv_activations(a_ptrs, offs_ww, K // 4)
             next_w = _column_words(w_ptrs, offs_ww, (K + 7) // 8)
         elif DP4A:  # and the first step's words: each step then asks for the next step's before it computes
@@ -312,16 +298,12 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, r
                 scale, zero = _tile_group(gscale_ptr, gzero_ptr, rows_w, (k_start + i * BLOCK_K) // GROUP_SIZE,
                                           stride_gn, stride_gk)
         if WORD_DOTS or WORD_LEVELS:
-            if PREFETCH_WORDS:  # splits end on a step's edge, so masking at split_end equals masking at K
-                a_low, a_high, w_words = next_a, next_a_high, next_w
-                next_a, next_a_high, next_w = _level_tiles(a_ptrs + BLOCK_K, w_ptrs + (BLOCK_K // 8) * stride_wk,
-                                                           offs_k + BLOCK_K, offs_ww + BLOCK_K // 8, split_end)
-            elif WORD_LEVELS:
-                a_low, a_high, w_words = _level_tiles(a_ptrs, w_ptrs, offs_k, offs_ww, K)
+            if WORD_LEVELS:
+                a_low = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
+                a_high = tl.load(a_ptrs + 4, mask=(offs_k + 4 < K)[None, :], other=0)
             else:
                 a = tl.load(a_ptrs, mask=(offs_k < K)[None, :], other=0)
-                w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[None, :], other=0,
-                                  eviction_policy="evict_first")
+            w_words = tl.load(w_ptrs, mask=(offs_ww < (K + 7) // 8)[None, :], other=0, eviction_policy="evict_first")
             if SCALED_LEVELS:
                 acc_nk = _scaled_level_dots(a_low, a_high, w_words, zero, scale, acc_nk, BLOCK_K)
             elif WORD_LEVELS:
@@ -476,8 +458,7 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
         EVEN_N=n % block_n == 0,
         FACTORED=factored, WORD_DOTS=word_dots and not word_levels, WORD_LEVELS=word_levels,
         SCALED_LEVELS=scaled_levels,
-        PREFETCH=factored and bool(config.get("PREFETCH")),
-        PREFETCH_WORDS=word_levels and bool(config.get("PREFETCH")) and bool(config.get("PREFETCH_WORDS")), DP4A=dp4a, DP4A_ASM=DP4A_ASM,
+        PREFETCH=factored and bool(config.get("PREFETCH")), DP4A=dp4a, DP4A_ASM=DP4A_ASM,
         ACC_K=dp4a and not gemv and bool(config.get("ACC_K")), TILE_GROUPS=1 if in_group else block_k // group,
         GEMV=gemv,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 1),

@@ -212,18 +212,7 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
                  ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1,
                                     "PREFETCH": 1, "SCALED_LEVELS": 1}),
                  ("w4a8_splitk", 128, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "FACTORED": 1,
-                                       "SCALED_LEVELS": 1}),
-                 # the weight words and activations also a step ahead (PREFETCH_WORDS): one step partly past K
-                 # (K = 48), then K = 200 split in two (the prefetch past the first split's end is masked off) and
-                 # four steps, the last partly past K
-                 ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "FACTORED": 1, "PREFETCH": 1,
-                                    "PREFETCH_WORDS": 1, "SCALED_LEVELS": 1}),
-                 ("w4a8_splitk", 32, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 0, "FACTORED": 1,
-                                      "PREFETCH": 1, "PREFETCH_WORDS": 1, "WORD_LEVELS": 1}),
-                 ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1,
-                                    "PREFETCH": 1, "PREFETCH_WORDS": 1, "WORD_LEVELS": 1}),
-                 ("w4a8_gemm", 64, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "FACTORED": 1, "PREFETCH": 1,
-                                    "PREFETCH_WORDS": 1, "SCALED_LEVELS": 1}))
+                                       "SCALED_LEVELS": 1}))
 
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
