@@ -6,7 +6,7 @@
                                    # (group 128); --synthetic: the quantized checkpoints hold random values (no
                                    # calibration); --lm-head int8: instead *-lmhead checkpoints with lm_head int8
     python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8,w8a8-pc,fp8-pc,w8a8-lmhead,
-                                   w4a8-lmhead,w8a8-noguard,w8a8-coop,w8a8-guard-whole] [--tp 2]   # throughput rows
+                                   w4a8-lmhead,w8a8-noguard,w8a8-coop,w8a8-guard-whole,w8a8-pdl,fp8-pdl] [--tp 2]   # throughput rows
                                    # (w8a8-noguard: the W8A8 checkpoint with quantization_config.token_guard off;
                                    # w8a8-coop: inductor's cooperative reductions on, which spread the guard's row
                                    # maximum over programs; w8a8-guard-whole: the traced guard fused whole into
@@ -323,6 +323,10 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
             "w8a8-noguard": Row("outliertune W8A8 without token guard", w8a8 + "-noguard"),
             "w8a8-coop": Row("outliertune W8A8, inductor cooperative reductions", w8a8,
                              inductor={"triton.cooperative_reductions": True}),
+            # inductor's programmatic dependent launch: its kernels start while the previous kernel drains
+            "w8a8-pdl": Row("outliertune W8A8, inductor PDL", w8a8, inductor={"triton.enable_pdl": True}),
+            "fp8-pdl": Row("vLLM fp8 (dynamic), inductor PDL", bf16, "fp8", dummy=True,
+                           inductor={"triton.enable_pdl": True}),
             "w8a8-guard-whole": Row("outliertune W8A8, traced guard whole in every layer", w8a8,
                                     env={"OUTLIERTUNE_GUARD_IN_PARTS_MIN_K": str(1 << 30)}),
             "w4a8": Row("outliertune W4A8 (g128)", w4a8),
