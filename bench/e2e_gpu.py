@@ -329,6 +329,10 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
                            inductor={"triton.enable_pdl": True}),
             "w8a8-guard-whole": Row("outliertune W8A8, traced guard whole in every layer", w8a8,
                                     env={"OUTLIERTUNE_GUARD_IN_PARTS_MIN_K": str(1 << 30)}),
+            # a tile table under trial (e.g. bench/splitk_refine.py's refined_table.json copied to WORKDIR) as the
+            # user table, against the shipped one in the "w8a8" row
+            "w8a8-table": Row("outliertune W8A8, WORKDIR/tile_configs.json as the user tile table", w8a8,
+                              env={"OUTLIERTUNE_TILE_CONFIGS": str(workdir / "tile_configs.json")}),
             "w4a8": Row("outliertune W4A8 (g128)", w4a8),
             "w8a8-lmhead": Row("outliertune W8A8 + int8 lm_head", w8a8 + "-lmhead"),
             "w4a8-lmhead": Row("outliertune W4A8 (g128) + int8 lm_head", w4a8 + "-lmhead"),
@@ -342,6 +346,8 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
         if (workdir / "rows.jsonl").exists() else []
     if "w8a8-noguard" in only.split(","):
         _without_token_guard(w8a8)
+    if "w8a8-table" in only.split(",") and not (workdir / "tile_configs.json").is_file():
+        raise SystemExit(f"row w8a8-table: copy the tile table to try to {workdir / 'tile_configs.json'} first")
     for row_spec in (rows[key] for key in only.split(",")):
         label = row_spec.label + (f" TP {tp}" if tp > 1 else "")
         command = [sys.executable, __file__, "row", row_spec.model_dir, "--label", label, "--tp", str(tp)] + (

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,13 +50,23 @@ def candidates(kernel: str, n: int, k: int, m: int, keys: tuple, earlier: dict) 
     return tune.w4a8_loop_variants(found) + (tune.w4a8_gemv_tiles() if (kernel, m) == ("w4a8_splitk", 1) else [])
 
 
+def format_ops(kernel: str, args: tuple) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """(the output every tile of ``kernel`` must reproduce: a plain tile's, the shipped dispatch of its weight
+    format), so that int8 kernels are refined the same way (bench/splitk_refine.py)."""
+    if kernel in tune.W4A8_KERNELS:
+        return (tune.runner("w4a8_gemm", args)({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}),
+                lambda: linear.w4a8_gemm(*args, torch.bfloat16))
+    return (tune.runner("int8_gemm", args)({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}),
+            lambda: linear.int8_gemm(*args, torch.bfloat16))
+
+
 def time_plans(plans: list[tuple], state: tune.TuneState, device_key: str) -> list[dict]:
     summary = []
     tune.warm_gpu()
     for kernel, n, k, m, tiles in plans:
         args = tune.gemm_args(m, n, k, kernel)
-        want = tune.runner("w4a8_gemm", args)({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64})
-        shipped_us = tune.graph_time_us(lambda: linear.w4a8_gemm(*args, torch.bfloat16), 10)
+        want, shipped = format_ops(kernel, args)
+        shipped_us = tune.graph_time_us(shipped, 10)
         run = tune.runner(kernel, args)
         timings = []
         for config in tiles:
@@ -96,11 +107,14 @@ def refined_table(summary: list[dict], device_key: str) -> dict:
 
 def main(shapes: str, out: Path, buckets: set[int] | None = None) -> None:
     keys = configs.table_keys(torch.device("cuda"))
-    device_key = keys[0]
     earlier = earlier_records()
-    plans = [(kernel, n, k, m, candidates(kernel, n, k, m, keys, earlier))
-             for n, k in (tuple(map(int, s.split("x"))) for s in shapes.split(","))
-             for kernel, ms in BUCKETS.items() for m in ms if buckets is None or m in buckets]
+    refine([(kernel, n, k, m, candidates(kernel, n, k, m, keys, earlier))
+            for n, k in (tuple(map(int, s.split("x"))) for s in shapes.split(","))
+            for kernel, ms in BUCKETS.items() for m in ms if buckets is None or m in buckets], out, keys[0])
+
+
+def refine(plans: list[tuple], out: Path, device_key: str) -> None:
+    """Compile and time plans [(kernel, n, k, m, tiles)], then write OUT_DIR's state, summary and refined table."""
     jobs = [(kernel, m, n, k, c) for kernel, n, k, m, tiles in plans for c in tiles]
     print(f"{len(jobs)} timings", flush=True)
     with concurrent.futures.ProcessPoolExecutor(16, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -107,6 +107,11 @@ def splitk_candidates(m: int) -> list[dict]:
                       for bn, bk, warps in ((64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8),
                                             (256, 128, 8))
                       for stages in (4, 6, 8) if (bn + bm) * bk * stages <= 160 * 1024]
+            # 32 weight rows by a K step of 512 (warp-level MMA): the one-row GEMV's winners read each row in long
+            # runs. H200, session 21 (bench/splitk_refine.py, 16 and 32 rows, 8 Llama-3-8B shapes at TP 1 / 2): 16
+            # to 64 rows by 512 to 2048 all came within -5 % / +10 % of the tiles above; only this tile won (TP 2 qkv).
+            tiles += [(32, 512, {"SWAP_AB": swap, "num_warps": 4, "num_stages": stages})
+                      for swap in (0, 1) for stages in (3, 4) if (32 + bm) * 512 * stages <= 160 * 1024]
         else:  # accumulators of BLOCK_M x BLOCK_K x BLOCK_N int32 (/4 when packed) must fit in registers
             tiles = [(bn, bk, {}) for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 128))]
             tiles += [(bn, bk, {"ACC_K": 1}) for bn, bk in ((16, 256), (32, 128), (32, 256), (64, 128))
