@@ -11,7 +11,7 @@
                                    # w8a8-coop: inductor's cooperative reductions on, which spread the guard's row
                                    # maximum over programs; w8a8-guard-whole: the traced guard fused whole into
                                    # every producer, as before the guard in parts)
-    python bench/e2e_gpu.py profile WORKDIR [--rows w8a8,w4a8]   # torch-profiler breakdown of decode steps by
+    python bench/e2e_gpu.py profile WORKDIR [--rows w8a8,fp8]    # torch-profiler breakdown of decode steps by
                                    # kernel kind, and wall time per step
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
 
@@ -401,6 +401,8 @@ KERNEL_KINDS = (
     ("our W4A8 GEMMs", ("_w4a8_gemm_kernel",)),
     ("our W4A8 unpack to int8 (M above the GEMM's buckets)", ("_unpack_kernel",)),
     ("CUTLASS int8 (cutlass_scaled_mm)", ("cutlass_3x_gemm<signed char",)),
+    ("CUTLASS fp8 (vLLM's fp8 row)", ("float_e4m3",)),
+    ("fp8 activation quant (vLLM's fp8 row)", ("fp8_quant",)),
     ("our activation quant (standalone)", ("_quantize_activation_kernel",)),
     ("RMSNorm + quant (fused by inductor)", ("round.*(mean|rsqrt|rms_norm)", "(mean|rsqrt|rms_norm).*round")),
     ("SiLU-mul + quant (fused by inductor)", ("round.*(silu|sigmoid)", "(silu|sigmoid).*round")),
@@ -427,9 +429,10 @@ def _kind(kernel_name: str) -> str:
 
 
 def _profile(workdir: Path, checkpoints: str = "w8a8") -> None:
-    """Profile generation at 1 and 64 sequences of each checkpoint (llama3-8b-NAME): (prefill + 81 tokens) minus
-    (prefill + 17 tokens) per kernel name = 64 decode steps; print the share of each kernel kind, and the wall time
-    per step next to the kernels' sum (the difference: launch gaps and host work the CUDA graphs do not hide)."""
+    """Profile generation at 1, 16 and 64 sequences of each checkpoint (llama3-8b-NAME, or fp8: vLLM's fp8 on random
+    weights): (prefill + 81 tokens) minus (prefill + 17 tokens) per kernel name = 64 decode steps; print the share
+    of each kernel kind, and the wall time per step next to the kernels' sum (the difference: launch gaps and host
+    work the CUDA graphs do not hide)."""
     names = checkpoints.split(",")
     if len(names) > 1:  # one engine per process: each checkpoint in its own child
         for name in names:
@@ -444,15 +447,18 @@ def _profile_checkpoint(workdir: Path, name: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=str(workdir / f"llama3-8b-{name}"), skip_tokenizer_init=True, max_model_len=4096,
-              gpu_memory_utilization=0.9, max_num_seqs=256, enable_prefix_caching=False)
+    # "fp8": vLLM's dynamic fp8 on the bf16 checkpoint's config with random weights, as the table's fp8 row
+    model = dict(model=str(workdir / "llama3-8b-bf16"), quantization="fp8", load_format="dummy") if name == "fp8" \
+        else dict(model=str(workdir / f"llama3-8b-{name}"))
+    llm = LLM(**model, skip_tokenizer_init=True, max_model_len=4096, gpu_memory_utilization=0.9, max_num_seqs=256,
+              enable_prefix_caching=False)
     gen = torch.Generator().manual_seed(0)
     decode_steps = 64
     # Both runs get past the prefill before their steps are compared: 64 prompts prefill in chunks, and the first
     # prompts decode beside the later chunks (mixed steps whose GEMMs run at larger M), so a run of one token
     # against one of 65 counted those mixed steps as decode (session 12: negative CUTLASS and unpack times @64).
     first_tokens = 17
-    for batch in (1, 64):
+    for batch in (1, 16, 64):
         prompts = [TokensPrompt(prompt_token_ids=torch.randint(0, 128000, (INPUT_LEN,), generator=gen).tolist())
                    for _ in range(batch)]
         per_run, wall = {}, {}
