@@ -7,8 +7,9 @@ of the shipped table where a tile beat the dispatch by 3 % (GPU; the same output
 Session 17's full search held no such tiles at M >= 16, while at M = 1 the long-K tiles are the GEMV's winners.
 Session 21 ran this with 16-64 rows by 512-2048 (78 tiles at M = 16; timings in
 bench/tune_state_h200_splitk_long_k_s21.jsonl.gz): they tied with the shipped tiles, so the tuner keeps the one
-that won (32 x 512). Buckets where CUTLASS may run (64 and up) need vLLM on the machine, or the dispatch timed is
-not the shipped one."""
+that won (32 x 512). The same loop with TMA operand loads (commit aa34a79, reverted; 64 tiles per bucket at M = 1,
+16 and 32: bench/tune_state_h200_splitk_tma_s21.jsonl.gz) tied too. Buckets where CUTLASS may run (64 and up) need
+vLLM on the machine, or the dispatch timed is not the shipped one."""
 
 from __future__ import annotations
 
@@ -27,23 +28,11 @@ def long_k_tiles(m: int) -> list[dict]:
     return [c for c in tune.splitk_candidates(m) if c["BLOCK_M"] >= 16 and c["BLOCK_K"] >= LONG_K]
 
 
-def tma_tiles(m: int) -> list[dict]:
-    """The swapped tensor-core tiles with TMA operand loads (bulk copy boxes are at most 256 wide)."""
-    import triton
-
-    bm = max(16, triton.next_power_of_2(m))
-    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 8 if bn == 256 else 4,
-             "num_stages": stages, "TMA": 1}
-            for bn in (64, 128, 256) for bk in (128, 256) for split in (1, 2, 4, 8) for stages in (3, 4, 6, 8)
-            if (bn + bm) * bk * stages <= 200 * 1024]
-
-
-def main(shapes: str, out: Path, buckets: list[int], tiles=long_k_tiles) -> None:
-    refine([("splitk_gemm", n, k, m, tiles(m))
+def main(shapes: str, out: Path, buckets: list[int]) -> None:
+    refine([("splitk_gemm", n, k, m, long_k_tiles(m))
             for n, k in (tuple(map(int, s.split("x"))) for s in shapes.split(",")) for m in buckets],
            out, configs.table_keys(torch.device("cuda"))[0])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), [int(m) for m in sys.argv[3].split(",")],
-         {"long-k": long_k_tiles, "tma": tma_tiles}[sys.argv[4] if len(sys.argv) > 4 else "long-k"])
+    main(sys.argv[1], Path(sys.argv[2]), [int(m) for m in sys.argv[3].split(",")])

@@ -27,10 +27,7 @@ import triton.language as tl
 
 from vllm_outliertune.format import qrange
 from vllm_outliertune.kernels.act_quant import FLOAT_INPUT_DTYPES, check_activation_args, quantize_tile
-from triton.tools.tensor_descriptor import TensorDescriptor
-
 from vllm_outliertune.kernels.int8_gemm import epilogue_store, launch_options, multiprocessors, start_gemm
-from vllm_outliertune.kernels.int8_gemm_tma import supports_tma
 
 # The interpreter (CPU CI) runs no PTX: there the packed dot product is computed byte by byte (same result).
 DP4A_ASM = os.environ.get("TRITON_INTERPRET") != "1"
@@ -136,30 +133,6 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_pt
                       M, N, stride_om, SPLIT_K, HAS_ROW_SCALE, HAS_BIAS)
 
 
-@triton.jit
-def _splitk_gemm_tma_kernel(x_desc, w_desc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, M, N, K,
-                            stride_om, K_PER_SPLIT, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
-    # The tensor-core split-K loop (weights as the MMA's M side) with both operand tiles brought by the bulk tensor
-    # copy engine, which zero-fills past M, N and K (so no masks).
-    pid_mn = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid_mn // num_pid_n
-    pid_n = pid_mn % num_pid_n
-    k_start = pid_k * K_PER_SPLIT
-    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    for k in tl.range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
-        w = w_desc.load([pid_n * BLOCK_N, k])
-        a = x_desc.load([pid_m * BLOCK_M, k])
-        acc_t = tl.dot(w, tl.trans(a), acc_t, out_dtype=tl.int32)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    split_k_store(tl.trans(acc_t), out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, pid_mn, offs_m,
-                  offs_n, M, N, stride_om, SPLIT_K, HAS_ROW_SCALE, HAS_BIAS)
-
-
 def _auto_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     """Enough K splits for ~2 programs per SM, keeping at least 4 K blocks per program."""
     return max(1, min(triton.cdiv(2 * multiprocessors(device), tiles), k_blocks // 4))
@@ -206,9 +179,8 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N], one launch. Float
     x is quantized in the prologue with inv_scale / shift / bits; int8 x is used as it is (then inv_scale and shift
     must be None). `config` overrides the tile table (SPLIT_K 0 = automatic; PACKED applies to int8 x with K % 4 == 0
-    only; SWAP_AB from BLOCK_M 16 where PACKED does not apply; TMA: the swapped tensor-core loop with operand tiles
-    brought by the bulk tensor copy engine, for int8 x from BLOCK_M 16 where supports_tma holds; PROGRAMS_PER_SM > 0
-    launches that many programs per SM, each walking several tiles, instead of one program per tile)."""
+    only; SWAP_AB from BLOCK_M 16 where PACKED does not apply; PROGRAMS_PER_SM > 0 launches that many programs per
+    SM, each walking several tiles, instead of one program per tile)."""
     quantize = x.dtype != torch.int8
     if quantize:
         check_activation_args(x, inv_scale, shift, bits)
@@ -226,13 +198,6 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     packed = x_words is not None and w_words is not None
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k, k_per_split, partial_sums, counters = split_k_plan(m, n, k, tiles, block_k, config, x.device)
-    if config.get("TMA") and not quantize and block_m >= 16 and supports_tma(x, w_q):
-        _splitk_gemm_tma_kernel[(tiles, split_k)](
-            TensorDescriptor.from_tensor(x, [block_m, block_k]), TensorDescriptor.from_tensor(w_q, [block_n, block_k]),
-            out, w_scale, row_scale, bias, partial_sums, counters, m, n, k, out.stride(0), k_per_split,
-            HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=block_k, **launch_options(config), enable_fp_fusion=False)
-        return out
     qmin, qmax = qrange(bits)
     word = 4 if packed else 1
     programs = min(tiles, config.get("PROGRAMS_PER_SM", 0) * multiprocessors(x.device)) or tiles
