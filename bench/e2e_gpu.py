@@ -402,7 +402,8 @@ KERNEL_KINDS = (
     ("our W4A8 unpack to int8 (M above the GEMM's buckets)", ("_unpack_kernel",)),
     ("CUTLASS int8 (cutlass_scaled_mm)", ("cutlass_3x_gemm<signed char",)),
     ("CUTLASS fp8 (vLLM's fp8 row)", ("float_e4m3",)),
-    ("fp8 activation quant (vLLM's fp8 row)", ("fp8_quant",)),
+    # vLLM's fp8 row: RMSNorm / SiLU-mul + per-token fp8 quant, fused by inductor (named after the GEMM they feed)
+    ("RMSNorm / SiLU-mul + fp8 quant (fused by inductor)", ("triton_.*cutlass_scaled_mm",)),
     ("our activation quant (standalone)", ("_quantize_activation_kernel",)),
     ("RMSNorm + quant (fused by inductor)", ("round.*(mean|rsqrt|rms_norm)", "(mean|rsqrt|rms_norm).*round")),
     ("SiLU-mul + quant (fused by inductor)", ("round.*(silu|sigmoid)", "(silu|sigmoid).*round")),
