@@ -50,34 +50,44 @@ def candidates(kernel: str, n: int, k: int, m: int, keys: tuple, earlier: dict) 
     return tune.w4a8_loop_variants(found) + (tune.w4a8_gemv_tiles() if (kernel, m) == ("w4a8_splitk", 1) else [])
 
 
-def format_ops(kernel: str, args: tuple) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
-    """(the output every tile of ``kernel`` must reproduce: a plain tile's, the shipped dispatch of its weight
-    format), so that int8 kernels are refined the same way (bench/splitk_refine.py)."""
+def format_ops(kernel: str, args: tuple) -> tuple[torch.Tensor, Callable[[tuple], Callable[[], torch.Tensor]]]:
+    """(the output every tile of ``kernel`` must reproduce: a plain tile's, operands -> the shipped dispatch of its
+    weight format on them), so that int8 kernels are refined the same way (bench/splitk_refine.py)."""
     if kernel in tune.W4A8_KERNELS:
         return (tune.runner("w4a8_gemm", args)({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}),
-                lambda: linear.w4a8_gemm(*args, torch.bfloat16))
+                lambda a: lambda: linear.w4a8_gemm(*a, torch.bfloat16))
     return (tune.runner("int8_gemm", args)({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}),
-            lambda: linear.int8_gemm(*args, torch.bfloat16))
+            lambda a: lambda: linear.int8_gemm(*a, torch.bfloat16))
 
 
-def time_plans(plans: list[tuple], state: tune.TuneState, device_key: str) -> list[dict]:
+def time_plans(plans: list[tuple], state: tune.TuneState, device_key: str, stream: bool = False) -> list[dict]:
+    """Time each plan's tiles and its shipped dispatch: as CUDA-graph replays after an L2 flush (the tuner's way),
+    or with ``stream`` back to back over copies of the weight that together exceed the L2 (tune.stream_time_us;
+    int8 weights only)."""
     summary = []
     tune.warm_gpu()
     for kernel, n, k, m, tiles in plans:
         args = tune.gemm_args(m, n, k, kernel)
-        want, shipped = format_ops(kernel, args)
-        shipped_us = tune.graph_time_us(shipped, 10)
-        run = tune.runner(kernel, args)
+        want, dispatch = format_ops(kernel, args)
+        copies = tune.weight_copies(args) if stream else [args]
+
+        def measure(launch: Callable[[tuple], Callable[[], torch.Tensor]]) -> float:
+            if stream:
+                return tune.stream_time_us([launch(a) for a in copies])
+            return tune.graph_time_us(launch(args), 10)
+
+        shipped_us = measure(dispatch)
         timings = []
         for config in tiles:
             try:
-                got = run(config)
+                got = tune.runner(kernel, args)(config)
             except Exception as error:  # e.g. out of shared memory or registers: skip this tile
                 print(f"skip {kernel} N={n} K={k} M={m} {config}: {error}"[:200], flush=True)
                 continue
             if not torch.equal(got, want):
                 raise AssertionError(f"{kernel} N={n} K={k} M={m} {config} differs from the plain tile's output")
-            timings.append((tune.graph_time_us(lambda: run(config), 10), config))
+            timings.append((measure(lambda a: lambda run=tune.runner(kernel, a): run(config)), config))
+        del copies
         state.add((device_key, kernel, n, k, m), "quick", timings)
         best_us, best = min(timings, key=lambda t: t[0]) if timings else (None, None)
         summary.append({"kernel": kernel, "n": n, "k": k, "m": m, "shipped_us": round(shipped_us, 1),
@@ -87,8 +97,8 @@ def time_plans(plans: list[tuple], state: tune.TuneState, device_key: str) -> li
 
 
 def refined_table(summary: list[dict], device_key: str) -> dict:
-    """The shipped table with each bucket's fastest tile (over both kernels) where it beat the dispatch; a
-    w4a8_gemm winner takes the bucket from the split-K / unpack entries, which the dispatch would run first."""
+    """The shipped table with each bucket's fastest tile (over the kernels timed) where it beat the dispatch; a
+    fallback winner (w4a8_gemm, int8_gemm) takes the bucket from the kernels that the dispatch would run first."""
     table = json.loads(json.dumps(configs.load_table()))  # a copy: load_table's result is cached
     device = table["devices"][device_key]
     for row in summary:
@@ -98,8 +108,8 @@ def refined_table(summary: list[dict], device_key: str) -> dict:
         shape = configs.shape_key(row["n"], row["k"])
         entry = device.setdefault(row["kernel"], {}).setdefault(shape, {}) | {str(row["m"]): row["best"]}
         device[row["kernel"]][shape] = configs.by_bucket(entry)
-        if row["kernel"] == "w4a8_gemm":
-            for other in ("w4a8_splitk", "w4a8_unpack"):
+        if row["kernel"] in configs.DISPATCH_ORDER:  # the fallback runs a bucket that no other kernel lists
+            for other in configs.DISPATCH_ORDER[row["kernel"]]:
                 device.get(other, {}).get(shape, {}).pop(str(row["m"]), None)
         print(f"ship {shape} M={row['m']} {row['kernel']}: {row['shipped_us']} -> {row['best_us']} us", flush=True)
     return table
@@ -113,14 +123,15 @@ def main(shapes: str, out: Path, buckets: set[int] | None = None) -> None:
             for kernel, ms in BUCKETS.items() for m in ms if buckets is None or m in buckets], out, keys[0])
 
 
-def refine(plans: list[tuple], out: Path, device_key: str) -> None:
-    """Compile and time plans [(kernel, n, k, m, tiles)], then write OUT_DIR's state, summary and refined table."""
+def refine(plans: list[tuple], out: Path, device_key: str, stream: bool = False) -> None:
+    """Compile and time plans [(kernel, n, k, m, tiles)] (time_plans), then write OUT_DIR's state, summary and
+    refined table."""
     jobs = [(kernel, m, n, k, c) for kernel, n, k, m, tiles in plans for c in tiles]
     print(f"{len(jobs)} timings", flush=True)
     with concurrent.futures.ProcessPoolExecutor(16, mp_context=multiprocessing.get_context("spawn")) as pool:
         tune.precompile(pool, jobs, 16, print)
     out.mkdir(parents=True, exist_ok=True)
-    summary = time_plans(plans, tune.TuneState.load(out / "refine_state.jsonl"), device_key)
+    summary = time_plans(plans, tune.TuneState.load(out / "refine_state.jsonl"), device_key, stream)
     (out / "refine.json").write_text(json.dumps(summary, indent=1))
     (out / "refined_table.json").write_text(json.dumps(refined_table(summary, device_key), indent=1) + "\n")
 

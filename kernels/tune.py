@@ -229,6 +229,33 @@ def graph_time_us(fn, rep_ms: float = 25.0) -> float:
     return time_us(graph.replay, rep_ms)
 
 
+def stream_time_us(launches: list[Callable[[], object]], reps: int = 20) -> float:
+    """Mean µs per launch of ``launches`` (one per weight copy, together well past the L2: weight_copies) captured in
+    one CUDA graph and replayed: GEMMs back to back on weights that come from memory each time, as a decode step
+    streams its layers. graph_time_us instead flushes the L2 before each replay; the flush leaves the L2 full of
+    dirty lines, whose write-backs then compete with the weight reads (H200, session 21: up to 1.4x apart)."""
+    launches[0]()  # compiles and one-time casts outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for launch in launches:
+            launch()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * len(launches))
+
+
+def weight_copies(args: tuple, total_bytes: float = 1.2e9, most: int = 64) -> list[tuple]:
+    """``args`` (gemm_args of an int8 kernel) and copies of it with other random weights: together past the L2."""
+    w_q = args[1]
+    count = min(most, max(8, math.ceil(total_bytes / w_q.numel())))
+    return [args] + [(args[0], torch.randint_like(w_q, -127, 128), *args[2:]) for _ in range(count - 1)]
+
+
 def make_inputs(m: int, n: int, k: int, device: str = "cuda") -> dict:
     """Random (never zero) operands of one linear: bf16 activations, int8 weights, float32 per-channel vectors (also
     where the default dtype is another, as while vLLM loads a model)."""

@@ -136,3 +136,11 @@ def test_w4a8_refine_ships_only_clear_wins_and_gives_a_gemm_winner_the_bucket():
     assert device["w4a8_gemm"][shape]["64"] == dict(tile, BLOCK_M=64, WORD_LEVELS=1)
     assert "64" not in device["w4a8_splitk"][shape]  # else the dispatch would still run split-K at M = 64
     assert "64" in configs.load_table()["devices"]["NVIDIA H200"]["w4a8_splitk"][shape]  # the cached table intact
+    # an int8 fallback winner takes its bucket from split-K the same way (bench/splitk_refine.py --tiles full)
+    int8_shape = "N=28672,K=4096"  # the H200 table lists split-K for it at 16
+    gemm_tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    device = module.refined_table([
+        {"kernel": "splitk_gemm", "n": 28672, "k": 4096, "m": 16, "shipped_us": 30.0, "best_us": 29.0, "best": tile},
+        {"kernel": "int8_gemm", "n": 28672, "k": 4096, "m": 16, "shipped_us": 30.0, "best_us": 25.0,
+         "best": gemm_tile}], "NVIDIA H200")["devices"]["NVIDIA H200"]
+    assert device["int8_gemm"][int8_shape]["16"] == gemm_tile and "16" not in device["splitk_gemm"][int8_shape]

@@ -639,3 +639,14 @@ def test_gpu_tune_writes_a_table_the_dispatch_uses_and_resumes(tmp_path, user_ta
         a_q, w_q, w_scale, bias = random_linear(m, 512, 256, seed=m)
         assert torch.equal(linear.int8_gemm(a_q, w_q, w_scale, bias, torch.bfloat16),
                            torch_ref.int8_gemm_ref(a_q, w_q, w_scale, bias, torch.bfloat16))
+
+
+def test_weight_copies_hold_other_weights_past_the_l2():
+    codes, w_q = torch.zeros(1, 64, dtype=torch.int8), torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    args = (codes, w_q, torch.ones(32), None)
+    copies = tune.weight_copies(args, total_bytes=32 * 64 * 20)
+    assert len(copies) == 20 and copies[0] is args
+    assert all(c[0] is codes and c[2] is args[2] and c[1].shape == w_q.shape and c[1].dtype == torch.int8
+               for c in copies)
+    assert not torch.equal(copies[1][1], w_q)  # a weight of its own, so that it is read from memory again
+    assert len(tune.weight_copies(args, total_bytes=1.0)) == 8  # at least 8
