@@ -2,12 +2,14 @@
 tiles the table ships and on the best few of the earlier full searches, per shape and small-M bucket, against the
 shipped dispatch; then write a copy of the shipped table where a tile beat the dispatch by 3 % (GPU):
 
-    python bench/w4a8_refine.py 6144x4096,4096x4096,28672x4096,4096x14336 OUT_DIR [M,...]
+    python bench/w4a8_refine.py 6144x4096,4096x4096,28672x4096,4096x14336 OUT_DIR [M,...] [--stream]
 
 A narrow search (tens of timings per bucket where `outliertune tune --search full` has hundreds): how the H200
 entries of session 11 were chosen. OUT_DIR gets refine_state.jsonl (the tuner's state format, search "quick"),
 refine.json (per bucket and kernel: the shipped dispatch's time and the best tile) and refined_table.json. M,...
-limits it to those row buckets; at M = 1 it also times the GEMV tiles of several groups (tune.w4a8_gemv_tiles)."""
+limits it to those row buckets; at M = 1 it also times the GEMV tiles of several groups (tune.w4a8_gemv_tiles).
+--stream times back to back over weight copies past the L2 (tune.stream_time_us), as decode streams its layers,
+instead of the tuner's graph replay after an L2 flush (which chose the shipped tiles)."""
 
 from __future__ import annotations
 
@@ -62,8 +64,7 @@ def format_ops(kernel: str, args: tuple) -> tuple[torch.Tensor, Callable[[tuple]
 
 def time_plans(plans: list[tuple], state: tune.TuneState, device_key: str, stream: bool = False) -> list[dict]:
     """Time each plan's tiles and its shipped dispatch: as CUDA-graph replays after an L2 flush (the tuner's way),
-    or with ``stream`` back to back over copies of the weight that together exceed the L2 (tune.stream_time_us;
-    int8 weights only)."""
+    or with ``stream`` back to back over copies of the weight that together exceed the L2 (tune.stream_time_us)."""
     summary = []
     tune.warm_gpu()
     for kernel, n, k, m, tiles in plans:
@@ -115,12 +116,12 @@ def refined_table(summary: list[dict], device_key: str) -> dict:
     return table
 
 
-def main(shapes: str, out: Path, buckets: set[int] | None = None) -> None:
+def main(shapes: str, out: Path, buckets: set[int] | None = None, stream: bool = False) -> None:
     keys = configs.table_keys(torch.device("cuda"))
     earlier = earlier_records()
     refine([(kernel, n, k, m, candidates(kernel, n, k, m, keys, earlier))
             for n, k in (tuple(map(int, s.split("x"))) for s in shapes.split(","))
-            for kernel, ms in BUCKETS.items() for m in ms if buckets is None or m in buckets], out, keys[0])
+            for kernel, ms in BUCKETS.items() for m in ms if buckets is None or m in buckets], out, keys[0], stream)
 
 
 def refine(plans: list[tuple], out: Path, device_key: str, stream: bool = False) -> None:
@@ -137,4 +138,6 @@ def refine(plans: list[tuple], out: Path, device_key: str, stream: bool = False)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), {int(m) for m in sys.argv[3].split(",")} if len(sys.argv) > 3 else None)
+    positional = [arg for arg in sys.argv[1:] if arg != "--stream"]
+    main(positional[0], Path(positional[1]), {int(m) for m in positional[2].split(",")} if len(positional) > 2 else None,
+         "--stream" in sys.argv)

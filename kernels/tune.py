@@ -250,10 +250,12 @@ def stream_time_us(launches: list[Callable[[], object]], reps: int = 20) -> floa
 
 
 def weight_copies(args: tuple, total_bytes: float = 1.2e9, most: int = 64) -> list[tuple]:
-    """``args`` (gemm_args of an int8 kernel) and copies of it with other random weights: together past the L2."""
-    w_q = args[1]
-    count = min(most, max(8, math.ceil(total_bytes / w_q.numel())))
-    return [args] + [(args[0], torch.randint_like(w_q, -127, 128), *args[2:]) for _ in range(count - 1)]
+    """``args`` (gemm_args of an int8 or a W4A8 kernel) and copies of it with other random weights (int8 levels, or
+    packed words of 4-bit codes whose group scales and zeros stay those of ``args``): together past the L2."""
+    weight = args[1]
+    count = min(most, max(8, math.ceil(total_bytes / (weight.numel() * weight.element_size()))))
+    low, high = (-127, 128) if weight.dtype == torch.int8 else (-(1 << 31), (1 << 31) - 1)
+    return [args] + [(args[0], torch.randint_like(weight, low, high), *args[2:]) for _ in range(count - 1)]
 
 
 def make_inputs(m: int, n: int, k: int, device: str = "cuda") -> dict:

@@ -650,3 +650,7 @@ def test_weight_copies_hold_other_weights_past_the_l2():
                for c in copies)
     assert not torch.equal(copies[1][1], w_q)  # a weight of its own, so that it is read from memory again
     assert len(tune.weight_copies(args, total_bytes=1.0)) == 8  # at least 8
+    words = torch.zeros(32, 8, dtype=torch.int32)  # a packed W4A8 weight: its copies are other random words
+    packed = tune.weight_copies((codes, words, "scales", "zeros", 128, None, None), total_bytes=32 * 8 * 4 * 9)
+    assert len(packed) == 9 and all(c[1].dtype == torch.int32 and c[2:] == ("scales", "zeros", 128, None, None)
+                                    for c in packed) and packed[1][1].any()
