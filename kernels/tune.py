@@ -109,7 +109,8 @@ def splitk_candidates(m: int) -> list[dict]:
                       for stages in (4, 6, 8) if (bn + bm) * bk * stages <= 160 * 1024]
             # 32 weight rows by a K step of 512 (warp-level MMA): the one-row GEMV's winners read each row in long
             # runs. H200, session 21 (bench/splitk_refine.py, 16 and 32 rows, 8 Llama-3-8B shapes at TP 1 / 2): 16
-            # to 64 rows by 512 to 2048 all came within -5 % / +10 % of the tiles above; only this tile won (TP 2 qkv).
+            # to 64 rows by 512 to 2048 came within -5 % / +10 % of the tiles above; this one won TP 2 qkv, and o and
+            # down at 16 rows when timed as decode streams weights (stream_time_us).
             tiles += [(32, 512, {"SWAP_AB": swap, "num_warps": 4, "num_stages": stages})
                       for swap in (0, 1) for stages in (3, 4) if (32 + bm) * 512 * stages <= 160 * 1024]
         else:  # accumulators of BLOCK_M x BLOCK_K x BLOCK_N int32 (/4 when packed) must fit in registers
@@ -232,8 +233,9 @@ def graph_time_us(fn, rep_ms: float = 25.0) -> float:
 def stream_time_us(launches: list[Callable[[], object]], reps: int = 20) -> float:
     """Mean µs per launch of ``launches`` (one per weight copy, together well past the L2: weight_copies) captured in
     one CUDA graph and replayed: GEMMs back to back on weights that come from memory each time, as a decode step
-    streams its layers. graph_time_us instead flushes the L2 before each replay; the flush leaves the L2 full of
-    dirty lines, whose write-backs then compete with the weight reads (H200, session 21: up to 1.4x apart)."""
+    streams its layers. graph_time_us replays one launch after do_bench's L2 flush instead: on the H200 that read
+    4-6 µs longer per small GEMM (session 21; the flush's dirty lines, written back during the kernel, are a likely
+    cause) and ranked some tiles at 16 rows differently."""
     launches[0]()  # compiles and one-time casts outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
