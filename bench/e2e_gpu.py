@@ -405,6 +405,7 @@ KERNEL_KINDS = (
     # vLLM's fp8 row: RMSNorm / SiLU-mul + per-token fp8 quant, fused by inductor (named after the GEMM they feed)
     ("RMSNorm / SiLU-mul + fp8 quant (fused by inductor)", ("triton_.*cutlass_scaled_mm",)),
     ("our activation quant (standalone)", ("_quantize_activation_kernel",)),
+    ("our token-guard fix-up (after the guard in parts)", ("_guard_fixup_kernel",)),
     ("RMSNorm + quant (fused by inductor)", ("round.*(mean|rsqrt|rms_norm)", "(mean|rsqrt|rms_norm).*round")),
     ("SiLU-mul + quant (fused by inductor)", ("round.*(silu|sigmoid)", "(silu|sigmoid).*round")),
     ("activation quant (inductor, standalone)", ("round",)),

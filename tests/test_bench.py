@@ -29,6 +29,7 @@ def e2e_gpu():
     ("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90", "attention"),
     ("nvjet_sm90_tst_384x8_64x4_2x1_v_bz_TNT", "cuBLAS / other GEMM (lm_head)"),
     ("triton_poi_fused_4", "everything else"),
+    ("_guard_fixup_kernel", "our token-guard fix-up (after the guard in parts)"),
     # vLLM's fp8 row (H200 profile, session 21)
     ("void cutlass::device_kernel<vllm::cutlass_3x_gemm_sm90_fp8<cutlass::float_e4m3_t", "CUTLASS fp8 (vLLM's fp8 row)"),
     ("triton_red_fused__to_copy_abs_clamp_cutlass_scaled_mm_div_fused_add_rms_norm_1",
