@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from vllm_outliertune.kernels import linear, tune
+from vllm_outliertune.kernels.shapes import parse_shapes
 
 PROGRAMS = 512
 
@@ -48,10 +49,10 @@ def ceilings(n: int, k: int) -> dict[str, float]:
     copies = tune.weight_copies(args)
     words = [c[1].view(torch.int32) for c in copies]
     out = torch.empty(max(PROGRAMS, n), device="cuda", dtype=torch.int32)
+    chunk = n * k // 4 // PROGRAMS
     times = {}
     for warps in (4, 8):
         for block in (1024, 2048, 4096):
-            chunk = n * k // 4 // PROGRAMS
             if chunk % block == 0:
                 times[f"read: {PROGRAMS} contiguous chunks, {block * 4 // 1024} KB steps, {warps} warps"] = \
                     tune.stream_time_us([lambda w=w: _read_chunks[(PROGRAMS,)](
@@ -69,7 +70,7 @@ def ceilings(n: int, k: int) -> dict[str, float]:
 
 
 def main(shapes: str = "4096x14336,28672x4096,4096x4096") -> None:
-    for n, k in (tuple(map(int, s.split("x"))) for s in shapes.split(",")):
+    for n, k in parse_shapes(shapes):
         mb = n * k / 1e6
         print(f"\n{n}x{k} ({mb:.1f} MB)")
         for name, us in sorted(ceilings(n, k).items(), key=lambda item: item[1]):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from vllm_outliertune.kernels import configs, tune
+from vllm_outliertune.kernels.shapes import parse_shapes
 from w4a8_refine import refine
 
 LONG_K = 512  # the K step from which a tile counts as new
@@ -42,7 +43,7 @@ def main() -> None:
     kernels = ("splitk_gemm", "int8_gemm") if args.tiles == "full" else ("splitk_gemm",)
     tiles = {"long-k": lambda kernel, m: long_k_tiles(m), "full": tune.full_candidates}[args.tiles]
     refine([(kernel, n, k, m, tiles(kernel, m))
-            for n, k in (tuple(map(int, s.split("x"))) for s in args.shapes.split(","))
+            for n, k in parse_shapes(args.shapes)
             for m in (int(b) for b in args.buckets.split(",")) for kernel in kernels],
            args.out, configs.table_keys(torch.device("cuda"))[0], args.stream)
 

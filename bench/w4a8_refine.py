@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from vllm_outliertune.kernels import configs, linear, tune
+from vllm_outliertune.kernels.shapes import parse_shapes
 
 BUCKETS = {"w4a8_splitk": (1, 4, 16, 32, 64, 128), "w4a8_gemm": (32, 64, 128)}
 EARLIER = ("bench/tune_state_h200_w4a8.jsonl.gz", "bench/tune_state_h200_w4a8_m64.jsonl.gz")
@@ -78,10 +79,11 @@ def time_plans(plans: list[tuple], state: tune.TuneState, device_key: str, strea
             return tune.graph_time_us(launch(args), 10)
 
         shipped_us = measure(dispatch)
+        run = tune.runner(kernel, args)
         timings = []
         for config in tiles:
             try:
-                got = tune.runner(kernel, args)(config)
+                got = run(config)
             except Exception as error:  # e.g. out of shared memory or registers: skip this tile
                 print(f"skip {kernel} N={n} K={k} M={m} {config}: {error}"[:200], flush=True)
                 continue
@@ -120,7 +122,7 @@ def main(shapes: str, out: Path, buckets: set[int] | None = None, stream: bool =
     keys = configs.table_keys(torch.device("cuda"))
     earlier = earlier_records()
     refine([(kernel, n, k, m, candidates(kernel, n, k, m, keys, earlier))
-            for n, k in (tuple(map(int, s.split("x"))) for s in shapes.split(","))
+            for n, k in parse_shapes(shapes)
             for kernel, ms in BUCKETS.items() for m in ms if buckets is None or m in buckets], out, keys[0], stream)
 
 
