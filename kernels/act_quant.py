@@ -7,8 +7,6 @@ round half to even like torch.round."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -113,53 +111,6 @@ def _quantize_activation_guarded_kernel(x_ptr, q_ptr, t_ptr, inv_scale_ptr, shif
 
 
 @triton.jit
-def rows_guard_t(part_high_ptr, part_low_ptr, offs_m, M, parts, LOW: tl.constexpr, HIGH: tl.constexpr,
-                 BLOCK_PARTS: tl.constexpr):
-    """t (format.guard_scale, floor 1) of rows offs_m from the maxima / minima of their parts' units (float32 [M,
-    parts], torch_ref.row_part_extrema); 1 for rows past M."""
-    offs_p = tl.arange(0, BLOCK_PARTS)
-    mask = (offs_m < M)[:, None] & (offs_p < parts)[None, :]
-    offsets = offs_m[:, None].to(tl.int64) * parts + offs_p[None, :]
-    highest = tl.max(tl.load(part_high_ptr + offsets, mask=mask, other=-float("inf")), axis=1)
-    lowest = tl.min(tl.load(part_low_ptr + offsets, mask=mask, other=float("inf")), axis=1)
-    return guard_t(highest, lowest, 1.0, LOW, HIGH)
-
-
-@triton.jit
-def over_range_rows(t, BLOCK_M: tl.constexpr):
-    """A bit mask (int64; BLOCK_M <= 64) of the rows of a tile whose t > 1: the rows guarded_codes re-rounds."""
-    bits = tl.full([BLOCK_M], 1, tl.int64) << tl.arange(0, BLOCK_M).to(tl.int64)
-    return tl.sum(tl.where(t > 1.0, bits, 0), axis=0)
-
-
-@triton.jit
-def guarded_codes(codes, over_rows, x_ptr, stride_xm, first_row, offs_k, K, t, inv_scale_ptr, shift_ptr,
-                  QMIN: tl.constexpr, QMAX: tl.constexpr, HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                  WORDS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """A tile of codes rounded at t = 1 (rows first_row + [0, BLOCK_M), int8 at channels offs_k < K, or with WORDS
-    int32 words of 4 codes at word offsets offs_k < K words) with the rows set in over_rows (over_range_rows)
-    re-rounded from x at u / t: what guard_fixup leaves in them. Row by row, so the work grows with the rows beyond
-    the range (rare), not with the tile's."""
-    rows = tl.arange(0, BLOCK_M)
-    for r in range(BLOCK_M):
-        if (over_rows >> r) & 1:
-            t_row = tl.max(tl.where(rows == r, t, 0.0), axis=0)
-            x_row = x_ptr + (first_row + r).to(tl.int64) * stride_xm
-            if WORDS:  # little-endian: byte j of word w is channel 4 w + j
-                fixed = tl.zeros((1, offs_k.shape[0]), dtype=tl.int32)
-                for byte in tl.static_range(4):
-                    units, _ = _row_units(x_row, inv_scale_ptr, shift_ptr, byte, offs_k * 4, K * 4, HAS_INV_SCALE,
-                                          HAS_SHIFT)
-                    part = round_units(tl.math.div_rn(units, t_row), QMIN, QMAX)
-                    fixed = fixed | ((part.to(tl.int32) & 0xFF) << (8 * byte))
-            else:
-                units, _ = _row_units(x_row, inv_scale_ptr, shift_ptr, 0, offs_k, K, HAS_INV_SCALE, HAS_SHIFT)
-                fixed = round_units(tl.math.div_rn(units, t_row), QMIN, QMAX)
-            codes = tl.where((rows == r)[:, None], fixed, codes)
-    return codes
-
-
-@triton.jit
 def _guard_fixup_kernel(x_ptr, q_ptr, t_ptr, part_high_ptr, part_low_ptr, inv_scale_ptr, shift_ptr, K, parts,
                         stride_xm, stride_qm, stride_qk, LOW: tl.constexpr, HIGH: tl.constexpr, QMIN: tl.constexpr,
                         QMAX: tl.constexpr, HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -167,8 +118,11 @@ def _guard_fixup_kernel(x_ptr, q_ptr, t_ptr, part_high_ptr, part_low_ptr, inv_sc
     """Program (row, K block): t of the row from its parts' maxima and minima (format.guard_scale, floor 1); the
     row's codes were rounded at t = 1, so only a row with t > 1 re-reads its x and rewrites its codes at u / t."""
     row = tl.program_id(0).to(tl.int64)
-    t = tl.max(rows_guard_t(part_high_ptr, part_low_ptr, row + tl.arange(0, 1), row + 1, parts, LOW, HIGH,
-                            BLOCK_PARTS))
+    offs_p = tl.arange(0, BLOCK_PARTS)
+    mask_p = offs_p < parts
+    highest = tl.max(tl.load(part_high_ptr + row * parts + offs_p, mask=mask_p, other=-float("inf")))
+    lowest = tl.min(tl.load(part_low_ptr + row * parts + offs_p, mask=mask_p, other=float("inf")))
+    t = guard_t(highest, lowest, 1.0, LOW, HIGH)
     if tl.program_id(1) == 0:
         tl.store(t_ptr + row, t)
     if t > 1.0:
@@ -251,35 +205,6 @@ def quantize_activation_guarded(x: torch.Tensor, inv_scale: torch.Tensor | None,
     return q, t
 
 
-class GuardParts(NamedTuple):
-    """What finishes the token guard (floor 1) of codes rounded at t = 1: the float activations x [M, K] they came
-    from, the maxima / minima of each row part's units (float32 [M, P], torch_ref.row_part_extrema) and the plan
-    (inv_scale, shift, bits)."""
-    x: torch.Tensor
-    part_high: torch.Tensor
-    part_low: torch.Tensor
-    inv_scale: torch.Tensor | None
-    shift: torch.Tensor | None
-    bits: int
-
-
-def checked_guard_parts(op: str, guard: GuardParts, codes: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x, part_high, part_low) with contiguous channels / parts; ValueError naming the argument where they do not
-    fit the int8 codes [M, K]."""
-    x = guard.x
-    check_activation_args(x, guard.inv_scale, guard.shift, guard.bits)
-    if x.dim() != 2 or codes.shape != x.shape or codes.dtype != torch.int8:
-        raise ValueError(f"{op}: codes {codes.dtype} {list(codes.shape)} must be int8 codes of x {list(x.shape)} "
-                         "[M, K]")
-    m, parts = x.shape[0], guard.part_high.shape[-1]
-    for name, part in (("part_high", guard.part_high), ("part_low", guard.part_low)):
-        if part.shape != (m, parts) or part.dtype != torch.float32 or part.device != x.device:
-            raise ValueError(f"{op}: {name} is {part.dtype} {list(part.shape)} on {part.device}; expected float32 "
-                             f"[{m}, {parts}] on {x.device}")
-    return (x if x.stride(1) == 1 else x.contiguous()), guard.part_high.contiguous(), guard.part_low.contiguous()
-
-
 GUARD_FIXUP_BLOCK_K = 2048  # channels per guard_fixup program (its own row's t; only rows with t > 1 re-quantize)
 
 
@@ -288,10 +213,17 @@ def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, p
     """The token guard (floor 1) finished from codes rounded at t = 1 and the maxima / minima of each row's units
     over parts of the row (float32 [M, P]): returns t float32 [M, 1] and rewrites, in place, the codes of the rows
     with t > 1 from x (torch_ref.guard_fixup_ref). A row inside the plan's range costs one read of its P values."""
-    x, part_high, part_low = checked_guard_parts("guard_fixup", GuardParts(x, part_high, part_low, inv_scale, shift,
-                                                                           bits), codes)
+    check_activation_args(x, inv_scale, shift, bits)
+    if x.dim() != 2 or codes.shape != x.shape or codes.dtype != torch.int8:
+        raise ValueError(f"guard_fixup: codes {codes.dtype} {list(codes.shape)} must be int8 codes of x "
+                         f"{list(x.shape)} [M, K]")
     m, k = x.shape
+    x = x if x.stride(1) == 1 else x.contiguous()
     parts = part_high.shape[-1]
+    for name, part in (("part_high", part_high), ("part_low", part_low)):
+        if part.shape != (m, parts) or part.dtype != torch.float32:
+            raise ValueError(f"guard_fixup: {name} is {part.dtype} {list(part.shape)}; expected float32 [{m}, {parts}]")
+    part_high, part_low = part_high.contiguous(), part_low.contiguous()
     t = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return t.fill_(1.0)

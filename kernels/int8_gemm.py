@@ -28,33 +28,16 @@ def round_to_bfloat16(v):
 
 
 @triton.jit
-def load_row_scale(row_scale_ptr, offs_m, M, HAS_ROW_SCALE: tl.constexpr):
-    """The per-row scale of rows offs_m (float32; the token guard's t), or ones where there is none."""
-    if HAS_ROW_SCALE:
-        return tl.load(row_scale_ptr + offs_m, mask=offs_m < M, other=1.0)
-    else:
-        return tl.full(offs_m.shape, 1.0, tl.float32)
-
-
-@triton.jit
 def epilogue_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om,
                    HAS_SCALE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """store_scaled with the row scale read from row_scale_ptr (float32, one per row of the activation)."""
-    store_scaled(acc, out_ptr, scale_ptr, load_row_scale(row_scale_ptr, offs_m, M, HAS_ROW_SCALE), bias_ptr, offs_m,
-                 offs_n, M, N, stride_om, HAS_SCALE, HAS_ROW_SCALE, HAS_BIAS)
-
-
-@triton.jit
-def store_scaled(acc, out_ptr, scale_ptr, row_scale, bias_ptr, offs_m, offs_n, M, N, stride_om,
-                 HAS_SCALE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Store acc [BLOCK_M, BLOCK_N] int32 as acc * scale[n] (* row_scale[m]) + bias[n] in out's dtype (raw int32
     without scale). Multiply then add in float32, as the torch reference does (callers launch with
-    enable_fp_fusion=False). row_scale [BLOCK_M]: the token guard's per-row t."""
+    enable_fp_fusion=False). row_scale: the token guard's per-row t (float32, one per row of the activation)."""
     mask_n = offs_n < N
     if HAS_SCALE:
         out = acc.to(tl.float32) * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         if HAS_ROW_SCALE:
-            out = out * row_scale[:, None]
+            out = out * tl.load(row_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
         if HAS_BIAS:
             out = out + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     else:

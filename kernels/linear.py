@@ -104,33 +104,14 @@ def _gemm(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor | None, bi
     kernels = _triton()
     if w_scale is None or out_dtype == torch.int32:
         return kernels.int8_gemm(a_q, w_q, w_scale, bias, out_dtype, row_scale=row_scale)
-    kernel = _picked_int8_kernel(a_q, w_q, out_dtype)
+    (m, k), n = a_q.shape, w_q.shape[0]
+    kernel = _pick_kernel(m, n, k, table_keys(a_q.device), lambda: kernels.supports_tma(a_q, w_q),
+                          lambda name: _EXTERNAL_GEMMS[name].supports(a_q, w_q, out_dtype))
     if kernel == "splitk_gemm":
         return kernels.splitk_gemm(a_q, w_q, w_scale, bias, None, None, 8, out_dtype, row_scale=row_scale)
     if kernel in _EXTERNAL_GEMMS:
         return _EXTERNAL_GEMMS[kernel].run(a_q, w_q, w_scale, bias, out_dtype, row_scale)
     return getattr(kernels, kernel)(a_q, w_q, w_scale, bias, out_dtype, row_scale=row_scale)
-
-
-def _picked_int8_kernel(a_q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype) -> str:
-    """_pick_kernel for these operands (Triton runs them)."""
-    (m, k), n = a_q.shape, w_q.shape[0]
-    return _pick_kernel(m, n, k, table_keys(a_q.device), lambda: _triton().supports_tma(a_q, w_q),
-                        lambda name: _EXTERNAL_GEMMS[name].supports(a_q, w_q, out_dtype))
-
-
-def _guarded_gemm(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, part_low: torch.Tensor,
-                  inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int, w_q: torch.Tensor,
-                  w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """_gemm of the token guard in parts (codes rounded at t = 1 and the row parts' extrema): where the table routes
-    M rows to split-K, that kernel finishes the guard as it reads the codes (one launch less per layer; codes stay
-    as they are); elsewhere guard_fixup rewrites the codes of rows beyond the range first."""
-    if _runs_triton(codes) and _picked_int8_kernel(codes, w_q, out_dtype) == "splitk_gemm":
-        from vllm_outliertune.kernels.act_quant import GuardParts
-        return _triton().splitk_gemm(codes, w_q, w_scale, bias, None, None, bits, out_dtype,
-                                     guard=GuardParts(x, part_high, part_low, inv_scale, shift, bits))
-    t = _guard_fixup(x, codes, part_high, part_low, inv_scale, shift, bits)
-    return _gemm(codes, w_q, w_scale, bias, out_dtype, t)
 
 
 def _pick_w4a8_kernel(m: int, n: int, k: int, keys: tuple[str, ...]) -> str:
@@ -195,23 +176,13 @@ class PackedGroups(NamedTuple):
     levels_fit_bytes: bool = True
 
 
-class GuardInParts(NamedTuple):
-    """A layer whose token guard runs in parts into int8_gemm_guarded_in_parts: its plan and the parts of a row."""
-    inv_scale: torch.Tensor | None
-    shift: torch.Tensor | None
-    bits: int
-    parts: int
-
-
 def warm_up(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-            max_m: int, packed: PackedGroups | None = None, guarded: bool = False,
-            in_parts: GuardInParts | None = None) -> int:
+            max_m: int, packed: PackedGroups | None = None, guarded: bool = False) -> int:
     """Run the GEMM once at each of warmup_rows() so Triton compiles (or loads from its cache) every variant a
     batch of up to max_m rows can hit now, at load, instead of stalling the first requests of each size. With
     ``packed``, w_q is a packed 4-bit weight and the W4A8 dispatch is warmed; ``guarded``: with the token guard's
-    per-row scale in the epilogue (a variant of its own), as the layer runs; ``in_parts`` (int8 weights): also
-    the split-K kernel that finishes the guard itself. Returns the number of GEMMs run (0 where Triton does not
-    run)."""
+    per-row scale in the epilogue (a variant of its own), as the layer runs. Returns the number of GEMMs run (0
+    where Triton does not run)."""
     if not _runs_triton(w_q):
         return 0
     n, k = w_q.shape[0], w_q.shape[1] if packed is None else packed.in_features
@@ -223,16 +194,10 @@ def warm_up(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
     codes = torch.ones((max(rows), k), dtype=torch.int8, device=w_q.device)  # leading rows: contiguous views
     # float32 explicitly: vLLM loads the model (and warms up) under the model's default dtype, e.g. bfloat16
     row_scales = torch.ones((max(rows), 1), dtype=torch.float32, device=w_q.device) if guarded else None
-    if in_parts is not None and packed is None:
-        guard_x = torch.zeros((max(rows), k), dtype=out_dtype, device=w_q.device)
-        extrema = torch.zeros((max(rows), in_parts.parts), dtype=torch.float32, device=w_q.device)
     for m in rows:
         row_scale = None if row_scales is None else row_scales[:m]
         if packed is None:
             _gemm(codes[:m], w_q, w_scale, bias, out_dtype, row_scale)
-            if in_parts is not None:
-                _guarded_gemm(guard_x[:m], codes[:m], extrema[:m], extrema[:m], in_parts.inv_scale, in_parts.shift,
-                              in_parts.bits, w_q, w_scale, bias, out_dtype)
         else:
             _w4a8(codes[:m], w_q, packed.group_scale, packed.group_zero, packed.group_size, w_scale, bias, out_dtype,
                   row_scale, packed.levels_fit_bytes)
@@ -272,11 +237,6 @@ def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, p
     """The token guard (floor 1) finished after quantization at t = 1: t float32 [M, 1] from the row parts'
     extrema (torch_ref.row_part_extrema), and the codes of rows with t > 1 rewritten in place
     (torch_ref.guard_fixup_ref)."""
-    return _guard_fixup(x, codes, part_high, part_low, inv_scale, shift, bits)
-
-
-def _guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, part_low: torch.Tensor,
-                 inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int) -> torch.Tensor:
     if _runs_triton(x):
         return _triton().guard_fixup(x, codes, part_high, part_low, inv_scale, shift, bits)
     return torch_ref.guard_fixup_ref(x, codes, part_high, part_low, inv_scale, shift, bits)
@@ -320,43 +280,9 @@ def quantize_activation_guarded_in_parts(x: torch.Tensor, inv_scale: torch.Tenso
     small op after it: the producer's kernel writes x, the codes at t = 1 and each row part's extrema, all
     pointwise-parallel over the row's parts; guard_fixup then reads the extrema, and only rows beyond the plan's
     range (t > 1) are quantized again. The same codes and t as quantize_activation_guarded_ref."""
-    codes, part_high, part_low = _codes_and_part_extrema(x, inv_scale, shift, bits, parts)
-    return codes, guard_fixup(x, codes, part_high, part_low, inv_scale, shift, bits)
-
-
-def _codes_and_part_extrema(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int,
-                            parts: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The producer's side of the guard in parts, as torch ops for inductor to fuse: codes at t = 1 and each row
-    part's maximum and minimum unit."""
     part_high, part_low = torch_ref.row_part_extrema(x, inv_scale, shift, parts or guard_parts(x.shape[-1]))
-    return torch_ref.quantize_activation_ref(x, inv_scale, shift, bits), part_high, part_low
-
-
-def int8_linear_guarded_in_parts(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
-                                 bits: int, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                                 out_dtype: torch.dtype, parts: int | None = None) -> torch.Tensor:
-    """int8_gemm(quantize_activation_guarded_in_parts(x)) with the guard finished inside the GEMM where the table
-    routes M rows to split-K (int8_gemm_guarded_in_parts): the producer's kernel writes x, the codes at t = 1 and
-    the part extrema, then one launch."""
-    codes, part_high, part_low = _codes_and_part_extrema(x, inv_scale, shift, bits, parts)
-    return int8_gemm_guarded_in_parts(x, codes, part_high, part_low, inv_scale, shift, bits, w_q, w_scale, bias,
-                                      out_dtype)
-
-
-@torch.library.custom_op("outliertune_kernels::int8_gemm_guarded_in_parts", mutates_args=("codes",))
-def int8_gemm_guarded_in_parts(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor,
-                               part_low: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
-                               bits: int, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                               out_dtype: torch.dtype) -> torch.Tensor:
-    """int8_gemm(codes, row_scale=guard_fixup(x, codes, ...)) in one launch where the table routes M rows to
-    split-K (the kernel re-rounds rows beyond the range as it reads them; codes are left as they are), else those
-    two ops (codes of rows beyond the range rewritten in place)."""
-    return _guarded_gemm(x, codes, part_high, part_low, inv_scale, shift, bits, w_q, w_scale, bias, out_dtype)
-
-
-@int8_gemm_guarded_in_parts.register_fake
-def _(x, codes, part_high, part_low, inv_scale, shift, bits, w_q, w_scale, bias, out_dtype):
-    return codes.new_empty((codes.shape[0], w_q.shape[0]), dtype=out_dtype)
+    codes = torch_ref.quantize_activation_ref(x, inv_scale, shift, bits)
+    return codes, guard_fixup(x, codes, part_high, part_low, inv_scale, shift, bits)
 
 
 @torch.library.custom_op("outliertune_kernels::int8_gemm", mutates_args=())

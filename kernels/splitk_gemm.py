@@ -25,12 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_outliertune.format import guard_limits, qrange
-from vllm_outliertune.kernels.act_quant import (FLOAT_INPUT_DTYPES, GuardParts, check_activation_args,
-                                                checked_guard_parts, guard_fixup, guarded_codes, over_range_rows,
-                                                quantize_tile, rows_guard_t)
-from vllm_outliertune.kernels.int8_gemm import (launch_options, load_row_scale, multiprocessors, start_gemm,
-                                                store_scaled)
+from vllm_outliertune.format import qrange
+from vllm_outliertune.kernels.act_quant import FLOAT_INPUT_DTYPES, check_activation_args, quantize_tile
+from vllm_outliertune.kernels.int8_gemm import epilogue_store, launch_options, multiprocessors, start_gemm
 
 # The interpreter (CPU CI) runs no PTX: there the packed dot product is computed byte by byte (same result).
 DP4A_ASM = os.environ.get("TRITON_INTERPRET") != "1"
@@ -50,15 +47,14 @@ def dot4_accumulate(w4, x4, acc, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def split_k_store(acc, out_ptr, scale_ptr, row_scale, bias_ptr, ws_ptr, count_ptr, tile, offs_m, offs_n, M, N,
+def split_k_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, tile, offs_m, offs_n, M, N,
                   stride_om, SPLIT_K: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The epilogue of one K split of output tile ``tile`` (row_scale: values of its rows, int8_gemm.store_scaled):
-    with SPLIT_K > 1 the int32 partial sums meet in the zeroed workspace through atomics and the last split to
-    arrive (per-tile counter) stores the scaled result and zeroes what the tile used (its partial sums and counter)
-    for the next GEMM."""
+    """The epilogue of one K split of output tile ``tile``: with SPLIT_K > 1 the int32 partial sums meet in the
+    zeroed workspace through atomics and the last split to arrive (per-tile counter) stores the scaled result and
+    zeroes what the tile used (its partial sums and counter) for the next GEMM."""
     if SPLIT_K == 1:
-        store_scaled(acc, out_ptr, scale_ptr, row_scale, bias_ptr, offs_m, offs_n, M, N, stride_om, True,
-                     HAS_ROW_SCALE, HAS_BIAS)
+        epilogue_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, True,
+                       HAS_ROW_SCALE, HAS_BIAS)
     else:
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -67,25 +63,22 @@ def split_k_store(acc, out_ptr, scale_ptr, row_scale, bias_ptr, ws_ptr, count_pt
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")  # read at L2, past stale L1 lines
-            store_scaled(total, out_ptr, scale_ptr, row_scale, bias_ptr, offs_m, offs_n, M, N, stride_om, True,
-                         HAS_ROW_SCALE, HAS_BIAS)
+            epilogue_store(total, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om,
+                           True, HAS_ROW_SCALE, HAS_BIAS)
             tl.store(count_ptr + tile, 0)  # every split has counted itself in
 
 
 @triton.jit
 def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, inv_scale_ptr, shift_ptr, ws_ptr,
-                        count_ptr, guard_x_ptr, part_high_ptr, part_low_ptr, M, N, K, stride_xm, stride_wn,
-                        stride_om, stride_gm, parts, K_PER_SPLIT, QUANTIZE: tl.constexpr, GUARD: tl.constexpr,
-                        LOW: tl.constexpr, HIGH: tl.constexpr, BLOCK_PARTS: tl.constexpr, QMIN: tl.constexpr,
-                        QMAX: tl.constexpr, HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                        HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        count_ptr, M, N, K, stride_xm, stride_wn, stride_om, K_PER_SPLIT,
+                        QUANTIZE: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                        HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr,
                         EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, ACC_K: tl.constexpr, PACKED: tl.constexpr,
                         SWAP_AB: tl.constexpr, DP4A_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     # With PACKED, x and w are int32 views (4 int8 per word) and K, K_PER_SPLIT, BLOCK_K, strides count words.
     # One program per (M, N) tile, or (PROGRAMS_PER_SM in the config) a persistent grid that walks the tiles.
-    # GUARD: x holds codes rounded at t = 1; the program finishes the token guard of its rows itself (guard_fixup's
-    # work): t from the row parts' extrema, and where a row has t > 1 its codes re-rounded from guard_x.
     pid_k = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for pid_mn in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * num_pid_n, tl.num_programs(0)):
@@ -94,11 +87,6 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_pt
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
-        if GUARD:
-            row_scale = rows_guard_t(part_high_ptr, part_low_ptr, offs_m, M, parts, LOW, HIGH, BLOCK_PARTS)
-            over_rows = over_range_rows(row_scale, BLOCK_M)  # a uniform branch below: such rows are rare
-        else:
-            row_scale = load_row_scale(row_scale_ptr, offs_m, M, HAS_ROW_SCALE)
         rows_w = tl.where(offs_n < N, offs_n, 0)
         k_start = pid_k * K_PER_SPLIT
         offs_k = k_start + tl.arange(0, BLOCK_K)
@@ -123,11 +111,6 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_pt
                 a = quantize_tile(x, inv_scale_ptr, shift_ptr, offs_k, mask_k, QMIN, QMAX, HAS_INV_SCALE, HAS_SHIFT)
             else:
                 a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
-                if GUARD:
-                    if over_rows != 0:
-                        a = guarded_codes(a, over_rows, guard_x_ptr, stride_gm, pid_m * BLOCK_M, offs_k, K,
-                                          row_scale, inv_scale_ptr, shift_ptr, QMIN, QMAX, HAS_INV_SCALE, HAS_SHIFT,
-                                          PACKED, BLOCK_M)
             if PACKED:
                 acc3 = dot4_accumulate(w[None, :, :], a[:, :, None], acc3, DP4A_ASM)
             elif ACC_K:
@@ -146,11 +129,8 @@ def _splitk_gemm_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_pt
         elif SWAP_AB:
             acc = tl.trans(acc_t)
 
-        split_k_store(acc, out_ptr, scale_ptr, row_scale, bias_ptr, ws_ptr, count_ptr, pid_mn, offs_m, offs_n,
-                      M, N, stride_om, SPLIT_K, HAS_ROW_SCALE or GUARD, HAS_BIAS)
-
-
-GUARD_MAX_BLOCK_M = 64  # guard=: the rows beyond the range are one int64 bit mask per tile (over_range_rows)
+        split_k_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, pid_mn, offs_m, offs_n,
+                      M, N, stride_om, SPLIT_K, HAS_ROW_SCALE, HAS_BIAS)
 
 
 def _auto_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
@@ -194,37 +174,24 @@ def as_words(t: torch.Tensor) -> torch.Tensor | None:
 
 def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int,
-                out_dtype: torch.dtype, config: dict | None = None, row_scale: torch.Tensor | None = None,
-                guard: GuardParts | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype, config: dict | None = None, row_scale: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """x [M, K] @ w_q int8 [N, K]^T * w_scale[n] (* row_scale[m]) (+ bias[n]) -> out_dtype [M, N], one launch. Float
     x is quantized in the prologue with inv_scale / shift / bits; int8 x is used as it is (then inv_scale and shift
-    must be None). With ``guard``, int8 x are codes rounded at t = 1 and the kernel finishes the token guard as
-    guard_fixup would (row_scale None): each row's t scales its output, and the tiles of rows with t > 1 are
-    re-rounded from guard.x as they are read; x itself is not written (with tiles of more than GUARD_MAX_BLOCK_M
-    rows guard_fixup runs first and rewrites those rows of x). `config` overrides the tile table (SPLIT_K 0
-    = automatic; PACKED applies to int8 x with K % 4 == 0 only; SWAP_AB from BLOCK_M 16 where PACKED does not apply;
-    PROGRAMS_PER_SM > 0 launches that many programs per SM, each walking several tiles, instead of one program per
-    tile)."""
+    must be None). `config` overrides the tile table (SPLIT_K 0 = automatic; PACKED applies to int8 x with K % 4 == 0
+    only; SWAP_AB from BLOCK_M 16 where PACKED does not apply; PROGRAMS_PER_SM > 0 launches that many programs per
+    SM, each walking several tiles, instead of one program per tile)."""
     quantize = x.dtype != torch.int8
     if quantize:
         check_activation_args(x, inv_scale, shift, bits)
     elif inv_scale is not None or shift is not None:
         raise ValueError("splitk_gemm: x is already int8 codes; pass inv_scale=None and shift=None")
-    guard_x = part_high = part_low = None
-    if guard is not None:
-        if quantize or row_scale is not None:
-            raise ValueError("splitk_gemm: guard finishes the token guard of int8 codes x; pass codes and no row_scale")
-        guard_x, part_high, part_low = checked_guard_parts("splitk_gemm", guard, x)
-        inv_scale, shift, bits = guard.inv_scale, guard.shift, guard.bits
     x, out, config = start_gemm("splitk_gemm", x.dtype in FLOAT_INPUT_DTYPES + (torch.int8,), x, w_q, w_scale, bias,
                                 out_dtype, config, scaled_only=True, row_scale=row_scale)
     if config is None:
         return out
     (m, k), n = x.shape, w_q.shape[0]
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    if guard is not None and block_m > GUARD_MAX_BLOCK_M:
-        row_scale = guard_fixup(guard_x, x, part_high, part_low, inv_scale, shift, bits)
-        guard = None
     x_words = w_words = None
     if config.get("PACKED") and not quantize and block_k % 4 == 0:
         x_words, w_words = as_words(x), as_words(w_q)
@@ -232,18 +199,15 @@ def splitk_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k, k_per_split, partial_sums, counters = split_k_plan(m, n, k, tiles, block_k, config, x.device)
     qmin, qmax = qrange(bits)
-    low, high = guard_limits(bits)
-    parts = 0 if guard is None else part_high.shape[1]
     word = 4 if packed else 1
     programs = min(tiles, config.get("PROGRAMS_PER_SM", 0) * multiprocessors(x.device)) or tiles
     _splitk_gemm_kernel[(programs, split_k)](
         x_words if packed else x, w_words if packed else w_q, out, w_scale, row_scale, bias, inv_scale, shift,
-        partial_sums, counters, guard_x, part_high, part_low, m, n, k // word, x.stride(0) // word,
-        w_q.stride(0) // word, out.stride(0), 0 if guard is None else guard_x.stride(0), parts, k_per_split // word,
-        QUANTIZE=quantize, GUARD=guard is not None, LOW=low, HIGH=high,
-        BLOCK_PARTS=triton.next_power_of_2(max(parts, 1)), QMIN=qmin, QMAX=qmax,
-        HAS_INV_SCALE=inv_scale is not None, HAS_SHIFT=shift is not None, HAS_ROW_SCALE=row_scale is not None,
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, SPLIT_K=split_k,
+        partial_sums, counters, m, n, k // word, x.stride(0) // word, w_q.stride(0) // word, out.stride(0),
+        k_per_split // word,
+        QUANTIZE=quantize, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None,
+        HAS_SHIFT=shift is not None, HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
+        EVEN_K=k % block_k == 0, SPLIT_K=split_k,
         ACC_K=bool(config.get("ACC_K")) and block_m < 16, PACKED=packed,
         SWAP_AB=bool(config.get("SWAP_AB")) and block_m >= 16 and not packed, DP4A_ASM=DP4A_ASM, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k // word, **launch_options(config), enable_fp_fusion=False)

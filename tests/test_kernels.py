@@ -45,9 +45,8 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     from vllm_outliertune.kernels import torch_ref
     from vllm_outliertune.kernels.int8_gemm_tma import int8_gemm_tma
     from vllm_outliertune.kernels import act_quant
-    from vllm_outliertune.kernels.act_quant import GuardParts
     from vllm_outliertune.kernels.linear import (
-        guard_parts, int8_gemm, int8_gemm_guarded_in_parts, quantize_activation, quantize_activation_guarded,
+        guard_parts, int8_gemm, quantize_activation, quantize_activation_guarded,
         quantize_activation_guarded_in_parts, quantized_linear)
     from vllm_outliertune.kernels.splitk_gemm import splitk_gemm, zeroed_workspace
 
@@ -102,18 +101,6 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     if k % 16 == 0:  # TMA needs 16-byte aligned rows
         tma_config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
         expect_equal("int8_gemm_tma", int8_gemm_tma(q_ref, w_q, w_scale, bias, torch.bfloat16, tma_config), y_ref)
-    # The token guard finished inside split-K (guard=GuardParts): codes rounded at t = 1 and the row parts' extrema
-    # in, the guarded codes and t applied; row 0 beyond the plan's range (re-rounded in the kernel), the others
-    # wherever they fall; the codes are left as they are.
-    x_over = x.clone()
-    x_over[0] *= 40
-    codes_over, t_over = torch_ref.quantize_activation_guarded_ref(x_over.cpu(), *on_cpu[1:], bits)
-    y_over = torch_ref.int8_gemm_ref(codes_over.to(device), w_q, w_scale, bias, torch.bfloat16, t_over.to(device))
-    codes_t1 = torch_ref.quantize_activation_ref(x_over, p["inv_scale"], p["shift"], bits)
-    guards = [GuardParts(x_over, *torch_ref.row_part_extrema(x_over, p["inv_scale"], p["shift"], parts),
-                         p["inv_scale"], p["shift"], bits) for parts in (guard_parts(k), k // 8)]
-    expect_equal("int8_gemm_guarded_in_parts (table dispatch)", int8_gemm_guarded_in_parts(
-        x_over, codes_t1.clone(), *guards[0][1:], w_q, w_scale, bias, torch.bfloat16), y_over)
     # PROGRAMS_PER_SM: a persistent grid (the interpreter counts one SM, so one or two programs walk all tiles).
     for block_m, split_k, variant in ((16, 1, {}), (16, 3, {}), (2, 2, {}), (1, 1, {"ACC_K": 1}),
                                       (4, 3, {"ACC_K": 1}), (1, 2, {"PACKED": 1}), (2, 1, {"PACKED": 1}),
@@ -127,17 +114,11 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
         expect_equal(f"{name} float x", got, y_ref)
         expect_equal(f"{name} int8 x", splitk_gemm(q_ref, w_q, w_scale, bias, None, None, 8, torch.bfloat16, config),
                      y_ref)
-        guard = guards[(block_m + split_k) % 2]
-        got = splitk_gemm(codes_t1, w_q, w_scale, bias, None, None, 8, torch.bfloat16, config, guard=guard)
-        expect_equal(f"{name} guard in {guard.part_high.shape[1]} parts", got, y_over)
         # K - 1 columns at an odd byte offset: no 32-bit words, PACKED falls back to byte loads.
         q_odd, w_odd = q_ref[:, 1:], w_q[:, 1:]
         expect_equal(f"{name} int8 x, odd K", splitk_gemm(q_odd, w_odd, w_scale, bias, None, None, 8,
                                                            torch.bfloat16, config),
                      torch_ref.int8_gemm_ref(q_odd, w_odd, w_scale, bias, torch.bfloat16))
-    config = {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}  # past GUARD_MAX_BLOCK_M: guard_fixup first
-    expect_equal("splitk_gemm block_m=128 guard", splitk_gemm(codes_t1.clone(), w_q, w_scale, bias, None, None, 8,
-                                                             torch.bfloat16, config, guard=guards[0]), y_over)
     expect_equal("quantized_linear", quantized_linear(x.view(1, m, k), w_q, w_scale, bias, p["inv_scale"],
                                                       p["shift"], bits, torch.bfloat16), y_ref.view(1, m, n))
     # The token guard's per-row scale t (>= 1, one row at 1) in every epilogue: tiled, split-K (one and two K
@@ -155,8 +136,6 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
                                                               row_scale), y_rows)
     failures += check_w4a8_case(q_ref, n, w_scale, bias, seed, row_scale)
     # The split-K calls above share one workspace, each leaving it zeroed for the next (no memset per call).
-    expect_equal("codes after the guard inside split-K", codes_t1,
-                 torch_ref.quantize_activation_ref(x_over, p["inv_scale"], p["shift"], bits))
     if zeroed_workspace(1, x.device).any():
         failures.append("split-K workspace: partial sums or tile counters not put back to zero")
     return failures
@@ -441,30 +420,6 @@ def test_warmup_of_a_guarded_layer_compiles_its_row_scale_variants(monkeypatch):
                 assert row_scale.dtype == torch.float32 and row_scale.shape == (m, 1) and bool((row_scale == 1).all())
             else:
                 assert row_scale is None
-
-
-def test_warmup_of_a_guard_in_parts_layer_compiles_the_guard_inside_split_k(monkeypatch):
-    """A layer whose token guard runs in parts (down_proj) also runs the GEMM that finishes the guard itself at each
-    warm-up row, with its own plan vectors (HAS_INV_SCALE / HAS_SHIFT are compile-time), the row parts' extrema
-    [m, parts] and float activations of the output dtype; other layers do not."""
-    from types import SimpleNamespace
-
-    from vllm_outliertune.kernels import linear
-
-    calls = []
-    monkeypatch.setattr(linear, "_runs_triton", lambda t: True)
-    monkeypatch.setattr(linear, "_triton", lambda: SimpleNamespace(supports_tma=lambda *_: False))
-    monkeypatch.setattr(linear, "_gemm", lambda a_q, *args: None)
-    monkeypatch.setattr(linear, "_guarded_gemm", lambda *args: calls.append(args))
-    p = make_problem(1, 48, 24, 8, seed=0)
-    for in_parts in (linear.GuardInParts(p["inv_scale"], None, 8, 3), None):
-        calls.clear()
-        ran = linear.warm_up(p["w_q"], p["w_scale"], p["bias"], torch.bfloat16, 64, guarded=True, in_parts=in_parts)
-        assert len(calls) == (ran if in_parts else 0)
-        for x, codes, high, low, inv_scale, shift, bits, *_ in calls:
-            m = codes.shape[0]
-            assert x.shape == (m, 48) and x.dtype == torch.bfloat16 and high.shape == low.shape == (m, 3)
-            assert inv_scale is p["inv_scale"] and shift is None and bits == 8
 
 
 def test_tuner_replaces_only_the_tuned_buckets(tmp_path):

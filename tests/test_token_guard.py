@@ -342,24 +342,14 @@ def test_guard_in_parts_equals_the_whole_row_guard():
     part_high, part_low = row_part_extrema(x, inv_scale, shift, 3)
     codes = quantize_activation_ref(x, inv_scale, shift, 8)
     torch.library.opcheck(kernel_ops.guard_fixup, (x, codes, part_high, part_low, inv_scale, shift, 8))
-    # The GEMM that finishes the guard itself (torch path here; the kernels: tests/test_kernels.py).
-    w_q = torch.randint(-127, 128, (10, 192), generator=generator, dtype=torch.int8)
-    w_scale, bias = torch.rand(10, generator=generator) * 1e-2, torch.randn(10, generator=generator)
-    codes_want, t_want = quantize_activation_guarded_ref(x, inv_scale, shift, 8)
-    want = kernel_ops.int8_gemm(codes_want, w_q, w_scale, bias, torch.float32, t_want)
-    gemm_args = (x, codes.clone(), part_high, part_low, inv_scale, shift, 8, w_q, w_scale, bias, torch.float32)
-    assert torch.equal(kernel_ops.int8_gemm_guarded_in_parts(*gemm_args), want)
-    assert torch.equal(kernel_ops.int8_linear_guarded_in_parts(x, inv_scale, shift, 8, w_q, w_scale, bias,
-                                                               torch.float32, 3), want)
-    torch.library.opcheck(kernel_ops.int8_gemm_guarded_in_parts, gemm_args)
     assert kernel_ops.guard_parts(14336) == 14 and kernel_ops.guard_parts(4096) == 4
     assert kernel_ops.guard_parts(1000) == 1  # no power-of-two part of 64 channels or more divides it
 
 
 def test_traced_guard_in_parts_where_a_pointwise_producer_writes_long_rows(monkeypatch):
     """Traced (vLLM's default mode), a row-parallel layer (its input comes from the MLP activation or attention:
-    pointwise producers) with rows of GUARD_IN_PARTS_MIN_K channels or more runs the guard in parts (the op that
-    finishes it inside the GEMM, int8_gemm_guarded_in_parts, in the graph); column-parallel layers (RMSNorm's output), shorter rows and floors below 1 keep
+    pointwise producers) with rows of GUARD_IN_PARTS_MIN_K channels or more runs the guard in parts (the
+    guard_fixup op in the graph); column-parallel layers (RMSNorm's output), shorter rows and floors below 1 keep
     the guard whole, fused into the producer. Either way within float reordering of the eager (reference) output."""
     pytest.importorskip("vllm")
     from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -395,8 +385,7 @@ def test_traced_guard_in_parts_where_a_pointwise_producer_writes_long_rows(monke
         compiled = torch.compile(lambda v: method.apply(layer, v), backend=recording_inductor,
                                  fullgraph=True)(x[:, :k])
         eager = method.apply(layer, x[:, :k])
-        assert any("int8_gemm_guarded_in_parts" in op for op in traced_ops) == in_parts, (kind.__name__, k, floor,
-                                                                                          traced_ops)
+        assert any("guard_fixup" in op for op in traced_ops) == in_parts, (kind.__name__, k, floor, traced_ops)
         _, t = quantize_activation_guarded_ref(x[:, :k], layer.input_inv_scale, layer.input_shift, 8, floor)
         assert (t > 1).any()
         bound = 2 * 127 * layer.weight_scale * t + 1e-4

@@ -255,11 +255,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             return
         if _NEW_SHAPES:
             report_untuned_shapes(layer.weight.device)
-        in_parts = None
-        if self.spec.token_guard and self._guard_in_parts(layer, layer.input_size_per_partition):
-            in_parts = kernel_ops.GuardInParts(layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
-                                               kernel_ops.guard_parts(layer.input_size_per_partition))
-        self._warm_up(layer, guarded=self.spec.token_guard, in_parts=in_parts)
+        self._warm_up(layer, guarded=self.spec.token_guard)
 
     def _localize_exact_channels(self, layer: torch.nn.Module) -> None:
         """exact_index names channels of the whole input; a row-parallel rank sees its part of K only, so it keeps
@@ -281,14 +277,12 @@ class OutlierTuneLinearMethod(LinearMethodBase):
 
     @staticmethod
     def _warm_up(layer: torch.nn.Module, packed: kernel_ops.PackedGroups | None = None,
-                 guarded: bool = False, in_parts: kernel_ops.GuardInParts | None = None) -> None:
+                 guarded: bool = False) -> None:
         """Compile the Triton GEMMs this layer's shape can hit now rather than during the first requests, where a
         JIT compile stalls the whole batch (CUDA-graph capture covers only the decode sizes). ``packed``: the
-        group tensors of a packed 4-bit weight; ``guarded``: the checkpoint's token guard (its own variants);
-        ``in_parts``: the guard finished inside the split-K GEMM (kernel_ops.warm_up)."""
+        group tensors of a packed 4-bit weight; ``guarded``: the checkpoint's token guard (its own variants)."""
         key = (tuple(layer.weight.shape), layer.params_dtype, layer.weight.device,
-               packed and (packed.group_size, packed.in_features), guarded,
-               in_parts and (in_parts.inv_scale is not None, in_parts.shift is not None, in_parts.parts))
+               packed and (packed.group_size, packed.in_features), guarded)
         if key in _WARMED_UP:
             return
         _WARMED_UP.add(key)
@@ -306,7 +300,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
                         "%s: %s (%.1f s)", shape, max(picked, key=int),
                         ", ".join(f"{m}: {kernel}" for m, kernel in picked.items()), time.perf_counter() - started)
         count = kernel_ops.warm_up(layer.weight, layer.weight_scale, layer.output_bias, layer.params_dtype,
-                                   layer.max_rows, packed, guarded, in_parts)
+                                   layer.max_rows, packed, guarded)
         if count:  # 0 where nothing is compiled (CPU)
             logger.info("outliertune: %d GEMM variants of weight %s ready for up to %d rows in %.1f s", count,
                         list(layer.weight.shape), layer.max_rows, time.perf_counter() - started)
@@ -314,7 +308,16 @@ class OutlierTuneLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])
         if self.spec.token_guard:
-            out = self._guarded_gemm(layer, x_2d, x.dtype)
+            # The guard's t and codes: traced, as torch ops that inductor fuses into the producer of x (as below;
+            # faster on an H200 than our one-kernel op after an unfused producer, docs/benchmarks.md), whole or
+            # in parts; eager, our one kernel. The GEMM's epilogue multiplies each row by its t.
+            if torch.compiler.is_compiling():
+                codes, t = self._traced_guard(layer, x_2d)
+            else:
+                codes, t = kernel_ops.quantize_activation_guarded(x_2d, layer.input_inv_scale, layer.input_shift,
+                                                                  self.spec.activation_bits,
+                                                                  self.spec.token_guard_floor)
+            out = self._codes_gemm(layer, codes, x.dtype, row_scale=t)
         elif layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
             out = self._apply_packed(layer, x_2d, x.dtype)
         elif torch.compiler.is_compiling():
@@ -332,27 +335,15 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def _guarded_gemm(self, layer: torch.nn.Module, x_2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """The GEMM with the token guard: its codes and t, then the GEMM whose epilogue multiplies each row by its t.
-        Traced, the guard is torch ops that inductor fuses into the producer of x (faster on an H200 than our
-        one-kernel op after an unfused producer, docs/benchmarks.md): in parts (the producer writes codes at t = 1
-        and part extrema; the guard is finished by a small op, or by the split-K GEMM itself for int8 weights)
-        where the rows are long and come from a pointwise producer (a row-parallel layer's: the MLP activation,
-        attention's output), else whole (RMSNorm). Eager, our one kernel."""
+    def _traced_guard(self, layer: torch.nn.Module, x_2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token guard's codes and t as traced: in parts (a second small kernel) where the input's rows are
+        long and come from a pointwise producer (a row-parallel layer's: the MLP activation, attention's output),
+        else fused whole into the producer (RMSNorm)."""
         args = (x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits)
-        if not torch.compiler.is_compiling():
-            codes, t = kernel_ops.quantize_activation_guarded(*args, self.spec.token_guard_floor)
-        elif not self._guard_in_parts(layer, x_2d.shape[-1]):
-            codes, t = quantize_activation_guarded_ref(*args, self.spec.token_guard_floor)
-        elif layer.weight.dtype == torch.int8:
-            return kernel_ops.int8_linear_guarded_in_parts(*args, layer.weight, layer.weight_scale,
-                                                           layer.output_bias, out_dtype)
-        else:
-            codes, t = kernel_ops.quantize_activation_guarded_in_parts(*args)
-        return self._codes_gemm(layer, codes, out_dtype, row_scale=t)
-
-    def _guard_in_parts(self, layer: torch.nn.Module, k: int) -> bool:
-        return kernel_ops.traced_guard_in_parts(k, self.spec.token_guard_floor, isinstance(layer, RowParallelLinear))
+        if kernel_ops.traced_guard_in_parts(x_2d.shape[-1], self.spec.token_guard_floor,
+                                            isinstance(layer, RowParallelLinear)):
+            return kernel_ops.quantize_activation_guarded_in_parts(*args)
+        return quantize_activation_guarded_ref(*args, self.spec.token_guard_floor)
 
     def _codes_gemm(self, layer: torch.nn.Module, codes: torch.Tensor, out_dtype: torch.dtype,
                     row_scale: torch.Tensor | None = None) -> torch.Tensor:
