@@ -91,7 +91,7 @@ def time_plans(plans: list[tuple], state: tune.TuneState, device_key: str, strea
                 raise AssertionError(f"{kernel} N={n} K={k} M={m} {config} differs from the plain tile's output")
             timings.append((measure(lambda a: lambda run=tune.runner(kernel, a): run(config)), config))
         del copies
-        state.add((device_key, kernel, n, k, m), "quick", timings)
+        state.add((device_key, kernel, n, k, m), "quick", timings, timing="stream" if stream else "graph")
         best_us, best = min(timings, key=lambda t: t[0]) if timings else (None, None)
         summary.append({"kernel": kernel, "n": n, "k": k, "m": m, "shipped_us": round(shipped_us, 1),
                         "best_us": best_us and round(best_us, 1), "best": best})
@@ -141,5 +141,5 @@ def refine(plans: list[tuple], out: Path, device_key: str, stream: bool = False)
 
 if __name__ == "__main__":
     positional = [arg for arg in sys.argv[1:] if arg != "--stream"]
-    main(positional[0], Path(positional[1]), {int(m) for m in positional[2].split(",")} if len(positional) > 2 else None,
-         "--stream" in sys.argv)
+    rows = {int(m) for m in positional[2].split(",")} if len(positional) > 2 else None
+    main(positional[0], Path(positional[1]), rows, "--stream" in sys.argv)

@@ -423,40 +423,72 @@ def test_load_time_pick_operands_and_failures_do_not_stop_a_load(monkeypatch, ca
     assert "weight [16, 8]: the load-time tile choice failed (RuntimeError: no GPU time today)" in caplog.text
 
 
-def test_full_search_resume_times_only_new_candidates_and_races_the_old_best(tmp_path, monkeypatch):
-    """A state from a tuner with fewer candidates (e.g. before a loop variant existed): a full search times the new
-    tiles and the record's best again, keeps the other old times, and remembers tiles that failed to run."""
-    old, new_tile, broken = tile(16), tile(32), tile(64)
-    monkeypatch.setattr(tune, "full_candidates", lambda kernel, m: [old, tile(128), new_tile, broken])
+def _fake_timers(monkeypatch, times: dict, broken: dict | None = None) -> list:
+    """Stub the tuner's GPU work: runners return their config, both timers look its BLOCK_M up in ``times``;
+    returns the list of (timing, config) timed."""
     timed = []
 
-    def fake_time(fn, rep_ms):
-        config = fn()
+    def fake_time(timing, config):
         if config == broken:
             raise RuntimeError("out of shared memory")
-        timed.append(config)
-        return {16: 3.0, 32: 2.0}[config["BLOCK_M"]]
+        timed.append((timing, config))
+        return times[config["BLOCK_M"]]
 
-    monkeypatch.setattr(tune, "graph_time_us", fake_time)
+    monkeypatch.setattr(tune, "graph_time_us", lambda fn, rep_ms: fake_time("graph", fn()))
+    monkeypatch.setattr(tune, "stream_time_us", lambda launches: fake_time("stream", launches[0]()))
+    monkeypatch.setattr(tune, "weight_copies", lambda args: [args, args])
     monkeypatch.setattr(tune, "runner", lambda kernel, args: lambda config: config)
     for name, stub in (("gemm_args", lambda *a: ()), ("kernel_applies", lambda *a: True), ("warm_gpu", lambda: None),
                        ("precompile", lambda *a: True)):
         monkeypatch.setattr(tune, name, stub)
+    return timed
+
+
+@pytest.mark.parametrize("m,timing", [(16, "stream"), (128, "graph")])
+def test_full_search_resume_times_only_new_candidates_and_races_the_old_best(tmp_path, monkeypatch, m, timing):
+    """A state from a tuner with fewer candidates (e.g. before a loop variant existed): a full search times the new
+    tiles and the record's best again, keeps the other old times, and remembers tiles that failed to run. Decode
+    buckets are timed streaming weight copies, larger ones as graph replays."""
+    old, new_tile, broken = tile(16), tile(32), tile(64)
+    monkeypatch.setattr(tune, "full_candidates", lambda kernel, m: [old, tile(128), new_tile, broken])
+    timed = _fake_timers(monkeypatch, {16: 3.0, 32: 2.0}, broken)
     path = tmp_path / "state.jsonl"
     state = tune.TuneState.load(path)
-    key = ("GPU", "int8_gemm", 64, 64, 16)
-    state.add(key, "full", [(1.0, old), (5.0, tile(128))])
-    options = tune.TuneOptions(shapes=[(64, 64)], kernels=("int8_gemm",), buckets=[16], search="full", workers=0)
+    key = ("GPU", "int8_gemm", 64, 64, m)
+    state.add(key, "full", [(1.0, old), (5.0, tile(128))], timing=timing)
+    options = tune.TuneOptions(shapes=[(64, 64)], kernels=("int8_gemm",), buckets=[m], search="full", workers=0)
     bar = SimpleNamespace(update=lambda n: None, write=lambda text: None)
 
-    tune._tune_shape(64, 64, [(64, 64, 16, "int8_gemm")], options, "full", ("GPU", "sm90", "default"), state, None,
+    tune._tune_shape(64, 64, [(64, 64, m, "int8_gemm")], options, "full", ("GPU", "sm90", "default"), state, None,
                      bar)
-    assert timed == [old, new_tile]  # the old best re-timed (3.0 now), the new tile (2.0) wins against it
+    assert timed == [(timing, old), (timing, new_tile)]  # the old best re-timed (3.0 now), the new tile (2.0) wins
     record = tune.TuneState.load(path).records[key]
     assert record["timings"] == [[2.0, new_tile], [3.0, old], [5.0, tile(128)]] and record["failed"] == [broken]
-    tune._tune_shape(64, 64, [(64, 64, 16, "int8_gemm")], options, "full", ("GPU", "sm90", "default"),
+    assert record["timing"] == timing
+    tune._tune_shape(64, 64, [(64, 64, m, "int8_gemm")], options, "full", ("GPU", "sm90", "default"),
                      tune.TuneState.load(path), None, bar)
-    assert timed == [old, new_tile]  # resumed again: nothing new, the failed tile not retried
+    assert timed == [(timing, old), (timing, new_tile)]  # resumed again: nothing new, the failed tile not retried
+
+
+def test_a_decode_bucket_timed_after_an_l2_flush_is_timed_again_streaming(tmp_path, monkeypatch):
+    """States written before stream timing hold graph timings (no "timing" field) for decode buckets: resumed, those
+    buckets are timed again, every candidate, so that kernels compared at one M were timed the same way."""
+    timed = _fake_timers(monkeypatch, {16: 3.0, 32: 2.0})
+    monkeypatch.setattr(tune, "full_candidates", lambda kernel, m: [tile(16), tile(32)])
+    path = tmp_path / "state.jsonl"
+    old_line = {"device": "GPU", "kernel": "int8_gemm", "n": 64, "k": 64, "m": 16, "search": "full",
+                "timings": [[1.0, tile(16)], [5.0, tile(32)]]}
+    path.write_text(json.dumps(old_line) + "\n")
+    state = tune.TuneState.load(path)
+    key = ("GPU", "int8_gemm", 64, 64, 16)
+    assert state.has(key, "full", "graph") and not state.has(key, "full", "stream")
+    options = tune.TuneOptions(shapes=[(64, 64)], kernels=("int8_gemm",), buckets=[16], search="full", workers=0)
+    bar = SimpleNamespace(update=lambda n: None, write=lambda text: None)
+    tune._tune_shape(64, 64, [(64, 64, 16, "int8_gemm")], options, "full", ("GPU", "sm90", "default"), state, None,
+                     bar)
+    assert timed == [("stream", tile(16)), ("stream", tile(32))]
+    assert tune.TuneState.load(path).records[key]["timings"] == [[2.0, tile(32)], [3.0, tile(16)]]
+    assert [tune.timing_method(m) for m in (1, 64, 128)] == ["stream", "stream", "graph"]
 
 
 def test_quick_candidates_are_the_family_tiles_plus_the_spread_best(tmp_path, user_table):
