@@ -1,7 +1,8 @@
 """End-to-end on a CUDA GPU with vLLM (default mode: torch.compile + CUDA graphs).
 
     python bench/e2e_gpu.py tiny WORKDIR        # tiny Llama: vLLM (compiled, graphs) vs our torch reference
-    python bench/e2e_gpu.py make8b WORKDIR [--w4a8] [--synthetic] [--lm-head int8]   # random Llama-3-8B-shaped
+    python bench/e2e_gpu.py make8b WORKDIR [--w4a8] [--synthetic] [--lm-head int8] [--shape qwen2.5-7b]
+                                   # random Llama-3-8B-shaped
                                    # bf16 checkpoint + our W8A8 of it (quantized on the GPU), with --w4a8 also W4A8
                                    # (group 128); --synthetic: the quantized checkpoints hold random values (no
                                    # calibration); --lm-head int8: instead *-lmhead checkpoints with lm_head int8
@@ -37,6 +38,12 @@ from typing import NamedTuple
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+# make8b --shape qwen2.5-7b: the Llama architecture at Qwen2.5-7B's sizes (its GEMM shapes, without q/k/v biases),
+# written under the same llama3-8b-* names that the rows read (give it a WORKDIR of its own)
+MODEL_SIZES = {"llama3-8b": LLAMA3_8B,
+               "qwen2.5-7b": dict(LLAMA3_8B, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                  num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                  max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)}
 CONCURRENCY = (1, 16, 64, 256)
 # Each rate is the median of this many runs in one engine: two engines of one checkpoint gave @16 rates 10 % apart
 # (session 10), more than the margins measured, and the timed runs are ~10 s of a row's ~100 s (load, compile).
@@ -79,7 +86,8 @@ def _tiny(workdir: Path) -> None:
                       "compiled": llm.llm_engine.vllm_config.compilation_config.mode != 0}))
 
 
-def _make8b(workdir: Path, w4a8: bool = False, synthetic: bool = False, lm_head: str = "none") -> None:
+def _make8b(workdir: Path, w4a8: bool = False, synthetic: bool = False, lm_head: str = "none",
+            sizes: dict = LLAMA3_8B) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -90,14 +98,14 @@ def _make8b(workdir: Path, w4a8: bool = False, synthetic: bool = False, lm_head:
 
     bf16_dir = workdir / "llama3-8b-bf16"
     bf16_dir.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**LLAMA3_8B, torch_dtype="bfloat16")
+    config = LlamaConfig(**sizes, torch_dtype="bfloat16")
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(bf16_dir)
     tiny_models.build_tokenizer().save_pretrained(bf16_dir)  # any tokenizer: ids < vocab; timings ignore values
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(0)
-    h, inter = LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"]
-    kv = LLAMA3_8B["num_key_value_heads"] * h // LLAMA3_8B["num_attention_heads"]
+    h, inter = sizes["hidden_size"], sizes["intermediate_size"]
+    kv = sizes["num_key_value_heads"] * h // sizes["num_attention_heads"]
 
     def rand(*shape):
         return (0.02 * torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16)).cpu()
@@ -109,10 +117,10 @@ def _make8b(workdir: Path, w4a8: bool = False, synthetic: bool = False, lm_head:
         weight_map.update(dict.fromkeys(tensors, name))
 
     started = time.time()
-    save_shard({"model.embed_tokens.weight": rand(LLAMA3_8B["vocab_size"], h), "model.norm.weight":
-               torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rand(LLAMA3_8B["vocab_size"], h)},
+    save_shard({"model.embed_tokens.weight": rand(sizes["vocab_size"], h), "model.norm.weight":
+               torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rand(sizes["vocab_size"], h)},
                "model-embed.safetensors")
-    for i in range(LLAMA3_8B["num_hidden_layers"]):
+    for i in range(sizes["num_hidden_layers"]):
         p = f"model.layers.{i}."
         save_shard({p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
                    p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
@@ -553,6 +561,8 @@ def main() -> None:
     parser.add_argument("--lm-head", choices=["none", "int8"], default="none",
                         help="make8b: int8: write llama3-8b-w8a8-lmhead (and -w4a8-lmhead) with lm_head quantized "
                              "too (table rows w8a8-lmhead, w4a8-lmhead)")
+    parser.add_argument("--shape", choices=sorted(MODEL_SIZES), default="llama3-8b",
+                        help="make8b: the model sizes (qwen2.5-7b: Llama at Qwen2.5-7B's GEMM shapes, same names)")
     parser.add_argument("--synthetic", action="store_true", help="make8b: quantized checkpoints of random values "
                         "with the tensors a real quantize writes (seconds instead of minutes; for speed rows only)")
     args = parser.parse_args()
@@ -565,7 +575,7 @@ def main() -> None:
     if args.step == "table":
         _table(workdir, args.rows or "bf16,w8a8,fp8", args.tp)
     elif args.step == "make8b":
-        _make8b(workdir, args.w4a8, args.synthetic, args.lm_head)
+        _make8b(workdir, args.w4a8, args.synthetic, args.lm_head, MODEL_SIZES[args.shape])
     elif args.step == "profile":
         _profile(workdir, args.rows or "w8a8")
     else:
