@@ -11,6 +11,7 @@ tables are timed in turn, ROUNDS times over, so that the spread between rounds s
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 
@@ -30,22 +31,10 @@ def use_table(table: str) -> None:
 
 def chain_time_us(layers: list[list[tuple]]) -> float:
     """µs per layer of every layer's GEMMs (linear.int8_gemm's dispatch) in one CUDA graph, replayed."""
-    def run():
-        for layer in layers:
-            for args in layer:
-                linear.int8_gemm(*args, torch.bfloat16)
-    run()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (REPS * len(layers))
+    def run(layer: list[tuple]) -> None:
+        for args in layer:
+            linear.int8_gemm(*args, torch.bfloat16)
+    return tune.stream_time_us([functools.partial(run, layer) for layer in layers], REPS)
 
 
 def dispatch(m: int, n: int, k: int) -> str:

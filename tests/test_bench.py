@@ -145,3 +145,18 @@ def test_w4a8_refine_ships_only_clear_wins_and_gives_a_gemm_winner_the_bucket():
         {"kernel": "int8_gemm", "n": 28672, "k": 4096, "m": 16, "shipped_us": 30.0, "best_us": 25.0,
          "best": gemm_tile}], "NVIDIA H200")["devices"]["NVIDIA H200"]
     assert device["int8_gemm"][int8_shape]["16"] == gemm_tile and "16" not in device["splitk_gemm"][int8_shape]
+
+
+def test_make8b_sizes_give_each_models_gemm_shapes(e2e_gpu, tmp_path):
+    """make8b --shape: the Llama config it writes has the per-rank GEMM shapes of the model it stands for (qkv, o,
+    gate_up, down at TP 1), which is what its end-to-end rows measure."""
+    from vllm_outliertune.kernels.shapes import model_shapes
+
+    want = {"llama3-8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+            "qwen2.5-7b": [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]}
+    assert set(e2e_gpu.MODEL_SIZES) == set(want)
+    for name, sizes in e2e_gpu.MODEL_SIZES.items():
+        config = dict(sizes, architectures=["LlamaForCausalLM"], model_type="llama")
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        assert sorted(model_shapes(tmp_path / name, [1])[0][1]) == sorted(want[name]), name
