@@ -825,7 +825,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"at group size {W4A8_GROUP_SIZE})")
     parser.add_argument("--buckets", help="comma-separated M buckets to tune; this device's entries for the "
                         "other buckets are kept")
-    parser.add_argument("--rep-ms", type=float, default=25.0, help="timing repeats per candidate, in ms")
+    parser.add_argument("--rep-ms", type=float, default=25.0, help="timing repeats per candidate, in ms (buckets "
+                        f"above {STREAM_TIMED_UP_TO_M} rows; decode buckets replay their stream of weight copies 20 "
+                        "times)")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes compiling Triton tiles in parallel")
 
