@@ -21,7 +21,6 @@ from vllm_outliertune.kernels import configs, linear, tune
 from vllm_outliertune.kernels.shapes import parse_shapes
 
 LAYER_BYTES = 1.2e9  # int8 weights of all layer copies together: past the L2
-REPS = 20
 
 
 def use_table(table: str) -> None:
@@ -34,7 +33,7 @@ def chain_time_us(layers: list[list[tuple]]) -> float:
     def run(layer: list[tuple]) -> None:
         for args in layer:
             linear.int8_gemm(*args, torch.bfloat16)
-    return tune.stream_time_us([functools.partial(run, layer) for layer in layers], REPS)
+    return tune.stream_time_us([functools.partial(run, layer) for layer in layers])
 
 
 def dispatch(m: int, n: int, k: int) -> str:

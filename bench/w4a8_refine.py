@@ -29,6 +29,7 @@ from vllm_outliertune.kernels.shapes import parse_shapes
 BUCKETS = {"w4a8_splitk": (1, 4, 16, 32, 64, 128), "w4a8_gemm": (32, 64, 128)}
 EARLIER = ("bench/tune_state_h200_w4a8.jsonl.gz", "bench/tune_state_h200_w4a8_m64.jsonl.gz")
 TOP = 4  # best FACTORED tiles taken from an earlier full search (and its best two of any loop)
+REP_MS = 10  # graph timing: repeats per tile, in ms
 SHIP_BELOW = 0.97  # a tile replaces the dispatch's choice when it takes less than this fraction of its time
 
 
@@ -53,45 +54,41 @@ def candidates(kernel: str, n: int, k: int, m: int, keys: tuple, earlier: dict) 
     return tune.w4a8_loop_variants(found) + (tune.w4a8_gemv_tiles() if (kernel, m) == ("w4a8_splitk", 1) else [])
 
 
-def format_ops(kernel: str, args: tuple) -> tuple[torch.Tensor, Callable[[tuple], Callable[[], torch.Tensor]]]:
-    """(the output every tile of ``kernel`` must reproduce: a plain tile's, operands -> the shipped dispatch of its
-    weight format on them), so that int8 kernels are refined the same way (bench/splitk_refine.py)."""
+def format_ops(kernel: str, args: tuple) -> tuple[torch.Tensor, Callable[[tuple], Callable[[dict], torch.Tensor]]]:
+    """(the output every tile of ``kernel`` must reproduce: a plain tile's, operands -> a runner of the shipped
+    dispatch of its weight format on them, as tune.runner's but ignoring the tile), so that int8 kernels are refined
+    the same way (bench/splitk_refine.py)."""
     if kernel in tune.W4A8_KERNELS:
         return (tune.runner("w4a8_gemm", args)({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}),
-                lambda a: lambda: linear.w4a8_gemm(*a, torch.bfloat16))
+                lambda a: lambda config: linear.w4a8_gemm(*a, torch.bfloat16))
     return (tune.runner("int8_gemm", args)({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}),
-            lambda a: lambda: linear.int8_gemm(*a, torch.bfloat16))
+            lambda a: lambda config: linear.int8_gemm(*a, torch.bfloat16))
 
 
 def time_plans(plans: list[tuple], state: tune.TuneState, device_key: str, stream: bool = False) -> list[dict]:
     """Time each plan's tiles and its shipped dispatch: as CUDA-graph replays after an L2 flush (the tuner's way),
     or with ``stream`` back to back over copies of the weight that together exceed the L2 (tune.stream_time_us)."""
     summary = []
+    timing = "stream" if stream else "graph"
     tune.warm_gpu()
     for kernel, n, k, m, tiles in plans:
         args = tune.gemm_args(m, n, k, kernel)
         want, dispatch = format_ops(kernel, args)
         copies = tune.weight_copies(args) if stream else [args]
-
-        def measure(launch: Callable[[tuple], Callable[[], torch.Tensor]]) -> float:
-            if stream:
-                return tune.stream_time_us([launch(a) for a in copies])
-            return tune.graph_time_us(launch(args), 10)
-
-        shipped_us = measure(dispatch)
-        run = tune.runner(kernel, args)
+        shipped_us = tune.candidate_time_us([dispatch(a) for a in copies], {}, timing, REP_MS)
+        runs = [tune.runner(kernel, a) for a in copies]
         timings = []
         for config in tiles:
             try:
-                got = run(config)
+                got = runs[0](config)
             except Exception as error:  # e.g. out of shared memory or registers: skip this tile
                 print(f"skip {kernel} N={n} K={k} M={m} {config}: {error}"[:200], flush=True)
                 continue
             if not torch.equal(got, want):
                 raise AssertionError(f"{kernel} N={n} K={k} M={m} {config} differs from the plain tile's output")
-            timings.append((measure(lambda a: lambda run=tune.runner(kernel, a): run(config)), config))
-        del copies
-        state.add((device_key, kernel, n, k, m), "quick", timings, timing="stream" if stream else "graph")
+            timings.append((tune.candidate_time_us(runs, config, timing, REP_MS), config))
+        del copies, runs
+        state.add((device_key, kernel, n, k, m), "quick", timings, timing=timing)
         best_us, best = min(timings, key=lambda t: t[0]) if timings else (None, None)
         summary.append({"kernel": kernel, "n": n, "k": k, "m": m, "shipped_us": round(shipped_us, 1),
                         "best_us": best_us and round(best_us, 1), "best": best})

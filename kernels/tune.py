@@ -12,8 +12,9 @@ replayed from CUDA graphs (as vLLM runs decode): up to STREAM_TIMED_UP_TO_M rows
 weight that together exceed the L2, as decode streams its layers (timing_method); larger M one launch per replay
 with a cold L2 (triton's do_bench flushes it), median of repeats; a state timed the other way is re-timed. The
 table then lists int8_gemm (w4a8_gemm for packed weights) at every bucket, the fallback, and every other kernel at
-the buckets where it is the fastest of its weight format's kernels (linear.py runs the kernel listed at M's bucket). A per-device "default" shape entry serves untuned shapes: the same choice made on each candidate's
-geometric-mean time over the shapes tuned with the full search.
+the buckets where it is the fastest of its weight format's kernels (linear.py runs the kernel listed at M's bucket).
+A per-device "default" shape entry serves untuned shapes: the same choice made on each candidate's geometric-mean
+time over the shapes tuned with the full search.
 
 Every timing goes to a state file (JSON lines) as soon as it is measured: a second run with the same state skips
 what is there, so an interrupted tune resumes. `--search quick` times only the tiles the table already lists for
@@ -232,7 +233,10 @@ def graph_time_us(fn, rep_ms: float = 25.0) -> float:
     return time_us(graph.replay, rep_ms)
 
 
-def stream_time_us(launches: list[Callable[[], object]], reps: int = 20) -> float:
+STREAM_REPS = 20  # replays of a stream of weight copies per timing (stream_time_us)
+
+
+def stream_time_us(launches: list[Callable[[], object]], reps: int = STREAM_REPS) -> float:
     """Mean µs per launch of ``launches`` (one per weight copy, together well past the L2: weight_copies) captured in
     one CUDA graph and replayed: GEMMs back to back on weights that come from memory each time, as a decode step
     streams its layers. graph_time_us replays one launch after do_bench's L2 flush instead: on the H200 that read
@@ -826,8 +830,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buckets", help="comma-separated M buckets to tune; this device's entries for the "
                         "other buckets are kept")
     parser.add_argument("--rep-ms", type=float, default=25.0, help="timing repeats per candidate, in ms (buckets "
-                        f"above {STREAM_TIMED_UP_TO_M} rows; decode buckets replay their stream of weight copies 20 "
-                        "times)")
+                        f"above {STREAM_TIMED_UP_TO_M} rows; decode buckets replay their stream of weight copies "
+                        f"{STREAM_REPS} times)")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes compiling Triton tiles in parallel")
 
