@@ -3,7 +3,8 @@ the int8 GEMM with and without the per-row scale t in its epilogue (Llama-3-8B q
 the producers of activations (by default RMSNorm + residual, K = 4096; SiLU-mul, K = 14336; attention's output,
 "alone", K = 4096; --producers picks others) with their quantization compiled
 by torch.compile (inductor, as vLLM's compiled mode fuses them): plain; the guard as torch ops fused into the producer
-(default inductor options; with the row maximum in 8 or 32 parts first; with cooperative reductions, which spread a
+(default inductor options; "guard one maximum": t from one row reduction, as the plugin traces it since session 23;
+with the row maximum in 8 or 32 parts first; with cooperative reductions, which spread a
 row over several programs; with multi-kernel, which times a looped and a persistent reduction; with persistent
 reductions up to K = 16,384, the row read once);
 the guard as its own kernel (custom op quantize_activation_guarded) after the plain producer; the guard in parts
@@ -27,7 +28,7 @@ import torch
 from vllm_outliertune.format import guard_scale
 from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation_guarded, quantize_activation_guarded_in_parts
 from vllm_outliertune.kernels.torch_ref import (
-    quantize_activation_guarded_ref, quantize_activation_ref, row_part_extrema)
+    quantize_activation_guarded_ref, quantize_activation_guarded_traced, quantize_activation_ref, row_part_extrema)
 from vllm_outliertune.kernels.tune import graph_time_us, make_inputs, warm_gpu
 
 N, K = 6144, 4096  # Llama-3-8B qkv at TP 1
@@ -82,6 +83,8 @@ def quant_variants():
     guard = lambda x, s, z: quantize_activation_guarded_ref(x, s, z, 8)
     return {"plain": (plain, {}, contextlib.nullcontext), "guard": (guard, {}, contextlib.nullcontext),
             "guard cooperative": (guard, COOPERATIVE, contextlib.nullcontext),
+            "guard one maximum": (lambda x, s, z: quantize_activation_guarded_traced(x, s, z, 8), {},
+                                  contextlib.nullcontext),
             **{f"guard in {parts} parts": (lambda x, s, z, parts=parts: guarded_in_parts(x, s, z, parts), {},
                                            contextlib.nullcontext) for parts in ROW_PARTS},
             "guard kernel": (lambda x, s, z: quantize_activation_guarded(x, s, z, 8, 1.0), {}, contextlib.nullcontext),

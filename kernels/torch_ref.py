@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_outliertune.format import code_levels, guard_scale, qrange
+from vllm_outliertune.format import code_levels, guard_limits, guard_scale, qrange
 from vllm_outliertune.kernels.w4a8_words import word_codes
 
 # int8 x int8 products are at most 2^14 in magnitude, so a sum of 1024 of them (2^24) is exact in float32.
@@ -39,11 +39,28 @@ def quantize_activation_guarded_ref(x: torch.Tensor, inv_scale: torch.Tensor | N
     a row beyond the plan's range keeps its shape at a coarser step instead of saturating (the output is then scaled
     by t). A floor below 1 (token_guard_floor) also gives a row whose codes span less than the range a finer step,
     down to floor times the plan's."""
-    qmin, qmax = qrange(bits)
     units = _activation_units(x, inv_scale, shift)
-    t = guard_scale(units, bits, floor)
+    return _guarded_codes(units, guard_scale(units, bits, floor), bits)
+
+
+def _guarded_codes(units: torch.Tensor, t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    qmin, qmax = qrange(bits)
     # (x / 1 is x exactly, so t = 1 rows round exactly as without the guard.)
     return torch.round(units / t).clamp_(qmin, qmax).to(torch.int8), t
+
+
+def quantize_activation_guarded_traced(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
+                                       bits: int, floor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activation_guarded_ref written for inductor to fuse into the producer of x: t from one row
+    reduction, max_k max(u_k / (qmax + 1/2), u_k / (qmin - 1/2)), instead of a maximum and a minimum. The same t bit
+    for bit (IEEE division by a constant is monotone, so the largest quotient is the extremum's quotient); the fused
+    kernel then runs one cross-thread reduction less after the producer's own (H200, bench/guard_cost.py, session
+    23, 1-64 rows: 0.0-1.1 µs of the guard's 0.7-2.9 µs per call saved; docs/benchmarks.md). Eager on a CPU the two
+    full-size quotients cost ~10x the two reductions, so the reference keeps those."""
+    low, high = guard_limits(bits)
+    units = _activation_units(x, inv_scale, shift)
+    t = torch.maximum(units / high, units / low).amax(dim=-1, keepdim=True).clamp(min=floor)
+    return _guarded_codes(units, t, bits)
 
 
 def row_part_extrema(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,

@@ -15,7 +15,8 @@ import torch
 from tests.conftest import build_in_child
 from vllm_outliertune import format as fmt
 from vllm_outliertune.kernels.torch_ref import (
-    int8_gemm_ref, quantize_activation_guarded_ref, quantize_activation_ref, row_part_extrema)
+    int8_gemm_ref, quantize_activation_guarded_ref, quantize_activation_guarded_traced, quantize_activation_ref,
+    row_part_extrema)
 from vllm_outliertune.offline.fakequant import StaticPlanLinear
 from vllm_outliertune.offline.fold import FoldedLinear
 from vllm_outliertune.offline.model_io import UserError
@@ -344,6 +345,26 @@ def test_guard_in_parts_equals_the_whole_row_guard():
     torch.library.opcheck(kernel_ops.guard_fixup, (x, codes, part_high, part_low, inv_scale, shift, 8))
     assert kernel_ops.guard_parts(14336) == 14 and kernel_ops.guard_parts(4096) == 4
     assert kernel_ops.guard_parts(1000) == 1  # no power-of-two part of 64 channels or more divides it
+
+
+def test_one_reduction_guard_equals_the_reference():
+    """quantize_activation_guarded_traced (t from one row reduction of both sides' quotients, what traced layers
+    fuse into their producer) gives quantize_activation_guarded_ref's codes and t bit for bit: rows inside the
+    range, beyond it on the positive or only on the negative side, at every bit width and floor, with and without
+    a folded scale."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 200, generator=generator) * 3
+    x[1] *= 30  # beyond the range on both sides
+    x[2] = -x[2].abs() * 30  # beyond it on the negative side only: the minimum sets t
+    x[3] = x[3].abs() * 30
+    inv_scale, shift = torch.rand(200, generator=generator) * 4 + 1, torch.randn(200, generator=generator)
+    for bits in (8, 6, 4):
+        for floor in (1.0, 1 / 16):
+            for scale in (inv_scale, None):
+                want = quantize_activation_guarded_ref(x, scale, shift, bits, floor)
+                got = quantize_activation_guarded_traced(x, scale, shift, bits, floor)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (bits, floor, scale is None)
+                assert (want[1] > 1).sum() >= 3
 
 
 def test_traced_guard_in_parts_where_a_pointwise_producer_writes_long_rows(monkeypatch):

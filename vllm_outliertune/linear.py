@@ -27,7 +27,7 @@ from vllm_outliertune.kernels import configs
 from vllm_outliertune.kernels import linear as kernel_ops
 from vllm_outliertune.kernels.load_pick import pick_untuned_shape
 from vllm_outliertune.kernels.torch_ref import (
-    add_exact_channels, quantize_activation_guarded_ref, quantize_activation_ref)
+    add_exact_channels, quantize_activation_guarded_traced, quantize_activation_ref)
 
 _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 logger = logging.getLogger("vllm.outliertune")  # under vLLM's logger, so its handler prints our lines
@@ -343,7 +343,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         if kernel_ops.traced_guard_in_parts(x_2d.shape[-1], self.spec.token_guard_floor,
                                             isinstance(layer, RowParallelLinear)):
             return kernel_ops.quantize_activation_guarded_in_parts(*args)
-        return quantize_activation_guarded_ref(*args, self.spec.token_guard_floor)
+        return quantize_activation_guarded_traced(*args, self.spec.token_guard_floor)
 
     def _codes_gemm(self, layer: torch.nn.Module, codes: torch.Tensor, out_dtype: torch.dtype,
                     row_scale: torch.Tensor | None = None) -> torch.Tensor:
