@@ -55,8 +55,9 @@ def quantize_activation_guarded_traced(x: torch.Tensor, inv_scale: torch.Tensor 
     reduction, max_k max(u_k / (qmax + 1/2), u_k / (qmin - 1/2)), instead of a maximum and a minimum. The same t bit
     for bit (IEEE division by a constant is monotone, so the largest quotient is the extremum's quotient); the fused
     kernel then runs one cross-thread reduction less after the producer's own (H200, bench/guard_cost.py, session
-    23, 1-64 rows: 0.0-1.1 µs of the guard's 0.7-2.9 µs per call saved; docs/benchmarks.md). Eager on a CPU the two
-    full-size quotients cost ~10x the two reductions, so the reference keeps those."""
+    23, 1-64 rows: up to 1.1 µs of the guard's 0.7-2.9 µs per call saved, one point of 24 0.2 µs slower;
+    docs/benchmarks.md). Eager on a CPU the two full-size quotients cost ~10x the two reductions, so the reference
+    keeps those."""
     low, high = guard_limits(bits)
     units = _activation_units(x, inv_scale, shift)
     t = torch.maximum(units / high, units / low).amax(dim=-1, keepdim=True).clamp(min=floor)
