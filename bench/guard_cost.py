@@ -1,16 +1,16 @@
-"""What the per-token overflow guard (quantization_config.token_guard) costs on a GPU, per piece (no vLLM needed):
-the int8 GEMM with and without the per-row scale t in its epilogue (Llama-3-8B qkv, the tile table's dispatch), and
-the producers of activations (by default RMSNorm + residual, K = 4096; SiLU-mul, K = 14336; attention's output,
-"alone", K = 4096; --producers picks others) with their quantization compiled
-by torch.compile (inductor, as vLLM's compiled mode fuses them): plain; the guard as torch ops fused into the producer
-(default inductor options; "guard one maximum": t from one row reduction, as the plugin traces it since session 23;
-with the row maximum in 8 or 32 parts first; with cooperative reductions, which spread a
-row over several programs; with multi-kernel, which times a looped and a persistent reduction; with persistent
-reductions up to K = 16,384, the row read once);
-the guard as its own kernel (custom op quantize_activation_guarded) after the plain producer; the guard in parts
-("guard fix-up": codes at t = 1 and part extrema fused into the producer, then the guard_fixup op; what the plugin
-runs for long rows of pointwise producers). Then the GEMM with and without t, and eager mode's torch ops against the
-kernel. CUDA-graph replays, cold L2, medians:
+"""What the per-token overflow guard (quantization_config.token_guard) costs on a GPU, per piece (no vLLM needed): the
+int8 GEMM with and without the per-row scale t in its epilogue (Llama-3-8B qkv, the tile table's dispatch), and the
+producers of activations (by default RMSNorm + residual, K = 4096; SiLU-mul, K = 14336; attention's output, "alone", K =
+4096; --producers picks others) with their quantization compiled by torch.compile (inductor, as vLLM's compiled mode
+fuses them): plain; the guard as torch ops fused into the producer (default inductor options; "guard one maximum": t
+from one row reduction, as the plugin traces it since session 23; with the row maximum in 8 or 32 parts first; with
+cooperative reductions, which spread a row over several programs; with multi-kernel, which times a looped and a
+persistent reduction; with persistent reductions up to K = 16,384, the row read once); the guard as its own kernel
+(custom op quantize_activation_guarded) after the plain producer; the guard in parts ("guard fix-up": codes at t = 1 and
+each part's largest guard quotient fused into the producer, then the guard_fixup op; what the plugin runs for long rows
+of pointwise producers; "guard fix-up from part extrema": each part's maximum and minimum instead, as before session
+23). Then the GEMM with and without t, and eager mode's torch ops against the kernel. CUDA-graph replays, cold L2,
+medians:
 
     python bench/guard_cost.py ["guard in 8 parts" ...]   # (names: only these variants besides plain and guard)
     python bench/guard_cost.py "guard fix-up" --producers SiLU-mul:7168,alone:8192 --rows 1,16 --typical-only \
@@ -25,10 +25,11 @@ import contextlib
 
 import torch
 
-from vllm_outliertune.format import guard_scale
-from vllm_outliertune.kernels.linear import int8_gemm, quantize_activation_guarded, quantize_activation_guarded_in_parts
+from vllm_outliertune.format import guard_limits, guard_scale
+from vllm_outliertune.kernels.linear import (
+    guard_fixup, guard_parts, int8_gemm, quantize_activation_guarded, quantize_activation_guarded_in_parts)
 from vllm_outliertune.kernels.torch_ref import (
-    quantize_activation_guarded_ref, quantize_activation_guarded_traced, quantize_activation_ref, row_part_extrema)
+    quantize_activation_guarded_ref, quantize_activation_guarded_traced, quantize_activation_ref, row_part_scales)
 from vllm_outliertune.kernels.tune import graph_time_us, make_inputs, warm_gpu
 
 N, K = 6144, 4096  # Llama-3-8B qkv at TP 1
@@ -70,11 +71,20 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def guarded_in_parts(x: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tensor, parts: int):
-    """The guard with each row's maximum and minimum taken over `parts` parts of the row first, then over their
-    results (bit-identical t: max and min are order-free; guard_scale over the parts' maxima and minima gives the
-    row's), so that inductor spreads a row over several programs."""
-    t = guard_scale(torch.cat(row_part_extrema(x, inv_scale, shift, parts), dim=-1), 8)
+    """The whole-row guard with each row's largest guard quotient taken over `parts` parts of the row first, then over
+    their results (bit-identical t: maxima are order-free), so that inductor spreads a row over several programs."""
+    t = row_part_scales(x, inv_scale, shift, 8, parts).amax(-1, keepdim=True).clamp(min=1.0)
     return torch.round((x.float() * inv_scale - shift) / t).clamp_(-128, 127).to(torch.int8), t
+
+
+def fixup_from_part_extrema(x: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tensor):
+    """The guard in parts as the plugin traced it before session 23: each part's maximum and minimum (two
+    reductions), the part's guard scale from them, then guard_fixup."""
+    low, high = guard_limits(8)
+    units = (x.float() * inv_scale - shift).unflatten(-1, (guard_parts(x.shape[-1]), -1))
+    part_scales = torch.maximum(units.amax(-1) / high, units.amin(-1) / low)
+    codes = quantize_activation_ref(x, inv_scale, shift, 8)
+    return codes, guard_fixup(x, codes, part_scales, inv_scale, shift, 8)
 
 
 def quant_variants():
@@ -90,6 +100,7 @@ def quant_variants():
             "guard kernel": (lambda x, s, z: quantize_activation_guarded(x, s, z, 8, 1.0), {}, contextlib.nullcontext),
             "guard fix-up": (lambda x, s, z: quantize_activation_guarded_in_parts(x, s, z, 8), {},
                              contextlib.nullcontext),
+            "guard fix-up from part extrema": (fixup_from_part_extrema, {}, contextlib.nullcontext),
             **{f"guard fix-up in {parts} parts": (
                 lambda x, s, z, parts=parts: quantize_activation_guarded_in_parts(x, s, z, 8, parts), {},
                 contextlib.nullcontext) for parts in FIXUP_PARTS},

@@ -111,18 +111,14 @@ def _quantize_activation_guarded_kernel(x_ptr, q_ptr, t_ptr, inv_scale_ptr, shif
 
 
 @triton.jit
-def _guard_fixup_kernel(x_ptr, q_ptr, t_ptr, part_high_ptr, part_low_ptr, inv_scale_ptr, shift_ptr, K, parts,
-                        stride_xm, stride_qm, stride_qk, LOW: tl.constexpr, HIGH: tl.constexpr, QMIN: tl.constexpr,
-                        QMAX: tl.constexpr, HAS_INV_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                        BLOCK_PARTS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (row, K block): t of the row from its parts' maxima and minima (format.guard_scale, floor 1); the
+def _guard_fixup_kernel(x_ptr, q_ptr, t_ptr, part_scale_ptr, inv_scale_ptr, shift_ptr, K, parts, stride_xm,
+                        stride_qm, stride_qk, QMIN: tl.constexpr, QMAX: tl.constexpr, HAS_INV_SCALE: tl.constexpr,
+                        HAS_SHIFT: tl.constexpr, BLOCK_PARTS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row, K block): t of the row, max(1, its parts' largest guard quotients) (format.guard_scale); the
     row's codes were rounded at t = 1, so only a row with t > 1 re-reads its x and rewrites its codes at u / t."""
     row = tl.program_id(0).to(tl.int64)
     offs_p = tl.arange(0, BLOCK_PARTS)
-    mask_p = offs_p < parts
-    highest = tl.max(tl.load(part_high_ptr + row * parts + offs_p, mask=mask_p, other=-float("inf")))
-    lowest = tl.min(tl.load(part_low_ptr + row * parts + offs_p, mask=mask_p, other=float("inf")))
-    t = guard_t(highest, lowest, 1.0, LOW, HIGH)
+    t = tl.maximum(tl.max(tl.load(part_scale_ptr + row * parts + offs_p, mask=offs_p < parts, other=1.0)), 1.0)
     if tl.program_id(1) == 0:
         tl.store(t_ptr + row, t)
     if t > 1.0:
@@ -208,30 +204,30 @@ def quantize_activation_guarded(x: torch.Tensor, inv_scale: torch.Tensor | None,
 GUARD_FIXUP_BLOCK_K = 2048  # channels per guard_fixup program (its own row's t; only rows with t > 1 re-quantize)
 
 
-def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, part_low: torch.Tensor,
-                inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """The token guard (floor 1) finished from codes rounded at t = 1 and the maxima / minima of each row's units
-    over parts of the row (float32 [M, P]): returns t float32 [M, 1] and rewrites, in place, the codes of the rows
-    with t > 1 from x (torch_ref.guard_fixup_ref). A row inside the plan's range costs one read of its P values."""
+def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_scales: torch.Tensor, inv_scale: torch.Tensor | None,
+                shift: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The token guard (floor 1) finished from codes rounded at t = 1 and the largest guard quotient of each row part
+    (float32 [M, P], torch_ref.row_part_scales): returns t float32 [M, 1] and rewrites, in place, the codes of the
+    rows with t > 1 from x (torch_ref.guard_fixup_ref). A row inside the plan's range costs one read of its P
+    values."""
     check_activation_args(x, inv_scale, shift, bits)
     if x.dim() != 2 or codes.shape != x.shape or codes.dtype != torch.int8:
         raise ValueError(f"guard_fixup: codes {codes.dtype} {list(codes.shape)} must be int8 codes of x "
                          f"{list(x.shape)} [M, K]")
     m, k = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
-    parts = part_high.shape[-1]
-    for name, part in (("part_high", part_high), ("part_low", part_low)):
-        if part.shape != (m, parts) or part.dtype != torch.float32:
-            raise ValueError(f"guard_fixup: {name} is {part.dtype} {list(part.shape)}; expected float32 [{m}, {parts}]")
-    part_high, part_low = part_high.contiguous(), part_low.contiguous()
+    parts = part_scales.shape[-1]
+    if part_scales.dim() != 2 or part_scales.shape[0] != m or part_scales.dtype != torch.float32:
+        raise ValueError(f"guard_fixup: part_scales is {part_scales.dtype} {list(part_scales.shape)}; expected "
+                         f"float32 [{m}, parts]")
+    part_scales = part_scales.contiguous()
     t = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return t.fill_(1.0)
     qmin, qmax = qrange(bits)
-    low, high = guard_limits(bits)
     block_k = min(triton.next_power_of_2(k), GUARD_FIXUP_BLOCK_K)
     _guard_fixup_kernel[(m, triton.cdiv(k, block_k))](
-        x, codes, t, part_high, part_low, inv_scale, shift, k, parts, x.stride(0), codes.stride(0), codes.stride(1),
-        LOW=low, HIGH=high, QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None, HAS_SHIFT=shift is not None,
+        x, codes, t, part_scales, inv_scale, shift, k, parts, x.stride(0), codes.stride(0), codes.stride(1),
+        QMIN=qmin, QMAX=qmax, HAS_INV_SCALE=inv_scale is not None, HAS_SHIFT=shift is not None,
         BLOCK_PARTS=triton.next_power_of_2(parts), BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False)
     return t

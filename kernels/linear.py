@@ -232,18 +232,18 @@ def _(x, inv_scale, shift, bits, floor):
 
 
 @torch.library.custom_op("outliertune_kernels::guard_fixup", mutates_args=("codes",))
-def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, part_low: torch.Tensor,
-                inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """The token guard (floor 1) finished after quantization at t = 1: t float32 [M, 1] from the row parts'
-    extrema (torch_ref.row_part_extrema), and the codes of rows with t > 1 rewritten in place
+def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_scales: torch.Tensor, inv_scale: torch.Tensor | None,
+                shift: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The token guard (floor 1) finished after quantization at t = 1: t float32 [M, 1] from the row parts' largest
+    guard quotients (torch_ref.row_part_scales), and the codes of rows with t > 1 rewritten in place
     (torch_ref.guard_fixup_ref)."""
     if _runs_triton(x):
-        return _triton().guard_fixup(x, codes, part_high, part_low, inv_scale, shift, bits)
-    return torch_ref.guard_fixup_ref(x, codes, part_high, part_low, inv_scale, shift, bits)
+        return _triton().guard_fixup(x, codes, part_scales, inv_scale, shift, bits)
+    return torch_ref.guard_fixup_ref(x, codes, part_scales, inv_scale, shift, bits)
 
 
 @guard_fixup.register_fake
-def _(x, codes, part_high, part_low, inv_scale, shift, bits):
+def _(x, codes, part_scales, inv_scale, shift, bits):
     return x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
@@ -277,12 +277,12 @@ def quantize_activation_guarded_in_parts(x: torch.Tensor, inv_scale: torch.Tenso
                                          shift: torch.Tensor | None, bits: int,
                                          parts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_activation_guarded (floor 1) as torch ops for inductor to fuse into the producer of x, and one
-    small op after it: the producer's kernel writes x, the codes at t = 1 and each row part's extrema, all
-    pointwise-parallel over the row's parts; guard_fixup then reads the extrema, and only rows beyond the plan's
-    range (t > 1) are quantized again. The same codes and t as quantize_activation_guarded_ref."""
-    part_high, part_low = torch_ref.row_part_extrema(x, inv_scale, shift, parts or guard_parts(x.shape[-1]))
+    small op after it: the producer's kernel writes x, the codes at t = 1 and each row part's largest guard quotient
+    (one reduction per part), all parallel over the row's parts; guard_fixup then reads those, and only rows beyond
+    the plan's range (t > 1) are quantized again. The same codes and t as quantize_activation_guarded_ref."""
+    part_scales = torch_ref.row_part_scales(x, inv_scale, shift, bits, parts or guard_parts(x.shape[-1]))
     codes = torch_ref.quantize_activation_ref(x, inv_scale, shift, bits)
-    return codes, guard_fixup(x, codes, part_high, part_low, inv_scale, shift, bits)
+    return codes, guard_fixup(x, codes, part_scales, inv_scale, shift, bits)
 
 
 @torch.library.custom_op("outliertune_kernels::int8_gemm", mutates_args=())

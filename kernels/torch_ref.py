@@ -58,28 +58,33 @@ def quantize_activation_guarded_traced(x: torch.Tensor, inv_scale: torch.Tensor 
     23, 1-64 rows: up to 1.1 µs of the guard's 0.7-2.9 µs per call saved, one point of 24 0.2 µs slower;
     docs/benchmarks.md). Eager on a CPU the two full-size quotients cost ~10x the two reductions, so the reference
     keeps those."""
-    low, high = guard_limits(bits)
     units = _activation_units(x, inv_scale, shift)
-    t = torch.maximum(units / high, units / low).amax(dim=-1, keepdim=True).clamp(min=floor)
+    t = guard_quotients(units, bits).amax(dim=-1, keepdim=True).clamp(min=floor)
     return _guarded_codes(units, t, bits)
 
 
-def row_part_extrema(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
-                     parts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The largest and the most negative unit (x * inv_scale - shift) of each of `parts` equal parts of each row:
-    float32 [M, parts] each (K must divide into them). Maxima and minima are order-free, so the row's extrema taken
-    over these are exactly the row's."""
-    units = _activation_units(x, inv_scale, shift).unflatten(-1, (parts, -1))
-    return units.amax(-1), units.amin(-1)
+def guard_quotients(units: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each unit over the guard's limit of its sign, max(u / (qmax + 1/2), u / (qmin - 1/2)): a row's largest is its
+    t before the floor (format.guard_scale), and so is the largest of its parts' largest."""
+    low, high = guard_limits(bits)
+    return torch.maximum(units / high, units / low)
 
 
-def guard_fixup_ref(x: torch.Tensor, codes: torch.Tensor, part_high: torch.Tensor, part_low: torch.Tensor,
+def row_part_scales(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int,
+                    parts: int) -> torch.Tensor:
+    """The largest guard quotient (guard_quotients of x * inv_scale - shift) of each of `parts` equal parts of each
+    row: float32 [M, parts] (K must divide into them). Maxima are order-free, so the largest over the parts is the
+    row's, and max(1, it) the row's t."""
+    return guard_quotients(_activation_units(x, inv_scale, shift).unflatten(-1, (parts, -1)), bits).amax(-1)
+
+
+def guard_fixup_ref(x: torch.Tensor, codes: torch.Tensor, part_scales: torch.Tensor,
                     inv_scale: torch.Tensor | None, shift: torch.Tensor | None, bits: int) -> torch.Tensor:
     """The token guard (floor 1) finished from quantize_activation_ref's codes (rounded at t = 1) and
-    row_part_extrema: returns t float32 [M, 1] (format.guard_scale) and rewrites, in place, the codes of the rows
+    row_part_scales: returns t float32 [M, 1] (format.guard_scale) and rewrites, in place, the codes of the rows
     with t > 1 to clamp(round(u / t)). Then codes and t equal quantize_activation_guarded_ref's, bit for bit: a row
     with t = 1 rounds u / 1 = u."""
-    t = guard_scale(torch.cat([part_high, part_low], dim=-1), bits)  # (each part's minimum <= its maximum)
+    t = part_scales.amax(dim=-1, keepdim=True).clamp(min=1.0)
     over = t[:, 0] > 1
     if over.any():
         qmin, qmax = qrange(bits)

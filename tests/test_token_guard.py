@@ -16,7 +16,7 @@ from tests.conftest import build_in_child
 from vllm_outliertune import format as fmt
 from vllm_outliertune.kernels.torch_ref import (
     int8_gemm_ref, quantize_activation_guarded_ref, quantize_activation_guarded_traced, quantize_activation_ref,
-    row_part_extrema)
+    row_part_scales)
 from vllm_outliertune.offline.fakequant import StaticPlanLinear
 from vllm_outliertune.offline.fold import FoldedLinear
 from vllm_outliertune.offline.model_io import UserError
@@ -323,9 +323,9 @@ def test_vllm_apply_equals_the_reference_exactly():
 
 
 def test_guard_in_parts_equals_the_whole_row_guard():
-    """quantize_activation_guarded_in_parts (codes at t = 1 and each row part's extrema, then the guard_fixup op,
-    which rewrites only rows with t > 1) gives the whole-row guard's codes and t bit for bit, at every part count,
-    with rows inside and beyond the range; its op checks out under torch.library.opcheck."""
+    """quantize_activation_guarded_in_parts (codes at t = 1 and each row part's largest guard quotient, then the
+    guard_fixup op, which rewrites only rows with t > 1) gives the whole-row guard's codes and t bit for bit, at
+    every part count, with rows inside and beyond the range; its op checks out under torch.library.opcheck."""
     from vllm_outliertune.kernels import linear as kernel_ops
 
     generator = torch.Generator().manual_seed(3)
@@ -340,9 +340,9 @@ def test_guard_in_parts_equals_the_whole_row_guard():
             got = kernel_ops.quantize_activation_guarded_in_parts(x, inv_scale, shift, bits, parts)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (bits, parts)
     inv_scale = base_inv_scale
-    part_high, part_low = row_part_extrema(x, inv_scale, shift, 3)
+    part_scales = row_part_scales(x, inv_scale, shift, 8, 3)
     codes = quantize_activation_ref(x, inv_scale, shift, 8)
-    torch.library.opcheck(kernel_ops.guard_fixup, (x, codes, part_high, part_low, inv_scale, shift, 8))
+    torch.library.opcheck(kernel_ops.guard_fixup, (x, codes, part_scales, inv_scale, shift, 8))
     assert kernel_ops.guard_parts(14336) == 14 and kernel_ops.guard_parts(4096) == 4
     assert kernel_ops.guard_parts(1000) == 1  # no power-of-two part of 64 channels or more divides it
 
