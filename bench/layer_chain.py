@@ -20,8 +20,6 @@ import torch
 from vllm_outliertune.kernels import configs, linear, tune
 from vllm_outliertune.kernels.shapes import parse_shapes
 
-LAYER_BYTES = 1.2e9  # int8 weights of all layer copies together: past the L2
-
 
 def use_table(table: str) -> None:
     os.environ[configs.USER_TABLE_ENV] = "/nonexistent/shipped-only.json" if table == "shipped" else table
@@ -52,7 +50,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     shapes, tables = parse_shapes(args.shapes), args.tables.split(",")
-    count = max(4, math.ceil(LAYER_BYTES / sum(n * k for n, k in shapes)))
+    count = max(4, math.ceil(tune.STREAM_BYTES / sum(n * k for n, k in shapes)))
     tune.warm_gpu()
     print(f"{count} layer copies of {', '.join(f'{n}x{k}' for n, k in shapes)}")
     for m in (int(r) for r in args.rows.split(",")):

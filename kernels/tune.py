@@ -281,7 +281,10 @@ def candidate_time_us(runs: list[Callable[[dict], torch.Tensor]], config: dict, 
     return graph_time_us(lambda: runs[0](config), rep_ms)
 
 
-def weight_copies(args: tuple, total_bytes: float = 1.2e9, most: int = 64) -> list[tuple]:
+STREAM_BYTES = 1.2e9  # weight bytes a stream timing reads per replay, all copies together: well past the L2
+
+
+def weight_copies(args: tuple, total_bytes: float = STREAM_BYTES, most: int = 64) -> list[tuple]:
     """``args`` (gemm_args of an int8 or a W4A8 kernel) and copies of it with other random weights (int8 levels, or
     packed words of 4-bit codes whose group scales and zeros stay those of ``args``): together past the L2."""
     weight = args[1]
