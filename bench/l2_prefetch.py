@@ -9,10 +9,10 @@ where it fits). GPU, no vLLM:
     python bench/l2_prefetch.py [--shapes 6144x4096,4096x4096,28672x4096,4096x14336] [--gaps 15,4,3.6,4]
         [--rows 1,16] [--budgets 8,16,32] [--modes bulk,lines,read] [--w4a8]
 
-H200, session 24 (docs/benchmarks.md): no gain. The GEMMs of a layer took what they take without prefetch (int8 M = 1
-60.8 µs a layer; with 8-32 MB of each next weight prefetched, or read, during 4-40 µs gaps, 60-66), and each
-prefetch launch added 3.5-4.5 µs. Even a small weight that stays in the L2 is read only 1.1-1.4x faster (int8 qkv
-8.4 -> 5.8 µs, o 6.2 -> 4.6; W4A8 o 5.7 -> 5.2), so the plugin does not prefetch."""
+H200, session 24 (docs/benchmarks.md): a net loss in every setting. The GEMMs' share of the chain (chain minus
+prefetch + spins) did not move at one int8 row (~61-62 µs a layer) and fell 3-4.5 µs at 16 rows and at one W4A8 row,
+while each prefetch launch added 2.9-5.0 µs. And a small weight that stays in the L2 is read only 1.1-1.45x faster
+(int8 qkv 8.4 -> 5.8 µs, o 6.2 -> 4.6; W4A8 o 5.7 -> 5.2), so the plugin does not prefetch."""
 
 from __future__ import annotations
 
