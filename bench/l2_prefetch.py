@@ -10,7 +10,7 @@ where it fits). GPU, no vLLM:
         [--rows 1,16] [--budgets 8,16,32] [--modes bulk,lines,read] [--w4a8]
 
 H200, session 24 (docs/benchmarks.md): a net loss in every setting. The GEMMs' share of the chain (chain minus
-prefetch + spins) did not move at one int8 row (~61-62 µs a layer) and fell 3-4.5 µs at 16 rows and at one W4A8 row,
+prefetch + spins) fell 0.3-1.1 µs a layer at one int8 row (of ~62) and 3-4.5 µs at 16 rows and at one W4A8 row,
 while each prefetch launch added 2.9-5.0 µs. And a small weight that stays in the L2 is read only 1.1-1.45x faster
 (int8 qkv 8.4 -> 5.8 µs, o 6.2 -> 4.6; W4A8 o 5.7 -> 5.2), so the plugin does not prefetch."""
 
