@@ -216,10 +216,10 @@ def guard_fixup(x: torch.Tensor, codes: torch.Tensor, part_scales: torch.Tensor,
                          f"{list(x.shape)} [M, K]")
     m, k = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
-    parts = part_scales.shape[-1]
     if part_scales.dim() != 2 or part_scales.shape[0] != m or part_scales.dtype != torch.float32:
         raise ValueError(f"guard_fixup: part_scales is {part_scales.dtype} {list(part_scales.shape)}; expected "
                          f"float32 [{m}, parts]")
+    parts = part_scales.shape[1]
     part_scales = part_scales.contiguous()
     t = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:

@@ -347,6 +347,20 @@ def test_guard_in_parts_equals_the_whole_row_guard():
     assert kernel_ops.guard_parts(1000) == 1  # no power-of-two part of 64 channels or more divides it
 
 
+def test_guard_fixup_names_bad_part_scales_and_codes():
+    """guard_fixup's Triton entry point rejects part scales that are not float32 [M, parts] (a 0-d tensor too) and
+    codes that are not int8 [M, K] with a ValueError naming the argument, before any launch."""
+    from vllm_outliertune.kernels.act_quant import guard_fixup
+
+    x = torch.randn(4, 64)
+    codes = quantize_activation_ref(x, None, None, 8)
+    for bad in (torch.tensor(1.0), torch.ones(4), torch.ones(3, 2), torch.ones(4, 2, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="part_scales"):
+            guard_fixup(x, codes, bad, None, None, 8)
+    with pytest.raises(ValueError, match="codes"):
+        guard_fixup(x, codes.to(torch.int32), torch.ones(4, 2), None, None, 8)
+
+
 def test_one_reduction_guard_equals_the_reference():
     """quantize_activation_guarded_traced (t from one row reduction of both sides' quotients, what traced layers
     fuse into their producer) gives quantize_activation_guarded_ref's codes and t bit for bit: rows inside the
