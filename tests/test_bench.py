@@ -160,3 +160,17 @@ def test_make8b_sizes_give_each_models_gemm_shapes(e2e_gpu, tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(config))
         assert sorted(model_shapes(tmp_path / name, [1])[0][1]) == sorted(want[name]), name
+
+
+def test_l2_prefetch_takes_only_a_tensor_that_fills_one_span():
+    """bench/l2_prefetch.py prefetches a weight's memory span from its first element: a permuted view (the W4A8
+    words, stored N-major) fills one span and passes (nothing to launch at 0 bytes); a slice with gaps does not."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("l2_prefetch", BENCH / "l2_prefetch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.l2_prefetch(torch.zeros(5, 3, dtype=torch.int32).t(), 0)
+    module.l2_prefetch(torch.zeros(0, 3), 1 << 20)
+    with pytest.raises(ValueError, match="does not fill one span"):
+        module.l2_prefetch(torch.zeros(4, 6)[:, :3], 1 << 20)
