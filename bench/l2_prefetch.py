@@ -61,8 +61,12 @@ def l2_prefetch(t: torch.Tensor, max_bytes: int, bulk: bool = True, chunk: int =
         return
     chunk = chunk if bulk else LINE_BYTES
     grid = (triton.cdiv(triton.cdiv(n_bytes, chunk), block),)
-    span = t.as_strided((t.numel(),), (1,)).view(torch.int8)  # strides are positive: data_ptr starts the span
-    _l2_prefetch_kernel[grid](span, n_bytes, CHUNK=chunk, BLOCK=block, BULK=bulk, num_warps=4)
+    _l2_prefetch_kernel[grid](byte_span(t), n_bytes, CHUNK=chunk, BLOCK=block, BULK=bulk, num_warps=4)
+
+
+def byte_span(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor that fills one span of memory, from its first (strides are positive: data_ptr's)."""
+    return t.as_strided((t.numel(),), (1,)).view(torch.int8)
 
 
 def spin_cycles_per_us() -> float:
@@ -94,7 +98,7 @@ def layer_chain(layers: list[list[tuple]], gemm, gaps_us: list[float], cycles_pe
                 mode, budget = prefetch
                 following = weights[(i * len(layers[i]) + j + 1) % len(weights)]
                 if mode == "read":  # a read that waits for its data: what an L2 hit is worth, in the same chain
-                    following.as_strided((following.numel(),), (1,)).view(torch.int8)[:budget].view(torch.int32).sum()
+                    byte_span(following)[:budget].view(torch.int32).sum()
                 else:
                     l2_prefetch(following, budget, bulk=mode == "bulk")
             if gaps_us[j] > 0:
