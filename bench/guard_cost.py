@@ -29,7 +29,8 @@ from vllm_outliertune.format import guard_limits, guard_scale
 from vllm_outliertune.kernels.linear import (
     guard_fixup, guard_parts, int8_gemm, quantize_activation_guarded, quantize_activation_guarded_in_parts)
 from vllm_outliertune.kernels.torch_ref import (
-    quantize_activation_guarded_ref, quantize_activation_guarded_traced, quantize_activation_ref, row_part_scales)
+    activation_units, guarded_codes, quantize_activation_guarded_ref, quantize_activation_guarded_traced,
+    quantize_activation_ref, row_part_scales)
 from vllm_outliertune.kernels.tune import graph_time_us, make_inputs, warm_gpu
 
 N, K = 6144, 4096  # Llama-3-8B qkv at TP 1
@@ -74,14 +75,14 @@ def guarded_in_parts(x: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tens
     """The whole-row guard with each row's largest guard quotient taken over `parts` parts of the row first, then over
     their results (bit-identical t: maxima are order-free), so that inductor spreads a row over several programs."""
     t = row_part_scales(x, inv_scale, shift, 8, parts).amax(-1, keepdim=True).clamp(min=1.0)
-    return torch.round((x.float() * inv_scale - shift) / t).clamp_(-128, 127).to(torch.int8), t
+    return guarded_codes(activation_units(x, inv_scale, shift), t, 8)
 
 
 def fixup_from_part_extrema(x: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tensor):
     """The guard in parts as the plugin traced it before session 23: each part's maximum and minimum (two
     reductions), the part's guard scale from them, then guard_fixup."""
     low, high = guard_limits(8)
-    units = (x.float() * inv_scale - shift).unflatten(-1, (guard_parts(x.shape[-1]), -1))
+    units = activation_units(x, inv_scale, shift).unflatten(-1, (guard_parts(x.shape[-1]), -1))
     part_scales = torch.maximum(units.amax(-1) / high, units.amin(-1) / low)
     codes = quantize_activation_ref(x, inv_scale, shift, 8)
     return codes, guard_fixup(x, codes, part_scales, inv_scale, shift, 8)
@@ -130,7 +131,7 @@ def plan_for(x: torch.Tensor, overflowing: bool) -> tuple[torch.Tensor, torch.Te
     k = x.shape[-1]
     inv_scale, shift = torch.rand(k, device="cuda") * 10 + 1, torch.randn(k, device="cuda")
     if not overflowing:
-        t = guard_scale(x.float() * inv_scale - shift, 8, floor=0.0)[:, 0]
+        t = guard_scale(activation_units(x, inv_scale, shift), 8, floor=0.0)[:, 0]
         scale = 0.99 / torch.quantile(t, 1 - TYPICAL_OVERFLOW if x.shape[0] > 1 else 1.0)
         inv_scale, shift = inv_scale * scale, shift * scale
     return inv_scale, shift

@@ -12,7 +12,7 @@ from vllm_outliertune.kernels.w4a8_words import word_codes
 _EXACT_FP32_K_CHUNK = 1024
 
 
-def _activation_units(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+def activation_units(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
     """x * inv_scale - shift in float32: the codes before rounding (vectors per channel, None when folded)."""
     xf = x.float()
     if inv_scale is not None:
@@ -27,7 +27,7 @@ def quantize_activation_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shi
     """q = clamp(round(x * inv_scale - shift), -2^(bits-1), 2^(bits-1)-1) as int8; vectors are per channel (last
     dim) and may be None when folded upstream. Computed in float32; round half to even (as torch.round)."""
     qmin, qmax = qrange(bits)
-    return torch.round(_activation_units(x, inv_scale, shift)).clamp_(qmin, qmax).to(torch.int8)
+    return torch.round(activation_units(x, inv_scale, shift)).clamp_(qmin, qmax).to(torch.int8)
 
 
 def quantize_activation_guarded_ref(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torch.Tensor | None,
@@ -39,11 +39,12 @@ def quantize_activation_guarded_ref(x: torch.Tensor, inv_scale: torch.Tensor | N
     a row beyond the plan's range keeps its shape at a coarser step instead of saturating (the output is then scaled
     by t). A floor below 1 (token_guard_floor) also gives a row whose codes span less than the range a finer step,
     down to floor times the plan's."""
-    units = _activation_units(x, inv_scale, shift)
-    return _guarded_codes(units, guard_scale(units, bits, floor), bits)
+    units = activation_units(x, inv_scale, shift)
+    return guarded_codes(units, guard_scale(units, bits, floor), bits)
 
 
-def _guarded_codes(units: torch.Tensor, t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def guarded_codes(units: torch.Tensor, t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes clamp(round(units / t)) of each row at its guard scale t float32 [M, 1], and t."""
     qmin, qmax = qrange(bits)
     # (x / 1 is x exactly, so t = 1 rows round exactly as without the guard.)
     return torch.round(units / t).clamp_(qmin, qmax).to(torch.int8), t
@@ -58,9 +59,9 @@ def quantize_activation_guarded_traced(x: torch.Tensor, inv_scale: torch.Tensor 
     23, 1-64 rows: up to 1.1 µs of the guard's 0.7-2.9 µs per call saved, one point of 24 0.2 µs slower;
     docs/benchmarks.md). Eager on a CPU the two full-size quotients cost ~10x the two reductions, so the reference
     keeps those."""
-    units = _activation_units(x, inv_scale, shift)
+    units = activation_units(x, inv_scale, shift)
     t = guard_quotients(units, bits).amax(dim=-1, keepdim=True).clamp(min=floor)
-    return _guarded_codes(units, t, bits)
+    return guarded_codes(units, t, bits)
 
 
 def guard_quotients(units: torch.Tensor, bits: int) -> torch.Tensor:
@@ -75,7 +76,7 @@ def row_part_scales(x: torch.Tensor, inv_scale: torch.Tensor | None, shift: torc
     """The largest guard quotient (guard_quotients of x * inv_scale - shift) of each of `parts` equal parts of each
     row: float32 [M, parts] (K must divide into them). Maxima are order-free, so the largest over the parts is the
     row's, and max(1, it) the row's t."""
-    return guard_quotients(_activation_units(x, inv_scale, shift).unflatten(-1, (parts, -1)), bits).amax(-1)
+    return guard_quotients(activation_units(x, inv_scale, shift).unflatten(-1, (parts, -1)), bits).amax(-1)
 
 
 def guard_fixup_ref(x: torch.Tensor, codes: torch.Tensor, part_scales: torch.Tensor,
@@ -88,7 +89,7 @@ def guard_fixup_ref(x: torch.Tensor, codes: torch.Tensor, part_scales: torch.Ten
     over = t[:, 0] > 1
     if over.any():
         qmin, qmax = qrange(bits)
-        units = _activation_units(x[over], inv_scale, shift)
+        units = activation_units(x[over], inv_scale, shift)
         codes[over] = torch.round(units / t[over]).clamp_(qmin, qmax).to(torch.int8)
     return t
 
