@@ -28,18 +28,36 @@ def round_to_bfloat16(v):
 
 
 @triton.jit
-def epilogue_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om,
-                   HAS_SCALE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+def epilogue_vectors(scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, HAS_SCALE: tl.constexpr,
+                     HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The epilogue's scale[n], row_scale[m] and bias[n] of a tile (float32; 1 / 0 where absent). Loaded before
+    the K loop, their latency overlaps the loop instead of adding to the program's end (the split-K GEMM)."""
+    mask_n = offs_n < N
+    scale = tl.full((offs_n.shape[0],), 1.0, tl.float32)
+    row_scale = tl.full((offs_m.shape[0],), 1.0, tl.float32)
+    bias = tl.zeros((offs_n.shape[0],), tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+        if HAS_ROW_SCALE:
+            row_scale = tl.load(row_scale_ptr + offs_m, mask=offs_m < M, other=1.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return scale, row_scale, bias
+
+
+@triton.jit
+def store_scaled(acc, out_ptr, scale, row_scale, bias, offs_m, offs_n, M, N, stride_om, HAS_SCALE: tl.constexpr,
+                 HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Store acc [BLOCK_M, BLOCK_N] int32 as acc * scale[n] (* row_scale[m]) + bias[n] in out's dtype (raw int32
-    without scale). Multiply then add in float32, as the torch reference does (callers launch with
-    enable_fp_fusion=False). row_scale: the token guard's per-row t (float32, one per row of the activation)."""
+    without scale), from epilogue_vectors' values. Multiply then add in float32, as the torch reference does
+    (callers launch with enable_fp_fusion=False). row_scale: the token guard's per-row t."""
     mask_n = offs_n < N
     if HAS_SCALE:
-        out = acc.to(tl.float32) * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        out = acc.to(tl.float32) * scale[None, :]
         if HAS_ROW_SCALE:
-            out = out * tl.load(row_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
+            out = out * row_scale[:, None]
         if HAS_BIAS:
-            out = out + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            out = out + bias[None, :]
     else:
         out = acc
     out_ty = out_ptr.dtype.element_ty
@@ -47,6 +65,16 @@ def epilogue_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, off
         out = round_to_bfloat16(out)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(out_ptrs, out.to(out_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def epilogue_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om,
+                   HAS_SCALE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """store_scaled with the vectors loaded now, after the K loop (tiles of many K steps, where the wait is small)."""
+    scale, row_scale, bias = epilogue_vectors(scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, HAS_SCALE,
+                                              HAS_ROW_SCALE, HAS_BIAS)
+    store_scaled(acc, out_ptr, scale, row_scale, bias, offs_m, offs_n, M, N, stride_om, HAS_SCALE, HAS_ROW_SCALE,
+                 HAS_BIAS)
 
 
 @triton.jit

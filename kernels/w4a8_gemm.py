@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from vllm_outliertune.format import group_count
-from vllm_outliertune.kernels.int8_gemm import grouped_tile, launch_options, start_gemm
+from vllm_outliertune.kernels.int8_gemm import epilogue_vectors, grouped_tile, launch_options, start_gemm
 from vllm_outliertune.kernels.splitk_gemm import (DP4A_ASM, as_words, dot4_accumulate, split_k_plan,
                                                   split_k_store)
 from vllm_outliertune.kernels.w4a8_words import CHANNELS_PER_WORD
@@ -389,7 +389,10 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, r
         acc += tl.sum(acc_w, axis=0)[None, :]
     if WORD_DOTS or WORD_LEVELS:
         acc += tl.trans(acc_nk)
-    split_k_store(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N,
+    # After the loop, unlike the int8 split-K GEMM: loaded before it, these kernels measured 0.96-0.97x (H200).
+    scale_n, row_scale, bias = epilogue_vectors(scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, True,
+                                                HAS_ROW_SCALE, HAS_BIAS)
+    split_k_store(acc, out_ptr, scale_n, row_scale, bias, ws_ptr, count_ptr, pid, offs_m, offs_n, M, N,
                   stride_om, SPLIT_K, HAS_ROW_SCALE, HAS_BIAS)
 
 
