@@ -34,14 +34,14 @@ GROUP_SIZE = 128
 LLAMA3_8B = "6144x4096,4096x4096,28672x4096,4096x14336"
 
 
-def random_w4(n: int, k: int) -> dict[str, torch.Tensor]:
+def random_w4(n: int, k: int, device: str = "cuda") -> dict[str, torch.Tensor]:
     """A random packed 4-bit weight: codes [N, K], group scales / zeros [N, groups] (levels inside int8), per-row
     scale and bias."""
     groups = group_count(k, GROUP_SIZE)
-    return dict(codes=torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8),
-                scale=torch.randint(1, 9, (n, groups), device="cuda", dtype=torch.uint8),
-                zero=torch.randint(0, 16, (n, groups), device="cuda", dtype=torch.uint8),
-                w_scale=torch.rand(n, device="cuda") * 0.01, bias=torch.randn(n, device="cuda"))
+    return dict(codes=torch.randint(0, 16, (n, k), device=device, dtype=torch.uint8),
+                scale=torch.randint(1, 9, (n, groups), device=device, dtype=torch.uint8),
+                zero=torch.randint(0, 16, (n, groups), device=device, dtype=torch.uint8),
+                w_scale=torch.rand(n, device=device) * 0.01, bias=torch.randn(n, device=device))
 
 
 def levels(w: dict) -> torch.Tensor:

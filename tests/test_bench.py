@@ -174,3 +174,29 @@ def test_l2_prefetch_takes_only_a_tensor_that_fills_one_span():
     module.l2_prefetch(torch.zeros(0, 3), 1 << 20)
     with pytest.raises(ValueError, match="does not fill one span"):
         module.l2_prefetch(torch.zeros(4, 6)[:, :3], 1 << 20)
+
+
+def test_w4a8_backends_hand_vllm_the_weight_our_format_stands_for():
+    """bench/w4a8_backends.py gives vLLM's 4-bit GEMMs our packed weight: its int8 levels are format.packed_levels'
+    (the int8 column's weight), its K-packed words hold channel k of row n at bits 4 * (k % 8) of word [k // 8, n]
+    (GPTQ's layout, which Marlin's repack and Machete's prepack take), and Machete's pre-scaled zero points give
+    (code - zero) * s_g * w_scale back."""
+    import torch
+
+    from vllm_outliertune.format import pack_int4, packed_levels
+
+    spec = importlib.util.spec_from_file_location("w4a8_backends", BENCH / "w4a8_backends.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    w = module.random_w4(48, 3 * module.GROUP_SIZE, device="cpu")
+    assert torch.equal(module.levels(w).short(), packed_levels(pack_int4(w["codes"]), w["scale"], w["zero"],
+                                                               module.GROUP_SIZE))
+    words = module.k_packed(w["codes"])
+    assert words.shape == (3 * module.GROUP_SIZE // 8, 48) and words.dtype == torch.int32
+    k = torch.arange(3 * module.GROUP_SIZE)
+    unpacked = (words[k // 8].long() >> (4 * (k % 8))[:, None]) & 15
+    assert torch.equal(unpacked.t(), w["codes"].long())
+    scales = module.group_scales(w, torch.float32)  # [groups, N]
+    weight = (w["codes"].float().t().reshape(3, module.GROUP_SIZE, 48) * scales[:, None, :]
+              - (w["zero"].t().float() * scales)[:, None, :]).reshape(-1, 48).t()
+    assert torch.allclose(weight, module.levels(w).float() * w["w_scale"][:, None], rtol=1e-6, atol=1e-6)
