@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from vllm_outliertune.format import group_count
+from vllm_outliertune.format import code_levels, group_count
 from vllm_outliertune.kernels import linear, tune
 from vllm_outliertune.kernels.shapes import parse_shapes
 
@@ -46,9 +46,7 @@ def random_w4(n: int, k: int, device: str = "cuda") -> dict[str, torch.Tensor]:
 
 def levels(w: dict) -> torch.Tensor:
     """int8 levels [N, K] = (code - zero) * scale per group."""
-    expand = functools.partial(torch.repeat_interleave, repeats=GROUP_SIZE, dim=1)
-    k = w["codes"].shape[1]
-    return ((w["codes"].int() - expand(w["zero"].int())[:, :k]) * expand(w["scale"].int())[:, :k]).to(torch.int8)
+    return code_levels(w["codes"], w["scale"], w["zero"], GROUP_SIZE).to(torch.int8)
 
 
 def ours_operands(w: dict) -> tuple:
@@ -157,8 +155,8 @@ def relative_difference(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 def symmetric_reference(a_q: torch.Tensor, w: dict) -> torch.Tensor:
     """MarlinInt8's exact output: codes - 8 as the levels, float group scales."""
-    expand = functools.partial(torch.repeat_interleave, repeats=GROUP_SIZE, dim=1)
-    weight = (w["codes"].float() - 8) * expand(w["scale"].float()) * w["w_scale"][:, None]
+    eight = torch.full_like(w["zero"], 8)
+    weight = code_levels(w["codes"], w["scale"], eight, GROUP_SIZE).float() * w["w_scale"][:, None]
     return a_q.float() @ weight.t()
 
 
