@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from vllm_outliertune.format import code_levels, group_count
+from vllm_outliertune.format import code_levels, group_count, pack_int4
 from vllm_outliertune.kernels import linear, tune
 from vllm_outliertune.kernels.shapes import parse_shapes
 
@@ -50,8 +50,7 @@ def levels(w: dict) -> torch.Tensor:
 
 
 def ours_operands(w: dict) -> tuple:
-    from vllm_outliertune.format import pack_int4
-
+    """(words, group scales, group zeros) as the plugin stores them on the GPU (N-major)."""
     return (linear.w4a8_gpu_words(pack_int4(w["codes"]), w["codes"].shape[1]),
             linear.w4a8_gpu_layout(w["scale"]), linear.w4a8_gpu_layout(w["zero"]))
 
