@@ -68,31 +68,46 @@ def group_scales(w: dict, dtype: torch.dtype) -> torch.Tensor:
     return (w["scale"].t().float() * w["w_scale"][None, :]).to(dtype).contiguous()
 
 
-class Marlin:
-    """vLLM's Marlin on bf16 activations (our codes), uint4 with zero points, bias fused."""
+class _MarlinGemm:
+    """What vLLM's Marlin GEMMs share: the workspace, the empty act-order index, the GPTQ repack and the launch."""
+
+    IS_A_8BIT = False
 
     def __init__(self, w: dict):
         from vllm import _custom_ops as ops
-        from vllm.model_executor.layers.quantization.utils import marlin_utils as mu
+        from vllm.model_executor.layers.quantization.utils import marlin_utils
 
-        self.ops, self.n, self.k = ops, *w["codes"].shape
-        groups = self.k // GROUP_SIZE
-        self.workspace = mu.marlin_make_workspace_new(torch.device("cuda"))
-        self.empty = mu.marlin_make_empty_g_idx(torch.device("cuda"))
-        self.scales = mu.marlin_permute_scales(group_scales(w, torch.bfloat16), self.k, self.n, GROUP_SIZE)
-        self.zeros = mu.marlin_zero_points(w["zero"].t().int().contiguous(), groups, self.n, 4)
-        self.bias = mu.marlin_permute_bias(w["bias"].to(torch.bfloat16))
-        self.weight = self.repack(w["codes"])
+        self.ops, self.utils, (self.n, self.k) = ops, marlin_utils, w["codes"].shape
+        self.workspace = marlin_utils.marlin_make_workspace_new(torch.device("cuda"))
+        self.empty = marlin_utils.marlin_make_empty_g_idx(torch.device("cuda"))
 
     def repack(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.ops.gptq_marlin_repack(k_packed(codes), self.empty, self.k, self.n, 4)
+        return self.ops.gptq_marlin_repack(k_packed(codes), self.empty, self.k, self.n, 4, is_a_8bit=self.IS_A_8BIT)
+
+    def permuted_scales(self, w: dict, dtype: torch.dtype) -> torch.Tensor:
+        return self.utils.marlin_permute_scales(group_scales(w, dtype), self.k, self.n, GROUP_SIZE,
+                                                is_a_8bit=self.IS_A_8BIT)
+
+    def gemm(self, a: torch.Tensor, weight: torch.Tensor, b_type, bias, scales, a_scales, zeros) -> torch.Tensor:
+        return self.ops.marlin_gemm(a, None, weight, bias, scales, a_scales, None, zeros, self.empty, self.empty,
+                                    self.workspace, b_type, a.shape[0], self.n, self.k, is_k_full=True,
+                                    use_atomic_add=False, use_fp32_reduce=True)
+
+
+class Marlin(_MarlinGemm):
+    """vLLM's Marlin on bf16 activations (our codes), uint4 with zero points, bias fused."""
+
+    def __init__(self, w: dict):
+        super().__init__(w)
+        self.scales = self.permuted_scales(w, torch.bfloat16)
+        self.zeros = self.utils.marlin_zero_points(w["zero"].t().int().contiguous(), self.k // GROUP_SIZE, self.n, 4)
+        self.bias = self.utils.marlin_permute_bias(w["bias"].to(torch.bfloat16))
+        self.weight = self.repack(w["codes"])
 
     def run(self, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         from vllm.scalar_type import scalar_types
 
-        return self.ops.marlin_gemm(a, None, weight, self.bias, self.scales, None, None, self.zeros, self.empty,
-                                    self.empty, self.workspace, scalar_types.uint4, a.shape[0], self.n, self.k,
-                                    is_k_full=True, use_atomic_add=False, use_fp32_reduce=True)
+        return self.gemm(a, weight, scalar_types.uint4, self.bias, self.scales, None, self.zeros)
 
 
 class Machete:
@@ -121,31 +136,26 @@ class Machete:
         return out.add_(self.bias)
 
 
-class MarlinInt8:
+class MarlinInt8(_MarlinGemm):
     """vLLM's Marlin W4A8-INT8: int8 activations with a per-token scale, symmetric uint4b8 codes (code - 8), float
     group scales (vLLM turns them into int16 steps of the largest one)."""
 
+    IS_A_8BIT = True
+
     def __init__(self, w: dict):
-        from vllm import _custom_ops as ops
-        from vllm.model_executor.layers.quantization.utils import marlin_utils as mu
-
-        self.ops, self.n, self.k = ops, *w["codes"].shape
-        self.workspace = mu.marlin_make_workspace_new(torch.device("cuda"))
-        self.empty = mu.marlin_make_empty_g_idx(torch.device("cuda"))
-        scales = mu.marlin_permute_scales(group_scales(w, torch.float16), self.k, self.n, GROUP_SIZE, is_a_8bit=True)
-        self.scales, self.global_scale = mu.marlin_act_int8_process_scales(scales)
+        super().__init__(w)
+        self.scales, self.global_scale = self.utils.marlin_act_int8_process_scales(
+            self.permuted_scales(w, torch.float16))
         self.weight = self.repack(w["codes"])
-
-    def repack(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.ops.gptq_marlin_repack(k_packed(codes), self.empty, self.k, self.n, 4, is_a_8bit=True)
+        self.token_scales: dict[int, torch.Tensor] = {}  # per row count, made by the untimed first call
 
     def run(self, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         from vllm.scalar_type import scalar_types
 
-        a_scales = torch.ones(a.shape[0], device=a.device) * self.global_scale
-        return self.ops.marlin_gemm(a, None, weight, None, self.scales, a_scales, None, self.empty, self.empty,
-                                    self.empty, self.workspace, scalar_types.uint4b8, a.shape[0], self.n, self.k,
-                                    is_k_full=True, use_atomic_add=False, use_fp32_reduce=True)
+        m = a.shape[0]
+        if m not in self.token_scales:
+            self.token_scales[m] = torch.ones(m, device=a.device) * self.global_scale
+        return self.gemm(a, weight, scalar_types.uint4b8, None, self.scales, self.token_scales[m], self.empty)
 
 
 def relative_difference(out: torch.Tensor, reference: torch.Tensor) -> float:
