@@ -88,9 +88,7 @@ def guard_fixup_ref(x: torch.Tensor, codes: torch.Tensor, part_scales: torch.Ten
     t = part_scales.amax(dim=-1, keepdim=True).clamp(min=1.0)
     over = t[:, 0] > 1
     if over.any():
-        qmin, qmax = qrange(bits)
-        units = activation_units(x[over], inv_scale, shift)
-        codes[over] = torch.round(units / t[over]).clamp_(qmin, qmax).to(torch.int8)
+        codes[over] = guarded_codes(activation_units(x[over], inv_scale, shift), t[over], bits)[0]
     return t
 
 
