@@ -424,8 +424,9 @@ def _best(timings: list[tuple[float, dict]]) -> tuple[float, dict]:
 def table_entries(results: dict) -> dict[str, dict[str, dict]]:
     """Best configs of one shape, per weight format: its fallback kernel (int8_gemm, w4a8_gemm) at every bucket it was
     timed (where a bucket's winner cannot run), every other kernel of the format at the buckets where it is the
-    fastest of the format's kernels timed there (the dispatch runs the kernel that lists M's bucket). A kernel timed
-    but never fastest gets an empty entry; one not timed, none."""
+    fastest of the format's kernels timed there (the dispatch runs the kernel that lists M's bucket), and where that
+    is another library's GEMM, also the Triton kernel that runs the bucket without it (triton_runner_up). A kernel
+    timed but never listed gets an empty entry; one not timed, none."""
     entries: dict[str, dict[str, dict]] = {}
     for fallback, order in DISPATCH_ORDER.items():
         timed = {kernel: per_m for kernel, per_m in results.items() if kernel in order}
@@ -439,7 +440,25 @@ def table_entries(results: dict) -> dict[str, dict[str, dict]]:
             winner = min(best, key=lambda kernel: best[kernel][0])
             if winner != fallback:
                 entries[winner][str(m)] = best[winner][1]
+            runner_up = triton_runner_up(best, winner, fallback)
+            if runner_up:
+                entries[runner_up][str(m)] = best[runner_up][1]
     return entries
+
+
+def triton_runner_up(best: dict[str, tuple[float, dict]], winner: str, fallback: str) -> str | None:
+    """Where another library's GEMM (``winner``) wins a bucket: the fastest of the Triton kernels that the dispatch
+    tries after it (DISPATCH_ORDER), if it beats the fallback; they run where that library is missing (a vLLM
+    built without it). ``best``: {kernel: (µs, config)} at the bucket. (H200, large M: the TMA GEMM where CUTLASS
+    wins, mostly; docs/benchmarks.md, session 26.)"""
+    if winner not in EXTERNAL_KERNELS:
+        return None
+    order = DISPATCH_ORDER[fallback]
+    later = [kernel for kernel in order[order.index(winner) + 1:] if kernel in best and kernel not in EXTERNAL_KERNELS]
+    if not later:
+        return None
+    runner_up = min(later, key=lambda kernel: best[kernel][0])
+    return runner_up if fallback not in best or best[runner_up][0] < best[fallback][0] else None
 
 
 def ranked_config(spread: list[dict], kernel: str, m: int, rank: int = 0) -> dict | None:

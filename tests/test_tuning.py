@@ -142,7 +142,7 @@ def test_cutlass_bias_is_cast_once_per_bias():
     assert torch.equal(_bias_as(bias, torch.bfloat16), bias.to(torch.bfloat16))
 
 
-def test_table_entries_pick_winners_per_bucket():
+def test_table_entries_pick_winners_per_bucket(user_table, monkeypatch):
     r = results(int8_gemm=[(1, 10, 16), (1, 12, 32), (4, 10, 16), (16, 10, 16), (1024, 100, 64), (2048, 200, 64),
                            (4096, 400, 64)],
                 splitk_gemm=[(1, 5, 1), (4, 11, 4), (16, 5, 16)],  # wins at 1 and 16, loses at 4
@@ -152,8 +152,24 @@ def test_table_entries_pick_winners_per_bucket():
     assert entries["int8_gemm"]["1"] == tile(16) and set(entries["int8_gemm"]) == {"1", "4", "16", "1024", "2048",
                                                                                    "4096"}
     assert list(entries["splitk_gemm"]) == ["1", "16"]  # wins at 1 and 16, loses at 4
-    assert list(entries["int8_gemm_tma"]) == ["1024"]
     assert list(entries["cutlass_scaled_mm"]) == ["2048", "4096"]  # 95 µs at 1024 loses to TMA's 90
+    # TMA wins 1024, and at 2048 / 4096 it runs where CUTLASS is missing: it beats the tiled GEMM there
+    assert list(entries["int8_gemm_tma"]) == ["1024", "2048", "4096"]
+    assert entries["int8_gemm_tma"]["2048"] == tile(128)
+    r["int8_gemm_tma"][2048] = [(210.0, tile(128))]  # slower than the tiled GEMM: CUTLASS alone lists 2048
+    assert list(tune.table_entries(r)["int8_gemm_tma"]) == ["1024", "4096"]
+    assert tune.triton_runner_up({"int8_gemm": (5.0, {}), "splitk_gemm": (4.0, {}), "cutlass_scaled_mm": (3.0, {})},
+                                 "cutlass_scaled_mm", "int8_gemm") is None  # split-K comes before CUTLASS
+    # the dispatch of those entries: CUTLASS where it is registered, else the TMA GEMM, else the tiled one
+    tune.write_table(user_table, "NVIDIA H800", {kernel: {"N=4112,K=4096": per_m} for kernel, per_m in entries.items()},
+                     "sm90")
+    configs.clear_caches()
+    yes, no = (lambda *_: True), (lambda *_: False)  # noqa: E731
+    assert [linear._pick_kernel(m, 4112, 4096, H800_KEYS, yes) for m in (1024, 2048, 4096)] == ["int8_gemm_tma"] * 3
+    assert linear._pick_kernel(2048, 4112, 4096, H800_KEYS, no) == "int8_gemm"
+    monkeypatch.setitem(linear._EXTERNAL_GEMMS, "cutlass_scaled_mm", linear.ExternalGemm(None, yes))
+    assert [linear._pick_kernel(m, 4112, 4096, H800_KEYS, yes, yes) for m in (1024, 2048, 4096)] == \
+        ["int8_gemm_tma", "cutlass_scaled_mm", "cutlass_scaled_mm"]
     assert tune.table_entries(results(int8_gemm=[(1, 10, 16)], splitk_gemm=[(1, 11, 1)]))["splitk_gemm"] == {}
     assert "cutlass_scaled_mm" not in tune.table_entries(results(int8_gemm=[(1, 10, 16)]))  # not timed: no entry
 
