@@ -200,3 +200,27 @@ def test_w4a8_backends_hand_vllm_the_weight_our_format_stands_for():
     weight = (w["codes"].float().t().reshape(3, module.GROUP_SIZE, 48) * scales[:, None, :]
               - (w["zero"].t().float() * scales)[:, None, :]).reshape(-1, 48).t()
     assert torch.allclose(weight, module.levels(w).float() * w["w_scale"][:, None], rtol=1e-6, atol=1e-6)
+
+
+def test_ship_runner_ups_lists_the_triton_kernel_of_cutlass_buckets_where_it_beats_the_tiled_gemm():
+    spec = importlib.util.spec_from_file_location("ship_runner_ups", BENCH / "ship_runner_ups.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from vllm_outliertune.kernels import linear, tune
+
+    state = tune.TuneState.load(None)
+    tma = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    plain = dict(tma, BLOCK_N=128, num_warps=4)
+    for kernel, config, times in (("int8_gemm", plain, (100.0, 400.0, 800.0)),
+                                  ("int8_gemm_tma", tma, (90.0, 450.0, 700.0)),
+                                  ("cutlass_scaled_mm", {}, (80.0, 300.0, 600.0))):
+        for m, us in zip((1024, 4096, 8192), times):
+            state.add(("GPU X", kernel, 4112, 4096, m), "full", [(us, config)])
+    shipped = {"cutlass_scaled_mm": {"N=4112,K=4096": {"1024": {}, "4096": {}, "8192": {}}, "default": {"1024": {}}},
+               "int8_gemm_tma": {"N=4112,K=4096": {"8192": tma}}}
+    # 1024: TMA beats the tiled GEMM; 4096: it does not; 8192: already listed
+    assert module.runner_ups(state, shipped, "GPU X") == {"int8_gemm_tma": {"N=4112,K=4096": {"1024": tma}}}
+    # the shipped H200 entries have them: without CUTLASS, Llama-3-8B's down_proj at 4096 rows runs the TMA GEMM
+    h200 = ("NVIDIA H200", "sm90", "default")
+    assert linear._pick_kernel(4096, 4096, 14336, h200, lambda: True) == "int8_gemm_tma"
+    assert linear._pick_kernel(4096, 4096, 14336, h200, lambda: False) == "int8_gemm"
