@@ -1,7 +1,8 @@
 """List, in one GPU's entries of the shipped kernels/tile_configs.json, the Triton kernel that runs each bucket
 another library's GEMM (CUTLASS) won where that library is missing (tune.triton_runner_up: how `outliertune tune`
 writes tables since session 26), from the tuner state those entries came from, without re-deriving the rest (later
-sessions refined the small-M entries from other states):
+sessions refined the small-M entries from other states; the shape-generic "default" entry from the geometric means
+over the shapes searched in full, as `outliertune tune` derives it):
 
     python bench/ship_runner_ups.py bench/tune_state_h200.jsonl.gz ["NVIDIA H200"]
 
@@ -28,6 +29,14 @@ def load_state(path: Path) -> tune.TuneState:
         return tune.TuneState.load(plain)
 
 
+def shape_results(state: tune.TuneState, device: str, shape: str) -> dict:
+    """The state's {kernel: {M: [(µs, config)]}} for a shape key; for "default" the geometric means over the shapes
+    searched in full, from which tune.device_entries chooses the shape-generic entry."""
+    if shape == "default":
+        return tune.spread_results([state.results(device, n, k) for n, k in state.shapes(device, "full")])
+    return state.results(device, *configs.shape_of(shape))
+
+
 def runner_ups(state: tune.TuneState, shipped: dict[str, dict], device: str) -> dict[str, dict[str, dict]]:
     """{kernel: {shape: {bucket: config}}} to add: per shape and bucket that the shipped entries give to an external
     GEMM and to no Triton kernel the dispatch tries after it, that kernel's best tile in the state where it beats
@@ -36,9 +45,7 @@ def runner_ups(state: tune.TuneState, shipped: dict[str, dict], device: str) -> 
     for fallback, order in configs.DISPATCH_ORDER.items():
         for external in (kernel for kernel in order if kernel in configs.EXTERNAL_KERNELS):
             for shape, buckets in shipped.get(external, {}).items():
-                if shape == "default":
-                    continue
-                results = state.results(device, *configs.shape_of(shape))
+                results = shape_results(state, device, shape)
                 for bucket in buckets:
                     best = {kernel: tune._best(per_m[int(bucket)]) for kernel, per_m in results.items()
                             if kernel in (fallback, *order) and per_m.get(int(bucket))}

@@ -218,8 +218,10 @@ def test_ship_runner_ups_lists_the_triton_kernel_of_cutlass_buckets_where_it_bea
             state.add(("GPU X", kernel, 4112, 4096, m), "full", [(us, config)])
     shipped = {"cutlass_scaled_mm": {"N=4112,K=4096": {"1024": {}, "4096": {}, "8192": {}}, "default": {"1024": {}}},
                "int8_gemm_tma": {"N=4112,K=4096": {"8192": tma}}}
-    # 1024: TMA beats the tiled GEMM; 4096: it does not; 8192: already listed
-    assert module.runner_ups(state, shipped, "GPU X") == {"int8_gemm_tma": {"N=4112,K=4096": {"1024": tma}}}
+    # 1024: TMA beats the tiled GEMM; 4096: it does not; 8192: already listed; "default" from the shapes searched
+    # in full (this one)
+    assert module.runner_ups(state, shipped, "GPU X") == {"int8_gemm_tma": {"N=4112,K=4096": {"1024": tma},
+                                                                            "default": {"1024": tma}}}
     # the shipped H200 entries have them: without CUTLASS, Llama-3-8B's down_proj at 4096 rows runs the TMA GEMM
     h200 = ("NVIDIA H200", "sm90", "default")
     assert linear._pick_kernel(4096, 4096, 14336, h200, lambda: True) == "int8_gemm_tma"
