@@ -2,12 +2,13 @@
 tiles the table ships and on the best few of the earlier full searches, per shape and small-M bucket, against the
 shipped dispatch; then write a copy of the shipped table where a tile beat the dispatch by 3 % (GPU):
 
-    python bench/w4a8_refine.py 6144x4096,4096x4096,28672x4096,4096x14336 OUT_DIR [M,...] [--stream]
+    python bench/w4a8_refine.py 6144x4096,4096x4096,28672x4096,4096x14336 OUT_DIR [M,...] [--stream] [--columns]
 
 A narrow search (tens of timings per bucket where `outliertune tune --search full` has hundreds): how the H200
 entries of session 11 were chosen. OUT_DIR gets refine_state.jsonl (the tuner's state format, search "quick"),
 refine.json (per bucket and kernel: the shipped dispatch's time and the best tile) and refined_table.json. M,...
-limits it to those row buckets; at M = 1 it also times the GEMV tiles of several groups (tune.w4a8_gemv_tiles).
+limits it to those row buckets; at M = 1 it also times the GEMV tiles of several groups (tune.w4a8_gemv_tiles) and
+the column GEMV's (tune.w4a8_column_tiles; with --columns only those, against the shipped tile).
 --stream times back to back over weight copies past the L2 (tune.stream_time_us), as decode streams its layers,
 instead of the tuner's graph replay after an L2 flush (which chose the shipped tiles)."""
 
@@ -42,7 +43,8 @@ def earlier_records() -> dict[tuple, dict]:
     return records
 
 
-def candidates(kernel: str, n: int, k: int, m: int, keys: tuple, earlier: dict) -> list[dict]:
+def candidates(kernel: str, n: int, k: int, m: int, keys: tuple, earlier: dict, columns_only: bool = False
+               ) -> list[dict]:
     found = []
     listed = configs.find_entry(kernel, keys, n, k)
     if listed:
@@ -51,7 +53,11 @@ def candidates(kernel: str, n: int, k: int, m: int, keys: tuple, earlier: dict) 
     if (kernel, n, k, m) in earlier:
         timings = [c for _, c in earlier[(kernel, n, k, m)]["timings"]]
         found += [c for c in timings if c.get("FACTORED")][:TOP] + timings[:2]
-    return tune.w4a8_loop_variants(found) + (tune.w4a8_gemv_tiles() if (kernel, m) == ("w4a8_splitk", 1) else [])
+    if (kernel, m) != ("w4a8_splitk", 1):
+        return tune.w4a8_loop_variants(found)
+    if columns_only:
+        return found[:1] + tune.w4a8_column_tiles()
+    return tune.w4a8_loop_variants(found) + tune.w4a8_gemv_tiles() + tune.w4a8_column_tiles()
 
 
 def format_ops(kernel: str, args: tuple) -> tuple[torch.Tensor, Callable[[tuple], Callable[[dict], torch.Tensor]]]:
@@ -115,10 +121,11 @@ def refined_table(summary: list[dict], device_key: str) -> dict:
     return table
 
 
-def main(shapes: str, out: Path, buckets: set[int] | None = None, stream: bool = False) -> None:
+def main(shapes: str, out: Path, buckets: set[int] | None = None, stream: bool = False,
+         columns_only: bool = False) -> None:
     keys = configs.table_keys(torch.device("cuda"))
     earlier = earlier_records()
-    refine([(kernel, n, k, m, candidates(kernel, n, k, m, keys, earlier))
+    refine([(kernel, n, k, m, candidates(kernel, n, k, m, keys, earlier, columns_only))
             for n, k in parse_shapes(shapes)
             for kernel, ms in BUCKETS.items() for m in ms if buckets is None or m in buckets], out, keys[0], stream)
 
@@ -137,6 +144,6 @@ def refine(plans: list[tuple], out: Path, device_key: str, stream: bool = False)
 
 
 if __name__ == "__main__":
-    positional = [arg for arg in sys.argv[1:] if arg != "--stream"]
+    positional = [arg for arg in sys.argv[1:] if arg not in ("--stream", "--columns")]
     rows = {int(m) for m in positional[2].split(",")} if len(positional) > 2 else None
-    main(positional[0], Path(positional[1]), rows, "--stream" in sys.argv)
+    main(positional[0], Path(positional[1]), rows, "--stream" in sys.argv, "--columns" in sys.argv)

@@ -60,7 +60,7 @@ TRITON_KERNELS = KERNELS + W4A8_KERNELS
 FALLBACK = {kernel: fallback for fallback, order in DISPATCH_ORDER.items() for kernel in (fallback, *order)}
 W4A8_GROUP_SIZE = 128  # W4A8 tiles are tuned at `outliertune quantize`'s default group size
 W4A8_TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages", "FACTORED",
-                  "ACC_K", "PREFETCH", "WORD_LEVELS", "SCALED_LEVELS", "GEMV"}
+                  "ACC_K", "PREFETCH", "WORD_LEVELS", "SCALED_LEVELS", "GEMV", "COLUMNS", "K_WARPS"}
 # Load-time choice on shapes no table tuned (generic_alternates): up to this M the best kernel depends on the shape
 # most, and timing a few tiles there takes milliseconds.
 ALTERNATES_UP_TO_M = 256
@@ -175,6 +175,17 @@ def w4a8_gemv_tiles() -> list[dict]:
             for split in (1, 2, 4, 8) if 4 <= bk // 8 * bn // (32 * warps) <= 32 and (split == 1 or bk <= 1024)]
 
 
+def w4a8_column_tiles() -> list[dict]:
+    """One-row tiles of the column GEMV (kernels/w4a8_gemv.py): BLOCK_N columns by K_WARPS chunks of K per program
+    (1-4 warps: their product over 128), one or two groups a step, K split 1-16 ways. H200, M = 1, Llama-3-8B and
+    Qwen2.5-7B shapes: 64 columns by 2 chunks, one group a step, won 7 of 8 (session 27)."""
+    return [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "K_WARPS": chunks, "SPLIT_K": split, "num_stages": 2,
+             "COLUMNS": 1}
+            for bn, chunks in ((32, 4), (32, 8), (64, 2), (64, 4), (64, 8), (128, 1), (128, 2), (128, 4), (256, 1),
+                               (256, 2))
+            for bk in (128, 256) if bk == 128 or bn * chunks <= 256 for split in (1, 2, 4, 8, 16)]
+
+
 def w4a8_loop_variants(tiles: list[dict]) -> list[dict]:
     """`tiles` (duplicates dropped) plus their FACTORED loops' variants: tensor-core word tiles (kernels/w4a8_gemm.py)
     also with the zero points in the weight operand, the group terms loaded a step ahead, and both (which wins
@@ -210,7 +221,7 @@ def full_candidates(kernel: str, m: int) -> list[dict]:
         factored = [dict(config, FACTORED=1) for config in tiles if W4A8_GROUP_SIZE % config["BLOCK_K"] == 0]
         acc_k = [dict(config, ACC_K=1) for config in factored if config["BLOCK_M"] < 16 and
                  config["BLOCK_M"] * config["BLOCK_K"] // 8 * config["BLOCK_N"] <= 64 * 32 * config["num_warps"]]
-        gemv = w4a8_gemv_tiles() if kernel == "w4a8_splitk" and m == 1 else []
+        gemv = w4a8_gemv_tiles() + w4a8_column_tiles() if kernel == "w4a8_splitk" and m == 1 else []
         return w4a8_loop_variants(tiles + factored + acc_k) + gemv
     return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
 

@@ -52,6 +52,7 @@ from vllm_outliertune.format import group_count
 from vllm_outliertune.kernels.int8_gemm import epilogue_vectors, grouped_tile, launch_options, start_gemm
 from vllm_outliertune.kernels.splitk_gemm import (DP4A_ASM, as_words, dot4_accumulate, split_k_plan,
                                                   split_k_store)
+from vllm_outliertune.kernels.w4a8_gemv import column_gemv_applies, w4a8_gemv
 from vllm_outliertune.kernels.w4a8_words import CHANNELS_PER_WORD
 
 
@@ -439,6 +440,14 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     if block_k % 16:
         raise ValueError(f"BLOCK_K {block_k} must be a multiple of 16 (two words of 8 packed channels)")
+    if config.get("COLUMNS"):
+        a_words = as_words(a_q)
+        if column_gemv_applies(a_words, w_words, group_scale, group_size, config):
+            return w4a8_gemv(a_words, w_words, group_scale, group_zero, group_size, w_scale, bias, out, row_scale,
+                             config)
+        # another layout or group size: the same tile as a GEMV of the loop below
+        config = {key: value for key, value in config.items() if key not in ("COLUMNS", "K_WARPS")} | {
+            "FACTORED": 1, "GEMV": 1, "PREFETCH": 1, "num_warps": 4}
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k, k_per_split, partial_sums, counters = split_k_plan(m, n, k, tiles, block_k, config, a_q.device)
     group = group_size or block_k * triton.cdiv(k, block_k)  # 0: one group spans the row (and every tile)

@@ -135,6 +135,7 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
         expect_equal("int8_gemm_tma row_scale", int8_gemm_tma(q_ref, w_q, w_scale, bias, torch.bfloat16, tma_config,
                                                               row_scale), y_rows)
     failures += check_w4a8_case(q_ref, n, w_scale, bias, seed, row_scale)
+    failures += check_column_gemv(q_ref, n, w_scale, bias, seed, row_scale)
     # The split-K calls above share one workspace, each leaving it zeroed for the next (no memset per call).
     if zeroed_workspace(1, x.device).any():
         failures.append("split-K workspace: partial sums or tile counters not put back to zero")
@@ -213,6 +214,43 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
                                     "PREFETCH": 1, "SCALED_LEVELS": 1}),
                  ("w4a8_splitk", 128, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "FACTORED": 1,
                                        "SCALED_LEVELS": 1}))
+
+
+# (group size, config) of the column GEMV (kernels/w4a8_gemv.py): one group a step over 2 K chunks, two groups a step
+# with K split, one chunk with a 3-way split (the last split short), 4 chunks of 8-channel groups with the split
+# chosen by the launcher. Case i runs variant i mod 4, at M = 1, 3 and 17 (one program row each).
+COLUMN_VARIANTS = ((32, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "K_WARPS": 2, "SPLIT_K": 1, "COLUMNS": 1}),
+                   (16, {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 32, "K_WARPS": 2, "SPLIT_K": 2, "COLUMNS": 1}),
+                   (64, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "K_WARPS": 1, "SPLIT_K": 3, "COLUMNS": 1}),
+                   (8, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 16, "K_WARPS": 4, "SPLIT_K": 0, "COLUMNS": 1}))
+
+
+def check_column_gemv(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None, seed: int,
+                      row_scale: torch.Tensor) -> list[str]:
+    """The column GEMV against the torch reference, exactly, with and without the token guard's row scale: on
+    N-major words (the plugin's GPU layout), where the launcher must run it, and on row-major ones, where it must
+    run the same tile as a GEMV of the other loop."""
+    from vllm_outliertune.kernels import torch_ref
+    from vllm_outliertune.kernels.linear import w4a8_gpu_layout
+    from vllm_outliertune.kernels.splitk_gemm import as_words
+    from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
+    from vllm_outliertune.kernels.w4a8_gemv import column_gemv_applies
+
+    failures = []
+    group_size, config = COLUMN_VARIANTS[seed % len(COLUMN_VARIANTS)]
+    (m, k) = codes.shape
+    for layout, n_major in ((w4a8_gpu_layout, True), (torch.Tensor.contiguous, False)):
+        packed = [layout(t.to(codes.device)) for t in make_packed_weight(n, k, group_size, seed)]
+        if column_gemv_applies(as_words(codes), packed[0], packed[1], group_size, config) != n_major:
+            failures.append(f"column GEMV applies to {packed[0].stride()} words: {not n_major}")
+        for scale in (None, row_scale):
+            want = torch_ref.w4a8_gemm_ref(codes, *packed, group_size, w_scale, bias, torch.bfloat16, scale)
+            got = w4a8_gemm(codes, *packed, group_size, w_scale, bias, torch.bfloat16, "w4a8_splitk", config, scale)
+            if not torch.equal(got, want):
+                failures.append(f"column GEMV group_size={group_size} {config} M={m} K={k} N={n} words "
+                                f"{packed[0].stride()} row_scale={scale is not None}: max |diff| "
+                                f"{(got.float() - want.float()).abs().max().item()}")
+    return failures
 
 
 def check_w4a8_case(codes: torch.Tensor, n: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
