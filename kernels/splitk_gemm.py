@@ -48,6 +48,13 @@ def dot4_accumulate(w4, x4, acc, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def code_sums(a_words, acc, USE_ASM: tl.constexpr):
+    """acc + the sum of the 4 activation codes of each int32 word (a dp4a with 1, 1, 1, 1): the W4A8 kernels' zero
+    point terms."""
+    return dot4_accumulate(a_words, tl.full(a_words.shape, 0x01010101, tl.int32), acc, USE_ASM)
+
+
+@triton.jit
 def split_k_store(acc, out_ptr, scale, row_scale, bias, ws_ptr, count_ptr, tile, offs_m, offs_n, M, N,
                   stride_om, SPLIT_K: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The epilogue of one K split of output tile ``tile`` (scale, row_scale, bias: int8_gemm.epilogue_vectors'):

@@ -53,7 +53,7 @@ import triton.language as tl
 
 from vllm_outliertune.format import group_count
 from vllm_outliertune.kernels.int8_gemm import epilogue_vectors, grouped_tile, launch_options, start_gemm
-from vllm_outliertune.kernels.splitk_gemm import (DP4A_ASM, as_words, dot4_accumulate, split_k_plan,
+from vllm_outliertune.kernels.splitk_gemm import (DP4A_ASM, as_words, code_sums, dot4_accumulate, split_k_plan,
                                                   split_k_store)
 from vllm_outliertune.kernels.w4a8_gemv import column_gemv_applies, w4a8_gemv
 from vllm_outliertune.kernels.w4a8_words import CHANNELS_PER_WORD
@@ -115,12 +115,6 @@ def _column_words(w_ptrs, offs_ww, words):
 
 
 @triton.jit
-def _code_sums(a_words, acc, USE_ASM: tl.constexpr):
-    """acc + the sum of the 4 activation codes of each int32 word (a dp4a with 1, 1, 1, 1)."""
-    return dot4_accumulate(a_words, tl.full(a_words.shape, 0x01010101, tl.int32), acc, USE_ASM)
-
-
-@triton.jit
 def _gemv_activations(a_ptrs, offs_ww, words):
     """The activation words of one row that meet weight words offs_ww: those of their low nibbles' channels (word
     2j of the row) and of their high ones' (2j + 1), zero from word ``words`` on (past K or the split)."""
@@ -139,7 +133,7 @@ def _gemv_step(a_low, a_high, w_words, scale, zero, USE_ASM: tl.constexpr):
     group terms per word: reshaping the products by group would cost barriers); either broadcasts."""
     products = dot4_accumulate(w_words & 0x0F0F0F0F, a_low[:, None], tl.zeros(w_words.shape, dtype=tl.int32), USE_ASM)
     products = dot4_accumulate((w_words >> 4) & 0x0F0F0F0F, a_high[:, None], products, USE_ASM)
-    a_sum = _code_sums(a_high, _code_sums(a_low, tl.zeros(a_low.shape, dtype=tl.int32), USE_ASM), USE_ASM)
+    a_sum = code_sums(a_high, code_sums(a_low, tl.zeros(a_low.shape, dtype=tl.int32), USE_ASM), USE_ASM)
     return products * scale - a_sum[:, None] * (zero * scale)
 
 
@@ -344,7 +338,7 @@ def _w4a8_gemm_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, r
                 w_words = _column_words(w_ptrs, offs_ww, (K + 7) // 8)
             products = _word_products(a_words, w_words, BLOCK_M, BLOCK_K // 8, DP4A_ASM)
             # the zero-point term needs each row's sum of its activation codes, per group
-            a_sums = _code_sums(a_words, tl.zeros(a_words.shape, dtype=tl.int32), DP4A_ASM)
+            a_sums = code_sums(a_words, tl.zeros(a_words.shape, dtype=tl.int32), DP4A_ASM)
             if TILE_GROUPS > 1:  # words and activation words of the tile as [.., group, word in group, ..]
                 scaled = tl.reshape(products, (BLOCK_M, TILE_GROUPS, BLOCK_K // 8 // TILE_GROUPS, BLOCK_N)) \
                     * scale[None, :, None, :]

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from vllm_outliertune.kernels.int8_gemm import epilogue_vectors
-from vllm_outliertune.kernels.splitk_gemm import DP4A_ASM, dot4_accumulate, split_k_plan, split_k_store
+from vllm_outliertune.kernels.splitk_gemm import DP4A_ASM, code_sums, dot4_accumulate, split_k_plan, split_k_store
 from vllm_outliertune.kernels.w4a8_words import CHANNELS_PER_WORD
 
 
@@ -70,18 +70,17 @@ def _w4a8_gemv_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, r
         a_low, a_high = a_low[:, :, :, None], a_high[:, :, :, None]
         products = dot4_accumulate(words & 0x0F0F0F0F, a_low, tl.zeros(words.shape, tl.int32), DP4A_ASM)
         products = dot4_accumulate((words >> 4) & 0x0F0F0F0F, a_high, products, DP4A_ASM)
-        code_sums = tl.sum(products, axis=1)  # [STEP_GROUPS, K_WARPS, BLOCK_N], each inside its thread
+        group_sums = tl.sum(products, axis=1)  # [STEP_GROUPS, K_WARPS, BLOCK_N], each inside its thread
         # each group's sum of activation codes, [STEP_GROUPS, K_WARPS, 1]: from the same (broadcast) registers as
         # the products, so that it needs no layout of its own (a shared-memory round trip per step)
-        ones = tl.full(a_low.shape, 0x01010101, tl.int32)
-        a_sums = tl.sum(dot4_accumulate(a_high, ones, dot4_accumulate(a_low, ones, tl.zeros(a_low.shape, tl.int32),
-                                                                      DP4A_ASM), DP4A_ASM), axis=1)
+        a_sums = tl.sum(code_sums(a_high, code_sums(a_low, tl.zeros(a_low.shape, tl.int32), DP4A_ASM), DP4A_ASM),
+                        axis=1)
         group = group_word // GROUP_WORDS
         g_offsets = group[:, :, None].to(tl.int64) * stride_gk + cols[None, None, :]
         g_mask = (group < groups_total)[:, :, None]  # past the split's chunk the sums above are 0
         g_scale = tl.load(gscale_ptr + g_offsets, mask=g_mask, other=0).to(tl.int32)
         g_zero = tl.load(gzero_ptr + g_offsets, mask=g_mask, other=0).to(tl.int32)
-        acc += tl.sum((code_sums - a_sums * g_zero) * g_scale, axis=0)
+        acc += tl.sum((group_sums - a_sums * g_zero) * g_scale, axis=0)
         group_word += step_words
     offs_m = row + tl.arange(0, 1)
     scale_n, row_scale, bias = epilogue_vectors(scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, True,
