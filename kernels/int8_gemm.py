@@ -47,7 +47,7 @@ def epilogue_vectors(scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, H
 
 @triton.jit
 def store_scaled(acc, out_ptr, scale, row_scale, bias, offs_m, offs_n, M, N, stride_om, HAS_SCALE: tl.constexpr,
-                 HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, mask=None):
     """Store acc [BLOCK_M, BLOCK_N] int32 as acc * scale[n] (* row_scale[m]) + bias[n] in out's dtype (raw int32
     without scale), from epilogue_vectors' values. Multiply then add in float32, as the torch reference does
     (callers launch with enable_fp_fusion=False). row_scale: the token guard's per-row t."""
@@ -64,7 +64,9 @@ def store_scaled(acc, out_ptr, scale, row_scale, bias, offs_m, offs_n, M, N, str
     if out_ty == tl.bfloat16:
         out = round_to_bfloat16(out)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, out.to(out_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
+    if mask is None:
+        mask = (offs_m < M)[:, None] & mask_n[None, :]
+    tl.store(out_ptrs, out.to(out_ty), mask=mask)
 
 
 @triton.jit

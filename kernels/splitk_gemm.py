@@ -54,16 +54,35 @@ def code_sums(a_words, acc, USE_ASM: tl.constexpr):
     return dot4_accumulate(a_words, tl.full(a_words.shape, 0x01010101, tl.int32), acc, USE_ASM)
 
 
+# split_k_store's tally words (int64): the sum of the splits' int32 partial sums in the low bits (two's complement,
+# far below 2^39 in size), the number of splits that have added in from bit 40 up
+ARRIVAL = tl.constexpr(1 << 40)
+
+
 @triton.jit
 def split_k_store(acc, out_ptr, scale, row_scale, bias, ws_ptr, count_ptr, tile, offs_m, offs_n, M, N,
-                  stride_om, SPLIT_K: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  stride_om, SPLIT_K: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  TALLY: tl.constexpr = False):
     """The epilogue of one K split of output tile ``tile`` (scale, row_scale, bias: int8_gemm.epilogue_vectors'):
     with SPLIT_K > 1 the int32 partial sums meet in the zeroed workspace through atomics and the last split to
     arrive (per-tile counter) stores the scaled result and zeroes what the tile used (its partial sums and counter)
-    for the next GEMM."""
+    for the next GEMM. With TALLY each output element counts its own arrivals in its int64 workspace word
+    (ARRIVAL): one atomic add that returns the word, and the split that completes it stores the element and zeroes
+    the word; no counter, fence or second read. H200, column GEMV (one row, 1-2 outputs a thread): 1.07x over 16
+    shapes at M = 1; tensor-core tiles (thousands of outputs a program, each add now waiting for its reply)
+    0.94-0.99x at M = 4-64, so the other kernels keep the counter (docs/benchmarks.md, session 28)."""
     if SPLIT_K == 1:
         store_scaled(acc, out_ptr, scale, row_scale, bias, offs_m, offs_n, M, N, stride_om, True, HAS_ROW_SCALE,
                      HAS_BIAS)
+    elif TALLY:
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        mine = acc.to(tl.int64) + ARRIVAL
+        tally = tl.atomic_add(ws_ptrs, mine, mask=mask, sem="relaxed") + mine
+        last = mask & (tally >= SPLIT_K * ARRIVAL - ARRIVAL // 2)
+        store_scaled((tally - SPLIT_K * ARRIVAL).to(tl.int32), out_ptr, scale, row_scale, bias, offs_m, offs_n, M,
+                     N, stride_om, True, HAS_ROW_SCALE, HAS_BIAS, last)
+        tl.store(ws_ptrs, tl.zeros(mine.shape, tl.int64), mask=last)
     else:
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -151,30 +170,33 @@ def _auto_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * multiprocessors(device), tiles), k_blocks // 4))
 
 
-def split_k_plan(m: int, n: int, k: int, tiles: int, block_k: int, config: dict, device: torch.device):
+def split_k_plan(m: int, n: int, k: int, tiles: int, block_k: int, config: dict, device: torch.device,
+                 tally: bool = False):
     """(split_k, K per split, workspace for the partial sums, per-tile counters) for split_k_store: SPLIT_K from
     the config (0 = automatic), reduced to the number of splits that really get K blocks; no workspace without
-    a split."""
+    a split; with ``tally`` (split_k_store's TALLY) int64 tally words and no counters."""
     k_blocks = triton.cdiv(k, block_k)
     split_k = config.get("SPLIT_K", 1) or _auto_split_k(tiles, k_blocks, device)
     k_per_split = triton.cdiv(k_blocks, split_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
     if split_k == 1:
         return 1, k_per_split, None, None
+    if tally:
+        return split_k, k_per_split, zeroed_workspace(m * n, device, torch.int64)[:m * n], None
     workspace = zeroed_workspace(m * n + tiles, device)
     return split_k, k_per_split, workspace[:m * n], workspace[m * n:m * n + tiles]
 
 
-_WORKSPACES: dict[torch.device, list[torch.Tensor]] = {}
+_WORKSPACES: dict[tuple, list[torch.Tensor]] = {}
 
 
-def zeroed_workspace(words: int, device: torch.device) -> torch.Tensor:
+def zeroed_workspace(words: int, device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """The device's split-K workspace (int32, at least ``words`` long), all zero between GEMMs (split_k_store puts
     the zeros back). GEMMs of one device run in stream order, so they can share it. A larger one replaces it when
     needed; the old ones stay allocated, as CUDA graphs captured earlier still point at them."""
-    held = _WORKSPACES.setdefault(device, [])
+    held = _WORKSPACES.setdefault((device, dtype), [])
     if not held or held[-1].numel() < words:
-        held.append(torch.zeros(triton.next_power_of_2(words), dtype=torch.int32, device=device))
+        held.append(torch.zeros(triton.next_power_of_2(words), dtype=dtype, device=device))
     return held[-1]
 
 

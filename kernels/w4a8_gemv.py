@@ -12,7 +12,8 @@ into its column's group sum with two dp4a chained (no multiply), and the group s
 group and column: (sum code * a - zero * sum a) * scale, the integer every W4A8 kernel computes. The activation
 codes of a group (the same for every column) are summed once per step. The program's lanes and warps split its
 columns and its K range (K_WARPS chunks), so the only cross-thread sum is one after the loop. SPLIT_K programs meet
-through splitk_gemm.split_k_store, as the other small-M kernels. One program per activation row (M is 1 at decode).
+through splitk_gemm.split_k_store's per-element tallies (H200, session 28: 1.07x over the per-tile counter of the
+other small-M kernels, 16 shapes, M = 1). One program per activation row (M is 1 at decode).
 H200, session 27 (docs/benchmarks.md): ~10.7 SASS instructions a word in the loop; at M = 1 4-10 % faster than the
 GEMV tiles on the 8 Llama-3-8B TP 1 / TP 2 shapes, W4A8 GEMVs 1,378 -> 1,304 µs per decode step. Loading the next
 step's operands first (as the GEMV loop's PREFETCH) measured 1.4-11 % slower here (243 registers against 123)."""
@@ -33,7 +34,7 @@ _WORD = tl.constexpr(CHANNELS_PER_WORD)  # channels per packed word, as the kern
 
 @triton.jit
 def _w4a8_gemv_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr,
-                      count_ptr, M, N, K, stride_am, stride_wk, stride_gk, stride_om, K_PER_SPLIT,
+                      M, N, K, stride_am, stride_wk, stride_gk, stride_om, K_PER_SPLIT,
                       HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                       GROUP_WORDS: tl.constexpr, STEP_GROUPS: tl.constexpr, K_WARPS: tl.constexpr,
                       BLOCK_N: tl.constexpr, DP4A_ASM: tl.constexpr):
@@ -82,12 +83,12 @@ def _w4a8_gemv_kernel(a_ptr, w_ptr, gscale_ptr, gzero_ptr, out_ptr, scale_ptr, r
         g_zero = tl.load(gzero_ptr + g_offsets, mask=g_mask, other=0).to(tl.int32)
         acc += tl.sum((group_sums - a_sums * g_zero) * g_scale, axis=0)
         group_word += step_words
+    # after the loop: loaded before it, the 16 shapes of session 28 took 1.02-1.03x longer
     offs_m = row + tl.arange(0, 1)
     scale_n, row_scale, bias = epilogue_vectors(scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, N, True,
                                                 HAS_ROW_SCALE, HAS_BIAS)
-    tile = row * tl.num_programs(0) + pid_n
-    split_k_store(tl.sum(acc, axis=0)[None, :], out_ptr, scale_n, row_scale, bias, ws_ptr, count_ptr, tile, offs_m,
-                  offs_n, M, N, stride_om, SPLIT_K, HAS_ROW_SCALE, HAS_BIAS)
+    split_k_store(tl.sum(acc, axis=0)[None, :], out_ptr, scale_n, row_scale, bias, ws_ptr, None, None, offs_m,
+                  offs_n, M, N, stride_om, SPLIT_K, HAS_ROW_SCALE, HAS_BIAS, TALLY=True)
 
 
 def column_gemv_applies(a_words: torch.Tensor | None, w_words: torch.Tensor, group_scale: torch.Tensor,
@@ -112,10 +113,10 @@ def w4a8_gemv(a_words: torch.Tensor, w_words: torch.Tensor, group_scale: torch.T
     launch = {"num_warps": max(1, block_n * k_warps // 128), "num_stages": config.get("num_stages", 4)}
     col_tiles = triton.cdiv(n, block_n)
     # each split is a whole number of steps for every one of its warps
-    split_k, k_per_split, partial_sums, counters = split_k_plan(m, n, k, m * col_tiles, block_k * k_warps, config,
-                                                                a_words.device)
+    split_k, k_per_split, tallies, _ = split_k_plan(m, n, k, m * col_tiles, block_k * k_warps, config,
+                                                    a_words.device, tally=True)
     _w4a8_gemv_kernel[(col_tiles, split_k, m)](
-        a_words, w_words, group_scale, group_zero, out, w_scale, row_scale, bias, partial_sums, counters, m, n, k,
+        a_words, w_words, group_scale, group_zero, out, w_scale, row_scale, bias, tallies, m, n, k,
         a_words.stride(0), w_words.stride(1), group_scale.stride(1), out.stride(0), k_per_split,
         HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k,
         GROUP_WORDS=group_size // CHANNELS_PER_WORD, STEP_GROUPS=block_k // group_size, K_WARPS=k_warps,

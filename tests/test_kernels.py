@@ -137,8 +137,8 @@ def check_case(m: int, k: int, n: int, seed: int, device: str = "cpu") -> list[s
     failures += check_w4a8_case(q_ref, n, w_scale, bias, seed, row_scale)
     failures += check_column_gemv(q_ref, n, w_scale, bias, seed, row_scale)
     # The split-K calls above share one workspace, each leaving it zeroed for the next (no memset per call).
-    if zeroed_workspace(1, x.device).any():
-        failures.append("split-K workspace: partial sums or tile counters not put back to zero")
+    if zeroed_workspace(1, x.device).any() or zeroed_workspace(1, x.device, torch.int64).any():
+        failures.append("split-K workspace: partial sums, tile counters or tallies not put back to zero")
     return failures
 
 
