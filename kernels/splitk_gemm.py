@@ -15,7 +15,8 @@ At small M the weights dominate the bytes, so the kernel must keep the whole GPU
   zeroed workspace through integer atomics (exact, so the result does not depend on arrival order); the last
   program to arrive for a tile, seen through a per-tile counter, reads the sum back, runs the epilogue and leaves
   its partial sums and counter at zero, so one workspace per device serves every call without a memset (a
-  memset per GEMM cost ~110 µs of a 2.9 ms W4A8 decode step on the H200)."""
+  memset per GEMM cost ~110 µs of a 2.9 ms W4A8 decode step on the H200). The one-row column GEMV
+  (kernels/w4a8_gemv.py) counts arrivals per output element instead (split_k_store's TALLY)."""
 
 from __future__ import annotations
 
@@ -191,8 +192,8 @@ _WORKSPACES: dict[tuple, list[torch.Tensor]] = {}
 
 
 def zeroed_workspace(words: int, device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """The device's split-K workspace (int32, at least ``words`` long), all zero between GEMMs (split_k_store puts
-    the zeros back). GEMMs of one device run in stream order, so they can share it. A larger one replaces it when
+    """The device's split-K workspace of ``dtype`` (int32 partial sums and counters, int64 tallies; at least
+    ``words`` long), all zero between GEMMs (split_k_store puts the zeros back). GEMMs of one device run in stream order, so they can share it. A larger one replaces it when
     needed; the old ones stay allocated, as CUDA graphs captured earlier still point at them."""
     held = _WORKSPACES.setdefault((device, dtype), [])
     if not held or held[-1].numel() < words:
