@@ -75,26 +75,25 @@ def split_k_store(acc, out_ptr, scale, row_scale, bias, ws_ptr, count_ptr, tile,
     if SPLIT_K == 1:
         store_scaled(acc, out_ptr, scale, row_scale, bias, offs_m, offs_n, M, N, stride_om, True, HAS_ROW_SCALE,
                      HAS_BIAS)
-    elif TALLY:
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        mine = acc.to(tl.int64) + ARRIVAL
-        tally = tl.atomic_add(ws_ptrs, mine, mask=mask, sem="relaxed") + mine
-        last = mask & (tally >= SPLIT_K * ARRIVAL - ARRIVAL // 2)
-        store_scaled((tally - SPLIT_K * ARRIVAL).to(tl.int32), out_ptr, scale, row_scale, bias, offs_m, offs_n, M,
-                     N, stride_om, True, HAS_ROW_SCALE, HAS_BIAS, last)
-        tl.store(ws_ptrs, tl.zeros(mine.shape, tl.int64), mask=last)
     else:
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         ws_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial sum is in before this program counts itself in
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")  # read at L2, past stale L1 lines
-            store_scaled(total, out_ptr, scale, row_scale, bias, offs_m, offs_n, M, N, stride_om, True,
-                         HAS_ROW_SCALE, HAS_BIAS)
-            tl.store(count_ptr + tile, 0)  # every split has counted itself in
+        if TALLY:
+            mine = acc.to(tl.int64) + ARRIVAL
+            tally = tl.atomic_add(ws_ptrs, mine, mask=mask, sem="relaxed") + mine
+            last = mask & (tally >= SPLIT_K * ARRIVAL - ARRIVAL // 2)
+            store_scaled((tally - SPLIT_K * ARRIVAL).to(tl.int32), out_ptr, scale, row_scale, bias, offs_m, offs_n,
+                         M, N, stride_om, True, HAS_ROW_SCALE, HAS_BIAS, last)
+            tl.store(ws_ptrs, tl.zeros(mine.shape, tl.int64), mask=last)
+        else:
+            tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial sum is in before this program counts itself in
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")  # read at L2, past stale L1 lines
+                store_scaled(total, out_ptr, scale, row_scale, bias, offs_m, offs_n, M, N, stride_om, True,
+                             HAS_ROW_SCALE, HAS_BIAS)
+                tl.store(count_ptr + tile, 0)  # every split has counted itself in
 
 
 @triton.jit
@@ -193,8 +192,9 @@ _WORKSPACES: dict[tuple, list[torch.Tensor]] = {}
 
 def zeroed_workspace(words: int, device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """The device's split-K workspace of ``dtype`` (int32 partial sums and counters, int64 tallies; at least
-    ``words`` long), all zero between GEMMs (split_k_store puts the zeros back). GEMMs of one device run in stream order, so they can share it. A larger one replaces it when
-    needed; the old ones stay allocated, as CUDA graphs captured earlier still point at them."""
+    ``words`` long), all zero between GEMMs (split_k_store puts the zeros back). GEMMs of one device run in stream
+    order, so they can share it. A larger one replaces it when needed; the old ones stay allocated, as CUDA graphs
+    captured earlier still point at them."""
     held = _WORKSPACES.setdefault((device, dtype), [])
     if not held or held[-1].numel() < words:
         held.append(torch.zeros(triton.next_power_of_2(words), dtype=dtype, device=device))
