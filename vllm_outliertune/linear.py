@@ -3,6 +3,7 @@ load-time validation against vllm_outliertune.format, and `apply` through the cu
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable
@@ -14,6 +15,7 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
     register_weight_loader_v2_supported_method,
 )
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
     ChannelQuantScaleParameter,
@@ -28,6 +30,7 @@ from vllm_outliertune.kernels import linear as kernel_ops
 from vllm_outliertune.kernels.load_pick import pick_untuned_shape
 from vllm_outliertune.kernels.torch_ref import (
     add_exact_channels, quantize_activation_guarded_traced, quantize_activation_ref)
+from vllm_outliertune.logits_graphs import LogitsGraphs, logits_graphs_enabled
 
 _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 logger = logging.getLogger("vllm.outliertune")  # under vLLM's logger, so its handler prints our lines
@@ -166,6 +169,12 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         # The most rows one forward pass can send through this layer: the GEMMs are compiled up to it at load.
         vllm_config = get_current_vllm_config()
         layer.max_rows = vllm_config.scheduler_config.max_num_batched_tokens
+        # vLLM computes the logits outside its CUDA graphs: a quantized lm_head gets graphs of its own at load
+        # (logits_graphs.py) for up to one row per sequence, unless the user asked for no graphs.
+        layer.logits_graphs = None
+        layer.logits_graph_rows = (vllm_config.scheduler_config.max_num_seqs
+                                   if isinstance(layer, ParallelLMHead) and logits_graphs_enabled()
+                                   and not getattr(vllm_config.model_config, "enforce_eager", True) else 0)
         _NEW_SHAPES[(out_features, input_size_per_partition, "w4a8_gemm" if self.spec.packed else "int8_gemm")] = None
         _TUNE_HINT[:] = [(getattr(vllm_config.model_config, "model", "MODEL_DIR"),
                           vllm_config.parallel_config.tensor_parallel_size)]
@@ -256,6 +265,15 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         if _NEW_SHAPES:
             report_untuned_shapes(layer.weight.device)
         self._warm_up(layer, guarded=self.spec.token_guard)
+        if layer.logits_graph_rows and layer.weight.is_cuda:
+            started, held = time.perf_counter(), torch.cuda.memory_reserved(layer.weight.device)
+            layer.logits_graphs = LogitsGraphs(functools.partial(self._eager, layer, out_dtype=layer.params_dtype),
+                                               layer.weight.shape[1], layer.params_dtype, layer.weight.device,
+                                               layer.logits_graph_rows)
+            logger.info("outliertune: %s runs from CUDA graphs for 1 to %d rows (vLLM computes logits outside its "
+                        "own; OUTLIERTUNE_LOGITS_GRAPHS=0 turns them off): %.1f s, %.0f MiB", self.prefix,
+                        layer.logits_graphs.max_rows, time.perf_counter() - started,
+                        (torch.cuda.memory_reserved(layer.weight.device) - held) / 2**20)
 
     def _localize_exact_channels(self, layer: torch.nn.Module) -> None:
         """exact_index names channels of the whole input; a row-parallel rank sees its part of K only, so it keeps
@@ -307,33 +325,47 @@ class OutlierTuneLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x_2d = x.reshape(-1, x.shape[-1])
-        if self.spec.token_guard:
-            # The guard's t and codes: traced, as torch ops that inductor fuses into the producer of x (as below;
-            # faster on an H200 than our one-kernel op after an unfused producer, docs/benchmarks.md), whole or
-            # in parts; eager, our one kernel. The GEMM's epilogue multiplies each row by its t.
-            if torch.compiler.is_compiling():
-                codes, t = self._traced_guard(layer, x_2d)
-            else:
-                codes, t = kernel_ops.quantize_activation_guarded(x_2d, layer.input_inv_scale, layer.input_shift,
-                                                                  self.spec.activation_bits,
-                                                                  self.spec.token_guard_floor)
-            out = self._codes_gemm(layer, codes, x.dtype, row_scale=t)
-        elif layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
-            out = self._apply_packed(layer, x_2d, x.dtype)
-        elif torch.compiler.is_compiling():
-            # Traced (vLLM's default mode): the quantization as plain torch ops, which inductor fuses into the
-            # kernel that produced x (RMSNorm + residual add, SiLU-mul), so that kernel writes int8 codes
-            # instead of bf16 activations and only the int8 GEMM remains here.
-            codes = quantize_activation_ref(x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits)
-            out = self._codes_gemm(layer, codes, x.dtype)
+        if torch.compiler.is_compiling():
+            out = self._traced(layer, x_2d, x.dtype)
+        elif layer.logits_graphs is not None and layer.logits_graphs.takes(x_2d):
+            out = layer.logits_graphs(x_2d)  # the eager path below, replayed from a CUDA graph
         else:
-            out = kernel_ops.quantized_linear(x_2d, layer.weight, layer.weight_scale, layer.output_bias,
-                                              layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
-                                              x.dtype)
-        out = add_exact_channels(out, x_2d, layer.exact_index, layer.exact_weight)
+            out = self._eager(layer, x_2d, x.dtype)
         if bias is not None:  # only when the bias could not be merged (skip_bias_add layers never pass one)
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _traced(self, layer: torch.nn.Module, x_2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """Traced (vLLM's default mode): the quantization as plain torch ops, which inductor fuses into the kernel
+        that produced x (RMSNorm + residual add, SiLU-mul), so that kernel writes int8 codes instead of bf16
+        activations and only the GEMM op remains here. The token guard's t and codes likewise (faster on an H200
+        than our one-kernel op after an unfused producer, docs/benchmarks.md), whole or in parts; the GEMM's
+        epilogue multiplies each row by its t."""
+        if self.spec.token_guard:
+            codes, t = self._traced_guard(layer, x_2d)
+        else:
+            codes, t = quantize_activation_ref(x_2d, layer.input_inv_scale, layer.input_shift,
+                                               self.spec.activation_bits), None
+        out = self._codes_gemm(layer, codes, out_dtype, row_scale=t)
+        return add_exact_channels(out, x_2d, layer.exact_index, layer.exact_weight)
+
+    def _eager(self, layer: torch.nn.Module, x_2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """Eager: our fused ops (the guard's one kernel; quantization in the GEMM's prologue without the guard)."""
+        if self.spec.token_guard:
+            codes, t = kernel_ops.quantize_activation_guarded(x_2d, layer.input_inv_scale, layer.input_shift,
+                                                              self.spec.activation_bits,
+                                                              self.spec.token_guard_floor)
+            out = self._codes_gemm(layer, codes, out_dtype, row_scale=t)
+        elif layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
+            out = kernel_ops.w4a8_linear(x_2d, layer.weight, layer.weight_group_scale, layer.weight_group_zero,
+                                         self.spec.group_size, layer.weight_scale, layer.output_bias,
+                                         layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
+                                         out_dtype, layer.levels_fit_bytes)
+        else:
+            out = kernel_ops.quantized_linear(x_2d, layer.weight, layer.weight_scale, layer.output_bias,
+                                              layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
+                                              out_dtype)
+        return add_exact_channels(out, x_2d, layer.exact_index, layer.exact_weight)
 
     def _traced_guard(self, layer: torch.nn.Module, x_2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The token guard's codes and t as traced: in parts (a second small kernel) where the input's rows are
@@ -353,13 +385,3 @@ class OutlierTuneLinearMethod(LinearMethodBase):
                                         self.spec.group_size, layer.weight_scale, layer.output_bias, out_dtype,
                                         row_scale, layer.levels_fit_bytes)
         return kernel_ops.int8_gemm(codes, layer.weight, layer.weight_scale, layer.output_bias, out_dtype, row_scale)
-
-    def _apply_packed(self, layer: torch.nn.Module, x_2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """apply() for packed 4-bit weights: the same two modes with the W4A8 ops."""
-        if torch.compiler.is_compiling():
-            codes = quantize_activation_ref(x_2d, layer.input_inv_scale, layer.input_shift, self.spec.activation_bits)
-            return self._codes_gemm(layer, codes, out_dtype)
-        return kernel_ops.w4a8_linear(x_2d, layer.weight, layer.weight_group_scale, layer.weight_group_zero,
-                                      self.spec.group_size, layer.weight_scale, layer.output_bias,
-                                      layer.input_inv_scale, layer.input_shift, self.spec.activation_bits, out_dtype,
-                                      layer.levels_fit_bytes)
