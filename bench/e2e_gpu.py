@@ -7,7 +7,7 @@
                                    # (group 128); --synthetic: the quantized checkpoints hold random values (no
                                    # calibration); --lm-head int8: instead *-lmhead checkpoints with lm_head int8
     python bench/e2e_gpu.py table WORKDIR [--rows w8a8,fp8,bf16,w4a8,w8a8-kv8,fp8-kv8,w8a8-pc,fp8-pc,w8a8-lmhead,
-                                   w4a8-lmhead,w4a8-lmhead-eager,w8a8-noguard,w8a8-coop,w8a8-guard-whole,w8a8-pdl,fp8-pdl] [--tp 2]   # throughput rows
+                                   w4a8-lmhead,w8a8-noguard,w8a8-coop,w8a8-guard-whole,w8a8-pdl,fp8-pdl] [--tp 2]   # throughput rows
                                    # (w8a8-noguard: the W8A8 checkpoint with quantization_config.token_guard off;
                                    # w8a8-coop: inductor's cooperative reductions on, which spread the guard's row
                                    # maximum over programs; w8a8-guard-whole: the traced guard fused whole into
@@ -344,9 +344,6 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
             "w4a8": Row("outliertune W4A8 (g128)", w4a8),
             "w8a8-lmhead": Row("outliertune W8A8 + int8 lm_head", w8a8 + "-lmhead"),
             "w4a8-lmhead": Row("outliertune W4A8 (g128) + int8 lm_head", w4a8 + "-lmhead"),
-            # the quantized lm_head without its own CUDA graphs (vLLM computes logits eagerly): as before session 29
-            "w4a8-lmhead-eager": Row("outliertune W4A8 (g128) + int8 lm_head, eager", w4a8 + "-lmhead",
-                                     env={"OUTLIERTUNE_LOGITS_GRAPHS": "0"}),
             "fp8": Row("vLLM fp8 (dynamic)", bf16, "fp8", dummy=True),
             "w8a8-kv8": Row("outliertune W8A8 + fp8 KV", w8a8, kv_cache_dtype="fp8"),
             "fp8-kv8": Row("vLLM fp8 (dynamic) + fp8 KV", bf16, "fp8", dummy=True, kv_cache_dtype="fp8"),

@@ -3,7 +3,6 @@ load-time validation against vllm_outliertune.format, and `apply` through the cu
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Callable
@@ -15,7 +14,6 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
     register_weight_loader_v2_supported_method,
 )
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
     ChannelQuantScaleParameter,
@@ -30,7 +28,6 @@ from vllm_outliertune.kernels import linear as kernel_ops
 from vllm_outliertune.kernels.load_pick import pick_untuned_shape
 from vllm_outliertune.kernels.torch_ref import (
     add_exact_channels, quantize_activation_guarded_traced, quantize_activation_ref)
-from vllm_outliertune.logits_graphs import LogitsGraphs, logits_graphs_enabled
 
 _QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 logger = logging.getLogger("vllm.outliertune")  # under vLLM's logger, so its handler prints our lines
@@ -169,12 +166,6 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         # The most rows one forward pass can send through this layer: the GEMMs are compiled up to it at load.
         vllm_config = get_current_vllm_config()
         layer.max_rows = vllm_config.scheduler_config.max_num_batched_tokens
-        # vLLM computes the logits outside its CUDA graphs: a quantized lm_head gets graphs of its own at load
-        # (logits_graphs.py) for up to one row per sequence, unless the user asked for no graphs.
-        layer.logits_graphs = None
-        layer.logits_graph_rows = (vllm_config.scheduler_config.max_num_seqs
-                                   if isinstance(layer, ParallelLMHead) and logits_graphs_enabled()
-                                   and not getattr(vllm_config.model_config, "enforce_eager", True) else 0)
         _NEW_SHAPES[(out_features, input_size_per_partition, "w4a8_gemm" if self.spec.packed else "int8_gemm")] = None
         _TUNE_HINT[:] = [(getattr(vllm_config.model_config, "model", "MODEL_DIR"),
                           vllm_config.parallel_config.tensor_parallel_size)]
@@ -265,15 +256,6 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         if _NEW_SHAPES:
             report_untuned_shapes(layer.weight.device)
         self._warm_up(layer, guarded=self.spec.token_guard)
-        if layer.logits_graph_rows and layer.weight.is_cuda:
-            started, held = time.perf_counter(), torch.cuda.memory_reserved(layer.weight.device)
-            layer.logits_graphs = LogitsGraphs(functools.partial(self._eager, layer, out_dtype=layer.params_dtype),
-                                               layer.weight.shape[1], layer.params_dtype, layer.weight.device,
-                                               layer.logits_graph_rows)
-            logger.info("outliertune: %s runs from CUDA graphs for 1 to %d rows (vLLM computes logits outside its "
-                        "own; OUTLIERTUNE_LOGITS_GRAPHS=0 turns them off): %.1f s, %.0f MiB", self.prefix,
-                        layer.logits_graphs.max_rows, time.perf_counter() - started,
-                        (torch.cuda.memory_reserved(layer.weight.device) - held) / 2**20)
 
     def _localize_exact_channels(self, layer: torch.nn.Module) -> None:
         """exact_index names channels of the whole input; a row-parallel rank sees its part of K only, so it keeps
@@ -327,8 +309,6 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         x_2d = x.reshape(-1, x.shape[-1])
         if torch.compiler.is_compiling():
             out = self._traced(layer, x_2d, x.dtype)
-        elif layer.logits_graphs is not None and layer.logits_graphs.takes(x_2d):
-            out = layer.logits_graphs(x_2d)  # the eager path below, replayed from a CUDA graph
         else:
             out = self._eager(layer, x_2d, x.dtype)
         if bias is not None:  # only when the bias could not be merged (skip_bias_add layers never pass one)
