@@ -311,6 +311,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             out = self._traced(layer, x_2d, x.dtype)
         else:
             out = self._eager(layer, x_2d, x.dtype)
+        out = add_exact_channels(out, x_2d, layer.exact_index, layer.exact_weight)
         if bias is not None:  # only when the bias could not be merged (skip_bias_add layers never pass one)
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -326,8 +327,7 @@ class OutlierTuneLinearMethod(LinearMethodBase):
         else:
             codes, t = quantize_activation_ref(x_2d, layer.input_inv_scale, layer.input_shift,
                                                self.spec.activation_bits), None
-        out = self._codes_gemm(layer, codes, out_dtype, row_scale=t)
-        return add_exact_channels(out, x_2d, layer.exact_index, layer.exact_weight)
+        return self._codes_gemm(layer, codes, out_dtype, row_scale=t)
 
     def _eager(self, layer: torch.nn.Module, x_2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """Eager: our fused ops (the guard's one kernel; quantization in the GEMM's prologue without the guard)."""
@@ -335,17 +335,15 @@ class OutlierTuneLinearMethod(LinearMethodBase):
             codes, t = kernel_ops.quantize_activation_guarded(x_2d, layer.input_inv_scale, layer.input_shift,
                                                               self.spec.activation_bits,
                                                               self.spec.token_guard_floor)
-            out = self._codes_gemm(layer, codes, out_dtype, row_scale=t)
-        elif layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
-            out = kernel_ops.w4a8_linear(x_2d, layer.weight, layer.weight_group_scale, layer.weight_group_zero,
-                                         self.spec.group_size, layer.weight_scale, layer.output_bias,
-                                         layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
-                                         out_dtype, layer.levels_fit_bytes)
-        else:
-            out = kernel_ops.quantized_linear(x_2d, layer.weight, layer.weight_scale, layer.output_bias,
-                                              layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
-                                              out_dtype)
-        return add_exact_channels(out, x_2d, layer.exact_index, layer.exact_weight)
+            return self._codes_gemm(layer, codes, out_dtype, row_scale=t)
+        if layer.weight.dtype == torch.int32:  # packed 4-bit words (on a GPU; elsewhere unpacked at load)
+            return kernel_ops.w4a8_linear(x_2d, layer.weight, layer.weight_group_scale, layer.weight_group_zero,
+                                          self.spec.group_size, layer.weight_scale, layer.output_bias,
+                                          layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
+                                          out_dtype, layer.levels_fit_bytes)
+        return kernel_ops.quantized_linear(x_2d, layer.weight, layer.weight_scale, layer.output_bias,
+                                           layer.input_inv_scale, layer.input_shift, self.spec.activation_bits,
+                                           out_dtype)
 
     def _traced_guard(self, layer: torch.nn.Module, x_2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The token guard's codes and t as traced: in parts (a second small kernel) where the input's rows are
