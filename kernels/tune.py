@@ -60,7 +60,8 @@ TRITON_KERNELS = KERNELS + W4A8_KERNELS
 FALLBACK = {kernel: fallback for fallback, order in DISPATCH_ORDER.items() for kernel in (fallback, *order)}
 W4A8_GROUP_SIZE = 128  # W4A8 tiles are tuned at `outliertune quantize`'s default group size
 W4A8_TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages", "FACTORED",
-                  "ACC_K", "PREFETCH", "WORD_LEVELS", "SCALED_LEVELS", "GEMV", "COLUMNS", "K_WARPS"}
+                  "ACC_K", "PREFETCH", "WORD_LEVELS", "SCALED_LEVELS", "GEMV", "COLUMNS", "K_WARPS", "WGMMA",
+                  "LEVEL_BUFS"}
 # Load-time choice on shapes no table tuned (generic_alternates): up to this M the best kernel depends on the shape
 # most, and timing a few tiles there takes milliseconds.
 ALTERNATES_UP_TO_M = 256
@@ -186,6 +187,18 @@ def w4a8_column_tiles() -> list[dict]:
             for bk in (128, 256) if bk == 128 or bn * chunks <= 256 for split in (1, 2, 4, 8, 16)]
 
 
+def w4a8_wgmma_tiles(m: int, splits: tuple[int, ...]) -> list[dict]:
+    """Tiles of kernels/w4a8_wgmma.py (Hopper; elsewhere they run kernels/w4a8_gemm.py's loop): 64 rows per
+    warpgroup (128-row tiles from M = 128), BLOCK_N 32-128, three stages with one level buffer or four with two
+    (H200, session 31: each pair won somewhere), K split ``splits`` ways."""
+    tiles = [(64, bn, stages, bufs) for bn in (32, 64, 128) for stages, bufs in ((3, 1), (4, 2))]
+    if m >= 128:
+        tiles += [(128, bn, 4, 2) for bn in (64, 128)]
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "num_warps": bm // 16,
+             "num_stages": stages, "LEVEL_BUFS": bufs, "WGMMA": 1}
+            for bm, bn, stages, bufs in tiles for split in splits]
+
+
 def w4a8_loop_variants(tiles: list[dict]) -> list[dict]:
     """`tiles` (duplicates dropped) plus their FACTORED loops' variants: tensor-core word tiles (kernels/w4a8_gemm.py)
     also with the zero points in the weight operand, the group terms loaded a step ahead, and both (which wins
@@ -222,7 +235,8 @@ def full_candidates(kernel: str, m: int) -> list[dict]:
         acc_k = [dict(config, ACC_K=1) for config in factored if config["BLOCK_M"] < 16 and
                  config["BLOCK_M"] * config["BLOCK_K"] // 8 * config["BLOCK_N"] <= 64 * 32 * config["num_warps"]]
         gemv = w4a8_gemv_tiles() + w4a8_column_tiles() if kernel == "w4a8_splitk" and m == 1 else []
-        return w4a8_loop_variants(tiles + factored + acc_k) + gemv
+        wgmma = w4a8_wgmma_tiles(m, (1, 2, 4, 8) if kernel == "w4a8_splitk" else (1,)) if m >= 16 else []
+        return w4a8_loop_variants(tiles + factored + acc_k) + gemv + wgmma
     return {"int8_gemm": gemm_candidates, "splitk_gemm": splitk_candidates, "int8_gemm_tma": tma_candidates}[kernel](m)
 
 

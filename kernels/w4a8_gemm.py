@@ -17,6 +17,8 @@ channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_out
   config key, one-row tiles inside one group) keeps the products in the weight words' own [BLOCK_K / 8, BLOCK_N]
   layout and subtracts the zero point's share per word (_gemv_step): no shared-memory layout change or
   cross-warp sum inside the K loop (sm90 PTX of the shipped M = 1 tile: 8 barriers per K step; with GEMV none).
+  WGMMA (a config key) runs a tensor-core tile as kernels/w4a8_wgmma.py's Gluon kernel on Hopper, which widens the
+  weights into shared memory while the previous step's wgmma runs (elsewhere: this file's loop of the same tile).
   COLUMNS (a config key) runs a one-row tile as kernels/w4a8_gemv.py's column GEMV instead, where the words are
   N-major: a group's words inside one thread, its terms once per group and column (H200: the M = 1 entries since
   session 27, 4-10 % ahead of GEMV tiles on Llama-3-8B's shapes).
@@ -56,6 +58,7 @@ from vllm_outliertune.kernels.int8_gemm import epilogue_vectors, grouped_tile, l
 from vllm_outliertune.kernels.splitk_gemm import (DP4A_ASM, as_words, code_sums, dot4_accumulate, split_k_plan,
                                                   split_k_store)
 from vllm_outliertune.kernels.w4a8_gemv import column_gemv_applies, w4a8_gemv
+from vllm_outliertune.kernels.w4a8_wgmma import w4a8_wgmma, wgmma_applies
 from vllm_outliertune.kernels.w4a8_words import CHANNELS_PER_WORD
 
 
@@ -416,6 +419,13 @@ def check_packed_args(k: int, w_words: torch.Tensor, group_scale: torch.Tensor, 
         raise ValueError("group_scale and group_zero must have the same strides")
 
 
+def wgmma_loop_tile(config: dict) -> dict:
+    """The tensor-core loop of this file with a WGMMA tile's blocks, warps, stages and split, for operands or devices
+    kernels/w4a8_wgmma.py does not take (CPU / the interpreter, another GPU, levels beyond a byte)."""
+    tile = {key: value for key, value in config.items() if key not in ("WGMMA", "LEVEL_BUFS")}
+    return tile | {"FACTORED": 1, "SCALED_LEVELS": 1, "PREFETCH": 1}
+
+
 def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
               group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
               kernel: str = "w4a8_gemm", config: dict | None = None, row_scale: torch.Tensor | None = None,
@@ -437,6 +447,11 @@ def w4a8_gemm(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tenso
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     if block_k % 16:
         raise ValueError(f"BLOCK_K {block_k} must be a multiple of 16 (two words of 8 packed channels)")
+    if config.get("WGMMA"):
+        if wgmma_applies(a_q, w_words, group_scale, group_size, levels_fit_bytes, config):
+            return w4a8_wgmma(a_q, w_words, group_scale, group_zero, group_size, w_scale, bias, out, row_scale,
+                              config)
+        config = wgmma_loop_tile(config)
     if config.get("COLUMNS"):
         a_words = as_words(a_q)
         if column_gemv_applies(a_words, w_words, group_scale, group_size, config):

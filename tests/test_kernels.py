@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -213,7 +214,12 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
                  ("w4a8_gemm", 64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "FACTORED": 1,
                                     "PREFETCH": 1, "SCALED_LEVELS": 1}),
                  ("w4a8_splitk", 128, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "FACTORED": 1,
-                                       "SCALED_LEVELS": 1}))
+                                       "SCALED_LEVELS": 1}),
+                 # WGMMA tiles (kernels/w4a8_wgmma.py on Hopper; here and on other GPUs the loop of the same tile)
+                 ("w4a8_splitk", 128, {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4,
+                                       "num_stages": 3, "LEVEL_BUFS": 1, "WGMMA": 1}),
+                 ("w4a8_gemm", 0, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4,
+                                   "LEVEL_BUFS": 2, "WGMMA": 1}))
 
 
 # (group size, config) of the column GEMV (kernels/w4a8_gemv.py): one group a step over 2 K chunks, two groups a step
@@ -564,3 +570,70 @@ if __name__ == "__main__":  # the interpreter subprocess
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest, or with TRITON_INTERPRET=1"
     for seed, (m, k, n) in enumerate(interpreter_cases()):
         print(json.dumps({"case": f"{m},{k},{n}", "failures": check_case(m, k, n, seed)}), flush=True)
+
+
+def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> str:
+    """kernels/w4a8_wgmma.py's kernel compiled for sm90 by the installed Triton, without a GPU (ptxas ships with
+    Triton); its TTGIR. Integer arguments as Triton specializes them at launch (16-divisible strides)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compile as triton_compile
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from vllm_outliertune.kernels import w4a8_wgmma
+
+    kernel = w4a8_wgmma._w4a8_wgmma_kernel
+    pointers = ["*i8", "*i32", "*u8", "*u8", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*i32"]
+    signature = dict(zip(kernel.arg_names, pointers + ["i32"] * (len(kernel.arg_names) - len(pointers))))
+    constants = dict(GROUP_SIZE=128, HAS_ROW_SCALE=has_row_scale, HAS_BIAS=True, SPLIT_K=config["SPLIT_K"],
+                     BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], STAGES=config["num_stages"],
+                     LEVEL_BUFS=config["LEVEL_BUFS"])
+    signature.update({name: "constexpr" for name in constants})
+    aligned = [name for name in kernel.arg_names[:len(pointers)]] + ["N", "K", "stride_am", "stride_wk", "stride_gk",
+                                                                     "stride_om", "K_PER_SPLIT"]
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    compiled = triton_compile(GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=config["num_warps"], enable_fp_fusion=False))
+    return compiled.asm["ttgir"]
+
+
+@pytest.mark.parametrize("config, has_row_scale", [
+    ({"BLOCK_M": 64, "BLOCK_N": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 3, "LEVEL_BUFS": 1}, True),
+    ({"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 4, "LEVEL_BUFS": 2}, False)])
+def test_wgmma_kernel_keeps_a_wgmma_in_flight(config, has_row_scale):
+    """The Gluon W4A8 kernel builds for Hopper with this Triton (CI's differs from the GPU bundle's 3.6: both names
+    of the moved APIs are handled), and its K loop issues the wgmma asynchronously and waits only for the one before
+    (pendings = 1), so the next step's widening overlaps the tensor cores: the reason the kernel exists. (Its results
+    are checked on the GPU: test_gpu_kernels_match_reference's WGMMA variants; Gluon has no interpreter.)"""
+    from vllm_outliertune.kernels import w4a8_wgmma
+
+    if w4a8_wgmma.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API; WGMMA tiles run kernels/w4a8_gemm.py's loop")
+    ttgir = _compile_wgmma_for_hopper(config, has_row_scale)
+    assert re.search(r"ttng.warp_group_dot .*isAsync = true", ttgir)
+    assert re.search(r"ttng.warp_group_dot_wait .*pendings = 1", ttgir)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_wgmma_tiles_run_the_gluon_kernel_on_hopper():
+    """On a Hopper GPU a WGMMA tile runs kernels/w4a8_wgmma.py (not the loop it falls back to), exactly, over K
+    splits, row scales, one group per row and M that is no multiple of 64."""
+    from vllm_outliertune.kernels import torch_ref
+    from vllm_outliertune.kernels.linear import w4a8_gpu_layout
+    from vllm_outliertune.kernels.w4a8_gemm import w4a8_gemm
+    from vllm_outliertune.kernels.w4a8_wgmma import wgmma_applies
+
+    for m, k, n, group_size, split_k in ((1, 4096, 6144, 128, 4), (37, 1152, 192, 384, 3), (130, 3584, 4608, 128, 1),
+                                         (64, 1024, 256, 0, 2)):
+        codes = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+        packed = [w4a8_gpu_layout(t.cuda()) for t in make_packed_weight(n, k, group_size, seed=m)]
+        w_scale, bias = torch.rand(n, device="cuda") / 100, torch.randn(n, device="cuda")
+        row_scale = torch.rand(m, device="cuda") + 1
+        config = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3,
+                  "LEVEL_BUFS": 1, "WGMMA": 1}
+        if not wgmma_applies(codes, packed[0], packed[1], group_size, True, config):
+            pytest.skip("needs a Hopper GPU and a Triton with Gluon")
+        got = w4a8_gemm(codes, *packed, group_size, w_scale, bias, torch.bfloat16, "w4a8_splitk", config, row_scale)
+        want = torch_ref.w4a8_gemm_ref(codes, *packed, group_size, w_scale, bias, torch.bfloat16, row_scale)
+        assert torch.equal(got, want), (m, k, n, group_size, split_k)

@@ -1,0 +1,250 @@
+"""W4A8 on Hopper tensor cores with the widening overlapped: a Gluon kernel (Triton's explicit-layout language)
+whose 4-bit weights are widened into shared memory as the wgmma's B operand while the previous step's wgmma runs.
+
+Why not kernels/w4a8_gemm.py's tensor-core loop: Triton makes the widened weights a register operand of the wgmma
+and waits for every wgmma before the next step's widening, so the unpack and the tensor cores never overlap; on the
+H200 its 64-row gate_up tile took 1.4x our int8 GEMM's time (docs/benchmarks.md, session 30). Here one warpgroup per
+64 rows, per K step of 128 channels:
+- cp.async brings the step's activation codes [BLOCK_M, 128] (the wgmma's A operand, swizzled), weight words
+  [16, BLOCK_N] (N-major) and the group's scale and zero [BLOCK_N] into a STAGES-deep ring, STAGES - 1 steps ahead;
+- each thread widens the words of its output rows into int8 levels (code - zero) * scale, four per 32-bit word
+  (SCALED_LEVELS' SWAR: needs every code * scale <= 255, format.levels_fit_bytes), in channel order, and stores them
+  K-major into a level buffer (LEVEL_BUFS of them; with one, the previous wgmma is waited for before the store);
+- an async wgmma accumulates levels x activations in int32 and stays in flight during the next step's widening.
+The epilogue is the int8 GEMMs' (acc * scale[n] (* row_scale[m]) + bias[n]); SPLIT_K programs meet through the
+per-tile counter of splitk_gemm.split_k_store, the same workspace protocol. The result is the exact integer every
+W4A8 kernel computes. Gluon has no interpreter: CPU runs take the Triton loop (w4a8_gemm.py) for a WGMMA tile."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+except ImportError:  # a Triton without Gluon's Hopper API: the WGMMA tiles run the Triton loop instead
+    gluon = None
+
+BLOCK_K = 128  # channels per K step: one 128-byte swizzled row of levels and of activation codes
+
+if gluon is not None:
+    # Names that moved between Triton releases (3.6: the GPU bundle's; later: async_load / barrier)
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    _REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))  # else _reinterpret
+    _BLOCK_K = gl.constexpr(BLOCK_K)
+
+    @gluon.jit
+    def _copy_step(step, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak, offs_wk,
+                   offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE: gl.constexpr,
+                   STAGES: gl.constexpr):
+        """Ask for K step ``step``'s operands (none past ``steps``: predicated off, the stage zero-filled)."""
+        s = step % STAGES
+        valid = step < steps
+        k0 = k_start + step * _BLOCK_K
+        a_ptrs = a_ptr + offs_am[:, None].to(gl.int64) * stride_am + (k0 + offs_ak)[None, :]
+        _async_load(a_s.index(s), a_ptrs, mask=(offs_am < M)[:, None] & valid)
+        w_ptrs = w_ptr + (k0 // 8 + offs_wk)[:, None].to(gl.int64) * stride_wk + offs_wn[None, :]
+        _async_load(w_s.index(s), w_ptrs, mask=(offs_wk >= 0)[:, None] & valid, eviction_policy="evict_first")
+        g = (k0 // GROUP_SIZE).to(gl.int64) * stride_gk + offs_gn
+        _async_load(gs_s.index(s), gs_ptr + g, mask=(offs_gn >= 0) & valid)
+        _async_load(gz_s.index(s), gz_ptr + g, mask=(offs_gn >= 0) & valid)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _scaled_levels(words, scale, zero):
+        """uint32 words [BLOCK_N, W] of 8 codes, scale / zero [BLOCK_N] -> level words [BLOCK_N, 2W] in channel
+        order: word 2j holds channels 8j..8j+3 (low nibbles), 2j + 1 channels 8j+4..8j+7, each byte (code - zero) *
+        scale as an int8. Four codes scale in one multiply (each product <= 255 stays in its byte); zero * scale is
+        subtracted per byte without borrows (top bit set first, its true value restored after)."""
+        zero_scaled = zero * scale * 0x01010101
+        low_bits = (zero_scaled & 0x7F7F7F7F)[:, None]
+        top_bits = ((zero_scaled & 0x80808080) ^ 0x80808080)[:, None]
+        low = (words & 0x0F0F0F0F) * scale[:, None]
+        high = ((words >> 4) & 0x0F0F0F0F) * scale[:, None]
+        low = ((low | 0x80808080) - low_bits) ^ ((low & 0x80808080) ^ top_bits)
+        high = ((high | 0x80808080) - low_bits) ^ ((high & 0x80808080) ^ top_bits)
+        return gl.reshape(gl.join(low, high), [words.shape[0], 2 * words.shape[1]])
+
+    @gluon.jit
+    def _w4a8_wgmma_kernel(a_ptr, w_ptr, gs_ptr, gz_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr,
+                           count_ptr, M, N, K, stride_am, stride_wk, stride_gk, stride_om, K_PER_SPLIT,
+                           GROUP_SIZE: gl.constexpr, HAS_ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr,
+                           SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           STAGES: gl.constexpr, LEVEL_BUFS: gl.constexpr):
+        # Words and group tensors are N-major: word j of row n at n + j * stride_wk, group g's at n + g * stride_gk.
+        WARPS: gl.constexpr = gl.num_warps()
+        pid_n = gl.program_id(0)
+        pid_m = gl.program_id(1)
+        pid_k = gl.program_id(2)
+        n0 = pid_n * BLOCK_N
+        k_start = pid_k * K_PER_SPLIT
+        steps = gl.cdiv(gl.minimum(K - k_start, K_PER_SPLIT), _BLOCK_K)
+
+        # 16-byte copies (4-byte ones for the group bytes)
+        a_copy: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // _BLOCK_K, _BLOCK_K // 16], [WARPS, 1], [1, 0])
+        w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // BLOCK_N, BLOCK_N // 4], [WARPS, 1], [1, 0])
+        g_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
+        offs_am = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_copy))
+        offs_ak = gl.arange(0, _BLOCK_K, layout=gl.SliceLayout(0, a_copy))
+        offs_wk = gl.arange(0, _BLOCK_K // 8, layout=gl.SliceLayout(1, w_copy))
+        offs_wn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, w_copy))
+        offs_gn = n0 + gl.arange(0, BLOCK_N, layout=g_copy)
+
+        swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        swizzled_words: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+        plain2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        plain1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        a_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, _BLOCK_K], swizzled)
+        w_s = gl.allocate_shared_memory(gl.int32, [STAGES, _BLOCK_K // 8, BLOCK_N], plain2)
+        gs_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], plain1)
+        gz_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], plain1)
+        levels_s = gl.allocate_shared_memory(gl.int8, [LEVEL_BUFS, BLOCK_N, _BLOCK_K], swizzled)
+
+        # Widening: a thread owns one output row (n) and a run of its words, so its level words are contiguous
+        # along K (16-byte stores; the swizzle spreads the rows' stores over all banks).
+        WARPS_N: gl.constexpr = min(WARPS, BLOCK_N // 32)
+        WARPS_K: gl.constexpr = WARPS // WARPS_N
+        words_layout: gl.constexpr = gl.BlockedLayout([1, _BLOCK_K // 8 // WARPS_K], [32, 1], [WARPS_N, WARPS_K],
+                                                      [1, 0])
+        levels_layout: gl.constexpr = gl.BlockedLayout([1, _BLOCK_K // 4 // WARPS_K], [32, 1], [WARPS_N, WARPS_K],
+                                                       [1, 0])
+        group_layout: gl.constexpr = gl.SliceLayout(1, words_layout)
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                              instr_shape=[16, BLOCK_N, 32])
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, acc_layout)
+        for step in gl.static_range(STAGES - 1):
+            _copy_step(step, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak, offs_wk,
+                       offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
+        for i in range(steps):
+            s = i % STAGES
+            async_copy.wait_group(STAGES - 2)
+            _barrier()  # every thread's copies of step i have landed
+            words = w_s.index(s).permute((1, 0)).load(words_layout).to(gl.uint32, bitcast=True)
+            scale = gs_s.index(s).load(group_layout).to(gl.uint32)
+            zero = gz_s.index(s).load(group_layout).to(gl.uint32)
+            level_words = gl.convert_layout(_scaled_levels(words, scale, zero), levels_layout)
+            if LEVEL_BUFS == 1:  # the previous wgmma still reads the one buffer
+                acc = warpgroup_mma_wait(0, deps=[acc])
+            levels = levels_s.index(i % LEVEL_BUFS)
+            if _REINTERPRET:
+                level_words_s = levels.reinterpret(gl.int32, [BLOCK_N, _BLOCK_K // 4], swizzled_words)
+            else:
+                level_words_s = levels._reinterpret(gl.int32, [BLOCK_N, _BLOCK_K // 4], swizzled_words)
+            level_words_s.store(level_words.to(gl.int32, bitcast=True))
+            fence_async_shared()
+            _barrier()
+            acc = warpgroup_mma(a_s.index(s), levels.permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            # step i - 1's wgmma has retired, so its stage takes step i + STAGES - 1
+            _copy_step(i + STAGES - 1, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak,
+                       offs_wk, offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        async_copy.wait_group(0)
+
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // BLOCK_N, BLOCK_N // 4], [WARPS, 1], [1, 0])
+        acc = gl.convert_layout(acc, out_layout)
+        offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+        offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if SPLIT_K > 1:
+            # Each split stores its partial sums in its own slice of the workspace [SPLIT_K, M, N]; the last split
+            # to arrive (per-tile counter) adds the others' and stores the tile. (Atomic adds into one slice, as
+            # splitk_gemm.split_k_store does, cost 2x the whole GEMM on 64-row tiles: L2 atomic throughput.)
+            tile = pid_m * gl.num_programs(0) + pid_n
+            gl.store(ws_ptr + (pid_k * M + offs_m[:, None]).to(gl.int64) * N + offs_n[None, :], acc, mask=mask)
+            _barrier()  # every thread's partial sums are out before this program counts itself in
+            arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                for split in gl.static_range(SPLIT_K):
+                    if split != pid_k:  # read at L2 (.cg), past stale L1 lines
+                        acc += gl.load(ws_ptr + (split * M + offs_m[:, None]).to(gl.int64) * N + offs_n[None, :],
+                                       mask=mask, other=0, cache_modifier=".cg")
+                _store_scaled(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, mask, stride_om,
+                              HAS_ROW_SCALE, HAS_BIAS)
+                gl.store(count_ptr + tile, 0)  # every split has counted itself in
+        else:
+            _store_scaled(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, mask, stride_om,
+                          HAS_ROW_SCALE, HAS_BIAS)
+
+    @gluon.jit
+    def _store_scaled(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M, mask, stride_om,
+                      HAS_ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr):
+        """int8_gemm.store_scaled's arithmetic: acc * scale[n] (* row_scale[m]) + bias[n] in float32, unfused
+        (whole BLOCK_N tiles: the columns need no mask)."""
+        out = acc.to(gl.float32) * gl.load(scale_ptr + offs_n)[None, :]
+        if HAS_ROW_SCALE:
+            out = out * gl.load(row_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
+        if HAS_BIAS:
+            out = out + gl.load(bias_ptr + offs_n).to(gl.float32)[None, :]
+        gl.store(out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def wgmma_device(index: int) -> bool:
+    """Whether device ``index`` runs this kernel: Gluon's Hopper API in this Triton and an sm90 GPU."""
+    return gluon is not None and torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def wgmma_applies(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_size: int,
+                  levels_fit_bytes: bool, config: dict) -> bool:
+    """Whether a WGMMA tile can run these operands; the launcher runs the Triton loop of the same tile otherwise.
+    Needs: a Hopper GPU with Gluon; whole K steps and groups (K and the group size multiples of 128, or one group
+    per row); whole BLOCK_N tiles; N-major words and group tensors (the plugin's GPU layout); activation rows
+    16-byte aligned (cp.async); levels within a byte per code (format.levels_fit_bytes)."""
+    k = a_q.shape[1]
+    n = w_words.shape[0]
+    return (a_q.is_cuda and wgmma_device(a_q.device.index if a_q.device.index is not None else
+                                         torch.cuda.current_device())
+            and levels_fit_bytes and k % BLOCK_K == 0 and (group_size == 0 or group_size % BLOCK_K == 0)
+            and n % config["BLOCK_N"] == 0 and w_words.stride(0) == 1 and group_scale.stride(0) == 1
+            and a_q.stride(1) == 1 and a_q.stride(0) % 16 == 0 and a_q.data_ptr() % 16 == 0)
+
+
+_PARTIALS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _partials_workspace(words: int, device: torch.device) -> torch.Tensor:
+    """The device's int32 scratch for the splits' partial sums (each split overwrites its slice, so unlike
+    splitk_gemm.zeroed_workspace it needs no zeros). Larger ones replace it; old ones stay for captured graphs."""
+    held = _PARTIALS.setdefault(device, [])
+    if not held or held[-1].numel() < words:
+        held.append(torch.empty(triton.next_power_of_2(words), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+def w4a8_wgmma(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+               group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+               row_scale: torch.Tensor | None, config: dict) -> torch.Tensor:
+    """out [M, N] = a_q int8 [M, K] @ levels^T * w_scale[n] (* row_scale[m]) (+ bias[n]) with a WGMMA tile
+    (``config``: BLOCK_M 64 per 4 warps, BLOCK_N 64 or 128, num_stages, LEVEL_BUFS, SPLIT_K; 0 = automatic) on
+    operands wgmma_applies accepts."""
+    from vllm_outliertune.kernels.splitk_gemm import split_k_plan, zeroed_workspace  # (Triton code)
+
+    (m, k), n = a_q.shape, w_words.shape[0]
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    warps = config.get("num_warps", 4)
+    if block_m != 16 * warps or block_n not in (32, 64, 128):
+        raise ValueError(f"WGMMA tile {config}: BLOCK_M must be 16 * num_warps (64 per warpgroup) and BLOCK_N "
+                         "32, 64 or 128")
+    grid_n, grid_m = n // block_n, triton.cdiv(m, block_m)
+    split_k, k_per_split, _, _ = split_k_plan(m, n, k, grid_n * grid_m, BLOCK_K, config, a_q.device)
+    partial_sums = counters = None
+    if split_k > 1:
+        partial_sums = _partials_workspace(split_k * m * n, a_q.device)
+        counters = zeroed_workspace(grid_n * grid_m, a_q.device)[:grid_n * grid_m]
+    _w4a8_wgmma_kernel[(grid_n, grid_m, split_k)](
+        a_q, w_words, group_scale, group_zero, out, w_scale, row_scale, bias, partial_sums, counters, m, n, k,
+        # (one group per row: no group stride, so that the group bytes' copies are known to be aligned)
+        a_q.stride(0), w_words.stride(1), group_scale.stride(1) if group_scale.shape[1] > 1 else 0, out.stride(0),
+        k_per_split,
+        GROUP_SIZE=group_size or k, HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
+        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=config.get("num_stages", 4),
+        LEVEL_BUFS=config.get("LEVEL_BUFS", 2), num_warps=warps, enable_fp_fusion=False)
+    return out
