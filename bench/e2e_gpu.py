@@ -406,7 +406,7 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
 # fused kernels after the ops they contain: "round" marks one that writes our int8 codes.
 KERNEL_KINDS = (
     ("our int8 GEMMs", ("_int8_gemm_kernel", "_int8_gemm_tma_kernel", "_splitk_gemm_kernel")),
-    ("our W4A8 GEMMs", ("_w4a8_gemm_kernel", "_w4a8_gemv_kernel")),
+    ("our W4A8 GEMMs", ("_w4a8_gemm_kernel", "_w4a8_gemv_kernel", "_w4a8_wgmma_kernel")),
     ("our W4A8 unpack to int8 (M above the GEMM's buckets)", ("_unpack_kernel",)),
     ("CUTLASS int8 (cutlass_scaled_mm)", ("cutlass_3x_gemm<signed char",)),
     ("CUTLASS fp8 (vLLM's fp8 row)", ("float_e4m3",)),

@@ -23,6 +23,7 @@ def e2e_gpu():
     # Names seen in the H100 profile of vLLM 0.26 (inductor names fused kernels after the ops they contain).
     ("_splitk_gemm_kernel", "our int8 GEMMs"),
     ("_int8_gemm_tma_kernel", "our int8 GEMMs"),
+    ("_w4a8_wgmma_kernel", "our W4A8 GEMMs"),
     ("triton_red_fused__to_copy_clamp_fused_add_rms_norm_int8_gemm_round_sub_1", "RMSNorm + quant (fused by inductor)"),
     ("triton_poi_fused__to_copy_clamp_int8_gemm_mul_round_silu_slice_sub_2", "SiLU-mul + quant (fused by inductor)"),
     ("triton_poi_fused__to_copy_clamp_int8_gemm_round_view_0", "activation quant (inductor, standalone)"),
@@ -226,3 +227,44 @@ def test_ship_runner_ups_lists_the_triton_kernel_of_cutlass_buckets_where_it_bea
     h200 = ("NVIDIA H200", "sm90", "default")
     assert linear._pick_kernel(4096, 4096, 14336, h200, lambda: True) == "int8_gemm_tma"
     assert linear._pick_kernel(4096, 4096, 14336, h200, lambda: False) == "int8_gemm"
+
+
+def test_wgmma_ship_takes_clear_wins_and_alternates_chosen_on_the_tuned_shapes(tmp_path, monkeypatch):
+    """bench/w4a8_wgmma.py ship: a tuned shape's bucket goes to its best WGMMA tile only where that beats the
+    shipped dispatch by SHIP_GAIN (a w4a8_unpack listing there is dropped); the load-pick alternates are the tiles
+    that cover the tuned shapes, whatever the held-out shapes would have preferred."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("w4a8_wgmma", BENCH / "w4a8_wgmma.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from vllm_outliertune.kernels import configs
+
+    table = tmp_path / "tile_configs.json"
+    shipped = json.loads(configs.TABLE_PATH.read_text())
+    for options in shipped["alternates"]["NVIDIA H200"].values():  # as before any WGMMA tile was shipped
+        options[:] = [option for option in options if not option[1].get("WGMMA")]
+    table.write_text(json.dumps(shipped))
+    monkeypatch.setattr(configs, "TABLE_PATH", table)
+    narrow, wide, held_out_best = "wg64_64_3_1_4", "wg64_128_4_2_1", "wg64_32_3_1_8"
+    rows = [{"n": n, "k": k, "m": 64, "shipped": 10.0, "int8": 9.0, narrow: 8.0 if n < 8192 else 12.0,
+             wide: 12.0 if n < 8192 else 8.0, held_out_best: 11.0} for n, k in module.TUNED]
+    rows[0]["shipped"] = 8.1  # qkv: within 3 % of its best tile, keeps what it runs
+    rows += [{"n": n, "k": k, "m": 64, "shipped": 10.0, "int8": 9.0, narrow: 9.0, wide: 9.0, held_out_best: 1.0}
+             for n, k in module.HELD_OUT]
+    timings = tmp_path / "timings.json"
+    timings.write_text(json.dumps(rows))
+    before = json.loads(table.read_text())
+    module.ship(timings, "NVIDIA H200")
+    after = json.loads(table.read_text())
+    device, old = after["devices"]["NVIDIA H200"], before["devices"]["NVIDIA H200"]
+    assert device["w4a8_splitk"]["N=6144,K=4096"].get("64") == old["w4a8_splitk"]["N=6144,K=4096"].get("64")
+    assert device["w4a8_splitk"]["N=4096,K=4096"]["64"] == module.config_of(narrow)
+    assert device["w4a8_splitk"]["N=28672,K=4096"]["64"] == module.config_of(wide)
+    assert "64" not in device.get("w4a8_unpack", {}).get("N=4096,K=4096", {})
+    added = after["alternates"]["NVIDIA H200"]["64"][len(before["alternates"]["NVIDIA H200"]["64"]):]
+    assert [config for _, config in added][:2] in ([module.config_of(narrow), module.config_of(wide)],
+                                                   [module.config_of(wide), module.config_of(narrow)])
+    assert all(kernel == "w4a8_splitk" for kernel, _ in added)
+    sys.modules.pop("ship_w4a8_small_m", None)  # imported from bench/ for this test only
