@@ -190,15 +190,27 @@ def split_k_plan(m: int, n: int, k: int, tiles: int, block_k: int, config: dict,
 _WORKSPACES: dict[tuple, list[torch.Tensor]] = {}
 
 
+def _workspace(kind: str, words: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The device's buffer of this kind and ``dtype``, at least ``words`` long ("zeroed" ones start as zeros). GEMMs
+    of one device run in stream order, so they can share it. A larger one replaces it when needed; the old ones stay
+    allocated, as CUDA graphs captured earlier still point at them."""
+    held = _WORKSPACES.setdefault((kind, device, dtype), [])
+    if not held or held[-1].numel() < words:
+        make = torch.zeros if kind == "zeroed" else torch.empty
+        held.append(make(triton.next_power_of_2(words), dtype=dtype, device=device))
+    return held[-1]
+
+
 def zeroed_workspace(words: int, device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """The device's split-K workspace of ``dtype`` (int32 partial sums and counters, int64 tallies; at least
-    ``words`` long), all zero between GEMMs (split_k_store puts the zeros back). GEMMs of one device run in stream
-    order, so they can share it. A larger one replaces it when needed; the old ones stay allocated, as CUDA graphs
-    captured earlier still point at them."""
-    held = _WORKSPACES.setdefault((device, dtype), [])
-    if not held or held[-1].numel() < words:
-        held.append(torch.zeros(triton.next_power_of_2(words), dtype=dtype, device=device))
-    return held[-1]
+    ``words`` long), all zero between GEMMs (split_k_store puts the zeros back)."""
+    return _workspace("zeroed", words, device, dtype)
+
+
+def scratch_workspace(words: int, device: torch.device) -> torch.Tensor:
+    """The device's int32 scratch of at least ``words``, in no particular state (kernels/w4a8_wgmma.py's splits
+    each overwrite a slice of their own, so it needs no zeros)."""
+    return _workspace("scratch", words, device, torch.int32)
 
 
 def as_words(t: torch.Tensor) -> torch.Tensor | None:

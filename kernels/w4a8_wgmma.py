@@ -210,25 +210,13 @@ def wgmma_applies(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.T
             and a_q.stride(1) == 1 and a_q.stride(0) % 16 == 0 and a_q.data_ptr() % 16 == 0)
 
 
-_PARTIALS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _partials_workspace(words: int, device: torch.device) -> torch.Tensor:
-    """The device's int32 scratch for the splits' partial sums (each split overwrites its slice, so unlike
-    splitk_gemm.zeroed_workspace it needs no zeros). Larger ones replace it; old ones stay for captured graphs."""
-    held = _PARTIALS.setdefault(device, [])
-    if not held or held[-1].numel() < words:
-        held.append(torch.empty(triton.next_power_of_2(words), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 def w4a8_wgmma(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
                group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                row_scale: torch.Tensor | None, config: dict) -> torch.Tensor:
     """out [M, N] = a_q int8 [M, K] @ levels^T * w_scale[n] (* row_scale[m]) (+ bias[n]) with a WGMMA tile
-    (``config``: BLOCK_M 64 per 4 warps, BLOCK_N 64 or 128, num_stages, LEVEL_BUFS, SPLIT_K; 0 = automatic) on
+    (``config``: BLOCK_M 64 per 4 warps, BLOCK_N 32, 64 or 128, num_stages, LEVEL_BUFS, SPLIT_K; 0 = automatic) on
     operands wgmma_applies accepts."""
-    from vllm_outliertune.kernels.splitk_gemm import split_k_plan, zeroed_workspace  # (Triton code)
+    from vllm_outliertune.kernels.splitk_gemm import scratch_workspace, split_k_plan  # (Triton code)
 
     (m, k), n = a_q.shape, w_words.shape[0]
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
@@ -237,11 +225,9 @@ def w4a8_wgmma(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tens
         raise ValueError(f"WGMMA tile {config}: BLOCK_M must be 16 * num_warps (64 per warpgroup) and BLOCK_N "
                          "32, 64 or 128")
     grid_n, grid_m = n // block_n, triton.cdiv(m, block_m)
-    split_k, k_per_split, _, _ = split_k_plan(m, n, k, grid_n * grid_m, BLOCK_K, config, a_q.device)
-    partial_sums = counters = None
-    if split_k > 1:
-        partial_sums = _partials_workspace(split_k * m * n, a_q.device)
-        counters = zeroed_workspace(grid_n * grid_m, a_q.device)[:grid_n * grid_m]
+    # split_k_plan's per-tile counters (zeroed); the partial sums go to slices of a scratch buffer instead
+    split_k, k_per_split, _, counters = split_k_plan(m, n, k, grid_n * grid_m, BLOCK_K, config, a_q.device)
+    partial_sums = scratch_workspace(split_k * m * n, a_q.device) if split_k > 1 else None
     _w4a8_wgmma_kernel[(grid_n, grid_m, split_k)](
         a_q, w_words, group_scale, group_zero, out, w_scale, row_scale, bias, partial_sums, counters, m, n, k,
         # (one group per row: no group stride, so that the group bytes' copies are known to be aligned)

@@ -588,8 +588,8 @@ def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> str:
                      BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], STAGES=config["num_stages"],
                      LEVEL_BUFS=config["LEVEL_BUFS"])
     signature.update({name: "constexpr" for name in constants})
-    aligned = [name for name in kernel.arg_names[:len(pointers)]] + ["N", "K", "stride_am", "stride_wk", "stride_gk",
-                                                                     "stride_om", "K_PER_SPLIT"]
+    aligned = list(kernel.arg_names[:len(pointers)]) + ["N", "K", "stride_am", "stride_wk", "stride_gk", "stride_om",
+                                                        "K_PER_SPLIT"]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     compiled = triton_compile(GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
