@@ -12,8 +12,8 @@
                                    # w8a8-coop: inductor's cooperative reductions on, which spread the guard's row
                                    # maximum over programs; w8a8-guard-whole: the traced guard fused whole into
                                    # every producer, as before the guard in parts)
-    python bench/e2e_gpu.py profile WORKDIR [--rows w8a8,fp8]    # torch-profiler breakdown of decode steps by
-                                   # kernel kind, and wall time per step
+    python bench/e2e_gpu.py profile WORKDIR [--rows w8a8,fp8] [--batches 1,16,64]   # torch-profiler breakdown of
+                                   # decode steps by kernel kind, and wall time per step
     python bench/e2e_gpu.py serve WORKDIR       # `vllm serve` on the tiny W8A8 checkpoint + the openai client
 
 Each engine runs in its own process (GPU memory is freed between rows); its log is parsed for weight memory and
@@ -406,7 +406,7 @@ def _table(workdir: Path, only: str = "bf16,w8a8,fp8", tp: int = 1) -> None:
 # fused kernels after the ops they contain: "round" marks one that writes our int8 codes.
 KERNEL_KINDS = (
     ("our int8 GEMMs", ("_int8_gemm_kernel", "_int8_gemm_tma_kernel", "_splitk_gemm_kernel")),
-    ("our W4A8 GEMMs", ("_w4a8_gemm_kernel", "_w4a8_gemv_kernel", "_w4a8_wgmma_kernel")),
+    ("our W4A8 GEMMs", ("_w4a8_gemm_kernel", "_w4a8_gemv_kernel", "_w4a8_wgmma_kernel", "_w4a8_wgmma_swap_kernel")),
     ("our W4A8 unpack to int8 (M above the GEMM's buckets)", ("_unpack_kernel",)),
     ("CUTLASS int8 (cutlass_scaled_mm)", ("cutlass_3x_gemm<signed char",)),
     ("CUTLASS fp8 (vLLM's fp8 row)", ("float_e4m3",)),
@@ -438,21 +438,22 @@ def _kind(kernel_name: str) -> str:
     return next(kind for kind, patterns in KERNEL_KINDS if any(re.search(p, name) for p in patterns))
 
 
-def _profile(workdir: Path, checkpoints: str = "w8a8") -> None:
-    """Profile generation at 1, 16 and 64 sequences of each checkpoint (llama3-8b-NAME, or fp8: vLLM's fp8 on random
-    weights): (prefill + 81 tokens) minus (prefill + 17 tokens) per kernel name = 64 decode steps; print the share
-    of each kernel kind, and the wall time per step next to the kernels' sum (the difference: launch gaps and host
-    work the CUDA graphs do not hide)."""
+def _profile(workdir: Path, checkpoints: str = "w8a8", batches: str = "1,16,64") -> None:
+    """Profile generation at ``batches`` sequences (default 1, 16 and 64) of each checkpoint (llama3-8b-NAME, or
+    fp8: vLLM's fp8 on random weights): (prefill + 81 tokens) minus (prefill + 17 tokens) per kernel name = 64
+    decode steps; print the share of each kernel kind, and the wall time per step next to the kernels' sum (the
+    difference: launch gaps and host work the CUDA graphs do not hide)."""
     names = checkpoints.split(",")
     if len(names) > 1:  # one engine per process: each checkpoint in its own child
         for name in names:
-            subprocess.run([sys.executable, __file__, "profile", str(workdir), "--rows", name], check=False)
+            subprocess.run([sys.executable, __file__, "profile", str(workdir), "--rows", name, "--batches", batches],
+                           check=False)
         return
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, where the profiler looks
-    _profile_checkpoint(workdir, checkpoints)
+    _profile_checkpoint(workdir, checkpoints, [int(batch) for batch in batches.split(",")])
 
 
-def _profile_checkpoint(workdir: Path, name: str) -> None:
+def _profile_checkpoint(workdir: Path, name: str, batches: list[int]) -> None:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -468,7 +469,7 @@ def _profile_checkpoint(workdir: Path, name: str) -> None:
     # prompts decode beside the later chunks (mixed steps whose GEMMs run at larger M), so a run of one token
     # against one of 65 counted those mixed steps as decode (session 12: negative CUTLASS and unpack times @64).
     first_tokens = 17
-    for batch in (1, 16, 64):
+    for batch in batches:
         prompts = [TokensPrompt(prompt_token_ids=torch.randint(0, 128000, (INPUT_LEN,), generator=gen).tolist())
                    for _ in range(batch)]
         per_run, wall = {}, {}
@@ -554,6 +555,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", help="row: vLLM's kv_cache_dtype (e.g. fp8)")
     parser.add_argument("--rows", help="table: which rows to run now (default bf16,w8a8,fp8); profile: which "
                         "checkpoints (default w8a8)")
+    parser.add_argument("--batches", default="1,16,64", help="profile: the numbers of sequences")
     parser.add_argument("--prefix-caching", action="store_true", help="row: enable_prefix_caching=True")
     parser.add_argument("--inductor", type=json.loads, help="row: vLLM's inductor_compile_config (JSON)")
     parser.add_argument("--tp", type=int, default=1, help="table / row: tensor-parallel size")
@@ -577,7 +579,7 @@ def main() -> None:
     elif args.step == "make8b":
         _make8b(workdir, args.w4a8, args.synthetic, args.lm_head, MODEL_SIZES[args.shape])
     elif args.step == "profile":
-        _profile(workdir, args.rows or "w8a8")
+        _profile(workdir, args.rows or "w8a8", args.batches)
     else:
         {"tiny": _tiny, "serve": _serve}[args.step](workdir)
 

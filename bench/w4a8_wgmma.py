@@ -1,10 +1,11 @@
 """The Gluon W4A8 kernel (kernels/w4a8_wgmma.py) on a Hopper GPU: exactness, stream timings against the shipped
 W4A8 dispatch and our int8 dispatch, and shipping its tiles into kernels/tile_configs.json.
 
-    python bench/w4a8_wgmma.py time OUT.json [--rows 16,32,64,128] [--shapes 6144x4096,...]   # on the GPU
+    python bench/w4a8_wgmma.py time OUT.json [--rows 16,32,64,128] [--shapes 6144x4096,...] [--grid swap]  # GPU
     python bench/w4a8_wgmma.py ship OUT.json ["NVIDIA H200"]                                   # anywhere
 
-time: first every WGMMA tile of a grid against torch_ref on odd shapes (M not a multiple of 64, K splits, the token
+time: first every WGMMA tile of a grid (--grid levels: weights widened into shared memory; swap: SWAP_AB, weights
+from registers; both) against torch_ref on odd shapes (M not a multiple of 64, K splits, the token
 guard's row scale, no bias, one group per row), then per (shape, M) the shipped dispatch (kernels/linear.py's
 w4a8_gemm op: table lookup, no load pick), the int8 dispatch on an int8 weight of the shape, and each WGMMA tile,
 all as tune.stream_time_us (weight copies past the L2, back to back in a CUDA graph, as decode streams layers).
@@ -20,6 +21,8 @@ import itertools
 import json
 from pathlib import Path
 
+from vllm_outliertune.kernels.tune import swap_tile
+
 TUNED = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # Llama-3-8B TP 1
 HELD_OUT = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]  # Qwen2.5-7B TP 1
 # Timed tiles (BLOCK_M, BLOCK_N, stages, level buffers) and their K splits: one warpgroup, and two from M = 128
@@ -27,8 +30,13 @@ TILES = [(64, bn, stages, bufs) for bn in (128, 64, 32) for stages, bufs in ((4,
 TILE_SPLITS = (1, 2, 4, 8)
 LARGE_TILES = [(128, bn, 4, 2) for bn in (64, 128)]
 LARGE_SPLITS = (1, 2, 4)
+# SWAP_AB tiles (BLOCK_N, warps) timed at BLOCK_M = min(M, 128), and at 64 from M = 128
+SWAP_TILES = ((64, 4), (128, 4), (128, 8))
 # Checked tiles: every combination, with an uneven split and the automatic one
 CHECKED = list(itertools.product((64, 128), (32, 64, 128), (3, 4), (1, 2)))
+CHECKED_SWAP = ((16, 64, 4), (32, 128, 4), (64, 128, 8), (128, 64, 4))  # (BLOCK_M, BLOCK_N, warps)
+SWAP_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "SPLIT_K")
+LEVEL_KEYS = ("BLOCK_M", "BLOCK_N", "num_stages", "LEVEL_BUFS", "SPLIT_K")
 
 
 def wgmma_config(bm: int, bn: int, stages: int, bufs: int, split: int) -> dict:
@@ -37,11 +45,24 @@ def wgmma_config(bm: int, bn: int, stages: int, bufs: int, split: int) -> dict:
 
 
 def name_of(config: dict) -> str:
-    return "wg" + "_".join(str(config[key]) for key in ("BLOCK_M", "BLOCK_N", "num_stages", "LEVEL_BUFS", "SPLIT_K"))
+    keys = SWAP_KEYS if config.get("SWAP_AB") else LEVEL_KEYS
+    return ("sw" if config.get("SWAP_AB") else "wg") + "_".join(str(config[key]) for key in keys)
 
 
-def check_exact() -> int:
-    """Every grid tile on odd problems against torch_ref; returns the number of mismatches (printed)."""
+def grid_configs(m: int, grid: str) -> list[dict]:
+    """The timed tiles at M = m of a grid (levels, swap or both)."""
+    configs = []
+    if grid in ("levels", "both"):
+        configs += [wgmma_config(*tile, split) for tile in TILES for split in TILE_SPLITS]
+        configs += [wgmma_config(*tile, split) for tile in LARGE_TILES for split in LARGE_SPLITS] if m > 64 else []
+    if grid in ("swap", "both"):
+        configs += [swap_tile(bm, bn, warps, split) for bm in sorted({min(m, 128), min(m, 64)})
+                    for bn, warps in SWAP_TILES for split in TILE_SPLITS]
+    return configs
+
+
+def check_exact(grid: str) -> int:
+    """The grid's kind of tiles on odd problems against torch_ref; returns the number of mismatches (printed)."""
     import torch
 
     from vllm_outliertune.kernels import torch_ref
@@ -56,8 +77,11 @@ def check_exact() -> int:
         w_scale, bias = torch.rand(n, device="cuda") / 100, torch.randn(n, device="cuda")
         for row_scale, b in ((None, bias), (torch.rand(m, device="cuda") + 0.5, None)):
             want = torch_ref.w4a8_gemm_ref(a, words, scales, zeros, group, w_scale, b, torch.bfloat16, row_scale)
-            for tile, split in itertools.product(CHECKED, (1, 3, 0)):
-                config = wgmma_config(*tile, split)
+            tiles = [wgmma_config(*tile, split) for tile, split in itertools.product(CHECKED, (1, 3, 0))
+                     if grid != "swap"]
+            tiles += [swap_tile(*tile, split) for tile, split in itertools.product(CHECKED_SWAP, (1, 3))
+                      if grid != "levels"] + ([swap_tile(*CHECKED_SWAP[1], 0)] if grid != "levels" else [])
+            for config in tiles:
                 if not wgmma_applies(a, words, scales, group, True, config):
                     continue
                 out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
@@ -69,14 +93,14 @@ def check_exact() -> int:
     return bad
 
 
-def time_shapes(out: Path, rows: list[int], shapes: list[tuple[int, int]]) -> None:
+def time_shapes(out: Path, rows: list[int], shapes: list[tuple[int, int]], grid: str) -> None:
     import torch
 
     from vllm_outliertune.kernels import linear
     from vllm_outliertune.kernels.tune import packed_weight, stream_time_us, weight_copies
     from vllm_outliertune.kernels.w4a8_wgmma import w4a8_wgmma, wgmma_applies
 
-    if check_exact():
+    if check_exact(grid):
         raise SystemExit("WGMMA tiles differ from the reference: not timed")
     results = []
     for (n, k), m in itertools.product(shapes, rows):
@@ -88,28 +112,26 @@ def time_shapes(out: Path, rows: list[int], shapes: list[tuple[int, int]]) -> No
             [lambda c=c: linear.w4a8_gemm(c[0], c[1], c[2], c[3], 128, c[4], c[5], torch.bfloat16) for c in copies])}
         int8 = weight_copies((a, torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8), w_scale, bias))
         row["int8"] = stream_time_us([lambda c=c: linear.int8_gemm(*c, torch.bfloat16) for c in int8])
-        grid = [(tile, split) for tile in TILES for split in TILE_SPLITS]
-        grid += [(tile, split) for tile in LARGE_TILES for split in LARGE_SPLITS] if m > 64 else []
-        for tile, split in grid:
-            config = wgmma_config(*tile, split)
+        for config in grid_configs(m, grid):
             if not wgmma_applies(a, words, scales, 128, True, config):
                 continue
-            out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+            result = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
             row[name_of(config)] = stream_time_us([lambda c=c, config=config: w4a8_wgmma(
-                c[0], c[1], c[2], c[3], 128, c[4], c[5], out, None, config) for c in copies])
-        best = min((t, key) for key, t in row.items() if key.startswith("wg"))
+                c[0], c[1], c[2], c[3], 128, c[4], c[5], result, None, config) for c in copies])
+        best = min((t, key) for key, t in configs_of(row).items())
         print(f"{n}x{k} M={m}: shipped {row['shipped']:.1f} int8 {row['int8']:.1f} µs, best {best[1]} {best[0]:.1f}"
               f" ({row['shipped'] / best[0]:.2f}x shipped, {row['int8'] / best[0]:.2f}x int8)", flush=True)
         results.append(row)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+        out.write_text(json.dumps(results, indent=1) + "\n")  # (each row as it comes: a call may time out)
 
 
 def configs_of(row: dict) -> dict[str, float]:
-    return {key: t for key, t in row.items() if key.startswith("wg")}
+    return {key: t for key, t in row.items() if key[:2] in ("wg", "sw")}
 
 
 def config_of(name: str) -> dict:
-    return wgmma_config(*map(int, name[2:].split("_")))
+    values = list(map(int, name[2:].split("_")))
+    return swap_tile(*values) if name.startswith("sw") else wgmma_config(*values)
 
 
 def ship(timings: Path, device: str) -> None:
@@ -156,10 +178,11 @@ def main() -> None:
     parser.add_argument("device", nargs="?", default="NVIDIA H200", help="ship: the table's device entry")
     parser.add_argument("--rows", default="16,32,64,128")
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in TUNED + HELD_OUT))
+    parser.add_argument("--grid", choices=("levels", "swap", "both"), default="both", help="time: which tiles")
     args = parser.parse_args()
     if args.command == "time":
         time_shapes(args.timings, [int(m) for m in args.rows.split(",")],
-                    [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")])
+                    [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")], args.grid)
     else:
         ship(args.timings, args.device)
 

@@ -60,11 +60,11 @@ if gluon is not None:
         async_copy.commit_group()
 
     @gluon.jit
-    def _scaled_levels(words, scale, zero):
-        """uint32 words [BLOCK_N, W] of 8 codes, scale / zero [BLOCK_N] -> level words [BLOCK_N, 2W] in channel
-        order: word 2j holds channels 8j..8j+3 (low nibbles), 2j + 1 channels 8j+4..8j+7, each byte (code - zero) *
-        scale as an int8. Four codes scale in one multiply (each product <= 255 stays in its byte); zero * scale is
-        subtracted per byte without borrows (top bit set first, its true value restored after)."""
+    def _scaled_planes(words, scale, zero):
+        """uint32 words [BLOCK_N, W] of 8 codes, scale / zero [BLOCK_N] -> the level words of their low nibbles
+        (channels 8j..8j+3) and of their high ones (8j+4..8j+7), each byte (code - zero) * scale as an int8. Four
+        codes scale in one multiply (each product <= 255 stays in its byte); zero * scale is subtracted per byte
+        without borrows (top bit set first, its true value restored after)."""
         zero_scaled = zero * scale * 0x01010101
         low_bits = (zero_scaled & 0x7F7F7F7F)[:, None]
         top_bits = ((zero_scaled & 0x80808080) ^ 0x80808080)[:, None]
@@ -72,6 +72,12 @@ if gluon is not None:
         high = ((words >> 4) & 0x0F0F0F0F) * scale[:, None]
         low = ((low | 0x80808080) - low_bits) ^ ((low & 0x80808080) ^ top_bits)
         high = ((high | 0x80808080) - low_bits) ^ ((high & 0x80808080) ^ top_bits)
+        return low, high
+
+    @gluon.jit
+    def _scaled_levels(words, scale, zero):
+        """_scaled_planes' level words [BLOCK_N, 2W] in channel order: word 2j holds channels 8j..8j+3."""
+        low, high = _scaled_planes(words, scale, zero)
         return gl.reshape(gl.join(low, high), [words.shape[0], 2 * words.shape[1]])
 
     @gluon.jit
@@ -150,8 +156,94 @@ if gluon is not None:
         acc = warpgroup_mma_wait(0, deps=[acc])
         async_copy.wait_group(0)
 
+        _finish(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, M, N, stride_om, pid_n, pid_m,
+                pid_k, HAS_ROW_SCALE, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+    @gluon.jit
+    def _w4a8_wgmma_swap_kernel(a_ptr, w_ptr, gs_ptr, gz_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr,
+                                count_ptr, M, N, K, stride_am, stride_wk, stride_gk, stride_om, K_PER_SPLIT,
+                                GROUP_SIZE: gl.constexpr, HAS_ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr,
+                                SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                STAGES: gl.constexpr, WORDS_LAYOUT: gl.constexpr, CHUNKS_LAYOUT: gl.constexpr):
+        # The weights are the wgmma's A operand, straight from registers: [BLOCK_N, 128] per K step, 64 rows per
+        # warpgroup, against the activations as B [128, BLOCK_M] (the tokens are the MMA's N: 8..256).
+        WARPS: gl.constexpr = gl.num_warps()
+        pid_n = gl.program_id(0)
+        pid_m = gl.program_id(1)
+        pid_k = gl.program_id(2)
+        n0 = pid_n * BLOCK_N
+        k_start = pid_k * K_PER_SPLIT
+        steps = gl.cdiv(gl.minimum(K - k_start, K_PER_SPLIT), _BLOCK_K)
+
+        # A thread's A fragment holds, per 32 channels of the MMA's K (kappa), the 4-channel chunks c and c + 4
+        # (c = lane % 4) of its rows; it widens word c of each 32 channels of the weights, whose low nibbles are
+        # channels 8c..8c+3 and high ones 8c+4..8c+7. So kappa chunk u of each 32 is channel chunk 2 (u % 4) + u // 4
+        # of the activations, which the 4-byte copies gather into the swizzled B tile in that order.
+        a_copy: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])
+        w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // BLOCK_N, BLOCK_N // 4], [WARPS, 1], [1, 0])
+        g_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
+        kappa = gl.arange(0, _BLOCK_K, layout=gl.SliceLayout(0, a_copy))
+        chunk = (kappa % 32) // 4
+        offs_ak = gl.max_contiguous(gl.multiple_of(kappa // 32 * 32 + (chunk % 4 * 2 + chunk // 4) * 4 + kappa % 4,
+                                                   4), 4)
+        offs_am = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_copy))
+        offs_wk = gl.arange(0, _BLOCK_K // 8, layout=gl.SliceLayout(1, w_copy))
+        offs_wn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, w_copy))
+        offs_gn = n0 + gl.arange(0, BLOCK_N, layout=g_copy)
+
+        swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        plain2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        plain1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        a_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, _BLOCK_K], swizzled)
+        w_s = gl.allocate_shared_memory(gl.int32, [STAGES, _BLOCK_K // 8, BLOCK_N], plain2)
+        gs_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], plain1)
+        gz_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], plain1)
+
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                              instr_shape=[16, BLOCK_M, 32])
+        a_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=4)
+        group_layout: gl.constexpr = gl.SliceLayout(1, WORDS_LAYOUT)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, acc_layout)
+        in_flight = gl.zeros([BLOCK_N, _BLOCK_K // 4], gl.uint32, CHUNKS_LAYOUT)
+        for step in gl.static_range(STAGES - 1):
+            _copy_step(step, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak, offs_wk,
+                       offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
+        for i in range(steps):
+            s = i % STAGES
+            async_copy.wait_group(STAGES - 2)
+            _barrier()  # every thread's copies of step i have landed
+            words = w_s.index(s).permute((1, 0)).load(WORDS_LAYOUT).to(gl.uint32, bitcast=True)
+            low, high = _scaled_planes(words, gs_s.index(s).load(group_layout).to(gl.uint32),
+                                       gz_s.index(s).load(group_layout).to(gl.uint32))
+            # word 4i + c's planes h -> kappa chunk 8i + 4h + c, then its bytes in order: the A fragment
+            chunks = gl.join(gl.reshape(low, [BLOCK_N, 4, 4]), gl.reshape(high, [BLOCK_N, 4, 4]))
+            chunks = gl.convert_layout(gl.reshape(gl.permute(chunks, (0, 1, 3, 2)), [BLOCK_N, _BLOCK_K // 4]),
+                                       CHUNKS_LAYOUT)
+            levels = gl.join(gl.join(chunks & 0xFF, (chunks >> 16) & 0xFF), gl.join((chunks >> 8) & 0xFF, chunks >> 24))
+            levels = gl.convert_layout(gl.reshape(levels, [BLOCK_N, _BLOCK_K]).to(gl.int8), a_operand)
+            acc = warpgroup_mma(levels, a_s.index(s).permute((1, 0)), acc, is_async=True)
+            # the previous step's wgmma has retired: its stage takes step i + STAGES - 1 and its registers are free
+            # (kept alive until here as the level words they are: the wait takes no 8-bit operands)
+            acc, in_flight = warpgroup_mma_wait(1, deps=[acc, in_flight])
+            in_flight = chunks
+            if WARPS > 4:  # every warpgroup's wgmma has left the stage (its activations) that the copy refills
+                _barrier()
+            _copy_step(i + STAGES - 1, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak,
+                       offs_wk, offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
+        acc, in_flight = warpgroup_mma_wait(0, deps=[acc, in_flight])
+        async_copy.wait_group(0)
+        _finish(gl.permute(acc, (1, 0)), out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, M, N,
+                stride_om, pid_n, pid_m, pid_k, HAS_ROW_SCALE, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+    @gluon.jit
+    def _finish(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, ws_ptr, count_ptr, M, N, stride_om, pid_n, pid_m,
+                pid_k, HAS_ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The tile's int32 sums acc [BLOCK_M, BLOCK_N] (any layout) scaled into out, after the other K splits'."""
+        WARPS: gl.constexpr = gl.num_warps()
         out_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // BLOCK_N, BLOCK_N // 4], [WARPS, 1], [1, 0])
         acc = gl.convert_layout(acc, out_layout)
+        n0 = pid_n * BLOCK_N
         offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
         offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -210,30 +302,52 @@ def wgmma_applies(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.T
             and a_q.stride(1) == 1 and a_q.stride(0) % 16 == 0 and a_q.data_ptr() % 16 == 0)
 
 
+def _swap_layouts(block_n: int, warps: int) -> dict:
+    """The swapped kernel's register layouts of a K step's weight words [BLOCK_N, 16] and of their level words in
+    the wgmma's channel order [BLOCK_N, 32]: thread (warp w, lane l) holds word 4i + l % 4 (i = 0..3) of rows
+    16w + l // 4 and + 8 (and + 16 * warps ...), the rows and 4-channel chunks of the wgmma's A fragment (PTX ISA,
+    wgmma .m64nNk32 register fragment for 8-bit A)."""
+    rows = [[16 * warps << t, 0] for t in range((block_n // (16 * warps)).bit_length() - 1)]
+    lanes = [[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]]
+    warp_rows = [[16 << t, 0] for t in range(warps.bit_length() - 1)]
+    return dict(WORDS_LAYOUT=gl.DistributedLinearLayout([[8, 0], [0, 4], [0, 8]] + rows, lanes, warp_rows, [],
+                                                        [block_n, 16]),
+                CHUNKS_LAYOUT=gl.DistributedLinearLayout([[0, 4], [8, 0], [0, 8], [0, 16]] + rows, lanes, warp_rows,
+                                                         [], [block_n, 32]))
+
+
 def w4a8_wgmma(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
                group_size: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                row_scale: torch.Tensor | None, config: dict) -> torch.Tensor:
-    """out [M, N] = a_q int8 [M, K] @ levels^T * w_scale[n] (* row_scale[m]) (+ bias[n]) with a WGMMA tile
-    (``config``: BLOCK_M 64 per 4 warps, BLOCK_N 32, 64 or 128, num_stages, LEVEL_BUFS, SPLIT_K; 0 = automatic) on
-    operands wgmma_applies accepts."""
+    """out [M, N] = a_q int8 [M, K] @ levels^T * w_scale[n] (* row_scale[m]) (+ bias[n]) with a WGMMA tile on
+    operands wgmma_applies accepts. ``config``: num_stages, SPLIT_K (0 = automatic) and either BLOCK_M 64 per 4
+    warps, BLOCK_N 32, 64 or 128 and LEVEL_BUFS (weights widened into shared memory), or SWAP_AB with BLOCK_N a
+    multiple of 16 * num_warps (64 weight rows per warpgroup, from registers) and BLOCK_M 16, 32, 64 or 128 (the
+    tokens)."""
     from vllm_outliertune.kernels.splitk_gemm import scratch_workspace, split_k_plan  # (Triton code)
 
     (m, k), n = a_q.shape, w_words.shape[0]
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     warps = config.get("num_warps", 4)
-    if block_m != 16 * warps or block_n not in (32, 64, 128):
+    swap = bool(config.get("SWAP_AB"))
+    if swap and (block_n % (16 * warps) or block_m not in (16, 32, 64, 128) or warps not in (4, 8)):
+        raise ValueError(f"WGMMA SWAP_AB tile {config}: BLOCK_N must be a multiple of 16 * num_warps (4 or 8) and "
+                         "BLOCK_M 16, 32, 64 or 128")
+    if not swap and (block_m != 16 * warps or block_n not in (32, 64, 128)):
         raise ValueError(f"WGMMA tile {config}: BLOCK_M must be 16 * num_warps (64 per warpgroup) and BLOCK_N "
                          "32, 64 or 128")
     grid_n, grid_m = n // block_n, triton.cdiv(m, block_m)
     # split_k_plan's per-tile counters (zeroed); the partial sums go to slices of a scratch buffer instead
     split_k, k_per_split, _, counters = split_k_plan(m, n, k, grid_n * grid_m, BLOCK_K, config, a_q.device)
     partial_sums = scratch_workspace(split_k * m * n, a_q.device) if split_k > 1 else None
-    _w4a8_wgmma_kernel[(grid_n, grid_m, split_k)](
+    kernel, variant = (_w4a8_wgmma_swap_kernel, _swap_layouts(block_n, warps)) if swap \
+        else (_w4a8_wgmma_kernel, dict(LEVEL_BUFS=config.get("LEVEL_BUFS", 2)))
+    kernel[(grid_n, grid_m, split_k)](
         a_q, w_words, group_scale, group_zero, out, w_scale, row_scale, bias, partial_sums, counters, m, n, k,
         # (one group per row: no group stride, so that the group bytes' copies are known to be aligned)
         a_q.stride(0), w_words.stride(1), group_scale.stride(1) if group_scale.shape[1] > 1 else 0, out.stride(0),
         k_per_split,
         GROUP_SIZE=group_size or k, HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
-        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=config.get("num_stages", 4),
-        LEVEL_BUFS=config.get("LEVEL_BUFS", 2), num_warps=warps, enable_fp_fusion=False)
+        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=config.get("num_stages", 4), num_warps=warps,
+        enable_fp_fusion=False, **variant)
     return out

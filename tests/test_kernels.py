@@ -219,7 +219,9 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
                  ("w4a8_splitk", 128, {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4,
                                        "num_stages": 3, "LEVEL_BUFS": 1, "WGMMA": 1}),
                  ("w4a8_gemm", 0, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4,
-                                   "LEVEL_BUFS": 2, "WGMMA": 1}))
+                                   "LEVEL_BUFS": 2, "WGMMA": 1}),
+                 ("w4a8_splitk", 128, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4,
+                                       "num_stages": 4, "SWAP_AB": 1, "WGMMA": 1}))
 
 
 # (group size, config) of the column GEMV (kernels/w4a8_gemv.py): one group a step over 2 K chunks, two groups a step
@@ -573,20 +575,23 @@ if __name__ == "__main__":  # the interpreter subprocess
 
 
 def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> str:
-    """kernels/w4a8_wgmma.py's kernel compiled for sm90 by the installed Triton, without a GPU (ptxas ships with
-    Triton); its TTGIR. Integer arguments as Triton specializes them at launch (16-divisible strides)."""
+    """kernels/w4a8_wgmma.py's kernel for ``config`` (SWAP_AB or not) compiled for sm90 by the installed Triton,
+    without a GPU (ptxas ships with Triton); its TTGIR. Integer arguments as Triton specializes them at launch
+    (16-divisible strides)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from vllm_outliertune.kernels import w4a8_wgmma
 
-    kernel = w4a8_wgmma._w4a8_wgmma_kernel
+    swap = config.get("SWAP_AB")
+    kernel = w4a8_wgmma._w4a8_wgmma_swap_kernel if swap else w4a8_wgmma._w4a8_wgmma_kernel
     pointers = ["*i8", "*i32", "*u8", "*u8", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*i32"]
     signature = dict(zip(kernel.arg_names, pointers + ["i32"] * (len(kernel.arg_names) - len(pointers))))
     constants = dict(GROUP_SIZE=128, HAS_ROW_SCALE=has_row_scale, HAS_BIAS=True, SPLIT_K=config["SPLIT_K"],
-                     BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], STAGES=config["num_stages"],
-                     LEVEL_BUFS=config["LEVEL_BUFS"])
+                     BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], STAGES=config["num_stages"])
+    constants.update(w4a8_wgmma._swap_layouts(config["BLOCK_N"], config["num_warps"]) if swap
+                     else dict(LEVEL_BUFS=config["LEVEL_BUFS"]))
     signature.update({name: "constexpr" for name in constants})
     aligned = list(kernel.arg_names[:len(pointers)]) + ["N", "K", "stride_am", "stride_wk", "stride_gk", "stride_om",
                                                         "K_PER_SPLIT"]
@@ -599,12 +604,16 @@ def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> str:
 
 @pytest.mark.parametrize("config, has_row_scale", [
     ({"BLOCK_M": 64, "BLOCK_N": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 3, "LEVEL_BUFS": 1}, True),
-    ({"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 4, "LEVEL_BUFS": 2}, False)])
+    ({"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 4, "LEVEL_BUFS": 2}, False),
+    ({"BLOCK_M": 16, "BLOCK_N": 128, "SPLIT_K": 4, "num_warps": 4, "num_stages": 4, "SWAP_AB": 1}, True),
+    ({"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 3, "SWAP_AB": 1}, False)])
 def test_wgmma_kernel_keeps_a_wgmma_in_flight(config, has_row_scale):
-    """The Gluon W4A8 kernel builds for Hopper with this Triton (CI's differs from the GPU bundle's 3.6: both names
-    of the moved APIs are handled), and its K loop issues the wgmma asynchronously and waits only for the one before
-    (pendings = 1), so the next step's widening overlaps the tensor cores: the reason the kernel exists. (Its results
-    are checked on the GPU: test_gpu_kernels_match_reference's WGMMA variants; Gluon has no interpreter.)"""
+    """The Gluon W4A8 kernels build for Hopper with this Triton (CI's differs from the GPU bundle's 3.6: both names
+    of the moved APIs are handled), and their K loop issues the wgmma asynchronously and waits only for the one
+    before (pendings = 1), so the next step's widening overlaps the tensor cores: the reason the kernel exists. With
+    SWAP_AB the widened weights are the wgmma's register operand and nothing in the loop stores to shared memory
+    (the copies' cp.async aside). (Results are checked on the GPU: test_gpu_kernels_match_reference's WGMMA variants;
+    Gluon has no interpreter.)"""
     from vllm_outliertune.kernels import w4a8_wgmma
 
     if w4a8_wgmma.gluon is None:
@@ -612,6 +621,12 @@ def test_wgmma_kernel_keeps_a_wgmma_in_flight(config, has_row_scale):
     ttgir = _compile_wgmma_for_hopper(config, has_row_scale)
     assert re.search(r"ttng.warp_group_dot .*isAsync = true", ttgir)
     assert re.search(r"ttng.warp_group_dot_wait .*pendings = 1", ttgir)
+    loop = ttgir[ttgir.index("scf.for"):ttgir.index("ttng.warp_group_dot_wait", ttgir.index("pendings = 1"))]
+    if config.get("SWAP_AB"):
+        assert re.search(r"ttng.warp_group_dot %\S+, .*: tensor<\d+x128xi8, #ttg.dot_op<\{opIdx = 0", loop)
+        assert "ttg.local_store" not in loop
+    else:
+        assert "ttg.local_store" in loop
 
 
 @pytest.mark.gpu
@@ -630,10 +645,13 @@ def test_gpu_wgmma_tiles_run_the_gluon_kernel_on_hopper():
         packed = [w4a8_gpu_layout(t.cuda()) for t in make_packed_weight(n, k, group_size, seed=m)]
         w_scale, bias = torch.rand(n, device="cuda") / 100, torch.randn(n, device="cuda")
         row_scale = torch.rand(m, device="cuda") + 1
-        config = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3,
-                  "LEVEL_BUFS": 1, "WGMMA": 1}
-        if not wgmma_applies(codes, packed[0], packed[1], group_size, True, config):
-            pytest.skip("needs a Hopper GPU and a Triton with Gluon")
-        got = w4a8_gemm(codes, *packed, group_size, w_scale, bias, torch.bfloat16, "w4a8_splitk", config, row_scale)
         want = torch_ref.w4a8_gemm_ref(codes, *packed, group_size, w_scale, bias, torch.bfloat16, row_scale)
-        assert torch.equal(got, want), (m, k, n, group_size, split_k)
+        for config in ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 4,
+                        "num_stages": 3, "LEVEL_BUFS": 1, "WGMMA": 1},
+                       {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 4,
+                        "num_stages": 4, "SWAP_AB": 1, "WGMMA": 1}):
+            if not wgmma_applies(codes, packed[0], packed[1], group_size, True, config):
+                pytest.skip("needs a Hopper GPU and a Triton with Gluon")
+            got = w4a8_gemm(codes, *packed, group_size, w_scale, bias, torch.bfloat16, "w4a8_splitk", config,
+                            row_scale)
+            assert torch.equal(got, want), (m, k, n, group_size, split_k, config)
