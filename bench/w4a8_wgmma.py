@@ -163,8 +163,8 @@ def ship(timings: Path, device: str) -> None:
     for bucket, options in alternates.items():
         listed = table["alternates"].setdefault(device, {}).setdefault(bucket, [])
         listed += [option for option in options if option not in listed]
-        for n, k in HELD_OUT:
-            row = next(r for r in rows if (r["n"], r["k"], r["m"]) == (n, k, int(bucket)))
+        for row in (r for r in rows if (r["n"], r["k"]) in HELD_OUT and r["m"] == int(bucket)):
+            n, k = row["n"], row["k"]
             picked = min(row[name_of(config)] for _, config in options)
             print(f"held out {n}x{k} M={bucket}: alternates {picked:.1f} µs, own best WGMMA "
                   f"{min(configs_of(row).values()):.1f}, shipped lookup {row['shipped']:.1f}, int8 {row['int8']:.1f}")
