@@ -62,17 +62,20 @@ if gluon is not None:
     @gluon.jit
     def _scaled_planes(words, scale, zero):
         """uint32 words [BLOCK_N, W] of 8 codes, scale / zero [BLOCK_N] -> the level words of their low nibbles
-        (channels 8j..8j+3) and of their high ones (8j+4..8j+7), each byte (code - zero) * scale as an int8. Four
-        codes scale in one multiply (each product <= 255 stays in its byte); zero * scale is subtracted per byte
-        without borrows (top bit set first, its true value restored after)."""
+        (channels 8j..8j+3) and of their high ones (8j+4..8j+7): _swar_levels of each."""
+        return (_swar_levels(words & 0x0F0F0F0F, scale, zero),
+                _swar_levels((words >> 4) & 0x0F0F0F0F, scale, zero))
+
+    @gluon.jit
+    def _swar_levels(codes, scale, zero):
+        """uint32 words [BLOCK_N, W] of four codes (a byte each, 0..15), scale / zero [BLOCK_N] -> each byte
+        (code - zero) * scale as an int8. Four codes scale in one multiply (each product <= 255 stays in its byte);
+        zero * scale is subtracted per byte without borrows (top bit set first, its true value restored after)."""
         zero_scaled = zero * scale * 0x01010101
         low_bits = (zero_scaled & 0x7F7F7F7F)[:, None]
         top_bits = ((zero_scaled & 0x80808080) ^ 0x80808080)[:, None]
-        low = (words & 0x0F0F0F0F) * scale[:, None]
-        high = ((words >> 4) & 0x0F0F0F0F) * scale[:, None]
-        low = ((low | 0x80808080) - low_bits) ^ ((low & 0x80808080) ^ top_bits)
-        high = ((high | 0x80808080) - low_bits) ^ ((high & 0x80808080) ^ top_bits)
-        return low, high
+        products = codes * scale[:, None]
+        return ((products | 0x80808080) - low_bits) ^ ((products & 0x80808080) ^ top_bits)
 
     @gluon.jit
     def _scaled_levels(words, scale, zero):
