@@ -60,6 +60,48 @@ if gluon is not None:
         async_copy.commit_group()
 
     @gluon.jit
+    def _program_tile(K, K_PER_SPLIT, BLOCK_N: gl.constexpr):
+        """This program's (N tile, M tile, K split), its first output column and channel, and its K steps."""
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(2)
+        k_start = pid_k * K_PER_SPLIT
+        return (pid_n, gl.program_id(1), pid_k, pid_n * BLOCK_N, k_start,
+                gl.cdiv(gl.minimum(K - k_start, K_PER_SPLIT), _BLOCK_K))
+
+    @gluon.jit
+    def _ring(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """The K steps' copy ring, STAGES deep: activation codes [BLOCK_M, 128] (128-byte swizzled: a wgmma
+        operand), weight words [16, BLOCK_N] (N-major) and the group's scale and zero bytes [BLOCK_N]."""
+        swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        plain2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        plain1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        return (gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, _BLOCK_K], swizzled),
+                gl.allocate_shared_memory(gl.int32, [STAGES, _BLOCK_K // 8, BLOCK_N], plain2),
+                gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], plain1),
+                gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], plain1))
+
+    @gluon.jit
+    def _weight_copy_offsets(n0, BLOCK_N: gl.constexpr):
+        """Offsets of a K step's weight words (16-byte copies of N-major rows) and group bytes (4-byte ones)."""
+        WARPS: gl.constexpr = gl.num_warps()
+        w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // BLOCK_N, BLOCK_N // 4], [WARPS, 1], [1, 0])
+        g_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
+        return (gl.arange(0, _BLOCK_K // 8, layout=gl.SliceLayout(1, w_copy)),
+                n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, w_copy)),
+                n0 + gl.arange(0, BLOCK_N, layout=g_copy))
+
+    @gluon.jit
+    def _landed_step(i, w_s, gs_s, gz_s, WORDS_LAYOUT: gl.constexpr, STAGES: gl.constexpr):
+        """Waits until every thread's copies of K step i have landed; the step's stage, its weight words
+        [BLOCK_N, 16] in WORDS_LAYOUT and its group scale and zero [BLOCK_N] (uint32)."""
+        s = i % STAGES
+        async_copy.wait_group(STAGES - 2)
+        _barrier()
+        group_layout: gl.constexpr = gl.SliceLayout(1, WORDS_LAYOUT)
+        return (s, w_s.index(s).permute((1, 0)).load(WORDS_LAYOUT).to(gl.uint32, bitcast=True),
+                gs_s.index(s).load(group_layout).to(gl.uint32), gz_s.index(s).load(group_layout).to(gl.uint32))
+
+    @gluon.jit
     def _scaled_planes(words, scale, zero):
         """uint32 words [BLOCK_N, W] of 8 codes, scale / zero [BLOCK_N] -> the level words of their low nibbles
         (channels 8j..8j+3) and of their high ones (8j+4..8j+7): _swar_levels of each."""
@@ -91,31 +133,17 @@ if gluon is not None:
                            STAGES: gl.constexpr, LEVEL_BUFS: gl.constexpr):
         # Words and group tensors are N-major: word j of row n at n + j * stride_wk, group g's at n + g * stride_gk.
         WARPS: gl.constexpr = gl.num_warps()
-        pid_n = gl.program_id(0)
-        pid_m = gl.program_id(1)
-        pid_k = gl.program_id(2)
-        n0 = pid_n * BLOCK_N
-        k_start = pid_k * K_PER_SPLIT
-        steps = gl.cdiv(gl.minimum(K - k_start, K_PER_SPLIT), _BLOCK_K)
+        pid_n, pid_m, pid_k, n0, k_start, steps = _program_tile(K, K_PER_SPLIT, BLOCK_N)
 
-        # 16-byte copies (4-byte ones for the group bytes)
+        # 16-byte copies of the activations
         a_copy: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // _BLOCK_K, _BLOCK_K // 16], [WARPS, 1], [1, 0])
-        w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // BLOCK_N, BLOCK_N // 4], [WARPS, 1], [1, 0])
-        g_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
         offs_am = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_copy))
         offs_ak = gl.arange(0, _BLOCK_K, layout=gl.SliceLayout(0, a_copy))
-        offs_wk = gl.arange(0, _BLOCK_K // 8, layout=gl.SliceLayout(1, w_copy))
-        offs_wn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, w_copy))
-        offs_gn = n0 + gl.arange(0, BLOCK_N, layout=g_copy)
+        offs_wk, offs_wn, offs_gn = _weight_copy_offsets(n0, BLOCK_N)
 
         swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
         swizzled_words: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-        plain2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        plain1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        a_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, _BLOCK_K], swizzled)
-        w_s = gl.allocate_shared_memory(gl.int32, [STAGES, _BLOCK_K // 8, BLOCK_N], plain2)
-        gs_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], plain1)
-        gz_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], plain1)
+        a_s, w_s, gs_s, gz_s = _ring(BLOCK_M, BLOCK_N, STAGES)
         levels_s = gl.allocate_shared_memory(gl.int8, [LEVEL_BUFS, BLOCK_N, _BLOCK_K], swizzled)
 
         # Widening: a thread owns one output row (n) and a run of its words, so its level words are contiguous
@@ -126,7 +154,6 @@ if gluon is not None:
                                                       [1, 0])
         levels_layout: gl.constexpr = gl.BlockedLayout([1, _BLOCK_K // 4 // WARPS_K], [32, 1], [WARPS_N, WARPS_K],
                                                        [1, 0])
-        group_layout: gl.constexpr = gl.SliceLayout(1, words_layout)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                               instr_shape=[16, BLOCK_N, 32])
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, acc_layout)
@@ -134,12 +161,7 @@ if gluon is not None:
             _copy_step(step, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak, offs_wk,
                        offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
         for i in range(steps):
-            s = i % STAGES
-            async_copy.wait_group(STAGES - 2)
-            _barrier()  # every thread's copies of step i have landed
-            words = w_s.index(s).permute((1, 0)).load(words_layout).to(gl.uint32, bitcast=True)
-            scale = gs_s.index(s).load(group_layout).to(gl.uint32)
-            zero = gz_s.index(s).load(group_layout).to(gl.uint32)
+            s, words, scale, zero = _landed_step(i, w_s, gs_s, gz_s, words_layout, STAGES)
             level_words = gl.convert_layout(_scaled_levels(words, scale, zero), levels_layout)
             if LEVEL_BUFS == 1:  # the previous wgmma still reads the one buffer
                 acc = warpgroup_mma_wait(0, deps=[acc])
@@ -169,55 +191,34 @@ if gluon is not None:
                                 SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                 STAGES: gl.constexpr, WORDS_LAYOUT: gl.constexpr, CHUNKS_LAYOUT: gl.constexpr):
         # The weights are the wgmma's A operand, straight from registers: [BLOCK_N, 128] per K step, 64 rows per
-        # warpgroup, against the activations as B [128, BLOCK_M] (the tokens are the MMA's N: 8..256).
+        # warpgroup, against the activations as B [128, BLOCK_M] (the tokens are the MMA's N: 16..128).
         WARPS: gl.constexpr = gl.num_warps()
-        pid_n = gl.program_id(0)
-        pid_m = gl.program_id(1)
-        pid_k = gl.program_id(2)
-        n0 = pid_n * BLOCK_N
-        k_start = pid_k * K_PER_SPLIT
-        steps = gl.cdiv(gl.minimum(K - k_start, K_PER_SPLIT), _BLOCK_K)
+        pid_n, pid_m, pid_k, n0, k_start, steps = _program_tile(K, K_PER_SPLIT, BLOCK_N)
 
         # A thread's A fragment holds, per 32 channels of the MMA's K (kappa), the 4-channel chunks c and c + 4
         # (c = lane % 4) of its rows; it widens word c of each 32 channels of the weights, whose low nibbles are
         # channels 8c..8c+3 and high ones 8c+4..8c+7. So kappa chunk u of each 32 is channel chunk 2 (u % 4) + u // 4
         # of the activations, which the 4-byte copies gather into the swizzled B tile in that order.
         a_copy: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])
-        w_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // BLOCK_N, BLOCK_N // 4], [WARPS, 1], [1, 0])
-        g_copy: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
         kappa = gl.arange(0, _BLOCK_K, layout=gl.SliceLayout(0, a_copy))
         chunk = (kappa % 32) // 4
         offs_ak = gl.max_contiguous(gl.multiple_of(kappa // 32 * 32 + (chunk % 4 * 2 + chunk // 4) * 4 + kappa % 4,
                                                    4), 4)
         offs_am = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_copy))
-        offs_wk = gl.arange(0, _BLOCK_K // 8, layout=gl.SliceLayout(1, w_copy))
-        offs_wn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, w_copy))
-        offs_gn = n0 + gl.arange(0, BLOCK_N, layout=g_copy)
-
-        swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-        plain2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        plain1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        a_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, _BLOCK_K], swizzled)
-        w_s = gl.allocate_shared_memory(gl.int32, [STAGES, _BLOCK_K // 8, BLOCK_N], plain2)
-        gs_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], plain1)
-        gz_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N], plain1)
+        offs_wk, offs_wn, offs_gn = _weight_copy_offsets(n0, BLOCK_N)
+        a_s, w_s, gs_s, gz_s = _ring(BLOCK_M, BLOCK_N, STAGES)
 
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                               instr_shape=[16, BLOCK_M, 32])
         a_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=4)
-        group_layout: gl.constexpr = gl.SliceLayout(1, WORDS_LAYOUT)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, acc_layout)
         in_flight = gl.zeros([BLOCK_N, _BLOCK_K // 4], gl.uint32, CHUNKS_LAYOUT)
         for step in gl.static_range(STAGES - 1):
             _copy_step(step, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak, offs_wk,
                        offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
         for i in range(steps):
-            s = i % STAGES
-            async_copy.wait_group(STAGES - 2)
-            _barrier()  # every thread's copies of step i have landed
-            words = w_s.index(s).permute((1, 0)).load(WORDS_LAYOUT).to(gl.uint32, bitcast=True)
-            low, high = _scaled_planes(words, gs_s.index(s).load(group_layout).to(gl.uint32),
-                                       gz_s.index(s).load(group_layout).to(gl.uint32))
+            s, words, scale, zero = _landed_step(i, w_s, gs_s, gz_s, WORDS_LAYOUT, STAGES)
+            low, high = _scaled_planes(words, scale, zero)
             # word 4i + c's planes h -> kappa chunk 8i + 4h + c, then its bytes in order: the A fragment
             chunks = gl.join(gl.reshape(low, [BLOCK_N, 4, 4]), gl.reshape(high, [BLOCK_N, 4, 4]))
             chunks = gl.convert_layout(gl.reshape(gl.permute(chunks, (0, 1, 3, 2)), [BLOCK_N, _BLOCK_K // 4]),
