@@ -29,8 +29,8 @@ channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_out
   activations of the low and high nibbles' channels as two tiles straight from memory: no activation sums, no
   splitting in registers (H200, graph replays: gate_up 28672x4096 at M = 128, 96.6 µs vs 109.8 widening first;
   timed with a subtraction per weight, before _level_rows did it four to a word, which is not timed yet).
-  SCALED_LEVELS (a config key) also puts the group scale into the weight operand: code * scale for four codes in one
-  32-bit multiply, zero * scale subtracted bytewise without borrows (_scaled_level_rows), so the dots of all K steps
+  SCALED_LEVELS (a config key) also puts the group scale into the weight operand: (code - zero) * scale for four
+  codes in one 32-bit multiply-add and an xor (kernels/w4a8_swar.py; _scaled_level_rows), so the dots of all K steps
   accumulate in one int32 tile with no multiply per step. Only where every code * scale <= 255
   (format.levels_fit_bytes, checked per layer at load; the launcher runs WORD_LEVELS otherwise). H200, same tile,
   graph replays: median ~1.00x WORD_LEVELS, up to 1.14x at M = 64 / 128; shipped only for the 6 (shape, M) points
@@ -58,6 +58,7 @@ from vllm_outliertune.kernels.int8_gemm import epilogue_vectors, grouped_tile, l
 from vllm_outliertune.kernels.splitk_gemm import (DP4A_ASM, as_words, code_sums, dot4_accumulate, split_k_plan,
                                                   split_k_store)
 from vllm_outliertune.kernels.w4a8_gemv import column_gemv_applies, w4a8_gemv
+from vllm_outliertune.kernels.w4a8_swar import level_offset, level_words
 from vllm_outliertune.kernels.w4a8_wgmma import w4a8_wgmma, wgmma_applies
 from vllm_outliertune.kernels.w4a8_words import CHANNELS_PER_WORD
 
@@ -172,25 +173,18 @@ def _scaled_level_dots(a_low, a_high, words, zero, scale, acc, BLOCK_K: tl.const
     group scale inside the weight operand: the int8 levels themselves meet the activations, so the dots accumulate
     straight into acc across K steps (no per-step multiply of their result, which makes each step wait for its
     MMA). Needs code * scale <= 255 (SWAR bytes; format.levels_fit_bytes)."""
-    zero_scaled = (zero * scale).to(tl.uint32) * 0x01010101  # zero * scale (<= 255) in each byte of a word
-    low_bits = (zero_scaled & 0x7F7F7F7F)[:, None]
-    top_bits = ((zero_scaled & 0x80808080) ^ 0x80808080)[:, None]
-    scale_words = scale.to(tl.uint32)[:, None]
-    acc = tl.dot(_scaled_level_rows(words, 0, scale_words, low_bits, top_bits, BLOCK_K), tl.trans(a_low), acc,
-                 out_dtype=tl.int32)
-    return tl.dot(_scaled_level_rows(words, 4, scale_words, low_bits, top_bits, BLOCK_K), tl.trans(a_high), acc,
-                  out_dtype=tl.int32)
+    scale = scale.to(tl.uint32)
+    offset = level_offset(scale, zero.to(tl.uint32))
+    acc = tl.dot(_scaled_level_rows(words, 0, scale, offset, BLOCK_K), tl.trans(a_low), acc, out_dtype=tl.int32)
+    return tl.dot(_scaled_level_rows(words, 4, scale, offset, BLOCK_K), tl.trans(a_high), acc, out_dtype=tl.int32)
 
 
 @triton.jit
-def _scaled_level_rows(words, nibble, scale_words, low_bits, top_bits, BLOCK_K: tl.constexpr):
+def _scaled_level_rows(words, nibble, scale, offset, BLOCK_K: tl.constexpr):
     """int8 levels (code - zero) * scale [BLOCK_N, BLOCK_K / 2] in _nibble_rows' order, four to a word: one
-    multiply scales the plane's four codes (each product <= 255 stays in its byte), then the bytes of zero * scale
-    are subtracted without borrows between bytes (each byte's top bit set first, its true value restored after:
-    low_bits / top_bits are zero * scale's low seven bits and its inverted top bit per byte)."""
-    products = ((words.to(tl.uint32, bitcast=True) >> nibble) & 0x0F0F0F0F) * scale_words
-    levels = ((products | 0x80808080) - low_bits) ^ ((products & 0x80808080) ^ top_bits)
-    return _byte_columns(levels, BLOCK_K).to(tl.int8)
+    multiply-add and an xor per word of the nibble plane (kernels/w4a8_swar.py)."""
+    codes = (words.to(tl.uint32, bitcast=True) >> nibble) & 0x0F0F0F0F
+    return _byte_columns(level_words(codes, scale, offset), BLOCK_K).to(tl.int8)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ H200 its 64-row gate_up tile took 1.4x our int8 GEMM's time (docs/benchmarks.md,
 - cp.async brings the step's activation codes [BLOCK_M, 128] (the wgmma's A operand, swizzled), weight words
   [16, BLOCK_N] (N-major) and the group's scale and zero [BLOCK_N] into a STAGES-deep ring, STAGES - 1 steps ahead;
 - each thread widens the words of its output rows into int8 levels (code - zero) * scale, four per 32-bit word
-  (SCALED_LEVELS' SWAR: needs every code * scale <= 255, format.levels_fit_bytes), in channel order, and stores them
+  (kernels/w4a8_swar.py: needs every code * scale <= 255, format.levels_fit_bytes), in channel order, and stores them
   K-major into a level buffer (LEVEL_BUFS of them; with one, the previous wgmma is waited for before the store);
 - an async wgmma accumulates levels x activations in int32 and stays in flight during the next step's widening.
 The epilogue is the int8 GEMMs' (acc * scale[n] (* row_scale[m]) + bias[n]). SPLIT_K programs store their partial
@@ -30,6 +30,8 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+    from vllm_outliertune.kernels.w4a8_swar import gluon_level_offset, gluon_level_words
 except ImportError:  # a Triton without Gluon's Hopper API: the WGMMA tiles run the Triton loop instead
     gluon = None
 
@@ -103,21 +105,12 @@ if gluon is not None:
 
     @gluon.jit
     def _scaled_planes(words, scale, zero):
-        """uint32 words [BLOCK_N, W] of 8 codes, scale / zero [BLOCK_N] -> the level words of their low nibbles
-        (channels 8j..8j+3) and of their high ones (8j+4..8j+7): _swar_levels of each."""
-        return (_swar_levels(words & 0x0F0F0F0F, scale, zero),
-                _swar_levels((words >> 4) & 0x0F0F0F0F, scale, zero))
-
-    @gluon.jit
-    def _swar_levels(codes, scale, zero):
-        """uint32 words [BLOCK_N, W] of four codes (a byte each, 0..15), scale / zero [BLOCK_N] -> each byte
-        (code - zero) * scale as an int8. Four codes scale in one multiply (each product <= 255 stays in its byte);
-        zero * scale is subtracted per byte without borrows (top bit set first, its true value restored after)."""
-        zero_scaled = zero * scale * 0x01010101
-        low_bits = (zero_scaled & 0x7F7F7F7F)[:, None]
-        top_bits = ((zero_scaled & 0x80808080) ^ 0x80808080)[:, None]
-        products = codes * scale[:, None]
-        return ((products | 0x80808080) - low_bits) ^ ((products & 0x80808080) ^ top_bits)
+        """uint32 words [BLOCK_N, W] of 8 codes, scale / zero [BLOCK_N] -> the words of the int8 levels (code - zero)
+        * scale of their low nibbles (channels 8j..8j+3) and of their high ones (8j+4..8j+7), four to a word
+        (kernels/w4a8_swar.py: one multiply-add and an xor per word)."""
+        offset = gluon_level_offset(scale, zero)
+        return (gluon_level_words(words & 0x0F0F0F0F, scale, offset),
+                gluon_level_words((words >> 4) & 0x0F0F0F0F, scale, offset))
 
     @gluon.jit
     def _scaled_levels(words, scale, zero):

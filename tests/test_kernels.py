@@ -14,6 +14,10 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+
+from vllm_outliertune.kernels.w4a8_swar import level_offset, level_words
 
 SMALL_M, SMALL_K, SMALL_N = (1, 3, 17), (48, 200), (24, 136)
 ACT_BITS = (8, 6, 4)
@@ -568,8 +572,47 @@ def test_gpu_tma_gemm_replays_from_a_cuda_graph():
                                                              torch.bfloat16))
 
 
+@triton.jit
+def _level_words_probe(codes_ptr, scale_ptr, zero_ptr, out_ptr, ROWS: tl.constexpr):
+    """kernels/w4a8_swar.py's level_words on int32 words [ROWS, 4] of four codes with one scale / zero per row."""
+    rows = tl.arange(0, ROWS)
+    words = rows[:, None] * 4 + tl.arange(0, 4)[None, :]
+    scale = tl.load(scale_ptr + rows).to(tl.uint32)
+    codes = tl.load(codes_ptr + words).to(tl.uint32, bitcast=True)
+    levels = level_words(codes, scale, level_offset(scale, tl.load(zero_ptr + rows).to(tl.uint32)))
+    tl.store(out_ptr + words, levels.to(tl.int32, bitcast=True))
+
+
+def check_level_words() -> list[str]:
+    """The widening that the Triton and Gluon W4A8 kernels share (one source, kernels/w4a8_swar.py) on every
+    (code, zero, scale) whose level the format allows (inside int8) with code * scale <= 255 (levels_fit_bytes):
+    each byte is (code - zero) * scale, also where zero * scale > 128 makes the offset borrow across bytes."""
+    rows, expected = [], []
+    for scale, zero in itertools.product(range(1, 256), range(16)):
+        valid = [c for c in range(16) if c * scale <= 255 and -128 <= (c - zero) * scale <= 127]
+        if valid:  # the 16 codes, those the format does not allow replaced by an allowed one
+            codes = [c if c in valid else valid[0] for c in range(16)]
+            rows.append((codes, scale, zero))
+            expected.append([(c - zero) * scale for c in codes])
+    count = triton.next_power_of_2(len(rows))
+    rows += [([0] * 16, 1, 0)] * (count - len(rows))
+    expected += [[0] * 16] * (count - len(expected))
+    codes = torch.tensor([r[0] for r in rows], dtype=torch.uint8).view(torch.int32)  # [rows, 4] words
+    scale, zero = (torch.tensor([r[i] for r in rows], dtype=torch.int32) for i in (1, 2))
+    out = torch.empty_like(codes)
+    _level_words_probe[(1,)](codes, scale, zero, out, ROWS=count)
+    got = out.view(torch.int8).to(torch.int16)
+    bad = (got != torch.tensor(expected, dtype=torch.int16)).any(dim=1).nonzero().flatten().tolist()
+    return [f"level_words: scale {rows[i][1]} zero {rows[i][2]}: {got[i].tolist()} != {expected[i]}" for i in bad[:5]]
+
+
+def test_level_words_match_the_format_for_every_allowed_level(interpreter_results):
+    assert not interpreter_results["level_words"], "\n".join(interpreter_results["level_words"])
+
+
 if __name__ == "__main__":  # the interpreter subprocess
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest, or with TRITON_INTERPRET=1"
+    print(json.dumps({"case": "level_words", "failures": check_level_words()}), flush=True)
     for seed, (m, k, n) in enumerate(interpreter_cases()):
         print(json.dumps({"case": f"{m},{k},{n}", "failures": check_case(m, k, n, seed)}), flush=True)
 
