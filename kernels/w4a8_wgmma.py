@@ -15,8 +15,14 @@ The epilogue is the int8 GEMMs' (acc * scale[n] (* row_scale[m]) + bias[n]). SPL
 sums in slices of their own and the last to arrive (a per-tile counter, as splitk_gemm.split_k_store's) adds them:
 atomic adds into one slice were bound by the L2's atomic throughput at 64 x 128 outputs a program (gate_up at 64
 rows 30.4 -> 60.2 µs with two splits). H200, Llama-3-8B layer at 64 rows: 74.2 µs against 120.9 for the tiles
-shipped before and 78.7 for our int8 GEMMs (docs/benchmarks.md, session 31). The result is the exact integer every
-W4A8 kernel computes. Gluon has no interpreter: CPU runs take the Triton loop (w4a8_gemm.py) for a WGMMA tile."""
+shipped before and 78.7 for our int8 GEMMs (docs/benchmarks.md, session 31).
+
+SWAP_AB tiles run a second kernel: the weights are the wgmma's A operand straight from registers (64 of their rows
+per warpgroup) and the tokens its N (16-128), so nothing is stored to shared memory in the K loop; each thread widens
+exactly the 4-channel chunks of the A fragment it holds, and the activation copies gather the channels into that
+order. H200, Llama-3-8B layer: 70.6 -> 60.0 µs at 16 rows, 254.3 -> 217.4 at 256; from 64 to 128 rows the first
+kernel stays faster (docs/benchmarks.md, session 32). Both give the exact integer every W4A8 kernel computes. Gluon
+has no interpreter: CPU runs take the Triton loop (w4a8_gemm.py) for a WGMMA tile."""
 
 from __future__ import annotations
 

@@ -603,7 +603,8 @@ def check_level_words() -> list[str]:
     _level_words_probe[(1,)](codes, scale, zero, out, ROWS=count)
     got = out.view(torch.int8).to(torch.int16)
     bad = (got != torch.tensor(expected, dtype=torch.int16)).any(dim=1).nonzero().flatten().tolist()
-    return [f"level_words: scale {rows[i][1]} zero {rows[i][2]}: {got[i].tolist()} != {expected[i]}" for i in bad[:5]]
+    return [f"level_words: scale {rows[i][1]} zero {rows[i][2]}: {got[i].tolist()} != {expected[i]}"
+            for i in bad[:5]]
 
 
 def test_level_words_match_the_format_for_every_allowed_level(interpreter_results):
@@ -655,8 +656,8 @@ def test_wgmma_kernel_keeps_a_wgmma_in_flight(config, has_row_scale):
     of the moved APIs are handled), and their K loop issues the wgmma asynchronously and waits only for the one
     before (pendings = 1), so the next step's widening overlaps the tensor cores: the reason the kernel exists. With
     SWAP_AB the widened weights are the wgmma's register operand and nothing in the loop stores to shared memory
-    (the copies' cp.async aside). (Results are checked on the GPU: test_gpu_kernels_match_reference's WGMMA variants;
-    Gluon has no interpreter.)"""
+    (the copies' cp.async aside). (Results are checked on the GPU: test_gpu_kernels_match_reference's WGMMA
+    variants; Gluon has no interpreter.)"""
     from vllm_outliertune.kernels import w4a8_wgmma
 
     if w4a8_wgmma.gluon is None:
