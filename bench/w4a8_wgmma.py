@@ -21,7 +21,7 @@ import itertools
 import json
 from pathlib import Path
 
-from vllm_outliertune.kernels.tune import swap_tile
+from vllm_outliertune.kernels.tune import levels_tile, swap_tile
 
 TUNED = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # Llama-3-8B TP 1
 HELD_OUT = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]  # Qwen2.5-7B TP 1
@@ -39,11 +39,6 @@ SWAP_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "SPLIT_K")
 LEVEL_KEYS = ("BLOCK_M", "BLOCK_N", "num_stages", "LEVEL_BUFS", "SPLIT_K")
 
 
-def wgmma_config(bm: int, bn: int, stages: int, bufs: int, split: int) -> dict:
-    return {"BLOCK_K": 128, "BLOCK_M": bm, "BLOCK_N": bn, "LEVEL_BUFS": bufs, "SPLIT_K": split, "WGMMA": 1,
-            "num_stages": stages, "num_warps": bm // 16}
-
-
 def name_of(config: dict) -> str:
     keys = SWAP_KEYS if config.get("SWAP_AB") else LEVEL_KEYS
     return ("sw" if config.get("SWAP_AB") else "wg") + "_".join(str(config[key]) for key in keys)
@@ -53,8 +48,8 @@ def grid_configs(m: int, grid: str) -> list[dict]:
     """The timed tiles at M = m of a grid (levels, swap or both)."""
     configs = []
     if grid in ("levels", "both"):
-        configs += [wgmma_config(*tile, split) for tile in TILES for split in TILE_SPLITS]
-        configs += [wgmma_config(*tile, split) for tile in LARGE_TILES for split in LARGE_SPLITS] if m > 64 else []
+        configs += [levels_tile(*tile, split) for tile in TILES for split in TILE_SPLITS]
+        configs += [levels_tile(*tile, split) for tile in LARGE_TILES for split in LARGE_SPLITS] if m > 64 else []
     if grid in ("swap", "both"):
         configs += [swap_tile(bm, bn, warps, split) for bm in sorted({min(m, 128), min(m, 64)})
                     for bn, warps in SWAP_TILES for split in TILE_SPLITS]
@@ -77,7 +72,7 @@ def check_exact(grid: str) -> int:
         w_scale, bias = torch.rand(n, device="cuda") / 100, torch.randn(n, device="cuda")
         for row_scale, b in ((None, bias), (torch.rand(m, device="cuda") + 0.5, None)):
             want = torch_ref.w4a8_gemm_ref(a, words, scales, zeros, group, w_scale, b, torch.bfloat16, row_scale)
-            tiles = [wgmma_config(*tile, split) for tile, split in itertools.product(CHECKED, (1, 3, 0))
+            tiles = [levels_tile(*tile, split) for tile, split in itertools.product(CHECKED, (1, 3, 0))
                      if grid != "swap"]
             tiles += [swap_tile(*tile, split) for tile, split in itertools.product(CHECKED_SWAP, (1, 3))
                       if grid != "levels"] + ([swap_tile(*CHECKED_SWAP[1], 0)] if grid != "levels" else [])
@@ -131,7 +126,7 @@ def configs_of(row: dict) -> dict[str, float]:
 
 def config_of(name: str) -> dict:
     values = list(map(int, name[2:].split("_")))
-    return swap_tile(*values) if name.startswith("sw") else wgmma_config(*values)
+    return swap_tile(*values) if name.startswith("sw") else levels_tile(*values)
 
 
 def ship(timings: Path, device: str) -> None:

@@ -195,11 +195,15 @@ def w4a8_wgmma_tiles(m: int, splits: tuple[int, ...]) -> list[dict]:
     tiles = [(64, bn, stages, bufs) for bn in (32, 64, 128) for stages, bufs in ((3, 1), (4, 2))]
     if m >= 128:
         tiles += [(128, bn, 4, 2) for bn in (64, 128)]
-    levels = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "num_warps": bm // 16,
-               "num_stages": stages, "LEVEL_BUFS": bufs, "WGMMA": 1}
-              for bm, bn, stages, bufs in tiles for split in splits]
-    return levels + [swap_tile(bm, bn, warps, split) for bm in {min(m, 128), min(m, 64)}
-                     for bn, warps in ((64, 4), (128, 4), (128, 8)) for split in splits]
+    return [levels_tile(*tile, split) for tile in tiles for split in splits] + [
+        swap_tile(bm, bn, warps, split) for bm in {min(m, 128), min(m, 64)}
+        for bn, warps in ((64, 4), (128, 4), (128, 8)) for split in splits]
+
+
+def levels_tile(block_m: int, block_n: int, stages: int, level_bufs: int, split: int) -> dict:
+    """A tile of kernels/w4a8_wgmma.py that widens the weights into shared memory: 16 rows per warp."""
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split, "num_warps": block_m // 16,
+            "num_stages": stages, "LEVEL_BUFS": level_bufs, "WGMMA": 1}
 
 
 def swap_tile(block_m: int, block_n: int, warps: int, split: int) -> dict:
