@@ -17,8 +17,9 @@ channel k is (code - zero[n, g]) * scale[n, g] for g = k // group_size (vllm_out
   config key, one-row tiles inside one group) keeps the products in the weight words' own [BLOCK_K / 8, BLOCK_N]
   layout and subtracts the zero point's share per word (_gemv_step): no shared-memory layout change or
   cross-warp sum inside the K loop (sm90 PTX of the shipped M = 1 tile: 8 barriers per K step; with GEMV none).
-  WGMMA (a config key) runs a tensor-core tile as kernels/w4a8_wgmma.py's Gluon kernel on Hopper, which widens the
-  weights into shared memory while the previous step's wgmma runs (elsewhere: this file's loop of the same tile).
+  WGMMA (a config key) runs a tensor-core tile as one of kernels/w4a8_wgmma.py's Gluon kernels on Hopper, which
+  widen the weights into shared memory (or, with SWAP_AB, into the wgmma's register operand) while the previous
+  step's wgmma runs (elsewhere: this file's loop of the same tile).
   COLUMNS (a config key) runs a one-row tile as kernels/w4a8_gemv.py's column GEMV instead, where the words are
   N-major: a group's words inside one thread, its terms once per group and column (H200: the M = 1 entries since
   session 27, 4-10 % ahead of GEMV tiles on Llama-3-8B's shapes).

@@ -24,6 +24,7 @@ def e2e_gpu():
     ("_splitk_gemm_kernel", "our int8 GEMMs"),
     ("_int8_gemm_tma_kernel", "our int8 GEMMs"),
     ("_w4a8_wgmma_kernel", "our W4A8 GEMMs"),
+    ("_w4a8_wgmma_swap_kernel", "our W4A8 GEMMs"),
     ("triton_red_fused__to_copy_clamp_fused_add_rms_norm_int8_gemm_round_sub_1", "RMSNorm + quant (fused by inductor)"),
     ("triton_poi_fused__to_copy_clamp_int8_gemm_mul_round_silu_slice_sub_2", "SiLU-mul + quant (fused by inductor)"),
     ("triton_poi_fused__to_copy_clamp_int8_gemm_round_view_0", "activation quant (inductor, standalone)"),
