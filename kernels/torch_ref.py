@@ -67,7 +67,8 @@ def quantize_activation_guarded_traced(x: torch.Tensor, inv_scale: torch.Tensor 
 def guard_quotients(units: torch.Tensor, bits: int) -> torch.Tensor:
     """Each unit over the guard's limit of its sign, max(u / (qmax + 1/2), u / (qmin - 1/2)): a row's largest is its
     t before the floor (format.guard_scale), and so is the largest of its parts' largest."""
-    low, high = guard_limits(bits)
+    # (0-dim tensors: CUDA divides by a Python number as a multiply by its reciprocal, an ulp off the quotient)
+    low, high = (torch.full((), limit, dtype=units.dtype, device=units.device) for limit in guard_limits(bits))
     return torch.maximum(units / high, units / low)
 
 
