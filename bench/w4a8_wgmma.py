@@ -5,7 +5,7 @@ W4A8 dispatch and our int8 dispatch, and shipping its tiles into kernels/tile_co
     python bench/w4a8_wgmma.py ship OUT.json ["NVIDIA H200"]                                   # anywhere
 
 time: first every WGMMA tile of a grid (--grid levels: weights widened into shared memory; swap: SWAP_AB, weights
-from registers; both) against torch_ref on odd shapes (M not a multiple of 64, K splits, the token
+from registers, and from M = 128 also NATURAL_K; both) against torch_ref on odd shapes (M not a multiple of 64, K splits, the token
 guard's row scale, no bias, one group per row), then per (shape, M) the shipped dispatch (kernels/linear.py's
 w4a8_gemm op: table lookup, no load pick), the int8 dispatch on an int8 weight of the shape, and each WGMMA tile,
 all as tune.stream_time_us (weight copies past the L2, back to back in a CUDA graph, as decode streams layers).
@@ -30,18 +30,22 @@ TILES = [(64, bn, stages, bufs) for bn in (128, 64, 32) for stages, bufs in ((4,
 TILE_SPLITS = (1, 2, 4, 8)
 LARGE_TILES = [(128, bn, 4, 2) for bn in (64, 128)]
 LARGE_SPLITS = (1, 2, 4)
-# SWAP_AB tiles (BLOCK_N, warps) timed at BLOCK_M = min(M, 128), and at 64 from M = 128
+# SWAP_AB tiles (BLOCK_N, warps) timed at BLOCK_M = min(M, 128), and at 64 from M = 128, where the NATURAL_K ones
+# (BLOCK_N 128) are timed too
 SWAP_TILES = ((64, 4), (128, 4), (128, 8))
+NATURAL_TILES = ((128, 4), (128, 8))
 # Checked tiles: every combination, with an uneven split and the automatic one
 CHECKED = list(itertools.product((64, 128), (32, 64, 128), (3, 4), (1, 2)))
-CHECKED_SWAP = ((16, 64, 4), (32, 128, 4), (64, 128, 8), (128, 64, 4))  # (BLOCK_M, BLOCK_N, warps)
+CHECKED_SWAP = ((16, 64, 4, False), (32, 128, 4, False), (64, 128, 8, False), (128, 64, 4, False),
+                (64, 128, 4, True), (128, 128, 8, True))  # (BLOCK_M, BLOCK_N, warps, NATURAL_K)
 SWAP_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "SPLIT_K")
 LEVEL_KEYS = ("BLOCK_M", "BLOCK_N", "num_stages", "LEVEL_BUFS", "SPLIT_K")
 
 
 def name_of(config: dict) -> str:
     keys = SWAP_KEYS if config.get("SWAP_AB") else LEVEL_KEYS
-    return ("sw" if config.get("SWAP_AB") else "wg") + "_".join(str(config[key]) for key in keys)
+    kind = ("sn" if config.get("NATURAL_K") else "sw") if config.get("SWAP_AB") else "wg"
+    return kind + "_".join(str(config[key]) for key in keys)
 
 
 def grid_configs(m: int, grid: str) -> list[dict]:
@@ -53,6 +57,8 @@ def grid_configs(m: int, grid: str) -> list[dict]:
     if grid in ("swap", "both"):
         configs += [swap_tile(bm, bn, warps, split) for bm in sorted({min(m, 128), min(m, 64)})
                     for bn, warps in SWAP_TILES for split in TILE_SPLITS]
+        configs += [swap_tile(bm, bn, warps, split, natural=True) for bm in (64, 128) for bn, warps in NATURAL_TILES
+                    for split in TILE_SPLITS[:3]] if m >= 128 else []
     return configs
 
 
@@ -74,8 +80,9 @@ def check_exact(grid: str) -> int:
             want = torch_ref.w4a8_gemm_ref(a, words, scales, zeros, group, w_scale, b, torch.bfloat16, row_scale)
             tiles = [levels_tile(*tile, split) for tile, split in itertools.product(CHECKED, (1, 3, 0))
                      if grid != "swap"]
-            tiles += [swap_tile(*tile, split) for tile, split in itertools.product(CHECKED_SWAP, (1, 3))
-                      if grid != "levels"] + ([swap_tile(*CHECKED_SWAP[1], 0)] if grid != "levels" else [])
+            tiles += [swap_tile(bm, bn, warps, split, natural) for (bm, bn, warps, natural), split
+                      in itertools.product(CHECKED_SWAP, (1, 3)) if grid != "levels"]
+            tiles += [swap_tile(*CHECKED_SWAP[1][:3], 0)] if grid != "levels" else []
             for config in tiles:
                 if not wgmma_applies(a, words, scales, group, True, config):
                     continue
@@ -121,12 +128,12 @@ def time_shapes(out: Path, rows: list[int], shapes: list[tuple[int, int]], grid:
 
 
 def configs_of(row: dict) -> dict[str, float]:
-    return {key: t for key, t in row.items() if key[:2] in ("wg", "sw")}
+    return {key: t for key, t in row.items() if key[:2] in ("wg", "sw", "sn")}
 
 
 def config_of(name: str) -> dict:
     values = list(map(int, name[2:].split("_")))
-    return swap_tile(*values) if name.startswith("sw") else levels_tile(*values)
+    return swap_tile(*values, natural=name.startswith("sn")) if name[:2] in ("sw", "sn") else levels_tile(*values)
 
 
 def ship(timings: Path, device: str) -> None:

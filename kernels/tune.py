@@ -61,7 +61,7 @@ FALLBACK = {kernel: fallback for fallback, order in DISPATCH_ORDER.items() for k
 W4A8_GROUP_SIZE = 128  # W4A8 tiles are tuned at `outliertune quantize`'s default group size
 W4A8_TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages", "FACTORED",
                   "ACC_K", "PREFETCH", "WORD_LEVELS", "SCALED_LEVELS", "GEMV", "COLUMNS", "K_WARPS", "WGMMA",
-                  "LEVEL_BUFS", "SWAP_AB"}
+                  "LEVEL_BUFS", "SWAP_AB", "NATURAL_K"}
 # Load-time choice on shapes no table tuned (generic_alternates): up to this M the best kernel depends on the shape
 # most, and timing a few tiles there takes milliseconds.
 ALTERNATES_UP_TO_M = 256
@@ -191,13 +191,16 @@ def w4a8_wgmma_tiles(m: int, splits: tuple[int, ...]) -> list[dict]:
     """Tiles of kernels/w4a8_wgmma.py (Hopper; elsewhere they run kernels/w4a8_gemm.py's loop), K split ``splits``
     ways. Weights widened into shared memory: 64 rows per warpgroup (128-row tiles from M = 128), BLOCK_N 32-128,
     three stages with one level buffer or four with two (H200, session 31: each pair won somewhere). SWAP_AB: the
-    weights from registers, 64 or 128 of their rows against up to 128 tokens."""
+    weights from registers, 64 or 128 of their rows against up to 128 tokens; from 128 rows also with the
+    activations in channel order (NATURAL_K: fewer registers; 128 weight rows, where ptxas keeps the wgmmas async)."""
     tiles = [(64, bn, stages, bufs) for bn in (32, 64, 128) for stages, bufs in ((3, 1), (4, 2))]
     if m >= 128:
         tiles += [(128, bn, 4, 2) for bn in (64, 128)]
+    swapped = [(bm, bn, warps, False) for bm in {min(m, 128), min(m, 64)} for bn, warps in ((64, 4), (128, 4), (128, 8))]
+    if m >= 128:
+        swapped += [(bm, 128, warps, True) for bm in (64, 128) for warps in (4, 8)]
     return [levels_tile(*tile, split) for tile in tiles for split in splits] + [
-        swap_tile(bm, bn, warps, split) for bm in {min(m, 128), min(m, 64)}
-        for bn, warps in ((64, 4), (128, 4), (128, 8)) for split in splits]
+        swap_tile(bm, bn, warps, split, natural) for bm, bn, warps, natural in swapped for split in splits]
 
 
 def levels_tile(block_m: int, block_n: int, stages: int, level_bufs: int, split: int) -> dict:
@@ -206,10 +209,11 @@ def levels_tile(block_m: int, block_n: int, stages: int, level_bufs: int, split:
             "num_stages": stages, "LEVEL_BUFS": level_bufs, "WGMMA": 1}
 
 
-def swap_tile(block_m: int, block_n: int, warps: int, split: int) -> dict:
-    """A SWAP_AB tile of kernels/w4a8_wgmma.py: four stages up to 64 tokens, three above (registers, shared memory)."""
+def swap_tile(block_m: int, block_n: int, warps: int, split: int, natural: bool = False) -> dict:
+    """A SWAP_AB tile of kernels/w4a8_wgmma.py: four stages up to 64 tokens, three above (registers, shared memory);
+    natural: the activations copied in channel order (NATURAL_K)."""
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": split, "num_warps": warps,
-            "num_stages": 4 if block_m <= 64 else 3, "SWAP_AB": 1, "WGMMA": 1}
+            "num_stages": 4 if block_m <= 64 else 3, "SWAP_AB": 1, "WGMMA": 1} | ({"NATURAL_K": 1} if natural else {})
 
 
 def w4a8_loop_variants(tiles: list[dict]) -> list[dict]:

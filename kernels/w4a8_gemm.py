@@ -417,7 +417,7 @@ def check_packed_args(k: int, w_words: torch.Tensor, group_scale: torch.Tensor, 
 def wgmma_loop_tile(config: dict) -> dict:
     """The tensor-core loop of this file with a WGMMA tile's blocks, warps, stages and split, for operands or devices
     kernels/w4a8_wgmma.py does not take (CPU / the interpreter, another GPU, levels beyond a byte)."""
-    tile = {key: value for key, value in config.items() if key not in ("WGMMA", "LEVEL_BUFS", "SWAP_AB")}
+    tile = {key: value for key, value in config.items() if key not in ("WGMMA", "LEVEL_BUFS", "SWAP_AB", "NATURAL_K")}
     return tile | {"FACTORED": 1, "SCALED_LEVELS": 1, "PREFETCH": 1}
 
 

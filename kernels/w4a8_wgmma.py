@@ -21,7 +21,8 @@ SWAP_AB tiles run a second kernel: the weights are the wgmma's A operand straigh
 per warpgroup) and the tokens its N (16-128), so nothing is stored to shared memory in the K loop; each thread widens
 exactly the 4-channel chunks of the A fragment it holds, and the activation copies gather the channels into that
 order. H200, Llama-3-8B layer: 70.6 -> 60.0 µs at 16 rows, 254.3 -> 217.4 at 256; from 64 to 128 rows the first
-kernel stays faster (docs/benchmarks.md, session 32). Both give the exact integer every W4A8 kernel computes. Gluon
+kernel stays faster (docs/benchmarks.md, session 32). NATURAL_K tiles copy the activations in channel order
+instead, with the words shuffled to the lanes that widen them: fewer registers, for 128-token tiles. Both give the exact integer every W4A8 kernel computes. Gluon
 has no interpreter: CPU runs take the Triton loop (w4a8_gemm.py) for a WGMMA tile."""
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ if gluon is not None:
                                 count_ptr, M, N, K, stride_am, stride_wk, stride_gk, stride_om, K_PER_SPLIT,
                                 GROUP_SIZE: gl.constexpr, HAS_ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr,
                                 SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                STAGES: gl.constexpr, WORDS_LAYOUT: gl.constexpr, CHUNKS_LAYOUT: gl.constexpr):
+                                STAGES: gl.constexpr, WORDS_LAYOUT: gl.constexpr, CHUNKS_LAYOUT: gl.constexpr,
+                                NATURAL: gl.constexpr):
         # The weights are the wgmma's A operand, straight from registers: [BLOCK_N, 128] per K step, 64 rows per
         # warpgroup, against the activations as B [128, BLOCK_M] (the tokens are the MMA's N: 16..128).
         WARPS: gl.constexpr = gl.num_warps()
@@ -197,12 +199,21 @@ if gluon is not None:
         # A thread's A fragment holds, per 32 channels of the MMA's K (kappa), the 4-channel chunks c and c + 4
         # (c = lane % 4) of its rows; it widens word c of each 32 channels of the weights, whose low nibbles are
         # channels 8c..8c+3 and high ones 8c+4..8c+7. So kappa chunk u of each 32 is channel chunk 2 (u % 4) + u // 4
-        # of the activations, which the 4-byte copies gather into the swizzled B tile in that order.
-        a_copy: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])
-        kappa = gl.arange(0, _BLOCK_K, layout=gl.SliceLayout(0, a_copy))
-        chunk = (kappa % 32) // 4
-        offs_ak = gl.max_contiguous(gl.multiple_of(kappa // 32 * 32 + (chunk % 4 * 2 + chunk // 4) * 4 + kappa % 4,
-                                                   4), 4)
+        # of the activations, which the 4-byte copies gather into the swizzled B tile in that order. NATURAL: the
+        # activations in channel order (16-byte copies); each word goes to both lanes of a pair, which widen its low
+        # and its high nibbles (chunks 2j and 2j + 1). That costs shuffles but fewer registers: a 128 x 128 tile of 4
+        # warps fits in 254 without spills (gathered: 255 and 280 bytes spilled), and H200 gate_up at 128 rows took
+        # 38.5 µs against 54.7 for the best gathered tile (docs/benchmarks.md, session 33).
+        if NATURAL:
+            a_copy: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // _BLOCK_K, _BLOCK_K // 16], [WARPS, 1],
+                                                    [1, 0])
+            offs_ak = gl.arange(0, _BLOCK_K, layout=gl.SliceLayout(0, a_copy))
+        else:
+            a_copy: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])
+            kappa = gl.arange(0, _BLOCK_K, layout=gl.SliceLayout(0, a_copy))
+            chunk = (kappa % 32) // 4
+            offs_ak = gl.max_contiguous(gl.multiple_of(
+                kappa // 32 * 32 + (chunk % 4 * 2 + chunk // 4) * 4 + kappa % 4, 4), 4)
         offs_am = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_copy))
         offs_wk, offs_wn, offs_gn = _weight_copy_offsets(n0, BLOCK_N)
         a_s, w_s, gs_s, gz_s = _ring(BLOCK_M, BLOCK_N, STAGES)
@@ -217,11 +228,20 @@ if gluon is not None:
                        offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
         for i in range(steps):
             s, words, scale, zero = _landed_step(i, w_s, gs_s, gz_s, WORDS_LAYOUT, STAGES)
-            low, high = _scaled_planes(words, scale, zero)
-            # word 4i + c's planes h -> kappa chunk 8i + 4h + c, then its bytes in order: the A fragment
-            chunks = gl.join(gl.reshape(low, [BLOCK_N, 4, 4]), gl.reshape(high, [BLOCK_N, 4, 4]))
-            chunks = gl.convert_layout(gl.reshape(gl.permute(chunks, (0, 1, 3, 2)), [BLOCK_N, _BLOCK_K // 4]),
-                                       CHUNKS_LAYOUT)
+            if NATURAL:
+                # chunk u of the channels is plane u % 2 of word u // 2: each word to the two lanes that take it
+                pairs = gl.convert_layout(gl.reshape(gl.join(words, words), [BLOCK_N, _BLOCK_K // 4]), CHUNKS_LAYOUT)
+                u = gl.arange(0, _BLOCK_K // 4, layout=gl.SliceLayout(0, CHUNKS_LAYOUT))
+                scale = gl.convert_layout(scale, gl.SliceLayout(1, CHUNKS_LAYOUT))
+                zero = gl.convert_layout(zero, gl.SliceLayout(1, CHUNKS_LAYOUT))
+                chunks = gluon_level_words((pairs >> (u % 2 * 4)[None, :].to(gl.uint32)) & 0x0F0F0F0F, scale,
+                                           gluon_level_offset(scale, zero))
+            else:
+                low, high = _scaled_planes(words, scale, zero)
+                # word 4i + c's planes h -> kappa chunk 8i + 4h + c, then its bytes in order: the A fragment
+                chunks = gl.join(gl.reshape(low, [BLOCK_N, 4, 4]), gl.reshape(high, [BLOCK_N, 4, 4]))
+                chunks = gl.convert_layout(gl.reshape(gl.permute(chunks, (0, 1, 3, 2)), [BLOCK_N, _BLOCK_K // 4]),
+                                           CHUNKS_LAYOUT)
             levels = gl.join(gl.join(chunks & 0xFF, (chunks >> 16) & 0xFF), gl.join((chunks >> 8) & 0xFF, chunks >> 24))
             levels = gl.convert_layout(gl.reshape(levels, [BLOCK_N, _BLOCK_K]).to(gl.int8), a_operand)
             acc = warpgroup_mma(levels, a_s.index(s).permute((1, 0)), acc, is_async=True)
@@ -305,16 +325,19 @@ def wgmma_applies(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.T
             and a_q.stride(1) == 1 and a_q.stride(0) % 16 == 0 and a_q.data_ptr() % 16 == 0)
 
 
-def _swap_layouts(block_n: int, warps: int) -> dict:
+def _swap_layouts(block_n: int, warps: int, natural: bool = False) -> dict:
     """The swapped kernel's register layouts of a K step's weight words [BLOCK_N, 16] and of their level words in
-    the wgmma's channel order [BLOCK_N, 32]: thread (warp w, lane l) holds word 4i + l % 4 (i = 0..3) of rows
-    16w + l // 4 and + 8 (and + 16 * warps ...), the rows and 4-channel chunks of the wgmma's A fragment (PTX ISA,
-    wgmma .m64nNk32 register fragment for 8-bit A)."""
+    the wgmma's channel order [BLOCK_N, 32]: thread (warp w, lane l) holds 4-channel chunks l % 4 + 4t (t = 0..7)
+    of rows 16w + l // 4 and + 8 (and + 16 * warps ...), the rows and chunks of the wgmma's A fragment (PTX ISA,
+    wgmma .m64nNk32 register fragment for 8-bit A). Its words: 4i + l % 4 (i = 0..3), both nibbles of each (the
+    activations gathered to match); natural: (l % 4) // 2 + 2t, the lanes 2x and 2x + 1 holding the same."""
     rows = [[16 * warps << t, 0] for t in range((block_n // (16 * warps)).bit_length() - 1)]
     lanes = [[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]]
     warp_rows = [[16 << t, 0] for t in range(warps.bit_length() - 1)]
-    return dict(WORDS_LAYOUT=gl.DistributedLinearLayout([[8, 0], [0, 4], [0, 8]] + rows, lanes, warp_rows, [],
-                                                        [block_n, 16]),
+    words = gl.DistributedLinearLayout([[8, 0], [0, 2], [0, 4], [0, 8]] + rows, [[0, 0], [0, 1]] + lanes[2:],
+                                       warp_rows, [], [block_n, 16]) if natural else \
+        gl.DistributedLinearLayout([[8, 0], [0, 4], [0, 8]] + rows, lanes, warp_rows, [], [block_n, 16])
+    return dict(WORDS_LAYOUT=words,
                 CHUNKS_LAYOUT=gl.DistributedLinearLayout([[0, 4], [8, 0], [0, 8], [0, 16]] + rows, lanes, warp_rows,
                                                          [], [block_n, 32]))
 
@@ -325,8 +348,8 @@ def w4a8_wgmma(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tens
     """out [M, N] = a_q int8 [M, K] @ levels^T * w_scale[n] (* row_scale[m]) (+ bias[n]) with a WGMMA tile on
     operands wgmma_applies accepts. ``config``: num_stages, SPLIT_K (0 = automatic) and either BLOCK_M 64 per 4
     warps, BLOCK_N 32, 64 or 128 and LEVEL_BUFS (weights widened into shared memory), or SWAP_AB with BLOCK_N a
-    multiple of 16 * num_warps (64 weight rows per warpgroup, from registers) and BLOCK_M 16, 32, 64 or 128 (the
-    tokens)."""
+    multiple of 16 * num_warps (64 weight rows per warpgroup, from registers), BLOCK_M 16, 32, 64 or 128 (the
+    tokens) and NATURAL_K (activations in channel order) or not."""
     from vllm_outliertune.kernels.splitk_gemm import scratch_workspace, split_k_plan  # (Triton code)
 
     (m, k), n = a_q.shape, w_words.shape[0]
@@ -343,8 +366,10 @@ def w4a8_wgmma(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.Tens
     # split_k_plan's per-tile counters (zeroed); the partial sums go to slices of a scratch buffer instead
     split_k, k_per_split, _, counters = split_k_plan(m, n, k, grid_n * grid_m, BLOCK_K, config, a_q.device)
     partial_sums = scratch_workspace(split_k * m * n, a_q.device) if split_k > 1 else None
-    kernel, variant = (_w4a8_wgmma_swap_kernel, _swap_layouts(block_n, warps)) if swap \
-        else (_w4a8_wgmma_kernel, dict(LEVEL_BUFS=config.get("LEVEL_BUFS", 2)))
+    natural = bool(config.get("NATURAL_K"))
+    variant = dict(_swap_layouts(block_n, warps, natural), NATURAL=natural) if swap \
+        else dict(LEVEL_BUFS=config.get("LEVEL_BUFS", 2))
+    kernel = _w4a8_wgmma_swap_kernel if swap else _w4a8_wgmma_kernel
     kernel[(grid_n, grid_m, split_k)](
         a_q, w_words, group_scale, group_zero, out, w_scale, row_scale, bias, partial_sums, counters, m, n, k,
         # (one group per row: no group stride, so that the group bytes' copies are known to be aligned)

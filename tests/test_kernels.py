@@ -634,8 +634,9 @@ def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> str:
     signature = dict(zip(kernel.arg_names, pointers + ["i32"] * (len(kernel.arg_names) - len(pointers))))
     constants = dict(GROUP_SIZE=128, HAS_ROW_SCALE=has_row_scale, HAS_BIAS=True, SPLIT_K=config["SPLIT_K"],
                      BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], STAGES=config["num_stages"])
-    constants.update(w4a8_wgmma._swap_layouts(config["BLOCK_N"], config["num_warps"]) if swap
-                     else dict(LEVEL_BUFS=config["LEVEL_BUFS"]))
+    natural = bool(config.get("NATURAL_K"))
+    constants.update(dict(w4a8_wgmma._swap_layouts(config["BLOCK_N"], config["num_warps"], natural), NATURAL=natural)
+                     if swap else dict(LEVEL_BUFS=config["LEVEL_BUFS"]))
     signature.update({name: "constexpr" for name in constants})
     aligned = list(kernel.arg_names[:len(pointers)]) + ["N", "K", "stride_am", "stride_wk", "stride_gk", "stride_om",
                                                         "K_PER_SPLIT"]
@@ -650,7 +651,9 @@ def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> str:
     ({"BLOCK_M": 64, "BLOCK_N": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 3, "LEVEL_BUFS": 1}, True),
     ({"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 4, "LEVEL_BUFS": 2}, False),
     ({"BLOCK_M": 16, "BLOCK_N": 128, "SPLIT_K": 4, "num_warps": 4, "num_stages": 4, "SWAP_AB": 1}, True),
-    ({"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 3, "SWAP_AB": 1}, False)])
+    ({"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 3, "SWAP_AB": 1}, False),
+    ({"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 3, "SWAP_AB": 1, "NATURAL_K": 1},
+     True)])
 def test_wgmma_kernel_keeps_a_wgmma_in_flight(config, has_row_scale):
     """The Gluon W4A8 kernels build for Hopper with this Triton (CI's differs from the GPU bundle's 3.6: both names
     of the moved APIs are handled), and their K loop issues the wgmma asynchronously and waits only for the one
@@ -693,7 +696,11 @@ def test_gpu_wgmma_tiles_run_the_gluon_kernel_on_hopper():
         for config in ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 4,
                         "num_stages": 3, "LEVEL_BUFS": 1, "WGMMA": 1},
                        {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 4,
-                        "num_stages": 4, "SWAP_AB": 1, "WGMMA": 1}):
+                        "num_stages": 4, "SWAP_AB": 1, "WGMMA": 1},
+                       {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 4,
+                        "num_stages": 3, "SWAP_AB": 1, "NATURAL_K": 1, "WGMMA": 1}):
+            if n % config["BLOCK_N"]:  # (whole BLOCK_N tiles only)
+                continue
             if not wgmma_applies(codes, packed[0], packed[1], group_size, True, config):
                 pytest.skip("needs a Hopper GPU and a Triton with Gluon")
             got = w4a8_gemm(codes, *packed, group_size, w_scale, bias, torch.bfloat16, "w4a8_splitk", config,
