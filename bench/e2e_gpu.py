@@ -19,6 +19,8 @@
 Each engine runs in its own process (GPU memory is freed between rows); its log is parsed for weight memory and
 KV-cache size. Timings are offline LLM.generate over random token prompts with ignore_eos, output tokens per second,
 the median of REPEATS runs; "spread %" is the largest (max - min) / median of a row's columns, and which column it is.
+On the device tool (600 s a call; H200, session 33): make8b --w4a8 --synthetic took ~2 min and a row ~4 min, so
+run make8b and each one or two rows in calls of their own, back to back (WORKDIR stays while the machine is warm).
 """
 
 from __future__ import annotations
