@@ -196,7 +196,8 @@ def w4a8_wgmma_tiles(m: int, splits: tuple[int, ...]) -> list[dict]:
     tiles = [(64, bn, stages, bufs) for bn in (32, 64, 128) for stages, bufs in ((3, 1), (4, 2))]
     if m >= 128:
         tiles += [(128, bn, 4, 2) for bn in (64, 128)]
-    swapped = [(bm, bn, warps, False) for bm in {min(m, 128), min(m, 64)} for bn, warps in ((64, 4), (128, 4), (128, 8))]
+    swapped = [(bm, bn, warps, False) for bm in {min(m, 128), min(m, 64)}
+               for bn, warps in ((64, 4), (128, 4), (128, 8))]
     if m >= 128:
         swapped += [(bm, 128, warps, True) for bm in (64, 128) for warps in (4, 8)]
     return [levels_tile(*tile, split) for tile in tiles for split in splits] + [

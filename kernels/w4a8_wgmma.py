@@ -22,8 +22,9 @@ per warpgroup) and the tokens its N (16-128), so nothing is stored to shared mem
 exactly the 4-channel chunks of the A fragment it holds, and the activation copies gather the channels into that
 order. H200, Llama-3-8B layer: 70.6 -> 60.0 µs at 16 rows, 254.3 -> 217.4 at 256; from 64 to 128 rows the first
 kernel stays faster (docs/benchmarks.md, session 32). NATURAL_K tiles copy the activations in channel order
-instead, with the words shuffled to the lanes that widen them: fewer registers, for 128-token tiles. Both give the exact integer every W4A8 kernel computes. Gluon
-has no interpreter: CPU runs take the Triton loop (w4a8_gemm.py) for a WGMMA tile."""
+instead, with the words shuffled to the lanes that widen them: fewer registers, for 128-token tiles (session 33).
+Both kernels give the exact integer every W4A8 kernel computes. Gluon has no interpreter: CPU runs take the Triton
+loop (w4a8_gemm.py) for a WGMMA tile."""
 
 from __future__ import annotations
 
