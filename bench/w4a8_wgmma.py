@@ -8,7 +8,8 @@ time: first every WGMMA tile of a grid (--grid levels: weights widened into shar
 from registers, and from M = 128 also NATURAL_K; both) against torch_ref on odd shapes (M not a multiple of 64, K
 splits, the token guard's row scale, no bias, one group per row), then per (shape, M) the shipped dispatch
 (kernels/linear.py's w4a8_gemm op: table lookup, no load pick), the int8 dispatch on an int8 weight of the shape,
-and each WGMMA tile, all as tune.stream_time_us (weight copies past the L2, back to back in a CUDA graph, as decode streams layers).
+and each WGMMA tile, all as tune.stream_time_us (weight copies past the L2, back to back in a CUDA graph, as decode
+streams layers).
 ship: for TUNED shapes (Llama-3-8B TP 1), each bucket's best tile where it beats the shipped dispatch by
 ship_w4a8_small_m.SHIP_GAIN (as w4a8_splitk, the bucket's first kernel; a w4a8_unpack listing there is dropped); and
 per bucket ALTERNATES_PER_BUCKET tiles chosen on the tuned shapes (tune.generic_alternates) added to the device's
