@@ -225,7 +225,9 @@ W4A8_VARIANTS = (("w4a8_splitk", 32, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32
                  ("w4a8_gemm", 0, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4,
                                    "LEVEL_BUFS": 2, "WGMMA": 1}),
                  ("w4a8_splitk", 128, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4,
-                                       "num_stages": 4, "SWAP_AB": 1, "WGMMA": 1}))
+                                       "num_stages": 4, "SWAP_AB": 1, "WGMMA": 1}),
+                 ("w4a8_splitk", 128, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4,
+                                       "num_stages": 3, "SWAP_AB": 1, "NATURAL_K": 1, "WGMMA": 1}))
 
 
 # (group size, config) of the column GEMV (kernels/w4a8_gemv.py): one group a step over 2 K chunks, two groups a step
