@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_outliertune.format import code_levels, guard_limits, guard_scale, qrange
+from vllm_outliertune.format import code_levels, guard_divisors, guard_scale, qrange
 from vllm_outliertune.kernels.w4a8_words import word_codes
 
 # int8 x int8 products are at most 2^14 in magnitude, so a sum of 1024 of them (2^24) is exact in float32.
@@ -67,8 +67,7 @@ def quantize_activation_guarded_traced(x: torch.Tensor, inv_scale: torch.Tensor 
 def guard_quotients(units: torch.Tensor, bits: int) -> torch.Tensor:
     """Each unit over the guard's limit of its sign, max(u / (qmax + 1/2), u / (qmin - 1/2)): a row's largest is its
     t before the floor (format.guard_scale), and so is the largest of its parts' largest."""
-    # (0-dim tensors: CUDA divides by a Python number as a multiply by its reciprocal, an ulp off the quotient)
-    low, high = (torch.full((), limit, dtype=units.dtype, device=units.device) for limit in guard_limits(bits))
+    low, high = guard_divisors(units, bits)
     return torch.maximum(units / high, units / low)
 
 

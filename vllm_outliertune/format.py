@@ -129,6 +129,13 @@ def guard_limits(bits: int) -> tuple[float, float]:
     return qmin - 0.5, qmax + 0.5
 
 
+def guard_divisors(units: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """guard_limits as 0-dim tensors of ``units``' dtype and device, to divide units by: CUDA divides by a Python
+    number as a multiply by its reciprocal, an ulp off the quotient the CPU and the kernels compute."""
+    low, high = (torch.full((), limit, dtype=units.dtype, device=units.device) for limit in guard_limits(bits))
+    return low, high
+
+
 def guard_scale(units: torch.Tensor, bits: int, floor: float = 1.0) -> torch.Tensor:
     """token_guard's t of each token (row) of the unrounded codes ``units`` (x * input_inv_scale - input_shift):
     max(floor, its largest unit / (qmax + 1/2), its most negative unit / (qmin - 1/2)), shape [..., 1] (floor:
@@ -136,7 +143,7 @@ def guard_scale(units: torch.Tensor, bits: int, floor: float = 1.0) -> torch.Ten
     which rounds and clamps to qmax (qmin) from either side: a single limit (qmax + 1/2 for both signs) puts a
     token's most negative unit at -(qmax + 1/2), a rounding tie between qmin and qmin + 1 that float noise of an ulp
     decides (different engines rounded the largest channel of guarded tokens differently)."""
-    low, high = guard_limits(bits)
+    low, high = guard_divisors(units, bits)
     return torch.maximum(units.amax(dim=-1, keepdim=True) / high,
                          units.amin(dim=-1, keepdim=True) / low).clamp(min=floor)
 
