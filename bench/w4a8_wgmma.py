@@ -22,7 +22,7 @@ import itertools
 import json
 from pathlib import Path
 
-from vllm_outliertune.kernels.tune import levels_tile, swap_tile
+from vllm_outliertune.kernels.tune import NATURAL_FROM_M, NATURAL_TILES, SWAP_TILES, levels_tile, swap_tile
 
 TUNED = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # Llama-3-8B TP 1
 HELD_OUT = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]  # Qwen2.5-7B TP 1
@@ -31,10 +31,6 @@ TILES = [(64, bn, stages, bufs) for bn in (128, 64, 32) for stages, bufs in ((4,
 TILE_SPLITS = (1, 2, 4, 8)
 LARGE_TILES = [(128, bn, 4, 2) for bn in (64, 128)]
 LARGE_SPLITS = (1, 2, 4)
-# SWAP_AB tiles (BLOCK_N, warps) timed at BLOCK_M = min(M, 128), and at 64 from M = 128, where the NATURAL_K ones
-# (BLOCK_N 128) are timed too
-SWAP_TILES = ((64, 4), (128, 4), (128, 8))
-NATURAL_TILES = ((128, 4), (128, 8))
 # Checked tiles: every combination, with an uneven split and the automatic one
 CHECKED = list(itertools.product((64, 128), (32, 64, 128), (3, 4), (1, 2)))
 CHECKED_SWAP = ((16, 64, 4, False), (32, 128, 4, False), (64, 128, 8, False), (128, 64, 4, False),
@@ -50,7 +46,9 @@ def name_of(config: dict) -> str:
 
 
 def grid_configs(m: int, grid: str) -> list[dict]:
-    """The timed tiles at M = m of a grid (levels, swap or both)."""
+    """The timed tiles at M = m of a grid (levels, swap or both). Swap: the tuner's SWAP_AB tiles (tune.SWAP_TILES)
+    at BLOCK_M = min(M, 128), and at 64 from M = 128, and from tune.NATURAL_FROM_M its NATURAL_K ones at BLOCK_M 64
+    and 128."""
     configs = []
     if grid in ("levels", "both"):
         configs += [levels_tile(*tile, split) for tile in TILES for split in TILE_SPLITS]
@@ -59,7 +57,7 @@ def grid_configs(m: int, grid: str) -> list[dict]:
         configs += [swap_tile(bm, bn, warps, split) for bm in sorted({min(m, 128), min(m, 64)})
                     for bn, warps in SWAP_TILES for split in TILE_SPLITS]
         configs += [swap_tile(bm, bn, warps, split, natural=True) for bm in (64, 128) for bn, warps in NATURAL_TILES
-                    for split in TILE_SPLITS[:3]] if m >= 128 else []
+                    for split in TILE_SPLITS[:3]] if m >= NATURAL_FROM_M else []
     return configs
 
 

@@ -187,6 +187,13 @@ def w4a8_column_tiles() -> list[dict]:
             for bk in (128, 256) if bk == 128 or bn * chunks <= 256 for split in (1, 2, 4, 8, 16)]
 
 
+# SWAP_AB tiles of kernels/w4a8_wgmma.py as (BLOCK_N, warps); NATURAL_K ones from NATURAL_FROM_M rows, with 128
+# weight rows (ptxas serializes their wgmmas at one row block per warp)
+SWAP_TILES = ((64, 4), (128, 4), (128, 8))
+NATURAL_TILES = ((128, 4), (128, 8))
+NATURAL_FROM_M = 128
+
+
 def w4a8_wgmma_tiles(m: int, splits: tuple[int, ...]) -> list[dict]:
     """Tiles of kernels/w4a8_wgmma.py (Hopper; elsewhere they run kernels/w4a8_gemm.py's loop), K split ``splits``
     ways. Weights widened into shared memory: 64 rows per warpgroup (128-row tiles from M = 128), BLOCK_N 32-128,
@@ -196,10 +203,9 @@ def w4a8_wgmma_tiles(m: int, splits: tuple[int, ...]) -> list[dict]:
     tiles = [(64, bn, stages, bufs) for bn in (32, 64, 128) for stages, bufs in ((3, 1), (4, 2))]
     if m >= 128:
         tiles += [(128, bn, 4, 2) for bn in (64, 128)]
-    swapped = [(bm, bn, warps, False) for bm in {min(m, 128), min(m, 64)}
-               for bn, warps in ((64, 4), (128, 4), (128, 8))]
-    if m >= 128:
-        swapped += [(bm, 128, warps, True) for bm in (64, 128) for warps in (4, 8)]
+    swapped = [(bm, bn, warps, False) for bm in {min(m, 128), min(m, 64)} for bn, warps in SWAP_TILES]
+    if m >= NATURAL_FROM_M:
+        swapped += [(bm, bn, warps, True) for bm in (64, 128) for bn, warps in NATURAL_TILES]
     return [levels_tile(*tile, split) for tile in tiles for split in splits] + [
         swap_tile(bm, bn, warps, split, natural) for bm, bn, warps, natural in swapped for split in splits]
 
