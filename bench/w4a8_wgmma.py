@@ -5,7 +5,7 @@ W4A8 dispatch and our int8 dispatch, and shipping its tiles into kernels/tile_co
     python bench/w4a8_wgmma.py ship OUT.json ["NVIDIA H200"]                                   # anywhere
 
 time: first every WGMMA tile of a grid (--grid levels: weights widened into shared memory; swap: SWAP_AB, weights
-from registers, and from M = 128 also NATURAL_K; both) against torch_ref on odd shapes (M not a multiple of 64, K
+from registers, gathered and NATURAL_K; both) against torch_ref on odd shapes (M not a multiple of 64, K
 splits, the token guard's row scale, no bias, one group per row), then per (shape, M) the shipped dispatch
 (kernels/linear.py's w4a8_gemm op: table lookup, no load pick), the int8 dispatch on an int8 weight of the shape,
 and each WGMMA tile, all as tune.stream_time_us (weight copies past the L2, back to back in a CUDA graph, as decode
@@ -22,7 +22,7 @@ import itertools
 import json
 from pathlib import Path
 
-from vllm_outliertune.kernels.tune import NATURAL_FROM_M, NATURAL_TILES, SWAP_TILES, levels_tile, swap_tile
+from vllm_outliertune.kernels.tune import SWAP_TILES, levels_tile, swap_tile
 
 TUNED = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # Llama-3-8B TP 1
 HELD_OUT = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]  # Qwen2.5-7B TP 1
@@ -34,7 +34,7 @@ LARGE_SPLITS = (1, 2, 4)
 # Checked tiles: every combination, with an uneven split and the automatic one
 CHECKED = list(itertools.product((64, 128), (32, 64, 128), (3, 4), (1, 2)))
 CHECKED_SWAP = ((16, 64, 4, False), (32, 128, 4, False), (64, 128, 8, False), (128, 64, 4, False),
-                (64, 128, 4, True), (128, 128, 8, True))  # (BLOCK_M, BLOCK_N, warps, NATURAL_K)
+                (32, 64, 4, True), (64, 128, 4, True), (128, 128, 8, True))  # (BLOCK_M, BLOCK_N, warps, NATURAL_K)
 SWAP_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "SPLIT_K")
 LEVEL_KEYS = ("BLOCK_M", "BLOCK_N", "num_stages", "LEVEL_BUFS", "SPLIT_K")
 
@@ -47,17 +47,14 @@ def name_of(config: dict) -> str:
 
 def grid_configs(m: int, grid: str) -> list[dict]:
     """The timed tiles at M = m of a grid (levels, swap or both). Swap: the tuner's SWAP_AB tiles (tune.SWAP_TILES)
-    at BLOCK_M = min(M, 128), and at 64 from M = 128, and from tune.NATURAL_FROM_M its NATURAL_K ones at BLOCK_M 64
-    and 128."""
+    at BLOCK_M = min(M, 128), and at 64 from M = 128, each gathered and NATURAL_K."""
     configs = []
     if grid in ("levels", "both"):
         configs += [levels_tile(*tile, split) for tile in TILES for split in TILE_SPLITS]
         configs += [levels_tile(*tile, split) for tile in LARGE_TILES for split in LARGE_SPLITS] if m > 64 else []
     if grid in ("swap", "both"):
-        configs += [swap_tile(bm, bn, warps, split) for bm in sorted({min(m, 128), min(m, 64)})
-                    for bn, warps in SWAP_TILES for split in TILE_SPLITS]
-        configs += [swap_tile(bm, bn, warps, split, natural=True) for bm in (64, 128) for bn, warps in NATURAL_TILES
-                    for split in TILE_SPLITS[:3]] if m >= NATURAL_FROM_M else []
+        configs += [swap_tile(bm, bn, warps, split, natural) for bm in sorted({min(m, 128), min(m, 64)})
+                    for bn, warps in SWAP_TILES for natural in (False, True) for split in TILE_SPLITS]
     return configs
 
 

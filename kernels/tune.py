@@ -187,27 +187,23 @@ def w4a8_column_tiles() -> list[dict]:
             for bk in (128, 256) if bk == 128 or bn * chunks <= 256 for split in (1, 2, 4, 8, 16)]
 
 
-# SWAP_AB tiles of kernels/w4a8_wgmma.py as (BLOCK_N, warps); NATURAL_K ones from NATURAL_FROM_M rows, with 128
-# weight rows (ptxas serializes their wgmmas at one row block per warp)
+# SWAP_AB tiles of kernels/w4a8_wgmma.py as (BLOCK_N, warps), each with the activations gathered and in channel
+# order (NATURAL_K)
 SWAP_TILES = ((64, 4), (128, 4), (128, 8))
-NATURAL_TILES = ((128, 4), (128, 8))
-NATURAL_FROM_M = 128
 
 
 def w4a8_wgmma_tiles(m: int, splits: tuple[int, ...]) -> list[dict]:
     """Tiles of kernels/w4a8_wgmma.py (Hopper; elsewhere they run kernels/w4a8_gemm.py's loop), K split ``splits``
     ways. Weights widened into shared memory: 64 rows per warpgroup (128-row tiles from M = 128), BLOCK_N 32-128,
     three stages with one level buffer or four with two (H200, session 31: each pair won somewhere). SWAP_AB: the
-    weights from registers, 64 or 128 of their rows against up to 128 tokens; from 128 rows also with the
-    activations in channel order (NATURAL_K: fewer registers; 128 weight rows, where ptxas keeps the wgmmas async)."""
+    weights from registers, 64 or 128 of their rows against up to 128 tokens, the activations gathered into the
+    wgmma's channel order or copied in theirs (NATURAL_K: fewer registers, shuffled weight words)."""
     tiles = [(64, bn, stages, bufs) for bn in (32, 64, 128) for stages, bufs in ((3, 1), (4, 2))]
     if m >= 128:
         tiles += [(128, bn, 4, 2) for bn in (64, 128)]
-    swapped = [(bm, bn, warps, False) for bm in {min(m, 128), min(m, 64)} for bn, warps in SWAP_TILES]
-    if m >= NATURAL_FROM_M:
-        swapped += [(bm, bn, warps, True) for bm in (64, 128) for bn, warps in NATURAL_TILES]
     return [levels_tile(*tile, split) for tile in tiles for split in splits] + [
-        swap_tile(bm, bn, warps, split, natural) for bm, bn, warps, natural in swapped for split in splits]
+        swap_tile(bm, bn, warps, split, natural) for bm in {min(m, 128), min(m, 64)} for bn, warps in SWAP_TILES
+        for natural in (False, True) for split in splits]
 
 
 def levels_tile(block_m: int, block_n: int, stages: int, level_bufs: int, split: int) -> dict:

@@ -22,7 +22,8 @@ per warpgroup) and the tokens its N (16-128), so nothing is stored to shared mem
 exactly the 4-channel chunks of the A fragment it holds, and the activation copies gather the channels into that
 order. H200, Llama-3-8B layer: 70.6 -> 60.0 µs at 16 rows, 254.3 -> 217.4 at 256; from 64 to 128 rows the first
 kernel stays faster (docs/benchmarks.md, session 32). NATURAL_K tiles copy the activations in channel order
-instead, with the words shuffled to the lanes that widen them: fewer registers, for 128-token tiles (session 33).
+instead, with the words shuffled to the lanes that widen them: fewer registers (session 33; a candidate at every
+SWAP_AB tile since session 34, when ptxas stopped serializing those of 64 weight rows: _loop_steps).
 Both kernels give the exact integer every W4A8 kernel computes. Gluon has no interpreter: CPU runs take the Triton
 loop (w4a8_gemm.py) for a WGMMA tile."""
 
@@ -77,6 +78,15 @@ if gluon is not None:
         k_start = pid_k * K_PER_SPLIT
         return (pid_n, gl.program_id(1), pid_k, pid_n * BLOCK_N, k_start,
                 gl.cdiv(gl.minimum(K - k_start, K_PER_SPLIT), _BLOCK_K))
+
+    @gluon.jit
+    def _loop_steps(steps, AT_LEAST_ONE: gl.constexpr):
+        """The K loop's trip count: ``steps``, or at least one step where AT_LEAST_ONE (split_k_plan makes no empty
+        split; one would add its zero-filled stage: 0). Where a path leads around the loop, ptxas finds the
+        accumulator's zeros defined between the last wgmma and the final wait and serializes every wgmma of the
+        tile (C7515; Triton 3.6 and 3.9): every 128-row tile of the levels kernel, and NATURAL_K tiles of 64 weight
+        rows or of 16 tokens. The other tiles keep the loop they were timed with."""
+        return gl.maximum(steps, 1) if AT_LEAST_ONE else steps
 
     @gluon.jit
     def _ring(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -161,7 +171,7 @@ if gluon is not None:
         for step in gl.static_range(STAGES - 1):
             _copy_step(step, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak, offs_wk,
                        offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
-        for i in range(steps):
+        for i in range(_loop_steps(steps, WARPS > 4)):
             s, words, scale, zero = _landed_step(i, w_s, gs_s, gz_s, words_layout, STAGES)
             level_words = gl.convert_layout(_scaled_levels(words, scale, zero), levels_layout)
             if LEVEL_BUFS == 1:  # the previous wgmma still reads the one buffer
@@ -227,7 +237,7 @@ if gluon is not None:
         for step in gl.static_range(STAGES - 1):
             _copy_step(step, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak, offs_wk,
                        offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
-        for i in range(steps):
+        for i in range(_loop_steps(steps, NATURAL)):
             s, words, scale, zero = _landed_step(i, w_s, gs_s, gz_s, WORDS_LAYOUT, STAGES)
             if NATURAL:
                 # chunk u of the channels is plane u % 2 of word u // 2: each word to the two lanes that take it

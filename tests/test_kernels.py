@@ -11,6 +11,8 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -620,11 +622,12 @@ if __name__ == "__main__":  # the interpreter subprocess
         print(json.dumps({"case": f"{m},{k},{n}", "failures": check_case(m, k, n, seed)}), flush=True)
 
 
-def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> str:
+def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> tuple[str, str]:
     """kernels/w4a8_wgmma.py's kernel for ``config`` (SWAP_AB or not) compiled for sm90 by the installed Triton,
-    without a GPU (ptxas ships with Triton); its TTGIR. Integer arguments as Triton specializes them at launch
-    (16-divisible strides)."""
+    without a GPU (ptxas ships with Triton); its TTGIR and what `ptxas -v` says of its PTX. Integer arguments as
+    Triton specializes them at launch (16-divisible strides)."""
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import compile as triton_compile
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -646,7 +649,12 @@ def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> str:
     compiled = triton_compile(GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=config["num_warps"], enable_fp_fusion=False))
-    return compiled.asm["ttgir"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        ptxas = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(ptx.with_suffix(".o"))],
+                               capture_output=True, text=True, check=True)
+    return compiled.asm["ttgir"], ptxas.stdout + ptxas.stderr
 
 
 @pytest.mark.parametrize("config, has_row_scale", [
@@ -655,19 +663,23 @@ def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> str:
     ({"BLOCK_M": 16, "BLOCK_N": 128, "SPLIT_K": 4, "num_warps": 4, "num_stages": 4, "SWAP_AB": 1}, True),
     ({"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 1, "num_warps": 8, "num_stages": 3, "SWAP_AB": 1}, False),
     ({"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 3, "SWAP_AB": 1, "NATURAL_K": 1},
-     True)])
+     True),
+    ({"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 4, "SWAP_AB": 1, "NATURAL_K": 1},
+     False)])
 def test_wgmma_kernel_keeps_a_wgmma_in_flight(config, has_row_scale):
     """The Gluon W4A8 kernels build for Hopper with this Triton (CI's differs from the GPU bundle's 3.6: both names
     of the moved APIs are handled), and their K loop issues the wgmma asynchronously and waits only for the one
     before (pendings = 1), so the next step's widening overlaps the tensor cores: the reason the kernel exists. With
     SWAP_AB the widened weights are the wgmma's register operand and nothing in the loop stores to shared memory
     (the copies' cp.async aside). (Results are checked on the GPU: test_gpu_kernels_match_reference's WGMMA
-    variants; Gluon has no interpreter.)"""
+    variants; Gluon has no interpreter.) And ptxas keeps them asynchronous: no C7515 ("wgmma.mma_async instructions
+    are serialized"), which the NATURAL_K tiles of one row block per warp got from the loop's zero-trip path."""
     from vllm_outliertune.kernels import w4a8_wgmma
 
     if w4a8_wgmma.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API; WGMMA tiles run kernels/w4a8_gemm.py's loop")
-    ttgir = _compile_wgmma_for_hopper(config, has_row_scale)
+    ttgir, ptxas_log = _compile_wgmma_for_hopper(config, has_row_scale)
+    assert "C7515" not in ptxas_log, ptxas_log
     assert re.search(r"ttng.warp_group_dot .*isAsync = true", ttgir)
     assert re.search(r"ttng.warp_group_dot_wait .*pendings = 1", ttgir)
     loop = ttgir[ttgir.index("scf.for"):ttgir.index("ttng.warp_group_dot_wait", ttgir.index("pendings = 1"))]
@@ -700,7 +712,12 @@ def test_gpu_wgmma_tiles_run_the_gluon_kernel_on_hopper():
                        {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 4,
                         "num_stages": 4, "SWAP_AB": 1, "WGMMA": 1},
                        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 4,
-                        "num_stages": 3, "SWAP_AB": 1, "NATURAL_K": 1, "WGMMA": 1}):
+                        "num_stages": 3, "SWAP_AB": 1, "NATURAL_K": 1, "WGMMA": 1},
+                       # the tiles whose K loop runs at least one step (_loop_steps)
+                       {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 8,
+                        "num_stages": 4, "LEVEL_BUFS": 2, "WGMMA": 1},
+                       {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split_k, "num_warps": 4,
+                        "num_stages": 4, "SWAP_AB": 1, "NATURAL_K": 1, "WGMMA": 1}):
             if n % config["BLOCK_N"]:  # (whole BLOCK_N tiles only)
                 continue
             if not wgmma_applies(codes, packed[0], packed[1], group_size, True, config):
