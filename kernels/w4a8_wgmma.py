@@ -186,6 +186,8 @@ if gluon is not None:
             _barrier()
             acc = warpgroup_mma(a_s.index(s), levels.permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=[acc])
+            if WARPS > 4:  # every warpgroup's wgmma has left the stage (its activations) that the copy refills
+                _barrier()
             # step i - 1's wgmma has retired, so its stage takes step i + STAGES - 1
             _copy_step(i + STAGES - 1, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak,
                        offs_wk, offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
