@@ -622,39 +622,44 @@ if __name__ == "__main__":  # the interpreter subprocess
         print(json.dumps({"case": f"{m},{k},{n}", "failures": check_case(m, k, n, seed)}), flush=True)
 
 
-def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> tuple[str, str]:
-    """kernels/w4a8_wgmma.py's kernel for ``config`` (SWAP_AB or not) compiled for sm90 by the installed Triton,
-    without a GPU (ptxas ships with Triton); its TTGIR and what `ptxas -v` says of its PTX. Integer arguments as
-    Triton specializes them at launch (16-divisible strides)."""
+def _compile_gluon_for_hopper(kernel, pointers: list[str], constants: dict, aligned: list[str],
+                              warps: int) -> tuple[str, str]:
+    """A Gluon kernel compiled for sm90 by the installed Triton, without a GPU (ptxas ships with Triton); its TTGIR
+    and what `ptxas -v` says of its PTX. ``pointers``: the types of its first arguments, the rest i32; ``aligned``:
+    the arguments Triton specializes as 16-divisible at launch (pointers, strides)."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import compile as triton_compile
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from vllm_outliertune.kernels import w4a8_wgmma
-
-    swap = config.get("SWAP_AB")
-    kernel = w4a8_wgmma._w4a8_wgmma_swap_kernel if swap else w4a8_wgmma._w4a8_wgmma_kernel
-    pointers = ["*i8", "*i32", "*u8", "*u8", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*i32"]
     signature = dict(zip(kernel.arg_names, pointers + ["i32"] * (len(kernel.arg_names) - len(pointers))))
-    constants = dict(GROUP_SIZE=128, HAS_ROW_SCALE=has_row_scale, HAS_BIAS=True, SPLIT_K=config["SPLIT_K"],
-                     BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], STAGES=config["num_stages"])
-    natural = bool(config.get("NATURAL_K"))
-    constants.update(dict(w4a8_wgmma._swap_layouts(config["BLOCK_N"], config["num_warps"], natural), NATURAL=natural)
-                     if swap else dict(LEVEL_BUFS=config["LEVEL_BUFS"]))
     signature.update({name: "constexpr" for name in constants})
-    aligned = list(kernel.arg_names[:len(pointers)]) + ["N", "K", "stride_am", "stride_wk", "stride_gk", "stride_om",
-                                                        "K_PER_SPLIT"]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     compiled = triton_compile(GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=config["num_warps"], enable_fp_fusion=False))
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, enable_fp_fusion=False))
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
         ptxas = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(ptx.with_suffix(".o"))],
                                capture_output=True, text=True, check=True)
     return compiled.asm["ttgir"], ptxas.stdout + ptxas.stderr
+
+
+def _compile_wgmma_for_hopper(config: dict, has_row_scale: bool) -> tuple[str, str]:
+    """kernels/w4a8_wgmma.py's kernel for ``config`` (SWAP_AB or not): _compile_gluon_for_hopper."""
+    from vllm_outliertune.kernels import w4a8_wgmma
+
+    swap = config.get("SWAP_AB")
+    kernel = w4a8_wgmma._w4a8_wgmma_swap_kernel if swap else w4a8_wgmma._w4a8_wgmma_kernel
+    pointers = ["*i8", "*i32", "*u8", "*u8", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*i32"]
+    constants = dict(GROUP_SIZE=128, HAS_ROW_SCALE=has_row_scale, HAS_BIAS=True, SPLIT_K=config["SPLIT_K"],
+                     BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], STAGES=config["num_stages"])
+    natural = bool(config.get("NATURAL_K"))
+    constants.update(dict(w4a8_wgmma._swap_layouts(config["BLOCK_N"], config["num_warps"], natural), NATURAL=natural)
+                     if swap else dict(LEVEL_BUFS=config["LEVEL_BUFS"]))
+    aligned = list(kernel.arg_names[:len(pointers)]) + ["N", "K", "stride_am", "stride_wk", "stride_gk", "stride_om",
+                                                        "K_PER_SPLIT"]
+    return _compile_gluon_for_hopper(kernel, pointers, constants, aligned, config["num_warps"])
 
 
 @pytest.mark.parametrize("config, has_row_scale", [
@@ -688,6 +693,50 @@ def test_wgmma_kernel_keeps_a_wgmma_in_flight(config, has_row_scale):
         assert "ttg.local_store" not in loop
     else:
         assert "ttg.local_store" in loop
+
+
+@pytest.mark.parametrize("block_m, block_n, stages", [(128, 256, 3), (64, 128, 5)])
+def test_int8_wgmma_keeps_a_wgmma_in_flight(block_m, block_n, stages):
+    """kernels/int8_wgmma.py builds for Hopper with this Triton, and its K loop keeps one wgmma in flight (pendings =
+    1; Triton's own int8 dots wait for every one: pendings = 0, the reason the kernel exists), the operands from the
+    shared-memory ring; ptxas keeps the wgmmas asynchronous (no C7515). (Results: bench/int8_wgmma.py and
+    test_gpu_int8_wgmma_matches_the_reference on the GPU.)"""
+    from vllm_outliertune.kernels import int8_wgmma
+
+    if int8_wgmma.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    kernel = int8_wgmma._int8_wgmma_kernel
+    pointers = ["*i8", "*i8", "*bf16", "*fp32", "*fp32", "*fp32"]
+    constants = dict(HAS_ROW_SCALE=True, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, GROUP_M=8)
+    ttgir, ptxas_log = _compile_gluon_for_hopper(kernel, pointers, constants, list(kernel.arg_names[:len(pointers)])
+                                                 + ["N", "K", "stride_am", "stride_wn", "stride_om"], block_m // 16)
+    assert "C7515" not in ptxas_log, ptxas_log
+    assert re.search(r"ttng.warp_group_dot_wait .*pendings = 1", ttgir)
+    assert not re.search(r"ttng.warp_group_dot_wait .*pendings = 0", ttgir[:ttgir.index("pendings = 1")])
+    loop = ttgir[ttgir.index("scf.for"):ttgir.index("pendings = 1")]
+    assert re.search(r"ttng.warp_group_dot %\S+, %\S+, .*isAsync = true.*: !ttg.memdesc<\d+x128xi8", loop)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_int8_wgmma_matches_the_reference():
+    """On a Hopper GPU kernels/int8_wgmma.py gives torch_ref's int8 GEMM bit for bit: M no multiple of the tile,
+    the token guard's row scale, with and without a bias, both tile widths."""
+    from vllm_outliertune.kernels.int8_wgmma import int8_wgmma, int8_wgmma_applies
+    from vllm_outliertune.kernels.torch_ref import int8_gemm_ref
+
+    for m, n, k in ((1, 256, 128), (37, 512, 1152), (300, 4096, 4096)):
+        a = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+        w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+        w_scale, bias = torch.rand(n, device="cuda") / 100, torch.randn(n, device="cuda")
+        for row_scale, b in ((None, bias), (torch.rand(m, device="cuda") + 0.5, None)):
+            for config in ({"BLOCK_M": 128, "BLOCK_N": 256, "num_stages": 3}, {"BLOCK_M": 64, "BLOCK_N": 128,
+                                                                                "num_stages": 5}):
+                if not int8_wgmma_applies(a, w, config):
+                    pytest.skip("needs a Hopper GPU and a Triton with Gluon")
+                got = int8_wgmma(a, w, w_scale, b, torch.empty((m, n), dtype=torch.bfloat16, device="cuda"),
+                                 row_scale, config)
+                assert torch.equal(got, int8_gemm_ref(a, w, w_scale, b, torch.bfloat16, row_scale)), (m, n, k, config)
 
 
 @pytest.mark.gpu
