@@ -1,14 +1,17 @@
-"""kernels/int8_wgmma.py (the Gluon int8 GEMM whose wgmmas stay in flight) on a Hopper GPU: exactness against
-torch_ref, then speed against CUTLASS (`cutlass_scaled_mm`, with vLLM's CUDA build) and our Triton int8 dispatch at
-large M, where issue 12 asks the Triton path for >= 0.85x CUTLASS.
+"""kernels/int8_wgmma.py (the Gluon int8 GEMMs whose wgmmas stay in flight) on a Hopper GPU: exactness against
+torch_ref, then speed against what the plugin runs today.
 
-    python bench/int8_wgmma.py OUT.json [--rows 1024,2048,4096,8192] [--shapes 6144x4096,...]        # GPU
+    python bench/int8_wgmma.py OUT.json [--rows 16,32,64,128,1024,2048,4096,8192] [--shapes 6144x4096,...]  # GPU
 
-First every tile of TILES on odd problems (M no multiple of BLOCK_M, the token guard's row scale, no bias) against
-torch_ref.int8_gemm_ref, bit for bit; a mismatch stops the run untimed. Then per (shape, M), as bench/bench_gemm.py
-times (tune.graph_time_us: a CUDA graph replayed with a cold L2): "triton" = the int8_gemm op with CUTLASS
-unregistered (the table's tiled or TMA Triton GEMM), "cutlass" where vLLM provides it, and each tile of the new
-kernel. Shapes: Llama-3-8B TP 1 (the table's tuned shapes) and Qwen2.5-7B TP 1 (held out), unless --shapes."""
+First every tile of both grids on odd problems (M no multiple of BLOCK_M, uneven K splits, the token guard's row
+scale, no bias) against torch_ref.int8_gemm_ref, bit for bit; a mismatch stops the run untimed. Then per (shape, M):
+- M <= 128 (decode), as decode streams its layers (tune.stream_time_us: weight copies past the L2, back to back in
+  a CUDA graph): "shipped" = the int8_gemm op through the table (CUTLASS registered, as in the plugin) against the
+  SWAP_AB tiles (weights as the wgmma's M, K split 1-8 ways);
+- larger M, as bench/bench_gemm.py times (tune.graph_time_us, cold L2): "triton" = the int8_gemm op with CUTLASS
+  unregistered (issue 12 asks the Triton path for >= 0.85x CUTLASS there), "cutlass" where vLLM provides it, against
+  the large tiles.
+Shapes: Llama-3-8B TP 1 (the table's tuned shapes) and Qwen2.5-7B TP 1 (held out), unless --shapes."""
 
 from __future__ import annotations
 
@@ -20,14 +23,38 @@ from pathlib import Path
 TUNED = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # Llama-3-8B TP 1
 HELD_OUT = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]  # Qwen2.5-7B TP 1
 # (BLOCK_M, BLOCK_N, stages): one or two warpgroups; 128 x 256 x 4 stages uses 192 KB of shared memory
-TILES = [(128, 256, 3), (128, 256, 4), (128, 128, 4), (128, 128, 5), (64, 256, 4), (64, 128, 5)]
+LARGE_TILES = [(128, 256, 3), (128, 256, 4), (128, 128, 4), (128, 128, 5), (64, 256, 4), (64, 128, 5)]
+# SWAP_AB tiles (BLOCK_N, warps) at BLOCK_M = min(M, 128), and 64 from M = 128, K split these ways
+SWAP_TILES = ((64, 4), (128, 4), (128, 8))
+SPLITS = (1, 2, 4, 8)
+DECODE_MAX_M = 128
 
 
-def tile(block_m: int, block_n: int, stages: int) -> dict:
+def large_tile(block_m: int, block_n: int, stages: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_stages": stages, "GROUP_M": 8}
 
 
+def swap_tile(block_m: int, block_n: int, warps: int, split: int) -> dict:
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": 4 if block_m <= 64 else 3,
+            "SWAP_AB": 1, "SPLIT_K": split}
+
+
+def grid(m: int) -> list[dict]:
+    """The timed tiles at M = m."""
+    if m > DECODE_MAX_M:
+        return [large_tile(*t) for t in LARGE_TILES]
+    return [swap_tile(bm, bn, warps, split) for bm in sorted({min(m, 128), min(m, 64)}) for bn, warps in SWAP_TILES
+            for split in SPLITS]
+
+
+# Checked tiles: the large ones, and SWAP_AB ones of 16, 64 and 128 tokens unsplit and split 3 ways (uneven)
+CHECKED = [large_tile(*t) for t in LARGE_TILES] + [swap_tile(bm, bn, warps, split) for bm in (16, 64, 128)
+                                                   for bn, warps in SWAP_TILES for split in (1, 3)]
+
+
 def name_of(config: dict) -> str:
+    if config.get("SWAP_AB"):
+        return f"sw{config['BLOCK_M']}x{config['BLOCK_N']}w{config['num_warps']}s{config['SPLIT_K']}"
     return f"wg{config['BLOCK_M']}x{config['BLOCK_N']}x{config['num_stages']}"
 
 
@@ -45,7 +72,7 @@ def check_exact() -> int:
         w_scale, bias = torch.rand(n, device="cuda") / 100, torch.randn(n, device="cuda")
         for row_scale, b in ((None, bias), (torch.rand(m, device="cuda") + 0.5, None)):
             want = int8_gemm_ref(a, w, w_scale, b, torch.bfloat16, row_scale)
-            for config in map(lambda t: tile(*t), TILES):
+            for config in CHECKED:
                 if not int8_wgmma_applies(a, w, config):
                     continue
                 got = int8_wgmma(a, w, w_scale, b, torch.empty((m, n), dtype=torch.bfloat16, device="cuda"),
@@ -64,33 +91,41 @@ def time_shapes(out: Path, rows: list[int], shapes: list[tuple[int, int]]) -> No
     from vllm_outliertune import cutlass
     from vllm_outliertune.kernels.int8_wgmma import int8_wgmma, int8_wgmma_applies
     from vllm_outliertune.kernels.linear import int8_gemm
-    from vllm_outliertune.kernels.tune import graph_time_us
+    from vllm_outliertune.kernels.tune import graph_time_us, stream_time_us, weight_copies
 
     if check_exact():
         raise SystemExit("int8 WGMMA tiles differ from the reference: not timed")
-    cutlass.register()
+    cutlass.register()  # as the plugin does inside vLLM: the table may pick it
     results = []
     for (n, k), m in itertools.product(shapes, rows):
         a = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
         w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
         w_scale, bias = torch.rand(n, device="cuda") / 100, torch.randn(n, device="cuda")
-        with triton_only():
-            row = {"n": n, "k": k, "m": m, "triton": graph_time_us(lambda: int8_gemm(a, w, w_scale, bias,
-                                                                                     torch.bfloat16))}
-        if vllm_ops is not None:
-            a_scale, bias_bf16 = torch.ones(m, 1, device="cuda"), bias.bfloat16()
-            row["cutlass"] = graph_time_us(lambda: vllm_ops.cutlass_scaled_mm(a, w.t(), a_scale, w_scale.view(n, 1),
-                                                                              torch.bfloat16, bias_bf16))
         result = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
-        for config in map(lambda t: tile(*t), TILES):
-            if int8_wgmma_applies(a, w, config):
+        tiles = [config for config in grid(m) if int8_wgmma_applies(a, w, config)]
+        row = {"n": n, "k": k, "m": m}
+        if m <= DECODE_MAX_M:
+            copies = weight_copies((a, w, w_scale, bias))
+            row["shipped"] = stream_time_us([lambda c=c: int8_gemm(*c, torch.bfloat16) for c in copies])
+            for config in tiles:
+                row[name_of(config)] = stream_time_us([lambda c=c, config=config: int8_wgmma(
+                    *c, result, None, config) for c in copies])
+            baselines = ("shipped",)
+        else:
+            with triton_only():
+                row["triton"] = graph_time_us(lambda: int8_gemm(a, w, w_scale, bias, torch.bfloat16))
+            if vllm_ops is not None:
+                a_scale, bias_bf16 = torch.ones(m, 1, device="cuda"), bias.bfloat16()
+                row["cutlass"] = graph_time_us(lambda: vllm_ops.cutlass_scaled_mm(
+                    a, w.t(), a_scale, w_scale.view(n, 1), torch.bfloat16, bias_bf16))
+            for config in tiles:
                 row[name_of(config)] = graph_time_us(lambda config=config: int8_wgmma(a, w, w_scale, bias, result,
                                                                                       None, config))
-        best_us, best = min((t, key) for key, t in row.items() if key.startswith("wg"))
-        tops = 2 * m * n * k / best_us / 1e6
-        vs_cutlass = f", {row['cutlass'] / best_us:.2f}x CUTLASS" if "cutlass" in row else ""
-        print(f"{n}x{k} M={m}: triton {row['triton']:.1f} µs, cutlass {row.get('cutlass', float('nan')):.1f}, best "
-              f"{best} {best_us:.1f} ({tops:.0f} TOPS; {row['triton'] / best_us:.2f}x triton{vs_cutlass})", flush=True)
+            baselines = ("triton", "cutlass")
+        best_us, best = min((t, key) for key, t in row.items() if key[:2] in ("wg", "sw"))
+        against = ", ".join(f"{row[key] / best_us:.2f}x {key} ({row[key]:.1f} µs)" for key in baselines if key in row)
+        print(f"{n}x{k} M={m}: best {best} {best_us:.1f} µs ({2 * m * n * k / best_us / 1e6:.0f} TOPS): {against}",
+              flush=True)
         results.append(row)
         out.write_text(json.dumps(results, indent=1) + "\n")  # (each row as it comes: a call may time out)
 
@@ -98,7 +133,7 @@ def time_shapes(out: Path, rows: list[int], shapes: list[tuple[int, int]]) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="JSON of the timings (written row by row)")
-    parser.add_argument("--rows", default="1024,2048,4096,8192", help="M values")
+    parser.add_argument("--rows", default="16,32,64,128,1024,2048,4096,8192", help="M values")
     parser.add_argument("--shapes", help="NxK,... (default: Llama-3-8B and Qwen2.5-7B at TP 1)")
     args = parser.parse_args()
     shapes = ([tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes

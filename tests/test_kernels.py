@@ -695,8 +695,12 @@ def test_wgmma_kernel_keeps_a_wgmma_in_flight(config, has_row_scale):
         assert "ttg.local_store" in loop
 
 
-@pytest.mark.parametrize("block_m, block_n, stages", [(128, 256, 3), (64, 128, 5)])
-def test_int8_wgmma_keeps_a_wgmma_in_flight(block_m, block_n, stages):
+@pytest.mark.parametrize("config", [
+    {"BLOCK_M": 128, "BLOCK_N": 256, "num_stages": 3, "num_warps": 8},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_stages": 5, "num_warps": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 128, "num_stages": 4, "num_warps": 4, "SWAP_AB": 1, "SPLIT_K": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_stages": 4, "num_warps": 8, "SWAP_AB": 1, "SPLIT_K": 1}])
+def test_int8_wgmma_keeps_a_wgmma_in_flight(config):
     """kernels/int8_wgmma.py builds for Hopper with this Triton, and its K loop keeps one wgmma in flight (pendings =
     1; Triton's own int8 dots wait for every one: pendings = 0, the reason the kernel exists), the operands from the
     shared-memory ring; ptxas keeps the wgmmas asynchronous (no C7515). (Results: bench/int8_wgmma.py and
@@ -705,11 +709,14 @@ def test_int8_wgmma_keeps_a_wgmma_in_flight(block_m, block_n, stages):
 
     if int8_wgmma.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API")
-    kernel = int8_wgmma._int8_wgmma_kernel
-    pointers = ["*i8", "*i8", "*bf16", "*fp32", "*fp32", "*fp32"]
-    constants = dict(HAS_ROW_SCALE=True, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, GROUP_M=8)
-    ttgir, ptxas_log = _compile_gluon_for_hopper(kernel, pointers, constants, list(kernel.arg_names[:len(pointers)])
-                                                 + ["N", "K", "stride_am", "stride_wn", "stride_om"], block_m // 16)
+    swap = config.get("SWAP_AB")
+    kernel = int8_wgmma._int8_wgmma_swap_kernel if swap else int8_wgmma._int8_wgmma_kernel
+    pointers = ["*i8", "*i8", "*bf16", "*fp32", "*fp32", "*fp32"] + (["*i32", "*i32"] if swap else [])
+    constants = dict(HAS_ROW_SCALE=True, HAS_BIAS=True, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                     STAGES=config["num_stages"]) | (dict(SPLIT_K=config["SPLIT_K"]) if swap else dict(GROUP_M=8))
+    aligned = list(kernel.arg_names[:len(pointers)]) + ["N", "K", "stride_am", "stride_wn", "stride_om"] + (
+        ["K_PER_SPLIT"] if swap else [])
+    ttgir, ptxas_log = _compile_gluon_for_hopper(kernel, pointers, constants, aligned, config["num_warps"])
     assert "C7515" not in ptxas_log, ptxas_log
     assert re.search(r"ttng.warp_group_dot_wait .*pendings = 1", ttgir)
     assert not re.search(r"ttng.warp_group_dot_wait .*pendings = 0", ttgir[:ttgir.index("pendings = 1")])
@@ -721,7 +728,7 @@ def test_int8_wgmma_keeps_a_wgmma_in_flight(block_m, block_n, stages):
 @gpu
 def test_gpu_int8_wgmma_matches_the_reference():
     """On a Hopper GPU kernels/int8_wgmma.py gives torch_ref's int8 GEMM bit for bit: M no multiple of the tile,
-    the token guard's row scale, with and without a bias, both tile widths."""
+    the token guard's row scale, with and without a bias, both tile widths, SWAP_AB tiles over uneven K splits."""
     from vllm_outliertune.kernels.int8_wgmma import int8_wgmma, int8_wgmma_applies
     from vllm_outliertune.kernels.torch_ref import int8_gemm_ref
 
@@ -731,7 +738,10 @@ def test_gpu_int8_wgmma_matches_the_reference():
         w_scale, bias = torch.rand(n, device="cuda") / 100, torch.randn(n, device="cuda")
         for row_scale, b in ((None, bias), (torch.rand(m, device="cuda") + 0.5, None)):
             for config in ({"BLOCK_M": 128, "BLOCK_N": 256, "num_stages": 3}, {"BLOCK_M": 64, "BLOCK_N": 128,
-                                                                                "num_stages": 5}):
+                                                                                "num_stages": 5},
+                           {"BLOCK_M": 16, "BLOCK_N": 128, "num_stages": 4, "SWAP_AB": 1, "SPLIT_K": 3},
+                           {"BLOCK_M": 64, "BLOCK_N": 128, "num_stages": 4, "num_warps": 8, "SWAP_AB": 1,
+                            "SPLIT_K": 1}):
                 if not int8_wgmma_applies(a, w, config):
                     pytest.skip("needs a Hopper GPU and a Triton with Gluon")
                 got = int8_wgmma(a, w, w_scale, b, torch.empty((m, n), dtype=torch.bfloat16, device="cuda"),
