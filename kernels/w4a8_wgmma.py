@@ -174,8 +174,10 @@ if gluon is not None:
         for i in range(_loop_steps(steps, WARPS > 4)):
             s, words, scale, zero = _landed_step(i, w_s, gs_s, gz_s, words_layout, STAGES)
             level_words = gl.convert_layout(_scaled_levels(words, scale, zero), levels_layout)
-            if LEVEL_BUFS == 1:  # the previous wgmma still reads the one buffer
-                acc = warpgroup_mma_wait(0, deps=[acc])
+            if LEVEL_BUFS == 1:  # the previous wgmma still reads the one buffer: wait for it (and, with two
+                acc = warpgroup_mma_wait(0, deps=[acc])  # warpgroups, for the other one's too)
+                if WARPS > 4:
+                    _barrier()
             levels = levels_s.index(i % LEVEL_BUFS)
             if _REINTERPRET:
                 level_words_s = levels.reinterpret(gl.int32, [BLOCK_N, _BLOCK_K // 4], swizzled_words)
