@@ -24,7 +24,8 @@ TUNED = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # Llama-3-8B
 HELD_OUT = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]  # Qwen2.5-7B TP 1
 # (BLOCK_M, BLOCK_N, stages): one or two warpgroups; 128 x 256 x 4 stages uses 192 KB of shared memory
 LARGE_TILES = [(128, 256, 3), (128, 256, 4), (128, 128, 4), (128, 128, 5), (64, 256, 4), (64, 128, 5)]
-# SWAP_AB tiles (BLOCK_N, warps) at BLOCK_M = min(M, 128), and 64 from M = 128, K split these ways
+# SWAP_AB tiles (BLOCK_N, warps) at BLOCK_M = M rounded up to 16 (at most 128), and 64 from M = 128, K split these
+# ways
 SWAP_TILES = ((64, 4), (128, 4), (128, 8))
 SPLITS = (1, 2, 4, 8)
 DECODE_MAX_M = 128
@@ -43,8 +44,9 @@ def grid(m: int) -> list[dict]:
     """The timed tiles at M = m."""
     if m > DECODE_MAX_M:
         return [large_tile(*t) for t in LARGE_TILES]
-    return [swap_tile(bm, bn, warps, split) for bm in sorted({min(m, 128), min(m, 64)}) for bn, warps in SWAP_TILES
-            for split in SPLITS]
+    tokens = -(-m // 16) * 16
+    return [swap_tile(bm, bn, warps, split) for bm in sorted({min(tokens, 128), min(tokens, 64)})
+            for bn, warps in SWAP_TILES for split in SPLITS]
 
 
 # Checked tiles: the large ones, and SWAP_AB ones of 16, 64 and 128 tokens unsplit and split 3 ways (uneven)
