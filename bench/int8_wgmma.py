@@ -25,7 +25,8 @@ HELD_OUT = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]  # Qwen2.5
 # (BLOCK_M, BLOCK_N, stages): one or two warpgroups; 128 x 256 x 4 stages uses 192 KB of shared memory
 LARGE_TILES = [(128, 256, 3), (128, 256, 4), (128, 128, 4), (128, 128, 5), (64, 256, 4), (64, 128, 5)]
 # SWAP_AB tiles (BLOCK_N, warps) at BLOCK_M = M rounded up to 16 (at most 128), and 64 from M = 128, K split these
-# ways
+# ways, with a ring of 4 or 8 stages (3 or 6 at 128 tokens: up to 192 KB; decode streams weights, so bytes in flight
+# may matter more than occupancy)
 SWAP_TILES = ((64, 4), (128, 4), (128, 8))
 SPLITS = (1, 2, 4, 8)
 DECODE_MAX_M = 128
@@ -35,8 +36,9 @@ def large_tile(block_m: int, block_n: int, stages: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_stages": stages, "GROUP_M": 8}
 
 
-def swap_tile(block_m: int, block_n: int, warps: int, split: int) -> dict:
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": 4 if block_m <= 64 else 3,
+def swap_tile(block_m: int, block_n: int, warps: int, split: int, deep: bool = False) -> dict:
+    stages = 4 if block_m <= 64 else 3
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": 2 * stages if deep else stages,
             "SWAP_AB": 1, "SPLIT_K": split}
 
 
@@ -45,18 +47,21 @@ def grid(m: int) -> list[dict]:
     if m > DECODE_MAX_M:
         return [large_tile(*t) for t in LARGE_TILES]
     tokens = -(-m // 16) * 16
-    return [swap_tile(bm, bn, warps, split) for bm in sorted({min(tokens, 128), min(tokens, 64)})
-            for bn, warps in SWAP_TILES for split in SPLITS]
+    return [swap_tile(bm, bn, warps, split, deep) for bm in sorted({min(tokens, 128), min(tokens, 64)})
+            for bn, warps in SWAP_TILES for split in SPLITS for deep in (False, True)]
 
 
-# Checked tiles: the large ones, and SWAP_AB ones of 16, 64 and 128 tokens unsplit and split 3 ways (uneven)
-CHECKED = [large_tile(*t) for t in LARGE_TILES] + [swap_tile(bm, bn, warps, split) for bm in (16, 64, 128)
-                                                   for bn, warps in SWAP_TILES for split in (1, 3)]
+# Checked tiles: the large ones, and SWAP_AB ones of 16, 64 and 128 tokens unsplit and split 3 ways (uneven), the
+# deep rings unsplit
+CHECKED = [large_tile(*t) for t in LARGE_TILES] + [swap_tile(bm, bn, warps, split, split == 1 and bm != 64)
+                                                   for bm in (16, 64, 128) for bn, warps in SWAP_TILES
+                                                   for split in (1, 3)]
 
 
 def name_of(config: dict) -> str:
     if config.get("SWAP_AB"):
-        return f"sw{config['BLOCK_M']}x{config['BLOCK_N']}w{config['num_warps']}s{config['SPLIT_K']}"
+        return (f"sw{config['BLOCK_M']}x{config['BLOCK_N']}w{config['num_warps']}s{config['SPLIT_K']}"
+                f"st{config['num_stages']}")
     return f"wg{config['BLOCK_M']}x{config['BLOCK_N']}x{config['num_stages']}"
 
 
