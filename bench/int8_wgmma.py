@@ -22,7 +22,8 @@ from pathlib import Path
 
 TUNED = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # Llama-3-8B TP 1
 HELD_OUT = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]  # Qwen2.5-7B TP 1
-# (BLOCK_M, BLOCK_N, stages): one or two warpgroups; 128 x 256 x 4 stages uses 192 KB of shared memory
+# (BLOCK_M, BLOCK_N, stages): one or two warpgroups; 128 x 256 x 4 stages uses 192 KB of shared memory; each with
+# cp.async and with TMA copies
 LARGE_TILES = [(128, 256, 3), (128, 256, 4), (128, 128, 4), (128, 128, 5), (64, 256, 4), (64, 128, 5)]
 # SWAP_AB tiles (BLOCK_N, warps) at BLOCK_M = M rounded up to 16 (at most 128), and 64 from M = 128, K split these
 # ways, with a ring of 4 or 8 stages (3 or 6 at 128 tokens: up to 192 KB; decode streams weights, so bytes in flight
@@ -32,8 +33,8 @@ SPLITS = (1, 2, 4, 8)
 DECODE_MAX_M = 128
 
 
-def large_tile(block_m: int, block_n: int, stages: int) -> dict:
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_stages": stages, "GROUP_M": 8}
+def large_tile(block_m: int, block_n: int, stages: int, tma: bool = False) -> dict:
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_stages": stages, "GROUP_M": 8} | ({"TMA": 1} if tma else {})
 
 
 def swap_tile(block_m: int, block_n: int, warps: int, split: int, deep: bool = False) -> dict:
@@ -45,24 +46,24 @@ def swap_tile(block_m: int, block_n: int, warps: int, split: int, deep: bool = F
 def grid(m: int) -> list[dict]:
     """The timed tiles at M = m."""
     if m > DECODE_MAX_M:
-        return [large_tile(*t) for t in LARGE_TILES]
+        return [large_tile(*t, tma) for t in LARGE_TILES for tma in (False, True)]
     tokens = -(-m // 16) * 16
     return [swap_tile(bm, bn, warps, split, deep) for bm in sorted({min(tokens, 128), min(tokens, 64)})
             for bn, warps in SWAP_TILES for split in SPLITS for deep in (False, True)]
 
 
-# Checked tiles: the large ones, and SWAP_AB ones of 16, 64 and 128 tokens unsplit and split 3 ways (uneven), the
-# deep rings unsplit
-CHECKED = [large_tile(*t) for t in LARGE_TILES] + [swap_tile(bm, bn, warps, split, split == 1 and bm != 64)
-                                                   for bm in (16, 64, 128) for bn, warps in SWAP_TILES
-                                                   for split in (1, 3)]
+# Checked tiles: the large ones (cp.async and TMA), and SWAP_AB ones of 16, 64 and 128 tokens unsplit and split 3
+# ways (uneven), the deep rings unsplit
+CHECKED = [large_tile(*t, tma) for t in LARGE_TILES for tma in (False, True)] + [
+    swap_tile(bm, bn, warps, split, split == 1 and bm != 64) for bm in (16, 64, 128) for bn, warps in SWAP_TILES
+    for split in (1, 3)]
 
 
 def name_of(config: dict) -> str:
     if config.get("SWAP_AB"):
         return (f"sw{config['BLOCK_M']}x{config['BLOCK_N']}w{config['num_warps']}s{config['SPLIT_K']}"
                 f"st{config['num_stages']}")
-    return f"wg{config['BLOCK_M']}x{config['BLOCK_N']}x{config['num_stages']}"
+    return f"{'tm' if config.get('TMA') else 'wg'}{config['BLOCK_M']}x{config['BLOCK_N']}x{config['num_stages']}"
 
 
 def check_exact() -> int:
@@ -129,7 +130,7 @@ def time_shapes(out: Path, rows: list[int], shapes: list[tuple[int, int]]) -> No
                 row[name_of(config)] = graph_time_us(lambda config=config: int8_wgmma(a, w, w_scale, bias, result,
                                                                                       None, config))
             baselines = ("triton", "cutlass")
-        best_us, best = min((t, key) for key, t in row.items() if key[:2] in ("wg", "sw"))
+        best_us, best = min((t, key) for key, t in row.items() if key[:2] in ("wg", "tm", "sw"))
         against = ", ".join(f"{row[key] / best_us:.2f}x {key} ({row[key]:.1f} µs)" for key in baselines if key in row)
         print(f"{n}x{k} M={m}: best {best} {best_us:.1f} µs ({2 * m * n * k / best_us / 1e6:.0f} TOPS): {against}",
               flush=True)

@@ -9,7 +9,8 @@ in flight. Here, per K step of 128 channels: cp.async (16-byte copies) brings A 
 into a STAGES-deep ring of 128-byte swizzled tiles, STAGES - 1 steps ahead; one async wgmma per step, then a wait
 for the one before (pendings = 1), so that step i's wgmma runs while step i + 1 is issued.
 - _int8_wgmma_kernel (large M): tiles of 64 or 128 rows by up to 256 columns in grouped order, the int8 GEMMs'
-  epilogue (acc * w_scale[n] (* row_scale[m]) + bias[n] in float32) stored from the accumulator's registers.
+  epilogue (acc * w_scale[n] (* row_scale[m]) + bias[n] in float32) stored from the accumulator's registers;
+  _int8_wgmma_tma_kernel, the same with its operands brought by TMA (an mbarrier per stage).
 - _int8_wgmma_swap_kernel (decode, 16-128 rows): the weights are the wgmma's M (64 rows per warpgroup) and the
   tokens its N, K split over programs whose partial sums the last one adds (kernels/w4a8_wgmma.py's _finish).
 
@@ -27,7 +28,8 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from vllm_outliertune.kernels.w4a8_wgmma import (_async_load, _barrier, _finish, _loop_steps, _program_tile,
                                                      _store_scaled)
@@ -38,6 +40,7 @@ from vllm_outliertune.kernels.w4a8_wgmma import BLOCK_K, wgmma_device
 
 if gluon is not None:
     _BLOCK_K = gl.constexpr(BLOCK_K)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # (3.6's name; later async_load)
 
     @gluon.jit
     def _copy_step(step, steps, a_ptr, w_ptr, a_s, w_s, offs_am, offs_wn, offs_k, M, stride_am, stride_wn, k_start,
@@ -97,27 +100,83 @@ if gluon is not None:
     def _int8_wgmma_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, M, N, K, stride_am, stride_wn,
                            stride_om, HAS_ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
-        WARPS: gl.constexpr = gl.num_warps()
-        # grouped order, as int8_gemm.grouped_tile: GROUP_M row blocks walk the N tiles together (weights from L2)
-        pid = gl.program_id(0)
-        num_pid_m = gl.cdiv(M, BLOCK_M)
-        pids_per_group = GROUP_M * (N // BLOCK_N)
-        first_m = (pid // pids_per_group) * GROUP_M
-        group_rows = gl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % pids_per_group) % group_rows
-        pid_n = (pid % pids_per_group) // group_rows
-
+        pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         a_s, w_s, offs_am, offs_wn, offs_k = _operand_ring(a_ptr, w_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, BLOCK_M,
                                                            BLOCK_N, STAGES)
-        # (wgmmas of N <= 128: Triton 3.6 emits no int8 wgmma wider; a BLOCK_N 256 tile issues two per K step)
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                              instr_shape=[16, min(BLOCK_N, 128), 32])
-        acc = _k_loop(gl.zeros([BLOCK_M, BLOCK_N], gl.int32, acc_layout), a_ptr, w_ptr, a_s, w_s, offs_am, offs_wn,
-                      offs_k, M, stride_am, stride_wn, 0, K // _BLOCK_K, STAGES, False)
-        # stored from the accumulator's registers: a layout conversion would need BLOCK_M x BLOCK_N x 4 bytes of
-        # shared memory beside the ring
-        offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, _large_acc_layout(BLOCK_N, gl.num_warps()))
+        acc = _k_loop(acc, a_ptr, w_ptr, a_s, w_s, offs_am, offs_wn, offs_k, M, stride_am, stride_wn, 0, K // _BLOCK_K,
+                      STAGES, False)
+        _store_large(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, pid_m, pid_n, M, N, stride_om, HAS_ROW_SCALE,
+                     HAS_BIAS, BLOCK_M, BLOCK_N)
+
+    @gluon.jit
+    def _int8_wgmma_tma_kernel(a_desc, w_desc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, M, N, K, stride_om,
+                               HAS_ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
+                               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        # _int8_wgmma_kernel with its operands brought by TMA (one thread issues a step's two copies; an mbarrier per
+        # stage counts their bytes; rows past M arrive as zeros) instead of every thread's cp.async
+        WARPS: gl.constexpr = gl.num_warps()
+        pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        a_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, _BLOCK_K], a_desc.layout)
+        w_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, _BLOCK_K], w_desc.layout)
+        landed = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for stage in gl.static_range(STAGES):
+            mbarrier.init(landed.index(stage), count=1)
+        steps = K // _BLOCK_K
+        for step in gl.static_range(STAGES - 1):
+            _tma_step(step, steps, a_desc, w_desc, a_s, w_s, landed, m0, n0, STAGES)
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, _large_acc_layout(BLOCK_N, gl.num_warps()))
+        for i in range(_loop_steps(steps, True)):
+            s = i % STAGES
+            mbarrier.wait(landed.index(s), (i // STAGES) & 1)
+            acc = warpgroup_mma(a_s.index(s), w_s.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            if WARPS > 4:  # every warpgroup's wgmma has left the stage that the copy refills
+                _barrier()
+            # step i - 1's wgmma has retired, so its stage takes step i + STAGES - 1
+            _tma_step(i + STAGES - 1, steps, a_desc, w_desc, a_s, w_s, landed, m0, n0, STAGES)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        for stage in gl.static_range(STAGES):
+            mbarrier.invalidate(landed.index(stage))
+        _store_large(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, pid_m, pid_n, M, N, stride_om, HAS_ROW_SCALE,
+                     HAS_BIAS, BLOCK_M, BLOCK_N)
+
+    @gluon.jit
+    def _tma_step(step, steps, a_desc, w_desc, a_s, w_s, landed, m0, n0, STAGES: gl.constexpr):
+        """Ask TMA for K step ``step``'s A and W tiles, counted by the stage's mbarrier (none past ``steps``)."""
+        s = step % STAGES
+        valid = step < steps
+        mbarrier.expect(landed.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=valid)
+        _tma_load(a_desc, [m0, step * _BLOCK_K], landed.index(s), a_s.index(s), pred=valid)
+        _tma_load(w_desc, [n0, step * _BLOCK_K], landed.index(s), w_s.index(s), pred=valid)
+
+    @gluon.jit
+    def _grouped_tile(M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        """This program's (M tile, N tile) in grouped order, as int8_gemm.grouped_tile: GROUP_M row blocks walk the
+        N tiles together, so their weight tiles come from L2."""
+        pid = gl.program_id(0)
+        pids_per_group = GROUP_M * (N // BLOCK_N)
+        first_m = (pid // pids_per_group) * GROUP_M
+        group_rows = gl.minimum(gl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+        return first_m + (pid % pids_per_group) % group_rows, (pid % pids_per_group) // group_rows
+
+    @gluon.constexpr_function
+    def _large_acc_layout(block_n, warps):
+        """The large tiles' accumulator: 16 rows per warp, wgmmas of N <= 128 (Triton 3.6 emits no wider int8 wgmma;
+        a BLOCK_N 256 tile issues two per K step)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
+                                         instr_shape=[16, min(block_n, 128), 32])
+
+    @gluon.jit
+    def _store_large(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, pid_m, pid_n, M, N, stride_om,
+                     HAS_ROW_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr):
+        """The epilogue stored from the accumulator's registers: a layout conversion would need BLOCK_M x BLOCK_N x 4
+        bytes of shared memory beside the ring."""
+        offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout))
+        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc.type.layout))
         _store_scaled(acc, out_ptr, scale_ptr, row_scale_ptr, bias_ptr, offs_m, offs_n, M,
                       (offs_m < M)[:, None] & (offs_n < N)[None, :], stride_om, HAS_ROW_SCALE, HAS_BIAS)
 
@@ -154,9 +213,9 @@ def int8_wgmma(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
                out: torch.Tensor, row_scale: torch.Tensor | None, config: dict) -> torch.Tensor:
     """out [M, N] = a_q int8 [M, K] @ w_q int8 [N, K]^T * w_scale[n] (* row_scale[m]) (+ bias[n]) on operands
     int8_wgmma_applies accepts. ``config``: num_stages and either BLOCK_M 64 or 128 (one or two warpgroups of 64
-    rows), BLOCK_N a multiple of 16 up to 256 and GROUP_M, or SWAP_AB with BLOCK_N 64 or 128, a multiple of 16 *
-    num_warps (64 weight rows per warpgroup), BLOCK_M 16-128 (the tokens, a multiple of 16) and SPLIT_K (0 =
-    automatic)."""
+    rows), BLOCK_N a multiple of 16 up to 256, GROUP_M and TMA (operands by TMA, else cp.async), or SWAP_AB with
+    BLOCK_N 64 or 128, a multiple of 16 * num_warps (64 weight rows per warpgroup), BLOCK_M 16-128 (the tokens, a
+    multiple of 16) and SPLIT_K (0 = automatic)."""
     from vllm_outliertune.kernels.splitk_gemm import scratch_workspace, split_k_plan  # (Triton code)
 
     (m, k), n = a_q.shape, w_q.shape[0]
@@ -179,8 +238,15 @@ def int8_wgmma(a_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias
     if block_m not in (64, 128) or block_n % 16 or not 16 <= block_n <= 256:
         raise ValueError(f"int8 WGMMA tile {config}: BLOCK_M must be 64 or 128 (one or two warpgroups) and BLOCK_N "
                          "a multiple of 16 up to 256")
-    _int8_wgmma_kernel[(triton.cdiv(m, block_m) * (n // block_n),)](
-        a_q, w_q, out, w_scale, row_scale, bias, m, n, k, a_q.stride(0), w_q.stride(0), out.stride(0),
-        HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        STAGES=stages, GROUP_M=config.get("GROUP_M", 8), num_warps=block_m // 16, enable_fp_fusion=False)
+    grid = (triton.cdiv(m, block_m) * (n // block_n),)
+    options = dict(HAS_ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                   STAGES=stages, GROUP_M=config.get("GROUP_M", 8), num_warps=block_m // 16, enable_fp_fusion=False)
+    if config.get("TMA"):
+        swizzled = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        _int8_wgmma_tma_kernel[grid](TensorDescriptor.from_tensor(a_q, [block_m, BLOCK_K], swizzled),
+                                     TensorDescriptor.from_tensor(w_q, [block_n, BLOCK_K], swizzled), out, w_scale,
+                                     row_scale, bias, m, n, k, out.stride(0), **options)
+    else:
+        _int8_wgmma_kernel[grid](a_q, w_q, out, w_scale, row_scale, bias, m, n, k, a_q.stride(0), w_q.stride(0),
+                                 out.stride(0), **options)
     return out

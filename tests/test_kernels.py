@@ -698,6 +698,7 @@ def test_wgmma_kernel_keeps_a_wgmma_in_flight(config, has_row_scale):
 @pytest.mark.parametrize("config", [
     {"BLOCK_M": 128, "BLOCK_N": 256, "num_stages": 3, "num_warps": 8},
     {"BLOCK_M": 64, "BLOCK_N": 128, "num_stages": 5, "num_warps": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "num_stages": 4, "num_warps": 8, "TMA": 1},
     {"BLOCK_M": 16, "BLOCK_N": 128, "num_stages": 4, "num_warps": 4, "SWAP_AB": 1, "SPLIT_K": 2},
     {"BLOCK_M": 64, "BLOCK_N": 128, "num_stages": 4, "num_warps": 8, "SWAP_AB": 1, "SPLIT_K": 1}])
 def test_int8_wgmma_keeps_a_wgmma_in_flight(config):
@@ -709,19 +710,25 @@ def test_int8_wgmma_keeps_a_wgmma_in_flight(config):
 
     if int8_wgmma.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API")
-    swap = config.get("SWAP_AB")
-    kernel = int8_wgmma._int8_wgmma_swap_kernel if swap else int8_wgmma._int8_wgmma_kernel
-    pointers = ["*i8", "*i8", "*bf16", "*fp32", "*fp32", "*fp32"] + (["*i32", "*i32"] if swap else [])
+    swap, tma = config.get("SWAP_AB"), config.get("TMA")
+    kernel = (int8_wgmma._int8_wgmma_swap_kernel if swap else int8_wgmma._int8_wgmma_tma_kernel if tma
+              else int8_wgmma._int8_wgmma_kernel)
+    swizzled = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)"
+    operands = ([f"tensordesc<i8[{config[block]}, 128],{swizzled}>" for block in ("BLOCK_M", "BLOCK_N")] if tma
+                else ["*i8", "*i8"])
+    pointers = operands + ["*bf16", "*fp32", "*fp32", "*fp32"] + (["*i32", "*i32"] if swap else [])
     constants = dict(HAS_ROW_SCALE=True, HAS_BIAS=True, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                      STAGES=config["num_stages"]) | (dict(SPLIT_K=config["SPLIT_K"]) if swap else dict(GROUP_M=8))
-    aligned = list(kernel.arg_names[:len(pointers)]) + ["N", "K", "stride_am", "stride_wn", "stride_om"] + (
-        ["K_PER_SPLIT"] if swap else [])
+    aligned = [name for name in kernel.arg_names[:len(pointers)] if not name.endswith("_desc")] + [
+        name for name in ("N", "K", "stride_am", "stride_wn", "stride_om", "K_PER_SPLIT") if name in kernel.arg_names]
     ttgir, ptxas_log = _compile_gluon_for_hopper(kernel, pointers, constants, aligned, config["num_warps"])
     assert "C7515" not in ptxas_log, ptxas_log
     assert re.search(r"ttng.warp_group_dot_wait .*pendings = 1", ttgir)
     assert not re.search(r"ttng.warp_group_dot_wait .*pendings = 0", ttgir[:ttgir.index("pendings = 1")])
-    loop = ttgir[ttgir.index("scf.for"):ttgir.index("pendings = 1")]
+    loop = ttgir[ttgir.rindex("scf.for", 0, ttgir.index("pendings = 1")):ttgir.index("pendings = 1")]
     assert re.search(r"ttng.warp_group_dot %\S+, %\S+, .*isAsync = true.*: !ttg.memdesc<\d+x128xi8", loop)
+    if tma:  # the operands by TMA, counted by a barrier per stage; no thread's own copies
+        assert "ttng.async_tma_copy_global_to_local" in ttgir and "ttg.async_copy_global_to_local" not in ttgir
 
 
 @pytest.mark.gpu
@@ -739,6 +746,7 @@ def test_gpu_int8_wgmma_matches_the_reference():
         for row_scale, b in ((None, bias), (torch.rand(m, device="cuda") + 0.5, None)):
             for config in ({"BLOCK_M": 128, "BLOCK_N": 256, "num_stages": 3}, {"BLOCK_M": 64, "BLOCK_N": 128,
                                                                                 "num_stages": 5},
+                           {"BLOCK_M": 128, "BLOCK_N": 256, "num_stages": 4, "TMA": 1},
                            {"BLOCK_M": 16, "BLOCK_N": 128, "num_stages": 4, "SWAP_AB": 1, "SPLIT_K": 3},
                            {"BLOCK_M": 64, "BLOCK_N": 128, "num_stages": 4, "num_warps": 8, "SWAP_AB": 1,
                             "SPLIT_K": 1}):
