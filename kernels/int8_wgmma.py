@@ -31,8 +31,8 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from vllm_outliertune.kernels.w4a8_wgmma import (_async_load, _barrier, _finish, _loop_steps, _program_tile,
-                                                     _store_scaled)
+    from vllm_outliertune.kernels.w4a8_wgmma import (_async_load, _barrier, _every_warpgroup_waited, _finish,
+                                                     _loop_steps, _program_tile, _store_scaled)
 except ImportError:  # a Triton without Gluon's Hopper API
     gluon = None
 
@@ -74,7 +74,6 @@ if gluon is not None:
                 STAGES: gl.constexpr, SWAP_AB: gl.constexpr):
         """acc += this program's K steps: A x W^T, or W x A^T with SWAP_AB (the weights as the wgmma's M, the tokens
         its N). One async wgmma a step, a wait for the one before."""
-        WARPS: gl.constexpr = gl.num_warps()
         for step in gl.static_range(STAGES - 1):
             _copy_step(step, steps, a_ptr, w_ptr, a_s, w_s, offs_am, offs_wn, offs_k, M, stride_am, stride_wn,
                        k_start, STAGES)
@@ -87,8 +86,7 @@ if gluon is not None:
             else:
                 acc = warpgroup_mma(a_s.index(s), w_s.index(s).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=[acc])
-            if WARPS > 4:  # every warpgroup's wgmma has left the stage that the copy refills
-                _barrier()
+            _every_warpgroup_waited()
             # step i - 1's wgmma has retired, so its stage takes step i + STAGES - 1
             _copy_step(i + STAGES - 1, steps, a_ptr, w_ptr, a_s, w_s, offs_am, offs_wn, offs_k, M, stride_am,
                        stride_wn, k_start, STAGES)
@@ -115,7 +113,6 @@ if gluon is not None:
                                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
         # _int8_wgmma_kernel with its operands brought by TMA (one thread issues a step's two copies; an mbarrier per
         # stage counts their bytes; rows past M arrive as zeros) instead of every thread's cp.async
-        WARPS: gl.constexpr = gl.num_warps()
         pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
@@ -133,8 +130,7 @@ if gluon is not None:
             mbarrier.wait(landed.index(s), (i // STAGES) & 1)
             acc = warpgroup_mma(a_s.index(s), w_s.index(s).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=[acc])
-            if WARPS > 4:  # every warpgroup's wgmma has left the stage that the copy refills
-                _barrier()
+            _every_warpgroup_waited()
             # step i - 1's wgmma has retired, so its stage takes step i + STAGES - 1
             _tma_step(i + STAGES - 1, steps, a_desc, w_desc, a_s, w_s, landed, m0, n0, STAGES)
         acc = warpgroup_mma_wait(0, deps=[acc])
@@ -204,7 +200,7 @@ def int8_wgmma_applies(a_q: torch.Tensor, w_q: torch.Tensor, config: dict) -> bo
     tiles, rows K-contiguous and 16-byte aligned (cp.async)."""
     k, n = a_q.shape[1], w_q.shape[0]
     return (gluon is not None and a_q.is_cuda
-            and wgmma_device(a_q.device.index if a_q.device.index is not None else torch.cuda.current_device())
+            and wgmma_device(a_q.device)
             and k % BLOCK_K == 0 and n % config["BLOCK_N"] == 0
             and all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a_q, w_q)))
 

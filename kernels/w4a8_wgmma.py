@@ -89,6 +89,13 @@ if gluon is not None:
         return gl.maximum(steps, 1) if AT_LEAST_ONE else steps
 
     @gluon.jit
+    def _every_warpgroup_waited():
+        """After a warpgroup_mma_wait, before shared memory that wgmma read is refilled: a warpgroup's wait covers
+        only its own wgmmas, so with two warpgroups a barrier waits for the other's too."""
+        if gl.num_warps() > 4:
+            _barrier()
+
+    @gluon.jit
     def _ring(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """The K steps' copy ring, STAGES deep: activation codes [BLOCK_M, 128] (128-byte swizzled: a wgmma
         operand), weight words [16, BLOCK_N] (N-major) and the group's scale and zero bytes [BLOCK_N]."""
@@ -174,10 +181,9 @@ if gluon is not None:
         for i in range(_loop_steps(steps, WARPS > 4)):
             s, words, scale, zero = _landed_step(i, w_s, gs_s, gz_s, words_layout, STAGES)
             level_words = gl.convert_layout(_scaled_levels(words, scale, zero), levels_layout)
-            if LEVEL_BUFS == 1:  # the previous wgmma still reads the one buffer: wait for it (and, with two
-                acc = warpgroup_mma_wait(0, deps=[acc])  # warpgroups, for the other one's too)
-                if WARPS > 4:
-                    _barrier()
+            if LEVEL_BUFS == 1:  # the previous wgmma still reads the one buffer
+                acc = warpgroup_mma_wait(0, deps=[acc])
+                _every_warpgroup_waited()
             levels = levels_s.index(i % LEVEL_BUFS)
             if _REINTERPRET:
                 level_words_s = levels.reinterpret(gl.int32, [BLOCK_N, _BLOCK_K // 4], swizzled_words)
@@ -188,8 +194,7 @@ if gluon is not None:
             _barrier()
             acc = warpgroup_mma(a_s.index(s), levels.permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=[acc])
-            if WARPS > 4:  # every warpgroup's wgmma has left the stage (its activations) that the copy refills
-                _barrier()
+            _every_warpgroup_waited()  # (the copy below refills the stage of that wgmma's activations)
             # step i - 1's wgmma has retired, so its stage takes step i + STAGES - 1
             _copy_step(i + STAGES - 1, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak,
                        offs_wk, offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
@@ -264,8 +269,7 @@ if gluon is not None:
             # (kept alive until here as the level words they are: the wait takes no 8-bit operands)
             acc, in_flight = warpgroup_mma_wait(1, deps=[acc, in_flight])
             in_flight = chunks
-            if WARPS > 4:  # every warpgroup's wgmma has left the stage (its activations) that the copy refills
-                _barrier()
+            _every_warpgroup_waited()  # (the copy below refills the stage of that wgmma's activations)
             _copy_step(i + STAGES - 1, steps, a_ptr, w_ptr, gs_ptr, gz_ptr, a_s, w_s, gs_s, gz_s, offs_am, offs_ak,
                        offs_wk, offs_wn, offs_gn, M, stride_am, stride_wk, stride_gk, k_start, GROUP_SIZE, STAGES)
         acc, in_flight = warpgroup_mma_wait(0, deps=[acc, in_flight])
@@ -319,9 +323,13 @@ if gluon is not None:
                  out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def wgmma_device(device: torch.device) -> bool:
+    """Whether CUDA ``device`` runs the Gluon Hopper kernels: Gluon's Hopper API in this Triton and an sm90 GPU."""
+    return _sm90_with_gluon(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
-def wgmma_device(index: int) -> bool:
-    """Whether device ``index`` runs this kernel: Gluon's Hopper API in this Triton and an sm90 GPU."""
+def _sm90_with_gluon(index: int) -> bool:
     return gluon is not None and torch.cuda.get_device_capability(index) == (9, 0)
 
 
@@ -333,8 +341,7 @@ def wgmma_applies(a_q: torch.Tensor, w_words: torch.Tensor, group_scale: torch.T
     16-byte aligned (cp.async); levels within a byte per code (format.levels_fit_bytes)."""
     k = a_q.shape[1]
     n = w_words.shape[0]
-    return (a_q.is_cuda and wgmma_device(a_q.device.index if a_q.device.index is not None else
-                                         torch.cuda.current_device())
+    return (a_q.is_cuda and wgmma_device(a_q.device)
             and levels_fit_bytes and k % BLOCK_K == 0 and (group_size == 0 or group_size % BLOCK_K == 0)
             and n % config["BLOCK_N"] == 0 and w_words.stride(0) == 1 and group_scale.stride(0) == 1
             and a_q.stride(1) == 1 and a_q.stride(0) % 16 == 0 and a_q.data_ptr() % 16 == 0)
